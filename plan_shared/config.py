@@ -1,0 +1,227 @@
+"""Typed configuration: the one place where every default is documented.
+
+A configuration is YAML in, a validated :class:`PlanConfig` out. Unknown keys are
+refused, and every error names the file, the dotted key and the bad value::
+
+    cfg = load_config("site.yaml", overrides={"gan.steps": 200})
+
+Each field's ``description`` is its documentation; ``plan-client config show``
+prints the resolved configuration.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A configuration could not be read or validated; the message names the key."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(_Section):
+    """Where the real images come from and how they are shaped."""
+
+    source: Literal["medmnist", "imagefolder", "csv"] = Field(
+        "medmnist", description="medmnist (.npz), imagefolder (one sub-folder per class) or csv (APTOS style)."
+    )
+    name: Optional[str] = Field(
+        "pneumoniamnist",
+        description="MedMNIST flag (e.g. pneumoniamnist); looked up as <name>.npz in $PLAN_DATA_DIR, "
+        "else downloaded through the medmnist package when online.",
+    )
+    path: Optional[str] = Field(
+        None, description="Explicit path: a MedMNIST-format .npz, an ImageFolder root, or the CSV manifest."
+    )
+    image_dir: Optional[str] = Field(None, description="csv source: folder holding the images (default: next to the CSV).")
+    id_column: str = Field("id_code", description="csv source: column with the image id (file stem).")
+    label_column: str = Field("diagnosis", description="csv source: column with the integer label.")
+    extension: str = Field(".png", description="csv source: image file extension appended to the id.")
+    size: Optional[int] = Field(
+        32, ge=8, le=1024, description="Resize every image to size x size. null keeps the native size (all must agree)."
+    )
+    channels: Optional[Literal[1, 3]] = Field(
+        None, description="Convert to 1 (grey) or 3 (RGB) channels. null keeps the native channels (all must agree)."
+    )
+    val_fraction: float = Field(0.1, gt=0.0, lt=0.5, description="Seeded stratified split where the source has none.")
+    test_fraction: float = Field(0.2, gt=0.0, lt=0.5, description="Seeded stratified split where the source has none.")
+    max_train: Optional[int] = Field(
+        None, ge=2, description="Use at most this many training images (stratified subsample; stated in reports)."
+    )
+
+
+class PartitionConfig(_Section):
+    """How a simulated federation splits one data set into sites."""
+
+    sites: int = Field(3, ge=1, le=1000, description="Number of sites (hospitals).")
+    scheme: Literal["iid", "dirichlet"] = Field("dirichlet", description="iid, or Dirichlet(alpha) label skew.")
+    alpha: float = Field(0.5, gt=0.0, description="Dirichlet concentration; small = strong label skew.")
+    min_per_site: int = Field(10, ge=1, description="Resample until every site holds at least this many train images.")
+
+
+class GeneratorConfig(_Section):
+    """Style-based generator: mapping z->w, synthesis from a learned constant."""
+
+    z_dim: int = Field(64, ge=1)
+    w_dim: int = Field(64, ge=1, description="Dimension of W, the space PLAN navigates in.")
+    mapping_layers: int = Field(3, ge=1)
+    base_channels: int = Field(128, ge=4, description="Channels at 4x4; halved per doubling down to min_channels.")
+    min_channels: int = Field(32, ge=4)
+    w_avg_beta: float = Field(0.995, gt=0.0, lt=1.0, description="EMA factor of the tracked mean w.")
+
+
+class DiscriminatorConfig(_Section):
+    base_channels: int = Field(32, ge=4, description="Channels at full resolution; doubled per halving.")
+    max_channels: int = Field(128, ge=4)
+    mbstd_group: int = Field(4, ge=1, description="Minibatch standard deviation group size.")
+
+
+class GanConfig(_Section):
+    """Local GAN training (also the per-round step of the federated client)."""
+
+    steps: int = Field(3000, ge=1, description="Generator steps of a local (non-federated) run.")
+    batch_size: int = Field(64, ge=2)
+    lr_g: float = Field(0.0025, gt=0.0)
+    lr_d: float = Field(0.0025, gt=0.0)
+    beta1: float = Field(0.0, ge=0.0, lt=1.0)
+    beta2: float = Field(0.99, ge=0.0, lt=1.0)
+    r1_gamma: float = Field(0.5, ge=0.0, description="R1 weight; keep small on tiny data (method.md section 6).")
+    r1_every: int = Field(4, ge=1, description="Lazy R1: penalty every N D-steps, scaled by N.")
+    ema_kimg: float = Field(2.0, gt=0.0, description="EMA half-life of G_ema in thousands of images.")
+    ema_rampup: float = Field(0.05, ge=0.0, description="Half-life ramp-up as a fraction of images seen (0 = off).")
+    mapping_lr_mul: float = Field(0.01, gt=0.0, description="Learning-rate multiplier of the mapping network.")
+    style_mixing: float = Field(0.0, ge=0.0, le=1.0, description="Probability of style mixing in a G step.")
+    augment: list[Literal["translation", "cutout", "color"]] = Field(
+        default_factory=lambda: ["translation", "color"],
+        description="DiffAugment policies applied to real and fake images before D.",
+    )
+    sample_every: int = Field(500, ge=1, description="Write a sample grid PNG every N steps.")
+    checkpoint_every: int = Field(1000, ge=1, description="Write a checkpoint every N steps (and at the end).")
+
+
+class ClassifierConfig(_Section):
+    """Classifier backbone (identity, class and downstream classifiers)."""
+
+    width: int = Field(32, ge=4, description="Channels of the first stage; doubled per stage.")
+    depth: int = Field(3, ge=1, le=6, description="Number of downsampling stages.")
+    feature_dim: int = Field(128, ge=8)
+    epochs: int = Field(30, ge=1)
+    batch_size: int = Field(128, ge=2)
+    lr: float = Field(2e-3, gt=0.0)
+    weight_decay: float = Field(1e-4, ge=0.0)
+
+
+class PlanConfig(BaseModel):
+    """The whole configuration of a site, a coordinator or a simulation."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    seed: int = Field(0, ge=0, description="Drives Python, NumPy, torch and the partitioner.")
+    device: str = Field("auto", description="auto (cuda when present, else cpu), cpu, cuda, cuda:N.")
+    threads: Optional[int] = Field(None, ge=1, description="torch CPU threads (null = torch's default).")
+    site_id: str = Field("site-0", min_length=1, description="This site's name (used in bundles and logs).")
+    data: DataConfig = Field(default_factory=DataConfig)
+    partition: PartitionConfig = Field(default_factory=PartitionConfig)
+    generator: GeneratorConfig = Field(default_factory=GeneratorConfig)
+    discriminator: DiscriminatorConfig = Field(default_factory=DiscriminatorConfig)
+    gan: GanConfig = Field(default_factory=GanConfig)
+    classifier: ClassifierConfig = Field(default_factory=ClassifierConfig)
+
+    @model_validator(mode="after")
+    def _check_device(self) -> "PlanConfig":
+        d = self.device
+        if not (d in ("auto", "cpu", "cuda", "mps") or (d.startswith("cuda:") and d[5:].isdigit())):
+            raise ValueError(f"device must be auto, cpu, cuda, cuda:N or mps, got {d!r}")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+    def digest(self) -> str:
+        """sha256 of the canonical JSON form (recorded in checkpoints and bundles)."""
+        blob = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":")).encode()
+        return hashlib.sha256(blob).hexdigest()
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+def _format_errors(err: ValidationError, source: str) -> str:
+    lines = []
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "<root>"
+        value = e.get("input")
+        if e["type"] == "extra_forbidden":
+            lines.append(f"{source}: unknown key '{key}'")
+        else:
+            lines.append(f"{source}: key '{key}' = {value!r}: {e['msg']}")
+    return "invalid configuration:\n  " + "\n  ".join(lines)
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for p in parts[:-1]:
+        child = node.setdefault(p, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override '{dotted}': '{p}' is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def config_from_dict(
+    raw: dict[str, Any] | None, source: str = "<config>", overrides: dict[str, Any] | None = None
+) -> PlanConfig:
+    """Validate a plain dict (e.g. parsed YAML) with dotted-key overrides applied on top."""
+    tree: dict[str, Any] = dict(raw or {})
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{source}: the top level must be a mapping, got {type(raw).__name__}")
+    for k, v in (overrides or {}).items():
+        if v is not None:
+            _set_dotted(tree, k, v)
+    try:
+        return PlanConfig.model_validate(tree)
+    except ValidationError as err:
+        raise ConfigError(_format_errors(err, source)) from None
+
+
+def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> PlanConfig:
+    """Read a YAML file (or nothing: all defaults) and apply dotted-key overrides."""
+    if path is None:
+        return config_from_dict({}, "<defaults>", overrides)
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"configuration file not found: {p}")
+    try:
+        raw = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{p}: not valid YAML: {err}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{p}: the top level must be a mapping, got {type(raw).__name__}")
+    return config_from_dict(raw, str(p), overrides)
+
+
+def describe_defaults() -> str:
+    """Markdown table of every key, its default and its description (for docs and `config show --doc`)."""
+    rows = ["| key | default | description |", "|---|---|---|"]
+
+    def walk(model: type[BaseModel], prefix: str) -> None:
+        for name, field in model.model_fields.items():
+            ann = field.annotation
+            if isinstance(ann, type) and issubclass(ann, BaseModel):
+                walk(ann, f"{prefix}{name}.")
+                continue
+            default = field.get_default(call_default_factory=True)
+            rows.append(f"| `{prefix}{name}` | `{json.dumps(default)}` | {field.description or ''} |")
+
+    walk(PlanConfig, "")
+    return "\n".join(rows)
