@@ -120,6 +120,36 @@ class ClassifierConfig(_Section):
     weight_decay: float = Field(1e-4, ge=0.0)
 
 
+class FederationConfig(_Section):
+    """Federated generator training (Flower) and what a deployment needs.
+
+    The coordinator's values rule a run (rounds, local steps, sharing, models); a
+    site reads only its own deployment keys (superlink address, certs, state dir).
+    """
+
+    rounds: int = Field(10, ge=1, description="Federated rounds R.")
+    local_steps: int = Field(50, ge=1, description="Local GAN steps per site and round.")
+    share: Literal["gd", "g"] = Field(
+        "gd", description="gd: G and D averaged (FedGAN); g: only G averaged, each site keeps its own D between rounds."
+    )
+    min_nodes: int = Field(
+        2, ge=1, description="A round starts with at least this many connected sites and accepts this many replies."
+    )
+    wait_for_nodes_s: float = Field(300.0, gt=0.0, description="Deadline for min_nodes sites to connect (clear error after).")
+    round_timeout_s: float = Field(1800.0, gt=0.0, description="A round stops waiting for late sites after this many seconds.")
+    state_dir: str = Field(
+        "plan-state", description="Coordinator: checkpoints, Flower state.db. Site: local D, Flower home, logs."
+    )
+    sample_grid: int = Field(64, ge=1, description="Images in the per-round sample grid of G_ema.")
+    superlink_port: int = Field(9093, ge=1, le=65535, description="Coordinator: SuperLink HTTPS port, bound to 127.0.0.1 only.")
+    superlink_address: str = Field(
+        "127.0.0.1:9443",
+        description="Site: the coordinator's public fleet address (the TLS proxy, which forwards only /v1/fleet/*).",
+    )
+    certs_dir: str = Field("certs", description="Folder made by `plan-server certs init/issue` (CA, server, sites/NAME/).")
+    supernode_port: int = Field(9094, ge=1, le=65535, description="Site: local SuperNode runtime port (127.0.0.1).")
+
+
 class PlanConfig(BaseModel):
     """The whole configuration of a site, a coordinator or a simulation."""
 
@@ -135,6 +165,7 @@ class PlanConfig(BaseModel):
     discriminator: DiscriminatorConfig = Field(default_factory=DiscriminatorConfig)
     gan: GanConfig = Field(default_factory=GanConfig)
     classifier: ClassifierConfig = Field(default_factory=ClassifierConfig)
+    federation: FederationConfig = Field(default_factory=FederationConfig)
 
     @model_validator(mode="after")
     def _check_device(self) -> "PlanConfig":
