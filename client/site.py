@@ -1,0 +1,99 @@
+"""A site (hospital) as the ClientApp sees it: who it is, its data, its state folder.
+
+Two ways to be told who we are, both through Flower's ``context.node_config``:
+
+* deployment (``plan-client start`` writes the SuperNode's ``--node-config`` file)::
+
+      site-id = "hospital-a"
+      data-source = "medmnist"          # medmnist | imagefolder | csv
+      data-path = "/data/pneumonia.npz"
+      state-dir = "/var/lib/plan/site"
+
+  The coordinator's configuration decides the models and the image shape; the site
+  decides only where its own images are.
+* simulation: Flower sets ``partition-id`` and ``num-partitions``; the site's data is
+  that partition of the coordinator's data set (seeded, so every virtual site agrees
+  on the split) and its state lives under ``<federation.state_dir>/sites/site-<id>``.
+
+Nothing here leaves the site except what the train handler returns (weights, metrics).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+from plan_shared.config import PlanConfig
+
+LOG = logging.getLogger("plan.site")
+
+# Simulation: Ray actors live across rounds, so a partitioned data set is loaded once
+# per actor process, not once per round.
+_CACHE: dict[tuple, Any] = {}
+_CACHE_LOCK = threading.Lock()
+
+
+@dataclass
+class Site:
+    site_id: str
+    state_dir: Path
+    cfg: PlanConfig  # the coordinator's config with this site's data source applied
+    partition_id: int | None = None
+    num_partitions: int | None = None
+
+    @classmethod
+    def from_node_config(cls, node_config: Mapping[str, Any], cfg: PlanConfig) -> "Site":
+        nc = dict(node_config or {})
+        if "data-path" in nc or "site-id" in nc:
+            site_id = str(nc.get("site-id") or cfg.site_id)
+            data = cfg.data.model_copy()
+            if nc.get("data-source"):
+                data.source = str(nc["data-source"])
+            if nc.get("data-path"):
+                data.path = str(nc["data-path"])
+            if nc.get("data-name"):
+                data.name = str(nc["data-name"])
+            site_cfg = cfg.model_copy(update={"data": data, "site_id": site_id})
+            state = Path(str(nc.get("state-dir") or Path(cfg.federation.state_dir) / "sites" / site_id))
+            return cls(site_id, state.expanduser().resolve(), site_cfg)
+        if "partition-id" in nc:
+            pid, npart = int(nc["partition-id"]), int(nc["num-partitions"])
+            site_id = f"site-{pid}"
+            state = Path(cfg.federation.state_dir) / "sites" / site_id
+            site_cfg = cfg.model_copy(update={"site_id": site_id})
+            return cls(site_id, state.resolve(), site_cfg, pid, npart)
+        raise ValueError(
+            "node config names no data: set site-id/data-path (plan-client start does this) "
+            "or run under Flower simulation (partition-id)"
+        )
+
+    def dataset(self):
+        """This site's ImageDataset (train/val/test splits of its own images)."""
+        from plan_shared.data import load_dataset
+
+        cfg = self.cfg
+        if self.partition_id is None:
+            key = ("site", cfg.data.model_dump_json(), cfg.seed)
+            with _CACHE_LOCK:
+                if key not in _CACHE:
+                    _CACHE.clear()
+                    _CACHE[key] = load_dataset(cfg.data, cfg.seed)
+                return _CACHE[key]
+        from plan_shared.partition import partition_dataset
+
+        part = cfg.partition.model_copy(update={"sites": self.num_partitions})
+        key = ("sim", cfg.data.model_dump_json(), part.model_dump_json(), cfg.seed)
+        with _CACHE_LOCK:
+            if key not in _CACHE:
+                _CACHE.clear()
+                full = load_dataset(cfg.data, cfg.seed)
+                _CACHE[key] = partition_dataset(full, part, cfg.seed)
+            return _CACHE[key][self.partition_id]
+
+    @property
+    def trainer_state_path(self) -> Path:
+        """The site's own trainer state between rounds (its D in share=g, optimiser moments, RNG)."""
+        return self.state_dir / "local_trainer.pt"
