@@ -1,0 +1,196 @@
+"""Credential layout of the federation, and readers for it (bytes only, no grpc).
+
+``plan-server certs`` (server/certs.py) creates this tree on the coordinator; the
+whole ``sites/NAME`` folder is what a hospital receives, ``readers/NAME`` what a
+researcher receives. This docstring is the reference for the layout::
+
+    CERTS/
+      ca.crt            federation CA certificate (self-signed, EC P-256)
+      ca.key            CA private key                                   0600
+      server.crt        pool/SuperLink server certificate (SANs from --host)
+      server.key        its private key                                  0600
+      registry.json     trusted identities, see below
+      sites/NAME/       one hospital
+        identity.json   {"name": NAME, "role": "site"}
+        ca.crt          copy of the CA certificate (to verify the server)
+        client.crt      TLS client certificate: CN=NAME, OU=site
+        client.key      its private key                                  0600
+        signing.key     Ed25519 bundle-signing key (PKCS#8 PEM)          0600
+        signing.pub     its public half (PEM); registered in registry.json
+        node_key        Flower SuperNode auth key, EC P-384, OpenSSH PEM 0600
+        node_key.pub    its public half, OpenSSH format; registered too
+      readers/NAME/     one researcher (reads the pool)
+        identity.json   {"name": NAME, "role": "reader"}
+        ca.crt, client.crt (CN=NAME, OU=reader), client.key
+
+``registry.json``::
+
+    {"version": 1,
+     "identities": {NAME: {"name", "role": "site"|"reader", "serial": "<hex>",
+                           "cert_sha256", "issued", "revoked": bool, "revoked_at",
+                           "ed25519_public": "<hex of raw 32 bytes>" | null,
+                           "node_public_key": "ecdsa-sha2-nistp384 AAAA..." | null,
+                           "node_public_key_path": "sites/NAME/node_key.pub" | null}}}
+
+The role is carried twice: in the certificate's organisational unit (OU) and in
+the registry; the pool service requires both to agree, the certificate serial to
+be the registered one and the entry not to be revoked, on every call.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+from cryptography import x509
+from cryptography.x509.oid import NameOID
+
+ROLES = ("site", "reader")
+CA_CERT = "ca.crt"
+CA_KEY = "ca.key"
+SERVER_CERT = "server.crt"
+SERVER_KEY = "server.key"
+REGISTRY = "registry.json"
+IDENTITY = "identity.json"
+CLIENT_CERT = "client.crt"
+CLIENT_KEY = "client.key"
+SIGNING_KEY = "signing.key"
+SIGNING_PUB = "signing.pub"
+NODE_KEY = "node_key"
+NODE_PUB = "node_key.pub"
+ROLE_DIRS = {"site": "sites", "reader": "readers"}
+
+
+class CredentialsError(ValueError):
+    """Credentials are missing, unreadable or inconsistent; the message names the file."""
+
+
+def identity_dir(certs: str | Path, name: str, role: str) -> Path:
+    return Path(certs) / ROLE_DIRS[role] / name
+
+
+@dataclass(frozen=True)
+class CertIdentity:
+    name: str
+    role: Optional[str]
+    serial: str  # lower-case hex
+
+
+def cert_identity(pem: bytes) -> CertIdentity:
+    """Name (CN), role (OU) and serial (hex) of a PEM certificate."""
+    try:
+        cert = x509.load_pem_x509_certificate(pem)
+    except ValueError as err:
+        raise CredentialsError(f"not a PEM certificate: {err}") from None
+    cn = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    ou = cert.subject.get_attributes_for_oid(NameOID.ORGANIZATIONAL_UNIT_NAME)
+    name = str(cn[0].value) if cn else ""
+    role = str(ou[0].value) if ou else None
+    return CertIdentity(name=name, role=role, serial=format(cert.serial_number, "x"))
+
+
+@dataclass(frozen=True)
+class ClientCredentials:
+    """What a site or reader needs to open a mutual-TLS channel to the pool."""
+
+    directory: Path
+    name: str
+    role: str
+    ca_pem: bytes
+    cert_pem: bytes
+    key_pem: bytes
+
+    @property
+    def signing_key_path(self) -> Path:
+        return self.directory / SIGNING_KEY
+
+
+def load_client_credentials(directory: str | Path) -> ClientCredentials:
+    """Read a ``sites/NAME`` or ``readers/NAME`` folder (see the module docstring)."""
+    d = Path(directory)
+    if not d.is_dir():
+        raise CredentialsError(f"credentials folder not found: {d}")
+    files = {}
+    for fname in (CA_CERT, CLIENT_CERT, CLIENT_KEY):
+        p = d / fname
+        if not p.is_file():
+            raise CredentialsError(f"{p}: missing (a credentials folder holds {CA_CERT}, {CLIENT_CERT}, {CLIENT_KEY})")
+        files[fname] = p.read_bytes()
+    ident = cert_identity(files[CLIENT_CERT])
+    name, role = ident.name, ident.role
+    idp = d / IDENTITY
+    if idp.is_file():
+        try:
+            meta = json.loads(idp.read_text())
+        except json.JSONDecodeError as err:
+            raise CredentialsError(f"{idp}: not valid JSON: {err}") from None
+        if meta.get("name") != name or meta.get("role") != role:
+            raise CredentialsError(f"{idp}: says {meta.get('name')}/{meta.get('role')}, certificate says {name}/{role}")
+    if role not in ROLES:
+        raise CredentialsError(f"{d / CLIENT_CERT}: certificate has no role (OU site|reader)")
+    return ClientCredentials(d, name, role, files[CA_CERT], files[CLIENT_CERT], files[CLIENT_KEY])
+
+
+@dataclass(frozen=True)
+class ServerCredentials:
+    ca_pem: bytes
+    cert_pem: bytes
+    key_pem: bytes
+
+
+def load_server_credentials(certs: str | Path) -> ServerCredentials:
+    d = Path(certs)
+    out = []
+    for fname in (CA_CERT, SERVER_CERT, SERVER_KEY):
+        p = d / fname
+        if not p.is_file():
+            raise CredentialsError(f"{p}: missing (run `plan-server certs init --dir {d}` first)")
+        out.append(p.read_bytes())
+    return ServerCredentials(*out)
+
+
+def write_secret(path: str | Path, data: bytes, overwrite: bool = False) -> None:
+    """Write a private key with mode 0600; refuses to replace an existing file unless ``overwrite``.
+
+    With ``overwrite`` the new content goes to a temporary file first and replaces
+    the old one atomically (never a half-written key).
+    """
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    if p.exists() and not overwrite:
+        raise CredentialsError(f"{p}: exists; refusing to overwrite a private key (use --force to replace it)")
+    target = p.with_name(p.name + ".tmp") if overwrite else p
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL
+    if overwrite and target.exists():
+        target.unlink()
+    fd = os.open(target, flags, 0o600)
+    try:
+        os.fchmod(fd, 0o600)
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    if overwrite:
+        os.replace(target, p)
+
+
+def write_public(path: str | Path, data: bytes) -> None:
+    """Write a public file (certificate, public key) atomically, mode 0644."""
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = p.with_name(p.name + ".tmp")
+    with open(tmp, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, p)
+
+
+def is_private_mode(path: str | Path) -> bool:
+    """True when group and others have no access to the file."""
+    return stat.S_IMODE(os.stat(path).st_mode) & 0o077 == 0
