@@ -1,0 +1,33 @@
+"""The coordinator's Flower ServerApp: R rounds of federated GAN training.
+
+Run configuration (``[tool.flwr.app.config]`` in pyproject.toml, overridable with
+``flwr run . --run-config 'plan-config="/abs/coordinator.yaml" out-dir="/abs/out"'``):
+see :func:`server.federation.load_run_config`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+
+from flwr.app import Context
+from flwr.serverapp import Grid, ServerApp
+
+from plan_shared.runtime import setup_logging
+
+from server.federation import Federation, load_run_config
+
+LOG = logging.getLogger("plan.server")
+
+app = ServerApp()
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    setup_logging()
+    cfg, out, expected = load_run_config(dict(context.run_config))
+    LOG.info("federated GAN: %d rounds x %d local steps, share=%s, min_nodes=%d, out=%s", cfg.federation.rounds,
+             cfg.federation.local_steps, cfg.federation.share, cfg.federation.min_nodes, out)
+    summary = Federation(grid, cfg, out, expected_nodes=expected).run()
+    (out / "federation.json").write_text(json.dumps(summary, indent=1))
+    LOG.info("federation finished: %d/%d rounds", summary["rounds_done"], summary["rounds"])

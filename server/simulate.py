@@ -1,0 +1,120 @@
+"""``plan-server simulate``: the Flower app with N virtual hospitals on one machine.
+
+The same ServerApp and ClientApp as in deployment run under Flower's simulation
+engine (Ray); one data set is split into N sites (IID or Dirichlet label skew,
+seeded), each virtual site keeps its state under ``OUT/sites/site-<k>``, and the
+coordinator writes ``OUT/checkpoints``, ``OUT/samples`` and ``OUT/metrics.jsonl``.
+
+The in-process engine (``flwr.simulation.run_simulation``) is used because it starts
+in seconds and stops with the command; ``flwr run .`` with a local-simulation
+connection runs the same app (see deploy/README.md).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+from plan_shared.config import PlanConfig, load_config
+from plan_shared.runtime import setup_logging
+
+LOG = logging.getLogger("plan.simulate")
+
+
+def _data_overrides(dataset: Optional[str], data: Optional[str]) -> dict[str, Any]:
+    if dataset and data:
+        raise ValueError("give --dataset NAME or --data PATH, not both")
+    if dataset:
+        return {"data.source": "medmnist", "data.name": dataset, "data.path": None}
+    if data:
+        p = Path(data).expanduser().resolve()
+        source = "medmnist" if p.suffix == ".npz" else "csv" if p.suffix == ".csv" else "imagefolder"
+        return {"data.source": source, "data.path": str(p)}
+    return {}
+
+
+def simulation_config(
+    config: Optional[str] = None,
+    *,
+    sites: int = 3,
+    rounds: Optional[int] = None,
+    dataset: Optional[str] = None,
+    data: Optional[str] = None,
+    partition: Optional[str] = None,
+    alpha: Optional[float] = None,
+    out: str | Path = "sim-out",
+    overrides: Optional[dict[str, Any]] = None,
+) -> PlanConfig:
+    ov: dict[str, Any] = dict(overrides or {})
+    ov.update(_data_overrides(dataset, data))
+    ov["partition.sites"] = sites
+    if partition:
+        ov["partition.scheme"] = partition
+    if alpha is not None:
+        ov["partition.alpha"] = alpha
+    if rounds is not None:
+        ov["federation.rounds"] = rounds
+    ov["federation.state_dir"] = str(Path(out).expanduser().resolve())
+    cfg = load_config(config, {k: v for k, v in ov.items() if v is not None})
+    if cfg.federation.min_nodes > sites:
+        cfg = cfg.model_copy(update={"federation": cfg.federation.model_copy(update={"min_nodes": sites})})
+    if dataset:
+        cfg.data.path = None  # a name given on the command line wins over a path in the file
+    return cfg
+
+
+def run_simulation(cfg: PlanConfig, out: str | Path, cpus_per_site: float = 1.0, num_cpus: Optional[int] = None) -> dict[str, Any]:
+    """Run the federation in-process with ``cfg.partition.sites`` virtual SuperNodes."""
+    os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+    os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
+    out = Path(out).expanduser().resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("FLWR_HOME", str(out / ".flwr"))
+    (out / "config.yaml").write_text(cfg.to_yaml())
+    os.environ["PLAN_FED_RUN_CONFIG"] = json.dumps(
+        {"plan-config": json.dumps(cfg.to_dict()), "out-dir": str(out), "expected-nodes": cfg.partition.sites}
+    )
+    from flwr.simulation import run_simulation as flwr_run_simulation
+
+    from client.app import app as client_app  # noqa: F401 - imported by Ray actors by module path too
+    from server.app import app as server_app
+
+    ncpu = num_cpus or os.cpu_count() or 1
+    backend = {
+        "client_resources": {"num_cpus": cpus_per_site, "num_gpus": 0.0},
+        "init_args": {"num_cpus": ncpu, "include_dashboard": False, "ignore_reinit_error": True},
+    }
+    t0 = time.perf_counter()
+    try:
+        flwr_run_simulation(server_app=server_app, client_app=client_app, num_supernodes=cfg.partition.sites,
+                            backend_config=backend)
+    finally:
+        os.environ.pop("PLAN_FED_RUN_CONFIG", None)
+    wall = time.perf_counter() - t0
+    fed_json = out / "federation.json"
+    if not fed_json.is_file():
+        raise RuntimeError(f"the simulation ended without finishing its rounds; see the log above and {out}/metrics.jsonl")
+    summary = json.loads(fed_json.read_text())
+    if summary.get("rounds_done") != cfg.federation.rounds:
+        raise RuntimeError(f"simulation stopped after {summary.get('rounds_done')} of {cfg.federation.rounds} rounds")
+    summary["wall_s"] = round(wall, 2)
+    fed_json.write_text(json.dumps(summary, indent=1))
+    return summary
+
+
+def simulate_command(
+    config: Optional[str], sites: int, rounds: Optional[int], dataset: Optional[str], data: Optional[str],
+    partition: Optional[str], alpha: Optional[float], out: str, local_steps: Optional[int] = None,
+    share: Optional[str] = None,
+) -> dict[str, Any]:
+    setup_logging()
+    ov = {"federation.local_steps": local_steps, "federation.share": share}
+    cfg = simulation_config(config, sites=sites, rounds=rounds, dataset=dataset, data=data, partition=partition,
+                            alpha=alpha, out=out, overrides=ov)
+    LOG.info("simulating %d sites x %d rounds (%s partition), output in %s", sites, cfg.federation.rounds,
+             cfg.partition.scheme, out)
+    return run_simulation(cfg, out)
