@@ -57,6 +57,11 @@ class DataConfig(_Section):
     max_train: Optional[int] = Field(
         None, ge=2, description="Use at most this many training images (stratified subsample; stated in reports)."
     )
+    download: bool = Field(
+        True,
+        description="medmnist source: when the .npz is not found locally and the medmnist package is installed, "
+        "download it through that package into $PLAN_DATA_DIR (or ~/.medmnist). false = never download.",
+    )
 
 
 class PartitionConfig(_Section):

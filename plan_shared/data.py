@@ -1,0 +1,756 @@
+"""Data sources: MedMNIST ``.npz``, ImageFolder trees and APTOS-style CSV manifests.
+
+Every source ends as the same :class:`ImageDataset`: three :class:`Split` s
+(train / val / test) of ``uint8`` images shaped ``(N, C, H, W)`` and ``int64``
+labels, plus the class names::
+
+    ds = load_dataset(cfg.data, seed=cfg.seed)
+    print(ds.summary())
+    x = to_tensor(ds.train.images)          # float32 in [-1, 1]
+
+Choices written down here (the configuration documents the keys):
+
+- Shape conversions are explicit. ``data.size`` resizes every image to
+  ``size x size`` with Pillow's antialiased bilinear filter (the aspect ratio is not
+  kept: non-square images are stretched). ``data.size: null`` keeps the native size,
+  which must then be square and the same for all images. ``data.channels`` converts
+  grey <-> RGB (RGB -> grey with the ITU-R 601 luma weights; grey -> RGB repeats the
+  channel); ``null`` keeps the native channels, which must then agree.
+- Pixel modes read from files: alpha channels are dropped, palette/CMYK/YCbCr images
+  become RGB, 16-bit grey is mapped to 8 bits by ``value / 257`` (full 16-bit range),
+  EXIF orientation is applied, multi-frame files contribute their first frame.
+- Sources without a split (ImageFolder without ``train/``, CSV) get a seeded,
+  stratified split with ``data.test_fraction`` and ``data.val_fraction`` (fractions
+  of the whole set). ``data.max_train`` keeps a seeded, stratified subsample of the
+  training split (it is logged).
+- Nothing is silently dropped: a file that is not a readable image, a label that is
+  not an integer, a missing column or array, an empty class folder ... raises
+  :class:`DataError` naming the file, row or value.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+
+from .config import DataConfig
+
+LOG = logging.getLogger("plan.data")
+
+MEDMNIST_ARRAYS = ("train_images", "train_labels", "val_images", "val_labels", "test_images", "test_labels")
+MEDMNIST_SIZES = (28, 64, 128, 224)
+SPLITS = ("train", "val", "test")
+
+
+class DataError(ValueError):
+    """A data source could not be read; the message names the file, row or value."""
+
+
+# ---------------------------------------------------------------------------------
+# containers
+
+
+@dataclass
+class Split:
+    """One split: ``images`` uint8 ``(N, C, H, W)``, ``labels`` int64 ``(N,)``."""
+
+    images: np.ndarray
+    labels: np.ndarray
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.images, np.ndarray) or self.images.dtype != np.uint8 or self.images.ndim != 4:
+            shape = getattr(self.images, "shape", None)
+            dtype = getattr(self.images, "dtype", type(self.images).__name__)
+            raise ValueError(f"Split.images must be a uint8 array (N, C, H, W), got {dtype} {shape}")
+        labels = np.asarray(self.labels)
+        if labels.ndim != 1 or len(labels) != len(self.images):
+            raise ValueError(f"Split.labels must have shape ({len(self.images)},), got {labels.shape}")
+        if labels.size and not np.issubdtype(labels.dtype, np.integer):
+            raise ValueError(f"Split.labels must be integers, got {labels.dtype}")
+        self.labels = labels.astype(np.int64, copy=False)
+
+    def __len__(self) -> int:
+        return int(self.images.shape[0])
+
+    def subset(self, idx: np.ndarray | Sequence[int]) -> "Split":
+        """A new Split holding the rows ``idx`` (copied)."""
+        idx = np.asarray(idx, dtype=np.int64)
+        return Split(self.images[idx], self.labels[idx])
+
+    def class_counts(self, num_classes: int) -> np.ndarray:
+        if not len(self):
+            return np.zeros(num_classes, np.int64)
+        return np.bincount(self.labels, minlength=num_classes)[:num_classes]
+
+
+@dataclass
+class ImageDataset:
+    """A labelled image data set with its train / val / test splits."""
+
+    name: str
+    train: Split
+    val: Split
+    test: Split
+    class_names: list[str]
+    channels: int
+    size: int
+    source: str
+    origin: str = ""  # file or folder it was read from (for reports)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def splits(self) -> dict[str, Split]:
+        return {"train": self.train, "val": self.val, "test": self.test}
+
+    def summary(self) -> str:
+        """A printable block: name, shape and per-split class counts."""
+        head = (
+            f"{self.name} ({self.source}, {self.channels}x{self.size}x{self.size}, "
+            f"{self.num_classes} classes){' from ' + self.origin if self.origin else ''}"
+        )
+        cols = [*self.class_names, "total"]
+        rows = []
+        for split_name, split in self.splits().items():
+            counts = split.class_counts(self.num_classes)
+            rows.append([split_name, *[str(int(c)) for c in counts], str(len(split))])
+        return head + "\n" + _table(["split", *cols], rows)
+
+
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    lines = []
+    for r in [header, *rows]:
+        cells = [str(r[0]).ljust(widths[0])] + [str(c).rjust(w) for c, w in zip(r[1:], widths[1:])]
+        lines.append("  ".join(cells))
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------
+# tensors
+
+
+def to_tensor(images: np.ndarray) -> torch.Tensor:
+    """uint8 images (any shape, typically ``(N, C, H, W)``) -> float32 tensor in [-1, 1]."""
+    arr = np.asarray(images)
+    if arr.dtype != np.uint8:
+        raise TypeError(f"to_tensor expects uint8 images, got {arr.dtype}")
+    return torch.from_numpy(np.ascontiguousarray(arr)).to(torch.float32).div_(127.5).sub_(1.0)
+
+
+def to_uint8(t: torch.Tensor) -> np.ndarray:
+    """Inverse of :func:`to_tensor`: clamp to [-1, 1], map to 0..255, round, uint8 array."""
+    x = t.detach().to("cpu", torch.float32).clamp(-1.0, 1.0).add(1.0).mul(127.5).round()
+    return x.to(torch.uint8).numpy()
+
+
+# ---------------------------------------------------------------------------------
+# image reading and conversion
+
+
+def _to_hwc(img: Image.Image, where: str) -> np.ndarray:
+    """A PIL image -> uint8 array ``(H, W, 1)`` (grey) or ``(H, W, 3)`` (colour), native channels."""
+    mode = img.mode
+    if mode in ("1", "L", "LA", "La"):
+        arr = np.asarray(img.convert("L"), dtype=np.uint8)
+    elif mode.startswith("I;16") or mode == "I":
+        raw = np.asarray(img).astype(np.int64)
+        if raw.size and (raw.min() < 0 or raw.max() > 65535):
+            raise DataError(f"{where}: integer image with values outside 0..65535 (mode {mode}) is not supported")
+        arr = np.round(raw / 257.0).astype(np.uint8)
+    elif mode in ("RGB", "RGBA", "RGBa", "RGBX", "CMYK", "YCbCr", "LAB", "HSV", "P", "PA"):
+        if mode in ("P", "PA") and ("transparency" in img.info or mode == "PA"):
+            img = img.convert("RGBA")
+        arr = np.asarray(img.convert("RGB"), dtype=np.uint8)
+    else:
+        raise DataError(f"{where}: unsupported pixel mode {mode!r} (expected grey, 16-bit grey or colour)")
+    if arr.ndim == 2:
+        arr = arr[:, :, None]
+    return arr
+
+
+def read_image(path: Path, where: Optional[str] = None) -> np.ndarray:
+    """Read one image file as uint8 ``(H, W, C)`` with its native channels (1 or 3)."""
+    where = where or str(path)
+    if not path.is_file():
+        raise DataError(f"{where}: image file not found: {path}")
+    try:
+        with Image.open(path) as img:
+            img.load()
+            img = ImageOps.exif_transpose(img)
+            return _to_hwc(img, where)
+    except DataError:
+        raise
+    except Exception as err:  # PIL raises many types for broken files
+        raise DataError(f"{where}: cannot read image {path}: {type(err).__name__}: {err}") from None
+
+
+def _resize(arr: np.ndarray, size: int) -> np.ndarray:
+    """``(H, W, C)`` uint8 -> ``(size, size, C)`` with Pillow's antialiased bilinear filter."""
+    if arr.shape[0] == size and arr.shape[1] == size:
+        return arr
+    if arr.shape[2] == 1:
+        out = Image.fromarray(arr[:, :, 0], "L").resize((size, size), Image.Resampling.BILINEAR)
+        return np.asarray(out, dtype=np.uint8)[:, :, None]
+    out = Image.fromarray(arr, "RGB").resize((size, size), Image.Resampling.BILINEAR)
+    return np.asarray(out, dtype=np.uint8)
+
+
+def _convert_channels(arr: np.ndarray, channels: int) -> np.ndarray:
+    """``(..., C)`` uint8 -> ``(..., channels)``: grey->RGB repeats, RGB->grey uses ITU-R 601 luma."""
+    c = arr.shape[-1]
+    if c == channels:
+        return arr
+    if c == 1 and channels == 3:
+        return np.repeat(arr, 3, axis=-1)
+    if c == 3 and channels == 1:
+        luma = arr.astype(np.float32) @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
+        return np.clip(np.round(luma), 0, 255).astype(np.uint8)[..., None]
+    raise DataError(f"cannot convert {c} channels to {channels}")
+
+
+class _Shaper:
+    """Applies the configured size / channels to images one by one and checks agreement.
+
+    With ``size`` (or ``channels``) unset, the first image fixes the native value and
+    any later image that differs is an error naming both files.
+    """
+
+    def __init__(self, size: Optional[int], channels: Optional[int]) -> None:
+        self.size = size
+        self.channels = channels
+        self.first_shape: Optional[tuple[int, int]] = None
+        self.first_channels: Optional[int] = None
+        self.first_where = ""
+
+    def __call__(self, arr: np.ndarray, where: str) -> np.ndarray:
+        h, w, c = arr.shape
+        if self.first_shape is None:
+            self.first_shape, self.first_channels, self.first_where = (h, w), c, where
+            if self.size is None and h != w:
+                raise DataError(
+                    f"{where}: image is {h}x{w} (not square) and data.size is null; set data.size to resize"
+                )
+        if self.size is None and (h, w) != self.first_shape:
+            fh, fw = self.first_shape
+            raise DataError(
+                f"{where}: image is {h}x{w} but {self.first_where} is {fh}x{fw}; mixed sizes need data.size "
+                "set to resize them"
+            )
+        if self.channels is None and c != self.first_channels:
+            raise DataError(
+                f"{where}: image has {c} channel(s) but {self.first_where} has {self.first_channels}; mixed "
+                "grey/colour images need data.channels set (1 or 3)"
+            )
+        if self.size is not None:
+            arr = _resize(arr, self.size)
+        if self.channels is not None:
+            arr = _convert_channels(arr, self.channels)
+        return arr
+
+
+def _shape_array(images: np.ndarray, size: Optional[int], channels: Optional[int], where: str) -> np.ndarray:
+    """``(N, H, W, C)`` uint8 -> converted ``(N, C', S, S)``."""
+    n, h, w, _ = images.shape
+    if size is None and h != w:
+        raise DataError(f"{where}: images are {h}x{w} (not square) and data.size is null; set data.size")
+    if size is not None and (h, w) != (size, size):
+        if n:
+            images = np.stack([_resize(im, size) for im in images])
+        else:
+            images = np.zeros((0, size, size, images.shape[3]), np.uint8)
+    if channels is not None:
+        images = _convert_channels(images, channels)
+    return np.ascontiguousarray(images.transpose(0, 3, 1, 2))
+
+
+def _stack(arrays: list[np.ndarray], shape_hint: tuple[int, int, int]) -> np.ndarray:
+    """List of ``(H, W, C)`` -> ``(N, C, H, W)``."""
+    if not arrays:
+        h, w, c = shape_hint
+        return np.zeros((0, c, h, w), np.uint8)
+    return np.ascontiguousarray(np.stack(arrays).transpose(0, 3, 1, 2))
+
+
+# ---------------------------------------------------------------------------------
+# splitting
+
+
+def _check_class_counts(labels: np.ndarray, class_names: list[str], need: int, what: str, where: str) -> None:
+    counts = np.bincount(labels, minlength=len(class_names))
+    for k, cnt in enumerate(counts):
+        if cnt < need:
+            raise DataError(
+                f"{where}: class {class_names[k]!r} has {int(cnt)} image(s); the seeded stratified {what} needs at "
+                f"least {need} per class (add images, or drop the class)"
+            )
+
+
+def _stratified_split(
+    labels: np.ndarray,
+    fractions: Sequence[float],
+    seed: int,
+    class_names: list[str],
+    where: str,
+    part_names: Sequence[str] = ("val", "test"),
+) -> list[np.ndarray]:
+    """Split indices ``0..N-1`` into ``[rest, part_1, part_2, ...]`` by the given fractions of N.
+
+    Each part is cut off the remainder with sklearn's stratified ``train_test_split``
+    (a part gets at least as many images as there are classes); every index lands in
+    exactly one part. Indices are sorted within each part.
+    """
+    from sklearn.model_selection import train_test_split
+
+    n = len(labels)
+    what = "split into " + "/".join(["train", *part_names])
+    _check_class_counts(labels, class_names, len(fractions) + 1, what, where)
+    rest = np.arange(n)
+    parts: list[np.ndarray] = []
+    for k, frac in enumerate(fractions):
+        # at least one slot per class, so that a tiny set can still be stratified
+        n_take = max(int(round(frac * n)), len(np.unique(labels[rest])))
+        try:
+            rest, taken = train_test_split(
+                rest, test_size=n_take, stratify=labels[rest], random_state=(seed * 7919 + k) % 2**32, shuffle=True
+            )
+        except ValueError as err:
+            left = np.bincount(labels[rest], minlength=len(class_names))
+            counts = {class_names[c]: int(v) for c, v in enumerate(left)}
+            raise DataError(
+                f"{where}: too few images for a stratified split (fraction {frac} of {n}, class counts {counts}): {err}"
+            ) from None
+        parts.append(np.sort(taken))
+    return [np.sort(rest), *parts]
+
+
+def stratified_subsample(labels: np.ndarray, n_keep: int, seed: int) -> np.ndarray:
+    """Seeded subsample of ``n_keep`` indices whose class proportions follow ``labels``.
+
+    Quotas by largest remainder; every class present keeps at least one image when
+    ``n_keep`` allows it. Returns sorted indices.
+    """
+    n = len(labels)
+    if n_keep >= n:
+        return np.arange(n)
+    rng = np.random.default_rng([seed, 0x5AB5])
+    classes, counts = np.unique(labels, return_counts=True)
+    exact = counts * (n_keep / n)
+    quota = np.floor(exact).astype(np.int64)
+    if n_keep >= len(classes):
+        quota = np.maximum(quota, 1)
+    while quota.sum() > n_keep:  # only after the at-least-one bump: take from the largest quotas
+        quota[np.argmax(quota - exact)] -= 1
+    order = np.argsort(-(exact - quota), kind="stable")
+    i = 0
+    while quota.sum() < n_keep:
+        c = order[i % len(order)]
+        if quota[c] < counts[c]:
+            quota[c] += 1
+        i += 1
+    keep = [rng.choice(np.flatnonzero(labels == c), size=int(q), replace=False) for c, q in zip(classes, quota)]
+    return np.sort(np.concatenate(keep)) if keep else np.arange(0)
+
+
+# ---------------------------------------------------------------------------------
+# MedMNIST
+
+
+def _medmnist_info() -> Optional[dict]:
+    try:
+        from medmnist import INFO  # type: ignore[import-not-found]
+    except Exception:
+        return None
+    return INFO
+
+
+def _flag_of(path: Path) -> str:
+    return re.sub(r"_\d+$", "", path.stem)
+
+
+def _search_dirs() -> list[Path]:
+    dirs = []
+    if os.environ.get("PLAN_DATA_DIR"):
+        dirs.append(Path(os.environ["PLAN_DATA_DIR"]).expanduser())
+    dirs.append(Path("~/.medmnist").expanduser())
+    return dirs
+
+
+def _candidate_names(name: str, size: Optional[int]) -> list[str]:
+    names = []
+    if size is not None and size != 28:
+        names.append(f"{name}_{size}.npz")
+    names += [f"{name}.npz", f"{name}_28.npz"]
+    # other resolutions of the same set, nearest-larger first, then smaller
+    others = [s for s in MEDMNIST_SIZES if s != 28 and s != size]
+    target = size or 28
+    others.sort(key=lambda s: (s < target, abs(s - target)))
+    names += [f"{name}_{s}.npz" for s in others]
+    return names
+
+
+def _download_medmnist(flag: str, size: Optional[int], root: Path) -> None:
+    """Download one MedMNIST set through the ``medmnist`` package's own API into ``root``."""
+    import medmnist  # type: ignore[import-not-found]
+
+    info = medmnist.INFO[flag]
+    cls = getattr(medmnist, info["python_class"])
+    root.mkdir(parents=True, exist_ok=True)
+    kwargs = {}
+    if size is not None and size in MEDMNIST_SIZES and size != 28:
+        kwargs["size"] = size
+    px = f" ({size} px)" if kwargs else ""
+    LOG.info("downloading MedMNIST %s%s into %s through the medmnist package", flag, px, root)
+    try:
+        cls(split="train", download=True, root=str(root), **kwargs)
+    except TypeError:  # medmnist < 3 has no size argument
+        cls(split="train", download=True, root=str(root))
+
+
+def _find_medmnist(cfg: DataConfig) -> Path:
+    if cfg.path:
+        p = Path(cfg.path).expanduser()
+        if not p.is_file():
+            raise DataError(f"MedMNIST file not found: {p} (data.path)")
+        return p
+    if not cfg.name:
+        raise DataError("data.source is medmnist but neither data.name nor data.path is set")
+    name = cfg.name.strip().lower()
+    dirs = _search_dirs()
+    names = _candidate_names(name, cfg.size)
+    for d in dirs:
+        for n in names:
+            if (d / n).is_file():
+                return d / n
+    info = _medmnist_info()
+    looked = ", ".join(str(d) for d in dirs)
+    hint = (
+        "set PLAN_DATA_DIR to the folder holding the file, set data.path to the .npz, "
+        "or pip install medmnist (plan-toolkit[medmnist]) so that it can be downloaded"
+    )
+    if info is None:
+        raise DataError(f"MedMNIST data set {name!r} not found: looked for {', '.join(names[:2])} in {looked}; {hint}")
+    if name not in info:
+        known = ", ".join(sorted(k for k in info if not k.endswith("3d")))
+        raise DataError(f"MedMNIST data set {name!r} not found in {looked} and not a known MedMNIST flag ({known})")
+    if not cfg.download:
+        raise DataError(
+            f"MedMNIST data set {name!r} not found: looked for {', '.join(names[:2])} in {looked}, and "
+            "data.download is false; set PLAN_DATA_DIR or data.path, or allow the download"
+        )
+    root = dirs[0]
+    try:
+        _download_medmnist(name, cfg.size, root)
+    except Exception as err:
+        raise DataError(
+            f"MedMNIST data set {name!r} not found in {looked} and the download failed: {err}; {hint}"
+        ) from None
+    for n in names:
+        if (root / n).is_file():
+            return root / n
+    raise DataError(f"MedMNIST download of {name!r} finished but no {names[0]} appeared in {root}")
+
+
+def _load_medmnist(cfg: DataConfig, seed: int) -> ImageDataset:
+    path = _find_medmnist(cfg)
+    flag = cfg.name.strip().lower() if (cfg.name and not cfg.path) else _flag_of(path)
+    try:
+        npz = np.load(path, allow_pickle=False)
+    except Exception as err:
+        raise DataError(f"{path}: not a readable .npz file: {type(err).__name__}: {err}") from None
+    with npz:
+        missing = [k for k in MEDMNIST_ARRAYS if k not in npz.files]
+        if missing:
+            raise DataError(
+                f"{path}: array {missing[0]!r} missing (MedMNIST format needs {', '.join(MEDMNIST_ARRAYS)}; "
+                f"found {', '.join(npz.files) or 'none'})"
+            )
+        try:
+            raw = {k: npz[k] for k in MEDMNIST_ARRAYS}
+        except Exception as err:
+            raise DataError(f"{path}: cannot read arrays: {type(err).__name__}: {err}") from None
+
+    info = _medmnist_info()
+    class_names: Optional[list[str]] = None
+    if info is not None and flag in info:
+        lab = info[flag].get("label", {})
+        class_names = [lab[k] for k in sorted(lab, key=int)] if lab else None
+
+    labels: dict[str, np.ndarray] = {}
+    images: dict[str, np.ndarray] = {}
+    native_c = None
+    for s in SPLITS:
+        x, y = raw[f"{s}_images"], raw[f"{s}_labels"]
+        where = f"{path} [{s}_images]"
+        if x.ndim == 3:
+            x = x[..., None]
+        if x.ndim != 4 or x.shape[3] not in (1, 3):
+            raise DataError(
+                f"{where}: expected images (N, H, W) or (N, H, W, 3), got shape {x.shape} (3D volumes are not supported)"
+            )
+        if x.dtype != np.uint8:
+            if np.issubdtype(x.dtype, np.integer) and (x.size == 0 or (x.min() >= 0 and x.max() <= 255)):
+                x = x.astype(np.uint8)
+            else:
+                raise DataError(f"{where}: expected uint8 images, got {x.dtype}")
+        if native_c is None:
+            native_c = x.shape[3]
+            native_hw = x.shape[1:3]
+        elif cfg.channels is None and x.shape[3] != native_c:
+            raise DataError(f"{where}: {x.shape[3]} channel(s) but train_images has {native_c}; set data.channels")
+        elif cfg.size is None and x.shape[1:3] != native_hw:
+            raise DataError(
+                f"{where}: images are {x.shape[1]}x{x.shape[2]} but train_images are "
+                f"{native_hw[0]}x{native_hw[1]}; set data.size"
+            )
+        y = np.asarray(y)
+        if y.ndim == 2 and y.shape[1] == 1:
+            y = y[:, 0]
+        if y.ndim != 1:
+            raise DataError(
+                f"{path} [{s}_labels]: shape {y.shape}: multi-label data sets are not supported "
+                "(one integer label per image)"
+            )
+        if len(y) != len(x):
+            raise DataError(f"{path}: {s}_labels has {len(y)} entries but {s}_images has {len(x)}")
+        if y.size and not np.issubdtype(y.dtype, np.integer):
+            is_float = np.issubdtype(y.dtype, np.floating)
+            if is_float and np.all(np.isfinite(y)) and np.all(y == np.round(y)):
+                y = y.astype(np.int64)
+            else:
+                bad = int(np.flatnonzero(~np.isfinite(y) | (y != np.round(y)))[0]) if is_float else 0
+                raise DataError(f"{path} [{s}_labels]: row {bad}: label {y[bad]!r} is not an integer")
+        y = y.astype(np.int64)
+        if y.size and y.min() < 0:
+            bad = int(np.argmin(y))
+            raise DataError(f"{path} [{s}_labels]: row {bad}: unknown label {int(y[bad])} (labels must be >= 0)")
+        if class_names is not None and y.size and y.max() >= len(class_names):
+            bad = int(np.argmax(y))
+            raise DataError(
+                f"{path} [{s}_labels]: row {bad}: unknown label {int(y[bad])} ({flag} has {len(class_names)} classes)"
+            )
+        images[s], labels[s] = x, y
+    if class_names is None:
+        n_classes = int(max((labels[s].max() + 1) if labels[s].size else 0 for s in SPLITS))
+        class_names = [str(k) for k in range(n_classes)]
+
+    splits = {
+        s: Split(_shape_array(images[s], cfg.size, cfg.channels, f"{path} [{s}_images]"), labels[s]) for s in SPLITS
+    }
+    return _finish(flag, splits, class_names, "medmnist", str(path), cfg, seed)
+
+
+# ---------------------------------------------------------------------------------
+# ImageFolder and CSV
+
+
+def _files_in(folder: Path) -> list[Path]:
+    """Every non-hidden file below ``folder`` (recursively), sorted."""
+    out = []
+    for p in sorted(folder.rglob("*")):
+        rel = p.relative_to(folder)
+        if any(part.startswith(".") for part in rel.parts):
+            continue
+        if p.is_file():
+            out.append(p)
+    return out
+
+
+def _subdirs(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def _class_folder_files(root: Path, class_names: Optional[list[str]]) -> tuple[list[str], list[tuple[Path, int]]]:
+    dirs = _subdirs(root)
+    loose = [p.name for p in root.iterdir() if p.is_file() and not p.name.startswith(".")]
+    if loose:
+        LOG.warning("%s: ignoring %d file(s) outside class folders: %s", root, len(loose), ", ".join(sorted(loose)[:5]))
+    if not dirs:
+        raise DataError(f"{root}: no class sub-folders (ImageFolder layout: <root>/<class>/<image>)")
+    names = [d.name for d in dirs]
+    if class_names is None:
+        class_names = names
+    else:
+        extra = [n for n in names if n not in class_names]
+        if extra:
+            raise DataError(
+                f"{root / extra[0]}: class folder {extra[0]!r} is not among the train classes {class_names}"
+            )
+    records: list[tuple[Path, int]] = []
+    for d in dirs:
+        files = _files_in(d)
+        if not files:
+            raise DataError(f"{d}: class folder {d.name!r} is empty")
+        k = class_names.index(d.name)
+        records += [(f, k) for f in files]
+    return class_names, records
+
+
+def _read_records(records: list[tuple[Path, int, str]], shaper: _Shaper) -> tuple[np.ndarray, np.ndarray]:
+    arrays = [shaper(read_image(path, where), where) for path, _, where in records]
+    labels = np.array([k for _, k, _ in records], dtype=np.int64)
+    hint = (shaper.size or 1, shaper.size or 1, shaper.channels or 1)
+    return _stack(arrays, hint), labels
+
+
+def _load_imagefolder(cfg: DataConfig, seed: int) -> ImageDataset:
+    if not cfg.path:
+        raise DataError("data.source is imagefolder but data.path (the root folder) is not set")
+    root = Path(cfg.path).expanduser()
+    if not root.is_dir():
+        raise DataError(f"ImageFolder root not found: {root} (data.path)")
+    sub = {d.name.lower(): d for d in _subdirs(root)}
+    split_layout = "train" in sub and ("val" in sub or "test" in sub) and set(sub) <= {"train", "val", "test"}
+    shaper = _Shaper(cfg.size, cfg.channels)
+    name = root.name
+    if split_layout:
+        class_names, train_rec = _class_folder_files(sub["train"], None)
+        recs = {"train": train_rec}
+        for s in ("val", "test"):
+            if s in sub:
+                _, recs[s] = _class_folder_files(sub[s], class_names)
+        arrays = {s: _read_records([(p, k, str(p)) for p, k in r], shaper) for s, r in recs.items()}
+        splits = {s: Split(*arrays[s]) for s in arrays}
+        missing = [s for s in ("val", "test") if s not in splits]
+        if missing:
+            fr = {"val": cfg.val_fraction, "test": cfg.test_fraction}
+            tr = splits["train"]
+            parts = _stratified_split(
+                tr.labels, [fr[s] for s in missing], seed, class_names, str(sub["train"]), missing
+            )
+            splits["train"] = tr.subset(parts[0])
+            for s, idx in zip(missing, parts[1:]):
+                splits[s] = tr.subset(idx)
+            LOG.info("%s: no %s folder; split off the train folder (seed %d)", root, "/".join(missing), seed)
+    else:
+        class_names, rec = _class_folder_files(root, None)
+        x, y = _read_records([(p, k, str(p)) for p, k in rec], shaper)
+        splits = _split_three(Split(x, y), cfg, seed, class_names, str(root))
+    return _finish(name, splits, class_names, "imagefolder", str(root), cfg, seed)
+
+
+def _split_three(full: Split, cfg: DataConfig, seed: int, class_names: list[str], where: str) -> dict[str, Split]:
+    tr, va, te = _stratified_split(full.labels, [cfg.val_fraction, cfg.test_fraction], seed, class_names, where)
+    return {"train": full.subset(tr), "val": full.subset(va), "test": full.subset(te)}
+
+
+def _resolve_image_dir(cfg: DataConfig, csv_path: Path) -> Path:
+    if cfg.image_dir:
+        d = Path(cfg.image_dir).expanduser()
+        if not d.is_absolute() and not d.is_dir() and (csv_path.parent / d).is_dir():
+            d = csv_path.parent / d
+        if not d.is_dir():
+            raise DataError(f"image folder not found: {d} (data.image_dir)")
+        return d
+    images = csv_path.parent / "images"
+    return images if images.is_dir() else csv_path.parent
+
+
+def _load_csv(cfg: DataConfig, seed: int) -> ImageDataset:
+    if not cfg.path:
+        raise DataError("data.source is csv but data.path (the CSV manifest) is not set")
+    csv_path = Path(cfg.path).expanduser()
+    if not csv_path.is_file():
+        raise DataError(f"CSV manifest not found: {csv_path} (data.path)")
+    image_dir = _resolve_image_dir(cfg, csv_path)
+    try:
+        with open(csv_path, newline="", encoding="utf-8-sig") as fh:
+            reader = csv.DictReader(fh)
+            columns = [c for c in (reader.fieldnames or [])]
+            for col in (cfg.id_column, cfg.label_column):
+                if col not in columns:
+                    found = ", ".join(repr(c) for c in columns) or "none"
+                    which = "data.id_column" if col == cfg.id_column else "data.label_column"
+                    raise DataError(f"{csv_path}: column {col!r} ({which}) not found; columns found: {found}")
+            rows = []
+            for row in reader:
+                rows.append((reader.line_num, row.get(cfg.id_column), row.get(cfg.label_column)))
+    except DataError:
+        raise
+    except (OSError, UnicodeDecodeError, csv.Error) as err:
+        raise DataError(f"{csv_path}: cannot read CSV: {type(err).__name__}: {err}") from None
+    if not rows:
+        raise DataError(f"{csv_path}: no data rows")
+
+    seen: dict[str, int] = {}
+    entries: list[tuple[int, str, int]] = []
+    for line, id_, lab in rows:
+        id_ = (id_ or "").strip()
+        if not id_:
+            raise DataError(f"{csv_path}, line {line}: empty {cfg.id_column!r}")
+        if id_ in seen:
+            raise DataError(f"{csv_path}, line {line}: id {id_!r} already listed on line {seen[id_]}")
+        seen[id_] = line
+        text = (lab or "").strip()
+        try:
+            value = int(text)
+        except ValueError:
+            raise DataError(
+                f"{csv_path}, line {line} (id {id_!r}): label {lab!r} in column {cfg.label_column!r} is not an integer"
+            ) from None
+        if value < 0:
+            raise DataError(f"{csv_path}, line {line} (id {id_!r}): unknown label {value} (labels must be >= 0)")
+        entries.append((line, id_, value))
+
+    uniq = sorted({v for _, _, v in entries})
+    class_names = [str(v) for v in uniq]
+    index = {v: k for k, v in enumerate(uniq)}
+    records = []
+    for line, id_, value in entries:
+        fname = id_ if id_.endswith(cfg.extension) else id_ + cfg.extension
+        p = image_dir / fname
+        where = f"{csv_path}, line {line} (id {id_!r}): {p}"
+        if not p.is_file():
+            raise DataError(f"{csv_path}, line {line} (id {id_!r}): image file not found: {p}")
+        records.append((p, index[value], where))
+    x, y = _read_records(records, _Shaper(cfg.size, cfg.channels))
+    splits = _split_three(Split(x, y), cfg, seed, class_names, str(csv_path))
+    return _finish(csv_path.stem, splits, class_names, "csv", str(csv_path), cfg, seed)
+
+
+# ---------------------------------------------------------------------------------
+# entry point
+
+
+def _finish(
+    name: str, splits: dict[str, Split], class_names: list[str], source: str, origin: str, cfg: DataConfig, seed: int
+) -> ImageDataset:
+    train = splits["train"]
+    if len(train) == 0:
+        raise DataError(f"{origin}: the training split is empty")
+    if cfg.max_train is not None and cfg.max_train < len(train):
+        keep = stratified_subsample(train.labels, cfg.max_train, seed)
+        LOG.info("%s: max_train=%d keeps %d of %d training images (stratified, seed %d)",
+                 name, cfg.max_train, len(keep), len(train), seed)
+        train = train.subset(keep)
+    _, c, h, _ = train.images.shape
+    ds = ImageDataset(
+        name=name, train=train, val=splits["val"], test=splits["test"], class_names=list(class_names),
+        channels=int(c), size=int(h), source=source, origin=origin,
+    )
+    LOG.info("loaded %s (seed %d)\n%s", name, seed, ds.summary())
+    return ds
+
+
+def load_dataset(cfg: DataConfig, seed: int) -> ImageDataset:
+    """Read the configured data source into an :class:`ImageDataset` (see the module docs).
+
+    Raises :class:`DataError` with the file, row or value at fault.
+    """
+    if cfg.source == "medmnist":
+        return _load_medmnist(cfg, seed)
+    if cfg.source == "imagefolder":
+        return _load_imagefolder(cfg, seed)
+    if cfg.source == "csv":
+        return _load_csv(cfg, seed)
+    raise DataError(f"unknown data.source {cfg.source!r} (medmnist, imagefolder or csv)")
