@@ -1,0 +1,11 @@
+"""Pool service: signed bundles over mutual TLS into a crash-safe content-addressed store.
+
+* ``store.py``   files + SQLite index, atomic ingest, garbage collection, check
+* ``service.py`` the gRPC service (roles, verification, streaming ingest)
+* ``client.py``  reader side: list and pull
+* ``cli.py``     ``plan-server pool serve|check|ls|pull``
+
+The site side (sign and push) is ``client/export.py``; the bundle format and its
+verification are shared in ``plan_shared/bundle.py``; the wire format is
+``plan_shared/pool_proto/pool.proto``.
+"""

@@ -1,0 +1,6 @@
+"""``python -m server.pool serve|check|ls|pull``: the pool commands without the rest of the server CLI."""
+
+from server.pool.cli import app
+
+if __name__ == "__main__":
+    app(prog_name="python -m server.pool")

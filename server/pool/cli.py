@@ -1,0 +1,162 @@
+"""``plan-server pool serve|check|ls|pull`` (registered in server/cli.py).
+
+Also runnable alone, without the rest of the server CLI: ``python -m server.pool serve ...``.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+app = typer.Typer(
+    help="The shared pool of synthetic images: serve it, check it, list and pull it.\n\n"
+    "Example: plan-server pool serve --store pool --certs certs --address 0.0.0.0:50061",
+    no_args_is_help=True,
+    add_completion=False,
+)
+
+
+def _fail(msg: str, code: int = 1) -> None:
+    typer.echo(f"error: {msg}", err=True)
+    raise typer.Exit(code)
+
+
+@app.command("serve")
+def serve_cmd(
+    store: Path = typer.Option(..., "--store", help="Store folder (created): objects/, index.sqlite."),
+    certs: Path = typer.Option(..., "--certs", help="Credentials folder made by `plan-server certs init`."),
+    address: str = typer.Option("127.0.0.1:50061", "--address", help="HOST:PORT to listen on (port 0: any free port)."),
+    max_images: int = typer.Option(100_000, "--max-images", min=1, help="Most images in one bundle."),
+    max_image_kb: int = typer.Option(8192, "--max-image-kb", min=1, help="Largest image file, KiB."),
+    max_bundle_mb: int = typer.Option(4096, "--max-bundle-mb", min=1, help="Largest bundle (images + report), MiB."),
+    max_tau_id: Optional[float] = typer.Option(None, "--max-tau-id", help="Refuse records whose tau_id is above this."),
+    max_tau_indep: Optional[float] = typer.Option(None, "--max-tau-indep", help="Refuse records whose tau_indep is above this."),
+    min_delta: Optional[float] = typer.Option(None, "--min-delta", help="Refuse records whose delta is below this."),
+    workers: int = typer.Option(16, "--workers", min=1, help="Concurrent calls served."),
+    port_file: Optional[Path] = typer.Option(None, "--port-file", help="Write the bound port here once listening."),
+) -> None:
+    """Run the pool service (gRPC, mutual TLS) until Ctrl-C / SIGTERM.
+
+    Example: plan-server pool serve --store pool --certs certs --address 0.0.0.0:50061
+    """
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    from plan_shared.bundle import BundleLimits, ThresholdPolicy
+    from plan_shared.credentials import CredentialsError
+    from server.pool.service import serve
+
+    limits = BundleLimits(max_images=max_images, max_image_bytes=max_image_kb * 1024,
+                          max_bundle_bytes=max_bundle_mb * 1024 * 1024)
+    policy = ThresholdPolicy(max_tau_id=max_tau_id, max_tau_indep=max_tau_indep, min_delta=min_delta)
+    try:
+        serve(store, certs, address, limits, policy, workers, port_file)
+    except (CredentialsError, RuntimeError) as err:
+        _fail(str(err))
+
+
+@app.command("check")
+def check_cmd(
+    store: Path = typer.Option(..., "--store", help="Store folder."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
+) -> None:
+    """Verify every stored file against the index; exit 1 on any problem.
+
+    Files of interrupted uploads (collected at the next start) are listed but are not problems.
+
+    Example: plan-server pool check --store pool
+    """
+    from tqdm import tqdm
+
+    from server.pool.store import Store, StoreError
+
+    try:
+        st = Store(store, create=False, readonly=True)
+    except StoreError as err:
+        _fail(str(err), 2)
+    bar = tqdm(unit="file", desc="check", disable=not progress)
+
+    def tick(i: int, n: int) -> None:
+        bar.total = n
+        bar.update(1)
+
+    rep = st.check(progress=tick)
+    bar.close()
+    st.close()
+    for g in rep.garbage:
+        typer.echo(f"garbage: {g}")
+    for p in rep.problems:
+        typer.echo(f"PROBLEM: {p}")
+    typer.echo(f"{rep.n_bundles} bundles, {rep.n_objects} files, {len(rep.problems)} problems, "
+               f"{len(rep.garbage)} garbage entries")
+    if rep.problems:
+        raise typer.Exit(1)
+
+
+@app.command("ls")
+def ls_cmd(
+    pool: str = typer.Option(..., "--pool", help="HOST:PORT of the pool service."),
+    credentials: Path = typer.Option(..., "--credentials", help="A reader's folder (CERTS/readers/NAME)."),
+    site: Optional[str] = typer.Option(None, "--site", help="Only this site."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+    server_name: Optional[str] = typer.Option(None, "--server-name", help="Expected name in the server certificate."),
+) -> None:
+    """List the stored bundles per site, with image counts.
+
+    Example: plan-server pool ls --pool pool.example.org:50061 --credentials certs/readers/alice
+    """
+    import json
+
+    from plan_shared.credentials import CredentialsError
+    from server.pool.client import PoolClientError, list_bundles
+
+    try:
+        bundles = list_bundles(pool, credentials, site, server_name=server_name)
+    except (PoolClientError, CredentialsError) as err:
+        _fail(str(err))
+    if as_json:
+        typer.echo(json.dumps(bundles, indent=1))
+        return
+    by_site: dict[str, list[dict]] = {}
+    for b in bundles:
+        by_site.setdefault(b["site_id"], []).append(b)
+    total = 0
+    for s, bs in sorted(by_site.items()):
+        n = sum(b["n_images"] for b in bs)
+        total += n
+        typer.echo(f"{s}: {len(bs)} bundle(s), {n} images")
+        for b in bs:
+            classes = ", ".join(f"{k}={v}" for k, v in sorted(b["per_class"].items()))
+            methods = ", ".join(f"{k}={v}" for k, v in sorted(b["per_method"].items()))
+            typer.echo(f"  {b['bundle_id'][:16]}  {b['n_images']:6d} images  {b['n_bytes'] / 1e6:8.2f} MB  "
+                       f"received {b['received']}  [{classes}] [{methods}]")
+    typer.echo(f"total: {len(bundles)} bundle(s), {total} images, {len(by_site)} site(s)")
+
+
+@app.command("pull")
+def pull_cmd(
+    pool: str = typer.Option(..., "--pool", help="HOST:PORT of the pool service."),
+    credentials: Path = typer.Option(..., "--credentials", help="A reader's folder (CERTS/readers/NAME)."),
+    out: Path = typer.Option(..., "--out", help="Output folder: <class>/<sha256>.png + manifest.json."),
+    site: Optional[str] = typer.Option(None, "--site", help="Only this site's images."),
+    verify: bool = typer.Option(False, "--verify", help="Re-hash files already present instead of trusting name+size."),
+    retries: int = typer.Option(3, "--retries", min=0, help="Retries of a failed call (exponential backoff)."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
+    server_name: Optional[str] = typer.Option(None, "--server-name", help="Expected name in the server certificate."),
+) -> None:
+    """Pull the pooled data set; a second pull into the same folder fetches only what is new.
+
+    Example: plan-server pool pull --pool pool.example.org:50061 --credentials certs/readers/alice --out pooled
+    """
+    from plan_shared.credentials import CredentialsError
+    from server.pool.client import PoolClientError, pull
+
+    try:
+        res = pull(pool, credentials, out, site, retries=retries, progress=progress, verify=verify,
+                   server_name=server_name, log=lambda m: typer.echo(m, err=True))
+    except (PoolClientError, CredentialsError) as err:
+        _fail(str(err))
+    typer.echo(f"pulled {res.n_fetched} new file(s), {res.bytes_fetched / 1e6:.2f} MB in {res.seconds:.1f} s; "
+               f"{out} now holds {res.n_files} file(s) for {res.n_images} image record(s)")
