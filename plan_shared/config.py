@@ -85,7 +85,7 @@ class GeneratorConfig(_Section):
 
 
 class DiscriminatorConfig(_Section):
-    base_channels: int = Field(32, ge=4, description="Channels at full resolution; doubled per halving.")
+    base_channels: int = Field(16, ge=4, description="Channels at full resolution; doubled per halving.")
     max_channels: int = Field(128, ge=4)
     mbstd_group: int = Field(4, ge=1, description="Minibatch standard deviation group size.")
 
@@ -94,7 +94,7 @@ class GanConfig(_Section):
     """Local GAN training (also the per-round step of the federated client)."""
 
     steps: int = Field(3000, ge=1, description="Generator steps of a local (non-federated) run.")
-    batch_size: int = Field(64, ge=2)
+    batch_size: int = Field(32, ge=2)
     lr_g: float = Field(0.0025, gt=0.0)
     lr_d: float = Field(0.0025, gt=0.0)
     beta1: float = Field(0.0, ge=0.0, lt=1.0)

@@ -1,0 +1,284 @@
+"""Local GAN training: the reusable step a site runs alone or per federated round.
+
+Losses (StyleGAN2 family): non-saturating logistic loss for G and D, lazy R1 on
+(augmented) real images, DiffAugment on everything D sees, an EMA copy ``G_ema``
+of the generator whose half-life is counted in images. Every random draw comes
+from the trainer's own ``torch.Generator`` or from torch's global RNG, and both
+states are in the checkpoint, so a resumed run takes the identical next step.
+
+    trainer = GanTrainer(cfg, channels=1, size=32, device=torch.device("cpu"))
+    metrics = trainer.train_steps(images, n_steps=100)
+    trainer.save_checkpoint("gan.pt")
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import logging
+import os
+from pathlib import Path
+from typing import Any, Callable, Literal, Optional
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from plan_shared.augment import diff_augment
+from plan_shared.config import PlanConfig, config_from_dict
+from plan_shared.imaging import save_grid
+from plan_shared.models import build_discriminator, build_generator
+from plan_shared.models.generator import StyleGenerator
+
+LOG = logging.getLogger("plan.gan")
+CHECKPOINT_FORMAT = 1
+Share = Literal["gd", "g"]
+
+
+def _atomic_torch_save(obj: Any, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as fh:
+        torch.save(obj, fh)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def file_sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+class GanTrainer:
+    """Owns G, G_ema, D, their optimisers and every RNG of a GAN training run."""
+
+    def __init__(self, cfg: PlanConfig, channels: int, size: int, device: torch.device | str = "cpu"):
+        self.cfg, self.channels, self.size = cfg, channels, size
+        self.device = torch.device(device)
+        torch.manual_seed(cfg.seed)  # identical initial weights for identical seeds
+        self.G = build_generator(cfg, size, channels).to(self.device)
+        self.D = build_discriminator(cfg, size, channels).to(self.device)
+        self.G_ema = copy.deepcopy(self.G).eval().requires_grad_(False)
+        g = cfg.gan
+        # Lazy R1: D's Adam parameters are corrected for the regularisation interval.
+        c = g.r1_every / (g.r1_every + 1)
+        self.opt_g = torch.optim.Adam(self.G.parameters(), lr=g.lr_g, betas=(g.beta1, g.beta2), eps=1e-8)
+        self.opt_d = torch.optim.Adam(
+            self.D.parameters(), lr=g.lr_d * c, betas=(g.beta1**c, g.beta2**c), eps=1e-8
+        )
+        self.rng = torch.Generator().manual_seed(cfg.seed + 1)
+        self.step = 0
+        self.images_seen = 0
+
+    # ------------------------------------------------------------------ training
+    def _sample_z(self, n: int) -> torch.Tensor:
+        return torch.randn(n, self.G.z_dim, generator=self.rng).to(self.device)
+
+    def _real_batch(self, images: torch.Tensor, n: int) -> torch.Tensor:
+        idx = torch.randint(0, images.shape[0], (n,), generator=self.rng)
+        return images[idx].to(self.device, non_blocking=True)
+
+    def _generate(self, n: int) -> torch.Tensor:
+        z = self._sample_z(n)
+        if self.cfg.gan.style_mixing > 0 and float(torch.rand((), generator=self.rng)) < self.cfg.gan.style_mixing:
+            w = self.G.mapping(z, update_w_avg=True)
+            w2 = self.G.mapping(self._sample_z(n))
+            ws = w.unsqueeze(1).repeat(1, self.G.synthesis.num_ws, 1)
+            cut = int(torch.randint(1, self.G.synthesis.num_ws, (), generator=self.rng))
+            ws[:, cut:] = w2.unsqueeze(1)
+            return self.G.synthesis(ws)
+        return self.G.synthesis(self.G.mapping(z, update_w_avg=True))
+
+    def _augment(self, x: torch.Tensor) -> torch.Tensor:
+        return diff_augment(x, self.cfg.gan.augment, self.rng) if self.cfg.gan.augment else x
+
+    def _d_step(self, images: torch.Tensor, bs: int) -> dict[str, float]:
+        g = self.cfg.gan
+        self.D.requires_grad_(True)
+        self.G.requires_grad_(False)
+        real = self._real_batch(images, bs)
+        with torch.no_grad():
+            fake = self._generate(bs)
+        do_r1 = g.r1_gamma > 0 and self.step % g.r1_every == 0
+        real_aug = self._augment(real).detach().requires_grad_(do_r1)
+        d_real = self.D(real_aug)
+        d_fake = self.D(self._augment(fake))
+        loss = F.softplus(d_fake).mean() + F.softplus(-d_real).mean()
+        r1 = torch.zeros((), device=self.device)
+        if do_r1:
+            (grad,) = torch.autograd.grad(d_real.sum(), real_aug, create_graph=True)
+            r1 = grad.square().sum(dim=[1, 2, 3]).mean()
+            loss = loss + r1 * (g.r1_gamma / 2) * g.r1_every
+        self.opt_d.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt_d.step()
+        return {
+            "loss_d": float(loss.detach()) - float(r1.detach()) * (g.r1_gamma / 2) * g.r1_every,
+            "r1": float(r1.detach()),
+            "d_real": float(d_real.detach().mean()),
+            "d_fake": float(d_fake.detach().mean()),
+        }
+
+    def _g_step(self, bs: int) -> dict[str, float]:
+        self.D.requires_grad_(False)
+        self.G.requires_grad_(True)
+        loss = F.softplus(-self.D(self._augment(self._generate(bs)))).mean()
+        self.opt_g.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt_g.step()
+        return {"loss_g": float(loss.detach())}
+
+    @torch.no_grad()
+    def _update_ema(self, bs: int) -> None:
+        g = self.cfg.gan
+        half_life = g.ema_kimg * 1000
+        if g.ema_rampup > 0:
+            half_life = min(half_life, self.images_seen * g.ema_rampup)
+        beta = 0.5 ** (bs / max(half_life, 1e-8))
+        for p_ema, p in zip(self.G_ema.parameters(), self.G.parameters()):
+            p_ema.copy_(p.detach().lerp(p_ema, beta))
+        for b_ema, b in zip(self.G_ema.buffers(), self.G.buffers()):
+            b_ema.copy_(b)
+
+    def train_steps(
+        self,
+        images: torch.Tensor,
+        n_steps: int,
+        progress: bool = False,
+        callback: Optional[Callable[["GanTrainer", dict[str, float]], None]] = None,
+        desc: str = "GAN",
+    ) -> dict[str, float]:
+        """Run ``n_steps`` D+G steps on ``images`` (float ``[N, C, H, W]`` in [-1, 1]).
+
+        Returns the mean of each loss over the steps plus ``steps`` and ``images_seen``
+        (cumulative). ``callback(trainer, last_metrics)`` runs after every step.
+        """
+        if images.ndim != 4 or images.shape[1:] != (self.channels, self.size, self.size):
+            raise ValueError(
+                f"training images must be [N, {self.channels}, {self.size}, {self.size}], got {tuple(images.shape)}"
+            )
+        if images.shape[0] < 2:
+            raise ValueError(f"need at least 2 training images, got {images.shape[0]}")
+        bs = min(self.cfg.gan.batch_size, images.shape[0])
+        self.G.train()
+        self.D.train()
+        sums: dict[str, float] = {}
+        bar = tqdm(range(n_steps), desc=desc, disable=not progress, dynamic_ncols=True, mininterval=1.0)
+        for _ in bar:
+            m = self._d_step(images, bs)
+            m.update(self._g_step(bs))
+            self.images_seen += bs
+            self._update_ema(bs)
+            self.step += 1
+            for k, v in m.items():
+                sums[k] = sums.get(k, 0.0) + v
+            if progress:
+                bar.set_postfix(loss_g=f"{m['loss_g']:.3f}", loss_d=f"{m['loss_d']:.3f}", refresh=False)
+            if callback is not None:
+                callback(self, m)
+        out = {k: v / max(n_steps, 1) for k, v in sums.items()}
+        out.update(steps=float(n_steps), images_seen=float(self.images_seen))
+        return out
+
+    # ------------------------------------------------------------------ weights
+    def weights(self, share: Share = "gd") -> dict[str, torch.Tensor]:
+        """Flat state with prefixed keys (``g.*``, ``g_ema.*`` and, for ``gd``, ``d.*``)."""
+        out = {f"g.{k}": v.detach().cpu() for k, v in self.G.state_dict().items()}
+        out.update({f"g_ema.{k}": v.detach().cpu() for k, v in self.G_ema.state_dict().items()})
+        if share == "gd":
+            out.update({f"d.{k}": v.detach().cpu() for k, v in self.D.state_dict().items()})
+        return out
+
+    def set_weights(self, weights: dict[str, torch.Tensor]) -> None:
+        """Load whichever of the ``g.``/``g_ema.``/``d.`` prefixes are present (strict per network)."""
+        for prefix, net in (("g.", self.G), ("g_ema.", self.G_ema), ("d.", self.D)):
+            part = {k[len(prefix) :]: v for k, v in weights.items() if k.startswith(prefix)}
+            if part:
+                net.load_state_dict(part, strict=True)
+
+    # ------------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "format": CHECKPOINT_FORMAT,
+            "generator": self.G.state_dict(),
+            "generator_ema": self.G_ema.state_dict(),
+            "discriminator": self.D.state_dict(),
+            "opt_g": self.opt_g.state_dict(),
+            "opt_d": self.opt_d.state_dict(),
+            "step": self.step,
+            "images_seen": self.images_seen,
+            "config": self.cfg.to_dict(),
+            "seed": self.cfg.seed,
+            "arch": {"channels": self.channels, "size": self.size},
+            "rng": self.rng.get_state(),
+            "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        }
+
+    def load_state_dict(self, sd: dict[str, Any]) -> None:
+        if sd.get("format") != CHECKPOINT_FORMAT:
+            raise ValueError(f"unsupported checkpoint format {sd.get('format')!r} (expected {CHECKPOINT_FORMAT})")
+        self.G.load_state_dict(sd["generator"])
+        self.G_ema.load_state_dict(sd["generator_ema"])
+        self.D.load_state_dict(sd["discriminator"])
+        self.opt_g.load_state_dict(sd["opt_g"])
+        self.opt_d.load_state_dict(sd["opt_d"])
+        self.step, self.images_seen = int(sd["step"]), int(sd["images_seen"])
+        self.rng.set_state(sd["rng"])
+        torch.set_rng_state(sd["torch_rng"])
+        if sd.get("cuda_rng") and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(sd["cuda_rng"])
+
+    def save_checkpoint(self, path: str | Path) -> Path:
+        """Atomic write (temp file + rename): a crash never leaves a half checkpoint."""
+        path = Path(path)
+        _atomic_torch_save(self.state_dict(), path)
+        return path
+
+    @classmethod
+    def from_checkpoint(cls, path: str | Path, device: torch.device | str = "cpu") -> "GanTrainer":
+        sd = _load_checkpoint(path)
+        cfg = config_from_dict(sd["config"], f"{path}:config")
+        trainer = cls(cfg, sd["arch"]["channels"], sd["arch"]["size"], device)
+        trainer.load_state_dict(sd)
+        return trainer
+
+    # ------------------------------------------------------------------ samples
+    @torch.no_grad()
+    def sample_grid(self, path: str | Path, n: int = 64, seed: int = 0) -> Path:
+        return write_sample_grid(self.G_ema, path, n, seed)
+
+
+def _load_checkpoint(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"generator checkpoint not found: {path}")
+    try:
+        sd = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as err:  # noqa: BLE001 - torch raises many types for a bad file
+        raise ValueError(f"{path}: not a readable checkpoint ({err})") from None
+    if not isinstance(sd, dict) or "generator_ema" not in sd:
+        raise ValueError(f"{path}: not a generator checkpoint (no 'generator_ema' entry)")
+    return sd
+
+
+def load_generator(path: str | Path, device: torch.device | str = "cpu") -> StyleGenerator:
+    """The EMA generator of a checkpoint, in eval mode (what every later stage uses)."""
+    sd = _load_checkpoint(path)
+    cfg = config_from_dict(sd["config"], f"{path}:config")
+    G = build_generator(cfg, sd["arch"]["size"], sd["arch"]["channels"])
+    G.load_state_dict(sd["generator_ema"])
+    return G.to(device).eval().requires_grad_(False)
+
+
+@torch.no_grad()
+def write_sample_grid(G: StyleGenerator, path: str | Path, n: int = 64, seed: int = 0) -> Path:
+    gen = torch.Generator().manual_seed(seed)
+    w = G.sample_w(n, gen)
+    return save_grid(G.render(w, noise_mode="const"), path)
+
+
