@@ -26,6 +26,19 @@ def _root() -> None:
 app.command("export")(export_command)
 
 
+@app.command("start")
+def start(
+    config: str = typer.Option(..., "--config", "-c", help="site.yaml (see deploy/site.yaml)."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the SuperNode command line and exit."),
+) -> None:
+    """Start this hospital's Flower SuperNode (TLS to the coordinator's proxy, node key, local data path).
+
+    Example: plan-client start --config /etc/plan/site.yaml
+    """
+    from client.supernode import start_command
+
+    raise typer.Exit(start_command(config, dry_run))
+
 def main() -> None:
     app()
 

@@ -28,6 +28,13 @@ def main(grid: Grid, context: Context) -> None:
     cfg, out, expected = load_run_config(dict(context.run_config))
     LOG.info("federated GAN: %d rounds x %d local steps, share=%s, min_nodes=%d, out=%s", cfg.federation.rounds,
              cfg.federation.local_steps, cfg.federation.share, cfg.federation.min_nodes, out)
-    summary = Federation(grid, cfg, out, expected_nodes=expected).run()
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        summary = Federation(grid, cfg, out, expected_nodes=expected).run()
+    except Exception as err:
+        # The coordinator (another process) reads this to say why the run failed.
+        (out / "error.json").write_text(json.dumps({"error": f"{type(err).__name__}: {err}"}))
+        LOG.error("federation failed: %s", err)
+        raise
     (out / "federation.json").write_text(json.dumps(summary, indent=1))
     LOG.info("federation finished: %d/%d rounds", summary["rounds_done"], summary["rounds"])

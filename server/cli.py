@@ -8,6 +8,8 @@ the light groups (``certs``, ``pool``) start fast.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import typer
 
 from server.certs import app as certs_app
@@ -22,6 +24,44 @@ app = typer.Typer(
 app.add_typer(certs_app, name="certs")
 app.add_typer(pool_app, name="pool")
 
+
+@app.command("simulate")
+def simulate(
+    config: Path = typer.Option(None, "--config", "-c", help="PlanConfig YAML (models, GAN, federation.*); defaults otherwise."),
+    sites: int = typer.Option(3, "--sites", "-n", min=1, help="Number of virtual hospitals."),
+    rounds: int = typer.Option(None, "--rounds", "-r", min=1, help="Federated rounds (default federation.rounds)."),
+    dataset: str = typer.Option(None, "--dataset", help="MedMNIST name, e.g. pneumoniamnist (looked up in $PLAN_DATA_DIR)."),
+    data: Path = typer.Option(None, "--data", help="A .npz (MedMNIST format), an ImageFolder root or a CSV manifest."),
+    partition: str = typer.Option(None, "--partition", help="iid or dirichlet (default partition.scheme)."),
+    alpha: float = typer.Option(None, "--alpha", help="Dirichlet concentration (small = strong label skew)."),
+    local_steps: int = typer.Option(None, "--local-steps", min=1, help="GAN steps per site and round."),
+    share: str = typer.Option(None, "--share", help="gd (G and D averaged, FedGAN) or g (G only; D stays per site)."),
+    out: Path = typer.Option(Path("sim-out"), "--out", "-o", help="Checkpoints, samples, metrics.jsonl, per-site state."),
+) -> None:
+    """Federated generator training with N simulated hospitals (Flower simulation engine).
+
+    Example: plan-server simulate --sites 3 --rounds 5 --dataset pneumoniamnist --partition dirichlet --alpha 0.5 --out sim
+    """
+    from server.simulate import simulate_command
+
+    summary = simulate_command(str(config) if config else None, sites, rounds, dataset, str(data) if data else None,
+                               partition, alpha, str(out), local_steps, share)
+    typer.echo(f"{summary['rounds_done']} rounds with {sites} sites in {summary['wall_s']:.1f}s; output in {out}")
+
+
+@app.command("coordinate")
+def coordinate(
+    config: Path = typer.Option(..., "--config", "-c", help="coordinator.yaml (see deploy/coordinator.yaml)."),
+    app_dir: Path = typer.Option(None, "--app", help="Folder of the Flower app (pyproject.toml); default: this installation."),
+) -> None:
+    """Start the SuperLink (TLS, node auth, loopback only), register site keys, run and follow the federation.
+
+    Example: plan-server coordinate --config deploy/coordinator.yaml
+    Restart it after a crash to resume from the last completed round.
+    """
+    from server.coordinate import coordinate_command
+
+    raise typer.Exit(coordinate_command(str(config), str(app_dir) if app_dir else None))
 
 def main() -> None:
     app()

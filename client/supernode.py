@@ -1,0 +1,112 @@
+"""``plan-client start``: this hospital's Flower SuperNode (TLS + node authentication).
+
+From ``site.yaml`` (a PlanConfig; relative paths are relative to the YAML file):
+
+* ``site_id`` and ``data`` (source/path/name of the site's own images),
+* ``federation.superlink_address``: the coordinator's proxy, ``host:port``,
+* ``federation.certs_dir``: the folder the coordinator issued for this site
+  (``plan-server certs issue --name SITE --role site`` -> ``CERTS/sites/SITE``, holding
+  ``ca.crt`` and ``node_key``); a federation-wide folder with ``sites/SITE`` works too,
+* ``federation.state_dir``: where the site keeps its trainer state, the Flower home,
+  ``node.toml`` and its log,
+* ``federation.supernode_port``: local runtime port (one per SuperNode on a machine).
+
+The SuperNode runs in the foreground; Ctrl-C or SIGTERM stop it and its ClientApps.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Optional
+
+from plan_shared.config import PlanConfig, load_config
+
+
+class StartError(RuntimeError):
+    """The SuperNode cannot start; the message says what to fix."""
+
+
+def _resolve(p: str, base: Path) -> Path:
+    q = Path(p).expanduser()
+    return (q if q.is_absolute() else base / q).resolve()
+
+
+def _toml_str(v: str) -> str:
+    return '"' + str(v).replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def supernode_command_line(config_path: str | Path) -> tuple[list[str], dict[str, str], Path]:
+    """(argv, env, state dir) of the SuperNode for ``site.yaml``; writes ``STATE/node.toml``."""
+    config_path = Path(config_path).expanduser().resolve()
+    cfg: PlanConfig = load_config(config_path)
+    base = config_path.parent
+    fed = cfg.federation
+    state = _resolve(fed.state_dir, base)
+    certs = _resolve(fed.certs_dir, base)
+    ident = certs if (certs / "node_key").is_file() else certs / "sites" / cfg.site_id
+    key = ident / "node_key"
+    ca = ident / "ca.crt" if (ident / "ca.crt").is_file() else certs / "ca.crt"
+    for f, what in ((key, "node private key"), (ca, "federation CA certificate")):
+        if not f.is_file():
+            raise StartError(f"{f}: {what} missing; the coordinator issues it with "
+                             f"`plan-server certs issue --name {cfg.site_id} --role site` (federation.certs_dir)")
+    node = {"site-id": cfg.site_id, "data-source": cfg.data.source, "state-dir": str(state / "site")}
+    if cfg.data.path:
+        data_path = _resolve(cfg.data.path, base)
+        if not data_path.exists():
+            raise StartError(f"data.path {data_path} does not exist")
+        node["data-path"] = str(data_path)
+    elif cfg.data.name:
+        node["data-name"] = cfg.data.name
+    else:
+        raise StartError("site.yaml names no data: set data.path (or data.name for a MedMNIST set)")
+    state.mkdir(parents=True, exist_ok=True)
+    node_toml = state / "node.toml"
+    node_toml.write_text("".join(f"{k} = {_toml_str(v)}\n" for k, v in node.items()))
+    exe = Path(sys.executable).parent / "flower-supernode"
+    argv = [
+        str(exe) if exe.is_file() else (shutil.which("flower-supernode") or "flower-supernode"),
+        "--superlink", fed.superlink_address,
+        "--root-certificates", str(ca),
+        "--auth-supernode-private-key", str(key),
+        "--node-config", str(node_toml),
+        "--host", "127.0.0.1",
+        "--port", str(fed.supernode_port),
+    ]
+    env = dict(os.environ)
+    env.update(FLWR_HOME=str(state / "flwr-home"), FLWR_TELEMETRY_ENABLED="0", FLWR_DISABLE_UPDATE_CHECK="1")
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    if cfg.threads:
+        env.setdefault("OMP_NUM_THREADS", str(cfg.threads))
+    return argv, env, state
+
+
+def start_command(config: str, dry_run: bool = False) -> int:
+    try:
+        argv, env, state = supernode_command_line(config)
+    except (StartError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print("starting SuperNode: " + " ".join(argv), flush=True)
+    if dry_run:
+        return 0
+    proc = subprocess.Popen(argv, env=env, cwd=state, start_new_session=True)
+
+    def _stop(signum, frame):  # forward to the SuperNode and its ClientApp children
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
+    rc = proc.wait()
+    if rc not in (0, -signal.SIGTERM, 143):
+        print(f"SuperNode exited with {rc} (TLS, key not registered, or proxy unreachable?); see the log above",
+              file=sys.stderr)
+    return rc if rc > 0 else 0

@@ -1,0 +1,292 @@
+"""``plan-server coordinate``: SuperLink with TLS + SuperNode auth, run submission, follow-up.
+
+What it does, in order:
+
+1. starts ``flower-superlink`` bound to **127.0.0.1** (HTTPS with the federation's server
+   certificate, ``--enable-supernode-auth``, ``--database STATE/state.db`` so a restart
+   keeps the registered nodes, ``--disable-runtime-dependency-installation``). Hospitals
+   never reach it directly: a TLS reverse proxy (deploy/nginx-plan.conf) forwards only
+   ``/v1/fleet/*``, because the open-source SuperLink's control API is unauthenticated;
+2. registers the node public key of every active site in ``CERTS/registry.json``
+   (``flwr supernode register``; revoked sites are unregistered);
+3. submits the Flower app (``flwr run``) with the config path and the output directory
+   ``STATE/run`` as run-config, stopping a run left over by a killed coordinator;
+4. follows the run to its real end state by polling ``flwr ls --run-id`` (the exit code
+   of ``flwr run`` says nothing), printing one progress line per finished round;
+5. stops the SuperLink (its whole process group) on exit, Ctrl-C or SIGTERM.
+
+Restarted with the same config, it resumes: the ServerApp continues after the last
+round found in ``STATE/run/checkpoints/latest.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+from plan_shared.config import PlanConfig, load_config
+
+LOG = logging.getLogger("plan.coordinate")
+CONNECTION = "plan"
+FINISHED = ("finished:completed", "finished:failed", "finished:stopped")
+
+
+class CoordinateError(RuntimeError):
+    """The coordinator cannot continue; the message says what to fix."""
+
+
+def _resolve(p: str, base: Path) -> Path:
+    q = Path(p).expanduser()
+    return (q if q.is_absolute() else base / q).resolve()
+
+
+def _bin(name: str) -> str:
+    here = Path(sys.executable).parent / name
+    if here.is_file():
+        return str(here)
+    found = shutil.which(name)
+    if not found:
+        raise CoordinateError(f"{name} not found next to {sys.executable} nor on PATH (pip install 'flwr[simulation]')")
+    return found
+
+
+def default_app_dir() -> Path:
+    root = Path(__file__).resolve().parent.parent
+    if not (root / "pyproject.toml").is_file():
+        raise CoordinateError(f"no pyproject.toml in {root}: pass --app with the project folder (the Flower app)")
+    return root
+
+
+class Coordinator:
+    def __init__(self, config_path: str | Path, app_dir: Optional[Path] = None, poll_s: float = 2.0):
+        self.config_path = Path(config_path).expanduser().resolve()
+        self.cfg: PlanConfig = load_config(self.config_path)
+        base = self.config_path.parent
+        fed = self.cfg.federation
+        self.state = _resolve(fed.state_dir, base)
+        self.certs = _resolve(fed.certs_dir, base)
+        self.out = self.state / "run"
+        self.home = self.state / "flwr-home"
+        self.port = fed.superlink_port
+        self.app_dir = (app_dir or default_app_dir()).resolve()
+        self.poll_s = poll_s
+        self.proc: Optional[subprocess.Popen] = None
+        for f in ("ca.crt", "server.crt", "server.key", "registry.json"):
+            if not (self.certs / f).is_file():
+                raise CoordinateError(f"{self.certs / f} missing: run `plan-server certs init --dir {self.certs}` first")
+
+    # ------------------------------------------------------------------ environment
+    def env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        env.update(FLWR_HOME=str(self.home), FLWR_TELEMETRY_ENABLED="0", FLWR_DISABLE_UPDATE_CHECK="1")
+        env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+        return env
+
+    def write_connection(self) -> None:
+        self.home.mkdir(parents=True, exist_ok=True)
+        (self.home / "config.toml").write_text(
+            f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
+            f'address = "127.0.0.1:{self.port}"\nroot-certificates = "{self.certs / "ca.crt"}"\n'
+        )
+
+    def flwr(self, *args: str, timeout: float = 120) -> dict[str, Any]:
+        """Run a ``flwr`` CLI command with ``--format json``; return the parsed answer."""
+        cmd = [_bin("flwr"), *args, "--format", "json"]
+        r = subprocess.run(cmd, env=self.env(), capture_output=True, text=True, timeout=timeout, cwd=self.state)
+        try:
+            start = r.stdout.index("{")
+            return json.loads(r.stdout[start:])
+        except ValueError:
+            return {"success": False, "error-message": (r.stdout + r.stderr).strip()[-2000:]}
+
+    # ------------------------------------------------------------------ superlink
+    def start_superlink(self, ready_timeout: float = 90) -> None:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", self.port)) == 0:
+                raise CoordinateError(f"port 127.0.0.1:{self.port} is already in use (another SuperLink?)")
+        self.state.mkdir(parents=True, exist_ok=True)
+        self.write_connection()
+        cmd = [
+            _bin("flower-superlink"),
+            "--ssl-ca-certfile", str(self.certs / "ca.crt"),
+            "--ssl-certfile", str(self.certs / "server.crt"),
+            "--ssl-keyfile", str(self.certs / "server.key"),
+            "--enable-supernode-auth",
+            "--database", str(self.state / "state.db"),
+            "--disable-runtime-dependency-installation",
+            "--host", "127.0.0.1",
+            "--port", str(self.port),
+        ]
+        log = open(self.state / "superlink.log", "ab")
+        LOG.info("starting SuperLink on 127.0.0.1:%d (log %s)", self.port, self.state / "superlink.log")
+        self.proc = subprocess.Popen(cmd, env=self.env(), stdout=log, stderr=subprocess.STDOUT, cwd=self.state,
+                                     start_new_session=True)
+        (self.state / "superlink.pid").write_text(str(self.proc.pid))
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < ready_timeout:
+            if self.proc.poll() is not None:
+                raise CoordinateError(f"SuperLink exited with {self.proc.returncode}; see {self.state / 'superlink.log'}")
+            if self.flwr("supernode", "ls", timeout=30).get("success"):
+                return
+            time.sleep(1)
+        raise CoordinateError(f"SuperLink not ready after {ready_timeout:.0f}s; see {self.state / 'superlink.log'}")
+
+    def stop_superlink(self) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        try:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            self.proc.wait(15)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(5)
+        except ProcessLookupError:
+            pass
+
+    # ------------------------------------------------------------------ sites
+    def register_sites(self) -> dict[str, str]:
+        from server.certs import read_registry
+
+        reg = read_registry(self.certs)
+        known_path = self.state / "nodes.json"
+        known: dict[str, str] = json.loads(known_path.read_text()) if known_path.is_file() else {}
+        active = {}
+        for name, e in sorted(reg.get("identities", {}).items()):
+            if e.get("role") != "site":
+                continue
+            if e.get("revoked"):
+                if name in known:
+                    self.flwr("supernode", "unregister", known.pop(name))
+                    LOG.info("site %s is revoked: unregistered node %s", name, name)
+                continue
+            pub = self.certs / (e.get("node_public_key_path") or f"sites/{name}/node_key.pub")
+            r = self.flwr("supernode", "register", str(pub), "--name", name)
+            if r.get("success"):
+                known[name] = str(r["node-id"])
+                LOG.info("registered site %s (node %s)", name, r["node-id"])
+            elif "already in use" in r.get("error-message", ""):
+                LOG.info("site %s already registered%s", name, f" (node {known[name]})" if name in known else "")
+            else:
+                raise CoordinateError(f"registering site {name} failed: {r.get('error-message')}")
+            active[name] = known.get(name, "?")
+        known_path.write_text(json.dumps(known, indent=1))
+        if not active:
+            raise CoordinateError(f"no active site in {self.certs / 'registry.json'}: `plan-server certs issue --name NAME --role site`")
+        return active
+
+    def online_nodes(self) -> list[str]:
+        r = self.flwr("supernode", "ls")
+        return [n["node-id"] for n in r.get("nodes", []) if n.get("status") == "online"]
+
+    # ------------------------------------------------------------------ run
+    def stop_stale_run(self) -> None:
+        p = self.state / "current_run.json"
+        if not p.is_file():
+            return
+        rid = json.loads(p.read_text()).get("run-id")
+        status = self.run_status(rid).get("status", "")
+        if rid and not status.startswith("finished"):
+            LOG.info("stopping run %s left over by a previous coordinator (%s)", rid, status or "unknown")
+            self.flwr("stop", str(rid))
+
+    def submit(self, expected: int) -> str:
+        rc = (f'plan-config="{self.config_path}" out-dir="{self.out}" expected-nodes={expected} '
+              f"num-server-rounds=0")
+        r = self.flwr("run", str(self.app_dir), CONNECTION, "--run-config", rc, timeout=300)
+        if not r.get("success"):
+            raise CoordinateError(f"submitting the run failed: {r.get('error-message')}")
+        rid = str(r["run-id"])
+        (self.state / "current_run.json").write_text(json.dumps({"run-id": rid, "time": time.time()}))
+        return rid
+
+    def run_status(self, run_id: str) -> dict[str, Any]:
+        r = self.flwr("ls", "--run-id", str(run_id))
+        runs = r.get("runs") or []
+        return runs[0] if runs else {}
+
+    def follow(self, run_id: str, n_sites: int) -> str:
+        """Poll until the run is finished; print per-round progress; return the final status."""
+        fed = self.cfg.federation
+        seen = 0
+        if (self.out / "metrics.jsonl").is_file():
+            seen = len((self.out / "metrics.jsonl").read_text().splitlines())
+        t0 = time.monotonic()
+        last_wait = 0.0
+        while True:
+            st = self.run_status(run_id)
+            status = st.get("status", "")
+            lines = (self.out / "metrics.jsonl").read_text().splitlines() if (self.out / "metrics.jsonl").is_file() else []
+            for line in lines[seen:]:
+                rec = json.loads(line)
+                agg = rec.get("aggregate", {})
+                miss = rec.get("missing") or []
+                print(f"round {rec['round']}/{fed.rounds}: {rec['sites_replied']}/{rec['sites_sent']} sites, "
+                      f"loss_g={agg.get('loss_g', float('nan')):.3f} loss_d={agg.get('loss_d', float('nan')):.3f}, "
+                      f"{rec['wall_s']:.1f}s" + (f", missing: {', '.join(m['site'] + ' (' + m['reason'] + ')' for m in miss)}" if miss else ""),
+                      flush=True)
+            seen = max(seen, len(lines))
+            if status in FINISHED:
+                return status
+            if seen == 0 and time.monotonic() - last_wait > 15:
+                online = self.online_nodes()
+                print(f"waiting for sites: {len(online)}/{n_sites} online ({time.monotonic() - t0:.0f}s, "
+                      f"deadline {fed.wait_for_nodes_s:.0f}s), run {status or 'pending'}", flush=True)
+                last_wait = time.monotonic()
+            if self.proc is not None and self.proc.poll() is not None:
+                raise CoordinateError(f"SuperLink exited with {self.proc.returncode}; see {self.state / 'superlink.log'}")
+            time.sleep(self.poll_s)
+
+    def run(self) -> int:
+        fed = self.cfg.federation
+        self.out.mkdir(parents=True, exist_ok=True)
+        (self.out / "error.json").unlink(missing_ok=True)
+        prev = signal.getsignal(signal.SIGTERM)
+        signal.signal(signal.SIGTERM, _raise_interrupt)
+        try:
+            self.start_superlink()
+            sites = self.register_sites()
+            self.stop_stale_run()
+            rid = self.submit(expected=len(sites))
+            print(f"run {rid} submitted: {fed.rounds} rounds x {fed.local_steps} local steps, share={fed.share}, "
+                  f"{len(sites)} registered sites ({', '.join(sites)}), min_nodes={fed.min_nodes}; output {self.out}",
+                  flush=True)
+            status = self.follow(rid, len(sites))
+            if status == "finished:completed" and (self.out / "federation.json").is_file():
+                summ = json.loads((self.out / "federation.json").read_text())
+                print(f"run {rid} completed: {summ['rounds_done']}/{summ['rounds']} rounds; checkpoints in "
+                      f"{self.out / 'checkpoints'}", flush=True)
+                return 0
+            err = self.out / "error.json"
+            why = json.loads(err.read_text()).get("error") if err.is_file() else "see " + str(self.state / "superlink.log")
+            print(f"run {rid} ended {status}: {why}", file=sys.stderr, flush=True)
+            return 1
+        except KeyboardInterrupt:
+            print("interrupted: stopping the SuperLink (restart `plan-server coordinate` to resume)", file=sys.stderr)
+            return 130
+        finally:
+            self.stop_superlink()
+            signal.signal(signal.SIGTERM, prev)
+
+
+def _raise_interrupt(signum, frame) -> None:  # SIGTERM (systemd stop) -> the same clean path as Ctrl-C
+    raise KeyboardInterrupt
+
+
+def coordinate_command(config: str, app_dir: Optional[str] = None) -> int:
+    from plan_shared.runtime import setup_logging
+
+    setup_logging()
+    try:
+        return Coordinator(config, Path(app_dir) if app_dir else None).run()
+    except CoordinateError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
