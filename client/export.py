@@ -34,7 +34,14 @@ import typer
 from tqdm import tqdm
 
 from plan_shared.bundle import BundleError, SignedBundle, build_bundle, load_signing_key
-from plan_shared.credentials import ClientCredentials, CredentialsError, load_client_credentials
+from plan_shared.credentials import (
+    CLIENT_CERT,
+    CLIENT_KEY,
+    ClientCredentials,
+    CredentialsError,
+    diagnose_tls,
+    load_client_credentials,
+)
 from plan_shared.pool_proto import pool_pb2, pool_pb2_grpc
 
 CHUNK = 256 * 1024
@@ -185,6 +192,11 @@ def push(
                 return ExportResult(reply.bundle_id, reply.duplicate, reply.n_images, sent["files"],
                                     sent["bytes"], attempt, time.perf_counter() - t0)
             except grpc.RpcError as err:
+                if err.code() == grpc.StatusCode.UNAVAILABLE:
+                    diag = diagnose_tls(pool, creds.ca_pem, creds.directory / CLIENT_CERT,
+                                        creds.directory / CLIENT_KEY, server_name)
+                    if diag:
+                        raise ExportError(diag) from None
                 if err.code() not in RETRYABLE or _is_tls_failure(err) or attempt > retries:
                     raise ExportError(describe_error(err, pool)) from None
                 wait = min(backoff * 2 ** (attempt - 1), 30.0)

@@ -194,3 +194,72 @@ def write_public(path: str | Path, data: bytes) -> None:
 def is_private_mode(path: str | Path) -> bool:
     """True when group and others have no access to the file."""
     return stat.S_IMODE(os.stat(path).st_mode) & 0o077 == 0
+
+
+def split_address(address: str) -> tuple[str, int]:
+    """``host:port`` or ``[v6]:port`` → (host, port)."""
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        raise CredentialsError(f"address {address!r}: expected HOST:PORT")
+    return host.strip("[]"), int(port)
+
+
+def diagnose_tls(
+    address: str,
+    ca_pem: bytes,
+    cert_path: Optional[Path] = None,
+    key_path: Optional[Path] = None,
+    server_name: Optional[str] = None,
+    timeout: float = 5.0,
+) -> Optional[str]:
+    """Explain a failed connection when the TLS layer is the cause; None otherwise.
+
+    gRPC reports a refused client certificate only as "Socket closed" (TLS 1.3 checks
+    the client certificate after the client considers the handshake done). This
+    probe repeats the handshake with the standard library: the server closing the
+    connection at once means it refused the client certificate; a verification error
+    means the server's certificate does not match ``ca.crt`` (or the name). None when
+    TLS works or the server is unreachable (a transient condition: retry).
+    """
+    import socket
+    import ssl
+
+    try:
+        host, port = split_address(address)
+    except CredentialsError:
+        return None
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    try:
+        ctx.load_verify_locations(cadata=ca_pem.decode("ascii"))
+        if cert_path is not None and key_path is not None:
+            ctx.load_cert_chain(str(cert_path), str(key_path))
+    except (ssl.SSLError, OSError, ValueError) as err:
+        return f"cannot load the credentials for TLS: {err}"
+    ctx.set_alpn_protocols(["h2"])
+    try:
+        raw = socket.create_connection((host, port), timeout=timeout)
+    except OSError:
+        return None
+    try:
+        try:
+            tls = ctx.wrap_socket(raw, server_hostname=server_name or host)
+        except ssl.SSLCertVerificationError as err:
+            return (f"the pool at {address} presented a certificate that this client's ca.crt does not accept "
+                    f"({err.verify_message}); wrong ca.crt, or the server's name differs (--server-name)")
+        except (ssl.SSLError, OSError) as err:
+            return f"TLS handshake with the pool at {address} failed: {err}"
+        try:
+            # HTTP/2 preface + empty SETTINGS: an accepting server answers with its SETTINGS.
+            tls.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes.fromhex("000000040000000000"))
+            data = tls.recv(16)
+        except (ssl.SSLError, OSError) as err:
+            data, detail = b"", f" ({err})"
+        else:
+            detail = ""
+        if data:
+            return None
+        which = f"the client certificate {cert_path}" if cert_path else "a connection without a client certificate"
+        return (f"the pool at {address} refused {which} in the TLS handshake{detail}: it accepts only "
+                "certificates issued by its own CA (`plan-server certs issue`)")
+    finally:
+        raw.close()

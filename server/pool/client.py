@@ -34,7 +34,7 @@ from typing import Callable, Optional, TypeVar
 import grpc
 from tqdm import tqdm
 
-from plan_shared.credentials import ClientCredentials, load_client_credentials
+from plan_shared.credentials import CLIENT_CERT, CLIENT_KEY, ClientCredentials, diagnose_tls, load_client_credentials
 from plan_shared.pool_proto import pool_pb2, pool_pb2_grpc
 
 T = TypeVar("T")
@@ -74,13 +74,22 @@ def describe_error(err: grpc.RpcError, pool: str) -> str:
 
 
 def call_with_retries(fn: Callable[[], T], pool: str, retries: int, backoff: float,
-                      log: Callable[[str], None] = lambda m: None) -> T:
-    """Run ``fn``; on a transient failure wait backoff·2^k (max 30 s) and retry, at most ``retries`` times."""
+                      log: Callable[[str], None] = lambda m: None,
+                      creds: Optional[ClientCredentials] = None, server_name: Optional[str] = None) -> T:
+    """Run ``fn``; on a transient failure wait backoff·2^k (max 30 s) and retry, at most ``retries`` times.
+
+    With ``creds``, an UNAVAILABLE error is first checked for a TLS refusal (not retried).
+    """
     attempt = 0
     while True:
         try:
             return fn()
         except grpc.RpcError as err:
+            if creds is not None and err.code() == grpc.StatusCode.UNAVAILABLE:
+                diag = diagnose_tls(pool, creds.ca_pem, creds.directory / CLIENT_CERT,
+                                    creds.directory / CLIENT_KEY, server_name)
+                if diag:
+                    raise PoolClientError(diag) from None
             if err.code() not in RETRYABLE or is_tls_failure(err) or attempt >= retries:
                 raise PoolClientError(describe_error(err, pool)) from None
             wait = min(backoff * (2 ** attempt), 30.0)
@@ -102,7 +111,7 @@ def list_bundles(pool: str, credentials: Path, site: Optional[str] = None, retri
     with open_channel(pool, creds, server_name) as ch:
         stub = pool_pb2_grpc.PoolStub(ch)
         reply = call_with_retries(lambda: stub.List(pool_pb2.ListRequest(site_id=site or ""), timeout=60),
-                                  pool, retries, backoff)
+                                  pool, retries, backoff, creds=creds, server_name=server_name)
     out = []
     for b in reply.bundles:
         out.append({
@@ -151,7 +160,7 @@ def pull(pool: str, credentials: Path, out: Path, site: Optional[str] = None, re
                 entries.extend(reply.entries)
             return entries
 
-        entries = call_with_retries(catalog, pool, retries, backoff, log)
+        entries = call_with_retries(catalog, pool, retries, backoff, log, creds, server_name)
         # Distinct files wanted: sha -> (size, [relative paths])
         files: dict[str, tuple[int, list[str]]] = {}
         for e in entries:
@@ -214,7 +223,7 @@ def pull(pool: str, credentials: Path, out: Path, site: Optional[str] = None, re
                             fh.close()
                     return done, got
 
-                d, g = call_with_retries(fetch, pool, retries, backoff, log)
+                d, g = call_with_retries(fetch, pool, retries, backoff, log, creds, server_name)
                 fetched += d
                 nbytes += g
         finally:
