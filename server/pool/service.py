@@ -16,8 +16,9 @@ limits hold. Refusals are gRPC errors whose details are the reason
 (``PERMISSION_DENIED`` for who/signature, ``INVALID_ARGUMENT`` for content).
 
 Test hook: ``PLAN_POOL_TEST_PAUSE=<point>:<marker file>[:<n>]`` makes a push stop at
-``received`` (after n files placed), ``before_commit`` or ``after_commit``: the
-server writes the marker file and sleeps, so a test can SIGKILL it there.
+``received`` (after n files placed), ``before_commit``, ``in_transaction`` (rows
+inserted, COMMIT not yet run) or ``after_commit``: the server writes the marker
+file and sleeps, so a test can SIGKILL it exactly there.
 """
 
 from __future__ import annotations
@@ -284,7 +285,8 @@ class PoolService(pool_pb2_grpc.PoolServicer):
             self.store.sync_dirs(placed)
             try:
                 res = self.store.commit(bm, manifest, signature, caller.serial,
-                                        before_commit=lambda: self._pause.at("before_commit"))
+                                        before_commit=lambda: self._pause.at("before_commit"),
+                                        in_transaction=lambda: self._pause.at("in_transaction"))
             except StoreError as err:
                 raise Refused(grpc.StatusCode.ABORTED, f"{err}; retry the push") from None
             self._pause.at("after_commit")

@@ -205,11 +205,14 @@ class Store:
         signature: bytes,
         signer_serial: str,
         before_commit=None,
+        in_transaction=None,
     ) -> CommitResult:
         """Index a bundle whose files are all in ``objects/`` (verified): one transaction.
 
         Returns ``duplicate=True`` (and writes nothing) when the bundle is already stored.
         Raises StoreError when a referenced file is missing (nothing is written).
+        ``before_commit`` / ``in_transaction`` are test hooks, called before BEGIN and
+        just before COMMIT.
         """
         files: dict[str, tuple[int, str]] = {}
         for im in bm.images:
@@ -275,6 +278,8 @@ class Store:
                         for i, im in enumerate(bm.images)
                     ],
                 )
+                if in_transaction is not None:
+                    in_transaction()
                 db.execute("COMMIT")
             except BaseException:
                 db.execute("ROLLBACK")
