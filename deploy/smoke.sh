@@ -1,0 +1,187 @@
+#!/usr/bin/env bash
+# Deployment smoke test on loopback, from the examples in this folder:
+#   CA + server cert + 3 site identities (plan-server certs), nginx TLS proxy that
+#   forwards only /v1/fleet/*, `plan-server coordinate` (SuperLink with TLS and SuperNode
+#   auth on 127.0.0.1), 3 x `plan-client start` through the proxy, 2 rounds of a tiny GAN.
+# Checks: the run completes, checkpoints and metrics of both rounds exist with 3 sites,
+# and from a hospital's side the control API is refused through the proxy.
+# Everything is torn down on exit (trap); any failure -> non-zero exit.
+#
+# Needs: plan-server/plan-client/flwr on PATH (the project's venv), nginx, curl.
+# Ports (override by env): SMOKE_SL_PORT (SuperLink), SMOKE_PROXY_PORT, SMOKE_SN_PORT (3 in a row).
+# SMOKE_DIR: work folder (default: a new temp dir, removed unless SMOKE_KEEP=1).
+set -euo pipefail
+
+HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+SL_PORT="${SMOKE_SL_PORT:-19093}"
+PROXY_PORT="${SMOKE_PROXY_PORT:-19443}"
+SN_PORT="${SMOKE_SN_PORT:-19094}"
+WORK="${SMOKE_DIR:-$(mktemp -d /tmp/plan-smoke.XXXXXX)}"
+TIMEOUT="${SMOKE_TIMEOUT:-420}"
+SITES=(hospital-a hospital-b hospital-c)
+PIDS=()
+
+log() { echo "[smoke $(date +%H:%M:%S)] $*"; }
+fail() { echo "[smoke] FAIL: $*" >&2; exit 1; }
+
+cleanup() {
+  local rc=$?
+  set +e
+  for pid in "${PIDS[@]}"; do
+    kill -TERM "$pid" 2>/dev/null
+  done
+  for pid in "${PIDS[@]}"; do
+    for _ in $(seq 1 20); do kill -0 "$pid" 2>/dev/null || break; sleep 0.5; done
+    kill -KILL "$pid" 2>/dev/null
+  done
+  if [[ -f "$WORK/nginx/nginx.pid" ]]; then
+    nginx -p "$WORK/nginx" -c "$WORK/nginx/nginx.conf" -s stop 2>/dev/null
+  fi
+  if [[ $rc -ne 0 ]]; then
+    echo "---- smoke failed (rc=$rc); logs in $WORK ----" >&2
+    for f in "$WORK"/coordinator.log "$WORK"/state/coordinator/superlink.log "$WORK"/site-*.log "$WORK"/nginx/error.log; do
+      [[ -f "$f" ]] && { echo "== $f" >&2; tail -n 25 "$f" >&2; }
+    done
+  elif [[ -z "${SMOKE_KEEP:-}" && -z "${SMOKE_DIR:-}" ]]; then
+    rm -rf "$WORK"
+  fi
+  exit $rc
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+for tool in plan-server plan-client flwr nginx curl python; do
+  command -v "$tool" >/dev/null || fail "$tool not found on PATH"
+done
+mkdir -p "$WORK"
+cd "$WORK"
+log "work dir $WORK"
+
+# ---- credentials -------------------------------------------------------------
+plan-server certs init --dir certs >/dev/null
+for s in "${SITES[@]}"; do plan-server certs issue --dir certs --name "$s" --role site >/dev/null; done
+log "CA, server certificate and ${#SITES[@]} site identities issued"
+
+# ---- configs from the examples + tiny data -------------------------------------
+python - "$HERE" "$WORK" "$SL_PORT" "$PROXY_PORT" "$SN_PORT" "${SITES[@]}" <<'PY'
+import sys, yaml, numpy as np
+from pathlib import Path
+here, work, sl, proxy, sn, *sites = sys.argv[1:]
+here, work = Path(here), Path(work)
+tiny = {"generator": {"z_dim": 8, "w_dim": 8, "mapping_layers": 1, "base_channels": 16, "min_channels": 8},
+        "discriminator": {"base_channels": 8, "max_channels": 16, "mbstd_group": 2},
+        "gan": {"batch_size": 4, "augment": [], "r1_every": 2}}
+c = yaml.safe_load((here / "coordinator.yaml").read_text())
+c.update(tiny); c["device"] = "cpu"; c["threads"] = 1
+c["data"].update(size=8, channels=1)
+c["federation"].update(rounds=2, local_steps=2, min_nodes=3, wait_for_nodes_s=240, round_timeout_s=240,
+                       state_dir=str(work / "state/coordinator"), certs_dir=str(work / "certs"),
+                       superlink_port=int(sl), sample_grid=4)
+(work / "coordinator.yaml").write_text(yaml.safe_dump(c))
+rng = np.random.default_rng(0)
+for i, name in enumerate(sites):
+    n = 16 + 8 * i
+    arr = {}
+    for split, k in (("train", n), ("val", 6), ("test", 6)):
+        arr[f"{split}_images"] = rng.integers(0, 256, (k, 8, 8), dtype=np.uint8)
+        arr[f"{split}_labels"] = (np.arange(k) % 2).reshape(-1, 1)
+    np.savez(work / f"{name}.npz", **arr)
+    s = yaml.safe_load((here / "site.yaml").read_text())
+    s["site_id"] = name; s["device"] = "cpu"; s["threads"] = 1
+    s["data"].update(source="medmnist", path=str(work / f"{name}.npz"))
+    s["federation"].update(superlink_address=f"localhost:{proxy}", certs_dir=str(work / "certs/sites" / name),
+                           state_dir=str(work / "state" / name), supernode_port=int(sn) + i)
+    (work / f"site-{name}.yaml").write_text(yaml.safe_dump(s))
+PY
+
+# ---- nginx proxy from the example server block ----------------------------------
+mkdir -p nginx/logs nginx/tmp
+sed -e "s|__LISTEN__|127.0.0.1:$PROXY_PORT|" -e "s|__CERTS__|$WORK/certs|g" -e "s|__UPSTREAM__|127.0.0.1:$SL_PORT|" \
+  "$HERE/nginx-plan.conf" > nginx/plan.conf
+cat > nginx/nginx.conf <<EOF
+worker_processes 1;
+pid $WORK/nginx/nginx.pid;
+error_log $WORK/nginx/error.log warn;
+events { worker_connections 256; }
+http {
+  access_log $WORK/nginx/access.log;
+  client_body_temp_path $WORK/nginx/tmp/body;
+  proxy_temp_path $WORK/nginx/tmp/proxy;
+  fastcgi_temp_path $WORK/nginx/tmp/fastcgi;
+  uwsgi_temp_path $WORK/nginx/tmp/uwsgi;
+  scgi_temp_path $WORK/nginx/tmp/scgi;
+  include $WORK/nginx/plan.conf;
+}
+EOF
+nginx -p "$WORK/nginx" -c "$WORK/nginx/nginx.conf" -t 2>/dev/null || nginx -p "$WORK/nginx" -c "$WORK/nginx/nginx.conf" -t
+nginx -p "$WORK/nginx" -c "$WORK/nginx/nginx.conf"
+log "nginx proxy on localhost:$PROXY_PORT -> 127.0.0.1:$SL_PORT (/v1/fleet/* only)"
+
+# ---- coordinator ---------------------------------------------------------------
+plan-server coordinate --config coordinator.yaml > coordinator.log 2>&1 &
+COORD=$!
+PIDS+=("$COORD")
+for _ in $(seq 1 120); do
+  grep -q "submitted" coordinator.log 2>/dev/null && break
+  kill -0 "$COORD" 2>/dev/null || fail "coordinator exited early"
+  sleep 1
+done
+grep -q "submitted" coordinator.log || fail "run not submitted within 120s"
+log "coordinator: $(grep submitted coordinator.log | head -1)"
+
+# ---- hospitals -----------------------------------------------------------------
+for s in "${SITES[@]}"; do
+  plan-client start --config "site-$s.yaml" > "site-$s.log" 2>&1 &
+  PIDS+=("$!")
+done
+log "3 SuperNodes started through the proxy"
+
+# ---- control API through the proxy, from a hospital's side ---------------------
+code=$(curl -s -o /dev/null -w '%{http_code}' --cacert certs/sites/hospital-a/ca.crt -X POST \
+  -H 'Content-Type: application/protobuf' "https://localhost:$PROXY_PORT/v1/control/list-runs")
+[[ "$code" == 403 ]] || fail "control API through the proxy answered HTTP $code (expected 403)"
+code=$(curl -s -o /dev/null -w '%{http_code}' --path-as-is --cacert certs/ca.crt -X POST \
+  "https://localhost:$PROXY_PORT/v1/fleet/../control/list-runs")
+[[ "$code" == 403 || "$code" == 400 || "$code" == 404 ]] || fail "path traversal to the control API answered HTTP $code"
+code=$(curl -s -o /dev/null -w '%{http_code}' --cacert certs/ca.crt -X POST "https://localhost:$PROXY_PORT/v1/runtime/acquire-task")
+[[ "$code" == 403 ]] || fail "runtime API through the proxy answered HTTP $code (expected 403)"
+mkdir -p hospital-cli
+printf '[superlink]\ndefault = "c"\n\n[superlink.c]\naddress = "localhost:%s"\nroot-certificates = "%s"\n' \
+  "$PROXY_PORT" "$WORK/certs/sites/hospital-a/ca.crt" > hospital-cli/config.toml
+if FLWR_HOME="$WORK/hospital-cli" FLWR_TELEMETRY_ENABLED=0 FLWR_DISABLE_UPDATE_CHECK=1 \
+   flwr ls --format json > hospital-cli/ls.json 2>&1 && grep -q '"success": true' hospital-cli/ls.json; then
+  fail "flwr ls through the proxy succeeded: the control API is reachable by hospitals"
+fi
+log "control API refused through the proxy (curl 403, flwr ls fails)"
+
+# ---- wait for the end of the run -------------------------------------------------
+t0=$SECONDS
+while kill -0 "$COORD" 2>/dev/null; do
+  (( SECONDS - t0 < TIMEOUT )) || fail "run not finished after ${TIMEOUT}s"
+  sleep 2
+done
+set +e; wait "$COORD"; rc=$?; set -e
+cat coordinator.log | grep -E "^round|completed|ended|error" || true
+[[ $rc -eq 0 ]] || fail "plan-server coordinate exited $rc"
+
+# ---- checkpoints and metrics -----------------------------------------------------
+RUN="$WORK/state/coordinator/run"
+for r in 0001 0002; do
+  [[ -s "$RUN/checkpoints/round-$r.pt" ]] || fail "checkpoint round-$r.pt missing"
+  [[ -s "$RUN/samples/round-$r.png" ]] || fail "sample grid round-$r.png missing"
+done
+python - "$RUN" <<'PY'
+import json, sys, torch
+from pathlib import Path
+run = Path(sys.argv[1])
+meta = json.loads((run / "checkpoints/latest.json").read_text())
+assert meta["round"] == 2, meta
+recs = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
+assert [r["round"] for r in recs] == [1, 2], recs
+assert all(r["sites_replied"] == 3 for r in recs), [r["sites_replied"] for r in recs]
+assert sorted(s["site"] for s in recs[-1]["sites"]) == ["hospital-a", "hospital-b", "hospital-c"]
+ck = torch.load(run / "checkpoints/round-0002.pt", weights_only=False)
+assert "generator_ema" in ck and ck["arch"] == {"channels": 1, "size": 8}
+print("[smoke] checkpoints: rounds 1-2 with 3/3 sites, latest.json round 2")
+PY
+log "OK"
