@@ -6,6 +6,9 @@ imports (torch, flwr) inside the command functions so ``--help`` stays fast.
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Optional
+
 import typer
 
 from client.export import export_command
@@ -38,6 +41,121 @@ def start(
     from client.supernode import start_command
 
     raise typer.Exit(start_command(config, dry_run))
+
+def _site_config(config: Path | None, dataset: str | None, data: Path | None, sets: list[str] | None, **extra):
+    """Resolve a site configuration from a YAML file, --dataset/--data and --set KEY=VALUE."""
+    import yaml
+
+    from plan_shared.config import ConfigError, data_overrides, load_config
+
+    try:
+        overrides = data_overrides(dataset, data)
+        for item in sets or []:
+            if "=" not in item:
+                raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. --set gan.steps=500")
+            key, value = item.split("=", 1)
+            overrides[key.strip()] = yaml.safe_load(value)
+        overrides.update({k: v for k, v in extra.items() if v is not None})
+        return load_config(config, overrides)
+    except ConfigError as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(2) from None
+
+
+_SET_HELP = "Override any configuration key, e.g. --set gan.steps=500 --set data.size=64 (repeatable)."
+
+
+@app.command("train-gan")
+def train_gan_cmd(
+    dataset: Optional[str] = typer.Option(None, "--dataset", help="MedMNIST name (from $PLAN_DATA_DIR), e.g. pneumoniamnist."),
+    data: Optional[Path] = typer.Option(None, "--data", help="A MedMNIST-format .npz, an ImageFolder root or a CSV manifest."),
+    config: Optional[Path] = typer.Option(None, "--config", "-c", help="site.yaml; defaults otherwise."),
+    out: Path = typer.Option(Path("runs/gan"), "--out", "-o", help="Output folder (checkpoint, sample grids, report)."),
+    steps: Optional[int] = typer.Option(None, "--steps", min=1, help="Total generator steps (gan.steps)."),
+    device: Optional[str] = typer.Option(None, "--device", help="auto, cpu, cuda, cuda:N."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="One seed for Python, NumPy and torch."),
+    resume: bool = typer.Option(False, "--resume", help="Continue OUT/checkpoint.pt exactly where it stopped."),
+    sets: Optional[list[str]] = typer.Option(None, "--set", help=_SET_HELP),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the resolved configuration and exit."),
+) -> None:
+    """Train the style-based generator on this site's images alone.
+
+    Example: plan-client train-gan --dataset pneumoniamnist --out runs/gan
+    """
+    from plan_shared.runtime import setup_logging
+
+    cfg = _site_config(config, dataset, data, sets, **{"gan.steps": steps, "device": device, "seed": seed})
+    if dry_run:
+        typer.echo(cfg.to_yaml())
+        return
+    setup_logging()
+    from client.train_gan import train_gan
+
+    report = train_gan(cfg, out, resume=resume)
+    typer.echo(
+        f"{report['steps']} steps in {report['timing']['train_s']:.0f}s; "
+        f"checkpoint {report['checkpoint']}; samples {report['sample_grid']}"
+    )
+
+
+config_app = typer.Typer(help="Inspect the configuration.", no_args_is_help=True)
+app.add_typer(config_app, name="config")
+
+
+@config_app.command("show")
+def config_show(
+    config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML file to resolve; defaults otherwise."),
+    dataset: Optional[str] = typer.Option(None, "--dataset", help="As for train-gan."),
+    data: Optional[Path] = typer.Option(None, "--data", help="As for train-gan."),
+    sets: Optional[list[str]] = typer.Option(None, "--set", help=_SET_HELP),
+    doc: bool = typer.Option(False, "--doc", help="Print every key with its default and description instead."),
+) -> None:
+    """Print the resolved configuration (YAML), or with --doc the documented defaults.
+
+    Example: plan-client config show --config site.yaml --set gan.steps=100
+    """
+    if doc:
+        from plan_shared.config import describe_defaults
+
+        typer.echo(describe_defaults())
+        return
+    typer.echo(_site_config(config, dataset, data, sets).to_yaml())
+
+
+@app.command("synthesize")
+def synthesize_cmd(
+    dataset: str = typer.Option(None, "--dataset", help="MedMNIST name looked up in $PLAN_DATA_DIR, e.g. pneumoniamnist."),
+    data: str = typer.Option(None, "--data", help="A MedMNIST-format .npz, an ImageFolder root or a CSV manifest."),
+    config: str = typer.Option(None, "--config", "-c", help="site.yaml; documented defaults otherwise."),
+    generator: str = typer.Option(None, "--generator", "-g", help="Generator checkpoint; without it one is trained locally first."),
+    method: str = typer.Option(None, "--method", "-m", help="plan | linear | random: whose accepted images are exported (default synthesis.method)."),
+    out: str = typer.Option("runs/synthesize", "--out", "-o", help="Output dir (images/<class>/<id>.png, manifest.json, report.json, PNGs)."),
+    device: str = typer.Option(None, "--device", help="auto, cpu, cuda, cuda:N (default: config, auto)."),
+    sets: list[str] = typer.Option(None, "--set", help="Override a configuration key, e.g. --set navigation.steps=100 (repeatable)."),
+) -> None:
+    """Run the PLAN site pipeline (phi_id, phi_class, inversion, k-same anchors, PLAN paths, privacy filter).
+
+    Example: plan-client synthesize --dataset pneumoniamnist --generator runs/gan/checkpoint.pt --out runs/site-a
+    """
+    from pathlib import Path as _P
+
+    from client.synthesize import resolve_config, summary_line, synthesize
+    from plan_shared.config import ConfigError
+    from plan_shared.runtime import setup_logging
+
+    try:
+        cfg = resolve_config(_P(config) if config else None, dataset, _P(data) if data else None, sets, device=device)
+    except ConfigError as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(2) from None
+    if method is not None and method not in ("plan", "linear", "random"):
+        typer.echo(f"error: --method must be plan, linear or random, got {method!r}", err=True)
+        raise typer.Exit(2)
+    setup_logging()
+    report = synthesize(cfg, _P(out), _P(generator) if generator else None, method)
+    typer.echo(summary_line(report))
+    typer.echo(f"output: {out}")
+
 
 def main() -> None:
     app()

@@ -125,6 +125,125 @@ class ClassifierConfig(_Section):
     weight_decay: float = Field(1e-4, ge=0.0)
 
 
+class IdentityConfig(_Section):
+    """B1 identity classifier phi_id and the independent identity model of the filter (method.md B1, B6, section 6).
+
+    One identity per local training image (per patient when the data supply patient ids).
+    The head is cosine (normalised features x normalised class weights x learnable scale):
+    a linear softmax over thousands of identities does not train (method.md section 6).
+    """
+
+    width: int = Field(16, ge=4, description="Channels of the first stage (small: phi_id is evaluated at every path point).")
+    depth: int = Field(3, ge=1, le=6)
+    feature_dim: int = Field(128, ge=8)
+    epochs: int = Field(12, ge=1, description="Epochs over the training images (each image seen once per epoch, augmented).")
+    batch_size: int = Field(128, ge=2)
+    lr: float = Field(3e-3, gt=0.0)
+    weight_decay: float = Field(5e-4, ge=0.0)
+    augment_shift: float = Field(
+        0.125, ge=0.0, le=0.5,
+        description="Random translation up to this fraction of the size, so that GAN renderings of near-copies "
+        "(slightly shifted, smoothed) are still recognised.",
+    )
+    augment_noise: float = Field(0.1, ge=0.0, description="Std of additive Gaussian noise (images in [-1, 1]).")
+    augment_blur: float = Field(0.5, ge=0.0, le=1.0, description="Probability of a 3x3 blur (GAN renderings are smoother).")
+    augment_contrast: float = Field(0.2, ge=0.0, le=1.0, description="Random brightness/contrast jitter amplitude.")
+    indep_seed_offset: int = Field(
+        1000, ge=1, description="The independent identity model uses seed + this (other init, other batches); "
+        "it is never used in navigation."
+    )
+    indep_width: int = Field(16, ge=4, description="First-stage width of the independent identity model.")
+
+
+class ClassesConfig(_Section):
+    """B2 class classifier phi_class (also the downstream/utility classifier trained in the report)."""
+
+    width: int = Field(16, ge=4)
+    depth: int = Field(3, ge=1, le=6)
+    feature_dim: int = Field(64, ge=8)
+    epochs: int = Field(8, ge=1, description="Epochs on the real train split; the epoch with the best val accuracy is kept.")
+    batch_size: int = Field(64, ge=2)
+    lr: float = Field(2e-3, gt=0.0)
+    weight_decay: float = Field(1e-4, ge=0.0)
+    augment_shift: float = Field(0.0625, ge=0.0, le=0.5, description="Random translation fraction during training.")
+    utility_epochs: int = Field(
+        8, ge=1, description="Epochs of the utility classifier (same architecture) trained on accepted synthetic images "
+        "and, for reference, on the real train split; both tested on the real test split."
+    )
+
+
+class InversionConfig(_Section):
+    """B3: one W vector per real training image, Adam from w_avg, batched."""
+
+    steps: int = Field(60, ge=1, description="Adam steps per image (method.md: a few hundred; 60 at a higher lr fits the CPU budget).")
+    lr: float = Field(0.05, gt=0.0, description="Adam learning rate in W.")
+    batch_size: int = Field(256, ge=1, description="Images optimised together.")
+    max_images: Optional[int] = Field(
+        800, ge=1, description="Invert at most this many training images (seeded stratified subsample; null = all). "
+        "Inversion is the slowest stage (~425 image-steps/s on 2 cores); anchors come only from inverted images "
+        "and the report states the number."
+    )
+    pixel_weight: float = Field(1.0, ge=0.0, description="Weight of the mean squared pixel error.")
+    feature_weight: float = Field(
+        1.0, ge=0.0, description="Weight of 1 - cosine similarity of phi_id features (a network trained locally, no downloads)."
+    )
+
+
+class AnchorsConfig(_Section):
+    """B4 k-same anchors and the pairs of anchors that paths join."""
+
+    k: int = Field(5, ge=1, description="Latents averaged per anchor (k-same); a class with fewer than k images yields none.")
+    pairs_m: int = Field(3, ge=1, description="Each anchor is paired with its m nearest anchors of the same class (each pair once).")
+
+
+class NavigationConfig(_Section):
+    """B5 PLAN path optimisation: L = l_dist*L_dist + l_id*L_id + l_class*L_class, interior points free.
+
+    L_dist is the SUM over the T-1 segments of squared W distances; L_id and L_class are MEANS over the
+    T-2 interior points. The published code sums chunk-means over chunks of 4 images, i.e. per-image weights
+    of about 0.025 (KL) and 0.25 (CE) relative to L_dist. With means over T-2 = 48 points at T = 50,
+    l_id = 0.025 * 48 = 1.2 and l_class = 0.25 * 48 = 12 reproduce those per-image weights.
+    """
+
+    T: int = Field(50, ge=3, description="Points per path including both anchors (published figures: 50).")
+    steps: int = Field(40, ge=0, description="Adam steps (published: 500; 40 fits the 2-core CPU budget, see report).")
+    lr: float = Field(0.1, gt=0.0, description="Adam learning rate (published: 0.1).")
+    lambda_dist: float = Field(1.0, ge=0.0, description="Weight of L_dist (sum over segments).")
+    lambda_id: float = Field(1.2, ge=0.0, description="Weight of L_id = mean KL(U || softmax phi_id); 1.2 = 0.025 x 48 (published per-image weight at T = 50).")
+    lambda_class: float = Field(12.0, ge=0.0, description="Weight of L_class = mean CE(phi_class, y); 12 = 0.25 x 48 (published per-image weight at T = 50).")
+    chunk: int = Field(256, ge=1, description="Images per forward+backward chunk; sets peak memory, independent of paths x T.")
+    max_offset: Optional[float] = Field(
+        None, gt=0.0, description="Optional bound: after each step every point is projected to within this W distance "
+        "of its straight-line start (keeps images near the manifold). null = unbounded (published behaviour)."
+    )
+
+
+class FilterConfig(_Section):
+    """B6 privacy filter: an image leaves only if every condition holds (recorded per image)."""
+
+    tau_id: float = Field(0.5, gt=0.0, le=1.0, description="Accept only if phi_id's max softmax < tau_id (members ~0.99, real non-members ~0.28).")
+    tau_indep: float = Field(0.5, gt=0.0, le=1.0, description="Accept only if the independent identity model's max softmax < tau_indep.")
+    delta_quantile: float = Field(
+        0.05, gt=0.0, lt=1.0, description="delta = this quantile of real held-out (val) to closest-train distances in the "
+        "embedding space (normalised features of the independent identity model); accept only if DCR > delta."
+    )
+    planted: int = Field(50, ge=0, description="Lightly augmented real training images mixed into the candidates; all must be rejected (never exported).")
+
+
+class SynthesisConfig(_Section):
+    """What `plan-client synthesize` produces."""
+
+    method: Literal["plan", "linear", "random"] = Field("plan", description="Method whose accepted images are exported.")
+    max_paths: Optional[int] = Field(
+        48, ge=1, description="At most this many anchor pairs (paths) per method, spread over classes (null = all pairs)."
+    )
+    random_samples: Optional[int] = Field(
+        None, ge=1, description="Candidates of the random baseline (null = as many as the path methods); labelled by phi_class."
+    )
+    truncation: float = Field(0.7, gt=0.0, le=1.0, description="Truncation of random samples.")
+    strip_pairs: int = Field(4, ge=1, description="Pairs shown in the linear-vs-PLAN strip figure.")
+
+
 class FederationConfig(_Section):
     """Federated generator training (Flower) and what a deployment needs.
 
@@ -170,6 +289,13 @@ class PlanConfig(BaseModel):
     discriminator: DiscriminatorConfig = Field(default_factory=DiscriminatorConfig)
     gan: GanConfig = Field(default_factory=GanConfig)
     classifier: ClassifierConfig = Field(default_factory=ClassifierConfig)
+    identity: IdentityConfig = Field(default_factory=IdentityConfig)
+    classes: ClassesConfig = Field(default_factory=ClassesConfig)
+    inversion: InversionConfig = Field(default_factory=InversionConfig)
+    anchors: AnchorsConfig = Field(default_factory=AnchorsConfig)
+    navigation: NavigationConfig = Field(default_factory=NavigationConfig)
+    filter: FilterConfig = Field(default_factory=FilterConfig)
+    synthesis: SynthesisConfig = Field(default_factory=SynthesisConfig)
     federation: FederationConfig = Field(default_factory=FederationConfig)
 
     @model_validator(mode="after")
@@ -203,6 +329,16 @@ def _format_errors(err: ValidationError, source: str) -> str:
     return "invalid configuration:\n  " + "\n  ".join(lines)
 
 
+class _Null:
+    """Override value meaning "set this key to null" (a plain ``None`` override means "not given")."""
+
+    def __repr__(self) -> str:
+        return "NULL"
+
+
+NULL: Any = _Null()
+
+
 def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
     parts = dotted.split(".")
     node = tree
@@ -211,7 +347,7 @@ def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
         if not isinstance(child, dict):
             raise ConfigError(f"override '{dotted}': '{p}' is not a section")
         node = child
-    node[parts[-1]] = value
+    node[parts[-1]] = None if value is NULL else value
 
 
 def config_from_dict(
@@ -261,3 +397,25 @@ def describe_defaults() -> str:
 
     walk(PlanConfig, "")
     return "\n".join(rows)
+
+
+def data_overrides(dataset: str | None = None, data: str | Path | None = None) -> dict[str, Any]:
+    """Dotted overrides for the common ``--dataset NAME`` / ``--data PATH`` command-line options.
+
+    A ``.npz`` path is a MedMNIST-format file, a ``.csv`` an APTOS-style manifest and a
+    folder an ImageFolder root.
+    """
+    if dataset and data:
+        raise ConfigError("give either --dataset or --data, not both")
+    if dataset:
+        return {"data.source": "medmnist", "data.name": dataset, "data.path": NULL}
+    if data:
+        p = Path(data)
+        if p.suffix.lower() == ".npz":
+            return {"data.source": "medmnist", "data.path": str(p)}
+        if p.suffix.lower() == ".csv":
+            return {"data.source": "csv", "data.path": str(p)}
+        if p.is_dir():
+            return {"data.source": "imagefolder", "data.path": str(p)}
+        raise ConfigError(f"--data {p}: expected a .npz file, a .csv manifest or an image folder")
+    return {}

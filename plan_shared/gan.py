@@ -71,10 +71,17 @@ class GanTrainer:
             self.D.parameters(), lr=g.lr_d * c, betas=(g.beta1**c, g.beta2**c), eps=1e-8
         )
         self.rng = torch.Generator().manual_seed(cfg.seed + 1)
+        # G's noise inputs draw from torch's global RNG; the trainer keeps its own copy of
+        # that state and swaps it in while training, so other code cannot perturb a run.
+        self._torch_rng = torch.get_rng_state()
+        self._cuda_rng = self._get_cuda_rng()
         self.step = 0
         self.images_seen = 0
 
     # ------------------------------------------------------------------ training
+    def _get_cuda_rng(self) -> Optional[torch.Tensor]:
+        return torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None
+
     def _sample_z(self, n: int) -> torch.Tensor:
         return torch.randn(n, self.G.z_dim, generator=self.rng).to(self.device)
 
@@ -168,6 +175,28 @@ class GanTrainer:
         self.D.train()
         sums: dict[str, float] = {}
         bar = tqdm(range(n_steps), desc=desc, disable=not progress, dynamic_ncols=True, mininterval=1.0)
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+            torch.set_rng_state(self._torch_rng)
+            if self._cuda_rng is not None:
+                torch.cuda.set_rng_state(self._cuda_rng, self.device)
+            try:
+                self._loop(images, bs, bar, progress, callback, sums)
+            finally:
+                self._torch_rng = torch.get_rng_state()
+                self._cuda_rng = self._get_cuda_rng()
+        out = {k: v / max(n_steps, 1) for k, v in sums.items()}
+        out.update(steps=float(n_steps), images_seen=float(self.images_seen))
+        return out
+
+    def _loop(
+        self,
+        images: torch.Tensor,
+        bs: int,
+        bar: Any,
+        progress: bool,
+        callback: Optional[Callable[["GanTrainer", dict[str, float]], None]],
+        sums: dict[str, float],
+    ) -> None:
         for _ in bar:
             m = self._d_step(images, bs)
             m.update(self._g_step(bs))
@@ -180,9 +209,6 @@ class GanTrainer:
                 bar.set_postfix(loss_g=f"{m['loss_g']:.3f}", loss_d=f"{m['loss_d']:.3f}", refresh=False)
             if callback is not None:
                 callback(self, m)
-        out = {k: v / max(n_steps, 1) for k, v in sums.items()}
-        out.update(steps=float(n_steps), images_seen=float(self.images_seen))
-        return out
 
     # ------------------------------------------------------------------ weights
     def weights(self, share: Share = "gd") -> dict[str, torch.Tensor]:
@@ -215,8 +241,8 @@ class GanTrainer:
             "seed": self.cfg.seed,
             "arch": {"channels": self.channels, "size": self.size},
             "rng": self.rng.get_state(),
-            "torch_rng": torch.get_rng_state(),
-            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "torch_rng": self._torch_rng,
+            "cuda_rng": self._cuda_rng,
         }
 
     def load_state_dict(self, sd: dict[str, Any]) -> None:
@@ -229,9 +255,9 @@ class GanTrainer:
         self.opt_d.load_state_dict(sd["opt_d"])
         self.step, self.images_seen = int(sd["step"]), int(sd["images_seen"])
         self.rng.set_state(sd["rng"])
-        torch.set_rng_state(sd["torch_rng"])
-        if sd.get("cuda_rng") and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(sd["cuda_rng"])
+        self._torch_rng = sd["torch_rng"]
+        if sd.get("cuda_rng") is not None and self.device.type == "cuda":
+            self._cuda_rng = sd["cuda_rng"]
 
     def save_checkpoint(self, path: str | Path) -> Path:
         """Atomic write (temp file + rename): a crash never leaves a half checkpoint."""

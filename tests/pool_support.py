@@ -142,10 +142,14 @@ def free_port() -> int:
 
 
 class CuttingProxy:
-    """TCP proxy on a free port; the first connection is cut after ``cut_after`` client->server bytes."""
+    """TCP proxy on a free port; the first connection is cut after ``cut_after`` client->server bytes.
 
-    def __init__(self, target_port: int, cut_after: int):
-        self.target_port, self.cut_after = target_port, cut_after
+    At the cut it forwards the bytes up to the limit, holds the connection for ``hold``
+    seconds (so the server has processed all it received), then resets both sides.
+    """
+
+    def __init__(self, target_port: int, cut_after: int, hold: float = 1.0):
+        self.target_port, self.cut_after, self.hold = target_port, cut_after, hold
         self.sock = socket.socket()
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.sock.bind(("127.0.0.1", 0))
@@ -177,10 +181,15 @@ class CuttingProxy:
                     break
                 if limit is not None and n + len(data) > limit:
                     dst.sendall(data[: max(0, limit - n)])
+                    time.sleep(self.hold)
                     self.cuts += 1
-                    # Cut: reset both directions.
+                    # Cut both directions (shutdown also wakes the other pipe thread's recv).
                     for s in (src, dst):
                         s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+                        try:
+                            s.shutdown(socket.SHUT_RDWR)
+                        except OSError:
+                            pass
                         s.close()
                     return
                 n += len(data)

@@ -1,0 +1,84 @@
+"""Model shapes at 28/32/64 px, grey and RGB; W-space rendering; classifier heads."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from plan_shared.config import load_config
+from plan_shared.models import Classifier, build_discriminator, build_generator, native_resolution
+from plan_shared.models.layers import modulated_conv2d
+
+
+@pytest.mark.parametrize("size", [28, 32, 64])
+@pytest.mark.parametrize("channels", [1, 3])
+def test_generator_and_discriminator_shapes(size, channels):
+    cfg = load_config(overrides={"generator.base_channels": 32, "generator.min_channels": 8})
+    G, D = build_generator(cfg, size, channels), build_discriminator(cfg, size, channels)
+    z = torch.randn(3, cfg.generator.z_dim)
+    img = G(z)
+    assert img.shape == (3, channels, size, size)
+    assert D(img).shape == (3,)
+    w = G.mapping(z)
+    assert w.shape == (3, cfg.generator.w_dim)
+    assert G.render(w).shape == (3, channels, size, size)
+    ws = w.unsqueeze(1).repeat(1, G.synthesis.num_ws, 1)
+    assert torch.allclose(G.synthesis(ws, "const"), G.render(w), atol=1e-5)
+
+
+def test_render_is_deterministic_and_rejects_bad_shapes():
+    G = build_generator(load_config(), 32, 1)
+    w = torch.randn(2, 64)
+    assert torch.equal(G.render(w), G.render(w))
+    with pytest.raises(AssertionError, match="w must be"):
+        G.render(torch.randn(2, 3, 64))
+    with pytest.raises(AssertionError):
+        build_discriminator(load_config(), 32, 1)(torch.randn(2, 3, 32, 32))
+
+
+def test_mapping_tracks_mean_w_and_truncation():
+    G = build_generator(load_config(), 32, 1)
+    assert torch.count_nonzero(G.w_avg) == 0
+    z = torch.randn(16, 64)
+    G.mapping(z, update_w_avg=True)
+    assert torch.count_nonzero(G.w_avg) > 0
+    assert torch.allclose(G.mapping(z, truncation=0.0), G.w_avg.expand(16, -1))
+
+
+def test_tiny_default_sizes():
+    cfg = load_config()
+    G, D = build_generator(cfg, 32, 1), build_discriminator(cfg, 32, 1)
+    n_g = sum(p.numel() for p in G.parameters())
+    n_d = sum(p.numel() for p in D.parameters())
+    assert 1e5 < n_g < 1e6 and 1e5 < n_d < 1e6
+
+
+def test_native_resolution():
+    assert [native_resolution(s) for s in (28, 32, 33, 256)] == [32, 32, 64, 256]
+    with pytest.raises(ValueError):
+        native_resolution(4)
+
+
+def test_modulated_conv_matches_per_sample_weights():
+    torch.manual_seed(0)
+    x, wgt, s = torch.randn(3, 4, 8, 8), torch.randn(5, 4, 3, 3), torch.randn(3, 4)
+    out = modulated_conv2d(x, wgt, s, demodulate=True)
+    for b in range(3):
+        wb = wgt * s[b].reshape(1, 4, 1, 1)
+        wb = wb * torch.rsqrt(wb.square().sum(dim=[1, 2, 3], keepdim=True) + 1e-8)
+        ref = torch.nn.functional.conv2d(x[b : b + 1], wb, padding=1)
+        assert torch.allclose(out[b : b + 1], ref, atol=1e-4)
+
+
+@pytest.mark.parametrize("head", ["linear", "cosine"])
+@pytest.mark.parametrize("size,channels", [(28, 1), (32, 3), (64, 1)])
+def test_classifier_shapes(head, size, channels):
+    C = Classifier(7, channels=channels, size=size, width=8, depth=3, feature_dim=16, head=head)
+    x = torch.randn(4, channels, size, size)
+    assert C(x).shape == (4, 7)
+    assert C.features(x).shape == (4, 16)
+
+
+def test_classifier_depth_is_checked():
+    with pytest.raises(ValueError, match="too deep"):
+        Classifier(2, size=8, depth=4)
