@@ -1,0 +1,116 @@
+"""B4 k-same anchors and the anchor pairs that paths join (method.md B4, B5).
+
+Within each class: repeatedly take the unassigned latent farthest from the rest (largest
+mean distance to the other unassigned latents), group it with its k-1 nearest unassigned
+latents; when fewer than k remain, each remaining latent joins the group whose centroid
+is nearest (so groups hold k .. k+r members, never fewer than k). Each group is averaged
+into one anchor. A class with fewer than k latents yields no anchor and is reported;
+classes are never merged::
+
+    res = k_same_anchors(w, labels, k=5)
+    res.anchors, res.labels, res.groups, res.skipped_classes
+    pairs = nearest_pairs(res.anchors, res.labels, m=3)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+
+@dataclass
+class AnchorResult:
+    anchors: torch.Tensor  # [A, w_dim]
+    labels: np.ndarray  # [A]
+    groups: list[np.ndarray]  # indices into the input latents, one array per anchor
+    skipped_classes: dict[int, int] = field(default_factory=dict)  # class -> number of latents (< k)
+
+    def summary(self) -> dict:
+        sizes = [len(g) for g in self.groups]
+        return {
+            "n_anchors": len(self.groups),
+            "per_class": {int(c): int((self.labels == c).sum()) for c in np.unique(self.labels)} if len(self.labels) else {},
+            "group_sizes": {int(s): sizes.count(s) for s in sorted(set(sizes))},
+            "skipped_classes": {int(c): int(n) for c, n in self.skipped_classes.items()},
+        }
+
+
+def _greedy_groups(w: torch.Tensor, k: int) -> list[list[int]]:
+    n = w.shape[0]
+    d = torch.cdist(w.double(), w.double())
+    free = np.ones(n, dtype=bool)
+    groups: list[list[int]] = []
+    while free.sum() >= k:
+        idx = np.flatnonzero(free)
+        sub = d[idx][:, idx]
+        far = idx[int(torch.argmax(sub.sum(1)))]  # farthest from the rest (largest summed distance)
+        order = idx[torch.argsort(d[far, idx], stable=True).numpy()]
+        members = [int(far)] + [int(j) for j in order if j != far][: k - 1]
+        free[members] = False
+        groups.append(members)
+    rest = np.flatnonzero(free)
+    if len(rest) and groups:
+        cents = torch.stack([w[g].mean(0) for g in groups])
+        for j in rest:
+            gi = int(torch.argmin(torch.cdist(w[j : j + 1].double(), cents.double())[0]))
+            groups[gi].append(int(j))
+    return groups
+
+
+def k_same_anchors(w: torch.Tensor, labels: np.ndarray, k: int) -> AnchorResult:
+    labels = np.asarray(labels)
+    anchors, alabels, groups, skipped = [], [], [], {}
+    for c in np.unique(labels):
+        idx = np.flatnonzero(labels == c)
+        if len(idx) < k:
+            skipped[int(c)] = int(len(idx))
+            continue
+        for g in _greedy_groups(w[idx], k):
+            members = idx[np.asarray(g)]
+            groups.append(members)
+            anchors.append(w[members].mean(0))
+            alabels.append(int(c))
+    wd = w.shape[1] if w.ndim == 2 else 0
+    return AnchorResult(
+        anchors=torch.stack(anchors) if anchors else torch.zeros(0, wd),
+        labels=np.asarray(alabels, dtype=np.int64),
+        groups=groups,
+        skipped_classes=skipped,
+    )
+
+
+def nearest_pairs(anchors: torch.Tensor, labels: np.ndarray, m: int) -> list[tuple[int, int]]:
+    """Each anchor with its m nearest anchors of the same class; each unordered pair once (sorted)."""
+    pairs: set[tuple[int, int]] = set()
+    labels = np.asarray(labels)
+    for c in np.unique(labels):
+        idx = np.flatnonzero(labels == c)
+        if len(idx) < 2:
+            continue
+        d = torch.cdist(anchors[idx].double(), anchors[idx].double())
+        d.fill_diagonal_(float("inf"))
+        for a in range(len(idx)):
+            for b in torch.argsort(d[a], stable=True)[: min(m, len(idx) - 1)].tolist():
+                i, j = int(idx[a]), int(idx[b])
+                pairs.add((min(i, j), max(i, j)))
+    return sorted(pairs)
+
+
+def spread_pairs(pairs: list[tuple[int, int]], labels: np.ndarray, max_pairs: int | None, seed: int = 0) -> list[tuple[int, int]]:
+    """At most ``max_pairs`` pairs, shared over classes as evenly as possible (seeded)."""
+    if max_pairs is None or len(pairs) <= max_pairs:
+        return list(pairs)
+    rng = np.random.default_rng(seed)
+    by_class: dict[int, list[tuple[int, int]]] = {}
+    for p in pairs:
+        by_class.setdefault(int(labels[p[0]]), []).append(p)
+    for v in by_class.values():
+        rng.shuffle(v)
+    out: list[tuple[int, int]] = []
+    while len(out) < max_pairs:
+        for c in sorted(by_class):
+            if by_class[c] and len(out) < max_pairs:
+                out.append(by_class[c].pop())
+    return sorted(out)

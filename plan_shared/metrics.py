@@ -1,0 +1,80 @@
+"""Metrics computed on labels, scores or features passed in (no model calls here).
+
+Utility: :func:`accuracy`, :func:`balanced_accuracy`, :func:`qwk` (quadratic-weighted
+kappa for graded labels). Privacy: :func:`mia_auc` and :func:`tpr_at_fpr` for a
+membership-inference score (higher = "member"), :func:`dcr` (distance to the closest
+record) and :func:`dcr_summary`.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from sklearn.metrics import balanced_accuracy_score, cohen_kappa_score, roc_auc_score, roc_curve
+
+
+def _np(a) -> np.ndarray:
+    return a.detach().cpu().numpy() if isinstance(a, torch.Tensor) else np.asarray(a)
+
+
+def accuracy(y_true, y_pred) -> float:
+    y_true, y_pred = _np(y_true), _np(y_pred)
+    return float((y_true == y_pred).mean()) if len(y_true) else float("nan")
+
+
+def balanced_accuracy(y_true, y_pred) -> float:
+    y_true, y_pred = _np(y_true), _np(y_pred)
+    return float(balanced_accuracy_score(y_true, y_pred)) if len(y_true) else float("nan")
+
+
+def qwk(y_true, y_pred) -> float:
+    """Quadratic-weighted Cohen kappa (1 = perfect, 0 = chance); nan when undefined."""
+    y_true, y_pred = _np(y_true), _np(y_pred)
+    if len(y_true) == 0:
+        return float("nan")
+    if len(np.unique(np.concatenate([y_true, y_pred]))) < 2:
+        return float("nan")
+    return float(cohen_kappa_score(y_true, y_pred, weights="quadratic"))
+
+
+def classification_report(y_true, y_pred) -> dict[str, float]:
+    return {"accuracy": accuracy(y_true, y_pred), "balanced_accuracy": balanced_accuracy(y_true, y_pred), "qwk": qwk(y_true, y_pred)}
+
+
+def _mia_inputs(member_scores, nonmember_scores) -> tuple[np.ndarray, np.ndarray]:
+    m, n = _np(member_scores).astype(np.float64), _np(nonmember_scores).astype(np.float64)
+    y = np.concatenate([np.ones(len(m)), np.zeros(len(n))])
+    return y, np.concatenate([m, n])
+
+
+def mia_auc(member_scores, nonmember_scores) -> float:
+    """ROC AUC of a membership score (higher = predicted member); 0.5 = chance."""
+    y, s = _mia_inputs(member_scores, nonmember_scores)
+    if len(np.unique(y)) < 2:
+        return float("nan")
+    return float(roc_auc_score(y, s))
+
+
+def tpr_at_fpr(member_scores, nonmember_scores, fpr: float = 0.01) -> float:
+    """Largest true-positive rate with false-positive rate <= ``fpr``."""
+    y, s = _mia_inputs(member_scores, nonmember_scores)
+    if len(np.unique(y)) < 2:
+        return float("nan")
+    f, t, _ = roc_curve(y, s)
+    ok = f <= fpr
+    return float(t[ok].max()) if ok.any() else 0.0
+
+
+def dcr(query: torch.Tensor, reference: torch.Tensor, batch: int = 1024) -> np.ndarray:
+    """Euclidean distance of every query feature row to the closest reference row."""
+    out = []
+    for i in range(0, len(query), batch):
+        out.append(torch.cdist(query[i : i + batch].double(), reference.double()).min(1).values.float())
+    return torch.cat(out).numpy() if out else np.zeros(0, np.float32)
+
+
+def dcr_summary(d) -> dict[str, float]:
+    d = _np(d).astype(np.float64)
+    if len(d) == 0:
+        return {"mean_dcr": float("nan"), "p05_dcr": float("nan")}
+    return {"mean_dcr": float(d.mean()), "p05_dcr": float(np.quantile(d, 0.05))}

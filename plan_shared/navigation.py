@@ -1,0 +1,182 @@
+"""B5 PLAN path optimisation, batched over many paths (method.md B5).
+
+A path joins two anchors ``w_a, w_b`` of class ``y`` with ``T`` points; the ``T-2``
+interior points are free and start evenly spaced on the straight line. All paths are
+one tensor ``P [paths, T-2, w_dim]`` with one label per path. Per path::
+
+    L = l_dist * L_dist + l_id * L_id + l_class * L_class
+    L_dist  = sum_{i=0}^{T-2} ||w_{i+1} - w_i||^2          (sum over the T-1 segments)
+    L_id    = mean_i KL(U || softmax phi_id(G(w_i)))        (mean over interior points)
+    L_class = mean_i CE(phi_class(G(w_i)), y)
+
+and the optimised objective is the sum over paths (each path's gradient is independent
+of how many paths share the batch). The classifier terms are separable per point, so the
+flattened interior points are processed in chunks of ``chunk`` images: forward + backward
+per chunk, gradients accumulating into ``P.grad``; L_dist is added on the whole tensor.
+Peak memory is set by ``chunk``, not by ``paths x T``. Only W is optimised (the images
+stay on the generator's manifold); ``max_offset`` optionally bounds each point's distance
+from its straight-line start.
+
+    paths = optimise_paths(G, phi_id, phi_class, wa, wb, labels, T=50, steps=40)
+    lin = linear_paths(wa, wb, T)                       # baseline, same anchors
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+
+@dataclass
+class NavWeights:
+    lambda_dist: float = 1.0
+    lambda_id: float = 1.2
+    lambda_class: float = 12.0
+
+
+def linear_paths(wa: torch.Tensor, wb: torch.Tensor, T: int) -> torch.Tensor:
+    """Full straight paths ``[paths, T, w_dim]`` (endpoints included, evenly spaced)."""
+    t = torch.linspace(0, 1, T, dtype=wa.dtype, device=wa.device).view(1, T, 1)
+    return wa.unsqueeze(1) + t * (wb - wa).unsqueeze(1)
+
+
+def kl_uniform(logits: torch.Tensor) -> torch.Tensor:
+    """Per row KL(U || softmax(logits)) = -log n - mean_j log p_j  (>= 0, 0 iff uniform)."""
+    n = logits.shape[1]
+    logp = F.log_softmax(logits.float(), dim=1)
+    return -math.log(n) - logp.mean(1)
+
+
+def dist_loss(full: torch.Tensor) -> torch.Tensor:
+    """Per path sum of squared segment lengths; ``full [paths, T, w_dim]`` -> ``[paths]``."""
+    return (full[:, 1:] - full[:, :-1]).pow(2).sum(dim=(1, 2))
+
+
+def path_losses(
+    G: nn.Module, phi_id: nn.Module, phi_class: nn.Module, full: torch.Tensor, labels: torch.Tensor
+) -> dict[str, torch.Tensor]:
+    """Per path L_dist, L_id, L_class for full paths ``[paths, T, w_dim]`` (no chunking; tests, reports)."""
+    p, T, d = full.shape
+    inner = full[:, 1:-1].reshape(-1, d)
+    img = G.render(inner)
+    kl = kl_uniform(phi_id(img)).view(p, T - 2).mean(1)
+    ce = F.cross_entropy(phi_class(img), labels.repeat_interleave(T - 2), reduction="none").view(p, T - 2).mean(1)
+    return {"dist": dist_loss(full), "id": kl, "class": ce}
+
+
+def optimise_paths(
+    G: nn.Module,
+    phi_id: nn.Module,
+    phi_class: nn.Module,
+    wa: torch.Tensor,
+    wb: torch.Tensor,
+    labels: torch.Tensor,
+    T: int = 50,
+    steps: int = 40,
+    lr: float = 0.1,
+    weights: NavWeights | None = None,
+    chunk: int = 256,
+    max_offset: Optional[float] = None,
+    progress: bool = True,
+    history: Optional[list] = None,
+) -> torch.Tensor:
+    """Optimise all paths together; returns full paths ``[paths, T, w_dim]`` (detached, on wa's device).
+
+    ``history``, when a list, receives per step the summed loss terms over all paths.
+    """
+    if T < 3:
+        raise ValueError("T must be >= 3 (two anchors + at least one free point)")
+    wt = weights or NavWeights()
+    for net in (G, phi_id, phi_class):
+        net.eval()
+        for q in net.parameters():
+            q.requires_grad_(False)
+    dev = wa.device
+    labels = labels.to(dev).long()
+    p, d = wa.shape
+    start = linear_paths(wa, wb, T)[:, 1:-1].contiguous()
+    P = start.clone().requires_grad_(True)
+    opt = torch.optim.Adam([P], lr=lr)
+    n_inner = T - 2
+    flat_labels = labels.repeat_interleave(n_inner)
+    need_cls = wt.lambda_id > 0 or wt.lambda_class > 0
+    bar = tqdm(range(steps), desc=f"navigation ({p} paths)", disable=not progress, dynamic_ncols=True, mininterval=1.0)
+    for _ in bar:
+        opt.zero_grad(set_to_none=True)
+        sums = {"dist": 0.0, "id": 0.0, "class": 0.0}
+        if need_cls:
+            flat = P.view(-1, d)
+            for s in range(0, flat.shape[0], chunk):
+                w = flat[s : s + chunk]
+                img = G.render(w)
+                loss = torch.zeros((), device=dev)
+                if wt.lambda_id > 0:
+                    kl = kl_uniform(phi_id(img))
+                    loss = loss + wt.lambda_id * kl.sum() / n_inner
+                    sums["id"] += float(kl.sum()) / n_inner
+                if wt.lambda_class > 0:
+                    ce = F.cross_entropy(phi_class(img), flat_labels[s : s + chunk], reduction="sum")
+                    loss = loss + wt.lambda_class * ce / n_inner
+                    sums["class"] += float(ce) / n_inner
+                loss.backward()  # accumulates into P.grad through the view
+        full = torch.cat([wa.unsqueeze(1), P, wb.unsqueeze(1)], dim=1)
+        ld = dist_loss(full).sum()
+        (wt.lambda_dist * ld).backward()
+        sums["dist"] = float(ld)
+        opt.step()
+        if max_offset is not None:
+            with torch.no_grad():
+                off = P - start
+                norm = off.norm(dim=2, keepdim=True).clamp(min=1e-12)
+                P.copy_(start + off * (max_offset / norm).clamp(max=1.0))
+        if history is not None:
+            history.append(sums)
+        bar.set_postfix(dist=f"{sums['dist'] / p:.3g}", kl=f"{sums['id'] / p:.3g}", ce=f"{sums['class'] / p:.3g}", refresh=False)
+    with torch.no_grad():
+        return torch.cat([wa.unsqueeze(1), P.detach(), wb.unsqueeze(1)], dim=1)
+
+
+def sequential_reference(
+    G: nn.Module,
+    phi_id: nn.Module,
+    phi_class: nn.Module,
+    wa: torch.Tensor,
+    wb: torch.Tensor,
+    label: int,
+    T: int = 50,
+    steps: int = 40,
+    lr: float = 0.1,
+    weights: NavWeights | None = None,
+) -> torch.Tensor:
+    """Re-statement of the published loop for ONE path (all interior points in one batch,
+    one backward per step); the baseline of benchmarks/navigation.py. Same loss as above."""
+    wt = weights or NavWeights()
+    start = linear_paths(wa[None], wb[None], T)[0, 1:-1]
+    P = start.clone().requires_grad_(True)
+    opt = torch.optim.Adam([P], lr=lr)
+    y = torch.full((T - 2,), int(label), dtype=torch.long, device=wa.device)
+    for _ in range(steps):
+        opt.zero_grad(set_to_none=True)
+        img = G.render(P)
+        full = torch.cat([wa[None], P, wb[None]], 0)
+        loss = (
+            wt.lambda_dist * (full[1:] - full[:-1]).pow(2).sum()
+            + wt.lambda_id * kl_uniform(phi_id(img)).mean()
+            + wt.lambda_class * F.cross_entropy(phi_class(img), y)
+        )
+        loss.backward()
+        opt.step()
+    return torch.cat([wa[None], P.detach(), wb[None]], 0)
+
+
+@torch.no_grad()
+def random_samples(G: nn.Module, n: int, truncation: float = 0.7, seed: int = 0) -> torch.Tensor:
+    """Plain GAN samples in W (the random baseline)."""
+    gen = torch.Generator().manual_seed(seed)
+    return G.sample_w(n, gen, truncation=truncation)
