@@ -45,7 +45,7 @@ from plan_shared.credentials import (
 from plan_shared.pool_proto import pool_pb2, pool_pb2_grpc
 
 CHUNK = 256 * 1024
-BATCH_BYTES = 1024 * 1024
+BATCH_BYTES = 256 * 1024
 MAX_MESSAGE = 8 * 1024 * 1024
 RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.ABORTED,
              grpc.StatusCode.CANCELLED, grpc.StatusCode.INTERNAL}

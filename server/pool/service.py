@@ -223,7 +223,10 @@ class PoolService(pool_pb2_grpc.PoolServicer):
         try:
             return fn(*args)
         except Refused as r:
-            LOG.warning("refused %s: %s", context.peer(), r.message)
+            if r.code == grpc.StatusCode.CANCELLED:
+                LOG.info("%s: %s", context.peer(), r.message)
+            else:
+                LOG.warning("refused %s: %s", context.peer(), r.message)
             context.abort(r.code, r.message)
 
     # ------------------------------------------------------------ Offer
@@ -314,6 +317,7 @@ class PoolService(pool_pb2_grpc.PoolServicer):
         received = 0
         cur = None  # (key, sha, size, fh, hasher, written, path, label)
         n_placed = 0
+        interrupted = False
         try:
             for msg in it:
                 if msg.manifest_part or msg.signature:
@@ -369,12 +373,12 @@ class PoolService(pool_pb2_grpc.PoolServicer):
                         cur = None
                         self._pause.at("received", n_placed)
         except grpc.RpcError:
-            # The client went away mid-stream; the caller sees context inactive.
-            pass
+            # The client went away mid-stream (the caller sees the context inactive): keep what was placed.
+            interrupted = True
         finally:
             if cur is not None:
                 cur[3].close()
-        if cur is not None:
+        if cur is not None and not interrupted:
             raise Refused(grpc.StatusCode.INVALID_ARGUMENT, f"{cur[7]}: stream ended inside the file")
         return received
 
