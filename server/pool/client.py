@@ -178,6 +178,7 @@ def pull(pool: str, credentials: Path, out: Path, site: Optional[str] = None, re
                     if p not in present:
                         _copy_into(out / present[0], out / p)
         fetched, nbytes = 0, 0
+        written: set[str] = set()
         bar = tqdm(total=len(todo), unit="img", desc="pull", disable=not progress or not todo)
         staging = out / ".partial"
         staging.mkdir(exist_ok=True)
@@ -188,7 +189,7 @@ def pull(pool: str, credentials: Path, out: Path, site: Optional[str] = None, re
                 def fetch(batch=batch) -> tuple[int, int]:
                     done, got = 0, 0
                     cur_sha, fh, hasher = None, None, None
-                    remaining = [s for s in batch if not _file_ok(out / files[s][1][0], files[s][0], s, False)]
+                    remaining = [s for s in batch if s not in written]  # a retry skips what arrived
                     if not remaining:
                         return 0, 0
                     try:
@@ -215,6 +216,7 @@ def pull(pool: str, credentials: Path, out: Path, site: Optional[str] = None, re
                                     os.replace(staging / cur_sha, target)
                                     for p in paths[1:]:
                                         _copy_into(target, out / p)
+                                    written.add(cur_sha)
                                     done += 1
                                     bar.update(1)
                                     cur_sha = None
