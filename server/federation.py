@@ -170,7 +170,12 @@ class Federation:
         meta = self.latest()
         start = 1
         node_ids = wait_for_nodes(self.grid, self.expected, fed.min_nodes, fed.wait_for_nodes_s)
-        channels, size = self.describe(node_ids)
+        if self.cfg.data.channels and self.cfg.data.size:
+            # Shape fixed by the config: skip a round trip (each message costs a ClientApp start in
+            # deployment); a site with other images fails its train step with a clear message.
+            channels, size = self.cfg.data.channels, self.cfg.data.size
+        else:
+            channels, size = self.describe(node_ids)
         device = torch.device("cpu")
         if meta is not None:
             trainer = GanTrainer.from_checkpoint(self.ckpt_dir / meta["checkpoint"], device)
