@@ -95,13 +95,13 @@ def start_command(config: str, dry_run: bool = False) -> int:
     print("starting SuperNode: " + " ".join(argv), flush=True)
     if dry_run:
         return 0
-    proc = subprocess.Popen(argv, env=env, cwd=state, start_new_session=True)
+    # Same process group as this command: Ctrl-C, systemd and `kill -- -PGID` reach the
+    # SuperNode and its ClientApp processes too.
+    proc = subprocess.Popen(argv, env=env, cwd=state)
 
-    def _stop(signum, frame):  # forward to the SuperNode and its ClientApp children
-        try:
-            os.killpg(proc.pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
+    def _stop(signum, frame):  # forward; the SuperNode stops its SuperExec/ClientApp children
+        if proc.poll() is None:
+            proc.terminate()
 
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGINT, _stop)

@@ -66,6 +66,35 @@ def default_app_dir() -> Path:
     return root
 
 
+def descendants(pid: int) -> list[int]:
+    """All live descendants of ``pid`` (from /proc; empty where /proc is missing)."""
+    kids: dict[int, list[int]] = {}
+    for d in os.listdir("/proc") if os.path.isdir("/proc") else []:
+        if d.isdigit():
+            try:
+                with open(f"/proc/{d}/stat") as fh:
+                    ppid = int(fh.read().rsplit(")", 1)[1].split()[1])
+                kids.setdefault(ppid, []).append(int(d))
+            except (OSError, ValueError, IndexError):
+                pass
+    out, todo = [], list(kids.get(pid, []))
+    while todo:
+        c = todo.pop()
+        out.append(c)
+        todo.extend(kids.get(c, []))
+    return out
+
+
+def kill_tree(pid: int, known: Optional[list[int]] = None) -> None:
+    """SIGKILL ``pid``'s process group and every (known or current) descendant."""
+    pids = set(known or []) | set(descendants(pid))
+    for target in (pid, *pids):
+        try:
+            os.killpg(target, signal.SIGKILL) if target == pid else os.kill(target, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+
 class Coordinator:
     def __init__(self, config_path: str | Path, app_dir: Optional[Path] = None, poll_s: float = 2.0):
         self.config_path = Path(config_path).expanduser().resolve()
@@ -141,16 +170,20 @@ class Coordinator:
         raise CoordinateError(f"SuperLink not ready after {ready_timeout:.0f}s; see {self.state / 'superlink.log'}")
 
     def stop_superlink(self) -> None:
-        if self.proc is None or self.proc.poll() is not None:
+        if self.proc is None:
             return
+        tree = descendants(self.proc.pid)
         try:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            self.proc.wait(15)
+            if self.proc.poll() is None:
+                os.killpg(self.proc.pid, signal.SIGTERM)
+                self.proc.wait(15)
         except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(5)
-        except ProcessLookupError:
             pass
+        except ProcessLookupError:
+            return
+        kill_tree(self.proc.pid, tree)  # SuperExec and ServerApp run in their own sessions; none may outlive it
+        if self.proc.poll() is None:
+            self.proc.wait(5)
 
     # ------------------------------------------------------------------ sites
     def register_sites(self) -> dict[str, str]:

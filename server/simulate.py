@@ -74,6 +74,8 @@ def run_simulation(cfg: PlanConfig, out: str | Path, cpus_per_site: float = 1.0,
     out = Path(out).expanduser().resolve()
     out.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("FLWR_HOME", str(out / ".flwr"))
+    if cfg.threads is None:  # one torch thread per virtual site, or N sites oversubscribe the cores
+        cfg = cfg.model_copy(update={"threads": max(1, int(cpus_per_site))})
     (out / "config.yaml").write_text(cfg.to_yaml())
     os.environ["PLAN_FED_RUN_CONFIG"] = json.dumps(
         {"plan-config": json.dumps(cfg.to_dict()), "out-dir": str(out), "expected-nodes": cfg.partition.sites}
