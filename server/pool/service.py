@@ -285,7 +285,9 @@ class PoolService(pool_pb2_grpc.PoolServicer):
                 what = f"images[{idx}] (id {bm.images[idx].record.id!r})" if idx is not None else "report.json"
                 raise Refused(grpc.StatusCode.INVALID_ARGUMENT,
                               f"{len(absent)} file(s) of the bundle were not sent, first: {what}")
-            self.store.sync_dirs(placed)
+            # Durable before visible: fsync every file this bundle adds (received now or left by an
+            # interrupted attempt), then the directories; only then the one-transaction commit.
+            self.store.make_durable(self.store.unindexed(set(wanted)))
             try:
                 res = self.store.commit(bm, manifest, signature, caller.serial,
                                         before_commit=lambda: self._pause.at("before_commit"),
@@ -315,7 +317,7 @@ class PoolService(pool_pb2_grpc.PoolServicer):
     def _receive(self, it, bm: BundleManifest, staging: Path, placed: set) -> int:
         """Write incoming files to staging, verify each, place it. Returns bytes received."""
         received = 0
-        cur = None  # (key, sha, size, fh, hasher, written, path, label)
+        cur = None  # [key, sha, size, fh, hasher, written, path, label, first bytes]
         n_placed = 0
         interrupted = False
         try:
@@ -340,12 +342,14 @@ class PoolService(pool_pb2_grpc.PoolServicer):
                         if ch.offset != 0:
                             raise Refused(grpc.StatusCode.INVALID_ARGUMENT, f"{label}: first chunk at offset {ch.offset}")
                         path = staging / f"{sha}.part"
-                        cur = [key, sha, size, open(path, "wb"), hashlib.sha256(), 0, path, label]
+                        cur = [key, sha, size, open(path, "wb"), hashlib.sha256(), 0, path, label, b""]
                     if ch.offset != cur[5]:
                         raise Refused(grpc.StatusCode.INVALID_ARGUMENT, f"{label}: chunk at offset {ch.offset}, expected {cur[5]}")
                     if cur[5] + len(ch.data) > size:
                         raise Refused(grpc.StatusCode.INVALID_ARGUMENT,
                                       f"{label}: more than the {size} bytes the signed manifest declares")
+                    if len(cur[8]) < len(PNG_MAGIC):
+                        cur[8] += ch.data[: len(PNG_MAGIC)]
                     cur[3].write(ch.data)
                     cur[4].update(ch.data)
                     cur[5] += len(ch.data)
@@ -360,13 +364,9 @@ class PoolService(pool_pb2_grpc.PoolServicer):
                             raise Refused(grpc.StatusCode.INVALID_ARGUMENT,
                                           f"{label}: sha256 mismatch (received {digest[:16]}…, signed {sha[:16]}…): "
                                           "the file was altered after signing")
-                        fh.flush()
-                        os.fsync(fh.fileno())
                         fh.close()
-                        if key != "report":
-                            with open(path, "rb") as chk:
-                                if chk.read(len(PNG_MAGIC)) != PNG_MAGIC:
-                                    raise Refused(grpc.StatusCode.INVALID_ARGUMENT, f"{label}: not a PNG file")
+                        if key != "report" and cur[8][: len(PNG_MAGIC)] != PNG_MAGIC:
+                            raise Refused(grpc.StatusCode.INVALID_ARGUMENT, f"{label}: not a PNG file")
                         self.store.place(path, sha)
                         placed.add(sha)
                         n_placed += 1

@@ -8,8 +8,8 @@ Layout of ``STORE``::
 
 Visibility rule: a bundle exists when, and only when, its ``bundles`` row exists;
 rows of a bundle are written in **one** transaction, and only after every file it
-references has been verified (sha256, size), fsynced and renamed into ``objects/``
-(with the directory fsynced). A crash at any point therefore leaves the whole
+references has been verified (sha256, size), renamed into ``objects/`` and made
+durable (every not-yet-indexed file and its directory fsynced). A crash at any point therefore leaves the whole
 bundle or nothing. Files in ``objects/`` without an ``objects`` row, and anything in
 ``staging/``, are garbage from interrupted uploads: :meth:`Store.collect_garbage`
 (run when the service starts) removes them. Until then an interrupted upload's
@@ -24,6 +24,7 @@ import shutil
 import sqlite3
 import threading
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -117,6 +118,7 @@ class Store:
         elif not self.index_path.is_file():
             raise StoreError(f"{self.root}: no pool store here (no index.sqlite)")
         self._lock = threading.RLock()
+        self._dirs: set[Path] = set()
         if readonly:
             uri = f"file:{self.index_path}?mode=ro"
             self._db = sqlite3.connect(uri, uri=True, check_same_thread=False, isolation_level=None)
@@ -174,17 +176,54 @@ class Store:
         return p
 
     def place(self, staged: Path, sha256: str) -> Path:
-        """Move a verified, fsynced staging file to its content address (the caller fsyncs dirs)."""
+        """Move a verified staging file to its content address.
+
+        Not yet durable: :meth:`make_durable` runs before the commit that indexes it.
+        Until then the file is an unindexed leftover (garbage, or reused after re-hashing).
+        """
         target = self.object_path(sha256)
-        target.parent.mkdir(exist_ok=True)
+        d = target.parent
+        if d not in self._dirs:
+            d.mkdir(exist_ok=True)
+            self._dirs.add(d)
         os.replace(staged, target)
         return target
+
+    def make_durable(self, shas: set[str]) -> None:
+        """fsync the given object files (in parallel: the file system batches them) and their directories."""
+        paths = [self.object_path(s) for s in shas]
+
+        def sync(p: Path) -> None:
+            fd = os.open(p, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+
+        if len(paths) > 16:
+            with ThreadPoolExecutor(max_workers=8, thread_name_prefix="fsync") as ex:
+                list(ex.map(sync, paths))
+        else:
+            for p in paths:
+                sync(p)
+        self.sync_dirs(shas)
 
     def sync_dirs(self, shas: set[str]) -> None:
         """fsync the object directories that received new names (once per directory)."""
         for d in sorted({s[:2] for s in shas}):
             _fsync_dir(self.objects / d)
         _fsync_dir(self.objects)
+
+    def unindexed(self, shas: set[str]) -> set[str]:
+        """The subset of ``shas`` without an ``objects`` row."""
+        items = list(shas)
+        indexed: set[str] = set()
+        with self._lock:
+            for i in range(0, len(items), 500):
+                part = items[i : i + 500]
+                q = "SELECT sha256 FROM objects WHERE sha256 IN (%s)" % ",".join("?" * len(part))
+                indexed.update(r[0] for r in self._db.execute(q, part))
+        return shas - indexed
 
     def discard_unindexed(self, shas: set[str]) -> None:
         """Remove files placed by a refused upload, unless another bundle indexed them meanwhile."""
