@@ -93,7 +93,7 @@ class DiscriminatorConfig(_Section):
 class GanConfig(_Section):
     """Local GAN training (also the per-round step of the federated client)."""
 
-    steps: int = Field(3000, ge=1, description="Generator steps of a local (non-federated) run.")
+    steps: int = Field(2000, ge=1, description="Generator steps of a local (non-federated) run.")
     batch_size: int = Field(32, ge=2)
     lr_g: float = Field(0.0025, gt=0.0)
     lr_d: float = Field(0.0025, gt=0.0)
@@ -109,20 +109,27 @@ class GanConfig(_Section):
         default_factory=lambda: ["translation", "color"],
         description="DiffAugment policies applied to real and fake images before D.",
     )
-    sample_every: int = Field(500, ge=1, description="Write a sample grid PNG every N steps.")
-    checkpoint_every: int = Field(1000, ge=1, description="Write a checkpoint every N steps (and at the end).")
+    sample_every: int = Field(250, ge=1, description="Write a sample grid PNG every N steps.")
+    checkpoint_every: int = Field(500, ge=1, description="Write a checkpoint every N steps (and at the end).")
 
 
-class ClassifierConfig(_Section):
-    """Classifier backbone (identity, class and downstream classifiers)."""
+class DownstreamConfig(_Section):
+    """phi_down: the researcher's classifier trained on the pooled synthetic images (stage D).
 
-    width: int = Field(32, ge=4, description="Channels of the first stage; doubled per stage.")
+    Trained class-balanced on the pulled pool, the epoch kept is the best on a held-out
+    synthetic validation split; each site scores it on its real test split, next to the
+    same architecture trained on that site's real train split (the reference).
+    """
+
+    width: int = Field(16, ge=4, description="Channels of the first stage; doubled per stage.")
     depth: int = Field(3, ge=1, le=6, description="Number of downsampling stages.")
-    feature_dim: int = Field(128, ge=8)
-    epochs: int = Field(30, ge=1)
-    batch_size: int = Field(128, ge=2)
+    feature_dim: int = Field(64, ge=8)
+    epochs: int = Field(10, ge=1)
+    batch_size: int = Field(64, ge=2)
     lr: float = Field(2e-3, gt=0.0)
     weight_decay: float = Field(1e-4, ge=0.0)
+    augment_shift: float = Field(0.0625, ge=0.0, le=0.5, description="Random translation fraction during training.")
+    val_fraction: float = Field(0.15, gt=0.0, lt=0.5, description="Share of the pooled images held out to select the epoch.")
 
 
 class IdentityConfig(_Section):
@@ -176,7 +183,7 @@ class InversionConfig(_Section):
     """B3: one W vector per real training image, Adam from w_avg, batched."""
 
     steps: int = Field(60, ge=1, description="Adam steps per image (method.md: a few hundred; 60 at a higher lr fits the CPU budget).")
-    lr: float = Field(0.05, gt=0.0, description="Adam learning rate in W.")
+    lr: float = Field(0.05, gt=0.0, description="Adam learning rate in W, in units of sigma_W (mean per-coordinate std of W, measured on the generator).")
     batch_size: int = Field(256, ge=1, description="Images optimised together.")
     max_images: Optional[int] = Field(
         800, ge=1, description="Invert at most this many training images (seeded stratified subsample; null = all). "
@@ -207,7 +214,7 @@ class NavigationConfig(_Section):
 
     T: int = Field(50, ge=3, description="Points per path including both anchors (published figures: 50).")
     steps: int = Field(40, ge=0, description="Adam steps (published: 500; 40 fits the 2-core CPU budget, see report).")
-    lr: float = Field(0.1, gt=0.0, description="Adam learning rate (published: 0.1).")
+    lr: float = Field(0.1, gt=0.0, description="Adam learning rate (published: 0.1). Navigation runs in W standardised by sigma_W (mean per-coordinate std of W), so lr, L_dist and max_offset mean what they mean in StyleGAN2 W (std ~1).")
     lambda_dist: float = Field(1.0, ge=0.0, description="Weight of L_dist (sum over segments).")
     lambda_id: float = Field(1.2, ge=0.0, description="Weight of L_id = mean KL(U || softmax phi_id); 1.2 = 0.025 x 48 (published per-image weight at T = 50).")
     lambda_class: float = Field(12.0, ge=0.0, description="Weight of L_class = mean CE(phi_class, y); 12 = 0.25 x 48 (published per-image weight at T = 50).")
@@ -274,6 +281,21 @@ class FederationConfig(_Section):
     supernode_port: int = Field(9094, ge=1, le=65535, description="Site: local SuperNode runtime port (127.0.0.1).")
 
 
+class PoolConfig(_Section):
+    """Where synthetic images go (stage C) and where the coordinator reads them back (stage D)."""
+
+    address: Optional[str] = Field(
+        None, description="host:port of the pool service (`plan-server pool serve`); null = no export (site output dir only)."
+    )
+    server_name: Optional[str] = Field(None, description="TLS name to expect on the pool's certificate (default: the host).")
+    credentials: Optional[str] = Field(
+        None,
+        description="Site: its folder CERTS/sites/NAME (client cert, signing key). Coordinator: a reader folder "
+        "CERTS/readers/NAME. In simulation it is derived from federation.certs_dir.",
+    )
+    retries: int = Field(5, ge=0, description="Push/pull retries with backoff after a cut connection.")
+
+
 class PlanConfig(BaseModel):
     """The whole configuration of a site, a coordinator or a simulation."""
 
@@ -288,7 +310,7 @@ class PlanConfig(BaseModel):
     generator: GeneratorConfig = Field(default_factory=GeneratorConfig)
     discriminator: DiscriminatorConfig = Field(default_factory=DiscriminatorConfig)
     gan: GanConfig = Field(default_factory=GanConfig)
-    classifier: ClassifierConfig = Field(default_factory=ClassifierConfig)
+    downstream: DownstreamConfig = Field(default_factory=DownstreamConfig)
     identity: IdentityConfig = Field(default_factory=IdentityConfig)
     classes: ClassesConfig = Field(default_factory=ClassesConfig)
     inversion: InversionConfig = Field(default_factory=InversionConfig)
@@ -297,6 +319,7 @@ class PlanConfig(BaseModel):
     filter: FilterConfig = Field(default_factory=FilterConfig)
     synthesis: SynthesisConfig = Field(default_factory=SynthesisConfig)
     federation: FederationConfig = Field(default_factory=FederationConfig)
+    pool: PoolConfig = Field(default_factory=PoolConfig)
 
     @model_validator(mode="after")
     def _check_device(self) -> "PlanConfig":

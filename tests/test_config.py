@@ -97,5 +97,5 @@ def test_data_overrides(tmp_path):
 
 def test_describe_defaults_lists_every_section():
     doc = describe_defaults()
-    for key in ("`seed`", "`data.size`", "`gan.r1_gamma`", "`generator.w_dim`", "`classifier.width`"):
+    for key in ("`seed`", "`data.size`", "`gan.r1_gamma`", "`generator.w_dim`", "`downstream.width`"):
         assert key in doc
