@@ -262,3 +262,22 @@ def test_record_without_thresholds_and_limits(pki, server, tmp_path):
     rid = signed.manifest.images[0].record.id
     assert msg == f"pool refused the bundle: images[0] (id '{rid}') is {size} bytes, limit 32768"
     assert_nothing_left(server, signed.bundle_id, pki)
+
+
+def test_replaced_certificate(pki, server, tmp_path):
+    from server.certs import issue
+
+    issue(pki.certs, "site-x", "site")
+    old = tmp_path / "old-creds"
+    shutil.copytree(pki.site("site-x"), old)
+    issue(pki.certs, "site-x", "site", force=True)  # new keys and certificate; the old ones stop working
+    out = tmp_path / "x"
+    make_site_dir(out, "site-x", 3, seed=20)
+    r = run_cli("client.export", str(out), "--pool", server.address, "--credentials", str(old), "--no-progress")
+    from plan_shared.credentials import cert_identity
+
+    serial = cert_identity((old / "client.crt").read_bytes()).serial[:16]
+    assert r.returncode == 1
+    assert (f"error: pool refused the bundle: certificate 'site-x' (serial {serial}) has been replaced by a newer "
+            "certificate") in r.stderr
+    assert not export(out, server.address, pki.site("site-x"), progress=False).duplicate

@@ -168,3 +168,19 @@ def test_sigkill_mid_ingest_then_restart(point, pki, tmp_path):
     assert not list((store_dir / "staging").iterdir())
     assert os.path.exists(store_dir / "index.sqlite")
     assert load_client_credentials(pki.reader).role == "reader"
+
+
+def test_place_never_replaces_an_indexed_file(tmp_path):
+    out = tmp_path / "out"
+    make_site_dir(out, "site-a", 2, seed=5)
+    signed = build_bundle(out, generate_signing_key())
+    store = Store(tmp_path / "store")
+    _ingest(store, signed)
+    store.commit(signed.manifest, signed.manifest_bytes, signed.signature, "01")
+    sha = signed.manifest.images[0].record.sha256
+    inode = store.object_path(sha).stat().st_ino
+    staged = store.new_staging() / "again"
+    staged.write_bytes((out / signed.manifest.images[0].record.file).read_bytes())
+    store.place(staged, sha)
+    assert store.object_path(sha).stat().st_ino == inode and not staged.exists()
+    store.close()

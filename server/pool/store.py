@@ -182,6 +182,10 @@ class Store:
         Until then the file is an unindexed leftover (garbage, or reused after re-hashing).
         """
         target = self.object_path(sha256)
+        if self.is_indexed(sha256):
+            # Never replace an indexed (durable) file with a not-yet-durable copy of it.
+            staged.unlink()
+            return target
         d = target.parent
         if d not in self._dirs:
             d.mkdir(exist_ok=True)
