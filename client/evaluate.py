@@ -1,0 +1,129 @@
+"""Federated evaluation and privacy audit at a site: real images never leave it.
+
+``evaluate_downstream`` scores the coordinator's phi_down on this site's real test
+split, next to the reference (same architecture trained on this site's real train
+split, epoch selected on its real val split). ``privacy_audit`` measures what the
+images this site exported reveal about its training images:
+
+- distance membership inference against the exported images: score of a real record
+  = minus its pixel-space distance to the closest exported image; members = site
+  train, non-members = site test (held out of everything). Pixel space is used on
+  purpose: it belongs to no model of the pipeline, so navigation cannot have been
+  optimised against it;
+- loss-threshold membership inference against phi_down (score = minus its loss);
+- distance to closest record: ``dcr_ratio`` = median DCR(exported -> train) / median
+  DCR(held-out -> train) (1 = as far as a real non-member; < 1 = closer);
+  ``too_close_rate`` = share of exported images closer to a train image than the 5th
+  percentile of held-out -> train distances.
+
+Only numbers are returned.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from plan_shared.classifiers import build_classifier, predict_logits, spec_from, train_classifier
+from plan_shared.config import PlanConfig
+from plan_shared.data import ImageDataset, to_tensor
+from plan_shared.metrics import classification_report, dcr, mia_auc, tpr_at_fpr
+
+LOG = logging.getLogger("plan.evaluate")
+
+
+def score_classifier(model: torch.nn.Module, x: torch.Tensor, y: np.ndarray, num_classes: int) -> dict[str, Any]:
+    pred = predict_logits(model, x).argmax(1).numpy()
+    out: dict[str, Any] = classification_report(y, pred)
+    cm = np.zeros((num_classes, num_classes), dtype=np.int64)
+    np.add.at(cm, (np.asarray(y, dtype=np.int64), pred), 1)
+    out["confusion"] = cm.tolist()
+    out["n"] = int(len(y))
+    return out
+
+
+def reference_classifier(cfg: PlanConfig, ds: ImageDataset, progress: bool = False) -> torch.nn.Module:
+    """The same architecture as phi_down, trained on this site's real train split."""
+    sec = cfg.downstream
+    torch.manual_seed(cfg.seed)
+    model = build_classifier(ds.num_classes, ds.channels, ds.size, sec)
+    spec = spec_from(sec, balanced=True, shift=sec.augment_shift)
+    val = (to_tensor(ds.val.images), torch.as_tensor(ds.val.labels)) if len(ds.val) else None
+    train_classifier(model, to_tensor(ds.train.images), ds.train.labels, spec, val=val, seed=cfg.seed,
+                     desc="reference", progress=progress)
+    return model
+
+
+def load_downstream(cfg: PlanConfig, state: dict[str, torch.Tensor], arch: dict[str, int]) -> torch.nn.Module:
+    model = build_classifier(arch["num_classes"], arch["channels"], arch["size"], cfg.downstream)
+    model.load_state_dict(state)
+    return model.eval()
+
+
+def evaluate_downstream(
+    cfg: PlanConfig, ds: ImageDataset, phi_down: torch.nn.Module, reference: torch.nn.Module | None = None
+) -> dict[str, Any]:
+    x, y = to_tensor(ds.test.images), ds.test.labels
+    out = {"synthetic": score_classifier(phi_down, x, y, ds.num_classes)}
+    ref = reference if reference is not None else reference_classifier(cfg, ds)
+    out["real"] = score_classifier(ref, x, y, ds.num_classes)
+    return out
+
+
+def _flat(x: torch.Tensor) -> torch.Tensor:
+    return x.reshape(x.shape[0], -1).float()
+
+
+def distance_mia(members: torch.Tensor, nonmembers: torch.Tensor, synthetic: torch.Tensor) -> dict[str, float]:
+    """Membership inference from the distance of each real record to the closest synthetic image."""
+    if len(synthetic) == 0:
+        return {"mia_auc": float("nan"), "mia_tpr_at_1pct_fpr": float("nan")}
+    syn = _flat(synthetic)
+    s_mem = -dcr(_flat(members), syn)
+    s_non = -dcr(_flat(nonmembers), syn)
+    return {"mia_auc": mia_auc(s_mem, s_non), "mia_tpr_at_1pct_fpr": tpr_at_fpr(s_mem, s_non, 0.01)}
+
+
+@torch.no_grad()
+def loss_mia(model: torch.nn.Module, members: tuple[torch.Tensor, np.ndarray],
+             nonmembers: tuple[torch.Tensor, np.ndarray]) -> dict[str, float]:
+    """Loss-threshold membership inference against a classifier (lower loss = member)."""
+
+    def neg_loss(x: torch.Tensor, y: np.ndarray) -> np.ndarray:
+        logits = predict_logits(model, x)
+        return (-F.cross_entropy(logits, torch.as_tensor(y, dtype=torch.long), reduction="none")).numpy()
+
+    s_mem, s_non = neg_loss(*members), neg_loss(*nonmembers)
+    return {"loss_mia_auc": mia_auc(s_mem, s_non), "loss_mia_tpr_at_1pct_fpr": tpr_at_fpr(s_mem, s_non, 0.01)}
+
+
+def dcr_audit(train: torch.Tensor, heldout: torch.Tensor, synthetic: torch.Tensor, quantile: float = 0.05) -> dict[str, float]:
+    tr = _flat(train)
+    base = dcr(_flat(heldout), tr)
+    if len(synthetic) == 0 or len(base) == 0:
+        return {"dcr_ratio": float("nan"), "too_close_rate": float("nan"), "dcr_synthetic_median": float("nan"),
+                "dcr_heldout_median": float(np.median(base)) if len(base) else float("nan")}
+    syn = dcr(_flat(synthetic), tr)
+    bar = float(np.quantile(base, quantile))
+    return {
+        "dcr_ratio": float(np.median(syn) / max(np.median(base), 1e-12)),
+        "too_close_rate": float((syn < bar).mean()),
+        "dcr_synthetic_median": float(np.median(syn)),
+        "dcr_heldout_median": float(np.median(base)),
+    }
+
+
+def privacy_audit(ds: ImageDataset, synthetic_uint8: np.ndarray, phi_down: torch.nn.Module | None) -> dict[str, float]:
+    """All privacy numbers of one site (members = train, non-members = test)."""
+    train, test = to_tensor(ds.train.images), to_tensor(ds.test.images)
+    syn = to_tensor(synthetic_uint8) if len(synthetic_uint8) else torch.zeros(0, *train.shape[1:])
+    out = {"n_members": int(len(train)), "n_nonmembers": int(len(test)), "n_synthetic": int(len(syn))}
+    out.update(distance_mia(train, test, syn))
+    out.update(dcr_audit(train, test, syn))
+    if phi_down is not None:
+        out.update(loss_mia(phi_down, (train, ds.train.labels), (test, ds.test.labels)))
+    return out

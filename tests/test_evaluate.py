@@ -1,0 +1,74 @@
+"""Site-side evaluation and privacy audit on constructed inputs."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from client.evaluate import dcr_audit, distance_mia, loss_mia, privacy_audit, score_classifier
+from plan_shared.data import ImageDataset, Split
+
+
+class _Fixed(torch.nn.Module):
+    """A 'classifier' that returns preset logits (one row per call order)."""
+
+    def __init__(self, num_classes: int):
+        super().__init__()
+        self.p = torch.nn.Parameter(torch.zeros(1))
+        self.num_classes = num_classes
+
+    def forward(self, x):  # predicts class = round(mean pixel > 0)
+        m = x.reshape(x.shape[0], -1).mean(1)
+        return torch.stack([-m, m], 1) * 10
+
+
+def test_score_classifier_confusion_and_metrics():
+    x = torch.cat([torch.full((3, 1, 4, 4), -0.5), torch.full((2, 1, 4, 4), 0.5)])
+    y = np.array([0, 0, 1, 1, 1])
+    rep = score_classifier(_Fixed(2), x, y, 2)
+    assert rep["confusion"] == [[2, 0], [1, 2]]
+    assert rep["accuracy"] == pytest.approx(4 / 5)
+    assert rep["balanced_accuracy"] == pytest.approx((1 + 2 / 3) / 2)
+    assert rep["n"] == 5
+
+
+def test_distance_mia_copies_vs_fresh():
+    g = torch.Generator().manual_seed(0)
+    members, nonmembers = torch.rand(40, 1, 8, 8, generator=g), torch.rand(40, 1, 8, 8, generator=g)
+    leaked = distance_mia(members, nonmembers, members.clone())  # the pool holds the members themselves
+    assert leaked["mia_auc"] == pytest.approx(1.0) and leaked["mia_tpr_at_1pct_fpr"] == pytest.approx(1.0)
+    fresh = distance_mia(members, nonmembers, torch.rand(200, 1, 8, 8, generator=g))
+    assert 0.3 < fresh["mia_auc"] < 0.7
+
+
+def test_dcr_audit_ratio_and_too_close():
+    g = torch.Generator().manual_seed(1)
+    train, held = torch.rand(50, 1, 8, 8, generator=g), torch.rand(50, 1, 8, 8, generator=g)
+    copies = dcr_audit(train, held, train[:10] + 0.001)
+    assert copies["too_close_rate"] == 1.0 and copies["dcr_ratio"] < 0.05
+    fresh = dcr_audit(train, held, torch.rand(50, 1, 8, 8, generator=g))
+    assert 0.7 < fresh["dcr_ratio"] < 1.3 and fresh["too_close_rate"] < 0.2
+
+
+def test_loss_mia_detects_a_memorising_model():
+    x_m = torch.full((10, 1, 4, 4), 0.5)
+    x_n = torch.full((10, 1, 4, 4), -0.5)
+    # members predicted right (low loss), non-members wrong (high loss) -> AUC 1
+    res = loss_mia(_Fixed(2), (x_m, np.ones(10, int)), (x_n, np.ones(10, int)))
+    assert res["loss_mia_auc"] == pytest.approx(1.0)
+
+
+def test_privacy_audit_keys_and_empty_pool():
+    rng = np.random.default_rng(0)
+
+    def split(n):
+        return Split(rng.integers(0, 255, (n, 1, 8, 8), dtype=np.uint8), (np.arange(n) % 2).astype(np.int64))
+
+    ds = ImageDataset("t", split(20), split(6), split(10), ["a", "b"], 1, 8, "memory")
+    out = privacy_audit(ds, ds.train.images[:5], _Fixed(2))
+    for k in ("mia_auc", "mia_tpr_at_1pct_fpr", "dcr_ratio", "too_close_rate", "loss_mia_auc", "n_synthetic"):
+        assert k in out
+    assert out["too_close_rate"] == 1.0  # exported copies of training images are all too close
+    empty = privacy_audit(ds, np.zeros((0, 1, 8, 8), np.uint8), None)
+    assert np.isnan(empty["mia_auc"]) and "loss_mia_auc" not in empty
