@@ -48,6 +48,7 @@ CHUNK = 256 * 1024
 BATCH_BYTES = 256 * 1024
 MAX_MESSAGE = 8 * 1024 * 1024
 RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.ABORTED,
+             grpc.StatusCode.RESOURCE_EXHAUSTED,
              grpc.StatusCode.CANCELLED, grpc.StatusCode.INTERNAL}
 
 
