@@ -29,7 +29,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Optional
 
-import grpc
+import os
+
+# Quiet gRPC core's own INFO lines (e.g. a handshake failure, which we explain ourselves);
+# set before grpc is first imported; an explicit GRPC_VERBOSITY wins.
+os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
+
+import grpc  # noqa: E402
 import typer
 from tqdm import tqdm
 

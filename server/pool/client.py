@@ -31,7 +31,11 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable, Optional, TypeVar
 
-import grpc
+# Quiet gRPC core's own INFO lines (e.g. a handshake failure, which we explain ourselves);
+# set before grpc is first imported; an explicit GRPC_VERBOSITY wins.
+os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
+
+import grpc  # noqa: E402
 from tqdm import tqdm
 
 from plan_shared.credentials import CLIENT_CERT, CLIENT_KEY, ClientCredentials, diagnose_tls, load_client_credentials
