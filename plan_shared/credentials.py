@@ -42,6 +42,7 @@ from __future__ import annotations
 import json
 import os
 import stat
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -217,10 +218,20 @@ def diagnose_tls(
     gRPC reports a refused client certificate only as "Socket closed" (TLS 1.3 checks
     the client certificate after the client considers the handshake done). This
     probe repeats the handshake with the standard library: the server closing the
-    connection at once means it refused the client certificate; a verification error
-    means the server's certificate does not match ``ca.crt`` (or the name). None when
-    TLS works or the server is unreachable (a transient condition: retry).
+    connection at once, twice in a row, means it refused the client certificate; a
+    verification error means the server's certificate does not match ``ca.crt`` (or
+    the name). None when TLS works or the failure looks transient (server
+    unreachable, connection reset: a restarting server), so the caller retries.
     """
+    first = _probe_tls(address, ca_pem, cert_path, key_path, server_name, timeout)
+    if first is None or first[0] == "verify":
+        return None if first is None else first[1]
+    time.sleep(0.3)
+    second = _probe_tls(address, ca_pem, cert_path, key_path, server_name, timeout)
+    return first[1] if second is not None and second[0] == first[0] else None
+
+
+def _probe_tls(address, ca_pem, cert_path, key_path, server_name, timeout) -> Optional[tuple[str, str]]:
     import socket
     import ssl
 
@@ -234,7 +245,7 @@ def diagnose_tls(
         if cert_path is not None and key_path is not None:
             ctx.load_cert_chain(str(cert_path), str(key_path))
     except (ssl.SSLError, OSError, ValueError) as err:
-        return f"cannot load the credentials for TLS: {err}"
+        return "verify", f"cannot load the credentials for TLS: {err}"
     ctx.set_alpn_protocols(["h2"])
     try:
         raw = socket.create_connection((host, port), timeout=timeout)
@@ -244,10 +255,15 @@ def diagnose_tls(
         try:
             tls = ctx.wrap_socket(raw, server_hostname=server_name or host)
         except ssl.SSLCertVerificationError as err:
-            return (f"the pool at {address} presented a certificate that this client's ca.crt does not accept "
-                    f"({err.verify_message}); wrong ca.crt, or the server's name differs (--server-name)")
-        except (ssl.SSLError, OSError) as err:
-            return f"TLS handshake with the pool at {address} failed: {err}"
+            return "verify", (
+                f"the pool at {address} presented a certificate that this client's ca.crt does not accept "
+                f"({err.verify_message}); wrong ca.crt, or the server's name differs (--server-name)")
+        except ssl.SSLError as err:
+            if isinstance(err, (ssl.SSLEOFError, ssl.SSLZeroReturnError)):
+                return None  # connection dropped mid-handshake: transient
+            return "alert", f"TLS handshake with the pool at {address} failed: {err}"
+        except OSError:
+            return None  # reset or timeout: transient
         try:
             # HTTP/2 preface + empty SETTINGS: an accepting server answers with its SETTINGS.
             tls.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes.fromhex("000000040000000000"))
@@ -259,7 +275,7 @@ def diagnose_tls(
         if data:
             return None
         which = f"the client certificate {cert_path}" if cert_path else "a connection without a client certificate"
-        return (f"the pool at {address} refused {which} in the TLS handshake{detail}: it accepts only "
-                "certificates issued by its own CA (`plan-server certs issue`)")
+        return "closed", (f"the pool at {address} refused {which} in the TLS handshake{detail}: it accepts only "
+                          "certificates issued by its own CA (`plan-server certs issue`)")
     finally:
         raw.close()
