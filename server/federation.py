@@ -228,7 +228,7 @@ class Federation:
                 "wall_s": round(wall, 3),
                 "sites_sent": len(node_ids),
                 "sites_replied": len(ok),
-                "missing": [{"node_id": n, "site": self.site_names.get(n, "?"), "reason": errors.get(n, "timeout")}
+                "missing": [{"node_id": n, "site": self.site_names.get(n, "?"), "reason": errors.get(n, "no reply (site offline or past round_timeout_s)")}
                             for n in missing],
                 "aggregate": dict(agg_metrics) if agg_metrics is not None else {},
                 "sites": sorted(sites, key=lambda s: s["site"]),
