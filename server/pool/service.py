@@ -300,6 +300,10 @@ class PoolService(pool_pb2_grpc.PoolServicer):
             if r.code != grpc.StatusCode.CANCELLED and r.code != grpc.StatusCode.ABORTED:
                 self.store.discard_unindexed(placed)   # refused: keep nothing of it
             raise
+        except OSError as err:  # e.g. disk full: nothing becomes visible; tell the client
+            LOG.error("storage error during push of %s: %s", bm.bundle_id[:12], err)
+            self.store.discard_unindexed(placed)
+            raise Refused(grpc.StatusCode.INTERNAL, f"pool storage error: {err}") from None
         finally:
             shutil.rmtree(staging, ignore_errors=True)
             if not ok and not context.is_active():
