@@ -47,7 +47,7 @@ from plan_shared.imaging import save_png, to_uint8_hwc
 from plan_shared.inversion import invert
 from plan_shared.manifest import ImageRecord, SiteManifest, Thresholds, write_site_manifest
 from plan_shared.metrics import classification_report, dcr_summary
-from plan_shared.navigation import NavWeights, linear_paths, optimise_paths, random_samples
+from plan_shared.navigation import NavWeights, linear_paths, optimise_paths, random_samples, w_std
 from plan_shared.plots import dcr_histogram, path_strips, sample_grid
 from plan_shared.privacy import accept_mask, calibrate_delta, closest_distance, plant_duplicates, reject_reasons, score_images
 from plan_shared.runtime import resolve_device, seed_everything, set_threads
@@ -101,7 +101,7 @@ def _utility(cfg: PlanConfig, ds: ImageDataset, x_tr, y_tr, x_te, y_te, seed: in
     model = build_classifier(ds.num_classes, ds.channels, ds.size, cfg.classes).to(device)
     spec = spec_from(cfg.classes, epochs=cfg.classes.utility_epochs, balanced=True)
     torch.manual_seed(seed)
-    train_classifier(model, x_tr, y_tr, spec, seed=seed, desc=desc)
+    train_classifier(model, x_tr, y_tr, spec, seed=seed, desc=desc, recalibrate=True)
     pred = predict_logits(model, x_te).argmax(1).numpy()
     rep = {k: _f(v) for k, v in classification_report(y_te, pred).items()}
     rep["n_train"] = int(len(x_tr))
@@ -161,12 +161,12 @@ def run_site_pipeline(
     with tm.stage("phi_id"):
         torch.manual_seed(cfg.seed)
         phi_id = build_classifier(n_id, ds.channels, ds.size, idc, head="cosine").to(device)
-        train_classifier(phi_id, x_tr, id_labels, id_spec, seed=cfg.seed, desc="phi_id", progress=progress)
+        train_classifier(phi_id, x_tr, id_labels, id_spec, seed=cfg.seed, desc="phi_id", progress=progress, recalibrate=True)
     with tm.stage("indep_id"):
         s2 = cfg.seed + idc.indep_seed_offset
         torch.manual_seed(s2)
         indep = build_classifier(n_id, ds.channels, ds.size, idc, head="cosine", width=idc.indep_width).to(device)
-        train_classifier(indep, x_tr, id_labels, id_spec, seed=s2, desc="independent id", progress=progress)
+        train_classifier(indep, x_tr, id_labels, id_spec, seed=s2, desc="independent id", progress=progress, recalibrate=True)
     with torch.no_grad():
         pm = lambda m, x: torch.softmax(predict_logits(m, x), 1).max(1).values  # noqa: E731
         report["identity"] = {
@@ -186,7 +186,7 @@ def run_site_pipeline(
         phi_class = build_classifier(ds.num_classes, ds.channels, ds.size, cfg.classes).to(device)
         val = (x_va, y_va) if len(x_va) else None
         hist = train_classifier(phi_class, x_tr, y_tr, spec_from(cfg.classes), val=val, seed=cfg.seed + 1,
-                                desc="phi_class", progress=progress)
+                                desc="phi_class", progress=progress, recalibrate=True)
         report["classes"] = {
             "phi_class_val_acc": _f(accuracy_of(phi_class, x_va, y_va)) if len(x_va) else None,
             "phi_class_test_acc": _f(accuracy_of(phi_class, x_te, torch.as_tensor(y_te))),
@@ -212,7 +212,8 @@ def run_site_pipeline(
         else:
             inv_idx = np.arange(n_train)
         t0 = time.perf_counter()
-        w_real, err = invert(G, x_tr[inv_idx], feature_net=phi_id, steps=ic.steps, lr=ic.lr,
+        sigma_w = w_std(G, seed=cfg.seed)
+        w_real, err = invert(G, x_tr[inv_idx], feature_net=phi_id, steps=ic.steps, lr=ic.lr * sigma_w,
                              batch_size=ic.batch_size, pixel_weight=ic.pixel_weight,
                              feature_weight=ic.feature_weight, progress=progress)
         dt = time.perf_counter() - t0
@@ -220,7 +221,7 @@ def run_site_pipeline(
             base = (G.render(G.w_avg[None]).cpu() - x_tr[inv_idx]).pow(2).flatten(1).mean(1)
         report["inversion"] = {
             "n_inverted": int(len(inv_idx)), "n_train": n_train, "subsampled": bool(len(inv_idx) < n_train),
-            "steps": ic.steps, "batch_size": ic.batch_size, "lr": ic.lr,
+            "steps": ic.steps, "batch_size": ic.batch_size, "lr": ic.lr, "sigma_w": sigma_w,
             "mean_mse": _f(err.mean()) if len(err) else None,
             "mean_mse_at_w_avg": _f(base.mean()),
             "seconds_per_image": _f(dt / max(len(inv_idx), 1)),
@@ -257,12 +258,12 @@ def run_site_pipeline(
             full_plan = optimise_paths(
                 G, phi_id, phi_class, wa, wb, plabels, T=T, steps=nc.steps, lr=nc.lr,
                 weights=NavWeights(nc.lambda_dist, nc.lambda_id, nc.lambda_class), chunk=nc.chunk,
-                max_offset=nc.max_offset, progress=progress, history=hist_nav,
+                max_offset=nc.max_offset, progress=progress, history=hist_nav, w_scale=sigma_w,
             ).cpu()
             dt = time.perf_counter() - t0
             report["navigation"] = {
                 "T": T, "steps": nc.steps, "lr": nc.lr, "lambda_dist": nc.lambda_dist, "lambda_id": nc.lambda_id,
-                "lambda_class": nc.lambda_class, "chunk": nc.chunk, "max_offset": nc.max_offset, "paths": len(pairs),
+                "lambda_class": nc.lambda_class, "chunk": nc.chunk, "w_scale": sigma_w, "max_offset": nc.max_offset, "paths": len(pairs),
                 "path_steps_per_s": _f(len(pairs) * nc.steps / max(dt, 1e-9)),
                 "loss_first": hist_nav[0] if hist_nav else None, "loss_last": hist_nav[-1] if hist_nav else None,
             }

@@ -85,9 +85,13 @@ def optimise_paths(
     max_offset: Optional[float] = None,
     progress: bool = True,
     history: Optional[list] = None,
+    w_scale: float = 1.0,
 ) -> torch.Tensor:
     """Optimise all paths together; returns full paths ``[paths, T, w_dim]`` (detached, on wa's device).
 
+    ``w_scale`` (sigma_W, see :func:`w_std`): the optimisation runs in standardised
+    coordinates u = w / w_scale, so ``lr``, ``L_dist`` and ``max_offset`` have the meaning
+    they have in StyleGAN2's W (per-coordinate std ~1) whatever the generator's W scale.
     ``history``, when a list, receives per step the summed loss terms over all paths.
     """
     if T < 3:
@@ -98,11 +102,21 @@ def optimise_paths(
         for q in net.parameters():
             q.requires_grad_(False)
     dev = wa.device
+    sc = float(w_scale)
+    wa, wb = wa / sc, wb / sc
     labels = labels.to(dev).long()
     p, d = wa.shape
     start = linear_paths(wa, wb, T)[:, 1:-1].contiguous()
-    P = start.clone().requires_grad_(True)
-    opt = torch.optim.Adam([P], lr=lr)
+    # Parametrise the free points as offsets D from the straight line (P = start + D, D = 0 at
+    # the start). With fixed ends, L_dist = (T-1)|v|^2 + sum_segments |D_{i+1} - D_i|^2 exactly
+    # (v = (w_b - w_a)/(T-1); the cross term telescopes to <v, D_end - D_0> = 0), so its
+    # gradient on the straight line is exactly 0 in floating point and Adam does not
+    # amplify rounding noise into a random walk when the classifier terms are off.
+    seg_const = (T - 1) * ((wb - wa) / (T - 1)).pow(2).sum(1)  # [paths]
+    D = torch.zeros_like(start).requires_grad_(True)
+    opt = torch.optim.Adam([D], lr=lr)
+    zero_end = torch.zeros(p, 1, d, device=dev, dtype=start.dtype)
+    flat_start = start.view(-1, d)
     n_inner = T - 2
     flat_labels = labels.repeat_interleave(n_inner)
     need_cls = wt.lambda_id > 0 or wt.lambda_class > 0
@@ -111,35 +125,33 @@ def optimise_paths(
         opt.zero_grad(set_to_none=True)
         sums = {"dist": 0.0, "id": 0.0, "class": 0.0}
         if need_cls:
-            flat = P.view(-1, d)
+            flat = D.view(-1, d)
             for s in range(0, flat.shape[0], chunk):
-                w = flat[s : s + chunk]
-                img = G.render(w)
+                w = flat_start[s : s + chunk] + flat[s : s + chunk]
+                img = G.render(w * sc)
                 loss = torch.zeros((), device=dev)
                 if wt.lambda_id > 0:
                     kl = kl_uniform(phi_id(img))
                     loss = loss + wt.lambda_id * kl.sum() / n_inner
-                    sums["id"] += float(kl.sum()) / n_inner
+                    sums["id"] += float(kl.detach().sum()) / n_inner
                 if wt.lambda_class > 0:
                     ce = F.cross_entropy(phi_class(img), flat_labels[s : s + chunk], reduction="sum")
                     loss = loss + wt.lambda_class * ce / n_inner
-                    sums["class"] += float(ce) / n_inner
-                loss.backward()  # accumulates into P.grad through the view
-        full = torch.cat([wa.unsqueeze(1), P, wb.unsqueeze(1)], dim=1)
-        ld = dist_loss(full).sum()
+                    sums["class"] += float(ce.detach()) / n_inner
+                loss.backward()  # accumulates into D.grad through the view
+        ld = seg_const.sum() + dist_loss(torch.cat([zero_end, D, zero_end], dim=1)).sum()
         (wt.lambda_dist * ld).backward()
         sums["dist"] = float(ld)
         opt.step()
         if max_offset is not None:
             with torch.no_grad():
-                off = P - start
-                norm = off.norm(dim=2, keepdim=True).clamp(min=1e-12)
-                P.copy_(start + off * (max_offset / norm).clamp(max=1.0))
+                norm = D.norm(dim=2, keepdim=True).clamp(min=1e-12)
+                D.mul_((max_offset / norm).clamp(max=1.0))
         if history is not None:
             history.append(sums)
         bar.set_postfix(dist=f"{sums['dist'] / p:.3g}", kl=f"{sums['id'] / p:.3g}", ce=f"{sums['class'] / p:.3g}", refresh=False)
     with torch.no_grad():
-        return torch.cat([wa.unsqueeze(1), P.detach(), wb.unsqueeze(1)], dim=1)
+        return torch.cat([wa.unsqueeze(1), start + D.detach(), wb.unsqueeze(1)], dim=1) * sc
 
 
 def sequential_reference(
@@ -153,17 +165,20 @@ def sequential_reference(
     steps: int = 40,
     lr: float = 0.1,
     weights: NavWeights | None = None,
+    w_scale: float = 1.0,
 ) -> torch.Tensor:
     """Re-statement of the published loop for ONE path (all interior points in one batch,
     one backward per step); the baseline of benchmarks/navigation.py. Same loss as above."""
     wt = weights or NavWeights()
+    sc = float(w_scale)
+    wa, wb = wa / sc, wb / sc
     start = linear_paths(wa[None], wb[None], T)[0, 1:-1]
     P = start.clone().requires_grad_(True)
     opt = torch.optim.Adam([P], lr=lr)
     y = torch.full((T - 2,), int(label), dtype=torch.long, device=wa.device)
     for _ in range(steps):
         opt.zero_grad(set_to_none=True)
-        img = G.render(P)
+        img = G.render(P * sc)
         full = torch.cat([wa[None], P, wb[None]], 0)
         loss = (
             wt.lambda_dist * (full[1:] - full[:-1]).pow(2).sum()
@@ -172,7 +187,14 @@ def sequential_reference(
         )
         loss.backward()
         opt.step()
-    return torch.cat([wa[None], P.detach(), wb[None]], 0)
+    return torch.cat([wa[None], P.detach(), wb[None]], 0) * sc
+
+
+@torch.no_grad()
+def w_std(G: nn.Module, n: int = 4096, seed: int = 0) -> float:
+    """sigma_W: mean per-coordinate standard deviation of W over ``n`` mapping-network samples."""
+    gen = torch.Generator().manual_seed(seed)
+    return float(G.sample_w(n, gen).std(0).mean())
 
 
 @torch.no_grad()

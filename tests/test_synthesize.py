@@ -1,0 +1,74 @@
+"""plan-client synthesize end to end on a tiny configuration: output dir, manifest, report."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+from typer.testing import CliRunner
+
+from client.cli import app
+from plan_shared.gan import file_sha256
+from plan_shared.manifest import read_site_manifest
+
+TINY = {
+    "seed": 3,
+    "device": "cpu",
+    "generator": {"z_dim": 8, "w_dim": 8, "mapping_layers": 1, "base_channels": 16, "min_channels": 8},
+    "discriminator": {"base_channels": 8, "max_channels": 16},
+    "gan": {"steps": 2, "batch_size": 8},
+    "identity": {"width": 4, "depth": 2, "feature_dim": 16, "epochs": 1, "batch_size": 16, "indep_width": 4},
+    "classes": {"width": 4, "depth": 2, "feature_dim": 16, "epochs": 1, "utility_epochs": 1, "batch_size": 16},
+    "inversion": {"steps": 2, "max_images": 20, "batch_size": 16},
+    "anchors": {"k": 2, "pairs_m": 1},
+    "navigation": {"T": 5, "steps": 2, "chunk": 8},
+    "filter": {"planted": 5, "tau_id": 0.99, "tau_indep": 0.99},
+    "synthesis": {"max_paths": 4, "strip_pairs": 1},
+}
+
+
+def _npz(path: Path) -> Path:
+    rng = np.random.default_rng(0)
+
+    def split(n):
+        base = rng.random((n, 1, 4, 4))
+        img = torch.nn.functional.interpolate(torch.tensor(base, dtype=torch.float32), size=28, mode="bilinear")
+        return (img[:, 0].numpy() * 255).astype(np.uint8), (np.arange(n) % 2).reshape(-1, 1)
+
+    arrays = {}
+    for name, n in (("train", 40), ("val", 10), ("test", 10)):
+        arrays[f"{name}_images"], arrays[f"{name}_labels"] = split(n)
+    np.savez(path, **arrays)
+    return path
+
+
+def test_synthesize_cli_end_to_end(tmp_path):
+    npz = _npz(tmp_path / "toy.npz")
+    cfg = dict(TINY, data={"source": "medmnist", "path": str(npz), "size": 16, "download": False})
+    (tmp_path / "site.yaml").write_text(yaml.safe_dump(cfg))
+    out = tmp_path / "out"
+    res = CliRunner().invoke(app, ["synthesize", "--config", str(tmp_path / "site.yaml"), "--out", str(out), "--method", "plan"])
+    assert res.exit_code == 0, res.output + repr(res.exception)
+    assert (out / "generator.pt").is_file()  # trained locally: no --generator given
+    rep = json.loads((out / "report.json").read_text())
+    for key in ("n_candidates", "n_accepted", "filter", "methods", "timing", "utility", "identity", "classes", "inversion", "anchors"):
+        assert key in rep, key
+    for key in ("tau_id", "delta", "planted_total", "planted_rejected"):
+        assert key in rep["filter"]
+    assert rep["filter"]["planted_total"] == 5
+    for m in ("plan", "linear"):
+        assert set(rep["methods"][m]) >= {"n", "mean_dcr", "p05_dcr", "mean_max_id_prob", "accept_rate"}
+        assert rep["methods"][m]["n"] == rep["anchors"]["n_paths"] * 3
+    assert rep["n_candidates"] == rep["methods"]["plan"]["n"]
+    assert set(rep["utility"]) >= {"synthetic", "real"}
+    man = read_site_manifest(out / "manifest.json")
+    assert len(man.images) == rep["n_accepted"] > 0
+    pngs = sorted(p.relative_to(out).as_posix() for p in (out / "images").rglob("*.png"))
+    assert pngs == sorted(r.file for r in man.images)  # accepted images only, nothing else
+    for r in man.images:
+        assert r.passes() and r.method == "plan"
+        assert file_sha256(out / r.file) == r.sha256
+        assert r.thresholds.delta == rep["filter"]["delta"]
+    for fig in ("dcr_hist.png", "path_strips.png"):
+        assert (out / fig).is_file()
