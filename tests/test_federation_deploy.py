@@ -213,3 +213,14 @@ def test_dropout_and_coordinator_restart(tmp_path, procs):
     assert [r["round"] for r in recs] == [1, 2, 3], [r["round"] for r in recs]
     assert json.loads((run / "checkpoints" / "latest.json").read_text())["round"] == 3
     assert "completed: 3/3 rounds" in out
+
+
+def test_coordinator_fails_clearly_when_sites_do_not_come(tmp_path, procs):
+    certs = _certs(tmp_path, ["hospital-a", "hospital-b"])
+    cfg_path = _coordinator_yaml(tmp_path, certs, free_port(), wait_for_nodes_s=3, min_nodes=2)
+    log = tmp_path / "coordinator.log"
+    p = procs.start([str(BIN / "plan-server"), "coordinate", "--config", str(cfg_path)], log, env=_env(tmp_path / "h"))
+    rc = p.wait(240)
+    out = log.read_text()
+    assert rc == 1, out[-3000:]
+    assert "finished:failed" in out and "only 0 site(s) connected" in out and "min_nodes" in out, out[-3000:]
