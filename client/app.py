@@ -139,3 +139,35 @@ def train(msg: Message, context: Context) -> Message:
         }
     )
     return Message(reply, reply_to=msg)
+
+
+@app.query("synthesize")
+def synthesize(msg: Message, context: Context) -> Message:
+    """Phase a: PLAN at this site with the final global generator, export to the pool; numbers back."""
+    from client.phases import synthesize_at_site
+
+    cfg, conf = _run_config(msg)
+    set_threads(cfg.threads)
+    site = Site.from_node_config(context.node_config, cfg)
+    res = synthesize_at_site(site, cfg, msg.content["arrays"].to_torch_state_dict(), int(conf["channels"]),
+                             int(conf["size"]), int(conf["generator-round"]), str(conf["method"]))
+    reply = RecordDict({
+        "metrics": MetricRecord(res["metrics"]),
+        "site": ConfigRecord({"site-id": site.site_id, "bundle-id": res["export"]["bundle_id"],
+                              "export-status": res["export"]["status"]}),
+    })
+    return Message(reply, reply_to=msg)
+
+
+@app.query("evaluate")
+def evaluate(msg: Message, context: Context) -> Message:
+    """Phases c+d: phi_down on the real test split, real reference, privacy audit; numbers back."""
+    from client.phases import evaluate_at_site
+
+    cfg, conf = _run_config(msg)
+    set_threads(cfg.threads)
+    site = Site.from_node_config(context.node_config, cfg)
+    arch = {k: int(conf[f"arch-{k}"]) for k in ("num_classes", "channels", "size")}
+    metrics = evaluate_at_site(site, cfg, msg.content["arrays"].to_torch_state_dict(), arch)
+    reply = RecordDict({"metrics": MetricRecord(metrics), "site": ConfigRecord({"site-id": site.site_id})})
+    return Message(reply, reply_to=msg)

@@ -275,6 +275,11 @@ class FederationConfig(_Section):
         "plan-state", description="Coordinator: checkpoints, Flower state.db. Site: local D, Flower home, logs."
     )
     sample_grid: int = Field(64, ge=1, description="Images in the per-round sample grid of G_ema.")
+    post_training: bool = Field(
+        False,
+        description="After the rounds: synthesis at every site with export to the pool, downstream training on the "
+        "pulled pool, federated evaluation and privacy audit, report (needs pool.address).",
+    )
     superlink_port: int = Field(9093, ge=1, le=65535, description="Coordinator: SuperLink HTTPS port, bound to 127.0.0.1 only.")
     superlink_address: str = Field(
         "127.0.0.1:9443",

@@ -245,6 +245,9 @@ class Federation:
             summary["history"].append({k: rec[k] for k in ("round", "wall_s", "sites_replied", "missing")})
             if self.on_round is not None:
                 self.on_round(rec)
+        # What the post-training phases (server/phases.py) continue from.
+        self.trainer, self.channels, self.size = trainer, channels, size
+        self.node_ids = wait_for_nodes(self.grid, fed.min_nodes, fed.min_nodes, fed.wait_for_nodes_s)
         return summary
 
 

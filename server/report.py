@@ -178,7 +178,7 @@ def write_markdown(report: dict[str, Any], path: Path, images: dict[str, str]) -
     rows["**pooled**"] = u["pooled"]
     for name, e in rows.items():
         if "synthetic" not in e:
-            lines.append(f"| {name} | failed: {e.get('reason', '')} ||||||")
+            lines.append(f"| {name} | failed: {str(e.get('reason', '')).replace('|', '/')} ||||||")
             continue
         s, r = e["synthetic"], e.get("real", {})
         lines.append(f"| {name} | {_fmt(s.get('accuracy'))} | {_fmt(s.get('balanced_accuracy'))} | {_fmt(s.get('qwk'))} | "
@@ -198,7 +198,12 @@ def write_markdown(report: dict[str, Any], path: Path, images: dict[str, str]) -
     lines += ["", "## Synthesis per site", "", "| site | status | candidates | accepted | planted rejected |",
               "|---|---|---|---|---|"]
     for name, s in sorted(report["synthesis"].items()):
-        lines.append(f"| {name} | {s.get('status')} {s.get('reason', '')} | {s.get('n_candidates', '')} | "
+        status = s.get("status", "")
+        if s.get("reason"):
+            status += ": " + str(s["reason"]).replace("|", "/").replace("\n", " ")
+        elif s.get("export-status"):
+            status += f" ({s['export-status']})"
+        lines.append(f"| {name} | {status} | {s.get('n_candidates', '')} | "
                      f"{s.get('n_accepted', '')} | {s.get('planted_rejected', '')}/{s.get('planted_total', '')} |")
     lines += ["", "## Timing (s)", ""] + [f"- {k}: {_fmt(v, 1)}" for k, v in report["timing"].items()]
     if images:

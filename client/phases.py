@@ -1,0 +1,168 @@
+"""What a site does after federated GAN training (issue 6 phases a, c, d).
+
+- :func:`synthesize_at_site`: rebuild the final global generator from the weights the
+  coordinator sent, run the PLAN pipeline (B1-B6) on the site's own images, export
+  the accepted images as a signed bundle to the pool, return counts and the privacy
+  summary (never images).
+- :func:`evaluate_at_site`: score the coordinator's phi_down on the site's real test
+  split next to the real-data reference, and audit the site's exported images and
+  phi_down for membership leakage.
+
+Both are plain functions (the ClientApp handlers in client/app.py only translate
+Flower records), so they are testable without Flower.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+
+from plan_shared.config import PlanConfig
+
+from client.site import Site
+
+LOG = logging.getLogger("plan.phases")
+
+SUMMARY_KEYS = ("n_candidates", "n_accepted")
+
+
+def site_credentials(site: Site, cfg: PlanConfig) -> Optional[Path]:
+    """The site's pool credentials: pool.credentials, else CERTS/sites/<site-id> in simulation."""
+    if cfg.pool.credentials:
+        return Path(cfg.pool.credentials).expanduser()
+    cand = Path(cfg.federation.certs_dir) / "sites" / site.site_id
+    return cand if cand.is_dir() else None
+
+
+def synthesis_dir(site: Site) -> Path:
+    return site.state_dir / "synthesis"
+
+
+def synthesize_at_site(
+    site: Site,
+    cfg: PlanConfig,
+    weights: dict[str, torch.Tensor],
+    channels: int,
+    size: int,
+    generator_round: Optional[int],
+    method: Optional[str] = None,
+) -> dict[str, Any]:
+    """Run the site pipeline with the global generator and push the bundle; numbers only out."""
+    from plan_shared.gan import GanTrainer
+
+    from client.pipeline import run_site_pipeline
+
+    t0 = time.perf_counter()
+    work = synthesis_dir(site)
+    out = work / "out"
+    if out.exists():  # a new synthesis phase replaces the previous one (it was exported already)
+        shutil.rmtree(out)
+    work.mkdir(parents=True, exist_ok=True)
+    trainer = GanTrainer(site.cfg, channels, size, "cpu")
+    trainer.set_weights({k: v for k, v in weights.items() if k.startswith("g_ema.")})
+    ckpt = trainer.save_checkpoint(work / "generator.pt")
+    ds = site.dataset()
+    report = run_site_pipeline(site.cfg, ds, ckpt, out, method=method, generator_round=generator_round,
+                               progress=False)
+    summary: dict[str, Any] = {
+        "n_candidates": int(report["n_candidates"]),
+        "n_accepted": int(report["n_accepted"]),
+        "planted_total": int(report["filter"]["planted_total"]),
+        "planted_rejected": int(report["filter"]["planted_rejected"]),
+        "tau_id": float(report["filter"]["tau_id"]),
+        "delta": float(report["filter"]["delta"]),
+        "num_classes": int(ds.num_classes),
+    }
+    for m, sec in (report.get("compare") or {}).items():
+        for k, v in sec.items():
+            if isinstance(v, (int, float)) and v is not None:
+                summary[f"compare.{m}.{k}"] = float(v)
+    for m, st in report.get("methods", {}).items():
+        for k in ("n", "mean_dcr", "p05_dcr", "mean_max_id_prob", "accept_rate"):
+            if st.get(k) is not None:
+                summary[f"{m}.{k}"] = float(st[k])
+    for name, sec in (report.get("utility") or {}).items():
+        if isinstance(sec, dict) and sec.get("accuracy") is not None:
+            summary[f"utility.{name}.accuracy"] = float(sec["accuracy"])
+    exported = {"bundle_id": "", "status": "not exported (pool.address unset)"}
+    if summary["n_accepted"] == 0:
+        exported["status"] = "nothing to export: no candidate passed the privacy filter"
+        LOG.warning("%s: no candidate passed the privacy filter; nothing exported", site.site_id)
+    elif cfg.pool.address:
+        creds = site_credentials(site, cfg)
+        if creds is None:
+            raise RuntimeError(
+                f"{site.site_id}: pool.address is {cfg.pool.address} but no credentials: set pool.credentials "
+                f"to this site's folder CERTS/sites/{site.site_id}"
+            )
+        from client.export import export
+
+        res = export(out, cfg.pool.address, creds, retries=cfg.pool.retries, progress=False,
+                     server_name=cfg.pool.server_name, log=lambda m: LOG.info("%s: %s", site.site_id, m))
+        exported = {"bundle_id": res.bundle_id, "status": "duplicate" if res.duplicate else "stored"}
+    summary["synthesis_s"] = round(time.perf_counter() - t0, 2)
+    for k, v in (report.get("timing") or {}).items():
+        summary[f"timing.{k}"] = float(v)
+    LOG.info("%s: %d/%d candidates accepted, bundle %s (%s)", site.site_id, summary["n_accepted"],
+             summary["n_candidates"], exported["bundle_id"][:12], exported["status"])
+    return {"metrics": summary, "export": exported, "report": report}
+
+
+def exported_images(site: Site) -> np.ndarray:
+    """The accepted images this site exported in its last synthesis phase, uint8 [N, C, H, W]."""
+    from plan_shared.data import read_image
+    from plan_shared.manifest import read_site_manifest
+
+    out = synthesis_dir(site) / "out"
+    man = out / "manifest.json"
+    if not man.is_file():
+        return np.zeros((0,), dtype=np.uint8)
+    arrs = [read_image(out / r.file).transpose(2, 0, 1) for r in read_site_manifest(man).images]
+    return np.stack(arrs) if arrs else np.zeros((0,), dtype=np.uint8)
+
+
+def evaluate_at_site(
+    site: Site, cfg: PlanConfig, down_state: dict[str, torch.Tensor], arch: dict[str, int]
+) -> dict[str, Any]:
+    """phi_down and the real reference on the real test split, plus the privacy audit."""
+    from client.evaluate import evaluate_downstream, load_downstream, privacy_audit
+
+    t0 = time.perf_counter()
+    ds = site.dataset()
+    if (ds.num_classes, ds.channels, ds.size) != (arch["num_classes"], arch["channels"], arch["size"]):
+        raise ValueError(
+            f"{site.site_id}: phi_down expects {arch}, the site's data are "
+            f"{{'num_classes': {ds.num_classes}, 'channels': {ds.channels}, 'size': {ds.size}}}"
+        )
+    phi_down = load_downstream(cfg, down_state, arch)
+    util = evaluate_downstream(cfg, ds, phi_down)
+    syn = exported_images(site)
+    if syn.ndim != 4:
+        syn = np.zeros((0, ds.channels, ds.size, ds.size), dtype=np.uint8)
+    audit = privacy_audit(ds, syn, phi_down)
+    metrics: dict[str, Any] = {}
+    for which, rep in util.items():
+        for k, v in rep.items():
+            if k == "confusion":
+                metrics[f"{which}.confusion"] = [int(x) for row in v for x in row]
+            elif v is not None:
+                metrics[f"{which}.{k}"] = float(v)
+    metrics.update({f"privacy.{k}": float(v) for k, v in audit.items()})
+    metrics["num_classes"] = int(ds.num_classes)
+    metrics["evaluate_s"] = round(time.perf_counter() - t0, 2)
+    LOG.info("%s: phi_down acc %.3f (real reference %.3f), distance-MIA AUC %.3f", site.site_id,
+             metrics.get("synthetic.accuracy", float("nan")), metrics.get("real.accuracy", float("nan")),
+             metrics.get("privacy.mia_auc", float("nan")))
+    return metrics
+
+
+def write_json(path: Path, obj: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(obj, indent=1, default=float))

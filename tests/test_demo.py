@@ -1,0 +1,89 @@
+"""The whole federation end to end on a tiny configuration (issue 6).
+
+Real components: Flower's simulation engine with 3 virtual hospitals, a real pool
+service process with mutual TLS, real files. One site is given broken credentials
+(its signing key is missing), so its export fails: it must be reported and the other
+sites' bundles must still land.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from plan_shared.manifest import read_site_manifest
+from server.demo import make_credentials, run_demo
+from server.phases import short_reason
+
+TINY = Path(__file__).parent / "configs" / "tiny.yaml"
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    if not os.environ.get("PLAN_DATA_DIR"):
+        pytest.skip("PLAN_DATA_DIR is not set")
+    out = tmp_path_factory.mktemp("demo")
+    make_credentials(out / "certs", ["site-0", "site-1", "site-2"])
+    (out / "certs" / "sites" / "site-1" / "signing.key").unlink()
+    report = run_demo(out, sites=3, dataset="breastmnist", config=str(TINY),
+                      overrides={"filter.tau_id": 1.0, "filter.tau_indep": 1.0, "filter.delta_quantile": 0.001})
+    return out, report
+
+
+def test_phases_ran_in_order_and_wrote_their_outputs(demo):
+    out, report = demo
+    assert (out / "federation.json").is_file() and (out / "checkpoints" / "latest.json").is_file()
+    files = [out / n for n in ("checkpoints/latest.json", "synthesis.json", "downstream.json", "evaluation.json", "report.json")]
+    assert all(f.is_file() for f in files)
+    mtimes = [f.stat().st_mtime for f in files]
+    assert mtimes == sorted(mtimes)
+    assert list(report["timing"])[:4] == ["federation_s", "synthesis_s", "downstream_s", "evaluation_s"]
+    assert (out / "report.md").is_file()
+
+
+def test_report_schema(demo):
+    _, report = demo
+    for key in ("sites", "rounds", "pool", "utility", "privacy", "timing"):
+        assert key in report
+    assert report["sites"] == ["site-0", "site-1", "site-2"] and report["rounds"] == 1
+    assert set(report["pool"]) >= {"n_images", "per_site"}
+    for key in ("accuracy", "balanced_accuracy", "qwk", "real_accuracy", "real_balanced_accuracy", "real_qwk"):
+        assert key in report["utility"]
+    for key in ("mia_auc", "mia_tpr_at_1pct_fpr", "dcr_ratio", "too_close_rate"):
+        assert key in report["privacy"]
+    pooled = report["utility"]["pooled"]
+    assert pooled["synthetic"]["n"] == pooled["real"]["n"] > 0
+
+
+def test_failed_site_is_reported_and_others_land(demo):
+    out, report = demo
+    syn = report["synthesis"]
+    assert syn["site-1"]["status"] == "failed"
+    assert "signing" in syn["site-1"]["reason"]
+    ok = [s for s in ("site-0", "site-2") if syn[s]["status"] == "ok"]
+    assert ok == ["site-0", "site-2"]
+    landed = {s for s in ok if syn[s]["n_accepted"] > 0}
+    assert landed and set(report["pool"]["per_site"]) == landed
+    assert report["utility"]["sites"]["site-1"]["synthetic"]["n"] > 0  # it is still evaluated
+
+
+def test_pool_equals_union_of_exports(demo):
+    out, report = demo
+    exported = set()
+    for s, rec in report["synthesis"].items():
+        man = out / "sites" / s / "synthesis" / "out" / "manifest.json"
+        if rec["status"] == "ok" and man.is_file():
+            exported |= {r.sha256 for r in read_site_manifest(man).images}
+    pulled = json.loads((out / "pool" / "manifest.json").read_text())
+    assert {e["sha256"] for e in pulled["images"]} == exported
+    on_disk = {p.stem for p in (out / "pool").rglob("*.png")}
+    assert on_disk == exported
+
+
+def test_short_reason_strips_tracebacks():
+    raw = "Traceback...\n  File x\n\x1b[36mray\x1b[39m\nException ClientAppException occurred. Message: boom: bad key'>"
+    assert short_reason(raw) == "boom: bad key"
