@@ -25,6 +25,7 @@ app = ServerApp()
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     setup_logging()
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per Flower API call otherwise
     cfg, out, expected = load_run_config(dict(context.run_config))
     LOG.info("federated GAN: %d rounds x %d local steps, share=%s, min_nodes=%d, out=%s", cfg.federation.rounds,
              cfg.federation.local_steps, cfg.federation.share, cfg.federation.min_nodes, out)
