@@ -95,13 +95,14 @@ def _method_stats(scores, accept: np.ndarray) -> dict[str, Any]:
     }
 
 
-def _utility(cfg: PlanConfig, ds: ImageDataset, x_tr, y_tr, x_te, y_te, seed: int, desc: str, device) -> dict[str, Any]:
+def _utility(cfg: PlanConfig, ds: ImageDataset, x_tr, y_tr, x_te, y_te, seed: int, desc: str, device,
+             progress: bool = True) -> dict[str, Any]:
     if len(x_tr) < 2:
         return {"n_train": int(len(x_tr)), "accuracy": None, "balanced_accuracy": None, "qwk": None}
     model = build_classifier(ds.num_classes, ds.channels, ds.size, cfg.classes).to(device)
     spec = spec_from(cfg.classes, epochs=cfg.classes.utility_epochs, balanced=True)
     torch.manual_seed(seed)
-    train_classifier(model, x_tr, y_tr, spec, seed=seed, desc=desc, recalibrate=True)
+    train_classifier(model, x_tr, y_tr, spec, seed=seed, desc=desc, recalibrate=True, progress=progress)
     pred = predict_logits(model, x_te).argmax(1).numpy()
     rep = {k: _f(v) for k, v in classification_report(y_te, pred).items()}
     rep["n_train"] = int(len(x_tr))
@@ -359,8 +360,8 @@ def run_site_pipeline(
         xs = c["images"][acc_idx]
         ys = c["labels"][acc_idx]
         report["utility"] = {
-            "synthetic": _utility(cfg, ds, xs, ys, x_te, y_te, cfg.seed + 21, "utility (synthetic)", device),
-            "real": _utility(cfg, ds, x_tr, y_tr.numpy(), x_te, y_te, cfg.seed + 21, "utility (real)", device),
+            "synthetic": _utility(cfg, ds, xs, ys, x_te, y_te, cfg.seed + 21, "utility (synthetic)", device, progress),
+            "real": _utility(cfg, ds, x_tr, y_tr.numpy(), x_te, y_te, cfg.seed + 21, "utility (real)", device, progress),
             "classifier": "classes-section architecture, utility_epochs, class-balanced sampling, tested on the real test split",
         }
         report["utility"]["synthetic"]["per_class_train"] = {ds.class_names[k]: int((ys == k).sum()) for k in range(ds.num_classes)}
