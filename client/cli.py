@@ -44,17 +44,11 @@ def start(
 
 def _site_config(config: Path | None, dataset: str | None, data: Path | None, sets: list[str] | None, **extra):
     """Resolve a site configuration from a YAML file, --dataset/--data and --set KEY=VALUE."""
-    import yaml
-
-    from plan_shared.config import ConfigError, data_overrides, load_config
+    from plan_shared.config import ConfigError, data_overrides, load_config, parse_sets
 
     try:
         overrides = data_overrides(dataset, data)
-        for item in sets or []:
-            if "=" not in item:
-                raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. --set gan.steps=500")
-            key, value = item.split("=", 1)
-            overrides[key.strip()] = yaml.safe_load(value)
+        overrides.update(parse_sets(sets))
         overrides.update({k: v for k, v in extra.items() if v is not None})
         return load_config(config, overrides)
     except ConfigError as err:

@@ -290,16 +290,31 @@ class FederationConfig(_Section):
 
 
 class PoolConfig(_Section):
-    """Where synthetic images go (stage C) and where the coordinator reads them back (stage D)."""
+    """Where synthetic images go (stage C) and where the coordinator reads them back (stage D).
+
+    Deployment: the coordinator's ``plan-server coordinate`` (with ``federation.post_training``)
+    starts the pool service itself, bound to ``listen``, and pulls from it over loopback; each
+    site's own site.yaml says where it reaches the pool (``address``, the coordinator's
+    public host and the ``listen`` port) and which credentials it pushes with.
+    """
 
     address: Optional[str] = Field(
-        None, description="host:port of the pool service (`plan-server pool serve`); null = no export (site output dir only)."
+        None, description="host:port of the pool service as this machine reaches it. Site: where it exports "
+        "(e.g. coordinator.example.org:9444); null = no export. Coordinator: where it pulls from; set automatically "
+        "when `coordinate` starts the pool itself (listen), needed only with listen: null (an external pool)."
+    )
+    listen: Optional[str] = Field(
+        "0.0.0.0:9444",
+        description="Coordinator: host:port on which `plan-server coordinate` starts the pool service (mutual TLS, "
+        "store STATE/pool-store) when federation.post_training is true; sites must reach this port. "
+        "null = do not start one, pull from an external `plan-server pool serve` at address.",
     )
     server_name: Optional[str] = Field(None, description="TLS name to expect on the pool's certificate (default: the host).")
     credentials: Optional[str] = Field(
         None,
-        description="Site: its folder CERTS/sites/NAME (client cert, signing key). Coordinator: a reader folder "
-        "CERTS/readers/NAME. In simulation it is derived from federation.certs_dir.",
+        description="Site: its folder CERTS/sites/NAME (client cert, signing key; `plan-client start` defaults to "
+        "federation.certs_dir). Coordinator: a reader folder CERTS/readers/NAME (`coordinate` defaults to the first "
+        "one, issuing readers/coordinator when there is none). In simulation it is derived from federation.certs_dir.",
     )
     retries: int = Field(5, ge=0, description="Push/pull retries with backoff after a cut connection.")
 
@@ -450,3 +465,17 @@ def data_overrides(dataset: str | None = None, data: str | Path | None = None) -
             return {"data.source": "imagefolder", "data.path": str(p)}
         raise ConfigError(f"--data {p}: expected a .npz file, a .csv manifest or an image folder")
     return {}
+
+
+def parse_sets(items: list[str] | None) -> dict[str, Any]:
+    """``--set KEY=VALUE`` options as dotted overrides (values parsed as YAML: 3, 0.5, true, [a, b])."""
+    out: dict[str, Any] = {}
+    for item in items or []:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. --set gan.steps=500")
+        key, value = item.split("=", 1)
+        try:
+            out[key.strip()] = yaml.safe_load(value)
+        except yaml.YAMLError as err:
+            raise ConfigError(f"--set {item!r}: the value is not valid YAML ({err})") from None
+    return out

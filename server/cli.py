@@ -80,9 +80,7 @@ def demo(
 
     Example: plan-server demo --sites 3 --dataset pneumoniamnist --method plan --k 5 --out runs/demo
     """
-    import yaml
-
-    from plan_shared.config import ConfigError
+    from plan_shared.config import ConfigError, parse_sets
     from plan_shared.runtime import setup_logging
 
     from server.demo import run_demo
@@ -90,17 +88,10 @@ def demo(
     if method is not None and method not in ("plan", "linear", "random"):
         typer.echo(f"error: --method must be plan, linear or random, got {method!r}", err=True)
         raise typer.Exit(2)
-    overrides = {}
-    for item in sets or []:
-        if "=" not in item:
-            typer.echo(f"error: --set {item!r}: expected KEY=VALUE", err=True)
-            raise typer.Exit(2)
-        key, value = item.split("=", 1)
-        overrides[key.strip()] = yaml.safe_load(value)
     setup_logging()
     try:
         report = run_demo(out, sites=sites, dataset=dataset, data=str(data) if data else None, method=method, k=k,
-                          rounds=rounds, config=str(config) if config else None, overrides=overrides)
+                          rounds=rounds, config=str(config) if config else None, overrides=parse_sets(sets))
     except ConfigError as err:
         typer.echo(f"error: {err}", err=True)
         raise typer.Exit(2) from None

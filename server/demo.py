@@ -17,8 +17,6 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Optional
 
-from plan_shared.config import data_overrides
-
 LOG = logging.getLogger("plan.demo")
 DEMO_PRESET = "presets/demo.yaml"
 
@@ -64,11 +62,9 @@ def run_demo(
     ov: dict[str, Any] = dict(overrides or {})
     ov.update({"federation.certs_dir": str(certs), "federation.post_training": True, "pool.credentials": None,
                "synthesis.method": method, "anchors.k": k, "federation.min_nodes": sites})
-    if data:
-        ov.update(data_overrides(data=Path(data).expanduser().resolve()))
-        dataset = None
-    cfg = simulation_config(config or str(demo_preset_path()), sites=sites, rounds=rounds, dataset=dataset,
-                            out=out, overrides={k_: v for k_, v in ov.items() if v is not None})
+    cfg = simulation_config(config or str(demo_preset_path()), sites=sites, rounds=rounds,
+                            dataset=None if data else dataset, data=data, out=out,
+                            overrides={k_: v for k_, v in ov.items() if v is not None})
     with PoolProcess(out / "pool-store", certs, out / "logs") as pool:
         cfg = cfg.model_copy(update={"pool": cfg.pool.model_copy(update={"address": pool.address})})
         LOG.info("pool service on %s (mutual TLS), store %s", pool.address, out / "pool-store")

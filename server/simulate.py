@@ -19,22 +19,10 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
-from plan_shared.config import PlanConfig, load_config
+from plan_shared.config import PlanConfig, data_overrides, load_config
 from plan_shared.runtime import setup_logging
 
 LOG = logging.getLogger("plan.simulate")
-
-
-def _data_overrides(dataset: Optional[str], data: Optional[str]) -> dict[str, Any]:
-    if dataset and data:
-        raise ValueError("give --dataset NAME or --data PATH, not both")
-    if dataset:
-        return {"data.source": "medmnist", "data.name": dataset, "data.path": None}
-    if data:
-        p = Path(data).expanduser().resolve()
-        source = "medmnist" if p.suffix == ".npz" else "csv" if p.suffix == ".csv" else "imagefolder"
-        return {"data.source": source, "data.path": str(p)}
-    return {}
 
 
 def simulation_config(
@@ -50,7 +38,7 @@ def simulation_config(
     overrides: Optional[dict[str, Any]] = None,
 ) -> PlanConfig:
     ov: dict[str, Any] = dict(overrides or {})
-    ov.update(_data_overrides(dataset, data))
+    ov.update(data_overrides(dataset, Path(data).expanduser().resolve() if data else None))
     ov["partition.sites"] = sites
     if partition:
         ov["partition.scheme"] = partition
@@ -62,8 +50,6 @@ def simulation_config(
     cfg = load_config(config, {k: v for k, v in ov.items() if v is not None})
     if cfg.federation.min_nodes > sites:
         cfg = cfg.model_copy(update={"federation": cfg.federation.model_copy(update={"min_nodes": sites})})
-    if dataset:
-        cfg.data.path = None  # a name given on the command line wins over a path in the file
     return cfg
 
 
