@@ -85,7 +85,7 @@ class GeneratorConfig(_Section):
 
 
 class DiscriminatorConfig(_Section):
-    base_channels: int = Field(16, ge=4, description="Channels at full resolution; doubled per halving.")
+    base_channels: int = Field(32, ge=4, description="Channels at full resolution; doubled per halving.")
     max_channels: int = Field(128, ge=4)
     mbstd_group: int = Field(4, ge=1, description="Minibatch standard deviation group size.")
 
@@ -99,7 +99,7 @@ class GanConfig(_Section):
     lr_d: float = Field(0.0025, gt=0.0)
     beta1: float = Field(0.0, ge=0.0, lt=1.0)
     beta2: float = Field(0.99, ge=0.0, lt=1.0)
-    r1_gamma: float = Field(0.5, ge=0.0, description="R1 weight; keep small on tiny data (method.md section 6).")
+    r1_gamma: float = Field(0.2, ge=0.0, description="R1 weight; keep small on tiny data (method.md section 6).")
     r1_every: int = Field(4, ge=1, description="Lazy R1: penalty every N D-steps, scaled by N.")
     ema_kimg: float = Field(2.0, gt=0.0, description="EMA half-life of G_ema in thousands of images.")
     ema_rampup: float = Field(0.05, ge=0.0, description="Half-life ramp-up as a fraction of images seen (0 = off).")

@@ -78,3 +78,24 @@ def dcr_summary(d) -> dict[str, float]:
     if len(d) == 0:
         return {"mean_dcr": float("nan"), "p05_dcr": float("nan")}
     return {"mean_dcr": float(d.mean()), "p05_dcr": float(np.quantile(d, 0.05))}
+
+
+def frechet_distance(feats_a, feats_b) -> float:
+    """Fréchet distance between Gaussians fitted to two feature sets ``[N, D]`` (FID's formula).
+
+    The features come from a network trained locally (no downloaded Inception weights);
+    values are comparable only between sets embedded by the same network.
+    """
+    from scipy import linalg
+
+    a, b = _np(feats_a).astype(np.float64), _np(feats_b).astype(np.float64)
+    if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[1] or len(a) < 2 or len(b) < 2:
+        raise ValueError(f"need two feature sets [N>=2, D] of equal D, got {a.shape} and {b.shape}")
+    mu_a, mu_b = a.mean(0), b.mean(0)
+    cov_a, cov_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    covmean, _ = linalg.sqrtm(cov_a @ cov_b, disp=False)
+    if not np.isfinite(covmean).all():
+        eps = np.eye(a.shape[1]) * 1e-6
+        covmean = linalg.sqrtm((cov_a + eps) @ (cov_b + eps))
+    covmean = covmean.real
+    return float(((mu_a - mu_b) ** 2).sum() + np.trace(cov_a) + np.trace(cov_b) - 2 * np.trace(covmean))

@@ -31,3 +31,19 @@ def test_dcr():
     assert np.allclose(M.dcr(q, ref), [1.0, 0.0])
     s = M.dcr_summary(np.array([1.0, 2.0, 3.0]))
     assert s["mean_dcr"] == 2.0
+
+
+def test_frechet_distance_known_values():
+    import numpy as np
+    import pytest
+
+    from plan_shared.metrics import frechet_distance
+
+    r = np.random.default_rng(0)
+    a, b = r.normal(size=(4000, 4)), r.normal(size=(4000, 4))
+    assert frechet_distance(a, b) < 0.02
+    # mean shift of 2 in every dim: ||mu||^2 = 16; scale 2: trace terms (1 + 4 - 2*2) * 4 = 4
+    assert frechet_distance(a, r.normal(loc=2, size=(4000, 4))) == pytest.approx(16, rel=0.05)
+    assert frechet_distance(a, r.normal(scale=2, size=(4000, 4))) == pytest.approx(4, rel=0.1)
+    with pytest.raises(ValueError):
+        frechet_distance(a, b[:, :3])
