@@ -33,11 +33,17 @@ LOG = logging.getLogger("plan.phases")
 SUMMARY_KEYS = ("n_candidates", "n_accepted")
 
 
-def site_credentials(site: Site, cfg: PlanConfig) -> Optional[Path]:
-    """The site's pool credentials: pool.credentials, else CERTS/sites/<site-id> in simulation."""
-    if cfg.pool.credentials:
-        return Path(cfg.pool.credentials).expanduser()
-    cand = Path(cfg.federation.certs_dir) / "sites" / site.site_id
+def site_credentials(site: Site) -> Optional[Path]:
+    """The site's pool credentials: its pool.credentials, else CERTS/sites/<site-id> in simulation.
+
+    In deployment ``site.cfg.pool`` comes from the site's own node config (client/site.py).
+    """
+    pool = site.cfg.pool
+    if pool.credentials:
+        return Path(pool.credentials).expanduser()
+    if site.partition_id is None:  # deployment: no shared disk with the coordinator to guess from
+        return None
+    cand = Path(site.cfg.federation.certs_dir) / "sites" / site.site_id
     return cand if cand.is_dir() else None
 
 
@@ -59,6 +65,9 @@ def synthesize_at_site(
 
     from client.pipeline import run_site_pipeline
 
+    if not site.cfg.pool.address and site.partition_id is None:  # fail before the work, not after it
+        raise RuntimeError(f"{site.site_id}: no pool address: set pool.address in this site's site.yaml "
+                           "(the coordinator's pool service, host:port) and restart `plan-client start`")
     t0 = time.perf_counter()
     work = synthesis_dir(site)
     out = work / "out"
@@ -91,21 +100,22 @@ def synthesize_at_site(
     for name, sec in (report.get("utility") or {}).items():
         if isinstance(sec, dict) and sec.get("accuracy") is not None:
             summary[f"utility.{name}.accuracy"] = float(sec["accuracy"])
+    pool = site.cfg.pool  # the site's own pool settings (deployment: from its node config)
     exported = {"bundle_id": "", "status": "not exported (pool.address unset)"}
     if summary["n_accepted"] == 0:
         exported["status"] = "nothing to export: no candidate passed the privacy filter"
         LOG.warning("%s: no candidate passed the privacy filter; nothing exported", site.site_id)
-    elif cfg.pool.address:
-        creds = site_credentials(site, cfg)
+    elif pool.address:
+        creds = site_credentials(site)
         if creds is None:
             raise RuntimeError(
-                f"{site.site_id}: pool.address is {cfg.pool.address} but no credentials: set pool.credentials "
+                f"{site.site_id}: pool.address is {pool.address} but no credentials: set pool.credentials "
                 f"to this site's folder CERTS/sites/{site.site_id}"
             )
         from client.export import export
 
-        res = export(out, cfg.pool.address, creds, retries=cfg.pool.retries, progress=False,
-                     server_name=cfg.pool.server_name, log=lambda m: LOG.info("%s: %s", site.site_id, m))
+        res = export(out, pool.address, creds, retries=pool.retries, progress=False,
+                     server_name=pool.server_name, log=lambda m: LOG.info("%s: %s", site.site_id, m))
         exported = {"bundle_id": res.bundle_id, "status": "duplicate" if res.duplicate else "stored"}
     summary["synthesis_s"] = round(time.perf_counter() - t0, 2)
     for k, v in (report.get("timing") or {}).items():

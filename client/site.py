@@ -8,9 +8,13 @@ Two ways to be told who we are, both through Flower's ``context.node_config``:
       data-source = "medmnist"          # medmnist | imagefolder | csv
       data-path = "/data/pneumonia.npz"
       state-dir = "/var/lib/plan/site"
+      pool-address = "coordinator.example.org:9444"   # optional: where this site exports
+      pool-server-name = "coordinator.example.org"     # optional
+      pool-credentials = "/etc/plan/site"               # client.crt, client.key, signing.key, ca.crt
 
   The coordinator's configuration decides the models and the image shape; the site
-  decides only where its own images are.
+  decides where its own images are and where and with which credentials it exports
+  (``site.cfg.pool`` comes from the node config only, never from the coordinator).
 * simulation: Flower sets ``partition-id`` and ``num-partitions``; the site's data is
   that partition of the coordinator's data set (seeded, so every virtual site agrees
   on the split) and its state lives under ``<federation.state_dir>/sites/site-<id>``.
@@ -56,7 +60,12 @@ class Site:
                 data.path = str(nc["data-path"])
             if nc.get("data-name"):
                 data.name = str(nc["data-name"])
-            site_cfg = cfg.model_copy(update={"data": data, "site_id": site_id})
+            pool = cfg.pool.model_copy(update={
+                "address": str(nc["pool-address"]) if nc.get("pool-address") else None,
+                "server_name": str(nc["pool-server-name"]) if nc.get("pool-server-name") else None,
+                "credentials": str(nc["pool-credentials"]) if nc.get("pool-credentials") else None,
+            })
+            site_cfg = cfg.model_copy(update={"data": data, "site_id": site_id, "pool": pool})
             state = Path(str(nc.get("state-dir") or Path(cfg.federation.state_dir) / "sites" / site_id))
             return cls(site_id, state.expanduser().resolve(), site_cfg)
         if "partition-id" in nc:

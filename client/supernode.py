@@ -9,7 +9,13 @@ From ``site.yaml`` (a PlanConfig; relative paths are relative to the YAML file):
   ``ca.crt`` and ``node_key``); a federation-wide folder with ``sites/SITE`` works too,
 * ``federation.state_dir``: where the site keeps its trainer state, the Flower home,
   ``node.toml`` and its log,
-* ``federation.supernode_port``: local runtime port (one per SuperNode on a machine).
+* ``federation.supernode_port``: local runtime port (one per SuperNode on a machine),
+* ``pool.address`` (+ optional ``pool.server_name``): where this site exports its
+  synthetic images after training (the coordinator's pool service, e.g.
+  ``coordinator.example.org:9444``), and ``pool.credentials``: the folder it pushes with
+  (``client.crt``, ``client.key``, ``signing.key``, ``ca.crt``; default: the site's
+  credentials folder above). They go into the node config (``pool-address``,
+  ``pool-server-name``, ``pool-credentials``): the site, not the coordinator, decides them.
 
 The SuperNode runs in the foreground; Ctrl-C or SIGTERM stop it and its ClientApps.
 """
@@ -65,6 +71,19 @@ def supernode_command_line(config_path: str | Path) -> tuple[list[str], dict[str
         node["data-name"] = cfg.data.name
     else:
         raise StartError("site.yaml names no data: set data.path (or data.name for a MedMNIST set)")
+    if cfg.pool.address:
+        node["pool-address"] = cfg.pool.address
+        if cfg.pool.server_name:
+            node["pool-server-name"] = cfg.pool.server_name
+        creds = _resolve(cfg.pool.credentials, base) if cfg.pool.credentials else ident
+        for f in ("client.crt", "client.key", "signing.key", "ca.crt"):
+            if not (creds / f).is_file():
+                raise StartError(f"{creds / f} missing: pool.credentials must be the folder the coordinator issued "
+                                 f"for this site (`plan-server certs issue --name {cfg.site_id} --role site`)")
+        node["pool-credentials"] = str(creds)
+    else:
+        print("warning: pool.address is not set in the site config: this site cannot export synthetic images "
+              "(the post-training synthesis phase will fail here)", file=sys.stderr)
     state.mkdir(parents=True, exist_ok=True)
     node_toml = state / "node.toml"
     node_toml.write_text("".join(f"{k} = {_toml_str(v)}\n" for k, v in node.items()))
