@@ -9,11 +9,20 @@ What it does, in order:
    ``/v1/fleet/*``, because the open-source SuperLink's control API is unauthenticated;
 2. registers the node public key of every active site in ``CERTS/registry.json``
    (``flwr supernode register``; revoked sites are unregistered);
-3. submits the Flower app (``flwr run``) with the config path and the output directory
-   ``STATE/run`` as run-config, stopping a run left over by a killed coordinator;
-4. follows the run to its real end state by polling ``flwr ls --run-id`` (the exit code
-   of ``flwr run`` says nothing), printing one progress line per finished round;
-5. stops the SuperLink (its whole process group) on exit, Ctrl-C or SIGTERM.
+3. with ``federation.post_training``: starts the pool service (gRPC, mutual TLS with the
+   federation's server certificate) bound to ``pool.listen``, store ``STATE/pool-store``,
+   log ``STATE/pool-service.log``, and finds the coordinator's reader credentials
+   (``pool.credentials``, else the first ``CERTS/readers/*``, else it issues
+   ``readers/coordinator``);
+4. submits the Flower app (``flwr run``) with ``STATE/run-config.yaml`` (the config with
+   absolute paths and, for post-training, the pool address to pull from over loopback
+   and the reader credentials) and the output directory ``STATE/run`` as run-config,
+   stopping a run left over by a killed coordinator;
+5. follows the run to its real end state by polling ``flwr ls --run-id`` (the exit code
+   of ``flwr run`` says nothing), printing one progress line per finished round, and
+   with post-training the path of ``STATE/run/report.json`` and its key figures;
+6. stops the pool service and the SuperLink (its whole process group) on exit, Ctrl-C or
+   SIGTERM.
 
 Restarted with the same config, it resumes: the ServerApp continues after the last
 round found in ``STATE/run/checkpoints/latest.json``.
@@ -109,6 +118,9 @@ class Coordinator:
         self.app_dir = (app_dir or default_app_dir()).resolve()
         self.poll_s = poll_s
         self.proc: Optional[subprocess.Popen] = None
+        self.pool = None  # server.pool.process.PoolProcess while it runs
+        self.pool_address: Optional[str] = None  # where the ServerApp pulls from
+        self.reader: Optional[Path] = None
         for f in ("ca.crt", "server.crt", "server.key", "registry.json"):
             if not (self.certs / f).is_file():
                 raise CoordinateError(f"{self.certs / f} missing: run `plan-server certs init --dir {self.certs}` first")
@@ -185,6 +197,81 @@ class Coordinator:
         if self.proc.poll() is None:
             self.proc.wait(5)
 
+    # ------------------------------------------------------------------ pool
+    def reader_credentials(self) -> Path:
+        """The coordinator's reader identity for pulling the pool; issued when there is none."""
+        from server.certs import CertsError, issue
+
+        if self.cfg.pool.credentials:
+            p = _resolve(self.cfg.pool.credentials, self.config_path.parent)
+            if not (p / "client.crt").is_file():
+                raise CoordinateError(f"pool.credentials {p}: no client.crt there; issue a reader with "
+                                      f"`plan-server certs issue --dir {self.certs} --name coordinator --role reader`")
+            return p
+        readers = self.certs / "readers"
+        found = sorted(d for d in readers.iterdir() if (d / "client.crt").is_file()) if readers.is_dir() else []
+        if found:
+            return found[0]
+        if not (self.certs / "ca.key").is_file():
+            raise CoordinateError(f"no reader credentials in {readers} and no CA key to issue one: set pool.credentials "
+                                  "or run `plan-server certs issue --name coordinator --role reader` where the CA is")
+        try:
+            out = issue(self.certs, "coordinator", "reader")
+        except CertsError as err:
+            raise CoordinateError(f"issuing the coordinator's reader identity failed: {err}; set pool.credentials") from None
+        LOG.info("issued the coordinator's reader identity %s", out)
+        return out
+
+    def start_pool(self) -> None:
+        """Pool service on ``pool.listen`` (or the external ``pool.address`` when listen is null)."""
+        from server.pool.process import PoolProcess
+
+        pool = self.cfg.pool
+        self.reader = self.reader_credentials()
+        if not pool.listen:
+            if not pool.address:
+                raise CoordinateError("federation.post_training needs a pool: set pool.listen (coordinate starts it) "
+                                      "or pool.address (an external `plan-server pool serve`)")
+            self.pool_address = pool.address
+            LOG.info("using the external pool service at %s", pool.address)
+            return
+        host, _, port_s = pool.listen.rpartition(":")
+        try:
+            port = int(port_s)
+        except ValueError:
+            raise CoordinateError(f"pool.listen {pool.listen!r}: expected host:port") from None
+        host = host or "0.0.0.0"
+        if port:
+            with socket.socket() as s:
+                if s.connect_ex(("127.0.0.1", port)) == 0:
+                    raise CoordinateError(f"pool.listen {pool.listen}: port {port} is already in use (another pool service?)")
+        self.pool = PoolProcess(self.state / "pool-store", self.certs, self.state, host=host, port=port)
+        try:
+            self.pool.start()
+        except RuntimeError as err:
+            self.pool = None
+            raise CoordinateError(f"the pool service did not start: {err}") from None
+        local = "localhost" if host.strip("[]") in ("0.0.0.0", "::", "") else host
+        self.pool_address = f"{local}:{self.pool.port}"
+        print(f"pool service on {host}:{self.pool.port} (mutual TLS), store {self.state / 'pool-store'}, "
+              f"log {self.pool.log_path}; the coordinator pulls from {self.pool_address} as {self.reader.name}",
+              flush=True)
+
+    def stop_pool(self) -> None:
+        if self.pool is not None:
+            self.pool.stop()
+            self.pool = None
+
+    def run_config_file(self) -> Path:
+        """``STATE/run-config.yaml``: the config the ServerApp reads (absolute paths, pool to pull from)."""
+        fed = self.cfg.federation.model_copy(update={"state_dir": str(self.state), "certs_dir": str(self.certs)})
+        upd: dict[str, Any] = {"federation": fed}
+        if self.pool_address:
+            upd["pool"] = self.cfg.pool.model_copy(update={"address": self.pool_address, "credentials": str(self.reader)})
+        path = self.state / "run-config.yaml"
+        path.write_text(self.cfg.model_copy(update=upd).to_yaml())
+        return path
+
     # ------------------------------------------------------------------ sites
     def register_sites(self) -> dict[str, str]:
         from server.certs import read_registry
@@ -232,7 +319,7 @@ class Coordinator:
             self.flwr("stop", str(rid))
 
     def submit(self, expected: int) -> str:
-        rc = (f'plan-config="{self.config_path}" out-dir="{self.out}" expected-nodes={expected} '
+        rc = (f'plan-config="{self.run_config_file()}" out-dir="{self.out}" expected-nodes={expected} '
               f"num-server-rounds=0")
         r = self.flwr("run", str(self.app_dir), CONNECTION, "--run-config", rc, timeout=300)
         if not r.get("success"):
@@ -282,9 +369,12 @@ class Coordinator:
         fed = self.cfg.federation
         self.out.mkdir(parents=True, exist_ok=True)
         (self.out / "error.json").unlink(missing_ok=True)
+        started = time.time()
         prev = signal.getsignal(signal.SIGTERM)
         signal.signal(signal.SIGTERM, _raise_interrupt)
         try:
+            if fed.post_training:
+                self.start_pool()
             self.start_superlink()
             sites = self.register_sites()
             self.stop_stale_run()
@@ -297,7 +387,13 @@ class Coordinator:
                 summ = json.loads((self.out / "federation.json").read_text())
                 print(f"run {rid} completed: {summ['rounds_done']}/{summ['rounds']} rounds; checkpoints in "
                       f"{self.out / 'checkpoints'}", flush=True)
-                return 0
+                if not fed.post_training:
+                    return 0
+                report = self.out / "report.json"
+                if report.is_file() and report.stat().st_mtime >= started:
+                    print(report_summary(json.loads(report.read_text()), report), flush=True)
+                    return 0
+                status = "finished:completed without a report"
             err = self.out / "error.json"
             why = json.loads(err.read_text()).get("error") if err.is_file() else "see " + str(self.state / "superlink.log")
             print(f"run {rid} ended {status}: {why}", file=sys.stderr, flush=True)
@@ -307,7 +403,27 @@ class Coordinator:
             return 130
         finally:
             self.stop_superlink()
+            self.stop_pool()
             signal.signal(signal.SIGTERM, prev)
+
+
+def _fmt(v: Any) -> str:
+    return f"{v:.3f}" if isinstance(v, float) else ("n/a" if v is None else str(v))
+
+
+def report_summary(report: dict[str, Any], path: Path) -> str:
+    """The key figures of a federation report, a few lines for the terminal."""
+    pool, util, priv = report.get("pool", {}), report.get("utility", {}), report.get("privacy", {})
+    per_site = ", ".join(f"{k}={v}" for k, v in sorted((pool.get("per_site") or {}).items()))
+    return "\n".join([
+        f"report: {path} (and {path.with_suffix('.md')})",
+        f"  pool: {pool.get('n_images', 0)} images ({per_site or 'none'})",
+        f"  phi_down on the sites' real test data: accuracy {_fmt(util.get('accuracy'))}, balanced "
+        f"{_fmt(util.get('balanced_accuracy'))}, qwk {_fmt(util.get('qwk'))} (real-data reference: accuracy "
+        f"{_fmt(util.get('real_accuracy'))})",
+        f"  privacy: MIA AUC {_fmt(priv.get('mia_auc'))}, TPR@1%FPR {_fmt(priv.get('mia_tpr_at_1pct_fpr'))}, "
+        f"DCR ratio {_fmt(priv.get('dcr_ratio'))}, too-close rate {_fmt(priv.get('too_close_rate'))}",
+    ])
 
 
 def _raise_interrupt(signum, frame) -> None:  # SIGTERM (systemd stop) -> the same clean path as Ctrl-C
