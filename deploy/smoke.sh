@@ -1,23 +1,44 @@
 #!/usr/bin/env bash
-# Deployment smoke test on loopback, from the examples in this folder:
+# Deployment smoke test on loopback, the whole pipeline, from the examples in this folder
+# (coordinator.yaml / site.yaml with the tiny budgets of smoke.yaml merged over them):
 #   CA + server cert + 3 site identities (plan-server certs), nginx TLS proxy that
-#   forwards only /v1/fleet/*, `plan-server coordinate` (SuperLink with TLS and SuperNode
-#   auth on 127.0.0.1), 3 x `plan-client start` through the proxy, 2 rounds of a tiny GAN.
-# Checks: the run completes, checkpoints and metrics of both rounds exist with 3 sites,
-# and from a hospital's side the control API is refused through the proxy.
+#   forwards only /v1/fleet/*, `plan-server coordinate` (pool service with mutual TLS,
+#   SuperLink with TLS and SuperNode auth on 127.0.0.1), 3 x `plan-client start` through
+#   the proxy; 2 rounds of a tiny GAN, then synthesis (PLAN) + signed export to the pool
+#   at each site, pull, phi_down, evaluation at each site, report.
+# Checks: the run completes; checkpoints and metrics of both rounds with 3 sites; from a
+# hospital's side the control API is refused through the proxy; report.json with
+# sites/rounds/pool/utility/privacy/timing; every site synthesised, exported and
+# evaluated; the pool store holds images from all 3 sites and `plan-server pool check`
+# is clean; the pool service and the SuperLink are gone after `coordinate` exits.
 # Everything is torn down on exit (trap); any failure -> non-zero exit.
 #
+#   deploy/smoke.sh                 the whole pipeline (~3-4 min on 2 cores)
+#   deploy/smoke.sh --rounds-only   only the GAN rounds (no pool, no post-training)
+#
 # Needs: plan-server/plan-client/flwr on PATH (the project's venv), nginx, curl.
-# Ports (override by env): SMOKE_SL_PORT (SuperLink), SMOKE_PROXY_PORT, SMOKE_SN_PORT (3 in a row).
-# SMOKE_DIR: work folder (default: a new temp dir, removed unless SMOKE_KEEP=1).
+# Ports (override by env): SMOKE_SL_PORT (SuperLink), SMOKE_PROXY_PORT, SMOKE_SN_PORT (3 in a row),
+# SMOKE_POOL_PORT (pool service). SMOKE_DIR: work folder (default: a new temp dir, removed
+# unless SMOKE_KEEP=1). SMOKE_TIMEOUT: seconds for the run (default 420, full 720).
 set -euo pipefail
+
+FULL=1
+for arg in "$@"; do
+  case "$arg" in
+    --rounds-only) FULL=0 ;;
+    --full) FULL=1 ;;
+    -h|--help) sed -n '2,30p' "$0"; exit 0 ;;
+    *) echo "unknown argument: $arg (use --rounds-only or --full)" >&2; exit 2 ;;
+  esac
+done
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 SL_PORT="${SMOKE_SL_PORT:-19093}"
 PROXY_PORT="${SMOKE_PROXY_PORT:-19443}"
 SN_PORT="${SMOKE_SN_PORT:-19094}"
+POOL_PORT="${SMOKE_POOL_PORT:-19444}"
 WORK="${SMOKE_DIR:-$(mktemp -d /tmp/plan-smoke.XXXXXX)}"
-TIMEOUT="${SMOKE_TIMEOUT:-420}"
+TIMEOUT="${SMOKE_TIMEOUT:-$(( FULL ? 720 : 420 ))}"
 SITES=(hospital-a hospital-b hospital-c)
 PIDS=()
 
@@ -39,7 +60,8 @@ cleanup() {
   fi
   if [[ $rc -ne 0 ]]; then
     echo "---- smoke failed (rc=$rc); logs in $WORK ----" >&2
-    for f in "$WORK"/coordinator.log "$WORK"/state/coordinator/superlink.log "$WORK"/site-*.log "$WORK"/nginx/error.log; do
+    for f in "$WORK"/coordinator.log "$WORK"/state/coordinator/superlink.log "$WORK"/state/coordinator/pool-service.log \
+             "$WORK"/state/coordinator/run/error.json "$WORK"/site-*.log "$WORK"/nginx/error.log; do
       [[ -f "$f" ]] && { echo "== $f" >&2; tail -n 25 "$f" >&2; }
     done
   elif [[ -z "${SMOKE_KEEP:-}" && -z "${SMOKE_DIR:-}" ]]; then
@@ -63,34 +85,37 @@ for s in "${SITES[@]}"; do plan-server certs issue --dir certs --name "$s" --rol
 log "CA, server certificate and ${#SITES[@]} site identities issued"
 
 # ---- configs from the examples + tiny data -------------------------------------
-python - "$HERE" "$WORK" "$SL_PORT" "$PROXY_PORT" "$SN_PORT" "${SITES[@]}" <<'PY'
+python - "$HERE" "$WORK" "$SL_PORT" "$PROXY_PORT" "$SN_PORT" "$POOL_PORT" "$FULL" "${SITES[@]}" <<'PY'
 import sys, yaml, numpy as np
 from pathlib import Path
-here, work, sl, proxy, sn, *sites = sys.argv[1:]
+here, work, sl, proxy, sn, pool, full, *sites = sys.argv[1:]
 here, work = Path(here), Path(work)
-tiny = {"generator": {"z_dim": 8, "w_dim": 8, "mapping_layers": 1, "base_channels": 16, "min_channels": 8},
-        "discriminator": {"base_channels": 8, "max_channels": 16, "mbstd_group": 2},
-        "gan": {"batch_size": 4, "augment": [], "r1_every": 2}}
 c = yaml.safe_load((here / "coordinator.yaml").read_text())
-c.update(tiny); c["device"] = "cpu"; c["threads"] = 1
-c["data"].update(size=8, channels=1)
-c["federation"].update(rounds=2, local_steps=2, min_nodes=3, wait_for_nodes_s=240, round_timeout_s=240,
+for key, val in yaml.safe_load((here / "smoke.yaml").read_text()).items():
+    c[key] = {**c.get(key, {}), **val} if isinstance(val, dict) else val
+c["federation"].update(wait_for_nodes_s=240, round_timeout_s=300, post_training=full == "1",
                        state_dir=str(work / "state/coordinator"), certs_dir=str(work / "certs"),
-                       superlink_port=int(sl), sample_grid=4)
+                       superlink_port=int(sl))
+c["pool"].update(listen=f"127.0.0.1:{pool}")  # loopback here; 0.0.0.0 in coordinator.yaml
 (work / "coordinator.yaml").write_text(yaml.safe_dump(c))
 rng = np.random.default_rng(0)
+size = int(c["data"]["size"])
 for i, name in enumerate(sites):
     n = 16 + 8 * i
     arr = {}
     for split, k in (("train", n), ("val", 6), ("test", 6)):
-        arr[f"{split}_images"] = rng.integers(0, 256, (k, 8, 8), dtype=np.uint8)
-        arr[f"{split}_labels"] = (np.arange(k) % 2).reshape(-1, 1)
+        labels = np.arange(k) % 2
+        img = rng.integers(0, 160, (k, size, size))
+        img[labels == 1, :, : size // 2] += 90  # a class signal: brighter left half
+        arr[f"{split}_images"] = img.clip(0, 255).astype(np.uint8)
+        arr[f"{split}_labels"] = labels.reshape(-1, 1)
     np.savez(work / f"{name}.npz", **arr)
     s = yaml.safe_load((here / "site.yaml").read_text())
     s["site_id"] = name; s["device"] = "cpu"; s["threads"] = 1
     s["data"].update(source="medmnist", path=str(work / f"{name}.npz"))
     s["federation"].update(superlink_address=f"localhost:{proxy}", certs_dir=str(work / "certs/sites" / name),
                            state_dir=str(work / "state" / name), supernode_port=int(sn) + i)
+    s["pool"].update(address=f"localhost:{pool}")  # credentials: default = federation.certs_dir
     (work / f"site-{name}.yaml").write_text(yaml.safe_dump(s))
 PY
 
@@ -161,7 +186,7 @@ while kill -0 "$COORD" 2>/dev/null; do
   sleep 2
 done
 set +e; wait "$COORD"; rc=$?; set -e
-cat coordinator.log | grep -E "^round|completed|ended|error" || true
+grep -E "^round|completed|ended|error|^pool service|^report|^  " coordinator.log || true
 [[ $rc -eq 0 ]] || fail "plan-server coordinate exited $rc"
 
 # ---- checkpoints and metrics -----------------------------------------------------
@@ -181,7 +206,57 @@ assert [r["round"] for r in recs] == [1, 2], recs
 assert all(r["sites_replied"] == 3 for r in recs), [r["sites_replied"] for r in recs]
 assert sorted(s["site"] for s in recs[-1]["sites"]) == ["hospital-a", "hospital-b", "hospital-c"]
 ck = torch.load(run / "checkpoints/round-0002.pt", weights_only=False)
-assert "generator_ema" in ck and ck["arch"] == {"channels": 1, "size": 8}
+assert "generator_ema" in ck and ck["arch"] == {"channels": 1, "size": 16}, ck.get("arch")
 print("[smoke] checkpoints: rounds 1-2 with 3/3 sites, latest.json round 2")
 PY
+if [[ $FULL -eq 0 ]]; then log "OK (rounds only)"; exit 0; fi
+
+# ---- post-training: report, pool, sites ----------------------------------------------
+STORE="$WORK/state/coordinator/pool-store"
+grep -q "^pool service on 127.0.0.1:$POOL_PORT" coordinator.log || fail "coordinate did not start the pool service"
+grep -q "^report: $RUN/report.json" coordinator.log || fail "coordinate did not print the report path"
+[[ -f certs/readers/coordinator/client.crt ]] || fail "coordinate did not issue its reader identity"
+python - "$POOL_PORT" <<'PY' || fail "the pool service still listens after coordinate exited"
+import socket, sys
+with socket.socket() as s:
+    sys.exit(1 if s.connect_ex(("127.0.0.1", int(sys.argv[1]))) == 0 else 0)
+PY
+for s in "${SITES[@]}"; do
+  grep -q "^pool-address = \"localhost:$POOL_PORT\"" "state/$s/node.toml" || fail "$s: node.toml has no pool-address"
+  grep -q "^pool-credentials = \"$WORK/certs/sites/$s\"" "state/$s/node.toml" || fail "$s: node.toml has no pool-credentials"
+done
+plan-server pool check --store "$STORE" --no-progress > pool-check.log 2>&1 || { cat pool-check.log; fail "pool check found problems"; }
+python - "$RUN" "$STORE" "${SITES[@]}" <<'PY'
+import json, sqlite3, sys
+from pathlib import Path
+run, store, sites = Path(sys.argv[1]), Path(sys.argv[2]), sorted(sys.argv[3:])
+rep = json.loads((run / "report.json").read_text())
+for key in ("sites", "rounds", "pool", "utility", "privacy", "timing"):
+    assert key in rep, f"report.json lacks {key}"
+assert sorted(rep["sites"]) == sites and rep["rounds"] == 2, (rep["sites"], rep["rounds"])
+assert sorted(rep["pool"]["per_site"]) == sites and all(v > 0 for v in rep["pool"]["per_site"].values()), rep["pool"]
+assert rep["pool"]["n_images"] == sum(rep["pool"]["per_site"].values()) > 0, rep["pool"]
+for key in ("accuracy", "balanced_accuracy", "qwk", "real_accuracy"):
+    assert key in rep["utility"], f"utility lacks {key}"
+for key in ("mia_auc", "mia_tpr_at_1pct_fpr", "dcr_ratio", "too_close_rate"):
+    assert key in rep["privacy"], f"privacy lacks {key}"
+assert (run / "report.md").is_file()
+syn = json.loads((run / "synthesis.json").read_text())["sites"]
+ev = json.loads((run / "evaluation.json").read_text())["sites"]
+for s in sites:
+    assert syn[s]["status"] == "ok" and syn[s]["export-status"] == "stored", (s, syn[s].get("reason"), syn[s].get("export-status"))
+    assert ev[s]["status"] == "ok", (s, ev[s].get("reason"))
+man = json.loads((run / "pool" / "manifest.json").read_text())
+pulled = {e["site_id"] for e in man["images"]}
+assert sorted(pulled) == sites, pulled
+db = sqlite3.connect(store / "index.sqlite")  # the service has stopped
+stored = dict(db.execute("select site_id, sum(n_images) from bundles group by site_id").fetchall())
+db.close()
+assert sorted(stored) == sites and all(v > 0 for v in stored.values()), stored
+print(f"[smoke] post-training: report.json ({rep['pool']['n_images']} pooled images: "
+      + ", ".join(f"{k}={v}" for k, v in sorted(rep['pool']['per_site'].items()))
+      + f"), 3/3 sites synthesised+exported+evaluated, phi_down accuracy {rep['utility']['accuracy']:.3f}; "
+      + f"pool store: {stored}")
+PY
+log "pool check clean: $(tail -n 1 pool-check.log)"
 log "OK"

@@ -1,6 +1,8 @@
 """Deployment with real processes on loopback: SuperLink (TLS + node auth), SuperNodes.
 
-* deploy/smoke.sh end to end (nginx proxy, 3 sites, 2 rounds, control API refused);
+* deploy/smoke.sh end to end (nginx proxy, 3 sites, 2 rounds, control API refused, then the
+  post-training phases: pool service started by coordinate, synthesis + export at every
+  site, pull, phi_down, evaluation, report; pool store checked);
 * a SuperNode whose key is not registered is refused;
 * a hospital killed mid-run does not stop the run (min_nodes < N), and a coordinator
   killed and restarted resumes after the last completed round.
@@ -130,10 +132,11 @@ def _metrics(run: Path) -> list[dict]:
 def test_deploy_smoke_script(tmp_path):
     env = _env(tmp_path / "flwr")
     env.update(SMOKE_SL_PORT=str(free_port()), SMOKE_PROXY_PORT=str(free_port()), SMOKE_SN_PORT=str(free_port()),
-               SMOKE_DIR=str(tmp_path / "smoke"))
-    r = subprocess.run(["bash", str(ROOT / "deploy" / "smoke.sh")], env=env, capture_output=True, text=True, timeout=600)
+               SMOKE_POOL_PORT=str(free_port()), SMOKE_DIR=str(tmp_path / "smoke"), SMOKE_TIMEOUT="900")
+    r = subprocess.run(["bash", str(ROOT / "deploy" / "smoke.sh")], env=env, capture_output=True, text=True, timeout=1100)
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
     assert "control API refused" in r.stdout and "[smoke] checkpoints" in r.stdout
+    assert "[smoke] post-training: report.json" in r.stdout and "pool check clean" in r.stdout, r.stdout[-3000:]
 
 
 def test_unregistered_supernode_is_refused(tmp_path, procs):
