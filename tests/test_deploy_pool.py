@@ -1,0 +1,109 @@
+"""Pool settings in deployment (fast, no Flower processes; deploy/smoke.sh runs it all for real).
+
+* a site's pool address and credentials come from its own site.yaml, through the node
+  config that ``plan-client start`` writes, never from the coordinator's config;
+* ``plan-server coordinate`` starts and stops the pool service, issues its reader
+  identity when none exists, and hands the pull address + reader to the ServerApp
+  through ``STATE/run-config.yaml``.
+"""
+
+from __future__ import annotations
+
+import socket
+import tomllib
+from pathlib import Path
+
+import pytest
+import yaml
+
+from plan_shared.config import load_config
+from tests.test_federation_util import free_port, make_npz
+
+
+@pytest.fixture
+def certs(tmp_path) -> Path:
+    from server.certs import init_ca, issue
+
+    d = tmp_path / "certs"
+    init_ca(d)
+    issue(d, "hospital-a", "site")
+    return d
+
+
+def _site_yaml(tmp_path: Path, certs: Path, **pool) -> Path:
+    raw = {"site_id": "hospital-a", "data": {"source": "medmnist", "path": str(make_npz(tmp_path / "a.npz"))},
+           "federation": {"certs_dir": str(certs / "sites" / "hospital-a"), "state_dir": str(tmp_path / "site")}}
+    if pool:
+        raw["pool"] = pool
+    p = tmp_path / "site.yaml"
+    p.write_text(yaml.safe_dump(raw))
+    return p
+
+
+def test_start_puts_the_sites_pool_settings_into_the_node_config(tmp_path, certs):
+    from client.supernode import StartError, supernode_command_line
+
+    _, _, state = supernode_command_line(_site_yaml(tmp_path, certs, address="pool.example.org:9444",
+                                                    server_name="pool.example.org"))
+    node = tomllib.loads((state / "node.toml").read_text())
+    assert node["pool-address"] == "pool.example.org:9444" and node["pool-server-name"] == "pool.example.org"
+    assert node["pool-credentials"] == str((certs / "sites" / "hospital-a").resolve())
+
+    _, _, state = supernode_command_line(_site_yaml(tmp_path, certs))
+    assert not any(k.startswith("pool-") for k in tomllib.loads((state / "node.toml").read_text()))
+
+    with pytest.raises(StartError, match="client.crt missing: pool.credentials"):
+        supernode_command_line(_site_yaml(tmp_path, certs, address="x:1", credentials=str(certs)))
+
+
+def test_site_uses_its_own_pool_settings_not_the_coordinators(tmp_path):
+    from client.site import Site
+
+    coord = load_config(None, {"pool.address": "localhost:9444", "pool.credentials": "/certs/readers/coordinator"})
+    nc = {"site-id": "a", "data-path": "/d.npz", "pool-address": "coord.example.org:9444", "pool-credentials": "/c"}
+    pool = Site.from_node_config(nc, coord).cfg.pool
+    assert (pool.address, pool.credentials, pool.server_name) == ("coord.example.org:9444", "/c", None)
+    pool = Site.from_node_config({"site-id": "a", "data-path": "/d.npz"}, coord).cfg.pool
+    assert pool.address is None and pool.credentials is None
+    # simulation: every virtual site shares the coordinator's disk and config
+    assert Site.from_node_config({"partition-id": 0, "num-partitions": 2}, coord).cfg.pool.address == "localhost:9444"
+
+
+def test_site_without_pool_address_fails_before_running_the_pipeline(tmp_path):
+    from client.phases import synthesize_at_site
+    from client.site import Site
+
+    site = Site.from_node_config({"site-id": "a", "data-path": "/nonexistent.npz", "state-dir": str(tmp_path)},
+                                 load_config(None, {"pool.address": "localhost:9444"}))
+    with pytest.raises(RuntimeError, match="no pool address: set pool.address"):
+        synthesize_at_site(site, site.cfg, {}, 1, 16, 1)
+    assert not (tmp_path / "synthesis").exists()
+
+
+def _listening(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def test_coordinator_starts_the_pool_issues_a_reader_and_passes_both_to_the_serverapp(tmp_path, certs):
+    from server.coordinate import Coordinator
+
+    port = free_port()
+    cfg = {"federation": {"post_training": True, "state_dir": "state", "certs_dir": "certs"},
+           "pool": {"listen": f"127.0.0.1:{port}"}}
+    (tmp_path / "coordinator.yaml").write_text(yaml.safe_dump(cfg))
+    coord = Coordinator(tmp_path / "coordinator.yaml")
+    try:
+        coord.start_pool()
+        assert _listening(port)
+        assert coord.reader == certs / "readers" / "coordinator" and (coord.reader / "client.crt").is_file()
+        assert coord.pool_address == f"127.0.0.1:{port}"
+        run_cfg = load_config(coord.run_config_file())
+        assert run_cfg.pool.address == f"127.0.0.1:{port}" and run_cfg.pool.credentials == str(coord.reader)
+        assert run_cfg.federation.certs_dir == str(certs.resolve())  # absolute for the ServerApp
+        assert (tmp_path / "state" / "pool-store" / "index.sqlite").is_file()
+    finally:
+        coord.stop_pool()
+    assert not _listening(port)
+    # a second coordinator finds the reader it issued instead of issuing another one
+    assert Coordinator(tmp_path / "coordinator.yaml").reader_credentials() == coord.reader
