@@ -217,8 +217,10 @@ class Coordinator:
                                   "or run `plan-server certs issue --name coordinator --role reader` where the CA is")
         try:
             out = issue(self.certs, "coordinator", "reader")
-        except CertsError as err:
-            raise CoordinateError(f"issuing the coordinator's reader identity failed: {err}; set pool.credentials") from None
+        except (CertsError, OSError) as err:  # e.g. certs_dir read-only under systemd's ProtectSystem=strict
+            raise CoordinateError(f"issuing the coordinator's reader identity failed: {err}; issue one with "
+                                  f"`plan-server certs issue --dir {self.certs} --name coordinator --role reader` "
+                                  "or set pool.credentials") from None
         LOG.info("issued the coordinator's reader identity %s", out)
         return out
 
