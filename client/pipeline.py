@@ -308,7 +308,10 @@ def run_site_pipeline(
         if planted_accept.any():
             LOG.error("filter FAILED its sensitivity test: %d of %d planted near-duplicates passed",
                       int(planted_accept.sum()), len(planted_accept))
+        sensitivity_ok = not bool(planted_accept.any())
+        blocked = (not sensitivity_ok) and fc.block_on_planted
         report["filter"] = {
+            "sensitivity_ok": sensitivity_ok, "export_blocked": blocked,
             "tau_id": th.tau_id, "tau_indep": th.tau_indep, "delta": th.delta, "delta_quantile": fc.delta_quantile,
             "planted_total": int(len(planted_x)), "planted_rejected": int((~planted_accept).sum()),
             "planted_reject_reasons": reject_reasons(planted_scores, th),
@@ -325,7 +328,10 @@ def run_site_pipeline(
     # ---------------------------------------------------------------- export
     with tm.stage("export"):
         c = cand[method]
-        acc_idx = np.flatnonzero(c["accept"])
+        passed_idx = np.flatnonzero(c["accept"])  # per-image thresholds
+        acc_idx = passed_idx[:0] if blocked else passed_idx
+        if blocked:
+            LOG.error("export blocked: the filter let planted near-duplicates through (filter.block_on_planted)")
         imgs8 = to_uint8_hwc(c["images"][acc_idx]) if len(acc_idx) else np.zeros((0,))
         records: list[ImageRecord] = []
         for j, i in enumerate(acc_idx):
@@ -357,12 +363,14 @@ def run_site_pipeline(
 
     # ---------------------------------------------------------------- utility
     with tm.stage("utility"):
-        xs = c["images"][acc_idx]
-        ys = c["labels"][acc_idx]
+        # on the images that pass the per-image filter (= the exported ones unless export is blocked)
+        xs = c["images"][passed_idx]
+        ys = c["labels"][passed_idx]
         report["utility"] = {
             "synthetic": _utility(cfg, ds, xs, ys, x_te, y_te, cfg.seed + 21, "utility (synthetic)", device, progress),
             "real": _utility(cfg, ds, x_tr, y_tr.numpy(), x_te, y_te, cfg.seed + 21, "utility (real)", device, progress),
             "classifier": "classes-section architecture, utility_epochs, class-balanced sampling, tested on the real test split",
+            "synthetic_set": "images passing the per-image filter" + (" (export blocked: not exported)" if blocked else ""),
         }
         report["utility"]["synthetic"]["per_class_train"] = {ds.class_names[k]: int((ys == k).sum()) for k in range(ds.num_classes)}
 

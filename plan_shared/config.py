@@ -238,6 +238,10 @@ class FilterConfig(_Section):
         "embedding space (normalised features of the independent identity model); accept only if DCR > delta."
     )
     planted: int = Field(50, ge=0, description="Lightly augmented real training images mixed into the candidates; all must be rejected (never exported).")
+    block_on_planted: bool = Field(
+        True, description="If any planted near-duplicate passes the filter, the filter is not trusted and NOTHING is "
+        "exported (report: filter.export_blocked); the per-image decisions are still reported for diagnosis."
+    )
 
 
 class SynthesisConfig(_Section):

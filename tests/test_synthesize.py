@@ -23,7 +23,7 @@ TINY = {
     "inversion": {"steps": 2, "max_images": 20, "batch_size": 16},
     "anchors": {"k": 2, "pairs_m": 1},
     "navigation": {"T": 5, "steps": 2, "chunk": 8},
-    "filter": {"planted": 5, "tau_id": 0.99, "tau_indep": 0.99},
+    "filter": {"planted": 5, "tau_id": 0.99, "tau_indep": 0.99, "block_on_planted": False},
     "synthesis": {"max_paths": 4, "strip_pairs": 1},
 }
 
@@ -54,7 +54,7 @@ def test_synthesize_cli_end_to_end(tmp_path):
     rep = json.loads((out / "report.json").read_text())
     for key in ("n_candidates", "n_accepted", "filter", "methods", "timing", "utility", "identity", "classes", "inversion", "anchors"):
         assert key in rep, key
-    for key in ("tau_id", "delta", "planted_total", "planted_rejected"):
+    for key in ("tau_id", "delta", "planted_total", "planted_rejected", "sensitivity_ok", "export_blocked"):
         assert key in rep["filter"]
     assert rep["filter"]["planted_total"] == 5
     for m in ("plan", "linear"):
