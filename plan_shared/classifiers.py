@@ -206,6 +206,7 @@ def build_classifier(num_classes: int, channels: int, size: int, section, head: 
         depth=depth,
         feature_dim=section.feature_dim,
         head=head,  # type: ignore[arg-type]
+        pool_grid=getattr(section, "pool_grid", 1),
     )
 
 

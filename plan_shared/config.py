@@ -143,9 +143,14 @@ class IdentityConfig(_Section):
     width: int = Field(16, ge=4, description="Channels of the first stage (small: phi_id is evaluated at every path point).")
     depth: int = Field(3, ge=1, le=6)
     feature_dim: int = Field(128, ge=8)
+    pool_grid: int = Field(
+        4, ge=1, le=8, description="Final features pooled to a grid x grid map (4 keeps the coarse layout). Measured on "
+        "800 pneumoniamnist identities, 30 epochs: grid 4 gives 99.5 % top-1 on augmented views, mean max-prob 0.98 "
+        "(members) vs 0.45 (val); global pooling (1) gives 95.9 %, 0.83 vs 0.35.",
+    )
     epochs: int = Field(
-        20, ge=1, description="Epochs over the training images (each image seen once per epoch, augmented). One image per "
-        "class learns slowly: measured on 300 identities, 15 epochs gave ~35 % clean top-1; more epochs = better phi_id."
+        30, ge=1, description="Epochs over the training images (each image, i.e. each class, is seen once per epoch): "
+        "every class weight gets one update per epoch, so phi_id needs many epochs (10 epochs: 48 % top-1; 30: 99.9 %)."
     )
     batch_size: int = Field(32, ge=2, description="Small batches: more optimiser steps per epoch (what phi_id needs).")
     lr: float = Field(3e-3, gt=0.0)

@@ -1,7 +1,9 @@
 """Classifier backbone for the identity, class and downstream classifiers.
 
 A small residual CNN (``depth`` stages, each halving the resolution and doubling
-the width) producing a ``feature_dim`` embedding, followed by either a linear head
+the width) pooled to a ``pool_grid`` x ``pool_grid`` map (1 = global average; 4 keeps
+the coarse layout, which identity recognition of look-alike X-rays needs) and
+projected to a ``feature_dim`` embedding, followed by either a linear head
 or a cosine head (normalised features x normalised class weights x a learnable
 scale). method.md section 6: an identity classifier over thousands of identities
 only trains with the cosine head.
@@ -52,6 +54,7 @@ class Classifier(nn.Module):
         feature_dim: int = 128,
         head: Literal["linear", "cosine"] = "linear",
         dropout: float = 0.0,
+        pool_grid: int = 1,
     ):
         super().__init__()
         if size >> depth < 1:
@@ -63,14 +66,15 @@ class Classifier(nn.Module):
             stages.append(_Stage(in_ch, w))
             in_ch = w
         self.stages = nn.Sequential(*stages)
-        self.embed = nn.Sequential(nn.Flatten(), nn.Dropout(dropout), nn.Linear(in_ch, feature_dim))
+        self.pool_grid = pool_grid
+        self.embed = nn.Sequential(nn.Flatten(), nn.Dropout(dropout), nn.Linear(in_ch * pool_grid * pool_grid, feature_dim))
         self.head: nn.Module = CosineHead(feature_dim, num_classes) if head == "cosine" else nn.Linear(feature_dim, num_classes)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """Embedding ``[B, feature_dim]`` (used for distances and Frechet scores)."""
         assert x.ndim == 4 and x.shape[1] == self.channels, f"expected [B, {self.channels}, H, W], got {tuple(x.shape)}"
         h = self.stages(x)
-        return self.embed(F.adaptive_avg_pool2d(h, 1))
+        return self.embed(F.adaptive_avg_pool2d(h, self.pool_grid))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(x))
