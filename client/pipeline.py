@@ -109,6 +109,34 @@ def _utility(cfg: PlanConfig, ds: ImageDataset, x_tr, y_tr, x_te, y_te, seed: in
     return rep
 
 
+def _compare_methods(cfg: PlanConfig, ds: ImageDataset, cand: dict[str, Any], exported: str,
+                     utility: dict[str, Any], x_tr, x_te, y_te, device, progress: bool) -> dict[str, Any]:
+    """Privacy-utility point of every method on the same anchors (the report's privacy-utility plot).
+
+    For each method: the utility classifier trained on that method's filter-passing images
+    and tested on the real test split, and the distance membership inference (pixel space,
+    members = train, non-members = test) against those images. ``real`` shares the train
+    images themselves.
+    """
+    from client.evaluate import distance_mia
+
+    out: dict[str, Any] = {}
+    for name, c in cand.items():
+        idx = np.flatnonzero(c["accept"])
+        if name == exported:
+            util = utility["synthetic"]
+        else:
+            util = _utility(cfg, ds, c["images"][idx], c["labels"][idx], x_te, y_te, cfg.seed + 21,
+                            f"utility ({name})", device, progress)
+        mia = distance_mia(x_tr, x_te, c["images"][idx])
+        out[name] = {"accuracy": util.get("accuracy"), "qwk": util.get("qwk"), "n": int(len(idx)),
+                     "mia_auc": _f(mia["mia_auc"]), "mia_tpr_at_1pct_fpr": _f(mia["mia_tpr_at_1pct_fpr"])}
+    real = distance_mia(x_tr, x_te, x_tr)
+    out["real"] = {"accuracy": utility["real"].get("accuracy"), "qwk": utility["real"].get("qwk"), "n": int(len(x_tr)),
+                   "mia_auc": _f(real["mia_auc"]), "mia_tpr_at_1pct_fpr": _f(real["mia_tpr_at_1pct_fpr"])}
+    return out
+
+
 def run_site_pipeline(
     cfg: PlanConfig,
     dataset: ImageDataset,
@@ -373,6 +401,12 @@ def run_site_pipeline(
             "synthetic_set": "images passing the per-image filter" + (" (export blocked: not exported)" if blocked else ""),
         }
         report["utility"]["synthetic"]["per_class_train"] = {ds.class_names[k]: int((ys == k).sum()) for k in range(ds.num_classes)}
+
+    # ---------------------------------------------------------------- per-method comparison
+    if cfg.synthesis.compare:
+        with tm.stage("compare"):
+            report["compare"] = _compare_methods(cfg, ds, cand, method, report["utility"], x_tr, x_te, y_te,
+                                                 device, progress)
 
     # ---------------------------------------------------------------- figures
     with tm.stage("figures"):

@@ -102,7 +102,10 @@ def plant_duplicates(x_train: torch.Tensor, n: int, seed: int = 0) -> tuple[torc
     idx = torch.randperm(len(x_train), generator=gen)[:n]
     x = x_train[idx].clone()
     dy, dx = torch.randint(-1, 2, (2,), generator=gen).tolist()
-    x = torch.roll(x, shifts=(dy, dx), dims=(2, 3))
+    h, w = x.shape[2:]
+    # shift by one pixel with the edge repeated (a wrap-around roll would move a border row across the image)
+    padded = torch.nn.functional.pad(x, (1, 1, 1, 1), mode="replicate")
+    x = padded[:, :, 1 - dy : 1 - dy + h, 1 - dx : 1 - dx + w]
     x = x * (1 + (torch.rand(n, 1, 1, 1, generator=gen) - 0.5) * 0.1)
     x = x + torch.randn(x.shape, generator=gen) * 0.02
     return x.clamp(-1, 1), idx.numpy()

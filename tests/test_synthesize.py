@@ -62,6 +62,9 @@ def test_synthesize_cli_end_to_end(tmp_path):
         assert rep["methods"][m]["n"] == rep["anchors"]["n_paths"] * 3
     assert rep["n_candidates"] == rep["methods"]["plan"]["n"]
     assert set(rep["utility"]) >= {"synthetic", "real"}
+    assert set(rep["compare"]) == {"plan", "linear", "random", "real"}
+    assert rep["compare"]["real"]["mia_auc"] == 1.0  # sharing the train images themselves: every member found
+    assert rep["compare"]["plan"]["accuracy"] == rep["utility"]["synthetic"]["accuracy"]
     man = read_site_manifest(out / "manifest.json")
     assert len(man.images) == rep["n_accepted"] > 0
     pngs = sorted(p.relative_to(out).as_posix() for p in (out / "images").rglob("*.png"))
