@@ -141,7 +141,7 @@ def optimise_paths(
                 loss.backward()  # accumulates into D.grad through the view
         ld = seg_const.sum() + dist_loss(torch.cat([zero_end, D, zero_end], dim=1)).sum()
         (wt.lambda_dist * ld).backward()
-        sums["dist"] = float(ld)
+        sums["dist"] = float(ld.detach())
         opt.step()
         if max_offset is not None:
             with torch.no_grad():
