@@ -144,7 +144,7 @@ def privacy_utility_plot(points: dict[str, tuple[float, float]], path: Path, tit
         ax.annotate(name, (mia, util), textcoords="offset points", xytext=(6, 4), fontsize=8)
     ax.axvline(0.5, color="gray", lw=0.8, ls="--")
     ax.text(0.5, ax.get_ylim()[0], " chance", fontsize=7, color="gray", va="bottom")
-    ax.set_xlabel("membership-inference ROC AUC (lower is better, 0.5 = chance)")
+    ax.set_xlabel("membership-inference ROC AUC (0.5 = chance; distance from 0.5 = leakage)")
     ax.set_ylabel("test accuracy on real images")
     ax.set_title(title or "privacy vs utility")
     ax.grid(alpha=0.3)

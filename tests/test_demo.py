@@ -30,7 +30,8 @@ def demo(tmp_path_factory):
     make_credentials(out / "certs", ["site-0", "site-1", "site-2"])
     (out / "certs" / "sites" / "site-1" / "signing.key").unlink()
     report = run_demo(out, sites=3, dataset="breastmnist", config=str(TINY),
-                      overrides={"filter.tau_id": 1.0, "filter.tau_indep": 1.0, "filter.delta_quantile": 0.001})
+                      overrides={"filter.tau_id": 1.0, "filter.tau_indep": 1.0, "filter.delta_quantile": 0.001,
+                                 "filter.block_on_planted": False})
     return out, report
 
 
