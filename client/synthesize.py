@@ -66,34 +66,9 @@ def summary_line(report: dict[str, Any]) -> str:
 
 def resolve_config(config: Optional[Path], dataset: Optional[str], data: Optional[Path], sets: list[str] | None, **extra) -> PlanConfig:
     """site.yaml (or defaults) + ``--dataset`` / ``--data`` + ``--set KEY=VALUE`` + explicit options."""
-    import yaml
+    from plan_shared.config import data_overrides, load_config, parse_sets
 
-    from plan_shared.config import ConfigError, load_config
-
-    if dataset and data:
-        raise ConfigError("give either --dataset or --data, not both")
-    over: dict[str, Any] = {}
-    if config is not None and not (dataset or data):
-        pass
-    elif dataset:
-        over.update({"data.source": "medmnist", "data.name": dataset})
-    elif data:
-        p = Path(data)
-        if p.suffix.lower() == ".npz":
-            over.update({"data.source": "medmnist", "data.path": str(p)})
-        elif p.suffix.lower() == ".csv":
-            over.update({"data.source": "csv", "data.path": str(p)})
-        elif p.is_dir():
-            over.update({"data.source": "imagefolder", "data.path": str(p)})
-        else:
-            raise ConfigError(f"--data {p}: expected a .npz file, a .csv manifest or an image folder")
-    for item in sets or []:
-        if "=" not in item:
-            raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. --set navigation.steps=100")
-        key, value = item.split("=", 1)
-        over[key.strip()] = yaml.safe_load(value)
+    over: dict[str, Any] = data_overrides(dataset, data)
+    over.update(parse_sets(sets))
     over.update({k: v for k, v in extra.items() if v is not None})
-    cfg = load_config(config, over)
-    if dataset and cfg.data.path is not None:  # --dataset NAME wins over a path in the file
-        cfg.data.path = None
-    return cfg
+    return load_config(config, over)
