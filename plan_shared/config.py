@@ -284,6 +284,16 @@ class FederationConfig(_Section):
     )
     wait_for_nodes_s: float = Field(300.0, gt=0.0, description="Deadline for min_nodes sites to connect (clear error after).")
     round_timeout_s: float = Field(1800.0, gt=0.0, description="A round stops waiting for late sites after this many seconds.")
+    straggler_grace: Optional[float] = Field(
+        2.0,
+        ge=0.0,
+        description="Once min_nodes sites have replied, wait for the others at most this multiple of the time that "
+        "took (but at least straggler_min_wait_s); a site still training then is left out of the round and logged. "
+        "null: wait for every site until round_timeout_s.",
+    )
+    straggler_min_wait_s: float = Field(
+        30.0, ge=0.0, description="Shortest wait for the remaining sites once min_nodes have replied (see straggler_grace)."
+    )
     state_dir: str = Field(
         "plan-state", description="Coordinator: checkpoints, Flower state.db. Site: local D, Flower home, logs."
     )

@@ -82,6 +82,39 @@ def wait_for_nodes(grid: Grid, want: int, need: int, deadline_s: float, poll_s: 
         time.sleep(poll_s)
 
 
+def collect_replies(grid: Grid, msgs: list[Message], *, min_replies: int, timeout_s: float,
+                    grace: Optional[float], min_wait_s: float = 0.0, poll_s: float = 1.0) -> tuple[list[Message], str]:
+    """Push ``msgs`` and pull their replies until every one answered or the round is cut short.
+
+    The round is cut at ``timeout_s``, or earlier once ``min_replies`` successful replies
+    are in and the others have had ``max(grace x elapsed, min_wait_s)`` more seconds
+    (``grace=None`` waits for everyone until ``timeout_s``). Error replies count as
+    answers: Flower sends one for a node that stopped sending heartbeats. Returns the
+    replies and why the collection ended (``all``, ``grace`` or ``timeout``).
+    """
+    t0 = time.monotonic()
+    pending = {m for m in grid.push_messages(msgs) if m}
+    replies: list[Message] = []
+    end = t0 + timeout_s
+    quorum_at: Optional[float] = None
+    while pending:
+        got = list(grid.pull_messages(list(pending)))
+        replies.extend(got)
+        pending.difference_update(r.metadata.reply_to_message_id for r in got)
+        if not pending:
+            return replies, "all"
+        now = time.monotonic()
+        if quorum_at is None and grace is not None and sum(not r.has_error() for r in replies) >= min_replies:
+            quorum_at = now
+            end = min(end, now + max(grace * (now - t0), min_wait_s))
+            LOG.info("%d site(s) replied after %.1fs; waiting at most %.0fs for %d more", min_replies, now - t0,
+                     end - now, len(pending))
+        if now >= end:
+            return replies, "grace" if quorum_at is not None and end < t0 + timeout_s else "timeout"
+        time.sleep(min(poll_s, max(end - now, 0.0)))
+    return replies, "all"
+
+
 class Federation:
     """Owns the global GanTrainer, the output directory and the round loop."""
 
@@ -195,14 +228,22 @@ class Federation:
             conf = ConfigRecord({**base, "server-round": rnd})
             msgs = [Message(RecordDict({"arrays": arrays, "config": conf}), message_type=MessageType.TRAIN,
                             dst_node_id=nid) for nid in node_ids]
-            replies = list(self.grid.send_and_receive(msgs, timeout=fed.round_timeout_s))
+            sent_at = time.perf_counter()
+            replies, ended = collect_replies(self.grid, msgs, min_replies=fed.min_nodes, timeout_s=fed.round_timeout_s,
+                                             grace=fed.straggler_grace, min_wait_s=fed.straggler_min_wait_s)
+            waited = time.perf_counter() - sent_at
             ok = [r for r in replies if not r.has_error()]
             answered = {r.metadata.src_node_id for r in ok}
             missing = [nid for nid in node_ids if nid not in answered]
-            errors = {r.metadata.src_node_id: r.error.reason for r in replies if r.has_error()}
+            # Flower's error replies come from the SuperLink: map them back through the message ids.
+            dst = {m.metadata.message_id: m.metadata.dst_node_id for m in msgs}
+            errors = {dst.get(r.metadata.reply_to_message_id, r.metadata.src_node_id): r.error.reason
+                      for r in replies if r.has_error()}
+            late = (f"still training when the round closed after {waited:.0f}s (straggler grace)" if ended == "grace"
+                    else f"no reply within round_timeout_s={fed.round_timeout_s:.0f}s")
             for nid in missing:
                 LOG.warning("round %d: site %s (node %d) did not contribute: %s", rnd, self.site_names.get(nid, "?"),
-                            nid, errors.get(nid, f"no reply within {fed.round_timeout_s:.0f}s"))
+                            nid, errors.get(nid, late))
             if len(ok) < fed.min_nodes:
                 raise FederationError(
                     f"round {rnd}: only {len(ok)} of {len(node_ids)} sites returned weights, federation.min_nodes="
@@ -228,7 +269,9 @@ class Federation:
                 "wall_s": round(wall, 3),
                 "sites_sent": len(node_ids),
                 "sites_replied": len(ok),
-                "missing": [{"node_id": n, "site": self.site_names.get(n, "?"), "reason": errors.get(n, "no reply (site offline or past round_timeout_s)")}
+                "collect_s": round(waited, 3),
+                "ended": ended,
+                "missing": [{"node_id": n, "site": self.site_names.get(n, "?"), "reason": errors.get(n, late)}
                             for n in missing],
                 "aggregate": dict(agg_metrics) if agg_metrics is not None else {},
                 "sites": sorted(sites, key=lambda s: s["site"]),

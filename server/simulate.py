@@ -48,8 +48,15 @@ def simulation_config(
         ov["federation.rounds"] = rounds
     ov["federation.state_dir"] = str(Path(out).expanduser().resolve())
     cfg = load_config(config, {k: v for k, v in ov.items() if v is not None})
+    fed: dict[str, Any] = {}
     if cfg.federation.min_nodes > sites:
-        cfg = cfg.model_copy(update={"federation": cfg.federation.model_copy(update={"min_nodes": sites})})
+        fed["min_nodes"] = sites
+    if "straggler_grace" not in cfg.federation.model_fields_set:
+        # Virtual sites queue for the machine's cores, so the last ones always come late:
+        # a straggler grace would drop them every round. Wait for all unless asked otherwise.
+        fed["straggler_grace"] = None
+    if fed:
+        cfg = cfg.model_copy(update={"federation": cfg.federation.model_copy(update=fed)})
     return cfg
 
 

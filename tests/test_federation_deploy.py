@@ -193,6 +193,10 @@ def test_dropout_and_coordinator_restart(tmp_path, procs):
     assert r2["sites_replied"] == 2, r2
     assert sorted(s["site"] for s in r2["sites"]) == ["hospital-a", "hospital-b"]
     assert r2["missing"] and r2["missing"][0]["site"] == "hospital-c", r2["missing"]
+    # The round did not sit out round_timeout_s (240 s) for the dead site: the straggler grace
+    # (or Flower's heartbeat-based "Node Unavailable" reply) closed it.
+    assert r2["ended"] in ("grace", "all") and r2["collect_s"] < 200, r2
+    assert "straggler grace" in r2["missing"][0]["reason"] or "Node Unavailable" in r2["missing"][0]["reason"], r2
     assert "did not contribute" in (tmp_path / "coord" / "superlink.log").read_text() or r2["missing"]
 
     # The coordinator machine dies: coordinator, SuperLink (own process group) and ServerApp

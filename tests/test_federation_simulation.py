@@ -21,6 +21,16 @@ def _local_weights(state: dict, share: str) -> dict[str, torch.Tensor]:
     return out
 
 
+def test_simulation_waits_for_every_virtual_site_unless_told_otherwise(tmp_path):
+    from server.simulate import simulation_config
+
+    # Virtual sites share the cores and finish one after another: no straggler cut by default.
+    cfg = simulation_config(None, sites=10, out=tmp_path)
+    assert cfg.federation.straggler_grace is None and cfg.federation.min_nodes == 2
+    cfg = simulation_config(None, sites=1, out=tmp_path, overrides={"federation.straggler_grace": 0.5})
+    assert cfg.federation.straggler_grace == 0.5 and cfg.federation.min_nodes == 1
+
+
 @pytest.mark.slow
 def test_simulation_3_sites_2_rounds_weighted_mean(tmp_path, monkeypatch):
     from server.simulate import run_simulation
