@@ -71,3 +71,59 @@ def test_simulation_3_sites_2_rounds_weighted_mean(tmp_path, monkeypatch):
     meta = json.loads((out / "checkpoints" / "latest.json").read_text())
     assert meta["round"] == 2 and meta["d_shared"] is True
     assert (out / "samples" / "round-0002.png").is_file()
+
+
+@pytest.mark.slow
+def test_flwr_run_against_a_local_simulation_superlink(tmp_path):
+    """`flwr run .` (the Flower App Bundle of pyproject.toml) as deploy/README.md documents it."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    import yaml
+
+    from tests.test_federation_util import flower_env, free_port
+
+    root = Path(__file__).resolve().parent.parent
+    bin_dir = Path(sys.executable).parent
+    home = tmp_path / "flwr"
+    home.mkdir()
+    port = free_port()
+    (home / "config.toml").write_text(
+        f'[superlink]\ndefault = "sim"\n\n[superlink.sim]\naddress = "127.0.0.1:{port}"\ninsecure = true\n')
+    env = flower_env(home)
+    env["PATH"] = f"{bin_dir}{os.pathsep}{env.get('PATH', '')}"
+    raw = tiny_config()
+    raw["data"]["path"] = str(make_npz(tmp_path / "data.npz", n_train=30))
+    (tmp_path / "sim.yaml").write_text(yaml.safe_dump(raw))
+    out = tmp_path / "out"
+    log = open(tmp_path / "superlink.log", "wb")
+    sl = subprocess.Popen([str(bin_dir / "flower-superlink"), "--insecure", "--simulation",
+                           "--disable-runtime-dependency-installation", "--host", "127.0.0.1", "--port", str(port),
+                           "--database", str(tmp_path / "sim.db")],
+                          stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    try:
+        time.sleep(3)
+        r = subprocess.run([str(bin_dir / "flwr"), "run", ".", "--stream", "--federation-config",
+                            "num-supernodes=3 client-resources-num-cpus=1", "--run-config",
+                            f'plan-config="{tmp_path / "sim.yaml"}" out-dir="{out}" num-server-rounds=0'],
+                           cwd=root, env=env, capture_output=True, text=True, timeout=400)
+        # `flwr run --stream` exits 0 even when the ServerApp fails: judge by what the run wrote.
+        text = r.stdout + r.stderr
+        assert r.returncode == 0, text[-3000:]
+        recs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()] \
+            if (out / "metrics.jsonl").is_file() else []
+        assert [x["round"] for x in recs] == [1, 2], text[-3000:]
+        assert all(x["sites_replied"] == 3 for x in recs)
+        assert json.loads((out / "checkpoints" / "latest.json").read_text())["round"] == 2
+        assert "[tool.flwr.federations]" not in (root / "pyproject.toml").read_text()  # flwr did not rewrite it
+    finally:
+        os.killpg(sl.pid, signal.SIGTERM)
+        try:
+            sl.wait(20)
+        except subprocess.TimeoutExpired:
+            os.killpg(sl.pid, signal.SIGKILL)
+        log.close()
