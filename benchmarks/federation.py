@@ -67,32 +67,16 @@ class TreeMemory:
         self._t = threading.Thread(target=self._run, daemon=True)
 
     @staticmethod
-    def _children() -> dict[int, list[int]]:
-        kids: dict[int, list[int]] = {}
-        for d in os.listdir("/proc"):
-            if d.isdigit():
-                try:
-                    with open(f"/proc/{d}/stat") as fh:
-                        ppid = int(fh.read().rsplit(")", 1)[1].split()[1])
-                    kids.setdefault(ppid, []).append(int(d))
-                except (OSError, ValueError, IndexError):
-                    pass
-        return kids
+    def sample() -> int:
+        from server.coordinate import descendants
 
-    def sample(self) -> int:
-        kids, todo, total = self._children(), [os.getpid()], 0
-        seen = set()
-        while todo:
-            pid = todo.pop()
-            if pid in seen:
-                continue
-            seen.add(pid)
+        total = 0
+        for pid in (os.getpid(), *descendants(os.getpid())):
             try:
                 with open(f"/proc/{pid}/statm") as fh:
                     total += int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
             except OSError:
                 pass
-            todo.extend(kids.get(pid, []))
         return total
 
     def _run(self):

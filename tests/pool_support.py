@@ -6,7 +6,6 @@ import hashlib
 import io
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -17,6 +16,8 @@ from typing import Optional
 
 import numpy as np
 from PIL import Image
+
+from server.pool.process import PoolProcess
 
 ROOT = Path(__file__).resolve().parents[1]
 THRESHOLDS = {"tau_id": 0.5, "tau_indep": 0.5, "delta": 1.0}
@@ -74,65 +75,11 @@ def rewrite_manifest(outdir: Path, fn) -> None:
     (outdir / "manifest.json").write_text(json.dumps(m, indent=1))
 
 
-class PoolServer:
-    """``python -m server.pool serve`` in a subprocess on a free port (bound by the server: port 0)."""
+class PoolServer(PoolProcess):
+    """``python -m server.pool serve`` in a subprocess on a port the server binds (port 0), 8 workers."""
 
     def __init__(self, store: Path, certs: Path, workdir: Path, env: Optional[dict] = None, extra: tuple = ()):
-        self.store, self.certs, self.workdir = store, certs, workdir
-        self.env = dict(os.environ, **(env or {}))
-        self.env.setdefault("PYTHONPATH", str(ROOT))
-        self.extra = list(extra)
-        self.proc: Optional[subprocess.Popen] = None
-        self.port: Optional[int] = None
-        self.log_path = workdir / f"server-{time.monotonic_ns()}.log"
-
-    def start(self, timeout: float = 30.0) -> "PoolServer":
-        port_file = self.workdir / f"port-{time.monotonic_ns()}"
-        self._log = open(self.log_path, "wb")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "server.pool", "serve", "--store", str(self.store), "--certs", str(self.certs),
-             "--address", "127.0.0.1:0", "--port-file", str(port_file), "--workers", "8", *self.extra],
-            cwd=ROOT, env=self.env, stdout=self._log, stderr=subprocess.STDOUT,
-        )
-        deadline = time.monotonic() + timeout
-        while not port_file.exists():
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"pool server exited {self.proc.returncode}:\n{self.log()}")
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"pool server did not start:\n{self.log()}")
-            time.sleep(0.05)
-        self.port = int(port_file.read_text())
-        return self
-
-    @property
-    def address(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
-
-    def kill(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL)
-            self.proc.wait(10)
-        self._log.close()
-
-    def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
-        if hasattr(self, "_log"):
-            self._log.close()
-
-    def __enter__(self) -> "PoolServer":
-        return self.start()
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
+        super().__init__(store, certs, workdir, extra=("--workers", "8", *extra), env=env)
 
 
 def free_port() -> int:

@@ -29,7 +29,7 @@ class PoolProcess:
 
     def start(self, timeout: float = 60.0) -> "PoolProcess":
         self.log_dir.mkdir(parents=True, exist_ok=True)
-        port_file = self.log_dir / f".pool-port-{os.getpid()}"
+        port_file = self.log_dir / f".pool-port-{os.getpid()}-{time.monotonic_ns()}"
         port_file.unlink(missing_ok=True)
         self._log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
@@ -55,6 +55,13 @@ class PoolProcess:
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def kill(self) -> None:
+        """SIGKILL, as a crash or power cut would (no clean shutdown)."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+        self.stop()
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
