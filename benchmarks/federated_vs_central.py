@@ -2,11 +2,19 @@
 
 The federated run trains ``rounds x local_steps`` GAN steps at each of ``sites`` sites
 (total ``sites x rounds x local_steps`` steps of compute); the central reference trains
-that many steps on the union of the sites' training images. Quality is a Fréchet
-distance on the features of a class classifier trained here on the real train split
-(no downloaded Inception weights): real test images vs ``--samples`` generated images,
-with real val vs real test as the floor. Writes ``OUT/side_by_side.png`` and
-``OUT/quality.json`` and prints the table and the ratio federated / central.
+that many steps on the union of the sites' training images, and its checkpoint after
+``rounds x local_steps`` steps (the number of sequential updates the global model went
+through, i.e. equal wall time when the sites run in parallel) is scored as well.
+
+Quality is a Fréchet distance (FD) and a kernel distance (KID, unbiased at any sample
+size, ~0 for two samples of one distribution) on the features of a class classifier
+trained here for a fixed number of epochs on the real train split (no downloaded
+Inception weights), between ``--samples`` generated images and the real val split: same
+source as the training images, seen by neither the generators nor the feature net. The
+real test split is scored too, and "real test vs val" shows the size of that data set's
+source shift on the same scale. Writes ``OUT/side_by_side.png`` and ``OUT/quality.json``
+and prints the table and the FD ratios.
+``--reuse`` keeps the federated run in ``OUT/federated`` and the central checkpoints in ``OUT``.
 
     python benchmarks/federated_vs_central.py --dataset pneumoniamnist --sites 3 --alpha 0.5 \
         --rounds 8 --local-steps 50 --out runs/fvc
@@ -28,7 +36,7 @@ sys.path.insert(0, str(ROOT))
 from plan_shared.classifiers import build_classifier, embed, spec_from, train_classifier  # noqa: E402
 from plan_shared.data import load_dataset, to_tensor  # noqa: E402
 from plan_shared.gan import GanTrainer, load_generator  # noqa: E402
-from plan_shared.metrics import frechet_distance  # noqa: E402
+from plan_shared.metrics import frechet_distance, kernel_distance  # noqa: E402
 from plan_shared.runtime import seed_everything, setup_logging  # noqa: E402
 
 
@@ -67,6 +75,7 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=1000)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=Path("runs/fvc"))
+    ap.add_argument("--reuse", action="store_true", help="score the federated run already in OUT/federated")
     args = ap.parse_args()
     setup_logging()
     from server.simulate import run_simulation, simulation_config
@@ -77,48 +86,81 @@ def main() -> None:
     cfg = simulation_config(None, sites=args.sites, rounds=args.rounds, dataset=args.dataset, partition="dirichlet",
                             alpha=args.alpha, out=out / "federated", overrides=ov)
     total = args.sites * args.rounds * args.local_steps
+    sequential = args.rounds * args.local_steps
 
-    t0 = time.perf_counter()
-    run_simulation(cfg, out / "federated")
-    t_fed = time.perf_counter() - t0
     fed_ckpt = out / "federated" / "checkpoints" / f"round-{args.rounds:04d}.pt"
+    t0 = time.perf_counter()
+    if args.reuse and fed_ckpt.is_file():  # wall time of the earlier run: its rounds
+        lines = (out / "federated" / "metrics.jsonl").read_text().splitlines()
+        t_fed = sum(json.loads(x)["wall_s"] for x in lines)
+    else:
+        run_simulation(cfg, out / "federated")
+        t_fed = time.perf_counter() - t0
 
     seed_everything(args.seed)
     ds = load_dataset(cfg.data, args.seed)
     torch.set_num_threads(2)
     t0 = time.perf_counter()
-    central = GanTrainer(cfg, ds.channels, ds.size)
-    central.train_steps(to_tensor(ds.train.images), total, progress=True, desc="central GAN")
-    central.save_checkpoint(out / "central.pt")
-    t_cen = time.perf_counter() - t0
+    if args.reuse and (out / "central.json").is_file():
+        t_cen = json.loads((out / "central.json").read_text())["wall_s"]
+    if not (args.reuse and (out / "central.json").is_file() and (out / "central-sequential.pt").is_file()):
+        central = GanTrainer(cfg, ds.channels, ds.size)
 
+        def _keep_sequential(tr: GanTrainer, _m: dict) -> None:
+            if tr.step == sequential:
+                tr.save_checkpoint(out / "central-sequential.pt")
+
+        central.train_steps(to_tensor(ds.train.images), total, progress=True, desc="central GAN",
+                            callback=_keep_sequential)
+        central.save_checkpoint(out / "central.pt")
+        t_cen = time.perf_counter() - t0
+        (out / "central.json").write_text(json.dumps({"wall_s": t_cen, "steps": total}))
+
+    # The feature net trains a fixed number of epochs (no selection on val), so val stays
+    # unseen by it and by every generator: the reference sample of the training source.
     feat = build_classifier(ds.num_classes, ds.channels, ds.size, cfg.classes)
-    train_classifier(feat, to_tensor(ds.train.images), ds.train.labels, spec_from(cfg.classes),
-                     val=(to_tensor(ds.val.images), torch.as_tensor(ds.val.labels)), seed=args.seed, desc="feature net")
-    real_test = embed(feat, to_tensor(ds.test.images), normalise=False)
-    fd_floor = frechet_distance(embed(feat, to_tensor(ds.val.images), normalise=False), real_test)
-    gens = {"federated": load_generator(fed_ckpt), "central": load_generator(out / "central.pt")}
-    fd, grids = {}, {}
-    for name, G in gens.items():
-        x = _samples(G, args.samples, args.seed)
-        fd[name] = frechet_distance(embed(feat, x, normalise=False), real_test)
-        grids[f"{name}: FD {fd[name]:.2f}"] = x[:64]
+    train_classifier(feat, to_tensor(ds.train.images), ds.train.labels, spec_from(cfg.classes), seed=args.seed,
+                     desc="feature net")
+    ref = {"val": embed(feat, to_tensor(ds.val.images), normalise=False),
+           "test": embed(feat, to_tensor(ds.test.images), normalise=False)}
+    gens = {"federated": fed_ckpt, "central": out / "central.pt",
+            f"central@{sequential}": out / "central-sequential.pt"}
+    scores: dict[str, dict[str, float]] = {}
+    grids = {}
+    for name, ckpt in gens.items():
+        x = _samples(load_generator(ckpt), args.samples, args.seed)
+        f = embed(feat, x, normalise=False)
+        scores[name] = {}
+        for r, rf in ref.items():
+            k, sd = kernel_distance(f, rf, seed=args.seed)
+            scores[name].update({f"fd_{r}": frechet_distance(f, rf), f"kid_{r}": k, f"kid_{r}_sd": sd})
+        grids[f"{name}: FD {scores[name]['fd_val']:.2f}, KID {scores[name]['kid_val']:.2f}"] = x[:64]
+    k, sd = kernel_distance(ref["test"], ref["val"], seed=args.seed)
+    scores["real test"] = {"fd_val": frechet_distance(ref["test"], ref["val"]), "kid_val": k, "kid_val_sd": sd}
     grids["real (train)"] = to_tensor(ds.train.images[:64])
     _side_by_side(grids, out / "side_by_side.png")
     res = {
         "dataset": args.dataset, "sites": args.sites, "alpha": args.alpha, "rounds": args.rounds,
-        "local_steps": args.local_steps, "total_steps_each": total, "samples": args.samples,
-        "fd_federated": fd["federated"], "fd_central": fd["central"], "fd_real_val_vs_test": fd_floor,
-        "ratio_federated_over_central": fd["federated"] / fd["central"],
+        "local_steps": args.local_steps, "total_steps": total, "sequential_steps": sequential,
+        "samples": args.samples, "reference_sizes": {r: len(v) for r, v in ref.items()}, "scores": scores,
+        "ratio_fd_federated_over_central": scores["federated"]["fd_val"] / scores["central"]["fd_val"],
+        "ratio_fd_federated_over_central_sequential": scores["federated"]["fd_val"] / scores[f"central@{sequential}"]["fd_val"],
         "wall_s": {"federated": round(t_fed, 1), "central": round(t_cen, 1)},
         "png": str(out / "side_by_side.png"),
     }
     (out / "quality.json").write_text(json.dumps(res, indent=1))
-    print(f"\n{'generator':<12}{'FD (test)':>12}")
-    print(f"{'federated':<12}{fd['federated']:>12.3f}")
-    print(f"{'central':<12}{fd['central']:>12.3f}")
-    print(f"{'real val':<12}{fd_floor:>12.3f}   (floor)")
-    print(f"ratio federated/central: {res['ratio_federated_over_central']:.2f}; "
+    steps = {"federated": f"{args.sites}x{sequential}", "central": str(total), f"central@{sequential}": str(sequential),
+             "real test": "-"}
+    print(f"\nFeatures: class classifier trained on the real train split. Reference: real val "
+          f"({len(ref['val'])} images, same source as train, unseen); KID ~ 0 = indistinguishable from it.")
+    print(f"{'images':<16}{'steps':>8}{'FD val':>10}{'KID val x1e3':>18}{'FD test':>10}{'KID test x1e3':>18}")
+    for name, sc in scores.items():
+        row = f"{name:<16}{steps[name]:>8}{sc['fd_val']:>10.3f}{1e3 * sc['kid_val']:>11.1f} ± {1e3 * sc['kid_val_sd']:<4.0f}"
+        if "fd_test" in sc:
+            row += f"{sc['fd_test']:>10.3f}{1e3 * sc['kid_test']:>11.1f} ± {1e3 * sc['kid_test_sd']:<4.0f}"
+        print(row)
+    print(f"FD ratio federated/central: {res['ratio_fd_federated_over_central']:.2f} (same total steps), "
+          f"{res['ratio_fd_federated_over_central_sequential']:.2f} (same sequential steps); "
           f"wall federated {t_fed:.0f}s, central {t_cen:.0f}s; figure {res['png']}")
 
 

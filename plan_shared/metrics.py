@@ -93,9 +93,33 @@ def frechet_distance(feats_a, feats_b) -> float:
         raise ValueError(f"need two feature sets [N>=2, D] of equal D, got {a.shape} and {b.shape}")
     mu_a, mu_b = a.mean(0), b.mean(0)
     cov_a, cov_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
-    covmean, _ = linalg.sqrtm(cov_a @ cov_b, disp=False)
+    covmean = linalg.sqrtm(cov_a @ cov_b)
     if not np.isfinite(covmean).all():
         eps = np.eye(a.shape[1]) * 1e-6
         covmean = linalg.sqrtm((cov_a + eps) @ (cov_b + eps))
     covmean = covmean.real
     return float(((mu_a - mu_b) ** 2).sum() + np.trace(cov_a) + np.trace(cov_b) - 2 * np.trace(covmean))
+
+
+def kernel_distance(feats_a, feats_b, subset: int = 1000, subsets: int = 50, seed: int = 0) -> tuple[float, float]:
+    """Kernel distance (KID's unbiased MMD² with the cubic polynomial kernel) between two feature sets.
+
+    Unlike the Fréchet distance it has no bias that depends on the sample sizes, so sets of
+    different sizes compare, and two samples of one distribution score about 0 (it can dip
+    below 0). Mean and standard deviation over ``subsets`` random subsets of at most
+    ``subset`` rows of each set.
+    """
+    a, b = _np(feats_a).astype(np.float64), _np(feats_b).astype(np.float64)
+    if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[1] or len(a) < 2 or len(b) < 2:
+        raise ValueError(f"need two feature sets [N>=2, D] of equal D, got {a.shape} and {b.shape}")
+    d = a.shape[1]
+    m = min(subset, len(a), len(b))
+    rng = np.random.default_rng(seed)
+    vals = []
+    for _ in range(subsets):
+        x = a[rng.choice(len(a), m, replace=False)]
+        y = b[rng.choice(len(b), m, replace=False)]
+        kxx, kyy, kxy = ((x @ x.T) / d + 1) ** 3, ((y @ y.T) / d + 1) ** 3, ((x @ y.T) / d + 1) ** 3
+        off = m * (m - 1)
+        vals.append((kxx.sum() - np.trace(kxx)) / off + (kyy.sum() - np.trace(kyy)) / off - 2 * kxy.mean())
+    return float(np.mean(vals)), float(np.std(vals))

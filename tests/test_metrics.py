@@ -47,3 +47,24 @@ def test_frechet_distance_known_values():
     assert frechet_distance(a, r.normal(scale=2, size=(4000, 4))) == pytest.approx(4, rel=0.1)
     with pytest.raises(ValueError):
         frechet_distance(a, b[:, :3])
+
+
+def test_kernel_distance_exact_value_and_no_small_sample_bias():
+    import numpy as np
+    import pytest
+
+    from plan_shared.metrics import frechet_distance, kernel_distance
+
+    # point masses at 0 and 1 in one dimension: k(0,0) = 1, k(1,1) = 2**3 = 8, k(0,1) = 1 -> 1 + 8 - 2 = 7
+    assert kernel_distance(np.zeros((10, 1)), np.ones((12, 1)), subsets=3)[0] == pytest.approx(7.0)
+    r = np.random.default_rng(1)
+    big = r.normal(size=(3000, 16))
+    small = r.normal(size=(100, 16))
+    # one distribution: FD grows as the sample shrinks, the kernel distance stays at ~0
+    assert frechet_distance(big, small) > 5 * frechet_distance(big, r.normal(size=(3000, 16)))
+    kid, sd = kernel_distance(big, small, subsets=20)
+    assert abs(kid) < 0.05 and sd > 0
+    shifted = kernel_distance(big, r.normal(loc=0.5, size=(100, 16)), subsets=20)[0]
+    assert shifted > 10 * abs(kid)
+    with pytest.raises(ValueError):
+        kernel_distance(big, small[:, :3])
