@@ -118,6 +118,7 @@ class Coordinator:
         self.app_dir = (app_dir or default_app_dir()).resolve()
         self.poll_s = poll_s
         self.proc: Optional[subprocess.Popen] = None
+        self.log_proc: Optional[subprocess.Popen] = None  # `flwr log --stream` into run/serverapp.log
         self.pool = None  # server.pool.process.PoolProcess while it runs
         self.pool_address: Optional[str] = None  # where the ServerApp pulls from
         self.reader: Optional[Path] = None
@@ -330,6 +331,27 @@ class Coordinator:
         (self.state / "current_run.json").write_text(json.dumps({"run-id": rid, "time": time.time()}))
         return rid
 
+    def stream_serverapp_log(self, run_id: str) -> Path:
+        """Keep the ServerApp's own log (waiting, resume, missing sites) in ``run/serverapp.log``.
+
+        In deployment the ServerApp runs in a process of the SuperLink whose output only
+        Flower's log API carries; ``flwr log --stream`` follows it until the run ends.
+        """
+        path = self.out / "serverapp.log"
+        with open(path, "ab") as log:
+            self.log_proc = subprocess.Popen([_bin("flwr"), "log", str(run_id), CONNECTION, "--stream"], env=self.env(),
+                                             stdout=log, stderr=subprocess.STDOUT, cwd=self.state)
+        return path
+
+    def stop_log_stream(self) -> None:
+        if self.log_proc is not None and self.log_proc.poll() is None:
+            self.log_proc.terminate()
+            try:
+                self.log_proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.log_proc.kill()
+                self.log_proc.wait(5)
+
     def run_status(self, run_id: str) -> dict[str, Any]:
         r = self.flwr("ls", "--run-id", str(run_id))
         runs = r.get("runs") or []
@@ -382,8 +404,8 @@ class Coordinator:
             self.stop_stale_run()
             rid = self.submit(expected=len(sites))
             print(f"run {rid} submitted: {fed.rounds} rounds x {fed.local_steps} local steps, share={fed.share}, "
-                  f"{len(sites)} registered sites ({', '.join(sites)}), min_nodes={fed.min_nodes}; output {self.out}",
-                  flush=True)
+                  f"{len(sites)} registered sites ({', '.join(sites)}), min_nodes={fed.min_nodes}; output {self.out}, "
+                  f"ServerApp log {self.stream_serverapp_log(rid)}", flush=True)
             status = self.follow(rid, len(sites))
             if status == "finished:completed" and (self.out / "federation.json").is_file():
                 summ = json.loads((self.out / "federation.json").read_text())
@@ -404,6 +426,7 @@ class Coordinator:
             print("interrupted: stopping the SuperLink (restart `plan-server coordinate` to resume)", file=sys.stderr)
             return 130
         finally:
+            self.stop_log_stream()
             self.stop_superlink()
             self.stop_pool()
             signal.signal(signal.SIGTERM, prev)

@@ -183,6 +183,16 @@ class Federation:
             )
         return meta
 
+    def last_round_record(self) -> Optional[dict[str, Any]]:
+        """The last line of metrics.jsonl (None when there is none or it is unreadable)."""
+        if not self.metrics_path.is_file():
+            return None
+        lines = [x for x in self.metrics_path.read_text().splitlines() if x.strip()]
+        try:
+            return json.loads(lines[-1]) if lines else None
+        except json.JSONDecodeError:
+            return None
+
     def save(self, trainer: GanTrainer, rnd: int) -> Path:
         path = trainer.save_checkpoint(self.ckpt_dir / f"round-{rnd:04d}.pt")
         _write_json_atomic(self.ckpt_dir / "latest.json", {
@@ -202,7 +212,17 @@ class Federation:
         self.out.mkdir(parents=True, exist_ok=True)
         meta = self.latest()
         start = 1
-        node_ids = wait_for_nodes(self.grid, self.expected, fed.min_nodes, fed.wait_for_nodes_s)
+        want = self.expected
+        if meta is not None:
+            # A site that had dropped out before the restart should not hold the resumed run up
+            # for wait_for_nodes_s: wait for the sites of the last completed round (others that
+            # reconnect join the next round).
+            last = self.last_round_record()
+            if last is not None and last.get("sites_replied", want) < want:
+                want = max(fed.min_nodes, int(last["sites_replied"]))
+                LOG.info("resuming: waiting for the %d site(s) of round %d, not all %d expected", want, last["round"],
+                         self.expected)
+        node_ids = wait_for_nodes(self.grid, want, fed.min_nodes, fed.wait_for_nodes_s)
         if self.cfg.data.channels and self.cfg.data.size:
             # Shape fixed by the config: skip a round trip (each message costs a ClientApp start in
             # deployment); a site with other images fails its train step with a clear message.
