@@ -80,6 +80,14 @@ def dcr_summary(d) -> dict[str, float]:
     return {"mean_dcr": float(d.mean()), "p05_dcr": float(np.quantile(d, 0.05))}
 
 
+def _feature_pair(feats_a, feats_b) -> tuple[np.ndarray, np.ndarray]:
+    """Two feature sets as float64 ``[N >= 2, D]`` arrays of equal D, or a ValueError saying what is wrong."""
+    a, b = _np(feats_a).astype(np.float64), _np(feats_b).astype(np.float64)
+    if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[1] or len(a) < 2 or len(b) < 2:
+        raise ValueError(f"need two feature sets [N>=2, D] of equal D, got {a.shape} and {b.shape}")
+    return a, b
+
+
 def frechet_distance(feats_a, feats_b) -> float:
     """Fréchet distance between Gaussians fitted to two feature sets ``[N, D]`` (FID's formula).
 
@@ -88,9 +96,7 @@ def frechet_distance(feats_a, feats_b) -> float:
     """
     from scipy import linalg
 
-    a, b = _np(feats_a).astype(np.float64), _np(feats_b).astype(np.float64)
-    if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[1] or len(a) < 2 or len(b) < 2:
-        raise ValueError(f"need two feature sets [N>=2, D] of equal D, got {a.shape} and {b.shape}")
+    a, b = _feature_pair(feats_a, feats_b)
     mu_a, mu_b = a.mean(0), b.mean(0)
     cov_a, cov_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
     covmean = linalg.sqrtm(cov_a @ cov_b)
@@ -109,9 +115,7 @@ def kernel_distance(feats_a, feats_b, subset: int = 1000, subsets: int = 50, see
     below 0). Mean and standard deviation over ``subsets`` random subsets of at most
     ``subset`` rows of each set.
     """
-    a, b = _np(feats_a).astype(np.float64), _np(feats_b).astype(np.float64)
-    if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[1] or len(a) < 2 or len(b) < 2:
-        raise ValueError(f"need two feature sets [N>=2, D] of equal D, got {a.shape} and {b.shape}")
+    a, b = _feature_pair(feats_a, feats_b)
     d = a.shape[1]
     m = min(subset, len(a), len(b))
     rng = np.random.default_rng(seed)

@@ -9,7 +9,6 @@
 
 from __future__ import annotations
 
-import socket
 import tomllib
 from pathlib import Path
 
@@ -17,7 +16,7 @@ import pytest
 import yaml
 
 from plan_shared.config import load_config
-from tests.test_federation_util import free_port, make_npz
+from tests.test_federation_util import free_port, listening, make_npz
 
 
 @pytest.fixture
@@ -80,11 +79,6 @@ def test_site_without_pool_address_fails_before_running_the_pipeline(tmp_path):
     assert not (tmp_path / "synthesis").exists()
 
 
-def _listening(port: int) -> bool:
-    with socket.socket() as s:
-        return s.connect_ex(("127.0.0.1", port)) == 0
-
-
 def test_coordinator_starts_the_pool_issues_a_reader_and_passes_both_to_the_serverapp(tmp_path, certs):
     from server.coordinate import Coordinator
 
@@ -95,7 +89,7 @@ def test_coordinator_starts_the_pool_issues_a_reader_and_passes_both_to_the_serv
     coord = Coordinator(tmp_path / "coordinator.yaml")
     try:
         coord.start_pool()
-        assert _listening(port)
+        assert listening(port)
         assert coord.reader == certs / "readers" / "coordinator" and (coord.reader / "client.crt").is_file()
         assert coord.pool_address == f"127.0.0.1:{port}"
         run_cfg = load_config(coord.run_config_file())
@@ -104,6 +98,6 @@ def test_coordinator_starts_the_pool_issues_a_reader_and_passes_both_to_the_serv
         assert (tmp_path / "state" / "pool-store" / "index.sqlite").is_file()
     finally:
         coord.stop_pool()
-    assert not _listening(port)
+    assert not listening(port)
     # a second coordinator finds the reader it issued instead of issuing another one
     assert Coordinator(tmp_path / "coordinator.yaml").reader_credentials() == coord.reader

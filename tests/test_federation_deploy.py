@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.test_federation_util import flower_env, free_port, make_npz, tiny_config
+from tests.test_federation_util import flower_env, free_port, listening, make_npz, tiny_config
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -116,13 +116,6 @@ def _site_yaml(tmp: Path, certs: Path, name: str, superlink: str, port: int, n_t
     return p
 
 
-def _listening(port: int) -> bool:
-    import socket
-
-    with socket.socket() as s:
-        return s.connect_ex(("127.0.0.1", port)) == 0
-
-
 def _metrics(run: Path) -> list[dict]:
     p = run / "metrics.jsonl"
     return [json.loads(x) for x in p.read_text().splitlines()] if p.is_file() else []
@@ -208,7 +201,7 @@ def test_dropout_and_coordinator_restart(tmp_path, procs):
     tree = descendants(sl_pid)
     Procs.kill(coord)
     kill_tree(sl_pid, tree)
-    _wait(lambda: not _listening(port), 30, "SuperLink port to close")
+    _wait(lambda: not listening(port), 30, "SuperLink port to close")
     done_before = len(_metrics(run))
     latest = json.loads((run / "checkpoints" / "latest.json").read_text())["round"]
     assert latest == done_before

@@ -85,7 +85,7 @@ def test_flwr_run_against_a_local_simulation_superlink(tmp_path):
 
     import yaml
 
-    from tests.test_federation_util import flower_env, free_port
+    from tests.test_federation_util import flower_env, free_port, listening
 
     root = Path(__file__).resolve().parent.parent
     bin_dir = Path(sys.executable).parent
@@ -106,7 +106,10 @@ def test_flwr_run_against_a_local_simulation_superlink(tmp_path):
                            "--database", str(tmp_path / "sim.db")],
                           stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     try:
-        time.sleep(3)
+        deadline = time.monotonic() + 60
+        while not listening(port):
+            assert sl.poll() is None and time.monotonic() < deadline, (tmp_path / "superlink.log").read_text()[-3000:]
+            time.sleep(0.2)
         r = subprocess.run([str(bin_dir / "flwr"), "run", ".", "--stream", "--federation-config",
                             "num-supernodes=3 client-resources-num-cpus=1", "--run-config",
                             f'plan-config="{tmp_path / "sim.yaml"}" out-dir="{out}" num-server-rounds=0'],

@@ -127,3 +127,7 @@ def test_error_replies_end_the_wait_but_do_not_make_a_quorum():
     replies, ended = collect_replies(ReplyGrid([0.0, 0.05, 0.05], errors={1, 2}), _msgs(3), min_replies=2,
                                      timeout_s=30, grace=0.0, poll_s=0.01)
     assert ended == "all" and sum(r.has_error() for r in replies) == 2 and time.monotonic() - t0 < 5
+    # Two error replies and no success: no quorum, so no grace cut; the round runs to its timeout.
+    replies, ended = collect_replies(ReplyGrid([None, 0.0, 0.0], errors={1, 2}), _msgs(3), min_replies=2,
+                                     timeout_s=0.3, grace=0.0, poll_s=0.01)
+    assert ended == "timeout" and len(replies) == 2
