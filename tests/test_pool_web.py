@@ -162,6 +162,16 @@ def test_images_and_refusals_over_http(pool, web):
     assert ei.value.code == 405
 
 
+def test_refuses_to_start_without_a_readable_pool(pool):
+    pki, _, _ = pool
+    r = run_cli("server.pool", "web", "--pool", f"127.0.0.1:{free_port()}", "--credentials", str(pki.reader),
+                "--listen", f"127.0.0.1:{free_port()}")
+    assert r.returncode == 1 and "error: pool at 127.0.0.1:" in r.stderr and "unavailable" in r.stderr, r.stderr
+    r = run_cli("server.pool", "web", "--pool", pool[1].address, "--credentials", str(pki.site("site-a")),
+                "--listen", f"127.0.0.1:{free_port()}")
+    assert r.returncode == 1 and "these are site credentials" in r.stderr, r.stderr
+
+
 # ---------------------------------------------------------------- in a real browser
 
 

@@ -186,10 +186,11 @@ def web_cmd(
 
     try:
         parse_listen(listen, public)
+    except ValueError as err:
+        _fail(str(err), 2)
+    try:
         serve_web(pool, credentials, listen, public, WebSettings(page_size=page_size, cache_mb=cache_mb,
                                                                  refresh_s=refresh_s),
                   server_name=server_name, log=lambda m: typer.echo(m, err=True))
-    except ValueError as err:
-        _fail(str(err), 2)
     except (PoolClientError, CredentialsError) as err:
         _fail(str(err))

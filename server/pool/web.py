@@ -151,6 +151,7 @@ class Snapshot:
     sites: dict[str, dict[str, Any]] = field(default_factory=dict)
     by_class: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
     shas: set[str] = field(default_factory=set)
+    by_image: dict[tuple[str, str], list[dict[str, Any]]] = field(default_factory=dict)
     serial: int = 0
 
     @classmethod
@@ -161,6 +162,7 @@ class Snapshot:
             by_bundle.setdefault(e["bundle_id"], []).append(e)
             snap.by_class.setdefault(e["class_name"], []).append(e)
             snap.shas.add(e["sha256"])
+            snap.by_image.setdefault((e["bundle_id"], e["sha256"]), []).append(e)
         for b in sorted(bundles, key=lambda b: (str(b.get("site_id")), str(b.get("received")))):
             if not is_safe_name(b.get("site_id")):
                 snap.refused.append(f"bundle {str(b.get('bundle_id'))[:16]!r}: site id "
@@ -181,7 +183,7 @@ class Snapshot:
         return snap
 
     def entry(self, bundle_id: str, sha: str) -> list[dict[str, Any]]:
-        return [e for e in self.entries if e["bundle_id"] == bundle_id and e["sha256"] == sha]
+        return self.by_image.get((bundle_id, sha), [])
 
 
 class ImageCache:
@@ -243,6 +245,7 @@ class PoolView:
         self._read_at = 0.0
         self._lock = threading.Lock()
         self._plots: dict[tuple[int, str], bytes] = {}
+        self._plot_lock = threading.Lock()  # matplotlib's font cache and pyplot state are not thread-safe
 
     def snapshot(self) -> Snapshot:
         with self._lock:
@@ -250,7 +253,8 @@ class PoolView:
                 serial = 0 if self._snap is None else self._snap.serial + 1
                 self._snap = Snapshot.build(self.source.bundles(), self.source.catalog(), serial)
                 self._read_at = time.monotonic()
-                self._plots.clear()
+                with self._plot_lock:
+                    self._plots.clear()
                 for why in self._snap.refused:
                     LOG.warning("set aside: %s", why)
             return self._snap
@@ -267,10 +271,11 @@ class PoolView:
 
     def histogram_png(self, snap: Snapshot, site: str) -> bytes:
         key = (snap.serial, site)
-        if key not in self._plots:
-            entries = [e for b in snap.sites[site]["bundles"] for e in b["entries"]]
-            self._plots[key] = histogram_png(site, [e["record"] for e in entries])
-        return self._plots[key]
+        with self._plot_lock:
+            if key not in self._plots:
+                entries = [e for b in snap.sites[site]["bundles"] for e in b["entries"]]
+                self._plots[key] = histogram_png(site, [e["record"] for e in entries])
+            return self._plots[key]
 
 
 def histogram_png(site: str, records: list[dict[str, Any]]) -> bytes:
