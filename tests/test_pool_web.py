@@ -9,6 +9,7 @@ the address checks need no browser and no pool.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -77,16 +78,15 @@ def _get(url: str, timeout: float = 30) -> tuple[int, Any, bytes]:
         return err.code, err.headers, err.read()
 
 
-@pytest.fixture(scope="module")
-def web(pool, tmp_path_factory):
-    pki, srv, _ = pool
+@contextlib.contextmanager
+def web_process(srv, pki, log: Path, *extra: str):
+    """``python -m server.pool web`` on a free loopback port; yields its base URL."""
     port = free_port()
-    log = tmp_path_factory.mktemp("weblog") / "web.log"
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     with open(log, "wb") as fh:
         proc = subprocess.Popen([sys.executable, "-m", "server.pool", "web", "--pool", srv.address,
-                                 "--credentials", str(pki.reader), "--listen", f"127.0.0.1:{port}",
-                                 "--page-size", str(PAGE_SIZE)], cwd=ROOT, env=env, stdout=fh, stderr=subprocess.STDOUT)
+                                 "--credentials", str(pki.reader), "--listen", f"127.0.0.1:{port}", *extra],
+                                cwd=ROOT, env=env, stdout=fh, stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 60
@@ -112,6 +112,13 @@ def web(pool, tmp_path_factory):
         print(log.read_text())
 
 
+@pytest.fixture(scope="module")
+def web(pool, tmp_path_factory):
+    pki, srv, _ = pool
+    with web_process(srv, pki, tmp_path_factory.mktemp("weblog") / "web.log", "--page-size", str(PAGE_SIZE)) as base:
+        yield base
+
+
 def _expected(manifests, site=None, cls=None):
     return [r for (s, _), m in manifests.items() if site in (None, s) for r in m["images"] if cls in (None, r["class_name"])]
 
@@ -119,6 +126,7 @@ def _expected(manifests, site=None, cls=None):
 # ---------------------------------------------------------------- over HTTP
 
 
+@pytest.mark.slow
 def test_zip_download_whole_pool_and_one_site(pool, web):
     _, _, manifests = pool
     for site in (None, "site-b"):
@@ -141,6 +149,7 @@ def test_zip_download_whole_pool_and_one_site(pool, web):
             assert i["record"]["dcr"] == pytest.approx(rec[i["sha256"]]["dcr"])
 
 
+@pytest.mark.slow
 def test_images_and_refusals_over_http(pool, web):
     _, _, manifests = pool
     r = _expected(manifests, "site-a")[0]
@@ -162,6 +171,34 @@ def test_images_and_refusals_over_http(pool, web):
     assert ei.value.code == 405
 
 
+@pytest.mark.slow
+def test_damaged_object_in_the_pool_is_not_served(pool, tmp_path):
+    """A stored file altered on the pool's disk (same size) is refused by its sha256; the rest still loads."""
+    from server.pool.store import Store
+
+    pki, srv, manifests = pool
+    bad, good = _expected(manifests, "site-b", "pneumonia")[:2]
+    st = Store(srv.store, create=False, readonly=True)
+    try:
+        path = st.object_path(bad["sha256"])
+    finally:
+        st.close()
+    original = path.read_bytes()
+    try:
+        path.write_bytes(original[:-1] + bytes([original[-1] ^ 0xFF]))
+        with web_process(srv, pki, tmp_path / "web.log") as base:  # a fresh process: nothing cached
+            status, _, body = _get(f"{base}/img/{bad['sha256']}.png")
+            assert status == 502 and b"does not match its sha256" in body
+            status, _, body = _get(f"{base}/grid?cls=pneumonia&site=site-b")
+            assert status == 200 and bad["sha256"].encode() in body
+            status, _, body = _get(f"{base}/img/{good['sha256']}.png")
+            assert status == 200 and hashlib.sha256(body).hexdigest() == good["sha256"]
+            assert _get(f"{base}/img/{bad['sha256']}.png")[0] == 502  # never cached
+    finally:
+        path.write_bytes(original)
+
+
+@pytest.mark.slow
 def test_refuses_to_start_without_a_readable_pool(pool):
     pki, _, _ = pool
     r = run_cli("server.pool", "web", "--pool", f"127.0.0.1:{free_port()}", "--credentials", str(pki.reader),
@@ -217,6 +254,7 @@ def _loaded_images(drv, timeout: float = 30) -> list[int]:
         time.sleep(0.1)
 
 
+@pytest.mark.slow
 def test_browser_overview_grid_detail(pool, web, browser, tmp_path):
     from selenium.webdriver.common.by import By
 
@@ -280,6 +318,7 @@ def _full_page_screenshot(drv, path: Path) -> None:
     """The whole page, not only the window (Chromium's DevTools capture beyond the viewport)."""
     import base64
 
+    
     shot = drv.execute_cdp_cmd("Page.captureScreenshot", {"format": "png", "captureBeyondViewport": True})
     path.write_bytes(base64.b64decode(shot["data"]))
 

@@ -607,7 +607,10 @@ def create_app(view: PoolView):
         if site is not None and site not in snap.sites:
             return error(404, f"no site {site!r} in the pool")
         pg = grid_page(snap, cls, site, page, view.settings.page_size)
-        view.image_bytes([e["sha256"] for e in pg["items"]])  # one batched fetch warms the page's images
+        try:  # one batched fetch warms the page's images
+            view.image_bytes([e["sha256"] for e in pg["items"]])
+        except (PoolClientError, NotAPng) as err:  # each image then fails or loads on its own
+            LOG.warning("prefetch of a page of class %r: %s", cls, err)
         return render_grid(snap, pool, reader, pg)
 
     @app.get("/image", response_class=HTMLResponse)
