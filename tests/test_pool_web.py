@@ -15,6 +15,7 @@ import io
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -255,7 +256,7 @@ def _loaded_images(drv, timeout: float = 30) -> list[int]:
 
 
 @pytest.mark.slow
-def test_browser_overview_grid_detail(pool, web, browser, tmp_path):
+def test_browser_overview_grid_detail(browser, pool, web, tmp_path):  # browser first: skip before the pool starts
     from selenium.webdriver.common.by import By
 
     _, _, manifests = pool
@@ -390,3 +391,8 @@ def test_listen_address_rules():
     r = run_cli("server.pool", "web", "--pool", "127.0.0.1:1", "--credentials", "/nonexistent",
                 "--listen", "0.0.0.0:8061")
     assert r.returncode == 2 and "no authentication" in r.stderr and "--public" in r.stderr
+    with socket.create_server(("127.0.0.1", 0)) as busy:
+        port = busy.getsockname()[1]
+        r = run_cli("server.pool", "web", "--pool", "127.0.0.1:1", "--credentials", "/nonexistent",
+                    "--listen", f"127.0.0.1:{port}")
+    assert r.returncode == 1 and f"cannot listen on 127.0.0.1:{port}" in r.stderr, r.stderr

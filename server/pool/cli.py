@@ -192,5 +192,5 @@ def web_cmd(
         serve_web(pool, credentials, listen, public, WebSettings(page_size=page_size, cache_mb=cache_mb,
                                                                  refresh_s=refresh_s),
                   server_name=server_name, log=lambda m: typer.echo(m, err=True))
-    except (PoolClientError, CredentialsError) as err:
+    except (PoolClientError, CredentialsError, OSError) as err:
         _fail(str(err))

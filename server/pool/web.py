@@ -649,6 +649,17 @@ def create_app(view: PoolView):
     return app
 
 
+def listen_socket(host: str, port: int):
+    """A bound, listening TCP socket (port 0: any free port); OSError names the address."""
+    import socket
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        return socket.create_server((host, port), family=family, backlog=128)
+    except OSError as err:
+        raise OSError(f"cannot listen on {host}:{port}: {err.strerror or err}") from None
+
+
 def serve_web(pool: str, credentials, listen: str = "127.0.0.1:8061", public: bool = False,
               settings: WebSettings = WebSettings(), server_name: Optional[str] = None,
               log: Callable[[str], None] = print) -> None:
@@ -658,12 +669,18 @@ def serve_web(pool: str, credentials, listen: str = "127.0.0.1:8061", public: bo
     from server.pool.reader_api import PoolReader
 
     host, port = parse_listen(listen, public)
-    with PoolReader(pool, credentials, server_name=server_name) as source:
-        view = PoolView(source, settings, reader_name=source.creds.name)
-        view.snapshot()  # fail now, with the pool's reason, if the pool cannot be read
-        shown = f"[{host}]" if ":" in host else host
-        if public:
-            log(f"WARNING: serving on {shown}:{port} with --public: the pool browser has no authentication; "
-                "anyone who reaches this address can see and download the whole pool")
-        log(f"pool browser for {pool} at http://{shown}:{port}/ (read-only; Ctrl-C stops)")
-        uvicorn.run(create_app(view), host=host, port=port, log_level="warning", access_log=False)
+    sock = listen_socket(host, port)
+    try:
+        with PoolReader(pool, credentials, server_name=server_name) as source:
+            view = PoolView(source, settings, reader_name=source.creds.name)
+            view.snapshot()  # fail now, with the pool's reason, if the pool cannot be read
+            bound = sock.getsockname()[1]
+            shown = f"[{host}]" if ":" in host else host
+            if public:
+                log(f"WARNING: serving on {shown}:{bound} with --public: the pool browser has no authentication; "
+                    "anyone who reaches this address can see and download the whole pool")
+            log(f"pool browser for {pool} at http://{shown}:{bound}/ (read-only; Ctrl-C stops)")
+            server = uvicorn.Server(uvicorn.Config(create_app(view), log_level="warning", access_log=False))
+            server.run(sockets=[sock])
+    finally:
+        sock.close()
