@@ -30,7 +30,8 @@ import pytest
 
 from plan_shared.pool_proto import pool_pb2
 from server.pool.reader_api import Catalog, entry_dict
-from server.pool.web import Snapshot, grid_page, parse_listen, render_detail, render_grid, render_index
+from server.pool.web import (PNG_MAGIC, Snapshot, grid_page, histogram_png, parse_listen, render_detail, render_grid,
+                             render_index)
 from tests.pool_support import ROOT, Pki, PoolServer, free_port, make_site_dir, rewrite_manifest, run_cli
 
 PAGE_SIZE = 8
@@ -396,3 +397,9 @@ def test_listen_address_rules():
         r = run_cli("server.pool", "web", "--pool", "127.0.0.1:1", "--credentials", "/nonexistent",
                     "--listen", f"127.0.0.1:{port}")
     assert r.returncode == 1 and f"cannot listen on 127.0.0.1:{port}" in r.stderr, r.stderr
+
+
+def test_empty_pool_and_malformed_values_still_render():
+    assert "The pool holds no bundles yet." in render_index(Snapshot.build([], Catalog([])), "pool:1")
+    for records in ([], [{"dcr": "x", "max_id_prob": None, "thresholds": 5}], [{"dcr": 2.0, "thresholds": {}}]):
+        assert histogram_png("site-a", records).startswith(PNG_MAGIC)
