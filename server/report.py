@@ -1,4 +1,8 @@
-"""The federation report: ``report.json`` (architecture.md keys), ``report.md`` and PNGs.
+"""The federation report: ``report.json`` (architecture.md keys), ``report.md``, ``report.html`` and PNGs.
+
+``report.html`` is ``report.md`` rendered (markdown-it, raw HTML in the text escaped)
+into one self-contained file: inline CSS, every figure embedded as a ``data:`` URI,
+no reference to anything outside it, so it opens from a file share or an e-mail.
 
 Pooled utility is computed from the sum of the sites' confusion matrices (exact, not
 an average of per-site scores); pooled privacy numbers are averages over sites
@@ -214,8 +218,75 @@ def write_markdown(report: dict[str, Any], path: Path, images: dict[str, str]) -
     return path
 
 
+HTML_STYLE = """
+body{font:15px/1.45 system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;color:#1d2430;max-width:1100px;
+margin:24px auto;padding:0 20px}
+h1{font-size:24px} h2{font-size:19px;border-bottom:1px solid #d5d9e0;padding-bottom:4px;margin-top:28px}
+h3{font-size:15px;margin-top:20px}
+table{border-collapse:collapse;margin:8px 0 16px;font-size:13px}
+th,td{border:1px solid #d5d9e0;padding:4px 9px;text-align:left;vertical-align:top}
+th{background:#eef1f5} tr:nth-child(even) td{background:#fafbfc}
+code{font-family:ui-monospace,SFMono-Regular,Menlo,Consolas,monospace;background:#eef1f5;padding:0 3px;border-radius:3px}
+img{max-width:100%;border:1px solid #d5d9e0}
+.missing{color:#b00020}
+"""
+
+
+def _embed(src: str, base: Path) -> Optional[str]:
+    """``src`` (relative to ``base``) as a ``data:`` URI, or None when it is not a file under ``base``."""
+    import base64
+    import mimetypes
+
+    root = base.resolve()
+    try:
+        target = (root / src).resolve()
+    except (OSError, ValueError):
+        return None
+    if root not in target.parents or not target.is_file():
+        return None
+    mime = mimetypes.guess_type(target.name)[0] or "application/octet-stream"
+    return f"data:{mime};base64,{base64.b64encode(target.read_bytes()).decode('ascii')}"
+
+
+def write_html(markdown: str, path: Path, base: Path, title: str = "Federation report") -> Path:
+    """``markdown`` as one self-contained HTML file; images are read from ``base`` and embedded.
+
+    An image that is not a file under ``base`` becomes a visible note, never a link.
+    """
+    import html
+
+    from markdown_it import MarkdownIt
+
+    md = MarkdownIt("commonmark", {"html": False, "linkify": False}).enable("table")
+    tokens = md.parse(markdown)
+    for tok in tokens:
+        for child in tok.children or []:
+            if child.type == "image":
+                src = str(child.attrGet("src") or "")
+                uri = _embed(src, base)
+                if uri is None:
+                    child.type, child.tag, child.attrs = "html_inline", "", {}
+                    child.content = f'<span class="missing">[figure missing: {html.escape(src)}]</span>'
+                    child.children = None
+                else:
+                    child.attrSet("src", uri)
+            elif child.type == "link_open":
+                child.attrSet("href", "#")  # the report has no links; keep it that way
+    body = md.renderer.render(tokens, md.options, {})
+    doc = (f'<!doctype html>\n<html lang="en"><head><meta charset="utf-8">\n'
+           f'<meta name="viewport" content="width=device-width, initial-scale=1">\n'
+           f"<title>{html.escape(title)}</title>\n<style>{HTML_STYLE}</style></head>\n<body>\n{body}</body></html>\n")
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(doc, encoding="utf-8")
+    tmp.replace(path)
+    return path
+
+
 def write_report(report: dict[str, Any], out: Path, images: dict[str, str]) -> tuple[Path, Path]:
+    """``report.json``, ``report.md`` and ``report.html`` (the markdown, self-contained) in ``out``."""
     out.mkdir(parents=True, exist_ok=True)
     rj = out / "report.json"
     rj.write_text(json.dumps(report, indent=1))
-    return rj, write_markdown(report, out / "report.md", images)
+    md = write_markdown(report, out / "report.md", images)
+    write_html(md.read_text(), out / "report.html", out)
+    return rj, md

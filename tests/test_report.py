@@ -53,3 +53,50 @@ def test_build_report_pools_exactly(tmp_path):
     assert json.loads(rj.read_text())["method"] == "plan"
     text = md.read_text()
     assert "site-2" in text and "failed" in text and "pu.png" in text and png.stat().st_size > 1000
+
+
+def test_report_html_is_self_contained(tmp_path):
+    import base64
+    from html.parser import HTMLParser
+
+    from PIL import Image
+
+    ev = {"sites": {"site-0": _site([[5, 0], [1, 4]], [[5, 0], [0, 5]], 0.55, 100),
+                    "site-1": {"status": "failed", "reason": "<script>alert(1)</script> see [here](https://x.example)"}}}
+    syn = {"sites": {"site-0": {"status": "ok", "n_candidates": 9, "n_accepted": 3}}}
+    rep = build_report(federation={"rounds_done": 2}, synthesis=syn,
+                       downstream={"pool": {"n_images": 3, "n_files": 3, "per_site": {"site-0": 3}}},
+                       evaluation=ev, timing={"total_s": 1.0}, config={}, method="plan")
+    png = privacy_utility_plot({"plan": (0.55, 0.9)}, tmp_path / "pu.png")
+    (tmp_path / "samples").mkdir()
+    Image.new("L", (8, 8), 200).save(tmp_path / "samples" / "round-2.png")
+    figures = {"privacy vs utility": png.name, "generator after the last round": "samples/round-2.png",
+               "gone": "missing.png", "outside": "../elsewhere.png"}
+    (tmp_path.parent / "elsewhere.png").write_bytes((tmp_path / "samples" / "round-2.png").read_bytes())
+    write_report(rep, tmp_path, figures)
+    page = (tmp_path / "report.html").read_text()
+
+    class Refs(HTMLParser):
+        def __init__(self):
+            super().__init__()
+            self.imgs, self.refs, self.tables = [], [], 0
+
+        def handle_starttag(self, tag, attrs):
+            a = dict(attrs)
+            self.tables += tag == "table"
+            if tag == "img":
+                self.imgs.append(a)
+            self.refs += [v for k, v in attrs if k in ("src", "href") and v]
+
+    p = Refs()
+    p.feed(page)
+    assert p.tables == 3  # utility, privacy, synthesis: as in report.md
+    assert [i["alt"] for i in p.imgs] == ["privacy vs utility", "generator after the last round"]
+    for i, f in zip(p.imgs, (png, tmp_path / "samples" / "round-2.png")):
+        assert i["src"].startswith("data:image/png;base64,")
+        assert base64.b64decode(i["src"].split(",", 1)[1]) == f.read_bytes()
+    assert all(r.startswith("data:") or r == "#" for r in p.refs), p.refs
+    assert "http://" not in "".join(p.refs) and "https://" not in "".join(p.refs)
+    assert "[figure missing: missing.png]" in page and "[figure missing: ../elsewhere.png]" in page
+    assert "<script>" not in page and "&lt;script&gt;alert(1)&lt;/script&gt;" in page
+    assert "site-1" in page and "0.550" in page  # the tables' content, as in report.md

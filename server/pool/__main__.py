@@ -1,4 +1,4 @@
-"""``python -m server.pool serve|check|ls|pull``: the pool commands without the rest of the server CLI."""
+"""``python -m server.pool serve|check|ls|pull|web``: the pool commands without the rest of the server CLI."""
 
 from server.pool.cli import app
 

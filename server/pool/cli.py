@@ -1,4 +1,4 @@
-"""``plan-server pool serve|check|ls|pull`` (registered in server/cli.py).
+"""``plan-server pool serve|check|ls|pull|web`` (registered in server/cli.py).
 
 Also runnable alone, without the rest of the server CLI: ``python -m server.pool serve ...``.
 """
@@ -160,3 +160,37 @@ def pull_cmd(
         _fail(str(err))
     typer.echo(f"pulled {res.n_fetched} new file(s), {res.bytes_fetched / 1e6:.2f} MB in {res.seconds:.1f} s; "
                f"{out} now holds {res.n_files} file(s) for {res.n_images} image record(s)")
+
+
+@app.command("web")
+def web_cmd(
+    pool: str = typer.Option(..., "--pool", help="HOST:PORT of the pool service."),
+    credentials: Path = typer.Option(..., "--credentials", help="A reader's folder (CERTS/readers/NAME)."),
+    listen: str = typer.Option("127.0.0.1:8061", "--listen", help="HOST:PORT to serve on (loopback unless --public)."),
+    public: bool = typer.Option(False, "--public", help="Allow a non-loopback --listen. The page has NO "
+                                "authentication: anyone who reaches it sees and downloads the whole pool."),
+    page_size: int = typer.Option(60, "--page-size", min=1, max=1000, help="Images per page of a class grid."),
+    cache_mb: int = typer.Option(128, "--cache-mb", min=1, help="Memory for verified images, MiB."),
+    refresh_s: float = typer.Option(30.0, "--refresh-s", min=0, help="Read the catalog again when older than this."),
+    server_name: Optional[str] = typer.Option(None, "--server-name", help="Expected name in the server certificate."),
+) -> None:
+    """Serve a read-only web page of the pool: bundles per site with provenance, class grids,
+    privacy records, histograms and zip downloads.
+
+    Example: plan-server pool web --pool pool.example.org:50061 --credentials certs/readers/alice --listen 127.0.0.1:8061
+    """
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    from plan_shared.credentials import CredentialsError
+    from server.pool.client import PoolClientError
+    from server.pool.web import WebSettings, parse_listen, serve_web
+
+    try:
+        parse_listen(listen, public)
+    except ValueError as err:
+        _fail(str(err), 2)
+    try:
+        serve_web(pool, credentials, listen, public, WebSettings(page_size=page_size, cache_mb=cache_mb,
+                                                                 refresh_s=refresh_s),
+                  server_name=server_name, log=lambda m: typer.echo(m, err=True))
+    except (PoolClientError, CredentialsError, OSError) as err:
+        _fail(str(err))
