@@ -133,6 +133,24 @@ def test_jpeg2000_lossless_file_decodes(tmp_path):
     assert np.array_equal(img, expect.astype(np.uint8))
 
 
+def test_jpeg_baseline_file_decodes(tmp_path):
+    import io
+
+    from PIL import Image
+    from pydicom.encaps import encapsulate
+    from pydicom.uid import JPEGBaseline8Bit
+
+    px = np.repeat(np.linspace(0, 255, 16).astype(np.uint8)[None], 16, 0)  # a smooth ramp survives lossy JPEG
+    buf = io.BytesIO()
+    Image.fromarray(px, "L").save(buf, format="JPEG", quality=95)
+    ds = make_ds(px)
+    ds.file_meta.TransferSyntaxUID = JPEGBaseline8Bit
+    ds.PixelData = encapsulate([buf.getvalue()])
+    ds["PixelData"].VR = "OB"
+    img = read_one(tmp_path, ds, "jpeg.dcm", no_window="bits_stored")
+    assert np.abs(img.astype(int) - px).max() <= 8
+
+
 def test_rgb_needs_channels_and_is_kept_with_channels_3(tmp_path):
     rgb = np.zeros((4, 4, 3), np.uint8)
     rgb[..., 0], rgb[..., 2] = 255, 40
