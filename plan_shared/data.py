@@ -858,8 +858,11 @@ def read_dicom(path: Path, where: str, channels: Optional[int], no_window: str =
     if "PixelData" not in ds and not is_dicom_file(path):
         raise DataError(f"{where}: not a readable DICOM file (no DICM marker and no pixel data)")
     if "PixelData" not in ds:
-        kind = "float/double pixel data" if ("FloatPixelData" in ds or "DoubleFloatPixelData" in ds) else "no pixel data"
-        raise DataError(f"{where}: DICOM file has {kind} (not a 2D integer image); remove it from the folder")
+        if "FloatPixelData" in ds or "DoubleFloatPixelData" in ds:
+            raise DataError(f"{where}: DICOM file has float pixel data (not supported); remove it from the folder")
+        raise DataError(
+            f"{where}: DICOM file has no pixel data (truncated, or not an image, e.g. a report); remove it from the folder"
+        )
     try:
         frames = int(ds.get("NumberOfFrames") or 1)
     except (TypeError, ValueError):
@@ -882,10 +885,10 @@ def read_dicom(path: Path, where: str, channels: Optional[int], no_window: str =
     except Exception as err:  # decoders raise many types
         ts = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
         ts_name = getattr(ts, "name", "unknown transfer syntax")
-        raise DataError(
-            f"{where}: cannot decode the pixel data ({ts_name}): {type(err).__name__}: {err}. Compressed transfer "
-            "syntaxes need their decoders: pip install 'plan-toolkit[dicom-compressed]'"
-        ) from None
+        hint = ""
+        if getattr(ts, "is_compressed", False):
+            hint = " (compressed transfer syntaxes need their decoders: pip install 'plan-toolkit[dicom-compressed]')"
+        raise DataError(f"{where}: cannot decode the pixel data ({ts_name}): {type(err).__name__}: {err}{hint}") from None
     if (pi in _GREY and arr.ndim != 2) or (pi in _COLOUR and (arr.ndim != 3 or arr.shape[-1] != 3)):
         raise DataError(f"{where}: unexpected pixel array shape {arr.shape} for {pi}")
     try:

@@ -258,6 +258,18 @@ def test_label_errors_name_the_file_or_line(tmp_path):
         load_dataset(_cfg(root), seed=0)
 
 
+def test_file_and_uid_columns_must_agree(tmp_path):
+    root, info = _folder(tmp_path / "d", n_patients=6)
+    rows = [[rel, "pneumonia" if int(rel[5:7]) % 2 else "normal", uid] for rel, (uid, _) in info.items()]
+    rows[2][2] = generate_uid()  # line 4 carries a UID that is not the file's
+    write_csv(root / "labels.csv", ["file", "label", "sop_instance_uid"], rows)
+    with pytest.raises(DataError, match=r"study01/img0\.dcm: .*labels\.csv, line 4: the 'sop_instance_uid' value differs"):
+        load_dataset(_cfg(root), seed=0)
+    rows[2][2] = info[rows[2][0]][0]
+    write_csv(root / "labels.csv", ["file", "label", "sop_instance_uid"], rows)
+    assert load_dataset(_cfg(root), seed=0).train.patient_ids is None  # no patient column: one identity per image
+
+
 def test_too_few_patients_per_class_is_a_named_error(tmp_path):
     root, _ = _folder(tmp_path / "d", n_patients=4, per_patient=3)  # 2 patients per class < 3 parts
     with pytest.raises(DataError, match=r"class 'normal' has 2 patient\(s\)"):
@@ -287,8 +299,9 @@ def test_synthesize_output_holds_no_header_value(tmp_path):
     assert res.exit_code == 0, res.output + repr(res.exception)
     rep = json.loads((out / "report.json").read_text())
     assert rep["data"]["identity_unit"] == "patient"
-    n_train_patients = rep["data"]["n_identities"]
-    assert 3 <= n_train_patients < rep["data"]["n_train"]  # one identity per patient, not per image
+    train = load_dataset(DataConfig(source="dicom", path=str(root), size=16), seed=TINY["seed"]).train
+    assert rep["data"]["n_train"] == len(train) == 3 * len(np.unique(train.patient_ids))
+    assert rep["data"]["n_identities"] == len(np.unique(train.patient_ids))  # one phi_id identity per patient
     assert rep["data"]["classes"] == ["normal", "pneumonia"]
     needles = set()
     for rel, (uid, mrn) in info.items():
