@@ -889,7 +889,8 @@ def read_dicom(path: Path, where: str, channels: Optional[int], no_window: str =
         if getattr(ts, "is_compressed", False):
             hint = " (compressed transfer syntaxes need their decoders: pip install 'plan-toolkit[dicom-compressed]')"
         raise DataError(f"{where}: cannot decode the pixel data ({ts_name}): {type(err).__name__}: {err}{hint}") from None
-    if (pi in _GREY and arr.ndim != 2) or (pi in _COLOUR and (arr.ndim != 3 or arr.shape[-1] != 3)):
+    one_sample = pi in _GREY or pi == "PALETTE COLOR"
+    if (one_sample and arr.ndim != 2) or (not one_sample and (arr.ndim != 3 or arr.shape[-1] != 3)):
         raise DataError(f"{where}: unexpected pixel array shape {arr.shape} for {pi}")
     try:
         if pi in _GREY:

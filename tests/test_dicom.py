@@ -15,6 +15,7 @@ from typer.testing import CliRunner
 
 pydicom = pytest.importorskip("pydicom")
 from pydicom.dataset import Dataset, FileMetaDataset  # noqa: E402
+from pydicom.tag import Tag  # noqa: E402
 from pydicom.uid import ExplicitVRLittleEndian, JPEG2000Lossless, RLELossless, generate_uid  # noqa: E402
 
 from plan_shared.config import DataConfig, data_overrides  # noqa: E402
@@ -159,6 +160,18 @@ def test_rgb_needs_channels_and_is_kept_with_channels_3(tmp_path):
         read_one(tmp_path, ds, "rgb.dcm")
     img = read_one(tmp_path, ds, "rgb.dcm", channels=3)
     assert img.shape == (4, 4, 3) and img[0, 0].tolist() == [255, 0, 40]
+
+
+def test_palette_colour_goes_through_its_lookup_tables(tmp_path):
+    idx = np.array([[0, 1], [2, 3]], np.uint8)
+    ds = make_ds(idx, "PALETTE COLOR", bits_stored=8)
+    lut = {"Red": [0, 65535, 0, 32896], "Green": [0, 0, 65535, 32896], "Blue": [65535, 0, 0, 32896]}
+    for c, vals in lut.items():
+        ds.add_new(Tag(f"{c}PaletteColorLookupTableDescriptor"), "US", [4, 0, 16])
+        ds.add_new(Tag(f"{c}PaletteColorLookupTableData"), "OW",
+                   np.array(vals, "<u2").tobytes())
+    img = read_one(tmp_path, ds, "pal.dcm", channels=3)
+    assert img.reshape(4, 3).tolist() == [[0, 0, 255], [255, 0, 0], [0, 255, 0], [128, 128, 128]]
 
 
 def test_multi_frame_broken_and_pixelless_files_are_named(tmp_path):
