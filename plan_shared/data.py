@@ -1008,7 +1008,11 @@ def _load_dicom(cfg: DataConfig, seed: int) -> ImageDataset:
     if not csv_path.is_absolute() and dc.labels_csv:
         csv_path = root / csv_path
     if not csv_path.is_file():
-        raise DataError(f"labels CSV not found: {csv_path} (data.dicom.labels_csv; default <data.path>/labels.csv)")
+        raise DataError(
+            f"labels CSV not found: {csv_path} (data.dicom.labels_csv; default <data.path>/labels.csv). A DICOM folder "
+            f"needs one: columns {dc.file_column!r} (path below the folder) or {dc.uid_column!r}, {dc.label_column!r}, "
+            f"optionally {dc.patient_column!r}"
+        )
     rows, has_file, has_uid, has_patient = _read_labels_csv(csv_path, dc)
     for r in rows:
         if not (r["file"] or r["uid"]):
