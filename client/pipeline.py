@@ -174,9 +174,9 @@ def run_site_pipeline(
         x_va, y_va = to_tensor(ds.val.images), torch.as_tensor(ds.val.labels)
         x_te, y_te = to_tensor(ds.test.images), ds.test.labels
         n_train = len(x_tr)
-        patient = getattr(ds.train, "patient_ids", None)
+        patient = ds.train.patient_ids  # one phi_id identity per patient where the source knows patients
         if patient is not None:
-            _, id_labels = np.unique(np.asarray(patient), return_inverse=True)
+            _, id_labels = np.unique(patient, return_inverse=True)
         else:
             id_labels = np.arange(n_train)
         id_labels = torch.as_tensor(id_labels, dtype=torch.long)

@@ -28,11 +28,44 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+class DicomConfig(_Section):
+    """dicom source: the labels CSV next to the DICOM files and how pixels become 8-bit images."""
+
+    labels_csv: Optional[str] = Field(
+        None,
+        description="CSV mapping each DICOM file to its class; a relative path is taken inside data.path. "
+        "null = data.path/labels.csv.",
+    )
+    file_column: str = Field(
+        "file", description="Column with the file's path relative to data.path (a row is matched by it when present)."
+    )
+    uid_column: str = Field(
+        "sop_instance_uid",
+        description="Column with the SOP Instance UID (0008,0018); used to match rows when the CSV has no file column, "
+        "checked against the header when it has both.",
+    )
+    label_column: str = Field("label", description="Column with the class; its distinct values become the class names.")
+    patient: Literal["auto", "column", "header", "none"] = Field(
+        "auto",
+        description="Identity unit for phi_id: column = the CSV's patient_column, header = PatientID (0010,0020) read "
+        "from each file, none = one identity per image, auto = column when the CSV has it, else none. With patients, "
+        "the split is by patient (no patient in two splits) and phi_id has one class per training patient.",
+    )
+    patient_column: str = Field("patient_id", description="CSV column with a patient key (any text; kept on the site).")
+    no_window: Literal["minmax", "bits_stored"] = Field(
+        "minmax",
+        description="Grey files without a VOI LUT or window centre/width: minmax = stretch each image's own "
+        "(rescaled) min..max to 0..255; bits_stored = map the full range of BitsStored (after rescale) to 0..255.",
+    )
+
+
 class DataConfig(_Section):
     """Where the real images come from and how they are shaped."""
 
-    source: Literal["medmnist", "imagefolder", "csv"] = Field(
-        "medmnist", description="medmnist (.npz), imagefolder (one sub-folder per class) or csv (APTOS style)."
+    source: Literal["medmnist", "imagefolder", "csv", "dicom"] = Field(
+        "medmnist",
+        description="medmnist (.npz), imagefolder (one sub-folder per class), csv (APTOS style) or dicom (a folder "
+        "of DICOM files + labels CSV, see data.dicom).",
     )
     name: Optional[str] = Field(
         "pneumoniamnist",
@@ -40,7 +73,8 @@ class DataConfig(_Section):
         "else downloaded through the medmnist package when online.",
     )
     path: Optional[str] = Field(
-        None, description="Explicit path: a MedMNIST-format .npz, an ImageFolder root, or the CSV manifest."
+        None,
+        description="Explicit path: a MedMNIST-format .npz, an ImageFolder root, the CSV manifest, or the DICOM folder.",
     )
     image_dir: Optional[str] = Field(None, description="csv source: folder holding the images (default: next to the CSV).")
     id_column: str = Field("id_code", description="csv source: column with the image id (file stem).")
@@ -62,6 +96,7 @@ class DataConfig(_Section):
         description="medmnist source: when the .npz is not found locally and the medmnist package is installed, "
         "download it through that package into $PLAN_DATA_DIR (or ~/.medmnist). false = never download.",
     )
+    dicom: DicomConfig = Field(default_factory=DicomConfig)
 
 
 class PartitionConfig(_Section):
@@ -471,8 +506,9 @@ def describe_defaults() -> str:
 def data_overrides(dataset: str | None = None, data: str | Path | None = None) -> dict[str, Any]:
     """Dotted overrides for the common ``--dataset NAME`` / ``--data PATH`` command-line options.
 
-    A ``.npz`` path is a MedMNIST-format file, a ``.csv`` an APTOS-style manifest and a
-    folder an ImageFolder root.
+    A ``.npz`` path is a MedMNIST-format file, a ``.csv`` an APTOS-style manifest, a
+    folder holding DICOM files (found by their ``DICM`` preamble) a DICOM source and
+    any other folder an ImageFolder root.
     """
     if dataset and data:
         raise ConfigError("give either --dataset or --data, not both")
@@ -485,8 +521,10 @@ def data_overrides(dataset: str | None = None, data: str | Path | None = None) -
         if p.suffix.lower() == ".csv":
             return {"data.source": "csv", "data.path": str(p)}
         if p.is_dir():
-            return {"data.source": "imagefolder", "data.path": str(p)}
-        raise ConfigError(f"--data {p}: expected a .npz file, a .csv manifest or an image folder")
+            from .data import holds_dicom
+
+            return {"data.source": "dicom" if holds_dicom(p) else "imagefolder", "data.path": str(p)}
+        raise ConfigError(f"--data {p}: expected a .npz file, a .csv manifest, an image folder or a DICOM folder")
     return {}
 
 

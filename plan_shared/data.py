@@ -1,4 +1,4 @@
-"""Data sources: MedMNIST ``.npz``, ImageFolder trees and APTOS-style CSV manifests.
+"""Data sources: MedMNIST ``.npz``, ImageFolder trees, APTOS-style CSV manifests and DICOM folders.
 
 Every source ends as the same :class:`ImageDataset`: three :class:`Split` s
 (train / val / test) of ``uint8`` images shaped ``(N, C, H, W)`` and ``int64``
@@ -23,6 +23,20 @@ Choices written down here (the configuration documents the keys):
   stratified split with ``data.test_fraction`` and ``data.val_fraction`` (fractions
   of the whole set). ``data.max_train`` keeps a seeded, stratified subsample of the
   training split (it is logged).
+- DICOM folders (``data.source: dicom``, settings in ``data.dicom``): every file below
+  the folder with the ``DICM`` marker (or named ``*.dcm``) is read with pydicom and
+  matched to a row of the labels CSV by its relative path or its SOP Instance UID.
+  Grey pixels: bits stored only (pydicom masks the unused high bits), Modality LUT
+  (rescale slope/intercept), then the VOI LUT or window centre/width mapped onto
+  0..255, else ``data.dicom.no_window`` (per-image min..max, or the BitsStored range);
+  MONOCHROME1 is inverted so that 255 is white. Colour files (RGB, YBR, palette) need
+  ``data.channels`` set. Multi-frame files are refused. Compressed transfer syntaxes
+  decode through pydicom's plugins (RLE with numpy alone; JPEG / JPEG 2000 with
+  ``plan-toolkit[dicom-compressed]``). With a patient key (CSV column, or PatientID
+  from the header, ``data.dicom.patient``) each split carries ``patient_ids`` (an
+  opaque int per patient), the split is by patient and phi_id has one identity per
+  patient. No header value is kept; errors name files and CSV lines, never header
+  values.
 - Nothing is silently dropped: a file that is not a readable image, a label that is
   not an integer, a missing column or array, an empty class folder ... raises
   :class:`DataError` naming the file, row or value.
@@ -61,10 +75,16 @@ class DataError(ValueError):
 
 @dataclass
 class Split:
-    """One split: ``images`` uint8 ``(N, C, H, W)``, ``labels`` int64 ``(N,)``."""
+    """One split: ``images`` uint8 ``(N, C, H, W)``, ``labels`` int64 ``(N,)``.
+
+    ``patient_ids`` (int64 ``(N,)`` or None) is the patient index of each image where the
+    source knows patients (dicom): an opaque site-local integer, never the patient key
+    itself. The site pipeline then trains phi_id with one identity per patient.
+    """
 
     images: np.ndarray
     labels: np.ndarray
+    patient_ids: Optional[np.ndarray] = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.images, np.ndarray) or self.images.dtype != np.uint8 or self.images.ndim != 4:
@@ -77,6 +97,11 @@ class Split:
         if labels.size and not np.issubdtype(labels.dtype, np.integer):
             raise ValueError(f"Split.labels must be integers, got {labels.dtype}")
         self.labels = labels.astype(np.int64, copy=False)
+        if self.patient_ids is not None:
+            pid = np.asarray(self.patient_ids)
+            if pid.shape != (len(self.images),) or (pid.size and not np.issubdtype(pid.dtype, np.integer)):
+                raise ValueError(f"Split.patient_ids must be integers of shape ({len(self.images)},), got {pid.dtype} {pid.shape}")
+            self.patient_ids = pid.astype(np.int64, copy=False)
 
     def __len__(self) -> int:
         return int(self.images.shape[0])
@@ -84,7 +109,8 @@ class Split:
     def subset(self, idx: np.ndarray | Sequence[int]) -> "Split":
         """A new Split holding the rows ``idx`` (copied)."""
         idx = np.asarray(idx, dtype=np.int64)
-        return Split(self.images[idx], self.labels[idx])
+        pid = None if self.patient_ids is None else self.patient_ids[idx]
+        return Split(self.images[idx], self.labels[idx], pid)
 
     def class_counts(self, num_classes: int) -> np.ndarray:
         if not len(self):
@@ -124,7 +150,12 @@ class ImageDataset:
         for split_name, split in self.splits().items():
             counts = split.class_counts(self.num_classes)
             rows.append([split_name, *[str(int(c)) for c in counts], str(len(split))])
-        return head + "\n" + _table(["split", *cols], rows)
+        text = head + "\n" + _table(["split", *cols], rows)
+        if self.train.patient_ids is not None:
+            n_pat = {k: len(np.unique(sp.patient_ids)) if sp.patient_ids is not None else 0
+                     for k, sp in self.splits().items()}
+            text += "\npatients: " + ", ".join(f"{k} {v}" for k, v in n_pat.items()) + " (one identity per patient)"
+        return text
 
 
 def _table(header: list[str], rows: list[list[str]]) -> str:
@@ -286,13 +317,15 @@ def _stack(arrays: list[np.ndarray], shape_hint: tuple[int, int, int]) -> np.nda
 # splitting
 
 
-def _check_class_counts(labels: np.ndarray, class_names: list[str], need: int, what: str, where: str) -> None:
+def _check_class_counts(
+    labels: np.ndarray, class_names: list[str], need: int, what: str, where: str, unit: str = "image"
+) -> None:
     counts = np.bincount(labels, minlength=len(class_names))
     for k, cnt in enumerate(counts):
         if cnt < need:
             raise DataError(
-                f"{where}: class {class_names[k]!r} has {int(cnt)} image(s); the seeded stratified {what} needs at "
-                f"least {need} per class (add images, or drop the class)"
+                f"{where}: class {class_names[k]!r} has {int(cnt)} {unit}(s); the seeded stratified {what} needs at "
+                f"least {need} per class (add {unit}s, or drop the class)"
             )
 
 
@@ -303,6 +336,7 @@ def _stratified_split(
     class_names: list[str],
     where: str,
     part_names: Sequence[str] = ("val", "test"),
+    unit: str = "image",
 ) -> list[np.ndarray]:
     """Split indices ``0..N-1`` into ``[rest, part_1, part_2, ...]`` by the given fractions of N.
 
@@ -314,7 +348,7 @@ def _stratified_split(
 
     n = len(labels)
     what = "split into " + "/".join(["train", *part_names])
-    _check_class_counts(labels, class_names, len(fractions) + 1, what, where)
+    _check_class_counts(labels, class_names, len(fractions) + 1, what, where, unit)
     rest = np.arange(n)
     parts: list[np.ndarray] = []
     for k, frac in enumerate(fractions):
@@ -328,7 +362,7 @@ def _stratified_split(
             left = np.bincount(labels[rest], minlength=len(class_names))
             counts = {class_names[c]: int(v) for c, v in enumerate(left)}
             raise DataError(
-                f"{where}: too few images for a stratified split (fraction {frac} of {n}, class counts {counts}): {err}"
+                f"{where}: too few {unit}s for a stratified split (fraction {frac} of {n}, class counts {counts}): {err}"
             ) from None
         parts.append(np.sort(taken))
     return [np.sort(rest), *parts]
@@ -719,6 +753,360 @@ def _load_csv(cfg: DataConfig, seed: int) -> ImageDataset:
 
 
 # ---------------------------------------------------------------------------------
+# DICOM
+#
+# A folder of DICOM files (found recursively by the "DICM" marker after the 128-byte
+# preamble; files named *.dcm / *.dicom without it are read by pydicom too) plus a labels
+# CSV (data.dicom). Only pixels, the label and an opaque patient index leave the loader:
+# no header value (PatientID, names, UIDs, dates) is stored in the ImageDataset, and
+# error messages name files and CSV lines, never header values, because a federated
+# ClientApp's error text can reach the coordinator.
+
+DICOM_SUFFIXES = (".dcm", ".dicom", ".dic")
+_DICOMDIR_UID = "1.2.840.10008.1.3.10"  # Media Storage Directory: an index, not an image
+_GREY = ("MONOCHROME1", "MONOCHROME2")
+_COLOUR = ("RGB", "YBR_FULL", "YBR_FULL_422", "YBR_ICT", "YBR_RCT", "YBR_PARTIAL_420", "PALETTE COLOR")
+
+
+def is_dicom_file(path: Path) -> bool:
+    """True when ``path`` carries the DICOM Part 10 marker ``DICM`` after its 128-byte preamble."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(132)
+    except OSError:
+        return False
+    return len(head) == 132 and head[128:] == b"DICM"
+
+
+def holds_dicom(folder: Path, limit: int = 64) -> bool:
+    """True when one of the first ``limit`` files below ``folder`` is a DICOM file (for ``--data DIR``)."""
+    for k, p in enumerate(_files_in(Path(folder))):
+        if k >= limit:
+            break
+        if is_dicom_file(p):
+            return True
+    return False
+
+
+def _pydicom():
+    try:
+        import pydicom  # noqa: F401
+        import pydicom.pixels  # noqa: F401
+    except ImportError:
+        raise DataError("data.source is dicom but pydicom is not installed: pip install 'pydicom>=3'") from None
+    return pydicom
+
+
+def _scale(arr: np.ndarray, lo: float, hi: float) -> np.ndarray:
+    """Linear map of ``lo..hi`` onto 0..255 (clipped); a flat range gives 0."""
+    arr = np.asarray(arr, dtype=np.float64)
+    if not hi > lo:
+        return np.zeros(arr.shape, np.float64)
+    return np.clip((arr - lo) * (255.0 / (hi - lo)), 0.0, 255.0)
+
+
+def _stored_range(ds) -> tuple[int, int]:
+    bits = int(ds.BitsStored)
+    if int(getattr(ds, "PixelRepresentation", 0)) == 1:
+        return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+    return 0, 2**bits - 1
+
+
+def _grey_to_uint8(arr: np.ndarray, ds, no_window: str) -> np.ndarray:
+    """Stored grey values -> 0..255: Modality LUT, then VOI LUT / window (or the fallback), MONOCHROME1 inverted."""
+    from pydicom.pixels import apply_modality_lut, apply_voi_lut
+
+    values = apply_modality_lut(arr, ds)
+    has_lut = "VOILUTSequence" in ds and len(ds.VOILUTSequence) > 0
+    has_window = ds.get("WindowCenter") is not None and ds.get("WindowWidth") is not None
+    if has_lut or has_window:
+        out = apply_voi_lut(values, ds, prefer_lut=True)
+        if has_lut:
+            # the LUT's output range: every entry, read back through pydicom's own LUT decoding
+            n_entries, first = int(ds.VOILUTSequence[0].LUTDescriptor[0]) or 65536, int(ds.VOILUTSequence[0].LUTDescriptor[1])
+            entries = apply_voi_lut(np.arange(first, first + n_entries), ds, prefer_lut=True)
+            lo, hi = float(np.min(entries)), float(np.max(entries))
+        else:
+            # the window's output range: what the window makes of values far below / above it
+            probe = apply_voi_lut(np.array([-1e12, 1e12]), ds, prefer_lut=False)
+            lo, hi = float(probe.min()), float(probe.max())
+        img = _scale(out, lo, hi)
+    elif no_window == "bits_stored":
+        ends = apply_modality_lut(np.array(_stored_range(ds)), ds)
+        img = _scale(values, float(np.min(ends)), float(np.max(ends)))
+    else:
+        img = _scale(values, float(np.min(values)), float(np.max(values)))
+    if ds.PhotometricInterpretation == "MONOCHROME1":  # 0 = white
+        img = 255.0 - img
+    return np.round(img).astype(np.uint8)[:, :, None]
+
+
+def read_dicom(path: Path, where: str, channels: Optional[int], no_window: str = "minmax"):
+    """One DICOM file -> ``(uint8 (H, W, C) image, pydicom Dataset)``; DataError naming ``where``.
+
+    The returned Dataset is for the caller to read the CSV keys from; it is not kept.
+    """
+    pydicom = _pydicom()
+    from pydicom.errors import InvalidDicomError
+
+    try:
+        ds = pydicom.dcmread(path, force=not is_dicom_file(path))
+    except (InvalidDicomError, OSError, EOFError, ValueError, KeyError, TypeError, AttributeError) as err:
+        raise DataError(f"{where}: not a readable DICOM file ({type(err).__name__})") from None
+    if str(getattr(ds, "file_meta", {}).get("MediaStorageSOPClassUID", "")) == _DICOMDIR_UID:
+        raise DataError(f"{where}: a DICOMDIR index, not an image (a DICOMDIR must be named DICOMDIR)")
+    if "PixelData" not in ds and not is_dicom_file(path):
+        raise DataError(f"{where}: not a readable DICOM file (no DICM marker and no pixel data)")
+    if "PixelData" not in ds:
+        if "FloatPixelData" in ds or "DoubleFloatPixelData" in ds:
+            raise DataError(f"{where}: DICOM file has float pixel data (not supported); remove it from the folder")
+        raise DataError(
+            f"{where}: DICOM file has no pixel data (truncated, or not an image, e.g. a report); remove it from the folder"
+        )
+    try:
+        frames = int(ds.get("NumberOfFrames") or 1)
+    except (TypeError, ValueError):
+        frames = 0
+    if frames != 1:
+        raise DataError(
+            f"{where}: multi-frame DICOM ({ds.get('NumberOfFrames')} frames) is not supported; store one 2D image per "
+            "file (e.g. export the frames you want as single-frame files)"
+        )
+    pi = str(ds.get("PhotometricInterpretation", "")).strip().upper()
+    if pi not in _GREY + _COLOUR:
+        raise DataError(f"{where}: photometric interpretation {pi!r} is not supported ({', '.join(_GREY + _COLOUR)})")
+    if pi in _COLOUR and channels is None:
+        raise DataError(
+            f"{where}: colour DICOM ({pi}) but data.channels is null; set data.channels to 3 to keep colour "
+            "(or 1 to convert to grey)"
+        )
+    try:
+        arr = ds.pixel_array
+    except Exception as err:  # decoders raise many types
+        ts = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+        ts_name = getattr(ts, "name", "unknown transfer syntax")
+        hint = ""
+        if getattr(ts, "is_compressed", False):
+            hint = " (compressed transfer syntaxes need their decoders: pip install 'plan-toolkit[dicom-compressed]')"
+        raise DataError(f"{where}: cannot decode the pixel data ({ts_name}): {type(err).__name__}: {err}{hint}") from None
+    one_sample = pi in _GREY or pi == "PALETTE COLOR"
+    if (one_sample and arr.ndim != 2) or (not one_sample and (arr.ndim != 3 or arr.shape[-1] != 3)):
+        raise DataError(f"{where}: unexpected pixel array shape {arr.shape} for {pi}")
+    try:
+        if pi in _GREY:
+            img = _grey_to_uint8(arr, ds, no_window)
+        else:
+            if pi == "PALETTE COLOR":
+                from pydicom.pixels import apply_color_lut
+
+                arr = apply_color_lut(arr, ds)  # uint8 or uint16 by the LUT's bit depth
+                lo, hi = 0, (255 if arr.dtype == np.uint8 else 65535)
+            else:
+                lo, hi = 0, 2 ** int(ds.BitsStored) - 1
+            img = np.round(_scale(arr, lo, hi)).astype(np.uint8)
+    except DataError:
+        raise
+    except Exception as err:
+        raise DataError(f"{where}: cannot apply the Modality/VOI LUT: {type(err).__name__}: {err}") from None
+    return img, ds
+
+
+def _norm_rel(text: str) -> str:
+    """A CSV file entry as a POSIX path relative to the DICOM folder."""
+    parts = [p for p in text.strip().replace("\\", "/").split("/") if p not in ("", ".")]
+    return "/".join(parts)
+
+
+def _natural_classes(values: list[str]) -> list[str]:
+    """Distinct class values, numerically sorted when all are integers, else alphabetically."""
+    uniq = sorted(set(values))
+    try:
+        return sorted(uniq, key=lambda v: (int(v), v))
+    except ValueError:
+        return uniq
+
+
+def _read_labels_csv(csv_path: Path, dc) -> tuple[list[dict], bool, bool, bool]:
+    """Rows ``{line, file, uid, label, patient}`` of the labels CSV; which key columns it has."""
+    try:
+        with open(csv_path, newline="", encoding="utf-8-sig") as fh:
+            reader = csv.DictReader(fh)
+            columns = [c.strip() for c in (reader.fieldnames or [])]
+            reader.fieldnames = columns
+            has_file, has_uid = dc.file_column in columns, dc.uid_column in columns
+            found = ", ".join(repr(c) for c in columns) or "none"
+            if dc.label_column not in columns:
+                raise DataError(
+                    f"{csv_path}: column {dc.label_column!r} (data.dicom.label_column) not found; columns found: {found}"
+                )
+            if not (has_file or has_uid):
+                raise DataError(
+                    f"{csv_path}: neither {dc.file_column!r} (data.dicom.file_column) nor {dc.uid_column!r} "
+                    f"(data.dicom.uid_column) is a column; columns found: {found}"
+                )
+            has_patient = dc.patient_column in columns
+            if dc.patient == "column" and not has_patient:
+                raise DataError(
+                    f"{csv_path}: column {dc.patient_column!r} (data.dicom.patient_column) not found and "
+                    f"data.dicom.patient is 'column'; columns found: {found}"
+                )
+            rows = []
+            for row in reader:
+                get = lambda c: (row.get(c) or "").strip()  # noqa: E731
+                rows.append({"line": reader.line_num, "file": _norm_rel(get(dc.file_column)) if has_file else "",
+                             "uid": get(dc.uid_column) if has_uid else "", "label": get(dc.label_column),
+                             "patient": get(dc.patient_column) if has_patient else ""})
+    except DataError:
+        raise
+    except (OSError, UnicodeDecodeError, csv.Error) as err:
+        raise DataError(f"{csv_path}: cannot read CSV: {type(err).__name__}: {err}") from None
+    if not rows:
+        raise DataError(f"{csv_path}: no data rows")
+    return rows, has_file, has_uid, has_patient
+
+
+def _index_rows(rows: list[dict], key: str, csv_path: Path, column: str) -> dict[str, dict]:
+    out: dict[str, dict] = {}
+    for r in rows:
+        k = r[key]
+        if not k:
+            continue
+        if k in out:
+            raise DataError(f"{csv_path}, line {r['line']}: the {column!r} value is already listed on line {out[k]['line']}")
+        out[k] = r
+    return out
+
+
+def _grouped_split(
+    labels: np.ndarray, groups: np.ndarray, cfg: DataConfig, seed: int, class_names: list[str], where: str
+) -> list[np.ndarray]:
+    """[train, val, test] image indices with every patient in exactly one part.
+
+    The existing stratified splitter cuts the *patients*, each stratified by its most
+    frequent class (ties: the first class); the fractions are fractions of patients.
+    """
+    _, inv = np.unique(groups, return_inverse=True)
+    counts = np.zeros((int(inv.max()) + 1, len(class_names)), np.int64)
+    np.add.at(counts, (inv, labels), 1)
+    g_label = counts.argmax(1)
+    present = np.unique(g_label)
+    remap = np.searchsorted(present, g_label)
+    parts = _stratified_split(
+        remap, [cfg.val_fraction, cfg.test_fraction], seed, [class_names[k] for k in present], where, unit="patient"
+    )
+    return [np.flatnonzero(np.isin(inv, p)) for p in parts]
+
+
+def _load_dicom(cfg: DataConfig, seed: int) -> ImageDataset:
+    if not cfg.path:
+        raise DataError("data.source is dicom but data.path (the DICOM folder) is not set")
+    root = Path(cfg.path).expanduser()
+    if not root.is_dir():
+        raise DataError(f"DICOM folder not found: {root} (data.path)")
+    dc = cfg.dicom
+    csv_path = Path(dc.labels_csv).expanduser() if dc.labels_csv else root / "labels.csv"
+    if not csv_path.is_absolute() and dc.labels_csv:
+        csv_path = root / csv_path
+    if not csv_path.is_file():
+        raise DataError(
+            f"labels CSV not found: {csv_path} (data.dicom.labels_csv; default <data.path>/labels.csv). A DICOM folder "
+            f"needs one: columns {dc.file_column!r} (path below the folder) or {dc.uid_column!r}, {dc.label_column!r}, "
+            f"optionally {dc.patient_column!r}"
+        )
+    rows, has_file, has_uid, has_patient = _read_labels_csv(csv_path, dc)
+    for r in rows:
+        if not (r["file"] or r["uid"]):
+            raise DataError(f"{csv_path}, line {r['line']}: no file and no SOP Instance UID given")
+    by_file = _index_rows(rows, "file", csv_path, dc.file_column) if has_file else {}
+    by_uid = _index_rows(rows, "uid", csv_path, dc.uid_column) if has_uid else {}
+    patient_mode = dc.patient if dc.patient != "auto" else ("column" if has_patient else "none")
+
+    candidates, skipped = [], []
+    csv_resolved = csv_path.resolve()
+    for p in _files_in(root):
+        if p.resolve() == csv_resolved:
+            continue
+        if p.name.upper() == "DICOMDIR":
+            skipped.append(p)
+        elif is_dicom_file(p) or p.suffix.lower() in DICOM_SUFFIXES:
+            candidates.append(p)
+        else:
+            skipped.append(p)
+    if skipped:
+        LOG.warning("%s: ignoring %d file(s) that are not DICOM: %s", root, len(skipped),
+                    ", ".join(p.relative_to(root).as_posix() for p in skipped[:5]))
+    if not candidates:
+        raise DataError(f"{root}: no DICOM files found (looked for the DICM marker and *.dcm below this folder)")
+
+    shaper = _Shaper(cfg.size, cfg.channels)
+    arrays: list[np.ndarray] = []
+    values: list[str] = []
+    patients: list[str] = []
+    used: dict[int, str] = {}  # CSV line -> file that matched it
+    for p in candidates:
+        rel = p.relative_to(root).as_posix()
+        where = str(p)
+        img, ds = read_dicom(p, where, cfg.channels, dc.no_window)
+        uid = str(ds.get("SOPInstanceUID", "") or "").strip()
+        row = by_file.get(rel) if has_file else None
+        if row is None and has_uid and uid:
+            row = by_uid.get(uid)
+        if row is None:
+            how = " or ".join(x for x, ok in ((f"its path in column {dc.file_column!r}", has_file),
+                                                (f"its SOP Instance UID in column {dc.uid_column!r}", has_uid)) if ok)
+            raise DataError(f"{where}: no label: {csv_path} lists neither {how}")
+        if row["line"] in used:
+            raise DataError(
+                f"{where}: {csv_path}, line {row['line']} already matched {used[row['line']]} (same SOP Instance UID?)"
+            )
+        if has_uid and row["uid"] and uid != row["uid"]:
+            raise DataError(
+                f"{where}: {csv_path}, line {row['line']}: the {dc.uid_column!r} value differs from the file's SOP "
+                "Instance UID"
+            )
+        if not row["label"]:
+            raise DataError(f"{where}: {csv_path}, line {row['line']}: empty {dc.label_column!r} (no label)")
+        used[row["line"]] = rel
+        if patient_mode == "column":
+            if not row["patient"]:
+                raise DataError(f"{where}: {csv_path}, line {row['line']}: empty {dc.patient_column!r}")
+            patients.append(row["patient"])
+        elif patient_mode == "header":
+            key = str(ds.get("PatientID", "") or "").strip()
+            if not key:
+                raise DataError(f"{where}: no PatientID (0010,0020) in the header and data.dicom.patient is 'header'")
+            patients.append(key)
+        del ds  # nothing of the header is kept
+        arrays.append(shaper(img, where))
+        values.append(row["label"])
+    unmatched = [r for r in rows if r["line"] not in used]
+    if unmatched:
+        r = unmatched[0]
+        key = f"file {r['file']!r}" if r["file"] else f"the {dc.uid_column!r} value"
+        raise DataError(
+            f"{csv_path}, line {r['line']}: no DICOM file below {root} matches {key}"
+            + (f" ({len(unmatched) - 1} more such line(s))" if len(unmatched) > 1 else "")
+        )
+
+    class_names = _natural_classes(values)
+    index = {v: k for k, v in enumerate(class_names)}
+    y = np.array([index[v] for v in values], dtype=np.int64)
+    pid = None
+    if patients:
+        order: dict[str, int] = {}
+        pid = np.array([order.setdefault(k, len(order)) for k in patients], dtype=np.int64)
+        del order, patients
+    hint = (shaper.size or 1, shaper.size or 1, shaper.channels or 1)
+    full = Split(_stack(arrays, hint), y, pid)
+    if pid is None:
+        splits = _split_three(full, cfg, seed, class_names, str(csv_path))
+    else:
+        tr, va, te = _grouped_split(y, pid, cfg, seed, class_names, str(csv_path))
+        splits = {"train": full.subset(tr), "val": full.subset(va), "test": full.subset(te)}
+    return _finish(root.name, splits, class_names, "dicom", str(root), cfg, seed)
+
+
+# ---------------------------------------------------------------------------------
 # entry point
 
 
@@ -753,4 +1141,6 @@ def load_dataset(cfg: DataConfig, seed: int) -> ImageDataset:
         return _load_imagefolder(cfg, seed)
     if cfg.source == "csv":
         return _load_csv(cfg, seed)
-    raise DataError(f"unknown data.source {cfg.source!r} (medmnist, imagefolder or csv)")
+    if cfg.source == "dicom":
+        return _load_dicom(cfg, seed)
+    raise DataError(f"unknown data.source {cfg.source!r} (medmnist, imagefolder, csv or dicom)")

@@ -43,7 +43,7 @@ def test_yaml_values_and_overrides(tmp_path):
         ({"gan": {"steps": -1}}, "gan.steps"),
         ({"gan": {"stepz": 1}}, "unknown key 'gan.stepz'"),
         ({"gan": {"augment": ["rotate"]}}, "gan.augment.0"),
-        ({"data": {"source": "dicom"}}, "data.source"),
+        ({"data": {"source": "hdf5"}}, "data.source"),
         ({"partition": {"scheme": "round-robin"}}, "partition.scheme"),
         ({"device": "gpu7"}, "device"),
         ({"bogus": 1}, "unknown key 'bogus'"),
