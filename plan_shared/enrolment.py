@@ -247,6 +247,14 @@ def _hex(path: Path, field: str, value: Any, nbytes: Optional[int] = None) -> by
     return raw
 
 
+def _verifies(check) -> bool:
+    try:
+        check()
+    except InvalidSignature:
+        return False
+    return True
+
+
 def _cn_ou(name: x509.Name) -> tuple[Optional[str], Optional[str]]:
     cn = name.get_attributes_for_oid(NameOID.COMMON_NAME)
     ou = name.get_attributes_for_oid(NameOID.ORGANIZATIONAL_UNIT_NAME)
@@ -312,16 +320,19 @@ def read_enrolment(path: str | Path) -> Enrolment:
             raise EnrolmentError(f"{p}: node_public_key: the key must be EC P-384")
         if fps["node"] != openssh_sha256(node_line):
             raise EnrolmentError(f"{p}: fingerprints.node: does not match node_public_key")
-        try:
-            spub.verify(_hex(p, "proofs.signing", proofs["signing"]), msg)
-        except InvalidSignature:
+        sig_ok = _verifies(lambda: spub.verify(_hex(p, "proofs.signing", proofs["signing"]), msg))
+        node_ok = _verifies(lambda: npub.verify(_hex(p, "proofs.node", proofs["node"]), msg, ec.ECDSA(hashes.SHA384())))
+        # Both proofs cover every other field: one failing alone points at its own proof; both failing, at a
+        # changed field (a key swapped together with its fingerprint lands here).
+        if not sig_ok and node_ok:
             raise EnrolmentError(f"{p}: proofs.signing: does not verify with ed25519_public "
-                                 "(the file was changed after `plan-client keys init`)") from None
-        try:
-            npub.verify(_hex(p, "proofs.node", proofs["node"]), msg, ec.ECDSA(hashes.SHA384()))
-        except InvalidSignature:
+                                 "(changed after `plan-client keys init`)")
+        if sig_ok and not node_ok:
             raise EnrolmentError(f"{p}: proofs.node: does not verify with node_public_key "
-                                 "(the file was changed after `plan-client keys init`)") from None
+                                 "(changed after `plan-client keys init`)")
+        if not (sig_ok or node_ok):
+            raise EnrolmentError(f"{p}: proofs: neither the signing nor the node key's proof verifies: one of name, role, "
+                                 "csr, ed25519_public, node_public_key, fingerprints was changed after `plan-client keys init`")
     return Enrolment(p, name, role, csr, sign_pub, node_line, dict(fps))
 
 
