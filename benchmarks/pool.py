@@ -115,8 +115,8 @@ def main() -> None:
         nbytes = make_site(site, args.images, args.size)
         certs = work / "certs"
         init_ca(certs)
-        issue(certs, "bench-site", "site")
-        issue(certs, "bench-reader", "reader")
+        issue(certs, "bench-site", "site", work / "keys" / "bench-site")
+        issue(certs, "bench-reader", "reader", work / "keys" / "bench-reader")
         n = args.images
         print(f"bundle: {n} PNGs of {args.size}x{args.size}, {nbytes / 1e6:.2f} MB "
               f"(mean {nbytes / n:.0f} B/image), loopback, {os.cpu_count()} CPUs, in {work.parent}, "
@@ -134,7 +134,7 @@ def main() -> None:
                 copy_tree(site, dst, fs)
                 keep(k, time.perf_counter() - t0)
             t0 = time.perf_counter()
-            creds, signed = prepare(site, certs / "sites" / "bench-site")
+            creds, signed = prepare(site, work / "keys" / "bench-site")
             keep("sign", time.perf_counter() - t0)
             proc, addr = start_server(work / f"store-{r}", certs, work / "")
             try:
@@ -143,11 +143,11 @@ def main() -> None:
                 keep("push", time.perf_counter() - t0)
                 assert not res.duplicate and res.n_images == n
                 t0 = time.perf_counter()
-                got = pull(addr, certs / "readers" / "bench-reader", work / f"pulled-{r}", progress=False)
+                got = pull(addr, work / "keys" / "bench-reader", work / f"pulled-{r}", progress=False)
                 keep("pull", time.perf_counter() - t0)
                 assert got.n_fetched == n
                 t0 = time.perf_counter()
-                again = pull(addr, certs / "readers" / "bench-reader", work / f"pulled-{r}", progress=False)
+                again = pull(addr, work / "keys" / "bench-reader", work / f"pulled-{r}", progress=False)
                 keep("pull_again", time.perf_counter() - t0)
                 assert again.n_fetched == 0
             finally:

@@ -42,6 +42,60 @@ def start(
 
     raise typer.Exit(start_command(config, dry_run))
 
+keys_app = typer.Typer(help="This site's (or reader's) own keys: made here, never sent anywhere.", no_args_is_help=True)
+app.add_typer(keys_app, name="keys")
+
+
+@keys_app.command("init")
+def keys_init(
+    dir: Path = typer.Option(..., "--dir", help="The identity's folder (made, 0700; must not hold keys yet)."),
+    name: str = typer.Option(..., "--name", help="Identity name (the site id the coordinator knows you by)."),
+    role: str = typer.Option("site", "--role", help="site (trains, pushes bundles) or reader (lists and pulls the pool)."),
+) -> None:
+    """Make this identity's private keys here (0600) and the public enrolment file for the coordinator.
+
+    Site: TLS key + certificate request, Ed25519 bundle-signing key, Flower SuperNode key.
+    Reader: TLS key + certificate request. Send DIR/enrolment.json to the coordinator
+    (`plan-server certs enroll`) and read the printed fingerprints out to them on a second channel.
+    Example: plan-client keys init --dir /etc/plan/site --name hospital-a
+    """
+    from plan_shared.enrolment import EnrolmentError, init_keys, read_enrolment
+
+    try:
+        path = init_keys(dir, name, role)
+        fps = read_enrolment(path).fingerprints
+    except (EnrolmentError, OSError) as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(1) from None
+    typer.echo(f"keys of {role} {name!r} made in {dir}; send {path} to the coordinator")
+    for k, v in fps.items():
+        if v:
+            typer.echo(f"  {k:8s} key sha256 {v}")
+
+
+@keys_app.command("install")
+def keys_install(
+    response: Path = typer.Argument(..., help="The response file from `plan-server certs enroll`."),
+    dir: Path = typer.Option(..., "--dir", help="The folder of `keys init`."),
+    ca_sha256: Optional[str] = typer.Option(None, "--ca-sha256", help="Refuse unless the CA certificate has this sha256 "
+                                            "(the coordinator prints it at `certs enroll`)."),
+) -> None:
+    """Install the signed certificate and the federation CA certificate next to the keys.
+
+    Example: plan-client keys install hospital-a.response.json --dir /etc/plan/site
+    """
+    from plan_shared.credentials import CredentialsError
+    from plan_shared.enrolment import EnrolmentError, ca_fingerprint, install_certificate
+
+    try:
+        creds = install_certificate(dir, response, expect_ca_sha256=ca_sha256)
+    except (EnrolmentError, CredentialsError, OSError) as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(1) from None
+    typer.echo(f"installed the certificate of {creds.role} {creds.name!r} in {dir}; "
+               f"CA certificate sha256 {ca_fingerprint(creds.ca_pem)} (compare with the coordinator's)")
+
+
 def _site_config(config: Path | None, dataset: str | None, data: Path | None, sets: list[str] | None, **extra):
     """Resolve a site configuration from a YAML file, --dataset/--data and --set KEY=VALUE."""
     from plan_shared.config import ConfigError, data_overrides, load_config, parse_sets

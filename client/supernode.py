@@ -4,9 +4,9 @@ From ``site.yaml`` (a PlanConfig; relative paths are relative to the YAML file):
 
 * ``site_id`` and ``data`` (source/path/name of the site's own images),
 * ``federation.superlink_address``: the coordinator's proxy, ``host:port``,
-* ``federation.certs_dir``: the folder the coordinator issued for this site
-  (``plan-server certs issue --name SITE --role site`` -> ``CERTS/sites/SITE``, holding
-  ``ca.crt`` and ``node_key``); a federation-wide folder with ``sites/SITE`` works too,
+* ``federation.certs_dir``: this site's own keys folder (``plan-client keys init`` +
+  ``keys install``, holding ``node_key`` and ``ca.crt``); a folder with ``sites/SITE``
+  in it works too (one machine running several sites),
 * ``federation.state_dir``: where the site keeps its trainer state, the Flower home,
   ``node.toml`` and its log,
 * ``federation.supernode_port``: local runtime port (one per SuperNode on a machine),
@@ -60,7 +60,7 @@ def supernode_command_line(config_path: str | Path) -> tuple[list[str], dict[str
     for f, what in ((key, "node private key"), (ca, "federation CA certificate")):
         if not f.is_file():
             raise StartError(f"{f}: {what} missing; the coordinator issues it with "
-                             f"`plan-server certs issue --name {cfg.site_id} --role site` (federation.certs_dir)")
+                             f"`plan-client keys init --dir DIR --name {cfg.site_id}` + `keys install` (federation.certs_dir)")
     node = {"site-id": cfg.site_id, "data-source": cfg.data.source, "state-dir": str(state / "site")}
     if cfg.data.path:
         data_path = _resolve(cfg.data.path, base)
@@ -78,8 +78,8 @@ def supernode_command_line(config_path: str | Path) -> tuple[list[str], dict[str
         creds = _resolve(cfg.pool.credentials, base) if cfg.pool.credentials else ident
         for f in ("client.crt", "client.key", "signing.key", "ca.crt"):
             if not (creds / f).is_file():
-                raise StartError(f"{creds / f} missing: pool.credentials must be the folder the coordinator issued "
-                                 f"for this site (`plan-server certs issue --name {cfg.site_id} --role site`)")
+                raise StartError(f"{creds / f} missing: pool.credentials must be this site's keys folder "
+                                 f"for this site (`plan-client keys init --name {cfg.site_id}` + `keys install`)")
         node["pool-credentials"] = str(creds)
     else:
         print("warning: pool.address is not set in the site config: this site cannot export synthetic images "

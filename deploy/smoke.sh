@@ -1,13 +1,16 @@
 #!/usr/bin/env bash
 # Deployment smoke test on loopback, the whole pipeline, from the examples in this folder
 # (coordinator.yaml / site.yaml with the tiny budgets of smoke.yaml merged over them):
-#   CA + server cert + 3 site identities (plan-server certs), nginx TLS proxy that
+#   CA + server cert (plan-server certs init), 3 sites that make their own keys
+#   (plan-client keys init in sites/NAME) and are enrolled (plan-server certs enroll,
+#   plan-client keys install), nginx TLS proxy that
 #   forwards only /v1/fleet/*, `plan-server coordinate` (pool service with mutual TLS,
 #   SuperLink with TLS and SuperNode auth on 127.0.0.1), 3 x `plan-client start` through
 #   the proxy; 2 rounds of a tiny GAN, then synthesis (PLAN) + signed export to the pool
 #   at each site, pull, phi_down, evaluation at each site, report.
 # Checks: the run completes; checkpoints and metrics of both rounds with 3 sites; from a
-# hospital's side the control API is refused through the proxy; report.json with
+# hospital's side the control API is refused through the proxy; the coordinator's certs
+# folder holds no private key but its own CA and server keys; report.json with
 # sites/rounds/pool/utility/privacy/timing; every site synthesised, exported and
 # evaluated; the pool store holds images from all 3 sites and `plan-server pool check`
 # is clean; the pool service and the SuperLink are gone after `coordinate` exits.
@@ -81,8 +84,18 @@ log "work dir $WORK"
 
 # ---- credentials -------------------------------------------------------------
 plan-server certs init --dir certs >/dev/null
-for s in "${SITES[@]}"; do plan-server certs issue --dir certs --name "$s" --role site >/dev/null; done
-log "CA, server certificate and ${#SITES[@]} site identities issued"
+mkdir -p enrol
+for s in "${SITES[@]}"; do
+  # at the hospital: keys made in its own folder; only enrolment.json travels to the coordinator
+  plan-client keys init --dir "sites/$s" --name "$s" >/dev/null
+  cp "sites/$s/enrolment.json" "enrol/$s.enrolment.json"
+  # at the coordinator: verify, sign, register the public keys; the response travels back
+  plan-server certs enroll "enrol/$s.enrolment.json" --dir certs --name "$s" --out "enrol/$s.response.json" >/dev/null
+  plan-client keys install "enrol/$s.response.json" --dir "sites/$s" >/dev/null
+done
+custody=$(grep -rlE "PRIVATE KEY" certs | sort | tr '\n' ' ')
+[[ "$custody" == "certs/ca.key certs/server.key " ]] || fail "private keys in the coordinator's certs folder: $custody"
+log "CA, server certificate; ${#SITES[@]} sites made their own keys and were enrolled (certs holds no site key)"
 
 # ---- configs from the examples + tiny data -------------------------------------
 python - "$HERE" "$WORK" "$SL_PORT" "$PROXY_PORT" "$SN_PORT" "$POOL_PORT" "$FULL" "${SITES[@]}" <<'PY'
@@ -113,7 +126,7 @@ for i, name in enumerate(sites):
     s = yaml.safe_load((here / "site.yaml").read_text())
     s["site_id"] = name; s["device"] = "cpu"; s["threads"] = 1
     s["data"].update(source="medmnist", path=str(work / f"{name}.npz"))
-    s["federation"].update(superlink_address=f"localhost:{proxy}", certs_dir=str(work / "certs/sites" / name),
+    s["federation"].update(superlink_address=f"localhost:{proxy}", certs_dir=str(work / "sites" / name),
                            state_dir=str(work / "state" / name), supernode_port=int(sn) + i)
     s["pool"].update(address=f"localhost:{pool}")  # credentials: default = federation.certs_dir
     (work / f"site-{name}.yaml").write_text(yaml.safe_dump(s))
@@ -162,7 +175,7 @@ done
 log "3 SuperNodes started through the proxy"
 
 # ---- control API through the proxy, from a hospital's side ---------------------
-code=$(curl -s -o /dev/null -w '%{http_code}' --cacert certs/sites/hospital-a/ca.crt -X POST \
+code=$(curl -s -o /dev/null -w '%{http_code}' --cacert sites/hospital-a/ca.crt -X POST \
   -H 'Content-Type: application/protobuf' "https://localhost:$PROXY_PORT/v1/control/list-runs")
 [[ "$code" == 403 ]] || fail "control API through the proxy answered HTTP $code (expected 403)"
 code=$(curl -s -o /dev/null -w '%{http_code}' --path-as-is --cacert certs/ca.crt -X POST \
@@ -172,7 +185,7 @@ code=$(curl -s -o /dev/null -w '%{http_code}' --cacert certs/ca.crt -X POST "htt
 [[ "$code" == 403 ]] || fail "runtime API through the proxy answered HTTP $code (expected 403)"
 mkdir -p hospital-cli
 printf '[superlink]\ndefault = "c"\n\n[superlink.c]\naddress = "localhost:%s"\nroot-certificates = "%s"\n' \
-  "$PROXY_PORT" "$WORK/certs/sites/hospital-a/ca.crt" > hospital-cli/config.toml
+  "$PROXY_PORT" "$WORK/sites/hospital-a/ca.crt" > hospital-cli/config.toml
 if FLWR_HOME="$WORK/hospital-cli" FLWR_TELEMETRY_ENABLED=0 FLWR_DISABLE_UPDATE_CHECK=1 \
    flwr ls --format json > hospital-cli/ls.json 2>&1 && grep -q '"success": true' hospital-cli/ls.json; then
   fail "flwr ls through the proxy succeeded: the control API is reachable by hospitals"
@@ -215,7 +228,9 @@ if [[ $FULL -eq 0 ]]; then log "OK (rounds only)"; exit 0; fi
 STORE="$WORK/state/coordinator/pool-store"
 grep -q "^pool service on 127.0.0.1:$POOL_PORT" coordinator.log || fail "coordinate did not start the pool service"
 grep -q "^report: $RUN/report.json" coordinator.log || fail "coordinate did not print the report path"
-[[ -f certs/readers/coordinator/client.crt ]] || fail "coordinate did not issue its reader identity"
+[[ -f state/coordinator/reader/client.crt ]] || fail "coordinate did not enrol its reader identity"
+custody=$(grep -rlE "PRIVATE KEY" certs | sort | tr '\n' ' ')
+[[ "$custody" == "certs/ca.key certs/server.key " ]] || fail "private keys in the coordinator's certs folder: $custody"
 python - "$POOL_PORT" <<'PY' || fail "the pool service still listens after coordinate exited"
 import socket, sys
 with socket.socket() as s:
@@ -223,7 +238,7 @@ with socket.socket() as s:
 PY
 for s in "${SITES[@]}"; do
   grep -q "^pool-address = \"localhost:$POOL_PORT\"" "state/$s/node.toml" || fail "$s: node.toml has no pool-address"
-  grep -q "^pool-credentials = \"$WORK/certs/sites/$s\"" "state/$s/node.toml" || fail "$s: node.toml has no pool-credentials"
+  grep -q "^pool-credentials = \"$WORK/sites/$s\"" "state/$s/node.toml" || fail "$s: node.toml has no pool-credentials"
 done
 plan-server pool check --store "$STORE" --no-progress > pool-check.log 2>&1 || { cat pool-check.log; fail "pool check found problems"; }
 python - "$RUN" "$STORE" "${SITES[@]}" <<'PY'

@@ -343,7 +343,9 @@ class FederationConfig(_Section):
         "127.0.0.1:9443",
         description="Site: the coordinator's public fleet address (the TLS proxy, which forwards only /v1/fleet/*).",
     )
-    certs_dir: str = Field("certs", description="Folder made by `plan-server certs init/issue` (CA, server, sites/NAME/).")
+    certs_dir: str = Field("certs", description="Coordinator: the CA folder of `plan-server certs init/enroll` (CA, server, "
+                           "registry). Site: its own keys folder (`plan-client keys init`). Simulation: the folder "
+                           "holding the virtual sites' sites/NAME and readers/NAME.")
     supernode_port: int = Field(9094, ge=1, le=65535, description="Site: local SuperNode runtime port (127.0.0.1).")
 
 
@@ -370,9 +372,9 @@ class PoolConfig(_Section):
     server_name: Optional[str] = Field(None, description="TLS name to expect on the pool's certificate (default: the host).")
     credentials: Optional[str] = Field(
         None,
-        description="Site: its folder CERTS/sites/NAME (client cert, signing key; `plan-client start` defaults to "
-        "federation.certs_dir). Coordinator: a reader folder CERTS/readers/NAME (`coordinate` defaults to the first "
-        "one, issuing readers/coordinator when there is none). In simulation it is derived from federation.certs_dir.",
+        description="Site: its keys folder (client cert, signing key; `plan-client start` defaults to "
+        "federation.certs_dir). Coordinator: a reader's folder (`coordinate` defaults to STATE/reader, enrolling "
+        "reader 'coordinator' there when missing). In simulation it is derived from federation.certs_dir.",
     )
     retries: int = Field(5, ge=0, description="Push/pull retries with backoff after a cut connection.")
 

@@ -1,27 +1,35 @@
 """Credential layout of the federation, and readers for it (bytes only, no grpc).
 
-``plan-server certs`` (server/certs.py) creates this tree on the coordinator; the
-whole ``sites/NAME`` folder is what a hospital receives, ``readers/NAME`` what a
-researcher receives. This docstring is the reference for the layout::
+Two kinds of folder. The coordinator's CA folder, made by ``plan-server certs``
+(server/certs.py), holds only the coordinator's own keys and the public keys of
+everyone enrolled. An identity's folder is made where the identity runs, by
+``plan-client keys init`` + ``keys install`` (plan_shared/enrolment.py); its private
+keys never leave it. This docstring is the reference for both layouts::
 
-    CERTS/
+    CERTS/                  the coordinator's, made by `certs init` / `certs enroll`
       ca.crt            federation CA certificate (self-signed, EC P-256)
       ca.key            CA private key                                   0600
       server.crt        pool/SuperLink server certificate (SANs from --host)
       server.key        its private key                                  0600
-      registry.json     trusted identities, see below
-      sites/NAME/       one hospital
-        identity.json   {"name": NAME, "role": "site"}
-        ca.crt          copy of the CA certificate (to verify the server)
-        client.crt      TLS client certificate: CN=NAME, OU=site
-        client.key      its private key                                  0600
-        signing.key     Ed25519 bundle-signing key (PKCS#8 PEM)          0600
-        signing.pub     its public half (PEM); registered in registry.json
-        node_key        Flower SuperNode auth key, EC P-384, OpenSSH PEM 0600
-        node_key.pub    its public half, OpenSSH format; registered too
-      readers/NAME/     one researcher (reads the pool)
-        identity.json   {"name": NAME, "role": "reader"}
-        ca.crt, client.crt (CN=NAME, OU=reader), client.key
+      registry.json     enrolled identities and their public keys, see below
+
+    KEYS/                   one site's (a hospital's), made by `plan-client keys init --role site`
+      identity.json   {"name": NAME, "role": "site"}
+      client.key      TLS private key, EC P-256                          0600
+      client.csr      its certificate request (CN=NAME, OU=site)
+      signing.key     Ed25519 bundle-signing key (PKCS#8 PEM)            0600
+      signing.pub     its public half (PEM)
+      node_key        Flower SuperNode auth key, EC P-384, OpenSSH PEM   0600
+      node_key.pub    its public half, OpenSSH format
+      enrolment.json  the public enrolment file sent to the coordinator
+      ca.crt          after `keys install`: the federation CA certificate
+      client.crt      after `keys install`: TLS client certificate CN=NAME, OU=site
+
+    KEYS/                   one reader's (a researcher's, or the coordinator's own):
+      identity.json, client.key, client.csr, enrolment.json, ca.crt, client.crt (OU=reader)
+
+On one machine (demo, simulation) the identity folders live side by side under a
+folder of their own as ``sites/NAME`` and ``readers/NAME`` -- never inside CERTS.
 
 ``registry.json``::
 
@@ -30,11 +38,12 @@ researcher receives. This docstring is the reference for the layout::
                            "cert_sha256", "issued", "revoked": bool, "revoked_at",
                            "ed25519_public": "<hex of raw 32 bytes>" | null,
                            "node_public_key": "ecdsa-sha2-nistp384 AAAA..." | null,
-                           "node_public_key_path": "sites/NAME/node_key.pub" | null}}}
+                           "fingerprints": {"tls", "signing", "node"}}}}
 
 The role is carried twice: in the certificate's organisational unit (OU) and in
 the registry; the pool service requires both to agree, the certificate serial to
-be the registered one and the entry not to be revoked, on every call.
+be the registered one and the entry not to be revoked, on every call. The
+coordinator registers each active site's ``node_public_key`` with the SuperLink.
 """
 
 from __future__ import annotations
@@ -111,7 +120,7 @@ class ClientCredentials:
 
 
 def load_client_credentials(directory: str | Path) -> ClientCredentials:
-    """Read a ``sites/NAME`` or ``readers/NAME`` folder (see the module docstring)."""
+    """Read an identity's folder after ``plan-client keys install`` (see the module docstring)."""
     d = Path(directory)
     if not d.is_dir():
         raise CredentialsError(f"credentials folder not found: {d}")

@@ -1,12 +1,18 @@
-"""Federation credentials: CA, server certificate, site and reader identities.
+"""Federation credentials: CA, server certificate, enrolment of site and reader identities.
 
-``plan-server certs init|issue|revoke|ls``. The layout of the folder it writes is
-documented once, in :mod:`plan_shared.credentials`. Private keys are written with
-mode 0600 and never replaced without ``--force``.
+``plan-server certs init|enroll|issue|revoke|ls``. The layout of the folders is
+documented once, in :mod:`plan_shared.credentials`; the enrolment files in
+:mod:`plan_shared.enrolment`.
 
-TLS keys are EC P-256; bundle signing keys Ed25519; the Flower SuperNode auth key
-EC P-384 in OpenSSH format (what ``flower-supernode --auth-supernode-private-key``
-and ``flwr supernode register`` read).
+The coordinator never holds a site's or reader's private key: a site makes its keys
+with ``plan-client keys init`` and sends the public enrolment file; ``certs enroll``
+verifies it, signs the certificate (EC P-256 TLS key, OU = role), registers the
+Ed25519 bundle-signing key and the Flower node key (EC P-384, OpenSSH) in
+``registry.json`` and writes a response (certificate + CA certificate) for
+``plan-client keys install``. ``certs issue`` runs both halves on one machine through
+the same code, into a folder outside CERTS (demo, simulation, tests, the
+coordinator's own reader). The CA and server keys are written 0600 and never
+replaced without ``--force``.
 """
 
 from __future__ import annotations
@@ -16,7 +22,6 @@ import fcntl
 import hashlib
 import ipaddress
 import json
-import os
 import shutil
 from contextlib import contextmanager
 from pathlib import Path
@@ -26,13 +31,14 @@ import typer
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from plan_shared import credentials as C
-from plan_shared.bundle import generate_signing_key, public_key_raw, public_key_to_pem, signing_key_to_pem
+from plan_shared import enrolment as E
+from plan_shared.enrolment import make_node_key  # noqa: F401  (re-exported: tests make rogue node keys with it)
 from plan_shared.manifest import is_safe_name
 
-ORG = "PLAN federation"
+ORG = E.ORG
 DEFAULT_HOSTS = ("localhost", "127.0.0.1")
 
 
@@ -56,11 +62,7 @@ def _cert_pem(cert: x509.Certificate) -> bytes:
 
 
 def _name(cn: str, ou: Optional[str] = None) -> x509.Name:
-    attrs = [x509.NameAttribute(NameOID.ORGANIZATION_NAME, ORG)]
-    if ou:
-        attrs.append(x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, ou))
-    attrs.append(x509.NameAttribute(NameOID.COMMON_NAME, cn))
-    return x509.Name(attrs)
+    return E.subject_name(cn, ou)
 
 
 def make_ca(common_name: str = "PLAN federation CA", days: int = 3650) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
@@ -103,14 +105,16 @@ def _leaf(
     eku: list,
     sans: Optional[list] = None,
     days: int = 730,
-) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
-    key = ec.generate_private_key(ec.SECP256R1())
+    public_key: Optional[ec.EllipticCurvePublicKey] = None,
+) -> tuple[Optional[ec.EllipticCurvePrivateKey], x509.Certificate]:
+    """A leaf certificate; for a new key pair (returned) unless ``public_key`` is given (then None)."""
+    key = None if public_key is not None else ec.generate_private_key(ec.SECP256R1())
     now = _now()
     b = (
         x509.CertificateBuilder()
         .subject_name(subject)
         .issuer_name(ca_cert.subject)
-        .public_key(key.public_key())
+        .public_key(public_key if public_key is not None else key.public_key())
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - dt.timedelta(minutes=5))
         .not_valid_after(min(now + dt.timedelta(days=days), ca_cert.not_valid_after_utc))
@@ -148,16 +152,11 @@ def make_server_cert(ca_key, ca_cert, hosts: list[str], days: int = 730):
     return _leaf(ca_key, ca_cert, _name(hosts[0], "server"), [ExtendedKeyUsageOID.SERVER_AUTH], [_san(h) for h in hosts], days)
 
 
-def make_client_cert(ca_key, ca_cert, name: str, role: str, days: int = 730):
-    return _leaf(ca_key, ca_cert, _name(name, role), [ExtendedKeyUsageOID.CLIENT_AUTH], [x509.DNSName(name)], days)
-
-
-def make_node_key() -> tuple[bytes, bytes]:
-    """Flower SuperNode auth key pair: EC P-384, (OpenSSH private PEM, OpenSSH public line)."""
-    key = ec.generate_private_key(ec.SECP384R1())
-    priv = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption())
-    pub = key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
-    return priv, pub
+def sign_client_csr(ca_key, ca_cert, csr: x509.CertificateSigningRequest, name: str, role: str, days: int = 730):
+    """Certificate for a verified CSR's key: CN=name, OU=role, client auth, SAN DNS:name (subject is ours, not the CSR's)."""
+    _, cert = _leaf(ca_key, ca_cert, _name(name, role), [ExtendedKeyUsageOID.CLIENT_AUTH], [x509.DNSName(name)], days,
+                    public_key=csr.public_key())
+    return cert
 
 
 # ---------------------------------------------------------------- registry
@@ -249,60 +248,109 @@ def init_ca(
     return written
 
 
-def issue(certs: str | Path, name: str, role: str, force: bool = False, days: int = 730) -> Path:
-    """Issue a site or reader identity; returns its folder (``sites/NAME`` or ``readers/NAME``)."""
+def _inside(path: Path, folder: Path) -> bool:
+    return path.resolve().is_relative_to(folder.resolve())
+
+
+def enroll(
+    certs: str | Path,
+    enrolment: str | Path,
+    role: str = "site",
+    name: Optional[str] = None,
+    force: bool = False,
+    days: int = 730,
+) -> dict:
+    """Verify an enrolment file, sign its certificate, register its public keys; returns the response.
+
+    ``role`` (and ``name`` when given) is what the coordinator expects: an enrolment
+    asking for anything else is refused. A name already enrolled is refused unless
+    ``force`` (its old certificate then stops working at the pool). A signing or
+    node key registered for another identity is refused: it would let one identity
+    act as two.
+    """
     d = Path(certs)
     if role not in C.ROLES:
         raise CertsError(f"role must be one of {', '.join(C.ROLES)}, got {role!r}")
-    if not is_safe_name(name):
-        raise CertsError(f"name {name!r}: use letters, digits, '.', '_' or '-' (it is a folder and the site id)")
+    try:
+        en = E.read_enrolment(enrolment)
+    except E.EnrolmentError as err:
+        raise CertsError(str(err)) from None
+    if en.role != role:
+        raise CertsError(f"{en.path}: role: the enrolment asks for {en.role!r}, the coordinator expects {role!r} "
+                         f"(--role {en.role} if that is intended)")
+    if name is not None and en.name != name:
+        raise CertsError(f"{en.path}: name: the enrolment is for {en.name!r}, expected {name!r}")
     ca_key, ca_cert = _load_ca(d)
     with _registry_lock(d):
         reg = read_registry(d)
-        old = reg["identities"].get(name)
+        old = reg["identities"].get(en.name)
         if old is not None and not force:
             state = "revoked" if old.get("revoked") else "active"
             raise CertsError(
-                f"identity {name!r} already exists ({old['role']}, {state}); refusing to replace it "
-                "(--force issues new keys and a new certificate; the old certificate stops working)"
+                f"{en.path}: name: identity {en.name!r} is already enrolled ({old['role']}, {state}); refusing to "
+                "replace it (--force enrols the new keys; the old certificate stops working)"
             )
-        if old is not None and old["role"] != role:
-            # Different role: the other role's folder must not stay behind with valid-looking keys.
-            shutil.rmtree(C.identity_dir(d, name, old["role"]), ignore_errors=True)
-        out = C.identity_dir(d, name, role)
-        out.mkdir(parents=True, exist_ok=True)
-        os.chmod(out, 0o700)
-        key, cert = make_client_cert(ca_key, ca_cert, name, role, days=days)
-        cert_pem = _cert_pem(cert)
-        C.write_secret(out / C.CLIENT_KEY, _key_pem(key), overwrite=force)
-        C.write_public(out / C.CLIENT_CERT, cert_pem)
-        C.write_public(out / C.CA_CERT, _cert_pem(ca_cert))
-        entry = {
-            "name": name,
-            "role": role,
+        for other, e in reg["identities"].items():
+            if other == en.name:
+                continue
+            if en.ed25519_public is not None and e.get("ed25519_public") == en.ed25519_public:
+                raise CertsError(f"{en.path}: ed25519_public: already registered for {other!r}")
+            if en.node_public_key is not None and e.get("node_public_key") == en.node_public_key:
+                raise CertsError(f"{en.path}: node_public_key: already registered for {other!r}")
+        cert = sign_client_csr(ca_key, ca_cert, en.csr, en.name, en.role, days=days)
+        reg["identities"][en.name] = {
+            "name": en.name,
+            "role": en.role,
             "serial": format(cert.serial_number, "x"),
             "cert_sha256": hashlib.sha256(cert.public_bytes(serialization.Encoding.DER)).hexdigest(),
             "issued": _now().isoformat(timespec="seconds"),
             "revoked": False,
             "revoked_at": None,
-            "ed25519_public": None,
-            "node_public_key": None,
-            "node_public_key_path": None,
+            "ed25519_public": en.ed25519_public,
+            "node_public_key": en.node_public_key,
+            "fingerprints": en.fingerprints,
         }
-        if role == "site":
-            sk = generate_signing_key()
-            C.write_secret(out / C.SIGNING_KEY, signing_key_to_pem(sk), overwrite=force)
-            C.write_public(out / C.SIGNING_PUB, public_key_to_pem(sk.public_key()))
-            entry["ed25519_public"] = public_key_raw(sk.public_key()).hex()
-            node_priv, node_pub = make_node_key()
-            C.write_secret(out / C.NODE_KEY, node_priv, overwrite=force)
-            C.write_public(out / C.NODE_PUB, node_pub + b"\n")
-            entry["node_public_key"] = node_pub.decode()
-            entry["node_public_key_path"] = str((out / C.NODE_PUB).relative_to(d))
-        C.write_public(out / C.IDENTITY, (json.dumps({"name": name, "role": role}) + "\n").encode())
-        reg["identities"][name] = entry
         _write_registry(d, reg)
-    return out
+    return E.response_document(en.name, en.role, _cert_pem(cert), _cert_pem(ca_cert))
+
+
+def write_response(response: dict, out: str | Path) -> Path:
+    p = Path(out)
+    C.write_public(p, (json.dumps(response, indent=1) + "\n").encode())
+    return p
+
+
+def issue(certs: str | Path, name: str, role: str, out: str | Path, force: bool = False, days: int = 730) -> Path:
+    """Both halves on one machine: ``keys init`` in ``out``, ``certs enroll``, ``keys install``; returns ``out``.
+
+    For the demo, simulation, tests and the coordinator's own reader identity. ``out``
+    is the identity's own folder and must lie outside ``certs`` (the CA folder holds
+    no identity's private key). When ``out`` already holds keys from an earlier
+    ``keys init`` that were never installed, its enrolment file is enrolled as it is.
+    """
+    d, o = Path(certs), Path(out)
+    if role not in C.ROLES:
+        raise CertsError(f"role must be one of {', '.join(C.ROLES)}, got {role!r}")
+    if not is_safe_name(name):
+        raise CertsError(f"name {name!r}: use letters, digits, '.', '_' or '-' (it is a folder and the site id)")
+    if _inside(o, d):
+        raise CertsError(f"{o}: inside the credentials folder {d}; an identity's keys must live outside it "
+                         "(the coordinator holds no site's or reader's private key)")
+    _load_ca(d)  # fail before making keys
+    try:
+        pending = (o / E.ENROLMENT).is_file() and not (o / C.CLIENT_CERT).exists()
+        if pending:
+            meta = json.loads((o / C.IDENTITY).read_text())
+            if (meta.get("name"), meta.get("role")) != (name, role):
+                raise CertsError(f"{o}: holds the keys of {meta.get('name')!r}/{meta.get('role')!r}, not {name!r}/{role!r}")
+        else:
+            E.init_keys(o, name, role)
+        response = write_response(enroll(d, o / E.ENROLMENT, role=role, name=name, force=force, days=days),
+                                  o / f"{name}.response.json")
+        E.install_certificate(o, response)
+    except (E.EnrolmentError, json.JSONDecodeError, OSError) as err:
+        raise CertsError(str(err)) from None
+    return o
 
 
 def revoke(certs: str | Path, name: str) -> bool:
@@ -324,8 +372,8 @@ def revoke(certs: str | Path, name: str) -> bool:
 # ---------------------------------------------------------------- CLI
 
 app = typer.Typer(
-    help="Federation credentials: CA, server certificate, site and reader identities.\n\n"
-    "Example: plan-server certs init --dir certs && plan-server certs issue --dir certs --name hospital-a --role site",
+    help="Federation credentials: CA, server certificate, enrolment of site and reader identities.\n\n"
+    "Example: plan-server certs init --dir certs && plan-server certs enroll hospital-a.enrolment.json --dir certs",
     no_args_is_help=True,
     add_completion=False,
 )
@@ -357,25 +405,56 @@ def init_cmd(
     typer.echo(f"wrote {', '.join(written)} in {dir} (server names: {', '.join(host or DEFAULT_HOSTS)})")
 
 
+@app.command("enroll")
+def enroll_cmd(
+    file: Path = typer.Argument(..., help="The enrolment file a site or reader made with `plan-client keys init`."),
+    dir: Path = typer.Option(..., "--dir", help="Credentials folder made by `certs init`."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Response file to send back (default: NAME.response.json next to FILE)."),
+    role: str = typer.Option("site", "--role", help="The role you expect: site (pushes bundles) or reader (lists and pulls)."),
+    name: Optional[str] = typer.Option(None, "--name", help="The name you expect (refused if the file says another)."),
+    force: bool = typer.Option(False, "--force", help="Replace an identity already enrolled (its old certificate stops working)."),
+    days: int = typer.Option(730, "--days", min=1, help="Certificate validity in days."),
+) -> None:
+    """Verify an enrolment file, sign its certificate, register its public keys; write the response.
+
+    Compare the printed fingerprints with the ones the site read out to you before sending
+    the response back. Example: plan-server certs enroll hospital-a/enrolment.json --dir certs --name hospital-a
+    """
+    try:
+        resp = enroll(dir, file, role=role, name=name, force=force, days=days)
+        path = write_response(resp, out or Path(file).with_name(f"{resp['name']}.response.json"))
+        fps = read_registry(dir)["identities"][resp["name"]]["fingerprints"]
+    except (CertsError, C.CredentialsError, OSError) as err:
+        _fail(str(err))
+    typer.echo(f"enrolled {resp['role']} {resp['name']!r} (serial {resp['serial'][:16]}); response: {path}")
+    for k in ("tls", "signing", "node"):
+        if fps.get(k):
+            typer.echo(f"  {k:8s} key sha256 {fps[k]}")
+    typer.echo(f"  CA certificate sha256 {E.ca_fingerprint(resp['ca_certificate'].encode())}")
+
+
 @app.command("issue")
 def issue_cmd(
     dir: Path = typer.Option(..., "--dir", help="Credentials folder made by `certs init`."),
     name: str = typer.Option(..., "--name", "--site", help="Identity name (site id for a site)."),
+    out: Path = typer.Option(..., "--out", help="The identity's own folder (made; must lie outside --dir)."),
     role: str = typer.Option("site", "--role", help="site (pushes bundles) or reader (lists and pulls)."),
-    force: bool = typer.Option(False, "--force", help="Replace an existing identity's keys and certificate."),
+    force: bool = typer.Option(False, "--force", help="Replace an identity already enrolled."),
     days: int = typer.Option(730, "--days", min=1, help="Certificate validity in days."),
 ) -> None:
-    """Issue a site or reader identity; give the printed folder to the hospital/researcher.
+    """One machine only: keys init + enroll + keys install in one step, into --out outside --dir.
 
-    Example: plan-server certs issue --dir certs --name hospital-a --role site
+    For a demo, a test bed or the coordinator's own reader. A hospital makes its keys on its
+    own machine instead (`plan-client keys init`, then `certs enroll`).
+    Example: plan-server certs issue --dir certs --name coordinator --role reader --out state/reader
     """
     try:
-        out = issue(dir, name, role, force=force, days=days)
+        o = issue(dir, name, role, out, force=force, days=days)
     except (CertsError, C.CredentialsError) as err:
         _fail(str(err))
-    typer.echo(f"issued {role} {name!r}: {out}")
+    typer.echo(f"issued {role} {name!r}: {o}")
     if role == "site":
-        typer.echo(f"  Flower SuperNode auth public key: {out / C.NODE_PUB} (register with `flwr supernode register`)")
+        typer.echo(f"  Flower SuperNode auth public key: {o / C.NODE_PUB} (registered in {registry_path(dir)})")
 
 
 @app.command("revoke")

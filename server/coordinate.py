@@ -8,12 +8,13 @@ What it does, in order:
    never reach it directly: a TLS reverse proxy (deploy/nginx-plan.conf) forwards only
    ``/v1/fleet/*``, because the open-source SuperLink's control API is unauthenticated;
 2. registers the node public key of every active site in ``CERTS/registry.json``
-   (``flwr supernode register``; revoked sites are unregistered);
+   (``flwr supernode register``, via ``STATE/node-keys/NAME.pub`` written from the
+   registry; revoked sites are unregistered);
 3. with ``federation.post_training``: starts the pool service (gRPC, mutual TLS with the
    federation's server certificate) bound to ``pool.listen``, store ``STATE/pool-store``,
    log ``STATE/pool-service.log``, and finds the coordinator's reader credentials
-   (``pool.credentials``, else the first ``CERTS/readers/*``, else it issues
-   ``readers/coordinator``);
+   (``pool.credentials``, else ``STATE/reader``, enrolled as reader ``coordinator`` on
+   first use: keys made there, certificate from the CA, no private key in CERTS);
 4. submits the Flower app (``flwr run``) with ``STATE/run-config.yaml`` (the config with
    absolute paths and, for post-training, the pool address to pull from over loopback
    and the reader credentials) and the output directory ``STATE/run`` as run-config,
@@ -200,29 +201,34 @@ class Coordinator:
 
     # ------------------------------------------------------------------ pool
     def reader_credentials(self) -> Path:
-        """The coordinator's reader identity for pulling the pool; issued when there is none."""
+        """The coordinator's reader identity for pulling the pool: ``pool.credentials``, else ``STATE/reader``.
+
+        ``STATE/reader`` is made on first use through the same two halves as any reader's
+        (``keys init`` there, ``certs enroll``, ``keys install``): its private key lives in
+        the coordinator's state folder, never in CERTS.
+        """
         from server.certs import CertsError, issue
 
         if self.cfg.pool.credentials:
             p = _resolve(self.cfg.pool.credentials, self.config_path.parent)
             if not (p / "client.crt").is_file():
-                raise CoordinateError(f"pool.credentials {p}: no client.crt there; issue a reader with "
-                                      f"`plan-server certs issue --dir {self.certs} --name coordinator --role reader`")
+                raise CoordinateError(f"pool.credentials {p}: no client.crt there; make a reader with "
+                                      f"`plan-client keys init --role reader`, `plan-server certs enroll --role reader` "
+                                      "and `plan-client keys install`")
             return p
-        readers = self.certs / "readers"
-        found = sorted(d for d in readers.iterdir() if (d / "client.crt").is_file()) if readers.is_dir() else []
-        if found:
-            return found[0]
+        own = self.state / "reader"
+        if (own / "client.crt").is_file():
+            return own
         if not (self.certs / "ca.key").is_file():
-            raise CoordinateError(f"no reader credentials in {readers} and no CA key to issue one: set pool.credentials "
-                                  "or run `plan-server certs issue --name coordinator --role reader` where the CA is")
+            raise CoordinateError(f"no reader credentials in {own} and no CA key in {self.certs} to enrol one: "
+                                  "set pool.credentials to a reader folder")
         try:
-            out = issue(self.certs, "coordinator", "reader")
+            out = issue(self.certs, "coordinator", "reader", own)
         except (CertsError, OSError) as err:  # e.g. certs_dir read-only under systemd's ProtectSystem=strict
-            raise CoordinateError(f"issuing the coordinator's reader identity failed: {err}; issue one with "
-                                  f"`plan-server certs issue --dir {self.certs} --name coordinator --role reader` "
-                                  "or set pool.credentials") from None
-        LOG.info("issued the coordinator's reader identity %s", out)
+            raise CoordinateError(f"enrolling the coordinator's reader identity failed: {err}; make one with "
+                                  f"`plan-server certs issue --dir {self.certs} --name coordinator --role reader "
+                                  f"--out {own}` or set pool.credentials") from None
+        LOG.info("enrolled the coordinator's reader identity %s", out)
         return out
 
     def start_pool(self) -> None:
@@ -291,7 +297,12 @@ class Coordinator:
                     self.flwr("supernode", "unregister", known.pop(name))
                     LOG.info("site %s is revoked: unregistered node %s", name, name)
                 continue
-            pub = self.certs / (e.get("node_public_key_path") or f"sites/{name}/node_key.pub")
+            if not e.get("node_public_key"):
+                raise CoordinateError(f"{self.certs / 'registry.json'}: site {name!r} has no node_public_key "
+                                      "(enrolled by an older version? re-enrol it with `plan-server certs enroll --force`)")
+            pub = self.state / "node-keys" / f"{name}.pub"  # flwr reads the key from a file; the registry is the source
+            pub.parent.mkdir(parents=True, exist_ok=True)
+            pub.write_text(e["node_public_key"].strip() + "\n")
             r = self.flwr("supernode", "register", str(pub), "--name", name)
             if r.get("success"):
                 known[name] = str(r["node-id"])
@@ -303,7 +314,8 @@ class Coordinator:
             active[name] = known.get(name, "?")
         known_path.write_text(json.dumps(known, indent=1))
         if not active:
-            raise CoordinateError(f"no active site in {self.certs / 'registry.json'}: `plan-server certs issue --name NAME --role site`")
+            raise CoordinateError(f"no active site in {self.certs / 'registry.json'}: enrol one with "
+                                  "`plan-server certs enroll ENROLMENT --dir CERTS`")
         return active
 
     def online_nodes(self) -> list[str]:

@@ -25,18 +25,24 @@ def demo_preset_path() -> Path:
     return Path(str(resources.files("server").joinpath(DEMO_PRESET)))
 
 
-def make_credentials(certs: Path, sites: list[str], reader: str = "coordinator") -> None:
-    """CA + server certificate for loopback, one identity per site, one reader; reused when present."""
+def make_credentials(certs: Path, keys: Path, sites: list[str], reader: str = "coordinator") -> None:
+    """CA + server certificate for loopback in ``certs``; each site's and the reader's own keys under ``keys``.
+
+    The identities are enrolled the way a hospital's are (``keys init`` in
+    ``keys/sites/NAME`` or ``keys/readers/NAME``, ``certs enroll``, ``keys install``),
+    only on one machine: ``certs`` ends up with public keys alone. Reused when present.
+    """
+    from plan_shared.credentials import CLIENT_CERT, identity_dir
     from server.certs import init_ca, issue, read_registry
 
     if not (certs / "ca.key").is_file():
         init_ca(certs, ["localhost", "127.0.0.1"])
     known = read_registry(certs).get("identities", {})
-    for s in sites:
-        if s not in known:
-            issue(certs, s, "site")
-    if reader not in known:
-        issue(certs, reader, "reader")
+    for name, role in [*((s, "site") for s in sites), (reader, "reader")]:
+        folder = identity_dir(keys, name, role)
+        if name in known and (folder / CLIENT_CERT).is_file():
+            continue
+        issue(certs, name, role, folder, force=name in known)
 
 
 def run_demo(
@@ -56,11 +62,13 @@ def run_demo(
     out = Path(out).expanduser().resolve()
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    certs = out / "certs"
+    certs, keys = out / "certs", out / "keys"
     names = [f"site-{i}" for i in range(sites)]
-    make_credentials(certs, names)
+    make_credentials(certs, keys, names)
     ov: dict[str, Any] = dict(overrides or {})
-    ov.update({"federation.certs_dir": str(certs), "federation.post_training": True, "pool.credentials": None,
+    # In simulation federation.certs_dir is where the virtual sites (sites/NAME) and the coordinator's reader
+    # (readers/NAME) find their own folders; the pool service checks them against the CA folder `certs`.
+    ov.update({"federation.certs_dir": str(keys), "federation.post_training": True, "pool.credentials": None,
                "synthesis.method": method, "anchors.k": k, "federation.min_nodes": sites})
     cfg = simulation_config(config or str(demo_preset_path()), sites=sites, rounds=rounds,
                             dataset=None if data else dataset, data=data, out=out,

@@ -40,7 +40,7 @@ def _reader_credentials(cfg: PlanConfig) -> Path:
     if not found:
         raise PhaseError(
             f"no reader credentials to pull the pool: set pool.credentials or run "
-            f"`plan-server certs issue --dir {cfg.federation.certs_dir} --name coordinator --role reader`"
+            f"`plan-server certs issue --dir CERTS --name coordinator --role reader --out {cfg.federation.certs_dir}/readers/coordinator`"
         )
     return found[0]
 

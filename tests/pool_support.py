@@ -160,7 +160,12 @@ class CuttingProxy:
 
 
 class Pki:
-    """One federation (CA, server, sites a/b/c, a site to revoke, reader alice) and a foreign CA."""
+    """One federation (CA, server, sites a/b/c, a site to revoke, reader alice) and a foreign CA.
+
+    Every identity made its own keys in its own folder under ``keys/`` (``keys init``,
+    ``certs enroll``, ``keys install``, all on this machine); ``certs/`` holds the
+    CA, the server key and the public registry only.
+    """
 
     SITES = ("site-a", "site-b", "site-c", "site-r")
 
@@ -169,24 +174,25 @@ class Pki:
 
         self.root = root
         self.certs = root / "certs"
+        self.keys = root / "keys"
         init_ca(self.certs)
         for s in self.SITES:
-            issue(self.certs, s, "site")
-        issue(self.certs, "alice", "reader")
+            issue(self.certs, s, "site", self.site(s))
+        issue(self.certs, "alice", "reader", self.reader)
         self.other = root / "other"
         init_ca(self.other)
-        issue(self.other, "site-a", "site")
+        issue(self.other, "site-a", "site", self.foreign_site_a)
 
     def site(self, name: str) -> Path:
-        return self.certs / "sites" / name
+        return self.keys / "sites" / name
 
     @property
     def reader(self) -> Path:
-        return self.certs / "readers" / "alice"
+        return self.keys / "readers" / "alice"
 
     @property
     def foreign_site_a(self) -> Path:
-        return self.other / "sites" / "site-a"
+        return self.root / "other-keys" / "sites" / "site-a"
 
 
 def run_cli(*args: str, env: Optional[dict] = None, timeout: float = 120) -> subprocess.CompletedProcess:

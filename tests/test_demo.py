@@ -27,8 +27,8 @@ def demo(tmp_path_factory):
     if not os.environ.get("PLAN_DATA_DIR"):
         pytest.skip("PLAN_DATA_DIR is not set")
     out = tmp_path_factory.mktemp("demo")
-    make_credentials(out / "certs", ["site-0", "site-1", "site-2"])
-    (out / "certs" / "sites" / "site-1" / "signing.key").unlink()
+    make_credentials(out / "certs", out / "keys", ["site-0", "site-1", "site-2"])
+    (out / "keys" / "sites" / "site-1" / "signing.key").unlink()
     report = run_demo(out, sites=3, dataset="breastmnist", config=str(TINY),
                       overrides={"filter.tau_id": 1.0, "filter.tau_indep": 1.0, "filter.delta_quantile": 0.001,
                                  "filter.block_on_planted": False})

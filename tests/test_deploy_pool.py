@@ -21,17 +21,18 @@ from tests.test_federation_util import free_port, listening, make_npz
 
 @pytest.fixture
 def certs(tmp_path) -> Path:
+    """The coordinator's CA folder; hospital-a's own keys are in ``tmp_path/hospital-a-keys``."""
     from server.certs import init_ca, issue
 
     d = tmp_path / "certs"
     init_ca(d)
-    issue(d, "hospital-a", "site")
+    issue(d, "hospital-a", "site", tmp_path / "hospital-a-keys")
     return d
 
 
 def _site_yaml(tmp_path: Path, certs: Path, **pool) -> Path:
     raw = {"site_id": "hospital-a", "data": {"source": "medmnist", "path": str(make_npz(tmp_path / "a.npz"))},
-           "federation": {"certs_dir": str(certs / "sites" / "hospital-a"), "state_dir": str(tmp_path / "site")}}
+           "federation": {"certs_dir": str(tmp_path / "hospital-a-keys"), "state_dir": str(tmp_path / "site")}}
     if pool:
         raw["pool"] = pool
     p = tmp_path / "site.yaml"
@@ -46,7 +47,7 @@ def test_start_puts_the_sites_pool_settings_into_the_node_config(tmp_path, certs
                                                     server_name="pool.example.org"))
     node = tomllib.loads((state / "node.toml").read_text())
     assert node["pool-address"] == "pool.example.org:9444" and node["pool-server-name"] == "pool.example.org"
-    assert node["pool-credentials"] == str((certs / "sites" / "hospital-a").resolve())
+    assert node["pool-credentials"] == str((tmp_path / "hospital-a-keys").resolve())
 
     _, _, state = supernode_command_line(_site_yaml(tmp_path, certs))
     assert not any(k.startswith("pool-") for k in tomllib.loads((state / "node.toml").read_text()))
@@ -90,7 +91,7 @@ def test_coordinator_starts_the_pool_issues_a_reader_and_passes_both_to_the_serv
     try:
         coord.start_pool()
         assert listening(port)
-        assert coord.reader == certs / "readers" / "coordinator" and (coord.reader / "client.crt").is_file()
+        assert coord.reader == tmp_path / "state" / "reader" and (coord.reader / "client.crt").is_file()
         assert coord.pool_address == f"127.0.0.1:{port}"
         run_cfg = load_config(coord.run_config_file())
         assert run_cfg.pool.address == f"127.0.0.1:{port}" and run_cfg.pool.credentials == str(coord.reader)

@@ -94,7 +94,7 @@ def _certs(tmp: Path, sites: list[str]) -> Path:
     certs = tmp / "certs"
     init_ca(certs)
     for s in sites:
-        issue(certs, s, "site")
+        issue(certs, s, "site", tmp / "keys" / s)  # each hospital's own folder, outside the CA folder
     return certs
 
 
@@ -109,7 +109,7 @@ def _coordinator_yaml(tmp: Path, certs: Path, port: int, **fed) -> Path:
 def _site_yaml(tmp: Path, certs: Path, name: str, superlink: str, port: int, n_train: int) -> Path:
     npz = make_npz(tmp / f"{name}.npz", n_train=n_train, seed=port)
     raw = {"site_id": name, "device": "cpu", "threads": 1, "data": {"source": "medmnist", "path": str(npz)},
-           "federation": {"superlink_address": superlink, "certs_dir": str(certs / "sites" / name),
+           "federation": {"superlink_address": superlink, "certs_dir": str(tmp / "keys" / name),
                           "state_dir": str(tmp / name), "supernode_port": port}}
     p = tmp / f"site-{name}.yaml"
     p.write_text(yaml.safe_dump(raw))

@@ -267,10 +267,9 @@ def test_record_without_thresholds_and_limits(pki, server, tmp_path):
 def test_replaced_certificate(pki, server, tmp_path):
     from server.certs import issue
 
-    issue(pki.certs, "site-x", "site")
     old = tmp_path / "old-creds"
-    shutil.copytree(pki.site("site-x"), old)
-    issue(pki.certs, "site-x", "site", force=True)  # new keys and certificate; the old ones stop working
+    issue(pki.certs, "site-x", "site", old)
+    issue(pki.certs, "site-x", "site", pki.site("site-x"), force=True)  # re-keyed and re-enrolled: the old ones stop working
     out = tmp_path / "x"
     make_site_dir(out, "site-x", 3, seed=20)
     r = run_cli("client.export", str(out), "--pool", server.address, "--credentials", str(old), "--no-progress")
