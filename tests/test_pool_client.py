@@ -72,4 +72,4 @@ def test_ls_and_incremental_pull(pki, tmp_path):
         assert e["method"] == e["record"]["method"] and e["label"] == e["record"]["label"]
         assert e["site_id"] in ("site-a", "site-b") and len(e["generator_sha256"]) == 64
     assert not (dest / ".partial").exists()
-    assert sorted(p.name for p in dest.iterdir()) == ["manifest.json", "normal", "pneumonia"]
+    assert sorted(p.name for p in dest.iterdir()) == ["DATASHEET.md", "manifest.json", "normal", "pneumonia"]
