@@ -158,7 +158,7 @@ class PooledDataset(torch.utils.data.Dataset):
                 img.load()
                 return self.transform(img), r.label
         arr = read_image(path)                       # (H, W, C) uint8
-        return to_tensor(np.transpose(arr, (2, 0, 1))), r.label
+        return to_tensor(np.transpose(arr, (2, 0, 1)).copy()), r.label
 
     def provenance(self, i: int) -> dict[str, Any]:
         """Site, bundle, generator round and digest, method and the privacy record of item ``i``."""
