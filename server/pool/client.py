@@ -160,6 +160,7 @@ NPZ_NAME = "pool.npz"
 DATASHEET_NAME = "DATASHEET.md"
 MAX_IMAGE_BYTES = 64 * 1024 * 1024  # a catalog entry claiming more is refused (the pool's own default is 8 MiB)
 _REPORT_PROBLEMS = 5
+_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 
 
 @dataclass
@@ -171,42 +172,53 @@ class _Wanted:
     paths: list[str]
 
 
-def _entry_problems(i: int, e, max_image_bytes: int) -> list[str]:
-    """What is wrong with catalog entry ``i`` (empty: safe to use). Names become paths: nothing lax here."""
-    where = f"catalog entry {i} (bundle {str(e.bundle_id)[:16]!r}, site {str(e.site_id)[:64]!r})"
+def _entry_problems(i: int, e, max_image_bytes: int) -> tuple[list[str], Optional[dict]]:
+    """What is wrong with catalog entry ``i`` (empty: safe to use), and its parsed record.
+    Names become paths: nothing lax here."""
     out = []
+
+    def where() -> str:
+        return f"catalog entry {i} (bundle {str(e.bundle_id)[:16]!r}, site {str(e.site_id)[:64]!r})"
+
     if not is_hex64(e.sha256):
-        out.append(f"{where}: sha256 {e.sha256!r} is not 64 lower-case hex digits")
+        out.append(f"{where()}: sha256 {e.sha256!r} is not 64 lower-case hex digits")
     if not is_safe_name(e.class_name):
-        out.append(f"{where}: class_name {e.class_name!r} is not a plain name "
+        out.append(f"{where()}: class_name {e.class_name!r} is not a plain name "
                    "(letters, digits, '.', '_', '-'; starting with a letter or digit)")
     if not is_safe_name(e.site_id):
-        out.append(f"{where}: site_id {e.site_id!r} is not a plain name")
+        out.append(f"{where()}: site_id {e.site_id!r} is not a plain name")
     for key in ("bundle_id", "generator_sha256", "config_sha256"):
         if not is_hex64(getattr(e, key)):
-            out.append(f"{where}: {key} {getattr(e, key)!r} is not 64 lower-case hex digits")
+            out.append(f"{where()}: {key} {getattr(e, key)!r} is not 64 lower-case hex digits")
     if not 0 < e.size <= max_image_bytes:
-        out.append(f"{where}: size {e.size} is not in 1..{max_image_bytes} bytes")
+        out.append(f"{where()}: size {e.size} is not in 1..{max_image_bytes} bytes")
+    raw = None
     try:
-        rec = ImageRecord.from_dict(json.loads(e.record_json), f"{where}: record")
-    except (ValueError, ManifestError) as err:
-        out.append(str(err) if isinstance(err, ManifestError) else f"{where}: record is not valid JSON: {err}")
+        raw = json.loads(e.record_json)
+        rec = ImageRecord.from_dict(raw, "record")
+    except ManifestError as err:
+        out.append(f"{where()}: {err}")
+    except ValueError as err:
+        out.append(f"{where()}: record is not valid JSON: {err}")
     else:
         if rec.sha256 != e.sha256 or rec.class_name != e.class_name:
-            out.append(f"{where}: the record's sha256/class_name ({rec.sha256[:12]}…, {rec.class_name!r}) "
+            out.append(f"{where()}: the record's sha256/class_name ({rec.sha256[:12]}…, {rec.class_name!r}) "
                        f"differ from the entry's ({str(e.sha256)[:12]}…, {e.class_name!r})")
-    return out
+    return out, raw
 
 
-def _plan(entries: list, max_image_bytes: int) -> dict[str, _Wanted]:
-    """Validate every catalog entry and group them by file; raises before anything is written."""
+def _plan(entries: list, max_image_bytes: int) -> tuple[dict[str, _Wanted], list[dict]]:
+    """Validate every catalog entry and group them by file; raises before anything is written.
+    Returns the files wanted and each entry's parsed record."""
     problems: list[str] = []
     files: dict[str, _Wanted] = {}
+    records: list[dict] = []
     for i, e in enumerate(entries):
-        bad = _entry_problems(i, e, max_image_bytes)
+        bad, raw = _entry_problems(i, e, max_image_bytes)
         if bad:
             problems.append(bad[0])  # the first problem of each bad entry
             continue
+        records.append(raw)
         w = files.setdefault(e.sha256, _Wanted(e.sha256, e.size, []))
         if w.size != e.size:
             problems.append(f"catalog entry {i}: file {e.sha256[:12]}… listed with sizes {w.size} and {e.size}")
@@ -217,23 +229,46 @@ def _plan(entries: list, max_image_bytes: int) -> dict[str, _Wanted]:
         more = f" (and {len(problems) - _REPORT_PROBLEMS} more)" if len(problems) > _REPORT_PROBLEMS else ""
         raise PoolClientError("the pool's catalog is not safe to use; nothing was written: "
                               + "; ".join(problems[:_REPORT_PROBLEMS]) + more)
-    return files
+    return files, records
 
 
-def _under(root: Path, rel: str) -> Path:
-    """``root/rel`` after checking that no existing component below ``root`` is a symlink and that the
-    result stays under ``root`` (``root`` is already resolved)."""
-    p = root
-    for part in Path(rel).parts:
-        if part in ("", ".", "..") or os.sep in part or (os.altsep and os.altsep in part):
-            raise PoolClientError(f"{root / rel}: not a plain path below {root}")
-        p = p / part
-        if p.is_symlink():
+class _Out:
+    """Paths under the (resolved) output folder: every component a plain name, none a symlink.
+
+    With the names validated that keeps every path under ``root``; folders already checked
+    (or made) are remembered so a pull stats each class folder once, not once per file.
+    """
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self._dirs: set[str] = set()   # checked: not a symlink
+        self._made: set[str] = set()   # exist as real folders
+
+    def _check(self, p: str) -> None:
+        if os.path.islink(p):
             raise PoolClientError(f"{p}: is a symlink; pull writes only plain files and folders under --out "
                                   "and follows no links (remove it or pull into another folder)")
-    if not p.resolve().is_relative_to(root):
-        raise PoolClientError(f"{p}: resolves outside {root}")
-    return p
+
+    def path(self, rel: str) -> str:
+        parts = rel.split("/")
+        p = str(self.root)
+        for i, part in enumerate(parts):
+            if part in ("", ".", "..") or os.sep in part or (os.altsep and os.altsep in part):
+                raise PoolClientError(f"{self.root / rel}: not a plain path below {self.root}")
+            p = os.path.join(p, part)
+            if i == len(parts) - 1:
+                self._check(p)
+            elif p not in self._dirs:
+                self._check(p)
+                self._dirs.add(p)
+        return p
+
+    def parent_made(self, p: str) -> None:
+        d = os.path.dirname(p)
+        if d not in self._made:
+            os.makedirs(d, exist_ok=True)
+            self._check(d)  # nothing swapped for a link meanwhile
+            self._made.add(d)
 
 
 def _file_ok(path: Path, size: int, sha: str, verify: bool) -> bool:
@@ -260,8 +295,8 @@ class _Receiver:
     """Receives Fetch streams into ``staging``; a file gets its final name(s) only once its size and
     sha256 are verified. Per-file failures are collected in ``failed``; protocol violations raise."""
 
-    def __init__(self, root: Path, staging: Path, files: dict[str, _Wanted], bar) -> None:
-        self.root, self.staging, self.files, self.bar = root, staging, files, bar
+    def __init__(self, out: _Out, staging: Path, files: dict[str, _Wanted], bar) -> None:
+        self.out, self.staging, self.files, self.bar = out, staging, files, bar
         self.written: set[str] = set()
         self.failed: dict[str, str] = {}
         self.violation: Optional[str] = None
@@ -297,8 +332,8 @@ class _Receiver:
                             self.violation = f"the pool sent a file that was not asked for (or twice): {name}"
                             return  # the stream is abandoned: nothing more from it is trusted
                         cur, hasher, got = c.sha256, hashlib.sha256(), 0
-                        fd, name = tempfile.mkstemp(dir=self.staging, prefix=cur[:16] + ".", suffix=".part")
-                        fh, tmp = os.fdopen(fd, "wb"), Path(name)
+                        tmp = self.staging / cur  # a validated hex name; the folder is fresh for this pull
+                        fh = os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW, 0o644), "wb")
                     if fh is None:  # rest of a file already failed
                         continue
                     want = self.files[cur].size
@@ -321,9 +356,7 @@ class _Receiver:
             drop(None)
 
     def _finish(self, sha: str, fh, tmp: Path, got: int, digest: str) -> None:
-        fh.flush()
-        os.fsync(fh.fileno())
-        fh.close()
+        fh.close()  # no fsync per file (pull throughput); after a crash, `pull --verify` re-hashes what is there
         w = self.files[sha]
         if got != w.size:
             tmp.unlink(missing_ok=True)
@@ -333,18 +366,13 @@ class _Receiver:
             tmp.unlink(missing_ok=True)
             self.failed[sha] = "its content does not match its sha256"
             return
-        first = _under(self.root, w.paths[0])
-        _mkdirs(self.root, first.parent)
+        first = self.out.path(w.paths[0])
+        self.out.parent_made(first)
         os.replace(tmp, first)
         for p in w.paths[1:]:
-            _copy_into(self.root, first, p)
+            _copy_into(self.out, first, p)
         self.written.add(sha)
         self.bar.update(1)
-
-
-def _mkdirs(root: Path, d: Path) -> None:
-    d.mkdir(parents=True, exist_ok=True)
-    _under(root, str(d.relative_to(root)))  # nothing swapped for a link meanwhile
 
 
 def pull(pool: str, credentials: Path, out: Path, site: Optional[str] = None, retries: int = 3,
@@ -368,12 +396,13 @@ def pull(pool: str, credentials: Path, out: Path, site: Optional[str] = None, re
     with open_channel(pool, creds, server_name) as ch:
         stub = pool_pb2_grpc.PoolStub(ch)
         entries = call_with_retries(lambda: _catalog(stub, site), pool, retries, backoff, log, creds, server_name)
-        files = _plan(entries, max_image_bytes)
+        files, records = _plan(entries, max_image_bytes)
+        od = _Out(root)
         for w in files.values():  # every target checked before anything is written
             for p in w.paths:
-                _under(root, p)
+                od.path(p)
         for name in (".partial", "manifest.json", DATASHEET_NAME, NPZ_NAME):
-            _under(root, name)
+            od.path(name)
         todo = []
         for sha, w in files.items():
             present = [p for p in w.paths if _file_ok(root / p, w.size, sha, verify)]
@@ -382,11 +411,12 @@ def pull(pool: str, credentials: Path, out: Path, site: Optional[str] = None, re
             else:
                 for p in w.paths:
                     if p not in present:
-                        _copy_into(root, root / present[0], p)
+                        _copy_into(od, root / present[0], p)
         bar = tqdm(total=len(todo), unit="img", desc="pull", disable=not progress or not todo)
         staging = root / ".partial"
-        staging.mkdir(exist_ok=True)
-        rx = _Receiver(root, staging, files, bar)
+        shutil.rmtree(staging, ignore_errors=True)  # leftovers of an interrupted pull (checked: not a link)
+        staging.mkdir()
+        rx = _Receiver(od, staging, files, bar)
         try:
             for i in range(0, len(todo), FETCH_BATCH):
                 batch = todo[i: i + FETCH_BATCH]
@@ -407,26 +437,25 @@ def pull(pool: str, credentials: Path, out: Path, site: Optional[str] = None, re
             f"{broke}{len(missing)} of {len(files)} image file(s) did not arrive complete and verified; missing: {listed}{more}. "
             f"The {len(files) - len(missing)} verified file(s) are kept under {out} (pull again to resume); "
             "no manifest was written")
-    doc = _write_manifest(root, pool, entries)
+    doc = _write_manifest(root, pool, entries, records)
     npz = write_npz(root, doc) if fmt == "npz" else None
     write_datasheet(root, doc, npz)
     return PullResult(len(entries), len(files), len(rx.written), rx.bytes, time.perf_counter() - t0, npz)
 
 
-def _copy_into(root: Path, src: Path, rel: str) -> None:
-    """Copy a verified file to ``root/rel`` (same content, another class folder) through a temp file."""
-    dst = _under(root, rel)
-    _mkdirs(root, dst.parent)
+def _copy_into(od: _Out, src: str | Path, rel: str) -> None:
+    """Copy a verified file to ``OUT/rel`` (same content, another class folder) through a temp file."""
+    dst = Path(od.path(rel))
+    od.parent_made(str(dst))
     fd, name = tempfile.mkstemp(dir=dst.parent, prefix="." + dst.name + ".", suffix=".part")
     with os.fdopen(fd, "wb") as fh, open(src, "rb") as fin:
         shutil.copyfileobj(fin, fh)
     os.replace(name, dst)
 
 
-def _write_manifest(root: Path, pool: str, entries: list) -> dict:
+def _write_manifest(root: Path, pool: str, entries: list, records: list[dict]) -> dict:
     images, bundles, classes = [], {}, {}
-    for e in entries:
-        record = json.loads(e.record_json)
+    for e, record in zip(entries, records):
         gr = None if e.generator_round < 0 else e.generator_round
         images.append({
             "file": f"{e.class_name}/{e.sha256}.png",
@@ -464,7 +493,7 @@ def _write_manifest(root: Path, pool: str, entries: list) -> dict:
 
 
 def _write_text(root: Path, name: str, text: str) -> None:
-    target = _under(root, name)
+    target = _Out(root).path(name)
     fd, tmp = tempfile.mkstemp(dir=root, prefix="." + name + ".", suffix=".part")
     with os.fdopen(fd, "w", encoding="utf-8") as fh:
         fh.write(text)
@@ -505,13 +534,13 @@ def write_npz(root: Path, doc: dict) -> Path:
     x = np.stack(arrays) if arrays else np.zeros((0, *shape), np.uint8)
     y = np.asarray(labels, np.uint8).reshape(-1, 1)
     empty_x, empty_y = np.zeros((0, *x.shape[1:]), np.uint8), np.zeros((0, 1), np.uint8)
-    target = _under(root, NPZ_NAME)
+    target = _Out(root).path(NPZ_NAME)
     fd, tmp = tempfile.mkstemp(dir=root, prefix="." + NPZ_NAME + ".", suffix=".part")
     with os.fdopen(fd, "wb") as fh:
         np.savez_compressed(fh, train_images=x, train_labels=y, val_images=empty_x, val_labels=empty_y,
                             test_images=empty_x, test_labels=empty_y, class_names=np.array(label_names(doc), dtype=str))
     os.replace(tmp, target)
-    return target
+    return Path(target)
 
 
 def write_datasheet(root: Path, doc: dict, npz: Optional[Path] = None) -> Path:

@@ -220,3 +220,18 @@ def test_truncated_object_on_the_real_pools_disk(pki, tmp_path):
     files = final_files(out)
     assert len([f for f in files if f.endswith(".png")]) == 5 and not any(victim in f for f in files)
     assert not (out / "manifest.json").exists()
+
+
+def test_honest_evil_pool_baseline_and_shared_content(pki, tmp_path):
+    """The in-test server is a faithful Pool when it behaves: the same file named under two classes lands,
+    verified, in both folders, and the manifest lists both entries."""
+    rng = np.random.default_rng(6)
+    data = png_bytes(rng)
+    entries = [_entry(0, data), _entry(1, data, cls="pneumonia", label=1)]
+    evil = EvilPool(entries, {hashlib.sha256(data).hexdigest(): data})
+    r, outside, out = evil_pull(pki, tmp_path, evil)
+    assert r.returncode == 0, r.stderr
+    sha = hashlib.sha256(data).hexdigest()
+    assert final_files(out) == ["DATASHEET.md", "manifest.json", f"normal/{sha}.png", f"pneumonia/{sha}.png"]
+    assert (out / "pneumonia" / f"{sha}.png").read_bytes() == data and evil.fetched == [sha]
+    assert outside == set()
