@@ -488,8 +488,25 @@ def _write_manifest(root: Path, pool: str, entries: list, records: list[dict]) -
         "bundles": list(bundles.values()),
         "images": images,
     }
-    _write_text(root, "manifest.json", json.dumps(doc, indent=1) + "\n")
+    _write_text(root, "manifest.json", _manifest_json(doc))
     return doc
+
+
+def _manifest_json(doc: dict) -> str:
+    """Indented at the top level, one image (or bundle) per line: readable, and written by json's
+    C encoder (``indent`` would switch to its pure-Python one, the slowest part of a large pull)."""
+    lines = ["{"]
+    keys = list(doc)
+    for n, k in enumerate(keys):
+        end = "," if n < len(keys) - 1 else ""
+        v = doc[k]
+        if isinstance(v, list) and v:
+            lines.append(f" {json.dumps(k)}: [")
+            lines += [f"  {json.dumps(item)}," for item in v[:-1]] + [f"  {json.dumps(v[-1])}"]
+            lines.append(f" ]{end}")
+        else:
+            lines.append(f" {json.dumps(k)}: {json.dumps(v)}{end}")
+    return "\n".join(lines + ["}"]) + "\n"
 
 
 def _write_text(root: Path, name: str, text: str) -> None:
