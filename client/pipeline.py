@@ -45,7 +45,7 @@ from plan_shared.data import ImageDataset, stratified_subsample, to_tensor
 from plan_shared.gan import file_sha256, load_generator
 from plan_shared.imaging import save_png, to_uint8_hwc
 from plan_shared.inversion import invert
-from plan_shared.manifest import ImageRecord, SiteManifest, Thresholds, write_site_manifest
+from plan_shared.manifest import ImageRecord, SiteManifest, Thresholds, safe_class_names, write_site_manifest
 from plan_shared.metrics import classification_report, dcr_summary
 from plan_shared.navigation import NavWeights, linear_paths, optimise_paths, random_samples, w_std
 from plan_shared.plots import dcr_histogram, path_strips, sample_grid
@@ -362,11 +362,12 @@ def run_site_pipeline(
             LOG.error("export blocked: the filter let planted near-duplicates through (filter.block_on_planted)")
         imgs8 = to_uint8_hwc(c["images"][acc_idx]) if len(acc_idx) else np.zeros((0,))
         records: list[ImageRecord] = []
+        cnames = safe_class_names(ds.class_names)  # the source's names, as folder/record names
         for j, i in enumerate(acc_idx):
             s = c["scores"]
             assert s.max_id_prob[i] < th.tau_id and s.indep_id_prob[i] < th.tau_indep and s.dcr[i] > th.delta
             label = int(c["labels"][i])
-            cname = ds.class_names[label]
+            cname = cnames[label]
             if c["path_id"] is not None:
                 pid, pos = int(c["path_id"][i]), int(c["position"][i])
                 iid = f"{method}_p{pid:04d}_t{pos:03d}"

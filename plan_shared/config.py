@@ -78,7 +78,7 @@ class DataConfig(_Section):
     )
     image_dir: Optional[str] = Field(None, description="csv source: folder holding the images (default: next to the CSV).")
     id_column: str = Field("id_code", description="csv source: column with the image id (file stem).")
-    label_column: str = Field("diagnosis", description="csv source: column with the integer label.")
+    label_column: str = Field("diagnosis", description="csv source: column with the label: integers (names are the numbers) or class names (sorted: label 0, 1, ...).")
     extension: str = Field(".png", description="csv source: image file extension appended to the id.")
     size: Optional[int] = Field(
         32, ge=8, le=1024, description="Resize every image to size x size. null keeps the native size (all must agree)."

@@ -37,6 +37,12 @@ Choices written down here (the configuration documents the keys):
   opaque int per patient), the split is by patient and phi_id has one identity per
   patient. No header value is kept; errors name files and CSV lines, never header
   values.
+- Class names travel with the data: MedMNIST label names (``medmnist.INFO`` when the
+  package is installed, else :data:`MEDMNIST_LABELS` for the sets the toolkit ships, else
+  the numbers; an npz's own ``class_names`` array wins), ImageFolder folder names, a CSV's
+  label values when they are names. A folder written by ``plan-server pool pull`` reads as
+  an ImageFolder with its classes in the pool's label order; a MedMNIST-format npz whose
+  ``val``/``test`` arrays are empty (``pool pull --format npz``) gets the seeded split.
 - Nothing is silently dropped: a file that is not a readable image, a label that is
   not an integer, a missing column or array, an empty class folder ... raises
   :class:`DataError` naming the file, row or value.
@@ -45,6 +51,7 @@ Choices written down here (the configuration documents the keys):
 from __future__ import annotations
 
 import csv
+import json
 import logging
 import os
 import re
@@ -408,6 +415,24 @@ def _medmnist_info() -> Optional[dict]:
     return INFO
 
 
+# Label names of the MedMNIST sets shipped with the toolkit (medmnist.INFO[flag]["label"]), so that
+# class names travel with the data when the optional medmnist package is not installed.
+MEDMNIST_LABELS: dict[str, list[str]] = {
+    "pneumoniamnist": ["normal", "pneumonia"],
+    "breastmnist": ["malignant", "normal, benign"],
+}
+
+
+def medmnist_class_names(flag: str) -> Optional[list[str]]:
+    """Class names of a MedMNIST flag: from ``medmnist.INFO`` when installed, else :data:`MEDMNIST_LABELS`."""
+    info = _medmnist_info()
+    if info is not None and flag in info:
+        lab = info[flag].get("label", {})
+        if lab:
+            return [lab[k] for k in sorted(lab, key=int)]
+    return MEDMNIST_LABELS.get(flag)
+
+
 def _flag_of(path: Path) -> str:
     return re.sub(r"_\d+$", "", path.stem)
 
@@ -511,14 +536,18 @@ def _load_medmnist(cfg: DataConfig, seed: int) -> ImageDataset:
             )
         try:
             raw = {k: npz[k] for k in MEDMNIST_ARRAYS}
+            own_names = npz["class_names"] if "class_names" in npz.files else None
         except Exception as err:
             raise DataError(f"{path}: cannot read arrays: {type(err).__name__}: {err}") from None
 
-    info = _medmnist_info()
-    class_names: Optional[list[str]] = None
-    if info is not None and flag in info:
-        lab = info[flag].get("label", {})
-        class_names = [lab[k] for k in sorted(lab, key=int)] if lab else None
+    # An optional ``class_names`` array (str, one per label; written by `pool pull --format npz`)
+    # wins over the names known for the flag.
+    if own_names is not None:
+        if own_names.ndim != 1 or own_names.dtype.kind != "U":
+            raise DataError(f"{path} [class_names]: expected a 1-D array of strings, got {own_names.dtype} {own_names.shape}")
+        class_names: Optional[list[str]] = [str(n) for n in own_names]
+    else:
+        class_names = medmnist_class_names(flag)
 
     labels: dict[str, np.ndarray] = {}
     images: dict[str, np.ndarray] = {}
@@ -581,6 +610,10 @@ def _load_medmnist(cfg: DataConfig, seed: int) -> ImageDataset:
     splits = {
         s: Split(_shape_array(images[s], cfg.size, cfg.channels, f"{path} [{s}_images]"), labels[s]) for s in SPLITS
     }
+    if len(splits["val"]) == 0 and len(splits["test"]) == 0:
+        # e.g. a pulled pool (`pool pull --format npz`): everything in train; split like a source without a split
+        LOG.info("%s: val and test are empty; seeded stratified split of train (seed %d)", path, seed)
+        splits = _split_three(splits["train"], cfg, seed, class_names, str(path))
     return _finish(flag, splits, class_names, "medmnist", str(path), cfg, seed)
 
 
@@ -604,9 +637,37 @@ def _subdirs(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
+# Files `plan-server pool pull` writes beside the class folders (not images).
+PULL_FILES = ("manifest.json", "DATASHEET.md", "pool.npz")
+
+
+def _pulled_class_order(root: Path) -> Optional[list[str]]:
+    """Class folder names in label order when ``root`` was written by ``pool pull`` (its manifest.json
+    says which label each class folder holds), so labels read back are the pool's labels; else None."""
+    try:
+        doc = json.loads((root / "manifest.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(doc, dict) or doc.get("format") != "plan-pool-pull/1" or not isinstance(doc.get("classes"), list):
+        return None
+    try:
+        pairs = sorted((int(c["label"]), str(c["name"])) for c in doc["classes"])
+    except (KeyError, TypeError, ValueError):
+        raise DataError(f"{root / 'manifest.json'}: key 'classes' must list {{label, name}} objects") from None
+    names: list[str] = []
+    for _, n in pairs:
+        if n not in names and (root / n).is_dir():
+            names.append(n)
+    return names
+
+
 def _class_folder_files(root: Path, class_names: Optional[list[str]]) -> tuple[list[str], list[tuple[Path, int]]]:
     dirs = _subdirs(root)
-    loose = [p.name for p in root.iterdir() if p.is_file() and not p.name.startswith(".")]
+    pulled = _pulled_class_order(root)
+    if class_names is None and pulled is not None:
+        class_names = pulled
+    loose = [p.name for p in root.iterdir() if p.is_file() and not p.name.startswith(".")
+             and not (pulled is not None and p.name in PULL_FILES)]
     if loose:
         LOG.warning("%s: ignoring %d file(s) outside class folders: %s", root, len(loose), ", ".join(sorted(loose)[:5]))
     if not dirs:
@@ -726,16 +787,23 @@ def _load_csv(cfg: DataConfig, seed: int) -> ImageDataset:
             raise DataError(f"{csv_path}, line {line}: id {id_!r} already listed on line {seen[id_]}")
         seen[id_] = line
         text = (lab or "").strip()
-        try:
-            value = int(text)
-        except ValueError:
-            raise DataError(
-                f"{csv_path}, line {line} (id {id_!r}): label {lab!r} in column {cfg.label_column!r} is not an integer"
-            ) from None
-        if value < 0:
-            raise DataError(f"{csv_path}, line {line} (id {id_!r}): unknown label {value} (labels must be >= 0)")
-        entries.append((line, id_, value))
+        if not text:
+            raise DataError(f"{csv_path}, line {line} (id {id_!r}): empty label in column {cfg.label_column!r}")
+        entries.append((line, id_, text))
 
+    # Integer labels (APTOS: 0..4) keep their numbers as names; otherwise every value is a class
+    # name (e.g. normal / pneumonia) and the labels are their sorted order.
+    is_int = [bool(re.fullmatch(r"[+-]?\d+", t)) for _, _, t in entries]
+    numeric = any(is_int)
+    if numeric and not all(is_int):
+        line, id_, t = entries[is_int.index(False)]
+        raise DataError(f"{csv_path}, line {line} (id {id_!r}): label {t!r} in column {cfg.label_column!r} is not "
+                        "an integer, unlike the other labels (labels are all integers or all class names)")
+    if numeric:
+        entries = [(line, id_, int(t)) for line, id_, t in entries]
+        bad = next(((line, id_, v) for line, id_, v in entries if v < 0), None)
+        if bad:
+            raise DataError(f"{csv_path}, line {bad[0]} (id {bad[1]!r}): unknown label {bad[2]} (labels must be >= 0)")
     uniq = sorted({v for _, _, v in entries})
     class_names = [str(v) for v in uniq]
     index = {v: k for k, v in enumerate(uniq)}

@@ -36,6 +36,7 @@ import json
 import math
 import os
 import re
+import unicodedata
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -75,6 +76,22 @@ def is_hex64(value: Any) -> bool:
 
 def is_safe_name(value: Any) -> bool:
     return isinstance(value, str) and bool(_SAFE_NAME.match(value)) and value not in (".", "..")
+
+
+def safe_class_names(names: list[str]) -> list[str]:
+    """Class names as they go into records, folders and the pool: each made a safe name
+    (accents dropped, other characters -> ``_``; e.g. ``"normal, benign"`` -> ``"normal_benign"``),
+    its number where nothing is left, unique (a clash gets ``_<label>``)."""
+    out: list[str] = []
+    for k, name in enumerate(names):
+        ascii_ = unicodedata.normalize("NFKD", str(name)).encode("ascii", "ignore").decode()
+        s = re.sub(r"[^A-Za-z0-9._-]+", "_", ascii_.strip()).strip("._-")[:64]
+        if not is_safe_name(s):
+            s = str(k)
+        if s in out:
+            s = f"{s}_{k}"
+        out.append(s)
+    return out
 
 
 @dataclass(frozen=True)

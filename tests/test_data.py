@@ -115,6 +115,38 @@ def test_breastmnist_by_path_with_channels(real_dir):
     assert ds.train.images.shape == (546, 3, 28, 28) and ds.channels == 3
     np.testing.assert_array_equal(ds.train.images[:, 0], ds.train.images[:, 2])
     assert ds.name == "breastmnist"
+    assert ds.class_names == ["malignant", "normal, benign"]  # medmnist.INFO's names, also without medmnist
+
+
+def test_medmnist_class_names_without_the_package(monkeypatch, tmp_path):
+    monkeypatch.setattr(data_mod, "_medmnist_info", lambda: None)
+    assert data_mod.medmnist_class_names("pneumoniamnist") == ["normal", "pneumonia"]
+    assert data_mod.medmnist_class_names("unknownmnist") is None
+    p = make_npz(tmp_path / "pneumoniamnist.npz")
+    assert load_dataset(cfg(source="medmnist", name=None, path=str(p)), seed=0).class_names == ["normal", "pneumonia"]
+
+
+def test_npz_own_class_names_and_train_only(tmp_path):
+    """The shape `pool pull --format npz` writes: class_names array, everything in train, val/test empty."""
+    rng = np.random.default_rng(0)
+    y = (np.arange(30) % 3).astype(np.uint8)[:, None]
+    x = rng.integers(0, 256, (30, 28, 28), dtype=np.uint8)
+    ex, ey = np.zeros((0, 28, 28), np.uint8), np.zeros((0, 1), np.uint8)
+    p = tmp_path / "pool.npz"
+    np.savez(p, train_images=x, train_labels=y, val_images=ex, val_labels=ey, test_images=ex, test_labels=ey,
+             class_names=np.array(["a", "b", "c"]))
+    ds = load_dataset(cfg(source="medmnist", name=None, path=str(p), val_fraction=0.2, test_fraction=0.2), seed=0)
+    assert ds.class_names == ["a", "b", "c"]
+    assert (len(ds.train), len(ds.val), len(ds.test)) == (18, 6, 6)  # seeded stratified split
+    assert np.bincount(ds.val.labels).tolist() == [2, 2, 2]
+    np.savez(p, train_images=x, train_labels=y, val_images=ex, val_labels=ey, test_images=ex, test_labels=ey,
+             class_names=np.array([1, 2, 3]))
+    with pytest.raises(DataError, match=r"pool.npz \[class_names\]: expected a 1-D array of strings"):
+        load_dataset(cfg(source="medmnist", name=None, path=str(p)), seed=0)
+    np.savez(p, train_images=x, train_labels=y, val_images=ex, val_labels=ey, test_images=ex, test_labels=ey,
+             class_names=np.array(["a", "b"]))
+    with pytest.raises(DataError, match=r"unknown label 2 \(pool has 2 classes\)"):
+        load_dataset(cfg(source="medmnist", name=None, path=str(p)), seed=0)
 
 
 def test_npz_rgb_and_to_grey(tmp_path):
@@ -343,6 +375,14 @@ def test_csv_aptos_style(tmp_path):
     other = load_dataset(cfg(source="csv", path=str(p), size=16, val_fraction=0.2, test_fraction=0.2), seed=5)
     np.testing.assert_array_equal(same.val.images, ds.val.images)
     assert not np.array_equal(other.val.images, ds.val.images)
+
+
+def test_csv_class_names_as_labels(tmp_path):
+    rng = np.random.default_rng(0)
+    p = make_csv(tmp_path / "m", ["pneumonia", "normal"] * 6, rng)
+    ds = load_dataset(cfg(source="csv", path=str(p), val_fraction=0.2, test_fraction=0.2), seed=0)
+    assert ds.class_names == ["normal", "pneumonia"]
+    assert np.bincount(np.concatenate([ds.train.labels, ds.val.labels, ds.test.labels])).tolist() == [6, 6]
 
 
 def test_csv_custom_columns_and_image_dir(tmp_path):

@@ -10,6 +10,7 @@ from plan_shared.manifest import (
     ManifestError,
     SiteManifest,
     read_site_manifest,
+    safe_class_names,
     write_site_manifest,
 )
 
@@ -108,3 +109,11 @@ def test_site_manifest_errors(tmp_path):
         read_site_manifest(p)
     with pytest.raises(ManifestError, match="not found"):
         read_site_manifest(tmp_path / "missing.json")
+
+
+def test_safe_class_names():
+    got = safe_class_names(["normal, benign", "Lungenentzündung", "..", "a b", "a_b", "", "x" * 200])
+    assert got == ["normal_benign", "Lungenentzundung", "2", "a_b", "a_b_4", "5", "x" * 64]
+    for name in got:
+        ImageRecord.from_dict(dict(RECORD, class_name=name, file=f"images/{name}/p3_t7.png"))
+    assert safe_class_names(["normal", "pneumonia"]) == ["normal", "pneumonia"]

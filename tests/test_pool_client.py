@@ -72,4 +72,69 @@ def test_ls_and_incremental_pull(pki, tmp_path):
         assert e["method"] == e["record"]["method"] and e["label"] == e["record"]["label"]
         assert e["site_id"] in ("site-a", "site-b") and len(e["generator_sha256"]) == 64
     assert not (dest / ".partial").exists()
-    assert sorted(p.name for p in dest.iterdir()) == ["manifest.json", "normal", "pneumonia"]
+    assert sorted(p.name for p in dest.iterdir()) == ["DATASHEET.md", "manifest.json", "normal", "pneumonia"]
+
+
+def test_pull_formats_read_back_as_data_sets(pki, tmp_path):
+    """Class names travel source -> bundle -> pool -> pull; both formats read back through plan_shared.data,
+    and a pulled npz feeds `plan-client synthesize --data` whose own output keeps the names."""
+    import numpy as np
+    import yaml
+    from typer.testing import CliRunner
+
+    from client.cli import app as client_app
+    from plan_shared.config import DataConfig
+    from plan_shared.data import load_dataset
+    from plan_shared.manifest import read_site_manifest
+    from tests.test_synthesize import TINY
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    make_site_dir(a, "site-a", 40, seed=1)
+    make_site_dir(b, "site-b", 20, seed=2)
+    with PoolServer(tmp_path / "store", pki.certs, tmp_path) as srv:
+        export(a, srv.address, pki.site("site-a"), progress=False)
+        export(b, srv.address, pki.site("site-b"), progress=False)
+        r = run_cli("server.pool", "pull", "--pool", srv.address, "--credentials", str(pki.reader),
+                    "--out", str(tmp_path / "pooled"), "--no-progress", "--format", "npz")
+    assert r.returncode == 0, r.stderr
+    out = tmp_path / "pooled"
+    assert f"MedMNIST-format copy: {out / 'pool.npz'}" in r.stdout
+    man = json.loads((out / "manifest.json").read_text())
+    assert man["classes"] == [{"label": 0, "name": "normal", "n_images": 30},
+                              {"label": 1, "name": "pneumonia", "n_images": 30}]
+
+    with np.load(out / "pool.npz") as z:
+        assert z["train_images"].shape == (60, 28, 28) and z["train_images"].dtype == np.uint8
+        assert z["train_labels"].shape == (60, 1) and z["train_labels"].dtype == np.uint8
+        assert z["val_images"].shape == (0, 28, 28) and z["test_labels"].shape == (0, 1)
+        assert list(z["class_names"]) == ["normal", "pneumonia"]
+        labels = z["train_labels"][:, 0]
+        first = z["train_images"][0]
+    assert labels.tolist() == [e["label"] for e in man["images"]]  # one row per manifest image, same order
+    from PIL import Image
+    assert np.array_equal(first, np.asarray(Image.open(out / man["images"][0]["file"])))
+
+    for path in (out / "pool.npz", out):  # npz (medmnist source) and the folder (imagefolder source)
+        source = "medmnist" if path.suffix == ".npz" else "imagefolder"
+        ds = load_dataset(DataConfig(source=source, path=str(path), size=None, download=False), seed=0)
+        assert ds.class_names == ["normal", "pneumonia"] and ds.size == 28 and ds.channels == 1
+        got = np.concatenate([ds.train.labels, ds.val.labels, ds.test.labels])
+        assert np.bincount(got).tolist() == np.bincount(labels).tolist() == [30, 30]
+
+    # The datasheet names the counts per class and per site, the generators and the thresholds.
+    sheet = (out / "DATASHEET.md").read_text()
+    assert "**60 image record(s)**" in sheet and "| 0 | normal | 30 |" in sheet and "| 1 | pneumonia | 30 |" in sheet
+    assert "| site-a | 1 | 40 | 20 | 20 |" in sheet and "| site-b | 1 | 20 | 10 | 10 |" in sheet
+    assert man["bundles"][0]["generator_sha256"] in sheet and "| site-a | 0.5 | 0.5 | 1 |" in sheet
+    assert "not for clinical decisions" in sheet.lower() and "pool.npz" in sheet
+
+    # A new site synthesizes from the pulled npz; its images keep the pool's class names.
+    cfg = dict(TINY, data={"size": 16, "download": False})
+    (tmp_path / "site.yaml").write_text(yaml.safe_dump(cfg))
+    site_out = tmp_path / "site-out"
+    res = CliRunner().invoke(client_app, ["synthesize", "--config", str(tmp_path / "site.yaml"), "--data",
+                                          str(out / "pool.npz"), "--out", str(site_out), "--method", "plan"])
+    assert res.exit_code == 0, res.output + repr(res.exception)
+    names = {r.class_name for r in read_site_manifest(site_out / "manifest.json").images}
+    assert names and names <= {"normal", "pneumonia"}
+    assert {p.name for p in (site_out / "images").iterdir()} == names

@@ -139,7 +139,10 @@ def ls_cmd(
 def pull_cmd(
     pool: str = typer.Option(..., "--pool", help="HOST:PORT of the pool service."),
     credentials: Path = typer.Option(..., "--credentials", help="A reader's folder (CERTS/readers/NAME)."),
-    out: Path = typer.Option(..., "--out", help="Output folder: <class>/<sha256>.png + manifest.json."),
+    out: Path = typer.Option(..., "--out", help="Output folder: <class>/<sha256>.png, manifest.json, DATASHEET.md."),
+    fmt: str = typer.Option("imagefolder", "--format",
+                            help="imagefolder: the folder only; npz: also OUT/pool.npz in the MedMNIST format "
+                                 "(all images in train_*, val_*/test_* empty, class_names)."),
     site: Optional[str] = typer.Option(None, "--site", help="Only this site's images."),
     verify: bool = typer.Option(False, "--verify", help="Re-hash files already present instead of trusting name+size."),
     retries: int = typer.Option(3, "--retries", min=0, help="Retries of a failed call (exponential backoff)."),
@@ -148,18 +151,24 @@ def pull_cmd(
 ) -> None:
     """Pull the pooled data set; a second pull into the same folder fetches only what is new.
 
-    Example: plan-server pool pull --pool pool.example.org:50061 --credentials certs/readers/alice --out pooled
+    Every image must arrive complete and verified, otherwise the exit status is 1 and the
+    message names what is missing. The folder reads back as a data set: --data OUT (or
+    --data OUT/pool.npz with --format npz), or plan_shared.pool_dataset.PooledDataset(OUT).
+
+    Example: plan-server pool pull --pool pool.example.org:50061 --credentials certs/readers/alice --out pooled --format npz
     """
     from plan_shared.credentials import CredentialsError
     from server.pool.client import PoolClientError, pull
 
     try:
         res = pull(pool, credentials, out, site, retries=retries, progress=progress, verify=verify,
-                   server_name=server_name, log=lambda m: typer.echo(m, err=True))
+                   server_name=server_name, log=lambda m: typer.echo(m, err=True), fmt=fmt)
     except (PoolClientError, CredentialsError) as err:
         _fail(str(err))
     typer.echo(f"pulled {res.n_fetched} new file(s), {res.bytes_fetched / 1e6:.2f} MB in {res.seconds:.1f} s; "
                f"{out} now holds {res.n_files} file(s) for {res.n_images} image record(s)")
+    if res.npz is not None:
+        typer.echo(f"MedMNIST-format copy: {res.npz} (read it with --data {res.npz})")
 
 
 @app.command("web")
