@@ -265,9 +265,9 @@ class PoolService(pool_pb2_grpc.PoolServicer):
                 raise Refused(grpc.StatusCode.INVALID_ARGUMENT,
                               f"{what}: sha256 {sha[:16]}… is stored in the pool as {with_article(kind)}, not as {with_article(want[sha])}")
 
-    def _check_image(self, path: Path, label: str, policy: ThresholdPolicy) -> None:
+    def _check_image(self, data: bytes, label: str, policy: ThresholdPolicy) -> None:
         try:
-            check_png(path.read_bytes(), policy.image_size, policy.channels, policy.max_pixels)
+            check_png(data, policy.image_size, policy.channels, policy.max_pixels)
         except PngError as err:
             raise Refused(grpc.StatusCode.INVALID_ARGUMENT, f"{label}: {err}") from None
 
@@ -385,7 +385,7 @@ class PoolService(pool_pb2_grpc.PoolServicer):
             s = im.record.sha256
             if s in leftovers and s not in seen:
                 seen.add(s)
-                self._check_image(self.store.object_path(s), f"images[{i}] (id {im.record.id!r})", policy)
+                self._check_image(self.store.object_path(s).read_bytes(), f"images[{i}] (id {im.record.id!r})", policy)
         if policy.needs_report and bm.report_sha256 is not None:
             try:
                 data = self.store.object_path(bm.report_sha256).read_bytes()
@@ -398,7 +398,7 @@ class PoolService(pool_pb2_grpc.PoolServicer):
     def _receive(self, it, bm: BundleManifest, staging: Path, placed: set, policy: ThresholdPolicy) -> int:
         """Write incoming files to staging, verify each (images: canonical PNG), place it. Returns bytes received."""
         received = 0
-        cur = None  # [key, sha, size, fh, hasher, written, path, label]
+        cur = None  # [key, sha, size, fh, hasher, written, path, label, image bytes so far]
         n_placed = 0
         interrupted = False
         try:
@@ -423,7 +423,7 @@ class PoolService(pool_pb2_grpc.PoolServicer):
                         if ch.offset != 0:
                             raise Refused(grpc.StatusCode.INVALID_ARGUMENT, f"{label}: first chunk at offset {ch.offset}")
                         path = staging / f"{sha}.part"
-                        cur = [key, sha, size, open(path, "wb"), hashlib.sha256(), 0, path, label]
+                        cur = [key, sha, size, open(path, "wb"), hashlib.sha256(), 0, path, label, []]
                     if ch.offset != cur[5]:
                         raise Refused(grpc.StatusCode.INVALID_ARGUMENT, f"{label}: chunk at offset {ch.offset}, expected {cur[5]}")
                     if cur[5] + len(ch.data) > size:
@@ -431,6 +431,8 @@ class PoolService(pool_pb2_grpc.PoolServicer):
                                       f"{label}: more than the {size} bytes the signed manifest declares")
                     cur[3].write(ch.data)
                     cur[4].update(ch.data)
+                    if key != "report":
+                        cur[8].append(ch.data)  # at most max_image_bytes: checked in memory, not re-read
                     cur[5] += len(ch.data)
                     if ch.last:
                         fh, digest, written, path = cur[3], cur[4].hexdigest(), cur[5], cur[6]
@@ -445,7 +447,7 @@ class PoolService(pool_pb2_grpc.PoolServicer):
                                           "the file was altered after signing")
                         fh.close()
                         if key != "report":
-                            self._check_image(path, label, policy)
+                            self._check_image(b"".join(cur[8]), label, policy)
                         self.store.place(path, sha)
                         placed.add(sha)
                         n_placed += 1

@@ -46,9 +46,15 @@ def canonical(size: int = 28, channels: int = 1, seed: int = 0) -> bytes:
 
 
 def test_the_exporter_writes_the_canonical_form():
-    for ch in (1, 3):
-        info = check_png(canonical(28, ch), size=28, channels=ch, max_pixels=784)
+    rows = b"".join(bytes([r % 5]) + bytes(range(r, r + 28)) for r in range(28))  # every filter type
+    accepted = [(canonical(28, 1), 1), (canonical(28, 3), 3), (png_with(28, 28, zlib.compress(rows)), 1)]
+    for data, ch in accepted:
+        info = check_png(data, size=28, channels=ch, max_pixels=784)
         assert (info.width, info.height, info.channels) == (28, 28, ch)
+        # What check_png accepts, Pillow decodes, to the same shape.
+        with Image.open(io.BytesIO(data)) as im:
+            im.load()
+            assert (im.mode, im.size) == ({1: "L", 3: "RGB"}[ch], (28, 28))
     with pytest.raises(PngError, match="IHDR: 3 channel"):
         check_png(canonical(28, 3), size=28, channels=1)
 
