@@ -221,3 +221,28 @@ def test_generator_digest_is_the_weights_alone():
 
     assert generator_digest(ArrayRecord(g_ema).to_torch_state_dict()) == coordinator
     assert generator_digest({kk: v.to(torch.float64) for kk, v in g_ema.items()}) != coordinator
+
+
+def test_serverapp_publishes_the_final_generator(tmp_path):
+    """What coordinate/demo write before the rounds, and what the ServerApp adds before synthesis."""
+    pytest.importorskip("flwr")
+    from plan_shared.config import config_from_dict
+    from plan_shared.gan import GanTrainer, generator_digest
+    from plan_shared.policy import policy_from_config, read_policy_file, write_policy_file
+    from server.phases import publish_final_generator
+    from tests.test_federation_util import tiny_config
+
+    path = tmp_path / "pool-policy.json"
+    raw = tiny_config()
+    raw.update(pool={"policy_file": str(path)}, anchors={"k": 2}, filter={"planted": 4},
+               data={"source": "medmnist", "size": None, "channels": None})  # the shape comes from the sites
+    cfg = config_from_dict(raw)
+    write_policy_file(path, policy_from_config(cfg))
+    before = read_policy_file(path)
+    assert before.generator_sha256 is None and before.require_generator and before.channels is None
+    g_ema = {k: v for k, v in GanTrainer(cfg, 1, 16).weights("g").items() if k.startswith("g_ema.")}
+    digest = publish_final_generator(cfg, g_ema, channels=1, size=16, num_classes=2)
+    after = read_policy_file(path)
+    assert digest == after.generator_sha256 == generator_digest(g_ema)
+    assert (after.image_size, after.channels, after.num_classes, after.max_pixels) == (16, 1, 2, 256)
+    assert (after.min_k, after.min_planted, after.max_tau_id) == (2, 4, 0.5)  # the coordinator's own settings
