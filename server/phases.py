@@ -84,9 +84,11 @@ class Phases:
         self.site_names = site_names
         self.timeout_s = timeout_s
 
-    def _send(self, node_ids: list[int], kind: str, content: RecordDict) -> tuple[dict[int, Message], dict[int, str]]:
+    def _send(self, node_ids: list[int], kind: str, content: RecordDict,
+              timeout_s: Optional[float] = None) -> tuple[dict[int, Message], dict[int, str]]:
+        timeout_s = self.timeout_s if timeout_s is None else timeout_s
         msgs = [Message(content, message_type=f"{MessageType.QUERY}.{kind}", dst_node_id=nid) for nid in node_ids]
-        replies = list(self.grid.send_and_receive(msgs, timeout=self.timeout_s))
+        replies = list(self.grid.send_and_receive(msgs, timeout=timeout_s))
         ok, failed = {}, {}
         for r in replies:
             nid = r.metadata.src_node_id
@@ -96,7 +98,7 @@ class Phases:
                 ok[nid] = r
         for nid in node_ids:
             if nid not in ok and nid not in failed:
-                failed[nid] = f"no reply within {self.timeout_s:.0f}s"
+                failed[nid] = f"no reply within {timeout_s:.0f}s"
         return ok, failed
 
     def _name(self, nid: int, reply: Optional[Message] = None) -> str:
@@ -108,7 +110,8 @@ class Phases:
     def num_classes(self, node_ids: list[int]) -> Optional[int]:
         """The federation's number of classes, as the sites describe their data (None: no site answered)."""
         conf = ConfigRecord({"plan-config": json.dumps(self.cfg.to_dict())})
-        ok, failed = self._send(node_ids, "describe", RecordDict({"config": conf}))
+        # A describe is quick (the site loads its data); a dead site must not cost a whole round timeout here.
+        ok, failed = self._send(node_ids, "describe", RecordDict({"config": conf}), timeout_s=min(self.timeout_s, 120.0))
         for nid, reason in failed.items():
             LOG.warning("site %s did not describe its classes: %s", self._name(nid), short_reason(reason))
         counts = [int(r.content["site"]["num-classes"]) for r in ok.values()

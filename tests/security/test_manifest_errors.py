@@ -86,9 +86,10 @@ def test_deep_nesting(pki, server, tmp_path):
     def nest(raw):
         raw["images"][0]["thresholds"]["tau_id"] = NEST
 
-    _bad(pki, server, tmp_path, 44, nest, "bundle manifest: key 'images[0].thresholds.tau_id[0][0]", depth=40)
-    _bad(pki, server, tmp_path, 45, nest,
-         "bundle manifest: JSON nested more than 32 levels deep (beyond the parser's limit)", depth=100_000)
+    _bad(pki, server, tmp_path, 44, nest, "bundle manifest: images[0] (id 'site-a-44-00000'): key "
+         "'thresholds.tau_id' = [[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[1]]]]]]]]]]]]]]]]]]]]…: must be a probability "
+         "bound", depth=40)
+    _bad(pki, server, tmp_path, 45, nest, "bundle manifest: JSON nested too deeply for the parser", depth=100_000)
 
 
 def test_wrong_types(pki, server, tmp_path):
