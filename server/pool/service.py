@@ -209,7 +209,8 @@ class PoolService(pool_pb2_grpc.PoolServicer):
                 raise Refused(grpc.StatusCode.INVALID_ARGUMENT, "file data before the manifest signature")
         raise Refused(grpc.StatusCode.INVALID_ARGUMENT, "stream ended before the manifest signature")
 
-    def _verify_header(self, caller: Caller, manifest: bytes, signature: bytes) -> tuple[BundleManifest, ThresholdPolicy]:
+    def _verify_header(self, caller: Caller, manifest: bytes,
+                       signature: bytes) -> tuple[BundleManifest, ThresholdPolicy]:
         """Parse, authenticate and check a bundle manifest; returns it with the policy it was checked against."""
         try:
             bm = parse_bundle_manifest(manifest, self.limits)
@@ -262,8 +263,8 @@ class PoolService(pool_pb2_grpc.PoolServicer):
                     what = f"images[{idx}] (id {bm.images[idx].record.id!r})"
                 else:
                     what = "report.json"
-                raise Refused(grpc.StatusCode.INVALID_ARGUMENT,
-                              f"{what}: sha256 {sha[:16]}… is stored in the pool as {with_article(kind)}, not as {with_article(want[sha])}")
+                raise Refused(grpc.StatusCode.INVALID_ARGUMENT, f"{what}: sha256 {sha[:16]}… is stored in the pool "
+                              f"as {with_article(kind)}, not as {with_article(want[sha])}")
 
     def _check_image(self, data: bytes, label: str, policy: ThresholdPolicy) -> None:
         try:
