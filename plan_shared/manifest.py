@@ -178,9 +178,11 @@ class ImageRecord:
             if raw[key] is not None and not is_count(raw[key]):
                 raise bad(key, f"must be an integer in [0, {MAX_INT}] or null")
         for key in ("max_id_prob", "indep_id_prob"):
-            if not _is_number(raw[key]) or not 0.0 <= raw[key] <= 1.0:
+            v = raw[key]
+            if not (_is_number(v) and 0.0 <= v <= 1.0):
                 raise bad(key, "must be a probability, a finite number in [0, 1]")
-        if not _is_number(raw["dcr"]) or raw["dcr"] < 0:
+        v = raw["dcr"]
+        if not (_is_number(v) and v >= 0):
             raise bad("dcr", "must be a distance, a finite number >= 0")
         th = raw["thresholds"]
         if not isinstance(th, dict):
@@ -193,11 +195,12 @@ class ImageRecord:
                 raise ManifestError(f"{where}: missing key 'thresholds.{key}'")
             v = th[key]
             if key == "delta":
-                ok, why = _is_number(v) and v >= 0, "must be a distance, a finite number >= 0"
-            else:
-                ok, why = _is_number(v) and 0.0 < v <= 1.0, "must be a probability bound, a finite number in (0, 1]"
-            if not ok:
-                raise ManifestError(f"{where}: key 'thresholds.{key}' = {short_repr(v)}: {why}")
+                if not (_is_number(v) and v >= 0):
+                    raise ManifestError(f"{where}: key 'thresholds.delta' = {short_repr(v)}: must be a distance, "
+                                        "a finite number >= 0")
+            elif not (_is_number(v) and 0.0 < v <= 1.0):
+                raise ManifestError(f"{where}: key 'thresholds.{key}' = {short_repr(v)}: must be a probability "
+                                    "bound, a finite number in (0, 1]")
         return cls(
             id=raw["id"],
             file=raw["file"],
@@ -311,16 +314,16 @@ def _is_int(v: Any) -> bool:
 
 
 def is_count(v: Any) -> bool:
-    """A non-negative integer no larger than :data:`MAX_INT`."""
-    return _is_int(v) and 0 <= v <= MAX_INT
+    """A non-negative integer no larger than :data:`MAX_INT` (JSON gives exact ``int``, never a subclass)."""
+    return type(v) is int and 0 <= v <= MAX_INT
 
 
 def _is_number(v: Any) -> bool:
-    if isinstance(v, bool) or not isinstance(v, (int, float)):
-        return False
-    if isinstance(v, int):
-        return abs(v) <= MAX_INT  # 10**400 is a JSON integer: refuse it here, not with an OverflowError later
-    return math.isfinite(v)
+    t = type(v)
+    if t is float:
+        return math.isfinite(v)
+    # 10**400 is a JSON integer: refused here, not with an OverflowError later. bool is not int here.
+    return t is int and -MAX_INT <= v <= MAX_INT
 
 
 def is_number(v: Any) -> bool:
