@@ -2,8 +2,9 @@
 
 Handlers (Flower 1.42 Message API):
 
-* ``query.describe`` -> ``{"site": {site-id, channels, size, num-train}}``: what the
-  coordinator needs to build the global model (image shape) and to name sites in logs.
+* ``query.describe`` -> ``{"site": {site-id, channels, size, num-train, num-classes}}``: what
+  the coordinator needs to build the global model (image shape), to tell the pool the
+  federation's classes and to name sites in logs.
 * ``train`` -> runs ``federation.local_steps`` GAN steps from the global weights on the
   site's own train split and returns its weights (``g.*``, ``g_ema.*`` and ``d.*`` when
   the discriminator is shared) with metrics: mean losses, images seen this round, the
@@ -66,6 +67,7 @@ def describe(msg: Message, context: Context) -> Message:
             "channels": int(ds.channels),
             "size": int(ds.size),
             "num-train": int(len(ds.train.labels)),
+            "num-classes": int(ds.num_classes),
         }
     )
     return Message(RecordDict({"site": rec}), reply_to=msg)

@@ -47,6 +47,30 @@ def site_credentials(site: Site) -> Optional[Path]:
     return cand if cand.is_dir() else None
 
 
+def check_site_minimums(site: Site, cfg: PlanConfig) -> None:
+    """Refuse (ValueError) a synthesis request looser than the site's own ``site_minimums``.
+
+    ``cfg`` is the coordinator's request; ``site.cfg.site_minimums`` comes from the site's
+    own node config in deployment (client/site.py), so the coordinator cannot loosen it.
+    """
+    m = site.cfg.site_minimums
+    f = cfg.filter
+    checks = [
+        ("anchors.k", cfg.anchors.k, "min_k", m.min_k, lambda a, b: a < b, "below"),
+        ("filter.tau_id", f.tau_id, "max_tau_id", m.max_tau_id, lambda a, b: a > b, "above"),
+        ("filter.tau_indep", f.tau_indep, "max_tau_indep", m.max_tau_indep, lambda a, b: a > b, "above"),
+        ("filter.delta_quantile", f.delta_quantile, "min_delta_quantile", m.min_delta_quantile, lambda a, b: a < b, "below"),
+        ("filter.planted", f.planted, "min_planted", m.min_planted, lambda a, b: a < b, "below"),
+    ]
+    for key, asked, mkey, floor, looser, word in checks:
+        if floor is not None and looser(asked, floor):
+            raise ValueError(f"{site.site_id} refuses the synthesis request: the coordinator asks {key} = {asked:g}, "
+                             f"{word} this site's site_minimums.{mkey} = {floor:g} (site.yaml); nothing was synthesised")
+    if m.block_on_planted and not f.block_on_planted:
+        raise ValueError(f"{site.site_id} refuses the synthesis request: the coordinator asks filter.block_on_planted = "
+                         f"False, this site's site_minimums.block_on_planted = True (site.yaml); nothing was synthesised")
+
+
 def synthesis_dir(site: Site) -> Path:
     return site.state_dir / "synthesis"
 
@@ -65,6 +89,7 @@ def synthesize_at_site(
 
     from client.pipeline import run_site_pipeline
 
+    check_site_minimums(site, cfg)  # before any work
     if not site.cfg.pool.address and site.partition_id is None:  # fail before the work, not after it
         raise RuntimeError(f"{site.site_id}: no pool address: set pool.address in this site's site.yaml "
                            "(the coordinator's pool service, host:port) and restart `plan-client start`")

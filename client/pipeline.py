@@ -42,7 +42,7 @@ from plan_shared.classifiers import (
 )
 from plan_shared.config import PlanConfig
 from plan_shared.data import ImageDataset, stratified_subsample, to_tensor
-from plan_shared.gan import file_sha256, load_generator
+from plan_shared.gan import file_sha256, generator_digest, load_generator
 from plan_shared.imaging import save_png, to_uint8_hwc
 from plan_shared.inversion import invert
 from plan_shared.manifest import ImageRecord, SiteManifest, Thresholds, safe_class_names, write_site_manifest
@@ -164,7 +164,7 @@ def run_site_pipeline(
 
     with tm.stage("load"):
         G = load_generator(generator_ckpt, device)
-        gen_sha = file_sha256(generator_ckpt)
+        gen_sha = generator_digest(G)  # the weights alone: the same at every site and at the coordinator
         if (G.channels, G.size) != (ds.channels, ds.size):
             raise ValueError(
                 f"generator makes {G.channels}x{G.size}x{G.size} images but the data are "

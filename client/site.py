@@ -11,10 +11,13 @@ Two ways to be told who we are, both through Flower's ``context.node_config``:
       pool-address = "coordinator.example.org:9444"   # optional: where this site exports
       pool-server-name = "coordinator.example.org"     # optional
       pool-credentials = "/etc/plan/site"               # client.crt, client.key, signing.key, ca.crt
+      min-k = "5"                       # optional site_minimums (site.yaml): the loosest synthesis
+      max-tau-id = "0.5"                #   request this site accepts (client/phases.py)
 
   The coordinator's configuration decides the models and the image shape; the site
   decides where its own images are and where and with which credentials it exports
-  (``site.cfg.pool`` comes from the node config only, never from the coordinator).
+  (``site.cfg.pool`` comes from the node config only, never from the coordinator), and
+  the minimums its privacy filter must meet (``site.cfg.site_minimums``, likewise).
 * simulation: Flower sets ``partition-id`` and ``num-partitions``; the site's data is
   that partition of the coordinator's data set (seeded, so every virtual site agrees
   on the split) and its state lives under ``<federation.state_dir>/sites/site-<id>``.
@@ -30,9 +33,35 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
-from plan_shared.config import PlanConfig
+from pydantic import ValidationError
+
+from plan_shared.config import PlanConfig, SiteMinimumsConfig
 
 LOG = logging.getLogger("plan.site")
+
+#: site_minimums key -> node-config key (written by client/supernode.py).
+MINIMUM_KEYS = {
+    "min_k": "min-k",
+    "max_tau_id": "max-tau-id",
+    "max_tau_indep": "max-tau-indep",
+    "min_delta_quantile": "min-delta-quantile",
+    "min_planted": "min-planted",
+    "block_on_planted": "block-on-planted",
+}
+
+
+def minimums_from_node_config(nc: Mapping[str, Any]) -> SiteMinimumsConfig:
+    """The site's own minimums from its node config (strings there); a bad value names the key."""
+    raw = {}
+    for key, nc_key in MINIMUM_KEYS.items():
+        if nc.get(nc_key) not in (None, ""):
+            v = nc[nc_key]
+            raw[key] = {"true": True, "false": False}.get(str(v).lower(), v) if key == "block_on_planted" else v
+    try:
+        return SiteMinimumsConfig.model_validate(raw)
+    except ValidationError as err:
+        e = err.errors()[0]
+        raise ValueError(f"node config: key '{MINIMUM_KEYS[str(e['loc'][0])]}' = {e.get('input')!r}: {e['msg']}") from None
 
 # Simulation: Ray actors live across rounds, so a partitioned data set is loaded once
 # per actor process, not once per round.
@@ -65,7 +94,8 @@ class Site:
                 "server_name": str(nc["pool-server-name"]) if nc.get("pool-server-name") else None,
                 "credentials": str(nc["pool-credentials"]) if nc.get("pool-credentials") else None,
             })
-            site_cfg = cfg.model_copy(update={"data": data, "site_id": site_id, "pool": pool})
+            site_cfg = cfg.model_copy(update={"data": data, "site_id": site_id, "pool": pool,
+                                              "site_minimums": minimums_from_node_config(nc)})
             state = Path(str(nc.get("state-dir") or Path(cfg.federation.state_dir) / "sites" / site_id))
             return cls(site_id, state.expanduser().resolve(), site_cfg)
         if "partition-id" in nc:

@@ -16,6 +16,9 @@ From ``site.yaml`` (a PlanConfig; relative paths are relative to the YAML file):
   (``client.crt``, ``client.key``, ``signing.key``, ``ca.crt``; default: the site's
   credentials folder above). They go into the node config (``pool-address``,
   ``pool-server-name``, ``pool-credentials``): the site, not the coordinator, decides them.
+* ``site_minimums`` (optional): the loosest synthesis settings this site accepts
+  (``min-k``, ``max-tau-id``, ``max-tau-indep``, ``min-delta-quantile``, ``min-planted``,
+  ``block-on-planted`` in the node config; client/phases.py refuses a looser request).
 
 The SuperNode runs in the foreground; Ctrl-C or SIGTERM stop it and its ClientApps.
 """
@@ -44,6 +47,18 @@ def _resolve(p: str, base: Path) -> Path:
 
 def _toml_str(v: str) -> str:
     return '"' + str(v).replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def site_minimums_node_config(cfg: PlanConfig) -> dict[str, str]:
+    """The site's ``site_minimums`` as node-config entries (only the keys it sets)."""
+    from client.site import MINIMUM_KEYS
+
+    out = {}
+    for key, nc_key in MINIMUM_KEYS.items():
+        v = getattr(cfg.site_minimums, key)
+        if v is not None:
+            out[nc_key] = str(v).lower() if isinstance(v, bool) else str(v)
+    return out
 
 
 def supernode_command_line(config_path: str | Path) -> tuple[list[str], dict[str, str], Path]:
@@ -84,6 +99,7 @@ def supernode_command_line(config_path: str | Path) -> tuple[list[str], dict[str
     else:
         print("warning: pool.address is not set in the site config: this site cannot export synthetic images "
               "(the post-training synthesis phase will fail here)", file=sys.stderr)
+    node.update(site_minimums_node_config(cfg))
     state.mkdir(parents=True, exist_ok=True)
     node_toml = state / "node.toml"
     node_toml.write_text("".join(f"{k} = {_toml_str(v)}\n" for k, v in node.items()))

@@ -45,11 +45,15 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from plan_shared.manifest import (
+    MAX_INT,
     ImageRecord,
     ManifestError,
     SiteManifest,
+    short_repr,
+    is_count,
     is_hex64,
     is_safe_name,
+    loads_strict,
     read_site_manifest,
 )
 
@@ -84,13 +88,42 @@ class BundleLimits:
     max_report_bytes: int = 16 * 1024 * 1024
 
 
+class PolicyError(BundleError):
+    """The bundle is well-formed but the federation's policy refuses it (gRPC FAILED_PRECONDITION)."""
+
+
+#: Largest image the pool decodes when the policy fixes no image size (checked from IHDR before decompression).
+DEFAULT_MAX_PIXELS = 4096 * 4096
+
+
 @dataclass(frozen=True)
 class ThresholdPolicy:
-    """Optional coordinator policy on top of each record's own thresholds (None = no bound)."""
+    """The federation's policy the pool enforces on every bundle (None = no bound).
+
+    Made from the coordinator's ``policy:`` section (:func:`plan_shared.policy.policy_from_config`),
+    read from the ``pool serve --policy`` file, or from the ``--max-tau-id`` etc. options.
+    Checked by :func:`plan_shared.policy.check_policy` (manifest, then report.json).
+    """
 
     max_tau_id: Optional[float] = None
     max_tau_indep: Optional[float] = None
     min_delta: Optional[float] = None
+    min_delta_quantile: Optional[float] = None      # report.json filter.delta_quantile
+    min_k: Optional[int] = None                     # report.json anchors.k
+    min_planted: Optional[int] = None               # report.json filter.planted_total
+    all_planted_rejected: bool = False              # filter.planted_rejected == planted_total
+    methods: Optional[tuple[str, ...]] = None
+    image_size: Optional[int] = None                # exact PNG width = height
+    channels: Optional[int] = None                  # 1 (grey) or 3 (RGB)
+    num_classes: Optional[int] = None               # labels in [0, num_classes)
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    generator_sha256: Optional[str] = None          # weights digest of the federation's final G_ema
+    require_generator: bool = False                 # True: a bundle needs generator_sha256 (null = not yet known)
+
+    @property
+    def needs_report(self) -> bool:
+        return (self.min_delta_quantile is not None or self.min_k is not None or self.min_planted is not None
+                or self.all_planted_rejected)
 
 
 @dataclass(frozen=True)
@@ -300,13 +333,13 @@ def parse_bundle_manifest(data: bytes, limits: Optional[BundleLimits] = None) ->
     if len(data) > limits.max_manifest_bytes:
         raise BundleError(f"bundle manifest is {len(data)} bytes, limit {limits.max_manifest_bytes}")
     try:
-        raw = json.loads(data.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise BundleError(f"bundle manifest is not valid JSON: {err}") from None
+        raw = loads_strict(data, "bundle manifest")
+    except ManifestError as err:
+        raise BundleError(str(err).replace("bundle manifest: not valid JSON", "bundle manifest is not valid JSON")) from None
     if not isinstance(raw, dict):
         raise BundleError("bundle manifest: the top level must be an object")
     if raw.get("format") != FORMAT:
-        raise BundleError(f"bundle manifest: key 'format' = {raw.get('format')!r}: expected {FORMAT!r}")
+        raise BundleError(f"bundle manifest: key 'format' = {short_repr(raw.get('format'))}: expected {FORMAT!r}")
     unknown = sorted(set(raw) - _BUNDLE_KEYS)
     if unknown:
         raise BundleError(f"bundle manifest: unknown key '{unknown[0]}'")
@@ -314,13 +347,14 @@ def parse_bundle_manifest(data: bytes, limits: Optional[BundleLimits] = None) ->
     if missing:
         raise BundleError(f"bundle manifest: missing key '{missing[0]}'")
     if not is_safe_name(raw["site_id"]):
-        raise BundleError(f"bundle manifest: key 'site_id' = {raw['site_id']!r}: must be a plain name")
+        raise BundleError(f"bundle manifest: key 'site_id' = {short_repr(raw['site_id'])}: must be a plain name")
     for key in ("bundle_id", "generator_sha256", "config_sha256", "signing_key_sha256"):
         if not is_hex64(raw[key]):
             raise BundleError(f"bundle manifest: key '{key}' must be 64 lower-case hex digits")
     gr = raw["generator_round"]
-    if gr is not None and (not isinstance(gr, int) or isinstance(gr, bool) or gr < 0):
-        raise BundleError("bundle manifest: key 'generator_round' must be a non-negative integer or null")
+    if gr is not None and not is_count(gr):
+        raise BundleError(f"bundle manifest: key 'generator_round' = {short_repr(gr)}: must be an integer in "
+                          f"[0, {MAX_INT}] or null")
     if not isinstance(raw["created"], str):
         raise BundleError("bundle manifest: key 'created' must be a string")
     report = raw["report"]
@@ -332,14 +366,11 @@ def parse_bundle_manifest(data: bytes, limits: Optional[BundleLimits] = None) ->
             or not is_hex64(report["sha256"])
             or not _is_size(report["size"])
         ):
-            raise BundleError("bundle manifest: key 'report' must be null or {sha256, size}")
+            raise BundleError(f"bundle manifest: key 'report' = {short_repr(report)}: must be null or "
+                              f"{{sha256: 64 hex digits, size: integer in [0, {MAX_INT}]}}")
         report_sha, report_size = report["sha256"], report["size"]
     if not isinstance(raw["images"], list):
         raise BundleError("bundle manifest: key 'images' must be a list")
-    body = {k: v for k, v in raw.items() if k != "bundle_id"}
-    expected_id = sha256_bytes(canonical_json(body))
-    if raw["bundle_id"] != expected_id:
-        raise BundleError("bundle manifest: 'bundle_id' does not match its content")
     images = []
     seen: set[str] = set()
     for i, item in enumerate(raw["images"]):
@@ -348,7 +379,8 @@ def parse_bundle_manifest(data: bytes, limits: Optional[BundleLimits] = None) ->
         item = dict(item)
         size = item.pop("size", None)
         if not _is_size(size):
-            raise BundleError(f"bundle manifest: images[{i}]: key 'size' must be a non-negative integer")
+            raise BundleError(f"bundle manifest: images[{i}]: key 'size' = {short_repr(size)}: must be an integer in "
+                              f"[0, {MAX_INT}]")
         try:
             rec = ImageRecord.from_dict(item, f"images[{i}]")
         except ManifestError as err:
@@ -357,6 +389,14 @@ def parse_bundle_manifest(data: bytes, limits: Optional[BundleLimits] = None) ->
             raise BundleError(f"bundle manifest: images[{i}] (id {rec.id!r}): duplicate id")
         seen.add(rec.id)
         images.append(BundleImage(rec, size))
+    # Last: every value is now known to be canonical-JSON-safe (finite numbers, bounded integers).
+    body = {k: v for k, v in raw.items() if k != "bundle_id"}
+    try:
+        expected_id = sha256_bytes(canonical_json(body))
+    except (ValueError, TypeError) as err:
+        raise BundleError(f"bundle manifest: not canonical JSON: {err}") from None
+    if raw["bundle_id"] != expected_id:
+        raise BundleError("bundle manifest: 'bundle_id' does not match its content")
     return BundleManifest(
         bundle_id=raw["bundle_id"],
         site_id=raw["site_id"],
@@ -395,22 +435,16 @@ def check_bundle(bm: BundleManifest, limits: BundleLimits, policy: Optional[Thre
     total = bm.total_bytes
     if total > limits.max_bundle_bytes:
         raise BundleError(f"bundle is {total} bytes, limit {limits.max_bundle_bytes}")
-    policy = policy or ThresholdPolicy()
     for i, im in enumerate(bm.images):
         rec = im.record
         if not rec.passes():
             raise BundleError(
                 f"images[{i}] (id {rec.id!r}) fails its own privacy thresholds: {'; '.join(rec.failures())}"
             )
-        t = rec.thresholds
-        if policy.max_tau_id is not None and t.tau_id > policy.max_tau_id:
-            raise BundleError(f"images[{i}] (id {rec.id!r}): tau_id {t.tau_id:g} above the pool's bound {policy.max_tau_id:g}")
-        if policy.max_tau_indep is not None and t.tau_indep > policy.max_tau_indep:
-            raise BundleError(
-                f"images[{i}] (id {rec.id!r}): tau_indep {t.tau_indep:g} above the pool's bound {policy.max_tau_indep:g}"
-            )
-        if policy.min_delta is not None and t.delta < policy.min_delta:
-            raise BundleError(f"images[{i}] (id {rec.id!r}): delta {t.delta:g} below the pool's bound {policy.min_delta:g}")
+    if policy is not None:
+        from plan_shared.policy import check_policy
+
+        check_policy(policy, bm)
 
 
 def unique_images(bm: BundleManifest) -> dict[str, int]:
@@ -431,7 +465,7 @@ def iter_file_chunks(path: str | Path, chunk_size: int) -> Iterable[bytes]:
 
 
 def _is_size(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+    return is_count(v)
 
 
 __all__ = [
@@ -440,6 +474,8 @@ __all__ = [
     "BundleError",
     "BundleLimits",
     "ThresholdPolicy",
+    "PolicyError",
+    "DEFAULT_MAX_PIXELS",
     "BundleImage",
     "BundleManifest",
     "SignedBundle",

@@ -377,6 +377,59 @@ class PoolConfig(_Section):
         "reader 'coordinator' there when missing). In simulation it is derived from federation.certs_dir.",
     )
     retries: int = Field(5, ge=0, description="Push/pull retries with backoff after a cut connection.")
+    policy_file: Optional[str] = Field(
+        None, description="Coordinator: the JSON policy file the pool enforces (`pool serve --policy`). `coordinate` "
+        "and `demo` write it from the policy section (default STATE/pool-policy.json) and the ServerApp records the final "
+        "generator's digest in it before the synthesis phase. null with an external pool: no policy file."
+    )
+
+
+class PolicyConfig(_Section):
+    """Coordinator: the federation's privacy policy, enforced by the pool on every bundle.
+
+    ``coordinate`` and ``demo`` write it to ``pool.policy_file`` and start the pool with it;
+    the ServerApp adds the final generator's weights digest before the synthesis phase, and
+    the pool refuses any bundle whose records, report.json or images break it
+    (plan_shared/policy.py). A null key takes this configuration's own setting (named in
+    each description), so the pool holds every site to what the coordinator asked for.
+    """
+
+    max_tau_id: Optional[float] = Field(None, gt=0.0, le=1.0, description="Largest tau_id a record may carry (null = filter.tau_id).")
+    max_tau_indep: Optional[float] = Field(None, gt=0.0, le=1.0, description="Largest tau_indep a record may carry (null = filter.tau_indep).")
+    min_delta_quantile: Optional[float] = Field(
+        None, gt=0.0, lt=1.0, description="Smallest filter.delta_quantile a site's report.json may state (null = filter.delta_quantile)."
+    )
+    min_k: Optional[int] = Field(None, ge=1, description="Smallest anchors.k a site's report.json may state (null = anchors.k).")
+    min_planted: Optional[int] = Field(
+        None, ge=0, description="Fewest planted near-duplicates a site's filter must have been tested with (null = filter.planted)."
+    )
+    all_planted_rejected: Optional[bool] = Field(
+        None, description="Refuse a bundle whose report.json says a planted near-duplicate passed (null = filter.block_on_planted)."
+    )
+    methods: Optional[list[Literal["plan", "linear", "random"]]] = Field(
+        None, min_length=1, description="Methods whose images the pool accepts (null = [synthesis.method])."
+    )
+    image_size: Optional[int] = Field(
+        None, ge=8, le=1024, description="Exact PNG width = height (null = data.size, else what the sites describe)."
+    )
+    channels: Optional[Literal[1, 3]] = Field(None, description="PNG channels (null = data.channels, else what the sites describe).")
+    num_classes: Optional[int] = Field(None, ge=1, description="Labels must lie in [0, num_classes) (null = what the sites describe).")
+
+
+class SiteMinimumsConfig(_Section):
+    """Site (site.yaml): the loosest synthesis settings this hospital accepts from the coordinator.
+
+    ``plan-client start`` passes them in the node config; a synthesis request whose settings
+    are looser is refused at the site, naming the key and both values. null = no local
+    minimum for that key (set them in every hospital's site.yaml).
+    """
+
+    min_k: Optional[int] = Field(None, ge=1, description="Refuse a request with anchors.k below this.")
+    max_tau_id: Optional[float] = Field(None, gt=0.0, le=1.0, description="Refuse a request with filter.tau_id above this.")
+    max_tau_indep: Optional[float] = Field(None, gt=0.0, le=1.0, description="Refuse a request with filter.tau_indep above this.")
+    min_delta_quantile: Optional[float] = Field(None, gt=0.0, lt=1.0, description="Refuse a request with filter.delta_quantile below this.")
+    min_planted: Optional[int] = Field(None, ge=0, description="Refuse a request with filter.planted below this.")
+    block_on_planted: Optional[bool] = Field(None, description="true: refuse a request with filter.block_on_planted false.")
 
 
 class PlanConfig(BaseModel):
@@ -403,6 +456,8 @@ class PlanConfig(BaseModel):
     synthesis: SynthesisConfig = Field(default_factory=SynthesisConfig)
     federation: FederationConfig = Field(default_factory=FederationConfig)
     pool: PoolConfig = Field(default_factory=PoolConfig)
+    policy: PolicyConfig = Field(default_factory=PolicyConfig)
+    site_minimums: SiteMinimumsConfig = Field(default_factory=SiteMinimumsConfig)
 
     @model_validator(mode="after")
     def _check_device(self) -> "PlanConfig":

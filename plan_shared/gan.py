@@ -53,6 +53,24 @@ def file_sha256(path: str | Path) -> str:
     return h.hexdigest()
 
 
+def generator_digest(state: Any) -> str:
+    """sha256 of a generator's weights alone: the same at every site and at the coordinator.
+
+    ``state`` is a module or a state dict; a ``g_ema.`` prefix (the Flower record's keys) is
+    dropped. Hashed: for each entry in name order, the name, dtype, shape and raw bytes, so
+    neither the checkpoint file format nor the config embedded in it changes the digest.
+    """
+    if isinstance(state, torch.nn.Module):
+        state = state.state_dict()
+    h = hashlib.sha256(b"plan-generator-weights/1\n")
+    items = {(k[len("g_ema."):] if k.startswith("g_ema.") else k): v for k, v in state.items()}
+    for name in sorted(items):
+        t = items[name].detach().cpu().contiguous()
+        h.update(f"{name}\0{str(t.dtype).replace('torch.', '')}\0{list(t.shape)}\0{t.numel() * t.element_size()}\0".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
 class GanTrainer:
     """Owns G, G_ema, D, their optimisers and every RNG of a GAN training run."""
 

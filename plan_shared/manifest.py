@@ -8,7 +8,7 @@ definition of that format.
 Site ``manifest.json``::
 
     {"site_id": "hospital-a",
-     "generator_sha256": "<hex64>",          # checkpoint of the generator used
+     "generator_sha256": "<hex64>",          # plan_shared.gan.generator_digest of the G_ema used (weights only)
      "config_sha256": "<hex64>",             # PlanConfig.digest() of the run
      "created": "2025-01-31T12:00:00+00:00", # ISO 8601
      "generator_round": 3,                   # optional: federated round of G (int or null)
@@ -176,7 +176,7 @@ class ImageRecord:
             raise ManifestError(f"{where}: missing key '{missing[0]}'")
 
         def bad(key: str, why: str) -> ManifestError:
-            return ManifestError(f"{where}: key '{key}' = {raw.get(key)!r}: {why}")
+            return ManifestError(f"{where}: key '{key}' = {short_repr(raw.get(key))}: {why}")
 
         if not is_safe_name(raw["id"]):
             raise bad("id", "must be a non-empty name of letters, digits, '.', '_' or '-'")
@@ -187,16 +187,20 @@ class ImageRecord:
             raise bad("file", f"must be {expected!r}")
         if not is_hex64(raw["sha256"]):
             raise bad("sha256", "must be 64 lower-case hex digits")
-        if not _is_int(raw["label"]) or raw["label"] < 0:
-            raise bad("label", "must be a non-negative integer")
-        if raw["method"] not in METHODS:
+        if not is_count(raw["label"]):
+            raise bad("label", f"must be an integer in [0, {MAX_INT}]")
+        if not isinstance(raw["method"], str) or raw["method"] not in METHODS:
             raise bad("method", f"must be one of {', '.join(METHODS)}")
         for key in ("path_id", "position"):
-            if raw[key] is not None and (not _is_int(raw[key]) or raw[key] < 0):
-                raise bad(key, "must be a non-negative integer or null")
-        for key in ("max_id_prob", "indep_id_prob", "dcr"):
-            if not _is_number(raw[key]):
-                raise bad(key, "must be a finite number")
+            if raw[key] is not None and not is_count(raw[key]):
+                raise bad(key, f"must be an integer in [0, {MAX_INT}] or null")
+        for key in ("max_id_prob", "indep_id_prob"):
+            v = raw[key]
+            if not (_is_number(v) and 0.0 <= v <= 1.0):
+                raise bad(key, "must be a probability, a finite number in [0, 1]")
+        v = raw["dcr"]
+        if not (_is_number(v) and v >= 0):
+            raise bad("dcr", "must be a distance, a finite number >= 0")
         th = raw["thresholds"]
         if not isinstance(th, dict):
             raise bad("thresholds", "must be an object with tau_id, tau_indep, delta")
@@ -206,8 +210,14 @@ class ImageRecord:
         for key in THRESHOLD_KEYS:
             if key not in th:
                 raise ManifestError(f"{where}: missing key 'thresholds.{key}'")
-            if not _is_number(th[key]):
-                raise ManifestError(f"{where}: key 'thresholds.{key}' = {th[key]!r}: must be a finite number")
+            v = th[key]
+            if key == "delta":
+                if not (_is_number(v) and v >= 0):
+                    raise ManifestError(f"{where}: key 'thresholds.delta' = {short_repr(v)}: must be a distance, "
+                                        "a finite number >= 0")
+            elif not (_is_number(v) and 0.0 < v <= 1.0):
+                raise ManifestError(f"{where}: key 'thresholds.{key}' = {short_repr(v)}: must be a probability "
+                                    "bound, a finite number in (0, 1]")
         return cls(
             id=raw["id"],
             file=raw["file"],
@@ -258,14 +268,14 @@ class SiteManifest:
             if key not in raw:
                 raise ManifestError(f"{source}: missing key '{key}'")
         if not is_safe_name(raw["site_id"]):
-            raise ManifestError(f"{source}: key 'site_id' = {raw['site_id']!r}: must be a plain name")
+            raise ManifestError(f"{source}: key 'site_id' = {short_repr(raw['site_id'])}: must be a plain name")
         for key in ("generator_sha256", "config_sha256"):
             if not is_hex64(raw[key]):
-                raise ManifestError(f"{source}: key '{key}' = {raw[key]!r}: must be 64 lower-case hex digits")
+                raise ManifestError(f"{source}: key '{key}' = {short_repr(raw[key])}: must be 64 lower-case hex digits")
         if not isinstance(raw["created"], str) or not _is_iso_time(raw["created"]):
-            raise ManifestError(f"{source}: key 'created' = {raw['created']!r}: must be an ISO 8601 time")
+            raise ManifestError(f"{source}: key 'created' = {short_repr(raw['created'])}: must be an ISO 8601 time")
         gr = raw.get("generator_round")
-        if gr is not None and (not _is_int(gr) or gr < 0):
+        if gr is not None and not is_count(gr):
             raise ManifestError(f"{source}: key 'generator_round' = {gr!r}: must be a non-negative integer or null")
         if not isinstance(raw["images"], list):
             raise ManifestError(f"{source}: key 'images' must be a list")
@@ -294,10 +304,7 @@ def read_site_manifest(path: str | Path) -> SiteManifest:
     p = Path(path)
     if not p.is_file():
         raise ManifestError(f"{p}: not found")
-    try:
-        raw = json.loads(p.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ManifestError(f"{p}: not valid JSON: {err}") from None
+    raw = loads_strict(p.read_bytes(), str(p))
     return SiteManifest.from_dict(raw, str(p))
 
 
@@ -313,12 +320,57 @@ def write_site_manifest(path: str | Path, manifest: SiteManifest) -> None:
     os.replace(tmp, p)
 
 
+#: Largest integer a manifest may hold (2^53 - 1: exact in every JSON reader, fits SQLite INTEGER).
+MAX_INT = 2**53 - 1
+#: No manifest nests deeper than this (a record's thresholds are at level 4).
+MAX_DEPTH = 32
+
+
 def _is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
+def is_count(v: Any) -> bool:
+    """A non-negative integer no larger than :data:`MAX_INT` (JSON gives exact ``int``, never a subclass)."""
+    return type(v) is int and 0 <= v <= MAX_INT
+
+
 def _is_number(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    t = type(v)
+    if t is float:
+        return math.isfinite(v)
+    # 10**400 is a JSON integer: refused here, not with an OverflowError later. bool is not int here.
+    return t is int and -MAX_INT <= v <= MAX_INT
+
+
+def is_number(v: Any) -> bool:
+    """A finite JSON number (an integer at most :data:`MAX_INT` in magnitude)."""
+    return _is_number(v)
+
+
+def short_repr(v: Any, limit: int = 60) -> str:
+    """repr of a bad value, cut (an error message must not echo megabytes)."""
+    r = repr(v)
+    return r if len(r) <= limit else r[:limit] + "…"
+
+
+def loads_strict(text: str | bytes, source: str) -> Any:
+    """``json.loads`` that never raises RecursionError or ValueError: a :class:`ManifestError` naming ``source``.
+
+    NaN/Infinity parse (as non-finite floats) and nested containers parse as they are, so
+    that the closed schema check that follows names the key holding them (every value of a
+    manifest is type-checked, and unknown keys are refused). Nesting beyond the parser's
+    recursion limit (~1000 levels) cannot be parsed at all and is refused here.
+    """
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise ManifestError(f"{source}: JSON nested too deeply for the parser (more than {MAX_DEPTH} levels "
+                            "is never valid here)") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ManifestError(f"{source}: not valid JSON: {err}") from None
+    except ValueError as err:  # e.g. an integer literal longer than Python's int_max_str_digits
+        raise ManifestError(f"{source}: not valid JSON: {err}") from None
 
 
 def _is_iso_time(s: str) -> bool:

@@ -12,9 +12,12 @@ What it does, in order:
    registry; revoked sites are unregistered);
 3. with ``federation.post_training``: starts the pool service (gRPC, mutual TLS with the
    federation's server certificate) bound to ``pool.listen``, store ``STATE/pool-store``,
-   log ``STATE/pool-service.log``, and finds the coordinator's reader credentials
-   (``pool.credentials``, else ``STATE/reader``, enrolled as reader ``coordinator`` on
-   first use: keys made there, certificate from the CA, no private key in CERTS);
+   log ``STATE/pool-service.log``, enforcing the ``policy:`` section written to
+   ``pool.policy_file`` (default ``STATE/pool-policy.json``; the ServerApp adds the final
+   generator's digest before synthesis, until then the pool refuses every bundle), and
+   finds the coordinator's reader credentials (``pool.credentials``, else ``STATE/reader``,
+   enrolled as reader ``coordinator`` on first use: keys made there, certificate from the
+   CA, no private key in CERTS);
 4. submits the Flower app (``flwr run``) with ``STATE/run-config.yaml`` (the config with
    absolute paths and, for post-training, the pool address to pull from over loopback
    and the reader credentials) and the output directory ``STATE/run`` as run-config,
@@ -121,6 +124,7 @@ class Coordinator:
         self.proc: Optional[subprocess.Popen] = None
         self.log_proc: Optional[subprocess.Popen] = None  # `flwr log --stream` into run/serverapp.log
         self.pool = None  # server.pool.process.PoolProcess while it runs
+        self.policy_file: Optional[Path] = None  # the pool's policy file when coordinate started the pool
         self.pool_address: Optional[str] = None  # where the ServerApp pulls from
         self.reader: Optional[Path] = None
         for f in ("ca.crt", "server.crt", "server.key", "registry.json"):
@@ -254,7 +258,13 @@ class Coordinator:
             with socket.socket() as s:
                 if s.connect_ex(("127.0.0.1", port)) == 0:
                     raise CoordinateError(f"pool.listen {pool.listen}: port {port} is already in use (another pool service?)")
-        self.pool = PoolProcess(self.state / "pool-store", self.certs, self.state, host=host, port=port)
+        from plan_shared.policy import policy_from_config, write_policy_file
+
+        self.policy_file = Path(pool.policy_file).expanduser().resolve() if pool.policy_file else \
+            self.state / "pool-policy.json"
+        write_policy_file(self.policy_file, policy_from_config(self.cfg))  # digest null: a new run
+        self.pool = PoolProcess(self.state / "pool-store", self.certs, self.state, host=host, port=port,
+                                extra=("--policy", str(self.policy_file)))
         try:
             self.pool.start()
         except RuntimeError as err:
@@ -276,7 +286,10 @@ class Coordinator:
         fed = self.cfg.federation.model_copy(update={"state_dir": str(self.state), "certs_dir": str(self.certs)})
         upd: dict[str, Any] = {"federation": fed}
         if self.pool_address:
-            upd["pool"] = self.cfg.pool.model_copy(update={"address": self.pool_address, "credentials": str(self.reader)})
+            pool_upd: dict[str, Any] = {"address": self.pool_address, "credentials": str(self.reader)}
+            if self.policy_file is not None:
+                pool_upd["policy_file"] = str(self.policy_file)
+            upd["pool"] = self.cfg.pool.model_copy(update=pool_upd)
         path = self.state / "run-config.yaml"
         path.write_text(self.cfg.model_copy(update=upd).to_yaml())
         return path

@@ -73,8 +73,12 @@ def run_demo(
     cfg = simulation_config(config or str(demo_preset_path()), sites=sites, rounds=rounds,
                             dataset=None if data else dataset, data=data, out=out,
                             overrides={k_: v for k_, v in ov.items() if v is not None})
-    with PoolProcess(out / "pool-store", certs, out / "logs") as pool:
-        cfg = cfg.model_copy(update={"pool": cfg.pool.model_copy(update={"address": pool.address})})
+    from plan_shared.policy import policy_from_config, write_policy_file
+
+    policy_file = write_policy_file(out / "pool-policy.json", policy_from_config(cfg))
+    with PoolProcess(out / "pool-store", certs, out / "logs", extra=("--policy", str(policy_file))) as pool:
+        cfg = cfg.model_copy(update={"pool": cfg.pool.model_copy(update={"address": pool.address,
+                                                                         "policy_file": str(policy_file)})})
         LOG.info("pool service on %s (mutual TLS), store %s", pool.address, out / "pool-store")
         run_simulation(cfg, out)
     report_path = out / "report.json"

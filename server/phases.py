@@ -1,5 +1,8 @@
 """Coordinator phases after federated GAN training (issue 6).
 
+Before a: when ``pool.policy_file`` is set, the final G_ema's weights digest (and the
+   image shape and classes the sites describe) is written into the pool's policy file
+   (:func:`publish_final_generator`); the pool refuses bundles of any other generator.
 a. ``synthesize``: a ``query.synthesize`` message with the final G_ema weights to every
    site; each runs the PLAN pipeline, exports its bundle to the pool and answers with
    numbers. A site that fails is recorded with its reason; the others go on.
@@ -81,9 +84,11 @@ class Phases:
         self.site_names = site_names
         self.timeout_s = timeout_s
 
-    def _send(self, node_ids: list[int], kind: str, content: RecordDict) -> tuple[dict[int, Message], dict[int, str]]:
+    def _send(self, node_ids: list[int], kind: str, content: RecordDict,
+              timeout_s: Optional[float] = None) -> tuple[dict[int, Message], dict[int, str]]:
+        timeout_s = self.timeout_s if timeout_s is None else timeout_s
         msgs = [Message(content, message_type=f"{MessageType.QUERY}.{kind}", dst_node_id=nid) for nid in node_ids]
-        replies = list(self.grid.send_and_receive(msgs, timeout=self.timeout_s))
+        replies = list(self.grid.send_and_receive(msgs, timeout=timeout_s))
         ok, failed = {}, {}
         for r in replies:
             nid = r.metadata.src_node_id
@@ -93,13 +98,25 @@ class Phases:
                 ok[nid] = r
         for nid in node_ids:
             if nid not in ok and nid not in failed:
-                failed[nid] = f"no reply within {self.timeout_s:.0f}s"
+                failed[nid] = f"no reply within {timeout_s:.0f}s"
         return ok, failed
 
     def _name(self, nid: int, reply: Optional[Message] = None) -> str:
         if reply is not None and "site" in reply.content.config_records:
             self.site_names[nid] = str(reply.content["site"]["site-id"])
         return self.site_names.get(nid, f"node-{nid}")
+
+    # ------------------------------------------------------------------ before a. the pool's policy
+    def num_classes(self, node_ids: list[int]) -> Optional[int]:
+        """The federation's number of classes, as the sites describe their data (None: no site answered)."""
+        conf = ConfigRecord({"plan-config": json.dumps(self.cfg.to_dict())})
+        # A describe is quick (the site loads its data); a dead site must not cost a whole round timeout here.
+        ok, failed = self._send(node_ids, "describe", RecordDict({"config": conf}), timeout_s=min(self.timeout_s, 120.0))
+        for nid, reason in failed.items():
+            LOG.warning("site %s did not describe its classes: %s", self._name(nid), short_reason(reason))
+        counts = [int(r.content["site"]["num-classes"]) for r in ok.values()
+                  if "num-classes" in r.content["site"]]
+        return max(counts) if counts else None
 
     # ------------------------------------------------------------------ a. synthesis
     def synthesize(self, node_ids: list[int], g_ema: dict, channels: int, size: int, generator_round: int,
@@ -231,6 +248,22 @@ def _comparison_points(synthesis: dict[str, Any], downstream_acc: Optional[float
     return out
 
 
+def publish_final_generator(cfg: PlanConfig, g_ema: dict, channels: int, size: int,
+                            num_classes: Optional[int]) -> Optional[str]:
+    """Write the final generator's digest into ``pool.policy_file`` (atomic); returns the digest."""
+    from plan_shared.gan import generator_digest
+    from plan_shared.policy import publish_generator
+
+    if not cfg.pool.policy_file:
+        return None
+    digest = generator_digest(g_ema)
+    pol = publish_generator(cfg.pool.policy_file, digest, channels=channels, size=size,
+                            num_classes=cfg.policy.num_classes or num_classes)
+    LOG.info("pool policy %s: final generator %s, %sx%s px, %s channel(s), %s classes", cfg.pool.policy_file,
+             digest[:16], pol.image_size, pol.image_size, pol.channels, pol.num_classes)
+    return digest
+
+
 def run_post_training(grid: Grid, cfg: PlanConfig, out: Path, node_ids: list[int], site_names: dict[int, str],
                       g_ema: dict, channels: int, size: int, generator_round: int,
                       timing: dict[str, float], federation_summary: dict[str, Any]) -> dict[str, Any]:
@@ -240,6 +273,8 @@ def run_post_training(grid: Grid, cfg: PlanConfig, out: Path, node_ids: list[int
     method = cfg.synthesis.method
     ph = Phases(grid, cfg, out, site_names, cfg.federation.round_timeout_s)
     t0 = time.perf_counter()
+    if cfg.pool.policy_file:
+        publish_final_generator(cfg, g_ema, channels, size, cfg.policy.num_classes or ph.num_classes(node_ids))
     synthesis = ph.synthesize(node_ids, g_ema, channels, size, generator_round, method)
     timing["synthesis_s"] = round(time.perf_counter() - t0, 2)
     (out / "synthesis.json").write_text(json.dumps(synthesis, indent=1))

@@ -75,3 +75,19 @@ def test_synthesize_cli_end_to_end(tmp_path):
         assert r.thresholds.delta == rep["filter"]["delta"]
     for fig in ("dcr_hist.png", "path_strips.png"):
         assert (out / fig).is_file()
+    # What the site exports is what a pool with this configuration's policy accepts: canonical PNGs of the
+    # federation's shape, the weights-only generator digest, a report.json the policy can read.
+    from plan_shared.bundle import build_bundle, check_bundle, BundleLimits, generate_signing_key
+    from plan_shared.config import config_from_dict
+    from plan_shared.gan import generator_digest, load_generator
+    from plan_shared.png_check import check_png
+    from plan_shared.policy import check_policy, policy_from_config
+
+    assert man.generator_sha256 == generator_digest(load_generator(out / "generator.pt"))
+    policy = policy_from_config(config_from_dict(cfg), generator_sha256=man.generator_sha256, channels=1,
+                                num_classes=2)
+    for r in man.images:
+        check_png((out / r.file).read_bytes(), policy.image_size, policy.channels, policy.max_pixels)
+    bm = build_bundle(out, generate_signing_key()).manifest
+    check_bundle(bm, BundleLimits(), policy)
+    check_policy(policy, bm, (out / "report.json").read_bytes())

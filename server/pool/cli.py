@@ -36,6 +36,9 @@ def serve_cmd(
     max_tau_id: Optional[float] = typer.Option(None, "--max-tau-id", help="Refuse records whose tau_id is above this."),
     max_tau_indep: Optional[float] = typer.Option(None, "--max-tau-indep", help="Refuse records whose tau_indep is above this."),
     min_delta: Optional[float] = typer.Option(None, "--min-delta", help="Refuse records whose delta is below this."),
+    policy_file: Optional[Path] = typer.Option(
+        None, "--policy", help="The federation's policy file (JSON, plan_shared/policy.py; written by `coordinate`), "
+        "re-read whenever it changes. Replaces --max-tau-id/--max-tau-indep/--min-delta."),
     workers: int = typer.Option(16, "--workers", min=1, help="Concurrent calls served."),
     port_file: Optional[Path] = typer.Option(None, "--port-file", help="Write the bound port here once listening."),
 ) -> None:
@@ -50,10 +53,14 @@ def serve_cmd(
 
     limits = BundleLimits(max_images=max_images, max_image_bytes=max_image_kb * 1024,
                           max_bundle_bytes=max_bundle_mb * 1024 * 1024)
+    from plan_shared.policy import PolicyFileError
+
+    if policy_file is not None and any(v is not None for v in (max_tau_id, max_tau_indep, min_delta)):
+        _fail("--policy replaces --max-tau-id/--max-tau-indep/--min-delta: put the bounds in the policy file", 2)
     policy = ThresholdPolicy(max_tau_id=max_tau_id, max_tau_indep=max_tau_indep, min_delta=min_delta)
     try:
-        serve(store, certs, address, limits, policy, workers, port_file)
-    except (CredentialsError, RuntimeError) as err:
+        serve(store, certs, address, limits, policy, workers, port_file, policy_file)
+    except (CredentialsError, RuntimeError, PolicyFileError) as err:
         _fail(str(err))
 
 

@@ -12,8 +12,14 @@ A site pushes (``Offer`` then ``Push``); a reader lists and pulls (``List``,
 A bundle is stored only if the caller is the bundle's site, the Ed25519 signature
 verifies with that site's registered key, every file hashes to its manifest
 sha256, every privacy record carries its thresholds and passes them, and the
-limits hold. Refusals are gRPC errors whose details are the reason
-(``PERMISSION_DENIED`` for who/signature, ``INVALID_ARGUMENT`` for content).
+limits hold, every image is the federation's canonical PNG (plan_shared/png_check.py),
+and the federation's policy (plan_shared/policy.py: thresholds, methods, labels, the
+final generator's digest, report.json's planted duplicates and anchors.k) holds. With
+``--policy FILE`` the policy is that file, re-read whenever it changes (like the
+registry); a blob keeps the kind (image or report) it was first stored as. Refusals are
+gRPC errors whose details are the reason (``PERMISSION_DENIED`` for who/signature,
+``INVALID_ARGUMENT`` for malformed content, ``FAILED_PRECONDITION`` for a policy
+violation).
 
 Test hook: ``PLAN_POOL_TEST_PAUSE=<point>:<marker file>[:<n>]`` makes a push stop at
 ``received`` (after n files placed), ``before_commit``, ``in_transaction`` (rows
@@ -40,18 +46,20 @@ import grpc
 
 from plan_shared import credentials as C
 from plan_shared.bundle import (
-    PNG_MAGIC,
     BundleError,
     BundleLimits,
     BundleManifest,
+    PolicyError,
     ThresholdPolicy,
     check_bundle,
     parse_bundle_manifest,
     unique_images,
     verify_signature,
 )
+from plan_shared.png_check import PngError, check_png
+from plan_shared.policy import PolicyFile, PolicyFileError, check_policy
 from plan_shared.pool_proto import pool_pb2, pool_pb2_grpc
-from server.pool.store import Store, StoreError
+from server.pool.store import KindError, Store, StoreError, with_article
 
 LOG = logging.getLogger("plan.pool")
 CHUNK = 256 * 1024
@@ -131,12 +139,23 @@ class PoolService(pool_pb2_grpc.PoolServicer):
         certs: Path,
         limits: BundleLimits = BundleLimits(),
         policy: ThresholdPolicy = ThresholdPolicy(),
+        policy_file: Optional[Path] = None,
     ):
         self.store = store
         self.registry = Registry(certs)
         self.limits = limits
         self.policy = policy
+        self.policy_file = PolicyFile(policy_file) if policy_file is not None else None
         self._pause = _Pause()
+
+    def current_policy(self) -> ThresholdPolicy:
+        """The policy file's current content (fails closed), else the command-line policy."""
+        if self.policy_file is None:
+            return self.policy
+        try:
+            return self.policy_file.current()
+        except PolicyFileError as err:
+            raise Refused(grpc.StatusCode.UNAVAILABLE, f"pool misconfigured: {err}") from None
 
     # ------------------------------------------------------------ identity
 
@@ -190,7 +209,9 @@ class PoolService(pool_pb2_grpc.PoolServicer):
                 raise Refused(grpc.StatusCode.INVALID_ARGUMENT, "file data before the manifest signature")
         raise Refused(grpc.StatusCode.INVALID_ARGUMENT, "stream ended before the manifest signature")
 
-    def _verify_header(self, caller: Caller, manifest: bytes, signature: bytes) -> BundleManifest:
+    def _verify_header(self, caller: Caller, manifest: bytes,
+                       signature: bytes) -> tuple[BundleManifest, ThresholdPolicy]:
+        """Parse, authenticate and check a bundle manifest; returns it with the policy it was checked against."""
         try:
             bm = parse_bundle_manifest(manifest, self.limits)
         except BundleError as err:
@@ -213,11 +234,43 @@ class PoolService(pool_pb2_grpc.PoolServicer):
             )
         try:
             verify_signature(manifest, signature, pub, bm.site_id)
-            check_bundle(bm, self.limits, self.policy)
         except BundleError as err:
-            code = grpc.StatusCode.PERMISSION_DENIED if "signature" in str(err) else grpc.StatusCode.INVALID_ARGUMENT
-            raise Refused(code, str(err)) from None
-        return bm
+            raise Refused(grpc.StatusCode.PERMISSION_DENIED, str(err)) from None
+        policy = self.current_policy()
+        try:
+            check_bundle(bm, self.limits, policy)
+        except PolicyError as err:
+            raise Refused(grpc.StatusCode.FAILED_PRECONDITION, str(err)) from None
+        except BundleError as err:
+            raise Refused(grpc.StatusCode.INVALID_ARGUMENT, str(err)) from None
+        self._check_kinds(bm)
+        return bm, policy
+
+    def _check_kinds(self, bm: BundleManifest) -> None:
+        """A blob is an image or a report, never both (within the bundle, or against what is stored)."""
+        images = {im.record.sha256 for im in bm.images}
+        if bm.report_sha256 is not None and bm.report_sha256 in images:
+            idx = next(i for i, im in enumerate(bm.images) if im.record.sha256 == bm.report_sha256)
+            raise Refused(grpc.StatusCode.INVALID_ARGUMENT,
+                          f"images[{idx}] (id {bm.images[idx].record.id!r}) has the sha256 of the bundle's report.json")
+        want = dict.fromkeys(images, "image")
+        if bm.report_sha256 is not None:
+            want[bm.report_sha256] = "report"
+        for sha, kind in self.store.kinds(set(want)).items():
+            if kind != want[sha]:
+                if want[sha] == "image":
+                    idx = next(i for i, im in enumerate(bm.images) if im.record.sha256 == sha)
+                    what = f"images[{idx}] (id {bm.images[idx].record.id!r})"
+                else:
+                    what = "report.json"
+                raise Refused(grpc.StatusCode.INVALID_ARGUMENT, f"{what}: sha256 {sha[:16]}… is stored in the pool "
+                              f"as {with_article(kind)}, not as {with_article(want[sha])}")
+
+    def _check_image(self, data: bytes, label: str, policy: ThresholdPolicy) -> None:
+        try:
+            check_png(data, policy.image_size, policy.channels, policy.max_pixels)
+        except PngError as err:
+            raise Refused(grpc.StatusCode.INVALID_ARGUMENT, f"{label}: {err}") from None
 
     def _guard(self, context: grpc.ServicerContext, fn, *args):
         try:
@@ -237,7 +290,7 @@ class PoolService(pool_pb2_grpc.PoolServicer):
     def _offer(self, it, context):
         caller = self._caller(context, "site", "pushing a bundle")
         manifest, signature = self._read_header(it)
-        bm = self._verify_header(caller, manifest, signature)
+        bm, _ = self._verify_header(caller, manifest, signature)
         if self.store.has_bundle(bm.bundle_id):
             return pool_pb2.OfferReply(bundle_id=bm.bundle_id, duplicate=True, message="already stored")
         wanted = unique_images(bm)
@@ -263,7 +316,7 @@ class PoolService(pool_pb2_grpc.PoolServicer):
         caller = self._caller(context, "site", "pushing a bundle")
         it = iter(it)
         manifest, signature = self._read_header(it)
-        bm = self._verify_header(caller, manifest, signature)
+        bm, policy = self._verify_header(caller, manifest, signature)
         if self.store.has_bundle(bm.bundle_id):
             LOG.info("duplicate bundle %s from %s", bm.bundle_id[:12], caller.name)
             return pool_pb2.PushReply(bundle_id=bm.bundle_id, duplicate=True, n_images=len(bm.images),
@@ -273,7 +326,7 @@ class PoolService(pool_pb2_grpc.PoolServicer):
         received = 0
         ok = False
         try:
-            received = self._receive(it, bm, staging, placed)
+            received = self._receive(it, bm, staging, placed, policy)
             if not context.is_active():
                 raise Refused(grpc.StatusCode.CANCELLED, "upload interrupted")
             wanted = dict(unique_images(bm))
@@ -285,13 +338,17 @@ class PoolService(pool_pb2_grpc.PoolServicer):
                 what = f"images[{idx}] (id {bm.images[idx].record.id!r})" if idx is not None else "report.json"
                 raise Refused(grpc.StatusCode.INVALID_ARGUMENT,
                               f"{len(absent)} file(s) of the bundle were not sent, first: {what}")
+            new_files = self.store.unindexed(set(wanted))
+            self._check_content(bm, policy, new_files - placed)
             # Durable before visible: fsync every file this bundle adds (received now or left by an
             # interrupted attempt), then the directories; only then the one-transaction commit.
-            self.store.make_durable(self.store.unindexed(set(wanted)))
+            self.store.make_durable(new_files)
             try:
                 res = self.store.commit(bm, manifest, signature, caller.serial,
                                         before_commit=lambda: self._pause.at("before_commit"),
                                         in_transaction=lambda: self._pause.at("in_transaction"))
+            except KindError as err:
+                raise Refused(grpc.StatusCode.INVALID_ARGUMENT, str(err)) from None
             except StoreError as err:
                 raise Refused(grpc.StatusCode.ABORTED, f"{err}; retry the push") from None
             self._pause.at("after_commit")
@@ -304,6 +361,10 @@ class PoolService(pool_pb2_grpc.PoolServicer):
             LOG.error("storage error during push of %s: %s", bm.bundle_id[:12], err)
             self.store.discard_unindexed(placed)
             raise Refused(grpc.StatusCode.INTERNAL, f"pool storage error: {err}") from None
+        except Exception as err:  # a bug must not leave the bundle's files behind either
+            LOG.exception("push of %s failed", bm.bundle_id[:12])
+            self.store.discard_unindexed(placed)
+            raise Refused(grpc.StatusCode.INTERNAL, f"pool error: {type(err).__name__}: {err}") from None
         finally:
             shutil.rmtree(staging, ignore_errors=True)
             if not ok and not context.is_active():
@@ -318,10 +379,27 @@ class PoolService(pool_pb2_grpc.PoolServicer):
             message="already stored" if res.duplicate else "stored",
         )
 
-    def _receive(self, it, bm: BundleManifest, staging: Path, placed: set) -> int:
-        """Write incoming files to staging, verify each, place it. Returns bytes received."""
+    def _check_content(self, bm: BundleManifest, policy: ThresholdPolicy, leftovers: set) -> None:
+        """Before commit: images left by an interrupted push (not checked by this one) and the policy on report.json."""
+        seen: set[str] = set()
+        for i, im in enumerate(bm.images):
+            s = im.record.sha256
+            if s in leftovers and s not in seen:
+                seen.add(s)
+                self._check_image(self.store.object_path(s).read_bytes(), f"images[{i}] (id {im.record.id!r})", policy)
+        if policy.needs_report and bm.report_sha256 is not None:
+            try:
+                data = self.store.object_path(bm.report_sha256).read_bytes()
+                check_policy(policy, bm, data)
+            except PolicyError as err:
+                raise Refused(grpc.StatusCode.FAILED_PRECONDITION, str(err)) from None
+            except BundleError as err:
+                raise Refused(grpc.StatusCode.INVALID_ARGUMENT, str(err)) from None
+
+    def _receive(self, it, bm: BundleManifest, staging: Path, placed: set, policy: ThresholdPolicy) -> int:
+        """Write incoming files to staging, verify each (images: canonical PNG), place it. Returns bytes received."""
         received = 0
-        cur = None  # [key, sha, size, fh, hasher, written, path, label, first bytes]
+        cur = None  # [key, sha, size, fh, hasher, written, path, label, image bytes so far]
         n_placed = 0
         interrupted = False
         try:
@@ -346,16 +424,16 @@ class PoolService(pool_pb2_grpc.PoolServicer):
                         if ch.offset != 0:
                             raise Refused(grpc.StatusCode.INVALID_ARGUMENT, f"{label}: first chunk at offset {ch.offset}")
                         path = staging / f"{sha}.part"
-                        cur = [key, sha, size, open(path, "wb"), hashlib.sha256(), 0, path, label, b""]
+                        cur = [key, sha, size, open(path, "wb"), hashlib.sha256(), 0, path, label, []]
                     if ch.offset != cur[5]:
                         raise Refused(grpc.StatusCode.INVALID_ARGUMENT, f"{label}: chunk at offset {ch.offset}, expected {cur[5]}")
                     if cur[5] + len(ch.data) > size:
                         raise Refused(grpc.StatusCode.INVALID_ARGUMENT,
                                       f"{label}: more than the {size} bytes the signed manifest declares")
-                    if len(cur[8]) < len(PNG_MAGIC):
-                        cur[8] += ch.data[: len(PNG_MAGIC)]
                     cur[3].write(ch.data)
                     cur[4].update(ch.data)
+                    if key != "report":
+                        cur[8].append(ch.data)  # at most max_image_bytes: checked in memory, not re-read
                     cur[5] += len(ch.data)
                     if ch.last:
                         fh, digest, written, path = cur[3], cur[4].hexdigest(), cur[5], cur[6]
@@ -369,8 +447,8 @@ class PoolService(pool_pb2_grpc.PoolServicer):
                                           f"{label}: sha256 mismatch (received {digest[:16]}…, signed {sha[:16]}…): "
                                           "the file was altered after signing")
                         fh.close()
-                        if key != "report" and cur[8][: len(PNG_MAGIC)] != PNG_MAGIC:
-                            raise Refused(grpc.StatusCode.INVALID_ARGUMENT, f"{label}: not a PNG file")
+                        if key != "report":
+                            self._check_image(b"".join(cur[8]), label, policy)
                         self.store.place(path, sha)
                         placed.add(sha)
                         n_placed += 1
@@ -463,6 +541,7 @@ def build_server(
     limits: BundleLimits = BundleLimits(),
     policy: ThresholdPolicy = ThresholdPolicy(),
     workers: int = 16,
+    policy_file: Optional[Path] = None,
 ) -> tuple[grpc.Server, int, Store]:
     """Create (not start) the server; collects garbage first. Returns (server, bound port, store)."""
     creds = C.load_server_credentials(certs)
@@ -472,7 +551,10 @@ def build_server(
         LOG.warning("collected garbage of interrupted uploads: %d staging entries, %d unindexed files", n_staging, n_obj)
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="pool"),
                          options=server_options(), maximum_concurrent_rpcs=workers * 4)
-    pool_pb2_grpc.add_PoolServicer_to_server(PoolService(store, certs, limits, policy), server)
+    service = PoolService(store, certs, limits, policy, policy_file)
+    if policy_file is not None:
+        service.policy_file.current()  # refuse to start with a missing or invalid policy file
+    pool_pb2_grpc.add_PoolServicer_to_server(service, server)
     tls = grpc.ssl_server_credentials([(creds.key_pem, creds.cert_pem)], root_certificates=creds.ca_pem,
                                       require_client_auth=True)
     port = server.add_secure_port(address, tls)
@@ -489,9 +571,10 @@ def serve(
     policy: ThresholdPolicy = ThresholdPolicy(),
     workers: int = 16,
     port_file: Optional[Path] = None,
+    policy_file: Optional[Path] = None,
 ) -> None:
     """Run until SIGINT/SIGTERM. ``port_file`` receives the bound port (for address ``host:0``)."""
-    server, port, store = build_server(store_dir, certs, address, limits, policy, workers)
+    server, port, store = build_server(store_dir, certs, address, limits, policy, workers, policy_file)
     server.start()
     host = address.rsplit(":", 1)[0]
     LOG.info("pool service on %s:%d (store %s, certs %s)", host, port, store_dir, certs)

@@ -73,6 +73,10 @@ class StoreError(RuntimeError):
     """The store cannot complete an operation (e.g. a referenced file is missing)."""
 
 
+class KindError(StoreError):
+    """A bundle names as an image a blob the store holds as a report, or the reverse."""
+
+
 @dataclass
 class CommitResult:
     duplicate: bool
@@ -98,6 +102,11 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def with_article(kind: str) -> str:
+    """'an image', 'a report'."""
+    return f"an {kind}" if kind[:1] in "aeiou" else f"a {kind}"
 
 
 def _utc_now() -> str:
@@ -142,6 +151,17 @@ class Store:
         with self._lock:
             row = self._db.execute("SELECT 1 FROM objects WHERE sha256=?", (sha256,)).fetchone()
         return row is not None
+
+    def kinds(self, shas: set[str]) -> dict[str, str]:
+        """sha256 -> kind (``image`` | ``report``) of those of ``shas`` that are indexed."""
+        items = list(shas)
+        out: dict[str, str] = {}
+        with self._lock:
+            for i in range(0, len(items), 500):
+                part = items[i : i + 500]
+                q = "SELECT sha256, kind FROM objects WHERE sha256 IN (%s)" % ",".join("?" * len(part))
+                out.update(self._db.execute(q, part).fetchall())
+        return out
 
     def has_bundle(self, bundle_id: str) -> bool:
         with self._lock:
@@ -262,9 +282,16 @@ class Store:
             files.setdefault(im.record.sha256, (im.size, "image"))
         if bm.report_sha256 is not None:
             files.setdefault(bm.report_sha256, (bm.report_size, "report"))
+        if bm.report_sha256 is not None and files[bm.report_sha256][1] != "report":
+            raise KindError(f"report.json of bundle {bm.bundle_id[:12]}… is also one of its images")
         with self._lock:
             if self.has_bundle(bm.bundle_id):
                 return CommitResult(True, len(bm.images), 0)
+            # Under the lock: a concurrent push may have indexed one of these blobs as the other kind.
+            for sha, kind in self.kinds(set(files)).items():
+                if kind != files[sha][1]:
+                    raise KindError(f"sha256 {sha[:16]}… is stored in the pool as {with_article(kind)}, "
+                                    f"bundle {bm.bundle_id[:12]}… names it as {with_article(files[sha][1])}")
             # Verify presence under the lock: discard_unindexed also runs under it.
             for sha, (size, _) in files.items():
                 p = self.object_path(sha)
@@ -431,6 +458,14 @@ class Store:
         with self._lock:
             ic = self._db.execute("PRAGMA integrity_check").fetchall()
             objects = self._db.execute("SELECT sha256, size FROM objects").fetchall()
+            wrong_kind = self._db.execute(
+                "SELECT bi.bundle_id, bi.idx, o.kind FROM bundle_images bi JOIN objects o ON o.sha256 = bi.sha256"
+                " WHERE o.kind != 'image'"
+            ).fetchall()
+            wrong_kind += self._db.execute(
+                "SELECT b.bundle_id, -1, o.kind FROM bundles b JOIN objects o ON o.sha256 = b.report_sha256"
+                " WHERE o.kind != 'report'"
+            ).fetchall()
             bundles = self._db.execute("SELECT bundle_id, n_images, report_sha256, manifest FROM bundles").fetchall()
             rows = self._db.execute("SELECT bundle_id, idx, sha256 FROM bundle_images ORDER BY bundle_id, idx").fetchall()
             dangling = self._db.execute(
@@ -446,6 +481,10 @@ class Store:
         rep.n_objects, rep.n_bundles = len(objects), len(bundles)
         for bid, idx in dangling:
             rep.problems.append(f"bundle {bid[:12]}… image {idx}: references a file that is not indexed")
+        for bid, idx, kind in wrong_kind:
+            what = "report.json" if idx < 0 else f"image {idx}"
+            want = "report" if idx < 0 else "image"
+            rep.problems.append(f"bundle {bid[:12]}… {what}: references a file indexed as {with_article(kind)}, not {with_article(want)}")
         for (bid,) in orphan_rows:
             rep.problems.append(f"image rows of bundle {bid[:12]}… without a bundle row")
         by_bundle: dict[str, list[str]] = {}
