@@ -13,7 +13,9 @@ import pytest
 
 from client.export import export, prepare
 from plan_shared.pool_proto import pool_pb2
+from plan_shared.config import PoolLimitsConfig
 from server.pool.client import list_bundles, pull
+from server.pool.process import limits_args
 from server.pool.store import Store
 from tests.pool_support import Pki, PoolServer, make_site_dir
 from tests.security.attacks import channel, file_messages, header, held, leftovers, report_message, resign, stub
@@ -100,9 +102,12 @@ def test_cancelled_push_leaves_no_files(pki, server, tmp_path):
                                     timeout=60)
         # Wait until the server has placed the 5 verified files and staged the half one.
         assert _wait_until(lambda: len(leftovers(server.store)) >= 2), leftovers(server.store)
-        call.cancel()
-        release.set()
-    assert _wait_until(lambda: leftovers(server.store) == [], 5.0), leftovers(server.store)
+        call.cancel()  # the request stream stays open: the server sees the cancellation, not an end
+        try:
+            assert _wait_until(lambda: leftovers(server.store) == [], 5.0), leftovers(server.store)
+        finally:
+            release.set()
+    assert "upload interrupted" in server.log()
 
 
 def test_site_quota_refuses_naming_site_quota_and_usage(pki, server, tmp_path):
@@ -196,23 +201,71 @@ def test_second_server_on_the_same_store_refused(pki, server, tmp_path):
     assert f"pool store {server.store} is in use by another pool service (pid {server.proc.pid})" in str(ei.value)
 
 
-def test_idle_stream_aborted_and_staging_removed(pki, tmp_path):
+@pytest.fixture(scope="module")
+def short(pki, tmp_path_factory):
+    """A pool with short idle and keep-for-retry times, set through the config section's own mapping."""
+    work = tmp_path_factory.mktemp("short")
+    extra = limits_args(PoolLimitsConfig(workers=8, idle_timeout_s=1, keep_interrupted_s=1))
+    with PoolServer(work / "store", pki.certs, work, extra=tuple(extra)) as srv:
+        yield srv
+
+
+def test_idle_stream_aborted_and_staging_removed(pki, short, tmp_path):
     out = tmp_path / "idle"
     make_site_dir(out, "site-a", 4, seed=30)
     _, signed = prepare(out, pki.site("site-a"))
     release = threading.Event()
-    with PoolServer(tmp_path / "store", pki.certs, tmp_path, extra=("--idle-timeout-s", "1")) as srv:
-        with channel(srv.address, pki.site("site-a")) as ch:
-            t0 = time.monotonic()
-            call = stub(ch).Push.future(held(header(signed) + file_messages(signed, 2, half_of_next=True), release),
-                                        timeout=20)
-            try:
-                with pytest.raises(grpc.RpcError) as ei:
-                    call.result()
-            finally:
-                release.set()
-            waited = time.monotonic() - t0
-        assert ei.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-        assert ei.value.details() == "stream idle for more than 1 s (--idle-timeout-s): aborted"
-        assert waited < 15
-        assert leftovers(srv.store) == []
+    with channel(short.address, pki.site("site-a")) as ch:
+        t0 = time.monotonic()
+        call = stub(ch).Push.future(held(header(signed) + file_messages(signed, 2, half_of_next=True), release),
+                                    timeout=20)
+        try:
+            with pytest.raises(grpc.RpcError) as ei:
+                call.result()
+        finally:
+            release.set()
+        waited = time.monotonic() - t0
+    assert ei.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert ei.value.details() == "stream idle for more than 1 s (--idle-timeout-s): aborted"
+    assert waited < 15
+    assert leftovers(short.store) == []
+
+
+def test_files_of_a_cut_push_kept_for_the_retry_then_removed_without_restart(pki, short, tmp_path):
+    out = tmp_path / "cut"
+    make_site_dir(out, "site-b", 6, seed=31)
+    _, signed = prepare(out, pki.site("site-b"))
+    release = threading.Event()
+    with channel(short.address, pki.site("site-b")) as ch:
+        call = stub(ch).Push.future(held(header(signed) + file_messages(signed, 3), release), timeout=60)
+        assert _wait_until(lambda: len(leftovers(short.store)) >= 3), leftovers(short.store)
+        call.cancel()
+        try:
+            assert _wait_until(lambda: "upload interrupted" in short.log(), 5.0)
+            assert [g for g in leftovers(short.store) if g.startswith("unindexed file")]  # kept: a retry skips them
+            assert _wait_until(lambda: leftovers(short.store) == [], 10.0), leftovers(short.store)
+        finally:
+            release.set()
+    assert "removed 3 files of an interrupted push after 1 s" in short.log()
+
+
+def test_row_with_a_huge_field_stored_before_the_limit_does_not_break_list_or_pull(pki, tmp_path):
+    out = tmp_path / "legacy"
+    make_site_dir(out, "site-c", 3, seed=32)
+    signed = resign(out, pki.site("site-c"), lambda m: m.update(created="2025-01-01T00:00:00+00:00" + " " * 9_000_000))
+    store = Store(tmp_path / "store")  # what an older pool accepted: the row is in the index
+    staging = store.new_staging()
+    for i, im in enumerate(signed.manifest.images):
+        (staging / "f").write_bytes(signed.image_path(i).read_bytes())
+        store.place(staging / "f", im.record.sha256)
+    (staging / "r").write_bytes(signed.report_path.read_bytes())
+    store.place(staging / "r", signed.manifest.report_sha256)
+    store.sync_dirs(set())
+    staging.rmdir()
+    store.commit(signed.manifest, signed.manifest_bytes, signed.signature, "01")
+    store.close()
+    with PoolServer(tmp_path / "store", pki.certs, tmp_path) as srv:
+        [b] = list_bundles(srv.address, pki.reader)
+        assert b["bundle_id"] == signed.bundle_id and len(b["created"]) <= 256
+        res = pull(srv.address, pki.reader, tmp_path / "pulled", progress=False, retries=0)
+    assert (res.n_images, res.n_fetched) == (3, 3)
