@@ -86,6 +86,13 @@ class Refused(Exception):
         self.message = message
 
 
+class _EndedEarly(Refused):
+    """The push stream ended with files missing: a refusal, unless the client was in fact cancelling."""
+
+    def __init__(self, message: str):
+        super().__init__(grpc.StatusCode.INVALID_ARGUMENT, message)
+
+
 @dataclass(frozen=True)
 class Caller:
     name: str
@@ -160,7 +167,7 @@ class _Paced:
         self._it = iter(it)
         self.idle_s, self.call_s = idle_s, call_s
         self._deadline = time.monotonic() + call_s
-        self._q: queue.Queue = queue.Queue(maxsize=8)
+        self._q: queue.Queue = queue.Queue(maxsize=2)  # read-ahead bounded: at most 2 messages buffered
         self._closed = threading.Event()
         threading.Thread(target=self._pump, daemon=True, name="pool-stream").start()
 
@@ -491,16 +498,20 @@ class PoolService(pool_pb2_grpc.PoolServicer):
         placed: set[str] = set()
         received = 0
         ok = False
+        ended = threading.Event()
+        context.add_callback(ended.set)  # runs when the call terminates (also on the client's cancel)
         try:
-            received = self._receive(it, bm, staging, placed)
-            if not context.is_active():
-                raise Refused(grpc.StatusCode.CANCELLED, "upload interrupted")
-            absent = self.store.missing({s: n for s, n in wanted.items() if s not in placed})
-            if absent:
-                idx = next((i for i, im in enumerate(bm.images) if im.record.sha256 in absent), None)
-                what = f"images[{idx}] (id {bm.images[idx].record.id!r})" if idx is not None else "report.json"
-                raise Refused(grpc.StatusCode.INVALID_ARGUMENT,
-                              f"{len(absent)} file(s) of the bundle were not sent, first: {what}")
+            try:
+                received = self._receive(it, bm, staging, placed)
+                if not context.is_active():
+                    raise Refused(grpc.StatusCode.CANCELLED, "upload interrupted")
+                self._absent_files(bm, wanted, placed)
+            except _EndedEarly:
+                # gRPC can end the request stream of a cancelled call before it marks the call
+                # cancelled: give the cancellation a moment to show, so a cut push counts as cut.
+                if ended.wait(0.2) or not context.is_active():
+                    raise Refused(grpc.StatusCode.CANCELLED, "upload interrupted") from None
+                raise
             # Durable before visible: fsync every file this bundle adds (received now or left by an
             # interrupted attempt), then the directories; only then the one-transaction commit.
             self.store.make_durable(self.store.unindexed(set(wanted)))
@@ -538,6 +549,13 @@ class PoolService(pool_pb2_grpc.PoolServicer):
             n_new_files=res.n_new_files, bytes_received=received,
             message="already stored" if res.duplicate else "stored",
         )
+
+    def _absent_files(self, bm: BundleManifest, wanted: dict, placed: set) -> None:
+        absent = self.store.missing({s: n for s, n in wanted.items() if s not in placed})
+        if absent:
+            idx = next((i for i, im in enumerate(bm.images) if im.record.sha256 in absent), None)
+            what = f"images[{idx}] (id {bm.images[idx].record.id!r})" if idx is not None else "report.json"
+            raise _EndedEarly(f"{len(absent)} file(s) of the bundle were not sent, first: {what}")
 
     def _receive(self, it, bm: BundleManifest, staging: Path, placed: set) -> int:
         """Write incoming files to staging, verify each, place it. Returns bytes received."""
@@ -604,7 +622,7 @@ class PoolService(pool_pb2_grpc.PoolServicer):
             if cur is not None:
                 cur[3].close()
         if cur is not None and not interrupted:
-            raise Refused(grpc.StatusCode.INVALID_ARGUMENT, f"{cur[7]}: stream ended inside the file")
+            raise _EndedEarly(f"{cur[7]}: stream ended inside the file")
         return received
 
     # ------------------------------------------------------------ reader RPCs

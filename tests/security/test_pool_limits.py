@@ -241,7 +241,7 @@ def test_files_of_a_cut_push_kept_for_the_retry_then_removed_without_restart(pki
         assert _wait_until(lambda: len(leftovers(short.store)) >= 3), leftovers(short.store)
         call.cancel()
         try:
-            assert _wait_until(lambda: "upload interrupted" in short.log(), 5.0)
+            assert _wait_until(lambda: "upload interrupted" in short.log(), 5.0), short.log()
             assert [g for g in leftovers(short.store) if g.startswith("unindexed file")]  # kept: a retry skips them
             assert _wait_until(lambda: leftovers(short.store) == [], 10.0), leftovers(short.store)
         finally:
