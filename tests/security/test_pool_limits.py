@@ -196,8 +196,12 @@ def test_fetch_serves_each_image_once_per_call(pki, server, tmp_path):
 
 
 def test_second_server_on_the_same_store_refused(pki, server, tmp_path):
-    with pytest.raises(RuntimeError) as ei:
-        PoolServer(server.store, pki.certs, tmp_path).start(timeout=30)
+    second = PoolServer(server.store, pki.certs, tmp_path)
+    try:
+        with pytest.raises(RuntimeError) as ei:
+            second.start(timeout=30)
+    finally:
+        second.stop()  # should it have started after all
     assert f"pool store {server.store} is in use by another pool service (pid {server.proc.pid})" in str(ei.value)
 
 
