@@ -209,7 +209,7 @@ def test_second_server_on_the_same_store_refused(pki, server, tmp_path):
 def short(pki, tmp_path_factory):
     """A pool with short idle and keep-for-retry times, set through the config section's own mapping."""
     work = tmp_path_factory.mktemp("short")
-    extra = limits_args(PoolLimitsConfig(workers=8, idle_timeout_s=1, keep_interrupted_s=1))
+    extra = limits_args(PoolLimitsConfig(workers=8, idle_timeout_s=1, keep_interrupted_s=1, call_timeout_s=3))
     with PoolServer(work / "store", pki.certs, work, extra=tuple(extra)) as srv:
         yield srv
 
@@ -232,6 +232,28 @@ def test_idle_stream_aborted_and_staging_removed(pki, short, tmp_path):
     assert ei.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     assert ei.value.details() == "stream idle for more than 1 s (--idle-timeout-s): aborted"
     assert waited < 15
+    assert leftovers(short.store) == []
+
+
+def test_trickling_stream_aborted_at_the_call_deadline(pki, short, tmp_path):
+    """One byte every 0.4 s never trips the idle timeout; the per-call deadline ends it."""
+    out = tmp_path / "trickle"
+    make_site_dir(out, "site-c", 2, seed=33)
+    _, signed = prepare(out, pki.site("site-c"))
+    data = signed.image_path(0).read_bytes()
+
+    def trickle():
+        yield from header(signed)
+        for i in range(len(data)):
+            time.sleep(0.4)
+            yield pool_pb2.PushRequest(chunks=[pool_pb2.FileChunk(index=0, offset=i, data=data[i: i + 1])])
+
+    t0 = time.monotonic()
+    with channel(short.address, pki.site("site-c")) as ch, pytest.raises(grpc.RpcError) as ei:
+        stub(ch).Push(trickle(), timeout=30)
+    assert ei.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert ei.value.details() == "stream open for more than 3 s (--call-timeout-s): aborted"
+    assert time.monotonic() - t0 < 20
     assert leftovers(short.store) == []
 
 
