@@ -92,7 +92,7 @@ def train(msg: Message, context: Context) -> Message:
     restored = False
     if state_path.is_file():
         try:
-            sd = torch.load(state_path, map_location="cpu", weights_only=False)
+            sd = torch.load(state_path, map_location="cpu", weights_only=True)
             if sd.get("arch") == {"channels": channels, "size": size} and sd.get("run-digest") == conf.get("run-digest"):
                 trainer.load_state_dict(sd)
                 restored = True

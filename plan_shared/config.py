@@ -349,6 +349,43 @@ class FederationConfig(_Section):
     supernode_port: int = Field(9094, ge=1, le=65535, description="Site: local SuperNode runtime port (127.0.0.1).")
 
 
+class PoolLimitsConfig(_Section):
+    """Limits of the pool service, so that no site can block it and no stored row can break reading it.
+
+    ``plan-server pool serve`` takes each as an option (``--idle-timeout-s`` ...) with these
+    defaults; ``plan-server coordinate`` passes the ``pool.limits`` of coordinator.yaml.
+    """
+
+    workers: int = Field(16, ge=2, description="Threads serving calls (each open stream holds one).")
+    max_streams_per_identity: int = Field(
+        4, ge=1, description="Open streaming calls (Offer/Push/Catalog/Fetch) per certificate identity; more are "
+        "refused with RESOURCE_EXHAUSTED, so one site's streams cannot take every worker.")
+    idle_timeout_s: float = Field(
+        60.0, gt=0, description="An Offer/Push stream that sends nothing for this long is aborted (DEADLINE_EXCEEDED) "
+        "and its files removed at once.")
+    call_timeout_s: float = Field(
+        3600.0, gt=0, description="Longest Offer/Push stream, whatever the client's deadline (4 GiB at ~1.2 MB/s).")
+    site_quota_mb: float = Field(51200.0, gt=0, description="Bytes (MiB) one site may store, stored bundles plus pushes in flight.")
+    site_quota_images: int = Field(5_000_000, ge=1, description="Images one site may store.")
+    max_manifest_kb: int = Field(
+        131072, ge=1, description="Largest signed bundle manifest, KiB, counted while it arrives (before any parsing); "
+        "128 MiB holds 100,000 records.")
+    max_field_chars: int = Field(
+        256, ge=32, description="Longest text field of a bundle (created, site_id, image id, class name, method); "
+        "longer is refused at ingest and cut in List/Catalog replies.")
+    keep_interrupted_s: float = Field(
+        300.0, ge=0, description="Verified files of a push cut mid-way are kept this long so a retry need not resend "
+        "them, then removed (0 = at once). Refused or idle-aborted pushes are always removed at once.")
+    page_kb: int = Field(1024, ge=1, description="List/Catalog replies are paged (List) and batched (Catalog) at this many KiB.")
+
+    @model_validator(mode="after")
+    def _streams_below_workers(self) -> "PoolLimitsConfig":
+        if self.max_streams_per_identity >= self.workers:
+            raise ValueError(f"max_streams_per_identity ({self.max_streams_per_identity}) must be below workers "
+                             f"({self.workers}): otherwise one identity can hold every worker")
+        return self
+
+
 class PoolConfig(_Section):
     """Where synthetic images go (stage C) and where the coordinator reads them back (stage D).
 
@@ -382,6 +419,7 @@ class PoolConfig(_Section):
         "and `demo` write it from the policy section (default STATE/pool-policy.json) and the ServerApp records the final "
         "generator's digest in it before the synthesis phase. null with an external pool: no policy file."
     )
+    limits: PoolLimitsConfig = Field(default_factory=PoolLimitsConfig)
 
 
 class PolicyConfig(_Section):

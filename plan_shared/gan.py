@@ -302,7 +302,7 @@ def _load_checkpoint(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise FileNotFoundError(f"generator checkpoint not found: {path}")
     try:
-        sd = torch.load(path, map_location="cpu", weights_only=False)
+        sd = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - torch raises many types for a bad file
         raise ValueError(f"{path}: not a readable checkpoint ({err})") from None
     if not isinstance(sd, dict) or "generator_ema" not in sd:

@@ -127,6 +127,7 @@ class Coordinator:
         self.policy_file: Optional[Path] = None  # the pool's policy file when coordinate started the pool
         self.pool_address: Optional[str] = None  # where the ServerApp pulls from
         self.reader: Optional[Path] = None
+        self._registry_stamp: Optional[tuple] = None  # registry.json as last acted on (revocations)
         for f in ("ca.crt", "server.crt", "server.key", "registry.json"):
             if not (self.certs / f).is_file():
                 raise CoordinateError(f"{self.certs / f} missing: run `plan-server certs init --dir {self.certs}` first")
@@ -237,7 +238,7 @@ class Coordinator:
 
     def start_pool(self) -> None:
         """Pool service on ``pool.listen`` (or the external ``pool.address`` when listen is null)."""
-        from server.pool.process import PoolProcess
+        from server.pool.process import PoolProcess, limits_args
 
         pool = self.cfg.pool
         self.reader = self.reader_credentials()
@@ -264,7 +265,7 @@ class Coordinator:
             self.state / "pool-policy.json"
         write_policy_file(self.policy_file, policy_from_config(self.cfg))  # digest null: a new run
         self.pool = PoolProcess(self.state / "pool-store", self.certs, self.state, host=host, port=port,
-                                extra=("--policy", str(self.policy_file)))
+                                extra=("--policy", str(self.policy_file), *limits_args(pool.limits)))
         try:
             self.pool.start()
         except RuntimeError as err:
@@ -326,10 +327,47 @@ class Coordinator:
                 raise CoordinateError(f"registering site {name} failed: {r.get('error-message')}")
             active[name] = known.get(name, "?")
         known_path.write_text(json.dumps(known, indent=1))
+        self._registry_stamp = self._registry_file_stamp()
         if not active:
             raise CoordinateError(f"no active site in {self.certs / 'registry.json'}: enrol one with "
                                   "`plan-server certs enroll ENROLMENT --dir CERTS`")
         return active
+
+    def _registry_file_stamp(self) -> Optional[tuple]:
+        try:
+            st = os.stat(self.certs / "registry.json")
+        except FileNotFoundError:
+            return None
+        return (st.st_ino, st.st_size, st.st_mtime_ns)
+
+    def unregister_revoked(self) -> list[str]:
+        """While the run goes on: when registry.json changed, unregister from the RUNNING SuperLink the node of
+        every site now revoked (``flwr supernode unregister`` disconnects it). Returns the sites unregistered."""
+        from server.certs import read_registry
+
+        stamp = self._registry_file_stamp()
+        if stamp is None or stamp == self._registry_stamp:
+            return []
+        self._registry_stamp = stamp
+        reg = read_registry(self.certs)
+        known_path = self.state / "nodes.json"
+        known: dict[str, str] = json.loads(known_path.read_text()) if known_path.is_file() else {}
+        done = []
+        for name, e in sorted(reg.get("identities", {}).items()):
+            if e.get("role") != "site" or not e.get("revoked") or name not in known:
+                continue
+            r = self.flwr("supernode", "unregister", known[name])
+            if not r.get("success"):
+                LOG.warning("unregistering revoked site %s (node %s) failed: %s", name, known[name],
+                            r.get("error-message"))
+                self._registry_stamp = None  # try again at the next poll
+                continue
+            print(f"site {name} is revoked: unregistered its node {known.pop(name)} from the running SuperLink",
+                  flush=True)
+            done.append(name)
+        if done:
+            known_path.write_text(json.dumps(known, indent=1))
+        return done
 
     def online_nodes(self) -> list[str]:
         r = self.flwr("supernode", "ls")
@@ -405,6 +443,7 @@ class Coordinator:
             seen = max(seen, len(lines))
             if status in FINISHED:
                 return status
+            self.unregister_revoked()
             if seen == 0 and time.monotonic() - last_wait > 15:
                 online = self.online_nodes()
                 print(f"waiting for sites: {len(online)}/{n_sites} online ({time.monotonic() - t0:.0f}s, "

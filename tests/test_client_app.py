@@ -70,14 +70,14 @@ def test_train_returns_weights_metrics_and_keeps_local_state(tmp_path, share):
     # weights moved away from the global ones
     g0 = glob.weights(share)
     assert any(not torch.equal(arrays[k], g0[k]) for k in arrays if k.startswith("g."))
-    state = torch.load(tmp_path / "hospital-a" / "local_trainer.pt", weights_only=False)
+    state = torch.load(tmp_path / "hospital-a" / "local_trainer.pt", weights_only=True)
     assert state["step"] == 2
     if share == "g":
         # the local D is what the next round starts from (the global record carries no d.*)
         rep2 = _call(Message(RecordDict({"arrays": ArrayRecord(glob.weights(share)), "config": _conf(cfg, **{"server-round": 2})}),
                              message_type=MessageType.TRAIN, dst_node_id=7), ctx)
         assert not rep2.has_error()
-        state2 = torch.load(tmp_path / "hospital-a" / "local_trainer.pt", weights_only=False)
+        state2 = torch.load(tmp_path / "hospital-a" / "local_trainer.pt", weights_only=True)
         assert state2["step"] == 4
         assert any(not torch.equal(state2["discriminator"][k], glob.D.state_dict()[k]) for k in state2["discriminator"])
 

@@ -57,12 +57,12 @@ def test_simulation_3_sites_2_rounds_weighted_mean(tmp_path, monkeypatch):
     total = sum(counts.values())
     mean: dict[str, torch.Tensor] = {}
     for site, n in counts.items():
-        st = torch.load(out / "sites" / site / "local_trainer.pt", weights_only=False)
+        st = torch.load(out / "sites" / site / "local_trainer.pt", weights_only=True)
         assert st["step"] == 2 * cfg.federation.local_steps
         for k, v in _local_weights(st, "gd").items():
             if v.is_floating_point():
                 mean[k] = mean.get(k, 0) + v.double() * (n / total)
-    glob = torch.load(out / "checkpoints" / "round-0002.pt", weights_only=False)
+    glob = torch.load(out / "checkpoints" / "round-0002.pt", weights_only=True)
     gw = _local_weights(glob, "gd")
     assert mean.keys() <= gw.keys()
     for k, v in mean.items():

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\npool.proto\x12\x0cplan.pool.v1\"D\n\x0cOfferRequest\x12\x17\n\rmanifest_part\x18\x01 \x01(\x0cH\x00\x12\x13\n\tsignature\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04item\"f\n\nOfferReply\x12\x11\n\tbundle_id\x18\x01 \x01(\t\x12\x11\n\tduplicate\x18\x02 \x01(\x08\x12\x0c\n\x04need\x18\x03 \x03(\r\x12\x13\n\x0bneed_report\x18\x04 \x01(\x08\x12\x0f\n\x07message\x18\x05 \x01(\t\"V\n\tFileChunk\x12\r\n\x05index\x18\x01 \x01(\r\x12\x0e\n\x06report\x18\x02 \x01(\x08\x12\x0e\n\x06offset\x18\x03 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\x12\x0c\n\x04last\x18\x05 \x01(\x08\"`\n\x0bPushRequest\x12\x15\n\rmanifest_part\x18\x01 \x01(\x0c\x12\x11\n\tsignature\x18\x02 \x01(\x0c\x12\'\n\x06\x63hunks\x18\x03 \x03(\x0b\x32\x17.plan.pool.v1.FileChunk\"\x81\x01\n\tPushReply\x12\x11\n\tbundle_id\x18\x01 \x01(\t\x12\x11\n\tduplicate\x18\x02 \x01(\x08\x12\x10\n\x08n_images\x18\x03 \x01(\r\x12\x13\n\x0bn_new_files\x18\x04 \x01(\r\x12\x16\n\x0e\x62ytes_received\x18\x05 \x01(\x04\x12\x0f\n\x07message\x18\x06 \x01(\t\"\x1e\n\x0bListRequest\x12\x0f\n\x07site_id\x18\x01 \x01(\t\"\x82\x03\n\nBundleInfo\x12\x11\n\tbundle_id\x18\x01 \x01(\t\x12\x0f\n\x07site_id\x18\x02 \x01(\t\x12\x10\n\x08n_images\x18\x03 \x01(\r\x12\x0f\n\x07n_bytes\x18\x04 \x01(\x04\x12\x0f\n\x07\x63reated\x18\x05 \x01(\t\x12\x10\n\x08received\x18\x06 \x01(\t\x12\x18\n\x10generator_sha256\x18\x07 \x01(\t\x12\x15\n\rconfig_sha256\x18\x08 \x01(\t\x12\x39\n\tper_class\x18\t \x03(\x0b\x32&.plan.pool.v1.BundleInfo.PerClassEntry\x12;\n\nper_method\x18\n \x03(\x0b\x32\'.plan.pool.v1.BundleInfo.PerMethodEntry\x1a/\n\rPerClassEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\r:\x02\x38\x01\x1a\x30\n\x0ePerMethodEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\r:\x02\x38\x01\"6\n\tListReply\x12)\n\x07\x62undles\x18\x01 \x03(\x0b\x32\x18.plan.pool.v1.BundleInfo\"!\n\x0e\x43\x61talogRequest\x12\x0f\n\x07site_id\x18\x01 \x01(\t\"\xd4\x01\n\x0c\x43\x61talogEntry\x12\x11\n\tbundle_id\x18\x01 \x01(\t\x12\x0f\n\x07site_id\x18\x02 \x01(\t\x12\x0e\n\x06sha256\x18\x03 \x01(\t\x12\x12\n\nclass_name\x18\x04 \x01(\t\x12\x0c\n\x04size\x18\x05 \x01(\x04\x12\x13\n\x0brecord_json\x18\x06 \x01(\t\x12\x18\n\x10generator_sha256\x18\x07 \x01(\t\x12\x15\n\rconfig_sha256\x18\x08 \x01(\t\x12\x17\n\x0fgenerator_round\x18\t \x01(\x03\x12\x0f\n\x07\x63reated\x18\n \x01(\t\"\x1e\n\x0c\x46\x65tchRequest\x12\x0e\n\x06sha256\x18\x01 \x03(\t\"H\n\nFetchChunk\x12\x0e\n\x06sha256\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12\x0c\n\x04last\x18\x04 \x01(\x08\"6\n\nFetchReply\x12(\n\x06\x63hunks\x18\x01 \x03(\x0b\x32\x18.plan.pool.v1.FetchChunk\";\n\x0c\x43\x61talogReply\x12+\n\x07\x65ntries\x18\x01 \x03(\x0b\x32\x1a.plan.pool.v1.CatalogEntry2\xc9\x02\n\x04Pool\x12?\n\x05Offer\x12\x1a.plan.pool.v1.OfferRequest\x1a\x18.plan.pool.v1.OfferReply(\x01\x12<\n\x04Push\x12\x19.plan.pool.v1.PushRequest\x1a\x17.plan.pool.v1.PushReply(\x01\x12:\n\x04List\x12\x19.plan.pool.v1.ListRequest\x1a\x17.plan.pool.v1.ListReply\x12\x45\n\x07\x43\x61talog\x12\x1c.plan.pool.v1.CatalogRequest\x1a\x1a.plan.pool.v1.CatalogReply0\x01\x12?\n\x05\x46\x65tch\x12\x1a.plan.pool.v1.FetchRequest\x1a\x18.plan.pool.v1.FetchReply0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\npool.proto\x12\x0cplan.pool.v1\"D\n\x0cOfferRequest\x12\x17\n\rmanifest_part\x18\x01 \x01(\x0cH\x00\x12\x13\n\tsignature\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04item\"f\n\nOfferReply\x12\x11\n\tbundle_id\x18\x01 \x01(\t\x12\x11\n\tduplicate\x18\x02 \x01(\x08\x12\x0c\n\x04need\x18\x03 \x03(\r\x12\x13\n\x0bneed_report\x18\x04 \x01(\x08\x12\x0f\n\x07message\x18\x05 \x01(\t\"V\n\tFileChunk\x12\r\n\x05index\x18\x01 \x01(\r\x12\x0e\n\x06report\x18\x02 \x01(\x08\x12\x0e\n\x06offset\x18\x03 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\x12\x0c\n\x04last\x18\x05 \x01(\x08\"`\n\x0bPushRequest\x12\x15\n\rmanifest_part\x18\x01 \x01(\x0c\x12\x11\n\tsignature\x18\x02 \x01(\x0c\x12\'\n\x06\x63hunks\x18\x03 \x03(\x0b\x32\x17.plan.pool.v1.FileChunk\"\x81\x01\n\tPushReply\x12\x11\n\tbundle_id\x18\x01 \x01(\t\x12\x11\n\tduplicate\x18\x02 \x01(\x08\x12\x10\n\x08n_images\x18\x03 \x01(\r\x12\x13\n\x0bn_new_files\x18\x04 \x01(\r\x12\x16\n\x0e\x62ytes_received\x18\x05 \x01(\x04\x12\x0f\n\x07message\x18\x06 \x01(\t\"A\n\x0bListRequest\x12\x0f\n\x07site_id\x18\x01 \x01(\t\x12\r\n\x05paged\x18\x02 \x01(\x08\x12\x12\n\npage_token\x18\x03 \x01(\t\"\x82\x03\n\nBundleInfo\x12\x11\n\tbundle_id\x18\x01 \x01(\t\x12\x0f\n\x07site_id\x18\x02 \x01(\t\x12\x10\n\x08n_images\x18\x03 \x01(\r\x12\x0f\n\x07n_bytes\x18\x04 \x01(\x04\x12\x0f\n\x07\x63reated\x18\x05 \x01(\t\x12\x10\n\x08received\x18\x06 \x01(\t\x12\x18\n\x10generator_sha256\x18\x07 \x01(\t\x12\x15\n\rconfig_sha256\x18\x08 \x01(\t\x12\x39\n\tper_class\x18\t \x03(\x0b\x32&.plan.pool.v1.BundleInfo.PerClassEntry\x12;\n\nper_method\x18\n \x03(\x0b\x32\'.plan.pool.v1.BundleInfo.PerMethodEntry\x1a/\n\rPerClassEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\r:\x02\x38\x01\x1a\x30\n\x0ePerMethodEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\r:\x02\x38\x01\"O\n\tListReply\x12)\n\x07\x62undles\x18\x01 \x03(\x0b\x32\x18.plan.pool.v1.BundleInfo\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"!\n\x0e\x43\x61talogRequest\x12\x0f\n\x07site_id\x18\x01 \x01(\t\"\xd4\x01\n\x0c\x43\x61talogEntry\x12\x11\n\tbundle_id\x18\x01 \x01(\t\x12\x0f\n\x07site_id\x18\x02 \x01(\t\x12\x0e\n\x06sha256\x18\x03 \x01(\t\x12\x12\n\nclass_name\x18\x04 \x01(\t\x12\x0c\n\x04size\x18\x05 \x01(\x04\x12\x13\n\x0brecord_json\x18\x06 \x01(\t\x12\x18\n\x10generator_sha256\x18\x07 \x01(\t\x12\x15\n\rconfig_sha256\x18\x08 \x01(\t\x12\x17\n\x0fgenerator_round\x18\t \x01(\x03\x12\x0f\n\x07\x63reated\x18\n \x01(\t\"\x1e\n\x0c\x46\x65tchRequest\x12\x0e\n\x06sha256\x18\x01 \x03(\t\"H\n\nFetchChunk\x12\x0e\n\x06sha256\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12\x0c\n\x04last\x18\x04 \x01(\x08\"6\n\nFetchReply\x12(\n\x06\x63hunks\x18\x01 \x03(\x0b\x32\x18.plan.pool.v1.FetchChunk\";\n\x0c\x43\x61talogReply\x12+\n\x07\x65ntries\x18\x01 \x03(\x0b\x32\x1a.plan.pool.v1.CatalogEntry2\xc9\x02\n\x04Pool\x12?\n\x05Offer\x12\x1a.plan.pool.v1.OfferRequest\x1a\x18.plan.pool.v1.OfferReply(\x01\x12<\n\x04Push\x12\x19.plan.pool.v1.PushRequest\x1a\x17.plan.pool.v1.PushReply(\x01\x12:\n\x04List\x12\x19.plan.pool.v1.ListRequest\x1a\x17.plan.pool.v1.ListReply\x12\x45\n\x07\x43\x61talog\x12\x1c.plan.pool.v1.CatalogRequest\x1a\x1a.plan.pool.v1.CatalogReply0\x01\x12?\n\x05\x46\x65tch\x12\x1a.plan.pool.v1.FetchRequest\x1a\x18.plan.pool.v1.FetchReply0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -46,27 +46,27 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_PUSHREPLY']._serialized_start=389
   _globals['_PUSHREPLY']._serialized_end=518
   _globals['_LISTREQUEST']._serialized_start=520
-  _globals['_LISTREQUEST']._serialized_end=550
-  _globals['_BUNDLEINFO']._serialized_start=553
-  _globals['_BUNDLEINFO']._serialized_end=939
-  _globals['_BUNDLEINFO_PERCLASSENTRY']._serialized_start=842
-  _globals['_BUNDLEINFO_PERCLASSENTRY']._serialized_end=889
-  _globals['_BUNDLEINFO_PERMETHODENTRY']._serialized_start=891
-  _globals['_BUNDLEINFO_PERMETHODENTRY']._serialized_end=939
-  _globals['_LISTREPLY']._serialized_start=941
-  _globals['_LISTREPLY']._serialized_end=995
-  _globals['_CATALOGREQUEST']._serialized_start=997
-  _globals['_CATALOGREQUEST']._serialized_end=1030
-  _globals['_CATALOGENTRY']._serialized_start=1033
-  _globals['_CATALOGENTRY']._serialized_end=1245
-  _globals['_FETCHREQUEST']._serialized_start=1247
-  _globals['_FETCHREQUEST']._serialized_end=1277
-  _globals['_FETCHCHUNK']._serialized_start=1279
-  _globals['_FETCHCHUNK']._serialized_end=1351
-  _globals['_FETCHREPLY']._serialized_start=1353
-  _globals['_FETCHREPLY']._serialized_end=1407
-  _globals['_CATALOGREPLY']._serialized_start=1409
-  _globals['_CATALOGREPLY']._serialized_end=1468
-  _globals['_POOL']._serialized_start=1471
-  _globals['_POOL']._serialized_end=1800
+  _globals['_LISTREQUEST']._serialized_end=585
+  _globals['_BUNDLEINFO']._serialized_start=588
+  _globals['_BUNDLEINFO']._serialized_end=974
+  _globals['_BUNDLEINFO_PERCLASSENTRY']._serialized_start=877
+  _globals['_BUNDLEINFO_PERCLASSENTRY']._serialized_end=924
+  _globals['_BUNDLEINFO_PERMETHODENTRY']._serialized_start=926
+  _globals['_BUNDLEINFO_PERMETHODENTRY']._serialized_end=974
+  _globals['_LISTREPLY']._serialized_start=976
+  _globals['_LISTREPLY']._serialized_end=1055
+  _globals['_CATALOGREQUEST']._serialized_start=1057
+  _globals['_CATALOGREQUEST']._serialized_end=1090
+  _globals['_CATALOGENTRY']._serialized_start=1093
+  _globals['_CATALOGENTRY']._serialized_end=1305
+  _globals['_FETCHREQUEST']._serialized_start=1307
+  _globals['_FETCHREQUEST']._serialized_end=1337
+  _globals['_FETCHCHUNK']._serialized_start=1339
+  _globals['_FETCHCHUNK']._serialized_end=1411
+  _globals['_FETCHREPLY']._serialized_start=1413
+  _globals['_FETCHREPLY']._serialized_end=1467
+  _globals['_CATALOGREPLY']._serialized_start=1469
+  _globals['_CATALOGREPLY']._serialized_end=1528
+  _globals['_POOL']._serialized_start=1531
+  _globals['_POOL']._serialized_end=1860
 # @@protoc_insertion_point(module_scope)

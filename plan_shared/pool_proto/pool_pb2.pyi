@@ -69,10 +69,14 @@ class PushReply(_message.Message):
     def __init__(self, bundle_id: _Optional[str] = ..., duplicate: _Optional[bool] = ..., n_images: _Optional[int] = ..., n_new_files: _Optional[int] = ..., bytes_received: _Optional[int] = ..., message: _Optional[str] = ...) -> None: ...
 
 class ListRequest(_message.Message):
-    __slots__ = ("site_id",)
+    __slots__ = ("site_id", "paged", "page_token")
     SITE_ID_FIELD_NUMBER: _ClassVar[int]
+    PAGED_FIELD_NUMBER: _ClassVar[int]
+    PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
     site_id: str
-    def __init__(self, site_id: _Optional[str] = ...) -> None: ...
+    paged: bool
+    page_token: str
+    def __init__(self, site_id: _Optional[str] = ..., paged: _Optional[bool] = ..., page_token: _Optional[str] = ...) -> None: ...
 
 class BundleInfo(_message.Message):
     __slots__ = ("bundle_id", "site_id", "n_images", "n_bytes", "created", "received", "generator_sha256", "config_sha256", "per_class", "per_method")
@@ -113,10 +117,12 @@ class BundleInfo(_message.Message):
     def __init__(self, bundle_id: _Optional[str] = ..., site_id: _Optional[str] = ..., n_images: _Optional[int] = ..., n_bytes: _Optional[int] = ..., created: _Optional[str] = ..., received: _Optional[str] = ..., generator_sha256: _Optional[str] = ..., config_sha256: _Optional[str] = ..., per_class: _Optional[_Mapping[str, int]] = ..., per_method: _Optional[_Mapping[str, int]] = ...) -> None: ...
 
 class ListReply(_message.Message):
-    __slots__ = ("bundles",)
+    __slots__ = ("bundles", "next_page_token")
     BUNDLES_FIELD_NUMBER: _ClassVar[int]
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
     bundles: _containers.RepeatedCompositeFieldContainer[BundleInfo]
-    def __init__(self, bundles: _Optional[_Iterable[_Union[BundleInfo, _Mapping]]] = ...) -> None: ...
+    next_page_token: str
+    def __init__(self, bundles: _Optional[_Iterable[_Union[BundleInfo, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
 
 class CatalogRequest(_message.Message):
     __slots__ = ("site_id",)

@@ -12,6 +12,10 @@ from typing import Optional
 
 import typer
 
+from plan_shared.config import PoolLimitsConfig
+
+_L = PoolLimitsConfig()  # the documented defaults (plan_shared/config.py)
+
 app = typer.Typer(
     help="The shared pool of synthetic images: serve it, check it, list and pull it.\n\n"
     "Example: plan-server pool serve --store pool --certs certs --address 0.0.0.0:50061",
@@ -39,7 +43,19 @@ def serve_cmd(
     policy_file: Optional[Path] = typer.Option(
         None, "--policy", help="The federation's policy file (JSON, plan_shared/policy.py; written by `coordinate`), "
         "re-read whenever it changes. Replaces --max-tau-id/--max-tau-indep/--min-delta."),
-    workers: int = typer.Option(16, "--workers", min=1, help="Concurrent calls served."),
+    workers: int = typer.Option(_L.workers, "--workers", min=2, help="Threads serving calls."),
+    max_streams: int = typer.Option(_L.max_streams_per_identity, "--max-streams-per-identity", min=1,
+                                    help="Open streams per certificate identity (below --workers)."),
+    idle_timeout_s: float = typer.Option(_L.idle_timeout_s, "--idle-timeout-s", help="Abort an Offer/Push stream idle this long."),
+    call_timeout_s: float = typer.Option(_L.call_timeout_s, "--call-timeout-s", help="Abort an Offer/Push stream open this long."),
+    site_quota_mb: float = typer.Option(_L.site_quota_mb, "--site-quota-mb", help="MiB one site may store."),
+    site_quota_images: int = typer.Option(_L.site_quota_images, "--site-quota-images", help="Images one site may store."),
+    max_manifest_kb: int = typer.Option(_L.max_manifest_kb, "--max-manifest-kb", min=1,
+                                        help="Largest bundle manifest, KiB (checked while it arrives)."),
+    max_field_chars: int = typer.Option(_L.max_field_chars, "--max-field-chars", help="Longest text field of a bundle."),
+    keep_interrupted_s: float = typer.Option(_L.keep_interrupted_s, "--keep-interrupted-s",
+                                             help="Keep a cut push's verified files this long for a retry (0: remove at once)."),
+    page_kb: int = typer.Option(_L.page_kb, "--page-kb", help="List page / Catalog batch size, KiB."),
     port_file: Optional[Path] = typer.Option(None, "--port-file", help="Write the bound port here once listening."),
 ) -> None:
     """Run the pool service (gRPC, mutual TLS) until Ctrl-C / SIGTERM.
@@ -51,15 +67,25 @@ def serve_cmd(
     from plan_shared.credentials import CredentialsError
     from server.pool.service import serve
 
+    from pydantic import ValidationError
+
     limits = BundleLimits(max_images=max_images, max_image_bytes=max_image_kb * 1024,
-                          max_bundle_bytes=max_bundle_mb * 1024 * 1024)
+                          max_bundle_bytes=max_bundle_mb * 1024 * 1024, max_manifest_bytes=max_manifest_kb * 1024)
     from plan_shared.policy import PolicyFileError
 
     if policy_file is not None and any(v is not None for v in (max_tau_id, max_tau_indep, min_delta)):
         _fail("--policy replaces --max-tau-id/--max-tau-indep/--min-delta: put the bounds in the policy file", 2)
     policy = ThresholdPolicy(max_tau_id=max_tau_id, max_tau_indep=max_tau_indep, min_delta=min_delta)
     try:
-        serve(store, certs, address, limits, policy, workers, port_file, policy_file)
+        pool_limits = PoolLimitsConfig(
+            workers=workers, max_streams_per_identity=max_streams, idle_timeout_s=idle_timeout_s,
+            call_timeout_s=call_timeout_s, site_quota_mb=site_quota_mb, site_quota_images=site_quota_images,
+            max_manifest_kb=max_manifest_kb, max_field_chars=max_field_chars, keep_interrupted_s=keep_interrupted_s,
+            page_kb=page_kb)
+    except ValidationError as err:
+        _fail("; ".join(f"{'.'.join(map(str, e['loc'])) or 'limits'}: {e['msg']}" for e in err.errors()))
+    try:
+        serve(store, certs, address, limits, policy, pool_limits, port_file, policy_file)
     except (CredentialsError, RuntimeError, PolicyFileError) as err:
         _fail(str(err))
 
@@ -100,6 +126,63 @@ def check_cmd(
                f"{len(rep.garbage)} garbage entries")
     if rep.problems:
         raise typer.Exit(1)
+
+
+@app.command("quarantine")
+def quarantine_cmd(
+    store: Path = typer.Option(..., "--store", help="Store folder."),
+    site: Optional[str] = typer.Option(None, "--site", help="Site to hide; without it: list the quarantine."),
+    reason: str = typer.Option("quarantined by the operator", "--reason", help="Why (shown by the list)."),
+) -> None:
+    """Hide a site's bundles from List, Catalog and pull (kept on disk); works while the service runs.
+
+    The service does this by itself for a site that `plan-server certs revoke` revoked.
+
+    Example: plan-server pool quarantine --store pool --site hospital-b --reason "audit"
+    """
+    from server.pool.store import Store, StoreError
+
+    try:
+        st = Store(store, create=False)
+    except StoreError as err:
+        _fail(str(err), 2)
+    try:
+        if site is None:
+            rows = st.quarantine_list()
+            for r in rows:
+                state = "quarantined" if r["quarantined"] else "visible"
+                typer.echo(f"{r['site_id']}: {state} ({r['reason']}) since {r['since']}")
+            if not rows:
+                typer.echo("no site is quarantined")
+            return
+        changed = st.quarantine(site, reason)
+    finally:
+        st.close()
+    typer.echo(f"{site}: quarantined ({reason})" if changed else f"{site}: was already quarantined")
+
+
+@app.command("restore")
+def restore_cmd(
+    store: Path = typer.Option(..., "--store", help="Store folder."),
+    site: str = typer.Option(..., "--site", help="Site whose bundles become visible again."),
+) -> None:
+    """Lift a site's quarantine (also one the service set on revocation); works while the service runs.
+
+    Example: plan-server pool restore --store pool --site hospital-b
+    """
+    from server.pool.store import Store, StoreError
+
+    try:
+        st = Store(store, create=False)
+    except StoreError as err:
+        _fail(str(err), 2)
+    try:
+        n_bundles, n_images = st.restore(site)
+    except StoreError as err:
+        _fail(str(err))
+    finally:
+        st.close()
+    typer.echo(f"{site}: restored ({n_bundles} bundle(s), {n_images} images visible again)")
 
 
 @app.command("ls")

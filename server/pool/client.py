@@ -133,10 +133,17 @@ def list_bundles(pool: str, credentials: Path, site: Optional[str] = None, retri
     creds = _reader(credentials)
     with open_channel(pool, creds, server_name) as ch:
         stub = pool_pb2_grpc.PoolStub(ch)
-        reply = call_with_retries(lambda: stub.List(pool_pb2.ListRequest(site_id=site or ""), timeout=60),
-                                  pool, retries, backoff, creds=creds, server_name=server_name)
+        bundles, token = [], ""
+        while True:  # the pool pages its reply by bytes: follow the pages
+            reply = call_with_retries(
+                lambda: stub.List(pool_pb2.ListRequest(site_id=site or "", paged=True, page_token=token), timeout=60),
+                pool, retries, backoff, creds=creds, server_name=server_name)
+            bundles.extend(reply.bundles)
+            if not reply.next_page_token:
+                break
+            token = reply.next_page_token
     out = []
-    for b in reply.bundles:
+    for b in bundles:
         out.append({
             "bundle_id": b.bundle_id, "site_id": b.site_id, "n_images": b.n_images, "n_bytes": b.n_bytes,
             "created": b.created, "received": b.received, "generator_sha256": b.generator_sha256,

@@ -15,6 +15,17 @@ import time
 from pathlib import Path
 from typing import Optional, Sequence
 
+from plan_shared.config import PoolLimitsConfig
+
+
+def limits_args(limits: PoolLimitsConfig) -> list[str]:
+    """``pool serve`` options for the limits of a config's ``pool.limits`` section."""
+    out: list[str] = []
+    for name, value in limits.model_dump().items():
+        flag = "--max-streams-per-identity" if name == "max_streams_per_identity" else "--" + name.replace("_", "-")
+        out += [flag, str(value)]
+    return out
+
 
 class PoolProcess:
     def __init__(self, store: Path, certs: Path, log_dir: Path, host: str = "127.0.0.1", port: int = 0,

@@ -21,6 +21,20 @@ gRPC errors whose details are the reason (``PERMISSION_DENIED`` for who/signatur
 ``INVALID_ARGUMENT`` for malformed content, ``FAILED_PRECONDITION`` for a policy
 violation).
 
+Limits (``plan_shared.config.PoolLimitsConfig``, one ``pool serve`` option each): at most
+``max_streams_per_identity`` open streams per certificate identity; an Offer/Push stream
+idle for ``idle_timeout_s`` or open for ``call_timeout_s`` is aborted (DEADLINE_EXCEEDED)
+and its files removed at once; per-site byte and image quotas (RESOURCE_EXHAUSTED naming
+site, quota and usage); the manifest size counted while it arrives; text fields capped
+at ingest and cut in replies; List paged and Catalog batched by bytes; Fetch serves each
+sha256 once per call. A push cut mid-way keeps its verified files ``keep_interrupted_s``
+for a retry, then they are removed (not at the next restart).
+
+Revocation: the caller's certificate is checked again against the registry just before
+the commit (a stream opened before a revocation cannot commit after it), and a site the
+registry marks revoked is quarantined in the store: its bundles are hidden from List,
+Catalog and Fetch, kept on disk, until ``plan-server pool restore --site``.
+
 Test hook: ``PLAN_POOL_TEST_PAUSE=<point>:<marker file>[:<n>]`` makes a push stop at
 ``received`` (after n files placed), ``before_commit``, ``in_transaction`` (rows
 inserted, COMMIT not yet run) or ``after_commit``: the server writes the marker
@@ -33,11 +47,14 @@ import hashlib
 import json
 import logging
 import os
+import queue
 import shutil
 import signal
 import threading
 import time
+from collections import Counter
 from concurrent import futures
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Optional
@@ -58,6 +75,7 @@ from plan_shared.bundle import (
 )
 from plan_shared.png_check import PngError, check_png
 from plan_shared.policy import PolicyFile, PolicyFileError, check_policy
+from plan_shared.config import PoolLimitsConfig
 from plan_shared.pool_proto import pool_pb2, pool_pb2_grpc
 from server.pool.store import KindError, Store, StoreError, with_article
 
@@ -65,6 +83,7 @@ LOG = logging.getLogger("plan.pool")
 CHUNK = 256 * 1024
 BATCH_BYTES = 1024 * 1024
 MAX_MESSAGE = 8 * 1024 * 1024
+OLD_CLIENT_REPLY = 4 * 1024 * 1024 - 64 * 1024  # an unpaged List reply stays under gRPC's default receive limit
 PAUSE_ENV = "PLAN_POOL_TEST_PAUSE"
 
 
@@ -75,6 +94,13 @@ class Refused(Exception):
         self.message = message
 
 
+class _EndedEarly(Refused):
+    """The push stream ended with files missing: a refusal, unless the client was in fact cancelling."""
+
+    def __init__(self, message: str):
+        super().__init__(grpc.StatusCode.INVALID_ARGUMENT, message)
+
+
 @dataclass(frozen=True)
 class Caller:
     name: str
@@ -83,13 +109,17 @@ class Caller:
 
 
 class Registry:
-    """registry.json, re-read whenever its (inode, size, mtime) changes. Fails closed."""
+    """registry.json, re-read whenever its (inode, size, mtime) changes. Fails closed.
 
-    def __init__(self, certs: Path):
+    ``on_load(identities)`` runs after every (re)load, e.g. to quarantine revoked sites.
+    """
+
+    def __init__(self, certs: Path, on_load=None):
         self.path = Path(certs) / C.REGISTRY
         self._lock = threading.Lock()
         self._stamp: Optional[tuple] = None
         self._identities: dict = {}
+        self._on_load = on_load
 
     def identities(self) -> dict:
         try:
@@ -109,6 +139,8 @@ class Registry:
                     raise Refused(grpc.StatusCode.UNAVAILABLE, f"pool misconfigured: registry.json unreadable: {err}") from None
                 self._identities, self._stamp = ids, stamp
                 LOG.info("registry loaded: %d identities", len(ids))
+                if self._on_load is not None:
+                    self._on_load(ids)
             return self._identities
 
 
@@ -132,6 +164,63 @@ class _Pause:
             time.sleep(3600)
 
 
+class _Paced:
+    """A request iterator read on a helper thread, so that the handler can give up on a stream
+    that sends nothing for ``idle_s`` or stays open longer than ``call_s`` (a blocked
+    ``next()`` of gRPC's own iterator cannot time out)."""
+
+    _END = object()
+
+    def __init__(self, it, idle_s: float, call_s: float):
+        self._it = iter(it)
+        self.idle_s, self.call_s = idle_s, call_s
+        self._deadline = time.monotonic() + call_s
+        self._q: queue.Queue = queue.Queue(maxsize=2)  # read-ahead bounded: at most 2 messages buffered
+        self._closed = threading.Event()
+        threading.Thread(target=self._pump, daemon=True, name="pool-stream").start()
+
+    def _put(self, item) -> bool:
+        while not self._closed.is_set():
+            try:
+                self._q.put(item, timeout=0.5)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _pump(self) -> None:
+        try:
+            for msg in self._it:
+                if not self._put(msg):
+                    return
+            self._put(self._END)
+        except BaseException as err:  # noqa: BLE001 - handed to the handler thread (grpc.RpcError: client gone)
+            self._put(err)
+
+    def close(self) -> None:
+        self._closed.set()
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        left = self._deadline - time.monotonic()
+        try:
+            item = self._q.get(timeout=max(0.0, min(self.idle_s, left)))
+        except queue.Empty:
+            self.close()
+            if self._deadline - time.monotonic() <= 0:
+                raise Refused(grpc.StatusCode.DEADLINE_EXCEEDED,
+                              f"stream open for more than {self.call_s:g} s (--call-timeout-s): aborted") from None
+            raise Refused(grpc.StatusCode.DEADLINE_EXCEEDED,
+                          f"stream idle for more than {self.idle_s:g} s (--idle-timeout-s): aborted") from None
+        if item is self._END:
+            raise StopIteration
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+
 class PoolService(pool_pb2_grpc.PoolServicer):
     def __init__(
         self,
@@ -140,13 +229,117 @@ class PoolService(pool_pb2_grpc.PoolServicer):
         limits: BundleLimits = BundleLimits(),
         policy: ThresholdPolicy = ThresholdPolicy(),
         policy_file: Optional[Path] = None,
+        pool_limits: PoolLimitsConfig = PoolLimitsConfig(),
     ):
         self.store = store
-        self.registry = Registry(certs)
         self.limits = limits
         self.policy = policy
         self.policy_file = PolicyFile(policy_file) if policy_file is not None else None
+        self.pool_limits = pool_limits
+        self.registry = Registry(certs, on_load=self._quarantine_revoked)
         self._pause = _Pause()
+        self._state = threading.RLock()
+        self._streams: Counter = Counter()         # identity -> open streams
+        self._inflight: dict[str, list[int]] = {}  # site -> [bytes, images] of pushes past their header
+        self._wanted: Counter = Counter()          # sha256 -> pushes in flight that need it (kept from sweeps)
+
+    # ------------------------------------------------------------ limits
+
+    @contextmanager
+    def _stream(self, caller: Caller):
+        limit = self.pool_limits.max_streams_per_identity
+        with self._state:
+            n = self._streams[caller.name]
+            if n >= limit:
+                raise Refused(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                              f"identity {caller.name!r} already has {n} open streams (limit {limit})")
+            self._streams[caller.name] = n + 1
+        try:
+            yield
+        finally:
+            with self._state:
+                self._streams[caller.name] -= 1
+                if self._streams[caller.name] <= 0:
+                    del self._streams[caller.name]
+
+    def _paced(self, it) -> _Paced:
+        return _Paced(it, self.pool_limits.idle_timeout_s, self.pool_limits.call_timeout_s)
+
+    def _check_fields(self, bm: BundleManifest) -> None:
+        cap = self.pool_limits.max_field_chars
+
+        def check(where: str, key: str, value: str) -> None:
+            if len(value) > cap:
+                raise Refused(grpc.StatusCode.INVALID_ARGUMENT,
+                              f"{where}: key {key!r} is {len(value)} characters long, at most {cap} (--max-field-chars)")
+
+        check("bundle manifest", "created", bm.created)
+        check("bundle manifest", "site_id", bm.site_id)
+        for i, im in enumerate(bm.images):
+            for key in ("id", "class_name", "method"):
+                check(f"bundle manifest images[{i}]", key, str(getattr(im.record, key)))
+
+    def _check_quota(self, bm: BundleManifest) -> None:
+        """Refuse a bundle that would take its site over a quota (stored + in flight + this one)."""
+        lim = self.pool_limits
+        stored_b, stored_n = self.store.site_usage(bm.site_id)
+        with self._state:
+            fly_b, fly_n = self._inflight.get(bm.site_id, (0, 0))
+        for kind, quota, stored, fly, adds in (
+            ("image", lim.site_quota_images, stored_n, fly_n, len(bm.images)),
+            ("byte", int(lim.site_quota_mb * 2**20), stored_b, fly_b, bm.total_bytes),
+        ):
+            if stored + fly + adds > quota:
+                also = f" + {fly} in flight" if fly else ""
+                raise Refused(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                              f"site {bm.site_id!r} is over its {kind} quota: {quota} allowed, {stored} stored{also}, "
+                              f"this bundle adds {adds}")
+
+    @contextmanager
+    def _reserve(self, bm: BundleManifest, wanted: set):
+        with self._state:
+            self._check_quota(bm)
+            fly = self._inflight.setdefault(bm.site_id, [0, 0])
+            fly[0] += bm.total_bytes
+            fly[1] += len(bm.images)
+            self._wanted.update(wanted)
+        try:
+            yield
+        finally:
+            with self._state:
+                fly = self._inflight[bm.site_id]
+                fly[0] -= bm.total_bytes
+                fly[1] -= len(bm.images)
+                if fly == [0, 0]:
+                    del self._inflight[bm.site_id]
+                self._wanted.subtract(wanted)
+                self._wanted += Counter()  # drop zero counts
+
+    def _discard_later(self, shas: set) -> None:
+        """Files of a push cut mid-way: kept ``keep_interrupted_s`` for a retry, then removed (unless indexed
+        or wanted by a push in flight, which then owns them)."""
+        keep = self.pool_limits.keep_interrupted_s
+        if keep <= 0 or not shas:
+            self.store.discard_unindexed(shas)
+            return
+
+        def sweep() -> None:
+            with self._state:
+                free = {s for s in shas if not self._wanted.get(s)}
+            self.store.discard_unindexed(free)
+            if free:
+                LOG.info("removed %d files of an interrupted push after %g s", len(free), keep)
+
+        t = threading.Timer(keep, sweep)
+        t.daemon = True
+        t.start()
+
+    def _quarantine_revoked(self, identities: dict) -> None:
+        for name, e in identities.items():
+            if isinstance(e, dict) and e.get("role") == "site" and e.get("revoked"):
+                if self.store.quarantine_revoked(name, str(e.get("revoked_at") or "unknown time")):
+                    LOG.warning("site %s is revoked: its bundles are quarantined (hidden from readers, kept on disk; "
+                                "`plan-server pool restore --site %s` lifts it)", name, name)
 
     def current_policy(self) -> ThresholdPolicy:
         """The policy file's current content (fails closed), else the command-line policy."""
@@ -168,25 +361,32 @@ class PoolService(pool_pb2_grpc.PoolServicer):
             ident = C.cert_identity(pems[0])
         except C.CredentialsError as err:
             raise Refused(grpc.StatusCode.UNAUTHENTICATED, f"unreadable client certificate: {err}") from None
-        entry = self.registry.identities().get(ident.name)
-        who = f"certificate {ident.name!r} (serial {ident.serial[:16]})"
+        return self._check_identity(ident.name, ident.serial, ident.role, role, action)
+
+    def _check_identity(self, name: str, serial: str, cert_role: str, role: str, action: str) -> Caller:
+        entry = self.registry.identities().get(name)
+        who = f"certificate {name!r} (serial {serial[:16]})"
         if entry is None:
             raise Refused(grpc.StatusCode.PERMISSION_DENIED, f"{who} is not registered at this pool")
         if entry.get("revoked"):
             raise Refused(grpc.StatusCode.PERMISSION_DENIED, f"{who} is revoked")
-        if str(entry.get("serial")) != ident.serial:
+        if str(entry.get("serial")) != serial:
             raise Refused(grpc.StatusCode.PERMISSION_DENIED, f"{who} has been replaced by a newer certificate")
-        if ident.role != entry.get("role"):
+        if cert_role != entry.get("role"):
             raise Refused(
                 grpc.StatusCode.PERMISSION_DENIED,
-                f"{who} carries role {ident.role!r}, the registry says {entry.get('role')!r}",
+                f"{who} carries role {cert_role!r}, the registry says {entry.get('role')!r}",
             )
         if entry["role"] != role:
             raise Refused(
                 grpc.StatusCode.PERMISSION_DENIED,
                 f"{who} has role {entry['role']!r}; {action} needs role {role!r}",
             )
-        return Caller(ident.name, entry["role"], ident.serial)
+        return Caller(name, entry["role"], serial)
+
+    def _recheck(self, caller: Caller) -> None:
+        """Just before a commit: the certificate must still be valid (revocation during the stream)."""
+        self._check_identity(caller.name, caller.serial, caller.role, caller.role, "pushing a bundle")
 
     # ------------------------------------------------------------ bundle header
 
@@ -197,10 +397,10 @@ class PoolService(pool_pb2_grpc.PoolServicer):
         for msg in it:
             if msg.manifest_part:
                 size += len(msg.manifest_part)
-                if size > self.limits.max_manifest_bytes:
+                if size > self.limits.max_manifest_bytes:  # counted as it arrives: never buffered or parsed
                     raise Refused(
                         grpc.StatusCode.INVALID_ARGUMENT,
-                        f"bundle manifest exceeds {self.limits.max_manifest_bytes} bytes",
+                        f"bundle manifest exceeds {self.limits.max_manifest_bytes} bytes (--max-manifest-kb)",
                     )
                 parts.append(msg.manifest_part)
             elif msg.signature:
@@ -216,6 +416,7 @@ class PoolService(pool_pb2_grpc.PoolServicer):
             bm = parse_bundle_manifest(manifest, self.limits)
         except BundleError as err:
             raise Refused(grpc.StatusCode.INVALID_ARGUMENT, str(err)) from None
+        self._check_fields(bm)
         if bm.site_id != caller.name:
             raise Refused(
                 grpc.StatusCode.PERMISSION_DENIED,
@@ -289,10 +490,20 @@ class PoolService(pool_pb2_grpc.PoolServicer):
 
     def _offer(self, it, context):
         caller = self._caller(context, "site", "pushing a bundle")
+        with self._stream(caller):
+            it = self._paced(it)
+            try:
+                return self._offer_bundle(caller, it)
+            finally:
+                it.close()
+
+    def _offer_bundle(self, caller: Caller, it):
         manifest, signature = self._read_header(it)
         bm, _ = self._verify_header(caller, manifest, signature)
         if self.store.has_bundle(bm.bundle_id):
             return pool_pb2.OfferReply(bundle_id=bm.bundle_id, duplicate=True, message="already stored")
+        with self._state:
+            self._check_quota(bm)
         wanted = unique_images(bm)
         missing = self.store.missing(wanted)
         need, seen = [], set()
@@ -314,38 +525,57 @@ class PoolService(pool_pb2_grpc.PoolServicer):
 
     def _push(self, it, context):
         caller = self._caller(context, "site", "pushing a bundle")
-        it = iter(it)
+        with self._stream(caller):
+            it = self._paced(it)
+            try:
+                return self._push_bundle(caller, it, context)
+            finally:
+                it.close()
+
+    def _push_bundle(self, caller: Caller, it, context):
         manifest, signature = self._read_header(it)
         bm, policy = self._verify_header(caller, manifest, signature)
         if self.store.has_bundle(bm.bundle_id):
             LOG.info("duplicate bundle %s from %s", bm.bundle_id[:12], caller.name)
             return pool_pb2.PushReply(bundle_id=bm.bundle_id, duplicate=True, n_images=len(bm.images),
                                       message="already stored")
+        wanted = dict(unique_images(bm))
+        if bm.report_sha256 is not None:
+            wanted.setdefault(bm.report_sha256, bm.report_size)
+        with self._reserve(bm, set(wanted)):
+            return self._push_files(caller, it, context, bm, manifest, signature, wanted)
+
+    def _push_files(self, caller: Caller, it, context, bm: BundleManifest, manifest: bytes, signature: bytes,
+                    wanted: dict):
         staging = self.store.new_staging()
         placed: set[str] = set()
         received = 0
         ok = False
+        ended = threading.Event()
+        context.add_callback(ended.set)  # runs when the call terminates (also on the client's cancel)
         try:
-            received = self._receive(it, bm, staging, placed, policy)
-            if not context.is_active():
-                raise Refused(grpc.StatusCode.CANCELLED, "upload interrupted")
-            wanted = dict(unique_images(bm))
-            if bm.report_sha256 is not None:
-                wanted.setdefault(bm.report_sha256, bm.report_size)
-            absent = self.store.missing({s: n for s, n in wanted.items() if s not in placed})
-            if absent:
-                idx = next((i for i, im in enumerate(bm.images) if im.record.sha256 in absent), None)
-                what = f"images[{idx}] (id {bm.images[idx].record.id!r})" if idx is not None else "report.json"
-                raise Refused(grpc.StatusCode.INVALID_ARGUMENT,
-                              f"{len(absent)} file(s) of the bundle were not sent, first: {what}")
+            try:
+                received = self._receive(it, bm, staging, placed, policy)
+                if not context.is_active():
+                    raise Refused(grpc.StatusCode.CANCELLED, "upload interrupted")
+                self._absent_files(bm, wanted, placed)
+            except _EndedEarly:
+                # gRPC can end the request stream of a cancelled call before it marks the call
+                # cancelled: give the cancellation a moment to show, so a cut push counts as cut.
+                if ended.wait(0.2) or not context.is_active():
+                    raise Refused(grpc.StatusCode.CANCELLED, "upload interrupted") from None
+                raise
             new_files = self.store.unindexed(set(wanted))
             self._check_content(bm, policy, new_files - placed)
             # Durable before visible: fsync every file this bundle adds (received now or left by an
             # interrupted attempt), then the directories; only then the one-transaction commit.
             self.store.make_durable(new_files)
             try:
-                res = self.store.commit(bm, manifest, signature, caller.serial,
-                                        before_commit=lambda: self._pause.at("before_commit"),
+                def before_commit() -> None:
+                    self._recheck(caller)  # under the store lock, just before BEGIN
+                    self._pause.at("before_commit")
+
+                res = self.store.commit(bm, manifest, signature, caller.serial, before_commit=before_commit,
                                         in_transaction=lambda: self._pause.at("in_transaction"))
             except KindError as err:
                 raise Refused(grpc.StatusCode.INVALID_ARGUMENT, str(err)) from None
@@ -354,8 +584,10 @@ class PoolService(pool_pb2_grpc.PoolServicer):
             self._pause.at("after_commit")
             ok = True
         except Refused as r:
-            if r.code != grpc.StatusCode.CANCELLED and r.code != grpc.StatusCode.ABORTED:
-                self.store.discard_unindexed(placed)   # refused: keep nothing of it
+            if r.code == grpc.StatusCode.CANCELLED:
+                self._discard_later(placed)            # cut mid-way: kept a while for a retry
+            elif r.code != grpc.StatusCode.ABORTED:
+                self.store.discard_unindexed(placed)   # refused or idle: keep nothing of it
             raise
         except OSError as err:  # e.g. disk full: nothing becomes visible; tell the client
             LOG.error("storage error during push of %s: %s", bm.bundle_id[:12], err)
@@ -368,8 +600,8 @@ class PoolService(pool_pb2_grpc.PoolServicer):
         finally:
             shutil.rmtree(staging, ignore_errors=True)
             if not ok and not context.is_active():
-                LOG.info("push of %s from %s interrupted after %d bytes; %d verified files kept for a retry",
-                         bm.bundle_id[:12], caller.name, received, len(placed))
+                LOG.info("push of %s from %s interrupted after %d bytes; %d verified files kept for a retry (%g s)",
+                         bm.bundle_id[:12], caller.name, received, len(placed), self.pool_limits.keep_interrupted_s)
         LOG.info("%s bundle %s from %s: %d images, %d new files, %d bytes received",
                  "duplicate" if res.duplicate else "stored", bm.bundle_id[:12], caller.name,
                  res.n_images, res.n_new_files, received)
@@ -395,6 +627,13 @@ class PoolService(pool_pb2_grpc.PoolServicer):
                 raise Refused(grpc.StatusCode.FAILED_PRECONDITION, str(err)) from None
             except BundleError as err:
                 raise Refused(grpc.StatusCode.INVALID_ARGUMENT, str(err)) from None
+
+    def _absent_files(self, bm: BundleManifest, wanted: dict, placed: set) -> None:
+        absent = self.store.missing({s: n for s, n in wanted.items() if s not in placed})
+        if absent:
+            idx = next((i for i, im in enumerate(bm.images) if im.record.sha256 in absent), None)
+            what = f"images[{idx}] (id {bm.images[idx].record.id!r})" if idx is not None else "report.json"
+            raise _EndedEarly(f"{len(absent)} file(s) of the bundle were not sent, first: {what}")
 
     def _receive(self, it, bm: BundleManifest, staging: Path, placed: set, policy: ThresholdPolicy) -> int:
         """Write incoming files to staging, verify each (images: canonical PNG), place it. Returns bytes received."""
@@ -461,7 +700,7 @@ class PoolService(pool_pb2_grpc.PoolServicer):
             if cur is not None:
                 cur[3].close()
         if cur is not None and not interrupted:
-            raise Refused(grpc.StatusCode.INVALID_ARGUMENT, f"{cur[7]}: stream ended inside the file")
+            raise _EndedEarly(f"{cur[7]}: stream ended inside the file")
         return received
 
     # ------------------------------------------------------------ reader RPCs
@@ -469,40 +708,77 @@ class PoolService(pool_pb2_grpc.PoolServicer):
     def List(self, request, context):
         return self._guard(context, self._list, request, context)
 
+    def _cut(self, value: str) -> str:
+        """A text field as replied: rows stored before the field limit existed are cut, never sent whole."""
+        cap = self.pool_limits.max_field_chars
+        return value if len(value) <= cap else value[: cap - 1] + "…"
+
     def _list(self, request, context):
         self._caller(context, "reader", "listing the pool")
-        out = []
+        page_bytes = self.pool_limits.page_kb * 1024 if request.paged else OLD_CLIENT_REPLY
+        after = None
+        if request.page_token:
+            try:
+                after = tuple(json.loads(request.page_token))
+            except ValueError:
+                raise Refused(grpc.StatusCode.INVALID_ARGUMENT, f"page_token {request.page_token[:64]!r} is not one "
+                              "this pool gave out") from None
+        out, size, token = [], 0, ""
         for b in self.store.list_bundles(request.site_id or None):
-            out.append(pool_pb2.BundleInfo(**b))
-        return pool_pb2.ListReply(bundles=out)
+            key = (b["site_id"], b["received"], b["bundle_id"])
+            if after is not None and list(key) <= list(after):
+                continue
+            for k in ("created", "received"):
+                b[k] = self._cut(b[k])
+            info = pool_pb2.BundleInfo(**b)
+            n = info.ByteSize() + 8
+            if out and size + n > page_bytes:
+                if request.paged:
+                    token = json.dumps(list(last))
+                break
+            out.append(info)
+            size += n
+            last = key
+        return pool_pb2.ListReply(bundles=out, next_page_token=token)
 
     def Catalog(self, request, context):
         try:
-            self._caller(context, "reader", "reading the catalog")
-            rows = self.store.catalog(request.site_id or None)
+            caller = self._caller(context, "reader", "reading the catalog")
+            with self._stream(caller):
+                rows = self.store.catalog(request.site_id or None)
+                page_bytes = self.pool_limits.page_kb * 1024
+                batch, size = [], 0
+                for r in rows:
+                    gr = r.pop("generator_round")
+                    r["record_json"] = r.pop("record")
+                    r["created"] = self._cut(r["created"])
+                    entry = pool_pb2.CatalogEntry(generator_round=-1 if gr is None else gr, **r)
+                    n = entry.ByteSize() + 8
+                    if batch and (size + n > page_bytes or len(batch) >= 500):
+                        yield pool_pb2.CatalogReply(entries=batch)
+                        batch, size = [], 0
+                    batch.append(entry)
+                    size += n
+                if batch:
+                    yield pool_pb2.CatalogReply(entries=batch)
         except Refused as r:
             context.abort(r.code, r.message)
-        batch = []
-        for r in rows:
-            gr = r.pop("generator_round")
-            r["record_json"] = r.pop("record")
-            batch.append(pool_pb2.CatalogEntry(generator_round=-1 if gr is None else gr, **r))
-            if len(batch) >= 500:
-                yield pool_pb2.CatalogReply(entries=batch)
-                batch = []
-        if batch:
-            yield pool_pb2.CatalogReply(entries=batch)
 
     def Fetch(self, request, context):
         try:
-            self._caller(context, "reader", "pulling images")
+            caller = self._caller(context, "reader", "pulling images")
+            with self._stream(caller):
+                yield from self._fetch(request, context)
         except Refused as r:
             context.abort(r.code, r.message)
+
+    def _fetch(self, request, context):
+        hidden = bool(self.store.hidden_sites())
         batch, size = [], 0
-        for sha in request.sha256:
-            n = self.store.indexed_size(sha)
+        for sha in dict.fromkeys(request.sha256):  # each distinct file once, in the order asked
+            n = self.store.indexed_size(sha, hidden)
             if n is None:
-                context.abort(grpc.StatusCode.NOT_FOUND, f"no image {sha[:16]}… in the pool")
+                raise Refused(grpc.StatusCode.NOT_FOUND, f"no image {sha[:16]}… in the pool")
             with open(self.store.object_path(sha), "rb") as fh:
                 offset = 0
                 while True:
@@ -540,18 +816,23 @@ def build_server(
     address: str,
     limits: BundleLimits = BundleLimits(),
     policy: ThresholdPolicy = ThresholdPolicy(),
-    workers: int = 16,
+    pool_limits: PoolLimitsConfig = PoolLimitsConfig(),
     policy_file: Optional[Path] = None,
 ) -> tuple[grpc.Server, int, Store]:
-    """Create (not start) the server; collects garbage first. Returns (server, bound port, store)."""
+    """Create (not start) the server; locks the store and collects garbage first. Returns (server, port, store).
+
+    ``pool_limits.workers`` threads serve calls; an identity holds at most
+    ``max_streams_per_identity`` (< workers) of them, so the others stay free for other callers.
+    """
     creds = C.load_server_credentials(certs)
-    store = Store(store_dir)
+    workers = pool_limits.workers
+    store = Store(store_dir, lock=True)
     n_staging, n_obj = store.collect_garbage()
     if n_staging or n_obj:
         LOG.warning("collected garbage of interrupted uploads: %d staging entries, %d unindexed files", n_staging, n_obj)
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="pool"),
                          options=server_options(), maximum_concurrent_rpcs=workers * 4)
-    service = PoolService(store, certs, limits, policy, policy_file)
+    service = PoolService(store, certs, limits, policy, policy_file=policy_file, pool_limits=pool_limits)
     if policy_file is not None:
         service.policy_file.current()  # refuse to start with a missing or invalid policy file
     pool_pb2_grpc.add_PoolServicer_to_server(service, server)
@@ -569,12 +850,12 @@ def serve(
     address: str,
     limits: BundleLimits = BundleLimits(),
     policy: ThresholdPolicy = ThresholdPolicy(),
-    workers: int = 16,
+    pool_limits: PoolLimitsConfig = PoolLimitsConfig(),
     port_file: Optional[Path] = None,
     policy_file: Optional[Path] = None,
 ) -> None:
     """Run until SIGINT/SIGTERM. ``port_file`` receives the bound port (for address ``host:0``)."""
-    server, port, store = build_server(store_dir, certs, address, limits, policy, workers, policy_file)
+    server, port, store = build_server(store_dir, certs, address, limits, policy, pool_limits, policy_file)
     server.start()
     host = address.rsplit(":", 1)[0]
     LOG.info("pool service on %s:%d (store %s, certs %s)", host, port, store_dir, certs)

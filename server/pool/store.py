@@ -4,7 +4,13 @@ Layout of ``STORE``::
 
     objects/ab/<sha256>     one file per distinct content (images and report.json files)
     staging/<upload>/       files being received (never visible)
-    index.sqlite            WAL-mode SQLite: objects, bundles, bundle_images
+    index.sqlite            WAL-mode SQLite: objects, bundles, bundle_images, site_state
+    pool.lock               held (fcntl) by the one service using this store
+
+Quarantine: a site whose ``site_state`` row says ``quarantined`` keeps its bundles and
+files, but List, Catalog and Fetch do not show them. The service quarantines a site
+when the registry marks it revoked; ``plan-server pool restore`` lifts it (and a later
+revocation, with a new ``revoked_at``, quarantines again).
 
 Visibility rule: a bundle exists when, and only when, its ``bundles`` row exists;
 rows of a bundle are written in **one** transaction, and only after every file it
@@ -18,6 +24,7 @@ verified files let a retry skip re-sending them (:meth:`Store.missing`).
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import shutil
@@ -66,7 +73,16 @@ CREATE TABLE IF NOT EXISTS bundle_images(
     PRIMARY KEY(bundle_id, idx)
 );
 CREATE INDEX IF NOT EXISTS bundle_images_sha ON bundle_images(sha256);
+CREATE TABLE IF NOT EXISTS site_state(  -- quarantine: a quarantined site's bundles are hidden from readers
+    site_id        TEXT PRIMARY KEY,
+    quarantined    INTEGER NOT NULL,
+    since          TEXT NOT NULL,
+    reason         TEXT NOT NULL,
+    revoked_at     TEXT               -- the revocation already acted on (a restore is not undone by it)
+);
 """
+HIDDEN = "SELECT site_id FROM site_state WHERE quarantined=1"
+LOCK_FILE = "pool.lock"
 
 
 class StoreError(RuntimeError):
@@ -116,7 +132,8 @@ def _utc_now() -> str:
 class Store:
     """Thread-safe store; one instance per process (the service) or read-only use (check)."""
 
-    def __init__(self, root: str | Path, create: bool = True, readonly: bool = False):
+    def __init__(self, root: str | Path, create: bool = True, readonly: bool = False, lock: bool = False):
+        """``lock=True`` (the service): hold ``pool.lock`` so a second service on this store fails at once."""
         self.root = Path(root)
         self.objects = self.root / "objects"
         self.staging = self.root / "staging"
@@ -128,6 +145,8 @@ class Store:
             raise StoreError(f"{self.root}: no pool store here (no index.sqlite)")
         self._lock = threading.RLock()
         self._dirs: set[Path] = set()
+        self._verified: dict[str, tuple] = {}  # sha -> (size, mtime_ns, ino) of leftovers known good
+        self._lock_fh = self._take_lock() if lock else None
         if readonly:
             uri = f"file:{self.index_path}?mode=ro"
             self._db = sqlite3.connect(uri, uri=True, check_same_thread=False, isolation_level=None)
@@ -138,9 +157,28 @@ class Store:
             self._db.executescript(SCHEMA)
         self._db.execute("PRAGMA foreign_keys=ON")
 
+    def _take_lock(self):
+        fh = open(self.root / LOCK_FILE, "a+")
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fh.seek(0)
+            holder = fh.read().strip() or "unknown"
+            fh.close()
+            raise StoreError(f"pool store {self.root} is in use by another pool service (pid {holder}); "
+                             "one store serves one service") from None
+        fh.seek(0)
+        fh.truncate()
+        fh.write(f"{os.getpid()}\n")
+        fh.flush()
+        return fh
+
     def close(self) -> None:
         with self._lock:
             self._db.close()
+            if self._lock_fh is not None:
+                self._lock_fh.close()  # releases the lock
+                self._lock_fh = None
 
     # ------------------------------------------------------------ paths and objects
 
@@ -172,11 +210,17 @@ class Store:
         """A file left by an interrupted upload: usable only if its content is right."""
         p = self.object_path(sha256)
         try:
-            if p.stat().st_size != size:
+            st = p.stat()
+            if st.st_size != size:
                 return False
+            stamp = (st.st_size, st.st_mtime_ns, st.st_ino)
+            if self._verified.get(sha256) == stamp:
+                return True  # hashed (or received verified) before, unchanged since: not re-hashed per Offer
             digest, _ = sha256_file(p)
         except OSError:
             return False
+        if digest == sha256:
+            self._verified[sha256] = stamp
         return digest == sha256
 
     def missing(self, wanted: dict[str, int]) -> set[str]:
@@ -211,6 +255,8 @@ class Store:
             d.mkdir(exist_ok=True)
             self._dirs.add(d)
         os.replace(staged, target)
+        st = target.stat()
+        self._verified[sha256] = (st.st_size, st.st_mtime_ns, st.st_ino)  # the service hashed it while receiving
         return target
 
     def make_durable(self, shas: set[str]) -> None:
@@ -254,6 +300,7 @@ class Store:
         with self._lock:
             for s in shas:
                 if not self.is_indexed(s):
+                    self._verified.pop(s, None)
                     try:
                         self.object_path(s).unlink()
                     except FileNotFoundError:
@@ -398,8 +445,9 @@ class Store:
             " FROM bundles"
         )
         args: tuple = ()
+        q += f" WHERE site_id NOT IN ({HIDDEN})"
         if site_id:
-            q += " WHERE site_id=?"
+            q += " AND site_id=?"
             args = (site_id,)
         q += " ORDER BY site_id, received, bundle_id"
         with self._lock:
@@ -426,8 +474,9 @@ class Store:
             " FROM bundle_images bi JOIN bundles b ON b.bundle_id = bi.bundle_id JOIN objects o ON o.sha256 = bi.sha256"
         )
         args: tuple = ()
+        q += f" WHERE b.site_id NOT IN ({HIDDEN})"
         if site_id:
-            q += " WHERE b.site_id=?"
+            q += " AND b.site_id=?"
             args = (site_id,)
         q += " ORDER BY b.site_id, b.received, bi.bundle_id, bi.idx"
         keys = (
@@ -445,10 +494,65 @@ class Store:
         with self._lock:
             return [dict(zip(keys, r)) for r in self._db.execute(q, args)]
 
-    def indexed_size(self, sha256: str) -> Optional[int]:
+    def indexed_size(self, sha256: str, hidden: bool = False) -> Optional[int]:
+        """Size of an indexed image; with ``hidden`` (some site is quarantined) only if a visible bundle has it."""
+        q = "SELECT size FROM objects WHERE sha256=? AND kind='image'"
+        if hidden:
+            q += (" AND EXISTS (SELECT 1 FROM bundle_images bi JOIN bundles b ON b.bundle_id = bi.bundle_id"
+                  f" WHERE bi.sha256 = objects.sha256 AND b.site_id NOT IN ({HIDDEN}))")
         with self._lock:
-            row = self._db.execute("SELECT size FROM objects WHERE sha256=? AND kind='image'", (sha256,)).fetchone()
+            row = self._db.execute(q, (sha256,)).fetchone()
         return None if row is None else row[0]
+
+    # ------------------------------------------------------------ quotas and quarantine
+
+    def site_usage(self, site_id: str) -> tuple[int, int]:
+        """(bytes, images) of the site's stored bundles, quarantined ones included (they are on disk)."""
+        with self._lock:
+            row = self._db.execute("SELECT COALESCE(SUM(n_bytes), 0), COALESCE(SUM(n_images), 0) FROM bundles"
+                                   " WHERE site_id=?", (site_id,)).fetchone()
+        return int(row[0]), int(row[1])
+
+    def hidden_sites(self) -> set[str]:
+        with self._lock:
+            return {r[0] for r in self._db.execute(HIDDEN)}
+
+    def quarantine_list(self) -> list[dict]:
+        with self._lock:
+            rows = self._db.execute("SELECT site_id, quarantined, since, reason, revoked_at FROM site_state"
+                                    " ORDER BY site_id").fetchall()
+        return [dict(zip(("site_id", "quarantined", "since", "reason", "revoked_at"), r)) for r in rows]
+
+    def quarantine(self, site_id: str, reason: str, revoked_at: Optional[str] = None) -> bool:
+        """Hide a site's bundles from readers (kept on disk). Returns False when it already was hidden."""
+        with self._lock:
+            row = self._db.execute("SELECT quarantined FROM site_state WHERE site_id=?", (site_id,)).fetchone()
+            self._db.execute(
+                "INSERT INTO site_state(site_id, quarantined, since, reason, revoked_at) VALUES (?,1,?,?,?)"
+                " ON CONFLICT(site_id) DO UPDATE SET quarantined=1, since=excluded.since, reason=excluded.reason,"
+                " revoked_at=COALESCE(excluded.revoked_at, site_state.revoked_at)",
+                (site_id, _utc_now(), reason, revoked_at))
+        return not (row and row[0])
+
+    def quarantine_revoked(self, site_id: str, revoked_at: str) -> bool:
+        """Quarantine a revoked site, once per revocation (a restore after it stays restored)."""
+        with self._lock:
+            row = self._db.execute("SELECT revoked_at FROM site_state WHERE site_id=?", (site_id,)).fetchone()
+            if row is not None and row[0] == revoked_at:
+                return False
+            return self.quarantine(site_id, f"site revoked at {revoked_at}", revoked_at)
+
+    def restore(self, site_id: str) -> tuple[int, int]:
+        """Make a quarantined site's bundles visible again. Returns (bundles, images) restored."""
+        with self._lock:
+            row = self._db.execute("SELECT quarantined FROM site_state WHERE site_id=?", (site_id,)).fetchone()
+            if not row or not row[0]:
+                raise StoreError(f"site {site_id!r} is not quarantined in {self.root}")
+            self._db.execute("UPDATE site_state SET quarantined=0, since=?, reason='restored' WHERE site_id=?",
+                             (_utc_now(), site_id))
+            n = self._db.execute("SELECT COUNT(*), COALESCE(SUM(n_images), 0) FROM bundles WHERE site_id=?",
+                                 (site_id,)).fetchone()
+        return int(n[0]), int(n[1])
 
     # ------------------------------------------------------------ check
 
