@@ -543,10 +543,10 @@ class PoolService(pool_pb2_grpc.PoolServicer):
         if bm.report_sha256 is not None:
             wanted.setdefault(bm.report_sha256, bm.report_size)
         with self._reserve(bm, set(wanted)):
-            return self._push_files(caller, it, context, bm, manifest, signature, wanted)
+            return self._push_files(caller, it, context, bm, manifest, signature, wanted, policy)
 
     def _push_files(self, caller: Caller, it, context, bm: BundleManifest, manifest: bytes, signature: bytes,
-                    wanted: dict):
+                    wanted: dict, policy: ThresholdPolicy):
         staging = self.store.new_staging()
         placed: set[str] = set()
         received = 0
