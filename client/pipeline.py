@@ -49,7 +49,7 @@ from plan_shared.manifest import ImageRecord, SiteManifest, Thresholds, write_si
 from plan_shared.metrics import classification_report, dcr_summary
 from plan_shared.navigation import NavWeights, linear_paths, optimise_paths, random_samples, w_std
 from plan_shared.plots import dcr_histogram, path_strips, sample_grid
-from plan_shared.privacy import accept_mask, calibrate_delta, closest_distance, plant_duplicates, reject_reasons, score_images
+from plan_shared.privacy import accept_mask, build_zone, plant_duplicates, reject_reasons, score_images
 from plan_shared.runtime import resolve_device, seed_everything, set_threads
 
 LOG = logging.getLogger("plan.pipeline")
@@ -115,8 +115,9 @@ def _compare_methods(cfg: PlanConfig, ds: ImageDataset, cand: dict[str, Any], ex
 
     For each method: the utility classifier trained on that method's filter-passing images
     and tested on the real test split, and the distance membership inference (pixel space,
-    members = train, non-members = test) against those images. ``real`` shares the train
-    images themselves.
+    members = train, non-members = test) against those images: AUC with its 95 % bootstrap
+    interval, |AUC - 0.5| and TPR at 1 % FPR. ``real`` is the reference *site alone*: the same
+    utility recipe trained on the site's real train split (sharing those images: AUC 1).
     """
     from client.evaluate import distance_mia
 
@@ -130,10 +131,10 @@ def _compare_methods(cfg: PlanConfig, ds: ImageDataset, cand: dict[str, Any], ex
                             f"utility ({name})", device, progress)
         mia = distance_mia(x_tr, x_te, c["images"][idx])
         out[name] = {"accuracy": util.get("accuracy"), "qwk": util.get("qwk"), "n": int(len(idx)),
-                     "mia_auc": _f(mia["mia_auc"]), "mia_tpr_at_1pct_fpr": _f(mia["mia_tpr_at_1pct_fpr"])}
+                     **{k: _f(v) for k, v in mia.items()}}
     real = distance_mia(x_tr, x_te, x_tr)
     out["real"] = {"accuracy": utility["real"].get("accuracy"), "qwk": utility["real"].get("qwk"), "n": int(len(x_tr)),
-                   "mia_auc": _f(real["mia_auc"]), "mia_tpr_at_1pct_fpr": _f(real["mia_tpr_at_1pct_fpr"])}
+                   **{k: _f(v) for k, v in real.items()}}
     return out
 
 
@@ -225,12 +226,24 @@ def run_site_pipeline(
     # ---------------------------------------------------------------- filter calibration
     fc = cfg.filter
     with tm.stage("calibrate"):
-        train_emb = embed(indep, x_tr)
-        heldout = x_va if len(x_va) else x_te
-        val_emb = embed(indep, heldout)
-        d_val, _ = closest_distance(val_emb, train_emb)
-        delta = float(np.quantile(d_val, fc.delta_quantile))
-        assert abs(delta - calibrate_delta(val_emb, train_emb, fc.delta_quantile)) < 1e-6
+        # symmetric exclusion zone: every protected real image (members and held-out alike), delta
+        # calibrated on a seeded part of a held-out split against all the other protected images
+        split_x = {"train": x_tr, "val": x_va, "test": x_te}
+        protected_x = {k: split_x[k] for k in fc.protect if len(split_x[k])}
+        if "test" not in fc.protect:
+            LOG.warning("filter.protect leaves out test, the non-members of the distance membership inference: "
+                        "members are excluded and non-members are not, which is itself a membership signal")
+        cal_split = fc.calibration_split
+        if cal_split not in protected_x:
+            other = next((k for k in ("val", "test") if k in protected_x), None)
+            if other is None:
+                raise ValueError(f"filter.protect={fc.protect}: no protected held-out split with images to calibrate delta")
+            LOG.warning("calibration split %s has no images: delta is calibrated on %s", cal_split, other)
+            cal_split = other
+        zone = build_zone({k: embed(indep, v) for k, v in protected_x.items()}, fc.delta_quantile, cal_split,
+                          fc.calibration_fraction, cfg.seed + 17)
+        protected_emb = zone.embeddings
+        delta = zone.delta
         th = Thresholds(float(fc.tau_id), float(fc.tau_indep), delta)
 
     # ---------------------------------------------------------------- B3 inversion
@@ -322,12 +335,14 @@ def run_site_pipeline(
     # ---------------------------------------------------------------- B6 filter
     with tm.stage("filter"):
         for name, c in cand.items():
-            c["scores"] = score_images(c["images"], phi_id, indep, train_emb)
+            c["scores"] = score_images(c["images"], phi_id, indep, protected_emb)
             c["accept"] = accept_mask(c["scores"], th)
-        planted_x, planted_src = plant_duplicates(x_tr, fc.planted, seed=cfg.seed + 13)
+        # planted near-duplicates of protected images of every split (a copy of a held-out patient must be caught too)
+        all_x = torch.cat(list(protected_x.values()))
+        planted_x, planted_src = plant_duplicates(all_x, fc.planted, seed=cfg.seed + 13)
         # the planted images go through the same scoring as the candidates of the exported method
         mixed = torch.cat([cand[method]["images"], planted_x])
-        mixed_scores = score_images(mixed, phi_id, indep, train_emb)
+        mixed_scores = score_images(mixed, phi_id, indep, protected_emb)
         mixed_accept = accept_mask(mixed_scores, th)
         n_m = len(cand[method]["images"])
         planted_accept = mixed_accept[n_m:]
@@ -345,8 +360,13 @@ def run_site_pipeline(
             "planted_reject_reasons": reject_reasons(planted_scores, th),
             "planted_mean_dcr": _f(planted_scores.dcr.mean()) if len(planted_x) else None,
             "planted_mean_max_id_prob": _f(planted_scores.max_id_prob.mean()) if len(planted_x) else None,
+            "planted_by_split": zone.nearest_splits(planted_src),
             "reject_reasons": reject_reasons(cand[method]["scores"], th),
-            "heldout_dcr": dcr_summary(d_val) | {"split": "val" if len(x_va) else "test"},
+            # dcr rejections by the split of the closest protected image: members and non-members alike
+            "dcr_reject_nearest_split": zone.nearest_splits(
+                cand[method]["scores"].nearest[cand[method]["scores"].dcr <= th.delta]),
+            "zone": zone.summary(),
+            "heldout_dcr": dcr_summary(zone.calib_dcr) | {"split": cal_split, "n": int(len(zone.calib))},
         }
         report["methods"] = {name: _method_stats(c["scores"], c["accept"]) for name, c in cand.items()}
         report["methods_note"] = ("plan/linear: all interior path points of the same anchor pairs, before the "
@@ -414,7 +434,7 @@ def run_site_pipeline(
         for p in range(min(cfg.synthesis.strip_pairs, len(pairs))):
             for name, full in (("linear", full_lin), ("plan", full_plan)):
                 img = _render(G, full[p])
-                sc = score_images(img, phi_id, indep, train_emb)
+                sc = score_images(img, phi_id, indep, protected_emb)
                 rows.append({"title": f"{name} #{p} ({ds.class_names[int(plabels[p])]})", "images": img,
                              "id_prob": sc.max_id_prob, "dcr": sc.dcr})
         figs = {}
@@ -424,7 +444,7 @@ def run_site_pipeline(
         if len(show):
             figs["samples"] = sample_grid(show, out / "samples.png").name
         series = {k: cand[k]["scores"].dcr for k in ("plan", "linear") if len(cand[k]["scores"])}
-        series["real held-out"] = d_val
+        series[f"real {cal_split} (calibration)"] = zone.calib_dcr
         figs["dcr_hist"] = dcr_histogram(series, th.delta, out / "dcr_hist.png").name
         report["figures"] = figs
 

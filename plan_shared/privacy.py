@@ -5,17 +5,33 @@ A candidate is accepted only if all hold:
 - ``max_id_prob < tau_id``: max softmax of phi_id (the identity classifier navigation used);
 - ``indep_id_prob < tau_indep``: max softmax of an independent identity model (other seed,
   never used in navigation, so the paths cannot have been optimised against it);
-- ``dcr > delta``: distance to the closest real train image in the embedding space
-  (L2-normalised features of the independent identity model), with ``delta`` the
-  ``delta_quantile`` quantile of the real held-out (val) to closest-train distances.
+- ``dcr > delta``: distance to the closest *protected* real image in the embedding space
+  (L2-normalised features of the independent identity model).
+
+The exclusion zone is symmetric (:func:`build_zone`). Every real image at the site is a
+patient to protect, so the protected set holds the train split *and* the held-out splits
+(val, and test, which the distance membership inference uses as non-members). A zone
+around the train images only is itself a membership signal: candidates are pushed away
+from members and not from non-members, so members end up farther from the exported
+images than non-members (method.md section 7). With members and non-members excluded
+alike, distance to the pool tells an attacker nothing about membership.
+
+``delta`` must be calibrated on images that are not in the set they are measured
+against: a random half (``calibration_fraction``) of the calibration split (val) is
+drawn, seeded; ``delta`` is the ``delta_quantile`` quantile of the distances of those
+images to the closest image among all *other* protected images (the reference set,
+disjoint from the calibration rows by construction). The calibration images are real
+non-members of the reference set, i.e. the natural bar "as close as one real patient is to
+another"; afterwards they join the protected set like every other real image, so
+candidates are kept at least ``delta`` away from them too.
 
 The filter's sensitivity is tested on every run: ``planted`` lightly augmented real
-training images are mixed into the candidates; they must all be rejected and are never
-exported (:func:`plant_duplicates`, :class:`FilterResult`)::
+images (drawn from the whole protected set: members and held-out alike) are mixed into
+the candidates; they must all be rejected and are never exported (:func:`plant_duplicates`)::
 
-    delta = calibrate_delta(val_emb, train_emb, 0.05)
-    scores = score_images(x, phi_id, indep, train_emb)
-    accept = accept_mask(scores, Thresholds(tau_id, tau_indep, delta))
+    zone = build_zone({"train": e_tr, "val": e_va, "test": e_te}, 0.05, "val", 0.5, seed)
+    scores = score_images(x, phi_id, indep, zone.embeddings)
+    accept = accept_mask(scores, Thresholds(tau_id, tau_indep, zone.delta))
 """
 
 from __future__ import annotations
@@ -36,7 +52,7 @@ class Scores:
     max_id_prob: np.ndarray
     indep_id_prob: np.ndarray
     dcr: np.ndarray
-    nearest: np.ndarray  # index of the closest real train image
+    nearest: np.ndarray  # row of the closest protected real image (in the reference set passed)
 
     def __len__(self) -> int:
         return len(self.dcr)
@@ -60,20 +76,95 @@ def closest_distance(query: torch.Tensor, reference: torch.Tensor, batch: int = 
     return torch.cat(dists).numpy(), torch.cat(idx).numpy()
 
 
-def calibrate_delta(heldout_emb: torch.Tensor, train_emb: torch.Tensor, quantile: float) -> float:
-    """``quantile`` of held-out-to-closest-train distances: a real non-member is the bar."""
-    d, _ = closest_distance(heldout_emb, train_emb)
+def calibrate_delta(heldout_emb: torch.Tensor, reference_emb: torch.Tensor, quantile: float) -> float:
+    """``quantile`` of the distances of held-out rows to their closest reference row.
+
+    The held-out rows must not be in ``reference_emb`` (a row's distance to itself is 0).
+    """
+    d, _ = closest_distance(heldout_emb, reference_emb)
     return float(np.quantile(d, quantile))
 
 
+@dataclass
+class ExclusionZone:
+    """The protected real images of a site (as embeddings) and the calibrated ``delta``.
+
+    ``split[r]`` / ``index[r]``: which split row ``r`` of ``embeddings`` comes from and its
+    index in that split. ``calib`` and ``reference`` are rows of ``embeddings``: delta is the
+    quantile of ``calib_dcr`` = distances of the ``calib`` rows to the closest ``reference``
+    row; the two are disjoint and together cover every protected row.
+    """
+
+    embeddings: torch.Tensor
+    split: np.ndarray
+    index: np.ndarray
+    calib: np.ndarray
+    reference: np.ndarray
+    calib_dcr: np.ndarray
+    delta: float
+    quantile: float
+    calibration_split: str
+
+    def __post_init__(self) -> None:
+        if np.intersect1d(self.calib, self.reference).size:
+            raise ValueError("calibration rows and reference rows of the exclusion zone overlap")
+
+    def nearest_splits(self, nearest: np.ndarray) -> dict[str, int]:
+        """How many of the rows ``nearest`` (Scores.nearest) lie in each protected split."""
+        names = self.split[np.asarray(nearest, dtype=np.int64)] if len(nearest) else np.zeros(0, dtype=self.split.dtype)
+        return {s: int((names == s).sum()) for s in dict.fromkeys(self.split.tolist())}
+
+    def summary(self) -> dict:
+        return {
+            "protected": {s: int((self.split == s).sum()) for s in dict.fromkeys(self.split.tolist())},
+            "calibration_split": self.calibration_split,
+            "n_calibration": int(len(self.calib)),
+            "n_reference": int(len(self.reference)),
+            "delta_quantile": self.quantile,
+        }
+
+
+def build_zone(split_embeddings: dict[str, torch.Tensor], quantile: float, calibration_split: str,
+               calibration_fraction: float, seed: int) -> ExclusionZone:
+    """The symmetric exclusion zone over every split in ``split_embeddings`` (empty ones skipped).
+
+    A seeded ``calibration_fraction`` of ``calibration_split``'s rows calibrates delta against
+    all other protected rows (see the module docstring). Raises ``ValueError`` naming the
+    split when it is missing, empty, or too small to leave a calibration row.
+    """
+    parts = {k: v for k, v in split_embeddings.items() if len(v)}
+    if calibration_split not in parts:
+        raise ValueError(f"filter.calibration_split={calibration_split!r}: that split is not protected or has no images "
+                         f"(protected, non-empty: {sorted(parts)})")
+    emb = torch.cat([v.float() for v in parts.values()])
+    split = np.concatenate([np.full(len(v), k, dtype=object) for k, v in parts.items()]).astype(str)
+    index = np.concatenate([np.arange(len(v)) for v in parts.values()])
+    rows = np.flatnonzero(split == calibration_split)
+    n_cal = int(round(len(rows) * calibration_fraction))
+    n_cal = min(max(n_cal, 1), len(rows))
+    if n_cal == len(emb):
+        raise ValueError(f"filter: the exclusion zone needs images besides the {n_cal} calibration images of split "
+                         f"{calibration_split!r}")
+    rng = np.random.default_rng(seed)
+    calib = np.sort(rng.choice(rows, size=n_cal, replace=False))
+    reference = np.setdiff1d(np.arange(len(emb)), calib)
+    d, _ = closest_distance(emb[calib], emb[reference])
+    delta = float(np.quantile(d, quantile))
+    return ExclusionZone(emb, split, index, calib, reference, d, delta, float(quantile), calibration_split)
+
+
 def score_images(
-    images: torch.Tensor, phi_id: nn.Module, indep: nn.Module, train_emb: torch.Tensor, embed_net: nn.Module | None = None
+    images: torch.Tensor, phi_id: nn.Module, indep: nn.Module, protected_emb: torch.Tensor, embed_net: nn.Module | None = None
 ) -> Scores:
-    """The three filter quantities for images ``[N, C, H, W]`` in [-1, 1]."""
+    """The three filter quantities for images ``[N, C, H, W]`` in [-1, 1].
+
+    ``protected_emb``: embeddings of every protected real image (``ExclusionZone.embeddings``);
+    ``dcr`` is the distance to the closest of them.
+    """
     p_id = F.softmax(predict_logits(phi_id, images), dim=1).max(1).values.numpy()
     p_in = F.softmax(predict_logits(indep, images), dim=1).max(1).values.numpy()
     emb = embed(embed_net or indep, images)
-    d, j = closest_distance(emb, train_emb)
+    d, j = closest_distance(emb, protected_emb)
     return Scores(p_id.astype(np.float64), p_in.astype(np.float64), d.astype(np.float64), j)
 
 
@@ -93,8 +184,8 @@ def reject_reasons(s: Scores, t: Thresholds) -> dict[str, int]:
 
 
 def plant_duplicates(x_train: torch.Tensor, n: int, seed: int = 0) -> tuple[torch.Tensor, np.ndarray]:
-    """``n`` lightly augmented real training images (+-1 px shift, +-5 % brightness, tiny noise)
-    and their source indices."""
+    """``n`` lightly augmented real images of ``x_train`` (+-1 px shift, +-5 % brightness, tiny
+    noise) and their source indices (the pipeline passes every protected image)."""
     n = min(n, len(x_train))
     if n == 0:
         return x_train[:0], np.zeros(0, np.int64)
