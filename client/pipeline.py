@@ -241,8 +241,8 @@ def run_site_pipeline(
             LOG.warning("calibration split %s has no images: delta is calibrated on %s", cal_split, other)
             cal_split = other
         zone = build_zone({k: embed(indep, v) for k, v in protected_x.items()}, fc.delta_quantile, cal_split,
-                          fc.calibration_fraction, cfg.seed + 17)
-        protected_emb = zone.embeddings
+                          fc.calibration_fraction, cfg.seed + 17, split_pixels=protected_x if fc.pixel_zone else None)
+        protected_emb, protected_pix, d_pix = zone.embeddings, zone.pixels, zone.delta_pixel
         delta = zone.delta
         th = Thresholds(float(fc.tau_id), float(fc.tau_indep), delta)
 
@@ -335,15 +335,14 @@ def run_site_pipeline(
     # ---------------------------------------------------------------- B6 filter
     with tm.stage("filter"):
         for name, c in cand.items():
-            c["scores"] = score_images(c["images"], phi_id, indep, protected_emb)
-            c["accept"] = accept_mask(c["scores"], th)
-        # planted near-duplicates of protected images of every split (a copy of a held-out patient must be caught too)
-        all_x = torch.cat(list(protected_x.values()))
-        planted_x, planted_src = plant_duplicates(all_x, fc.planted, seed=cfg.seed + 13)
+            c["scores"] = score_images(c["images"], phi_id, indep, protected_emb, protected_pixels=protected_pix)
+            c["accept"] = accept_mask(c["scores"], th, d_pix)
+        # planted near-duplicates of train images: the blocking sensitivity test (method.md B6)
+        planted_x, planted_src = plant_duplicates(x_tr, fc.planted, seed=cfg.seed + 13)
         # the planted images go through the same scoring as the candidates of the exported method
         mixed = torch.cat([cand[method]["images"], planted_x])
-        mixed_scores = score_images(mixed, phi_id, indep, protected_emb)
-        mixed_accept = accept_mask(mixed_scores, th)
+        mixed_scores = score_images(mixed, phi_id, indep, protected_emb, protected_pixels=protected_pix)
+        mixed_accept = accept_mask(mixed_scores, th, d_pix)
         n_m = len(cand[method]["images"])
         planted_accept = mixed_accept[n_m:]
         planted_scores = mixed_scores.subset(np.arange(n_m, len(mixed)))
@@ -353,15 +352,25 @@ def run_site_pipeline(
                       int(planted_accept.sum()), len(planted_accept))
         sensitivity_ok = not bool(planted_accept.any())
         blocked = (not sensitivity_ok) and fc.block_on_planted
+        # diagnostic, not blocking: light copies of protected held-out images. The identity models know only
+        # the train patients, so only dcr / pixel_dcr can catch these; how many are caught is reported.
+        held_rows = np.flatnonzero(zone.split != "train")
+        held_x = torch.cat([v for k, v in protected_x.items() if k != "train"]) if len(held_rows) else x_tr[:0]
+        ph_x, ph_src = plant_duplicates(held_x, fc.planted, seed=cfg.seed + 14)
+        ph_scores = score_images(ph_x, phi_id, indep, protected_emb, protected_pixels=protected_pix)
+        ph_accept = accept_mask(ph_scores, th, d_pix) if len(ph_x) else np.zeros(0, bool)
         report["filter"] = {
             "sensitivity_ok": sensitivity_ok, "export_blocked": blocked,
             "tau_id": th.tau_id, "tau_indep": th.tau_indep, "delta": th.delta, "delta_quantile": fc.delta_quantile,
             "planted_total": int(len(planted_x)), "planted_rejected": int((~planted_accept).sum()),
-            "planted_reject_reasons": reject_reasons(planted_scores, th),
+            "planted_reject_reasons": reject_reasons(planted_scores, th, d_pix),
             "planted_mean_dcr": _f(planted_scores.dcr.mean()) if len(planted_x) else None,
             "planted_mean_max_id_prob": _f(planted_scores.max_id_prob.mean()) if len(planted_x) else None,
-            "planted_by_split": zone.nearest_splits(planted_src),
-            "reject_reasons": reject_reasons(cand[method]["scores"], th),
+            "planted_heldout_total": int(len(ph_x)), "planted_heldout_rejected": int((~ph_accept).sum()),
+            "planted_heldout_by_split": zone.nearest_splits(held_rows[ph_src]) if len(ph_x) else {},
+            "planted_heldout_reject_reasons": reject_reasons(ph_scores, th, d_pix) if len(ph_x) else {},
+            "reject_reasons": reject_reasons(cand[method]["scores"], th, d_pix),
+            "delta_pixel": d_pix,
             # dcr rejections by the split of the closest protected image: members and non-members alike
             "dcr_reject_nearest_split": zone.nearest_splits(
                 cand[method]["scores"].nearest[cand[method]["scores"].dcr <= th.delta]),
@@ -385,6 +394,7 @@ def run_site_pipeline(
         for j, i in enumerate(acc_idx):
             s = c["scores"]
             assert s.max_id_prob[i] < th.tau_id and s.indep_id_prob[i] < th.tau_indep and s.dcr[i] > th.delta
+            assert d_pix is None or s.pixel_dcr[i] > d_pix
             label = int(c["labels"][i])
             cname = ds.class_names[label]
             if c["path_id"] is not None:

@@ -6,7 +6,9 @@ A candidate is accepted only if all hold:
 - ``indep_id_prob < tau_indep``: max softmax of an independent identity model (other seed,
   never used in navigation, so the paths cannot have been optimised against it);
 - ``dcr > delta``: distance to the closest *protected* real image in the embedding space
-  (L2-normalised features of the independent identity model).
+  (L2-normalised features of the independent identity model);
+- with the pixel zone (``filter.pixel_zone``, default on): ``pixel_dcr > delta_pixel``, the
+  same in pixel space (see :func:`build_zone` for why).
 
 The exclusion zone is symmetric (:func:`build_zone`). Every real image at the site is a
 patient to protect, so the protected set holds the train split *and* the held-out splits
@@ -25,9 +27,11 @@ non-members of the reference set, i.e. the natural bar "as close as one real pat
 another"; afterwards they join the protected set like every other real image, so
 candidates are kept at least ``delta`` away from them too.
 
-The filter's sensitivity is tested on every run: ``planted`` lightly augmented real
-images (drawn from the whole protected set: members and held-out alike) are mixed into
-the candidates; they must all be rejected and are never exported (:func:`plant_duplicates`)::
+The filter's sensitivity is tested on every run: ``planted`` lightly augmented real train
+images are mixed into the candidates; they must all be rejected and are never exported
+(:func:`plant_duplicates`). Light copies of held-out images are scored too and the share
+caught is reported (the identity models know only train patients, so only the distance
+checks can catch those)::
 
     zone = build_zone({"train": e_tr, "val": e_va, "test": e_te}, 0.05, "val", 0.5, seed)
     scores = score_images(x, phi_id, indep, zone.embeddings)
@@ -37,6 +41,7 @@ the candidates; they must all be rejected and are never exported (:func:`plant_d
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import numpy as np
 import torch
@@ -53,12 +58,14 @@ class Scores:
     indep_id_prob: np.ndarray
     dcr: np.ndarray
     nearest: np.ndarray  # row of the closest protected real image (in the reference set passed)
+    pixel_dcr: Optional[np.ndarray] = None  # pixel-space distance to the closest protected image (pixel zone)
 
     def __len__(self) -> int:
         return len(self.dcr)
 
     def subset(self, idx) -> "Scores":
-        return Scores(self.max_id_prob[idx], self.indep_id_prob[idx], self.dcr[idx], self.nearest[idx])
+        pix = None if self.pixel_dcr is None else self.pixel_dcr[idx]
+        return Scores(self.max_id_prob[idx], self.indep_id_prob[idx], self.dcr[idx], self.nearest[idx], pix)
 
 
 def closest_distance(query: torch.Tensor, reference: torch.Tensor, batch: int = 1024) -> tuple[np.ndarray, np.ndarray]:
@@ -104,6 +111,9 @@ class ExclusionZone:
     delta: float
     quantile: float
     calibration_split: str
+    pixels: Optional[torch.Tensor] = None  # flattened protected images (pixel zone), rows as ``embeddings``
+    delta_pixel: Optional[float] = None
+    calib_dcr_pixel: Optional[np.ndarray] = None
 
     def __post_init__(self) -> None:
         if np.intersect1d(self.calib, self.reference).size:
@@ -121,16 +131,24 @@ class ExclusionZone:
             "n_calibration": int(len(self.calib)),
             "n_reference": int(len(self.reference)),
             "delta_quantile": self.quantile,
+            "delta_pixel": self.delta_pixel,
         }
 
 
 def build_zone(split_embeddings: dict[str, torch.Tensor], quantile: float, calibration_split: str,
-               calibration_fraction: float, seed: int) -> ExclusionZone:
+               calibration_fraction: float, seed: int,
+               split_pixels: Optional[dict[str, torch.Tensor]] = None) -> ExclusionZone:
     """The symmetric exclusion zone over every split in ``split_embeddings`` (empty ones skipped).
 
     A seeded ``calibration_fraction`` of ``calibration_split``'s rows calibrates delta against
     all other protected rows (see the module docstring). Raises ``ValueError`` naming the
     split when it is missing, empty, or too small to leave a calibration row.
+
+    ``split_pixels`` (same splits and rows, images ``[N, C, H, W]``) adds a pixel-space zone:
+    ``delta_pixel`` is calibrated on the same rows in pixel space. The embedding is learned
+    on the train images only, so it need not map a light copy of a *held-out* image close to
+    its source; pixel distance belongs to no model and treats every split alike (it is also
+    the distance the membership attack uses).
     """
     parts = {k: v for k, v in split_embeddings.items() if len(v)}
     if calibration_split not in parts:
@@ -150,37 +168,60 @@ def build_zone(split_embeddings: dict[str, torch.Tensor], quantile: float, calib
     reference = np.setdiff1d(np.arange(len(emb)), calib)
     d, _ = closest_distance(emb[calib], emb[reference])
     delta = float(np.quantile(d, quantile))
-    return ExclusionZone(emb, split, index, calib, reference, d, delta, float(quantile), calibration_split)
+    zone = ExclusionZone(emb, split, index, calib, reference, d, delta, float(quantile), calibration_split)
+    if split_pixels is not None:
+        pix = torch.cat([split_pixels[k].reshape(len(split_pixels[k]), -1).float() for k in parts])
+        if len(pix) != len(emb):
+            raise ValueError(f"split_pixels has {len(pix)} rows, split_embeddings {len(emb)}")
+        dp, _ = closest_distance(pix[calib], pix[reference])
+        zone.pixels, zone.delta_pixel, zone.calib_dcr_pixel = pix, float(np.quantile(dp, quantile)), dp
+    return zone
 
 
 def score_images(
-    images: torch.Tensor, phi_id: nn.Module, indep: nn.Module, protected_emb: torch.Tensor, embed_net: nn.Module | None = None
+    images: torch.Tensor, phi_id: nn.Module, indep: nn.Module, protected_emb: torch.Tensor, embed_net: nn.Module | None = None,
+    protected_pixels: torch.Tensor | None = None,
 ) -> Scores:
-    """The three filter quantities for images ``[N, C, H, W]`` in [-1, 1].
+    """The filter quantities for images ``[N, C, H, W]`` in [-1, 1].
 
     ``protected_emb``: embeddings of every protected real image (``ExclusionZone.embeddings``);
-    ``dcr`` is the distance to the closest of them.
+    ``dcr`` is the distance to the closest of them. With ``protected_pixels``
+    (``ExclusionZone.pixels``) also ``pixel_dcr``, the same in pixel space.
     """
     p_id = F.softmax(predict_logits(phi_id, images), dim=1).max(1).values.numpy()
     p_in = F.softmax(predict_logits(indep, images), dim=1).max(1).values.numpy()
     emb = embed(embed_net or indep, images)
     d, j = closest_distance(emb, protected_emb)
-    return Scores(p_id.astype(np.float64), p_in.astype(np.float64), d.astype(np.float64), j)
+    pix = None
+    if protected_pixels is not None:
+        pix = closest_distance(images.reshape(len(images), -1).float(), protected_pixels)[0].astype(np.float64)
+    return Scores(p_id.astype(np.float64), p_in.astype(np.float64), d.astype(np.float64), j, pix)
 
 
-def accept_mask(s: Scores, t: Thresholds) -> np.ndarray:
-    ok = (s.max_id_prob < t.tau_id) & (s.indep_id_prob < t.tau_indep) & (s.dcr > t.delta)
+def _pixel_ok(s: Scores, delta_pixel: Optional[float]) -> np.ndarray:
+    if delta_pixel is None:
+        return np.ones(len(s), dtype=bool)
+    if s.pixel_dcr is None:
+        raise ValueError("a pixel-zone threshold was given but the scores have no pixel_dcr (score with protected_pixels)")
+    return s.pixel_dcr > delta_pixel
+
+
+def accept_mask(s: Scores, t: Thresholds, delta_pixel: Optional[float] = None) -> np.ndarray:
+    ok = (s.max_id_prob < t.tau_id) & (s.indep_id_prob < t.tau_indep) & (s.dcr > t.delta) & _pixel_ok(s, delta_pixel)
     # an accepted image can never violate a threshold
     assert not np.any(ok & ~((s.max_id_prob < t.tau_id) & (s.indep_id_prob < t.tau_indep) & (s.dcr > t.delta)))
     return ok
 
 
-def reject_reasons(s: Scores, t: Thresholds) -> dict[str, int]:
-    return {
+def reject_reasons(s: Scores, t: Thresholds, delta_pixel: Optional[float] = None) -> dict[str, int]:
+    out = {
         "id_prob": int((s.max_id_prob >= t.tau_id).sum()),
         "indep_id_prob": int((s.indep_id_prob >= t.tau_indep).sum()),
         "dcr": int((s.dcr <= t.delta).sum()),
     }
+    if delta_pixel is not None:
+        out["pixel_dcr"] = int((~_pixel_ok(s, delta_pixel)).sum())
+    return out
 
 
 def plant_duplicates(x_train: torch.Tensor, n: int, seed: int = 0) -> tuple[torch.Tensor, np.ndarray]:

@@ -141,3 +141,27 @@ def test_symmetric_zone_leaves_distance_mia_at_chance():
     assert old["mia_auc"] < 0.4 and old["mia_auc_hi"] < 0.5
     assert new["mia_auc_gap"] < 0.05 and new["mia_auc_lo"] < 0.5 < new["mia_auc_hi"]
     assert new["mia_tpr_at_1pct_fpr"] <= 0.05
+
+
+def test_pixel_zone_catches_what_the_embedding_misses():
+    from plan_shared.privacy import build_zone, reject_reasons
+
+    x = {"train": _smooth(30, 0), "val": _smooth(20, 1), "test": _smooth(20, 2)}
+
+    class Blind(NearestIdentity):  # an embedding that knows nothing about held-out images
+        def features(self, im):
+            return torch.zeros(len(im), 8)
+
+    ident = Blind(x["train"], temp=100.0)
+    emb = {k: torch.randn(len(v), 8) for k, v in x.items()}
+    zone = build_zone(emb, 0.05, "val", 0.5, seed=0, split_pixels=x)
+    flat = torch.cat(list(x.values())).flatten(1)
+    dp = torch.cdist(flat[zone.calib], flat[zone.reference]).min(1).values.numpy()
+    assert zone.delta_pixel == pytest.approx(float(np.quantile(dp, 0.05)), rel=1e-5)  # same calibration rows
+    copies = x["test"][:6] + 0.001 * torch.randn(6, 1, 16, 16)
+    t = Thresholds(1.0, 1.0, -1.0)  # embedding check open: only the pixel zone decides
+    s = score_images(copies, ident, ident, zone.embeddings, protected_pixels=zone.pixels)
+    assert accept_mask(s, t).all() and not accept_mask(s, t, zone.delta_pixel).any()
+    assert reject_reasons(s, t, zone.delta_pixel)["pixel_dcr"] == 6
+    with pytest.raises(ValueError, match="pixel_dcr"):
+        accept_mask(score_images(copies, ident, ident, zone.embeddings), t, zone.delta_pixel)
