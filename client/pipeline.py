@@ -49,7 +49,7 @@ from plan_shared.manifest import ImageRecord, SiteManifest, Thresholds, safe_cla
 from plan_shared.metrics import classification_report, dcr_summary
 from plan_shared.navigation import NavWeights, linear_paths, optimise_paths, random_samples, w_std
 from plan_shared.plots import dcr_histogram, path_strips, sample_grid
-from plan_shared.privacy import accept_mask, calibrate_delta, closest_distance, plant_duplicates, reject_reasons, score_images
+from plan_shared.privacy import accept_mask, build_zone, plant_duplicates, reject_reasons, score_images
 from plan_shared.runtime import resolve_device, seed_everything, set_threads
 
 LOG = logging.getLogger("plan.pipeline")
@@ -115,8 +115,9 @@ def _compare_methods(cfg: PlanConfig, ds: ImageDataset, cand: dict[str, Any], ex
 
     For each method: the utility classifier trained on that method's filter-passing images
     and tested on the real test split, and the distance membership inference (pixel space,
-    members = train, non-members = test) against those images. ``real`` shares the train
-    images themselves.
+    members = train, non-members = test) against those images: AUC with its 95 % bootstrap
+    interval, |AUC - 0.5| and TPR at 1 % FPR. ``real`` is the reference *site alone*: the same
+    utility recipe trained on the site's real train split (sharing those images: AUC 1).
     """
     from client.evaluate import distance_mia
 
@@ -130,10 +131,10 @@ def _compare_methods(cfg: PlanConfig, ds: ImageDataset, cand: dict[str, Any], ex
                             f"utility ({name})", device, progress)
         mia = distance_mia(x_tr, x_te, c["images"][idx])
         out[name] = {"accuracy": util.get("accuracy"), "qwk": util.get("qwk"), "n": int(len(idx)),
-                     "mia_auc": _f(mia["mia_auc"]), "mia_tpr_at_1pct_fpr": _f(mia["mia_tpr_at_1pct_fpr"])}
+                     **{k: _f(v) for k, v in mia.items()}}
     real = distance_mia(x_tr, x_te, x_tr)
     out["real"] = {"accuracy": utility["real"].get("accuracy"), "qwk": utility["real"].get("qwk"), "n": int(len(x_tr)),
-                   "mia_auc": _f(real["mia_auc"]), "mia_tpr_at_1pct_fpr": _f(real["mia_tpr_at_1pct_fpr"])}
+                   **{k: _f(v) for k, v in real.items()}}
     return out
 
 
@@ -225,12 +226,24 @@ def run_site_pipeline(
     # ---------------------------------------------------------------- filter calibration
     fc = cfg.filter
     with tm.stage("calibrate"):
-        train_emb = embed(indep, x_tr)
-        heldout = x_va if len(x_va) else x_te
-        val_emb = embed(indep, heldout)
-        d_val, _ = closest_distance(val_emb, train_emb)
-        delta = float(np.quantile(d_val, fc.delta_quantile))
-        assert abs(delta - calibrate_delta(val_emb, train_emb, fc.delta_quantile)) < 1e-6
+        # symmetric exclusion zone: every protected real image (members and held-out alike), delta
+        # calibrated on a seeded part of a held-out split against all the other protected images
+        split_x = {"train": x_tr, "val": x_va, "test": x_te}
+        protected_x = {k: split_x[k] for k in fc.protect if len(split_x[k])}
+        if "test" not in fc.protect:
+            LOG.warning("filter.protect leaves out test, the non-members of the distance membership inference: "
+                        "members are excluded and non-members are not, which is itself a membership signal")
+        cal_split = fc.calibration_split
+        if cal_split not in protected_x:
+            other = next((k for k in ("val", "test") if k in protected_x), None)
+            if other is None:
+                raise ValueError(f"filter.protect={fc.protect}: no protected held-out split with images to calibrate delta")
+            LOG.warning("calibration split %s has no images: delta is calibrated on %s", cal_split, other)
+            cal_split = other
+        zone = build_zone({k: embed(indep, v) for k, v in protected_x.items()}, fc.delta_quantile, cal_split,
+                          fc.calibration_fraction, cfg.seed + 17, split_pixels=protected_x if fc.pixel_zone else None)
+        protected_emb, protected_pix, d_pix = zone.embeddings, zone.pixels, zone.delta_pixel
+        delta = zone.delta
         th = Thresholds(float(fc.tau_id), float(fc.tau_indep), delta)
 
     # ---------------------------------------------------------------- B3 inversion
@@ -322,13 +335,14 @@ def run_site_pipeline(
     # ---------------------------------------------------------------- B6 filter
     with tm.stage("filter"):
         for name, c in cand.items():
-            c["scores"] = score_images(c["images"], phi_id, indep, train_emb)
-            c["accept"] = accept_mask(c["scores"], th)
+            c["scores"] = score_images(c["images"], phi_id, indep, protected_emb, protected_pixels=protected_pix)
+            c["accept"] = accept_mask(c["scores"], th, d_pix)
+        # planted near-duplicates of train images: the blocking sensitivity test (method.md B6)
         planted_x, planted_src = plant_duplicates(x_tr, fc.planted, seed=cfg.seed + 13)
         # the planted images go through the same scoring as the candidates of the exported method
         mixed = torch.cat([cand[method]["images"], planted_x])
-        mixed_scores = score_images(mixed, phi_id, indep, train_emb)
-        mixed_accept = accept_mask(mixed_scores, th)
+        mixed_scores = score_images(mixed, phi_id, indep, protected_emb, protected_pixels=protected_pix)
+        mixed_accept = accept_mask(mixed_scores, th, d_pix)
         n_m = len(cand[method]["images"])
         planted_accept = mixed_accept[n_m:]
         planted_scores = mixed_scores.subset(np.arange(n_m, len(mixed)))
@@ -338,15 +352,30 @@ def run_site_pipeline(
                       int(planted_accept.sum()), len(planted_accept))
         sensitivity_ok = not bool(planted_accept.any())
         blocked = (not sensitivity_ok) and fc.block_on_planted
+        # diagnostic, not blocking: light copies of protected held-out images. The identity models know only
+        # the train patients, so only dcr / pixel_dcr can catch these; how many are caught is reported.
+        held_rows = np.flatnonzero(zone.split != "train")
+        held_x = torch.cat([v for k, v in protected_x.items() if k != "train"]) if len(held_rows) else x_tr[:0]
+        ph_x, ph_src = plant_duplicates(held_x, fc.planted, seed=cfg.seed + 14)
+        ph_scores = score_images(ph_x, phi_id, indep, protected_emb, protected_pixels=protected_pix)
+        ph_accept = accept_mask(ph_scores, th, d_pix) if len(ph_x) else np.zeros(0, bool)
         report["filter"] = {
             "sensitivity_ok": sensitivity_ok, "export_blocked": blocked,
             "tau_id": th.tau_id, "tau_indep": th.tau_indep, "delta": th.delta, "delta_quantile": fc.delta_quantile,
             "planted_total": int(len(planted_x)), "planted_rejected": int((~planted_accept).sum()),
-            "planted_reject_reasons": reject_reasons(planted_scores, th),
+            "planted_reject_reasons": reject_reasons(planted_scores, th, d_pix),
             "planted_mean_dcr": _f(planted_scores.dcr.mean()) if len(planted_x) else None,
             "planted_mean_max_id_prob": _f(planted_scores.max_id_prob.mean()) if len(planted_x) else None,
-            "reject_reasons": reject_reasons(cand[method]["scores"], th),
-            "heldout_dcr": dcr_summary(d_val) | {"split": "val" if len(x_va) else "test"},
+            "planted_heldout_total": int(len(ph_x)), "planted_heldout_rejected": int((~ph_accept).sum()),
+            "planted_heldout_by_split": zone.nearest_splits(held_rows[ph_src]) if len(ph_x) else {},
+            "planted_heldout_reject_reasons": reject_reasons(ph_scores, th, d_pix) if len(ph_x) else {},
+            "reject_reasons": reject_reasons(cand[method]["scores"], th, d_pix),
+            "delta_pixel": d_pix,
+            # dcr rejections by the split of the closest protected image: members and non-members alike
+            "dcr_reject_nearest_split": zone.nearest_splits(
+                cand[method]["scores"].nearest[cand[method]["scores"].dcr <= th.delta]),
+            "zone": zone.summary(),
+            "heldout_dcr": dcr_summary(zone.calib_dcr) | {"split": cal_split, "n": int(len(zone.calib))},
         }
         report["methods"] = {name: _method_stats(c["scores"], c["accept"]) for name, c in cand.items()}
         report["methods_note"] = ("plan/linear: all interior path points of the same anchor pairs, before the "
@@ -366,6 +395,7 @@ def run_site_pipeline(
         for j, i in enumerate(acc_idx):
             s = c["scores"]
             assert s.max_id_prob[i] < th.tau_id and s.indep_id_prob[i] < th.tau_indep and s.dcr[i] > th.delta
+            assert d_pix is None or s.pixel_dcr[i] > d_pix
             label = int(c["labels"][i])
             cname = cnames[label]
             if c["path_id"] is not None:
@@ -415,7 +445,7 @@ def run_site_pipeline(
         for p in range(min(cfg.synthesis.strip_pairs, len(pairs))):
             for name, full in (("linear", full_lin), ("plan", full_plan)):
                 img = _render(G, full[p])
-                sc = score_images(img, phi_id, indep, train_emb)
+                sc = score_images(img, phi_id, indep, protected_emb)
                 rows.append({"title": f"{name} #{p} ({ds.class_names[int(plabels[p])]})", "images": img,
                              "id_prob": sc.max_id_prob, "dcr": sc.dcr})
         figs = {}
@@ -425,7 +455,7 @@ def run_site_pipeline(
         if len(show):
             figs["samples"] = sample_grid(show, out / "samples.png").name
         series = {k: cand[k]["scores"].dcr for k in ("plan", "linear") if len(cand[k]["scores"])}
-        series["real held-out"] = d_val
+        series[f"real {cal_split} (calibration)"] = zone.calib_dcr
         figs["dcr_hist"] = dcr_histogram(series, th.delta, out / "dcr_hist.png").name
         report["figures"] = figs
 

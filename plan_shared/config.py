@@ -274,14 +274,46 @@ class FilterConfig(_Section):
     tau_id: float = Field(0.5, gt=0.0, le=1.0, description="Accept only if phi_id's max softmax < tau_id (members ~0.99, real non-members ~0.28).")
     tau_indep: float = Field(0.5, gt=0.0, le=1.0, description="Accept only if the independent identity model's max softmax < tau_indep.")
     delta_quantile: float = Field(
-        0.05, gt=0.0, lt=1.0, description="delta = this quantile of real held-out (val) to closest-train distances in the "
-        "embedding space (normalised features of the independent identity model); accept only if DCR > delta."
+        0.05, gt=0.0, lt=1.0, description="delta = this quantile of the calibration images' distances to the closest other "
+        "protected real image, in the embedding space (normalised features of the independent identity model); accept "
+        "only if the distance to the closest protected real image (dcr) > delta."
     )
-    planted: int = Field(50, ge=0, description="Lightly augmented real training images mixed into the candidates; all must be rejected (never exported).")
+    protect: list[Literal["train", "val", "test"]] = Field(
+        ["train", "val", "test"], min_length=1, description="Splits whose real images the exclusion zone protects (dcr is "
+        "measured to all of them). Every real image at the site is a patient: keep members (train) and non-members "
+        "(val, and test, the non-members of the distance membership inference) alike, or distance to the pool reveals "
+        "membership. Must contain train."
+    )
+    calibration_split: Literal["val", "test"] = Field(
+        "val", description="Protected held-out split from which the calibration images are drawn (must be in protect)."
+    )
+    calibration_fraction: float = Field(
+        0.5, gt=0.0, lt=1.0, description="Share of calibration_split drawn (seeded) to calibrate delta against every "
+        "OTHER protected image; the drawn images are protected too afterwards."
+    )
+    pixel_zone: bool = Field(
+        True, description="Also keep candidates more than delta_pixel from every protected image in pixel space, "
+        "delta_pixel calibrated like delta (same quantile, same calibration images). The embedding is learned on train "
+        "images only and may not catch a light copy of a held-out image; pixel distance treats all splits alike. "
+        "Reported as filter.delta_pixel and reject reason pixel_dcr (not a manifest record field)."
+    )
+    planted: int = Field(50, ge=0, description="Lightly augmented real train images mixed into the candidates; all must be rejected (never exported). "
+                         "As many light copies of protected held-out images are scored too and their rejection is reported "
+                         "(filter.planted_heldout_rejected), not blocking: only the distance checks can catch them.")
     block_on_planted: bool = Field(
         True, description="If any planted near-duplicate passes the filter, the filter is not trusted and NOTHING is "
         "exported (report: filter.export_blocked); the per-image decisions are still reported for diagnosis."
     )
+
+    @model_validator(mode="after")
+    def _zone(self) -> "FilterConfig":
+        if "train" not in self.protect:
+            raise ValueError(f"filter.protect={self.protect}: must contain 'train' (the members are patients to protect)")
+        if self.calibration_split not in self.protect:
+            raise ValueError(f"filter.calibration_split={self.calibration_split!r} is not in filter.protect={self.protect}")
+        if len(set(self.protect)) != len(self.protect):
+            raise ValueError(f"filter.protect={self.protect}: a split is listed twice")
+        return self
 
 
 class SynthesisConfig(_Section):

@@ -1,7 +1,7 @@
 """Metrics computed on labels, scores or features passed in (no model calls here).
 
 Utility: :func:`accuracy`, :func:`balanced_accuracy`, :func:`qwk` (quadratic-weighted
-kappa for graded labels). Privacy: :func:`mia_auc` and :func:`tpr_at_fpr` for a
+kappa for graded labels). Privacy: :func:`mia_auc` (with :func:`bootstrap_auc_interval`) and :func:`tpr_at_fpr` for a
 membership-inference score (higher = "member"), :func:`dcr` (distance to the closest
 record) and :func:`dcr_summary`.
 """
@@ -63,6 +63,33 @@ def tpr_at_fpr(member_scores, nonmember_scores, fpr: float = 0.01) -> float:
     f, t, _ = roc_curve(y, s)
     ok = f <= fpr
     return float(t[ok].max()) if ok.any() else 0.0
+
+
+def bootstrap_auc_interval(member_scores, nonmember_scores, n_boot: int = 1000, level: float = 0.95,
+                           seed: int = 0) -> tuple[float, float]:
+    """Percentile bootstrap interval of :func:`mia_auc` (members and non-members resampled
+    separately with replacement, sizes kept; seeded). (nan, nan) when a group is empty.
+
+    Each replicate's AUC is the Mann-Whitney statistic from mid-ranks (ties count half),
+    i.e. what ``roc_auc_score`` returns, computed for many replicates at once.
+    """
+    from scipy.stats import rankdata
+
+    m, n = _np(member_scores).astype(np.float64), _np(nonmember_scores).astype(np.float64)
+    if len(m) == 0 or len(n) == 0 or n_boot < 1:
+        return float("nan"), float("nan")
+    rng = np.random.default_rng(seed)
+    nm, nn = len(m), len(n)
+    chunk = max(1, 2_000_000 // (nm + nn))
+    aucs = []
+    for b0 in range(0, n_boot, chunk):
+        b = min(chunk, n_boot - b0)
+        s = np.concatenate([m[rng.integers(0, nm, (b, nm))], n[rng.integers(0, nn, (b, nn))]], axis=1)
+        r = rankdata(s, axis=1)[:, :nm].sum(1)
+        aucs.append((r - nm * (nm + 1) / 2) / (nm * nn))
+    a = (1.0 - level) / 2
+    lo, hi = np.quantile(np.concatenate(aucs), [a, 1.0 - a])
+    return float(lo), float(hi)
 
 
 def dcr(query: torch.Tensor, reference: torch.Tensor, batch: int = 1024) -> np.ndarray:

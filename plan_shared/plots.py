@@ -49,7 +49,7 @@ def path_strips(
             ax.set_title(f"p={row['id_prob'][t]:.2f}\nd={row['dcr'][t]:.2f}", fontsize=6)
             if c == 0:
                 ax.set_ylabel(row["title"], fontsize=6)
-    fig.suptitle("paths: p = max id-probability (phi_id), d = distance to closest real train image", fontsize=8)
+    fig.suptitle("paths: p = max id-probability (phi_id), d = distance to closest protected real image", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -57,7 +57,7 @@ def path_strips(
 
 
 def dcr_histogram(series: dict[str, np.ndarray], delta: float, path: str | Path) -> Path:
-    """Overlaid normalised histograms of distances to the closest real train image."""
+    """Overlaid normalised histograms of distances to the closest protected real image (train and held-out)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig, ax = plt.subplots(figsize=(6, 3.5))
@@ -69,7 +69,7 @@ def dcr_histogram(series: dict[str, np.ndarray], delta: float, path: str | Path)
             if len(v):
                 ax.hist(v, bins=bins, density=True, alpha=0.45, label=f"{name} (n={len(v)})")
     ax.axvline(delta, color="k", ls="--", lw=1, label=f"delta={delta:.3f}")
-    ax.set_xlabel("distance to closest real train image (embedding)")
+    ax.set_xlabel("distance to closest protected real image (embedding)")
     ax.set_ylabel("density")
     ax.legend(fontsize=7)
     fig.tight_layout()

@@ -5,22 +5,43 @@ A candidate is accepted only if all hold:
 - ``max_id_prob < tau_id``: max softmax of phi_id (the identity classifier navigation used);
 - ``indep_id_prob < tau_indep``: max softmax of an independent identity model (other seed,
   never used in navigation, so the paths cannot have been optimised against it);
-- ``dcr > delta``: distance to the closest real train image in the embedding space
-  (L2-normalised features of the independent identity model), with ``delta`` the
-  ``delta_quantile`` quantile of the real held-out (val) to closest-train distances.
+- ``dcr > delta``: distance to the closest *protected* real image in the embedding space
+  (L2-normalised features of the independent identity model);
+- with the pixel zone (``filter.pixel_zone``, default on): ``pixel_dcr > delta_pixel``, the
+  same in pixel space (see :func:`build_zone` for why).
 
-The filter's sensitivity is tested on every run: ``planted`` lightly augmented real
-training images are mixed into the candidates; they must all be rejected and are never
-exported (:func:`plant_duplicates`, :class:`FilterResult`)::
+The exclusion zone is symmetric (:func:`build_zone`). Every real image at the site is a
+patient to protect, so the protected set holds the train split *and* the held-out splits
+(val, and test, which the distance membership inference uses as non-members). A zone
+around the train images only is itself a membership signal: candidates are pushed away
+from members and not from non-members, so members end up farther from the exported
+images than non-members (method.md section 7). With members and non-members excluded
+alike, distance to the pool tells an attacker nothing about membership.
 
-    delta = calibrate_delta(val_emb, train_emb, 0.05)
-    scores = score_images(x, phi_id, indep, train_emb)
-    accept = accept_mask(scores, Thresholds(tau_id, tau_indep, delta))
+``delta`` must be calibrated on images that are not in the set they are measured
+against: a random half (``calibration_fraction``) of the calibration split (val) is
+drawn, seeded; ``delta`` is the ``delta_quantile`` quantile of the distances of those
+images to the closest image among all *other* protected images (the reference set,
+disjoint from the calibration rows by construction). The calibration images are real
+non-members of the reference set, i.e. the natural bar "as close as one real patient is to
+another"; afterwards they join the protected set like every other real image, so
+candidates are kept at least ``delta`` away from them too.
+
+The filter's sensitivity is tested on every run: ``planted`` lightly augmented real train
+images are mixed into the candidates; they must all be rejected and are never exported
+(:func:`plant_duplicates`). Light copies of held-out images are scored too and the share
+caught is reported (the identity models know only train patients, so only the distance
+checks can catch those)::
+
+    zone = build_zone({"train": e_tr, "val": e_va, "test": e_te}, 0.05, "val", 0.5, seed)
+    scores = score_images(x, phi_id, indep, zone.embeddings)
+    accept = accept_mask(scores, Thresholds(tau_id, tau_indep, zone.delta))
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import numpy as np
 import torch
@@ -36,13 +57,15 @@ class Scores:
     max_id_prob: np.ndarray
     indep_id_prob: np.ndarray
     dcr: np.ndarray
-    nearest: np.ndarray  # index of the closest real train image
+    nearest: np.ndarray  # row of the closest protected real image (in the reference set passed)
+    pixel_dcr: Optional[np.ndarray] = None  # pixel-space distance to the closest protected image (pixel zone)
 
     def __len__(self) -> int:
         return len(self.dcr)
 
     def subset(self, idx) -> "Scores":
-        return Scores(self.max_id_prob[idx], self.indep_id_prob[idx], self.dcr[idx], self.nearest[idx])
+        pix = None if self.pixel_dcr is None else self.pixel_dcr[idx]
+        return Scores(self.max_id_prob[idx], self.indep_id_prob[idx], self.dcr[idx], self.nearest[idx], pix)
 
 
 def closest_distance(query: torch.Tensor, reference: torch.Tensor, batch: int = 1024) -> tuple[np.ndarray, np.ndarray]:
@@ -60,41 +83,150 @@ def closest_distance(query: torch.Tensor, reference: torch.Tensor, batch: int = 
     return torch.cat(dists).numpy(), torch.cat(idx).numpy()
 
 
-def calibrate_delta(heldout_emb: torch.Tensor, train_emb: torch.Tensor, quantile: float) -> float:
-    """``quantile`` of held-out-to-closest-train distances: a real non-member is the bar."""
-    d, _ = closest_distance(heldout_emb, train_emb)
+def calibrate_delta(heldout_emb: torch.Tensor, reference_emb: torch.Tensor, quantile: float) -> float:
+    """``quantile`` of the distances of held-out rows to their closest reference row.
+
+    The held-out rows must not be in ``reference_emb`` (a row's distance to itself is 0).
+    """
+    d, _ = closest_distance(heldout_emb, reference_emb)
     return float(np.quantile(d, quantile))
 
 
+@dataclass
+class ExclusionZone:
+    """The protected real images of a site (as embeddings) and the calibrated ``delta``.
+
+    ``split[r]`` / ``index[r]``: which split row ``r`` of ``embeddings`` comes from and its
+    index in that split. ``calib`` and ``reference`` are rows of ``embeddings``: delta is the
+    quantile of ``calib_dcr`` = distances of the ``calib`` rows to the closest ``reference``
+    row; the two are disjoint and together cover every protected row.
+    """
+
+    embeddings: torch.Tensor
+    split: np.ndarray
+    index: np.ndarray
+    calib: np.ndarray
+    reference: np.ndarray
+    calib_dcr: np.ndarray
+    delta: float
+    quantile: float
+    calibration_split: str
+    pixels: Optional[torch.Tensor] = None  # flattened protected images (pixel zone), rows as ``embeddings``
+    delta_pixel: Optional[float] = None
+    calib_dcr_pixel: Optional[np.ndarray] = None
+
+    def __post_init__(self) -> None:
+        if np.intersect1d(self.calib, self.reference).size:
+            raise ValueError("calibration rows and reference rows of the exclusion zone overlap")
+
+    def nearest_splits(self, nearest: np.ndarray) -> dict[str, int]:
+        """How many of the rows ``nearest`` (Scores.nearest) lie in each protected split."""
+        names = self.split[np.asarray(nearest, dtype=np.int64)] if len(nearest) else np.zeros(0, dtype=self.split.dtype)
+        return {s: int((names == s).sum()) for s in dict.fromkeys(self.split.tolist())}
+
+    def summary(self) -> dict:
+        return {
+            "protected": {s: int((self.split == s).sum()) for s in dict.fromkeys(self.split.tolist())},
+            "calibration_split": self.calibration_split,
+            "n_calibration": int(len(self.calib)),
+            "n_reference": int(len(self.reference)),
+            "delta_quantile": self.quantile,
+            "delta_pixel": self.delta_pixel,
+        }
+
+
+def build_zone(split_embeddings: dict[str, torch.Tensor], quantile: float, calibration_split: str,
+               calibration_fraction: float, seed: int,
+               split_pixels: Optional[dict[str, torch.Tensor]] = None) -> ExclusionZone:
+    """The symmetric exclusion zone over every split in ``split_embeddings`` (empty ones skipped).
+
+    A seeded ``calibration_fraction`` of ``calibration_split``'s rows calibrates delta against
+    all other protected rows (see the module docstring). Raises ``ValueError`` naming the
+    split when it is missing, empty, or too small to leave a calibration row.
+
+    ``split_pixels`` (same splits and rows, images ``[N, C, H, W]``) adds a pixel-space zone:
+    ``delta_pixel`` is calibrated on the same rows in pixel space. The embedding is learned
+    on the train images only, so it need not map a light copy of a *held-out* image close to
+    its source; pixel distance belongs to no model and treats every split alike (it is also
+    the distance the membership attack uses).
+    """
+    parts = {k: v for k, v in split_embeddings.items() if len(v)}
+    if calibration_split not in parts:
+        raise ValueError(f"filter.calibration_split={calibration_split!r}: that split is not protected or has no images "
+                         f"(protected, non-empty: {sorted(parts)})")
+    emb = torch.cat([v.float() for v in parts.values()])
+    split = np.concatenate([np.full(len(v), k, dtype=object) for k, v in parts.items()]).astype(str)
+    index = np.concatenate([np.arange(len(v)) for v in parts.values()])
+    rows = np.flatnonzero(split == calibration_split)
+    n_cal = int(round(len(rows) * calibration_fraction))
+    n_cal = min(max(n_cal, 1), len(rows))
+    if n_cal == len(emb):
+        raise ValueError(f"filter: the exclusion zone needs images besides the {n_cal} calibration images of split "
+                         f"{calibration_split!r}")
+    rng = np.random.default_rng(seed)
+    calib = np.sort(rng.choice(rows, size=n_cal, replace=False))
+    reference = np.setdiff1d(np.arange(len(emb)), calib)
+    d, _ = closest_distance(emb[calib], emb[reference])
+    delta = float(np.quantile(d, quantile))
+    zone = ExclusionZone(emb, split, index, calib, reference, d, delta, float(quantile), calibration_split)
+    if split_pixels is not None:
+        pix = torch.cat([split_pixels[k].reshape(len(split_pixels[k]), -1).float() for k in parts])
+        if len(pix) != len(emb):
+            raise ValueError(f"split_pixels has {len(pix)} rows, split_embeddings {len(emb)}")
+        dp, _ = closest_distance(pix[calib], pix[reference])
+        zone.pixels, zone.delta_pixel, zone.calib_dcr_pixel = pix, float(np.quantile(dp, quantile)), dp
+    return zone
+
+
 def score_images(
-    images: torch.Tensor, phi_id: nn.Module, indep: nn.Module, train_emb: torch.Tensor, embed_net: nn.Module | None = None
+    images: torch.Tensor, phi_id: nn.Module, indep: nn.Module, protected_emb: torch.Tensor, embed_net: nn.Module | None = None,
+    protected_pixels: torch.Tensor | None = None,
 ) -> Scores:
-    """The three filter quantities for images ``[N, C, H, W]`` in [-1, 1]."""
+    """The filter quantities for images ``[N, C, H, W]`` in [-1, 1].
+
+    ``protected_emb``: embeddings of every protected real image (``ExclusionZone.embeddings``);
+    ``dcr`` is the distance to the closest of them. With ``protected_pixels``
+    (``ExclusionZone.pixels``) also ``pixel_dcr``, the same in pixel space.
+    """
     p_id = F.softmax(predict_logits(phi_id, images), dim=1).max(1).values.numpy()
     p_in = F.softmax(predict_logits(indep, images), dim=1).max(1).values.numpy()
     emb = embed(embed_net or indep, images)
-    d, j = closest_distance(emb, train_emb)
-    return Scores(p_id.astype(np.float64), p_in.astype(np.float64), d.astype(np.float64), j)
+    d, j = closest_distance(emb, protected_emb)
+    pix = None
+    if protected_pixels is not None:
+        pix = closest_distance(images.reshape(len(images), -1).float(), protected_pixels)[0].astype(np.float64)
+    return Scores(p_id.astype(np.float64), p_in.astype(np.float64), d.astype(np.float64), j, pix)
 
 
-def accept_mask(s: Scores, t: Thresholds) -> np.ndarray:
-    ok = (s.max_id_prob < t.tau_id) & (s.indep_id_prob < t.tau_indep) & (s.dcr > t.delta)
+def _pixel_ok(s: Scores, delta_pixel: Optional[float]) -> np.ndarray:
+    if delta_pixel is None:
+        return np.ones(len(s), dtype=bool)
+    if s.pixel_dcr is None:
+        raise ValueError("a pixel-zone threshold was given but the scores have no pixel_dcr (score with protected_pixels)")
+    return s.pixel_dcr > delta_pixel
+
+
+def accept_mask(s: Scores, t: Thresholds, delta_pixel: Optional[float] = None) -> np.ndarray:
+    ok = (s.max_id_prob < t.tau_id) & (s.indep_id_prob < t.tau_indep) & (s.dcr > t.delta) & _pixel_ok(s, delta_pixel)
     # an accepted image can never violate a threshold
     assert not np.any(ok & ~((s.max_id_prob < t.tau_id) & (s.indep_id_prob < t.tau_indep) & (s.dcr > t.delta)))
     return ok
 
 
-def reject_reasons(s: Scores, t: Thresholds) -> dict[str, int]:
-    return {
+def reject_reasons(s: Scores, t: Thresholds, delta_pixel: Optional[float] = None) -> dict[str, int]:
+    out = {
         "id_prob": int((s.max_id_prob >= t.tau_id).sum()),
         "indep_id_prob": int((s.indep_id_prob >= t.tau_indep).sum()),
         "dcr": int((s.dcr <= t.delta).sum()),
     }
+    if delta_pixel is not None:
+        out["pixel_dcr"] = int((~_pixel_ok(s, delta_pixel)).sum())
+    return out
 
 
 def plant_duplicates(x_train: torch.Tensor, n: int, seed: int = 0) -> tuple[torch.Tensor, np.ndarray]:
-    """``n`` lightly augmented real training images (+-1 px shift, +-5 % brightness, tiny noise)
-    and their source indices."""
+    """``n`` lightly augmented real images of ``x_train`` (+-1 px shift, +-5 % brightness, tiny
+    noise) and their source indices (the pipeline passes every protected image)."""
     n = min(n, len(x_train))
     if n == 0:
         return x_train[:0], np.zeros(0, np.int64)

@@ -97,7 +97,8 @@ def demo(
         raise typer.Exit(2) from None
     u, p = report["utility"], report["privacy"]
     typer.echo(f"demo finished in {report['timing'].get('demo_total_s', 0):.0f}s: {report['pool']['n_images']} pooled images; "
-               f"accuracy {u.get('accuracy')} (real reference {u.get('real_accuracy')}); distance-MIA AUC {p.get('mia_auc')}")
+               f"accuracy {u.get('accuracy')} (site alone {u.get('real_accuracy')}); distance-MIA AUC {p.get('mia_auc')} "
+               f"[{p.get('mia_auc_lo')}, {p.get('mia_auc_hi')}]")
     typer.echo(f"report: {Path(out) / 'report.md'}")
 
 

@@ -221,31 +221,47 @@ def _pool_grids(out: Path, pool_dir: Path) -> dict[str, str]:
     return figs
 
 
-def _comparison_points(synthesis: dict[str, Any], downstream_acc: Optional[float], pooled_mia: Optional[float],
-                       method: str) -> dict[str, tuple[Optional[float], Optional[float]]]:
-    """Privacy-utility points: per method, the mean over sites of the site-level comparison numbers.
+SITE_RECIPE = "site level, utility recipe (classes section, utility_epochs), mean over sites"
+POOL_RECIPE = "pooled, phi_down recipe (downstream section)"
 
-    Each site trains the same small classifier on that method's accepted images and tests
-    it on its real test split (``compare.<method>.accuracy``), and runs the distance MIA
-    against that method's accepted images (``compare.<method>.mia_auc``). Sharing the real
-    images themselves is the ``real`` point (distance MIA AUC = 1 by construction). The
-    pooled phi_down of the exported method is added as its own point.
+
+def _comparison_points(synthesis: dict[str, Any], report: dict[str, Any], method: str) -> dict[str, dict[str, tuple]]:
+    """Privacy-utility points, one panel per training recipe (each with its own "site alone" reference).
+
+    Site-level panel: each site trains the pipeline's utility classifier on each method's
+    accepted images and tests it on its real test split (``compare.<method>.accuracy``),
+    and runs the distance MIA against those images (``compare.<method>.mia_auc`` with its
+    interval); mean over sites. Its reference "site alone" is the same recipe trained on
+    the site's real train split (sharing the train images themselves: distance-MIA AUC 1).
+    Pooled panel: phi_down trained on the pool (pooled distance-MIA AUC with interval)
+    next to its own reference, the phi_down recipe trained at each site alone (pooled
+    accuracy from the sites' confusion matrices). Points: (mia_auc, accuracy, lo, hi).
     """
-    pts: dict[str, list[tuple[float, float]]] = {}
+    pts: dict[str, list[tuple]] = {}
     for s in synthesis.get("sites", {}).values():
         if s.get("status") != "ok":
             continue
         for m in ("plan", "linear", "random", "real"):
             a, u = s.get(f"compare.{m}.mia_auc"), s.get(f"compare.{m}.accuracy")
             if a is not None and u is not None:
-                pts.setdefault(m, []).append((float(a), float(u)))
-    out: dict[str, tuple[Optional[float], Optional[float]]] = {}
+                pts.setdefault(m, []).append((float(a), float(u), s.get(f"compare.{m}.mia_auc_lo"),
+                                              s.get(f"compare.{m}.mia_auc_hi")))
+
+    def mean(vals: list) -> Optional[float]:
+        vals = [v for v in vals if v is not None]
+        return sum(vals) / len(vals) if vals else None
+
+    site_panel: dict[str, tuple] = {}
     for m, vals in pts.items():
-        out[f"{m} (site TSTR)" if m != "real" else "real (site)"] = (
-            sum(v[0] for v in vals) / len(vals), sum(v[1] for v in vals) / len(vals))
-    if downstream_acc is not None and pooled_mia is not None:
-        out[f"{method} (pooled phi_down)"] = (pooled_mia, downstream_acc)
-    return out
+        label = "site alone (real train split)" if m == "real" else f"{m} (site TSTR)"
+        site_panel[label] = tuple(mean([v[i] for v in vals]) for i in range(4))
+    pool_panel: dict[str, tuple] = {}
+    u, p = report.get("utility", {}), report.get("privacy", {})
+    if u.get("accuracy") is not None and p.get("mia_auc") is not None:
+        pool_panel[f"{method} (pooled phi_down)"] = (p["mia_auc"], u["accuracy"], p.get("mia_auc_lo"), p.get("mia_auc_hi"))
+        if u.get("real_accuracy") is not None and "real" in pts:
+            pool_panel["site alone (phi_down recipe)"] = (site_panel["site alone (real train split)"][0], u["real_accuracy"])
+    return {k: v for k, v in ((SITE_RECIPE, site_panel), (POOL_RECIPE, pool_panel)) if v}
 
 
 def publish_final_generator(cfg: PlanConfig, g_ema: dict, channels: int, size: int,
@@ -294,10 +310,11 @@ def run_post_training(grid: Grid, cfg: PlanConfig, out: Path, node_ids: list[int
                           timing=timing, config=cfg.to_dict(), method=method)
     figures: dict[str, str] = {}
     figures.update(_pool_grids(out, Path(down["pool"]["dir"])))
-    pts = _comparison_points(synthesis, report["utility"].get("accuracy"), report["privacy"].get("mia_auc"), method)
+    pts = _comparison_points(synthesis, report, method)
     if pts:
         figures["privacy vs utility"] = str(privacy_utility_plot(pts, out / "privacy_utility.png").relative_to(out))
-        report["comparison"] = {k: {"mia_auc": v[0], "accuracy": v[1]} for k, v in pts.items()}
+        report["comparison"] = {panel: {k: dict(zip(("mia_auc", "accuracy", "mia_auc_lo", "mia_auc_hi"), v))
+                                        for k, v in pp.items()} for panel, pp in pts.items()}
     figures.update(_site_figures(out, sorted(site_names.values())))
     samples = sorted((out / "samples").glob("round-*.png"))
     if samples:

@@ -6,7 +6,14 @@ no reference to anything outside it, so it opens from a file share or an e-mail.
 
 Pooled utility is computed from the sum of the sites' confusion matrices (exact, not
 an average of per-site scores); pooled privacy numbers are averages over sites
-weighted by each site's number of real records.
+weighted by each site's number of real records. The pooled distance-MIA interval
+combines the sites' bootstrap intervals (standard error = interval width / 3.92 per
+site, weighted like the AUC, normal approximation): scores never leave a site, so
+the pooled AUC is the site-stratified attack's AUC, not one ROC over pooled scores.
+
+References are named for what they are: "site alone" = the same recipe trained on
+the site's own real train split. No table or plot puts two recipes' real references
+side by side.
 """
 
 from __future__ import annotations
@@ -49,8 +56,9 @@ def _clean(x: Any) -> Any:
     return x
 
 
-PRIVACY_KEYS = ("mia_auc", "mia_tpr_at_1pct_fpr", "loss_mia_auc", "loss_mia_tpr_at_1pct_fpr", "dcr_ratio",
-                "too_close_rate")
+PRIVACY_KEYS = ("mia_auc", "mia_auc_lo", "mia_auc_hi", "mia_auc_gap", "mia_tpr_at_1pct_fpr", "loss_mia_auc",
+                "loss_mia_tpr_at_1pct_fpr", "dcr_ratio", "too_close_rate")
+Z95 = 1.959963984540054
 UTILITY_KEYS = ("accuracy", "balanced_accuracy", "qwk")
 
 
@@ -99,6 +107,27 @@ def privacy_section(evaluation: dict[str, Any]) -> dict[str, Any]:
     for k, vals in acc.items():
         pairs = [(v, w) for v, w in zip(vals, weights) if v is not None and not math.isnan(v)]
         out[k] = sum(v * w for v, w in pairs) / sum(w for _, w in pairs) if pairs else None
+    out.update(pooled_auc_interval(sites, weights))
+    return out
+
+
+def pooled_auc_interval(sites: dict[str, dict[str, Any]], weights: list[float]) -> dict[str, Optional[float]]:
+    """Pooled distance-MIA AUC, |AUC - 0.5| and 95 % interval from the sites' AUCs and bootstrap intervals."""
+    rows = []
+    for (name, e), w in zip(sites.items(), weights):
+        a, lo, hi = e.get("mia_auc"), e.get("mia_auc_lo"), e.get("mia_auc_hi")
+        if a is None or math.isnan(a):
+            continue
+        se = (hi - lo) / (2 * Z95) if lo is not None and hi is not None and not (math.isnan(lo) or math.isnan(hi)) else None
+        rows.append((a, se, w))
+    if not rows:
+        return {"mia_auc": None, "mia_auc_lo": None, "mia_auc_hi": None, "mia_auc_gap": None}
+    wsum = sum(w for _, _, w in rows)
+    auc = sum(a * w for a, _, w in rows) / wsum
+    out: dict[str, Optional[float]] = {"mia_auc": auc, "mia_auc_gap": abs(auc - 0.5), "mia_auc_lo": None, "mia_auc_hi": None}
+    if all(se is not None for _, se, _ in rows):
+        se = math.sqrt(sum((w / wsum) ** 2 * se_i ** 2 for _, se_i, w in rows))
+        out["mia_auc_lo"], out["mia_auc_hi"] = auc - Z95 * se, auc + Z95 * se
     return out
 
 
@@ -132,30 +161,47 @@ def build_report(
     return _clean(report)
 
 
-def privacy_utility_plot(points: dict[str, tuple[float, float]], path: Path, title: str = "") -> Path:
-    """Utility (accuracy) against membership-inference AUC, one point per method."""
+def privacy_utility_plot(points: dict[str, Any], path: Path, title: str = "") -> Path:
+    """Utility (accuracy) against membership-inference AUC.
+
+    ``points``: ``{panel title: {label: (mia_auc, accuracy[, auc_lo, auc_hi])}}``, one panel per
+    training recipe, so that every point in a panel (the real reference "site alone"
+    included) was trained with the same recipe; a flat ``{label: (mia, acc)}`` is one panel.
+    The interval, where given, is drawn as a horizontal error bar.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(5, 4), dpi=120)
-    colors = {"plan": "tab:green", "linear": "tab:blue", "random": "tab:orange", "real": "tab:red"}
-    for name, (mia, util) in points.items():
-        if mia is None or util is None:
-            continue
-        ax.scatter([mia], [util], s=60, color=colors.get(name.split()[0], "tab:gray"), label=name, zorder=3)
-        ax.annotate(name, (mia, util), textcoords="offset points", xytext=(6, 4), fontsize=8)
-    ax.axvline(0.5, color="gray", lw=0.8, ls="--")
-    ax.text(0.5, ax.get_ylim()[0], " chance", fontsize=7, color="gray", va="bottom")
-    ax.set_xlabel("membership-inference ROC AUC (0.5 = chance; distance from 0.5 = leakage)")
-    ax.set_ylabel("test accuracy on real images")
-    ax.set_title(title or "privacy vs utility")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="best")
-    fig.tight_layout()
+    if points and all(isinstance(v, (tuple, list)) for v in points.values()):
+        points = {title or "privacy vs utility": points}
+    panels = {t: p for t, p in points.items() if p}
+    n = max(len(panels), 1)
+    fig, axes = plt.subplots(1, n, figsize=(5.2 * n, 4.4), dpi=120, squeeze=False, layout="constrained")
+    colors = {"plan": "tab:green", "linear": "tab:blue", "random": "tab:orange", "site": "tab:red"}
+    for ax, (ptitle, pts) in zip(axes[0], panels.items()):
+        for name, v in pts.items():
+            mia, util = v[0], v[1]
+            if mia is None or util is None:
+                continue
+            color = colors.get(name.split()[0], "tab:gray")
+            lo, hi = (v[2], v[3]) if len(v) >= 4 else (None, None)
+            if lo is not None and hi is not None:
+                ax.errorbar([mia], [util], xerr=[[mia - lo], [hi - mia]], fmt="none", ecolor=color, capsize=3, zorder=2)
+            ax.scatter([mia], [util], s=60, color=color, label=name, zorder=3)
+            ax.annotate(name, (mia, util), textcoords="offset points", xytext=(6, 4), fontsize=7)
+        ax.axvline(0.5, color="gray", lw=0.8, ls="--", label="chance (0.5)")
+        ax.set_xlabel("distance membership-inference ROC AUC\n(0.5 = chance; |AUC - 0.5| = leakage)", fontsize=8)
+        ax.set_ylabel("accuracy on the sites' real test splits", fontsize=8)
+        ax.set_title(ptitle, fontsize=8, wrap=True)
+        ax.margins(x=0.15, y=0.12)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=6, loc="best")
+    if title and len(panels) > 1:
+        fig.suptitle(title, fontsize=9)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
+    fig.savefig(path, bbox_inches="tight")
     plt.close(fig)
     return path
 
@@ -175,7 +221,10 @@ def write_markdown(report: dict[str, Any], path: Path, images: dict[str, str]) -
         "",
         "## Utility (trained on the pool, tested on each site's real test split)",
         "",
-        "| site | acc (synthetic) | bal. acc | QWK | acc (real reference) | bal. acc | QWK |",
+        "Reference *site alone*: the same recipe as phi_down (architecture, epochs, class-balanced sampling) "
+        "trained on the site's own real train split, epoch chosen on its real val split.",
+        "",
+        "| site | acc (phi_down, pool) | bal. acc | QWK | acc (site alone) | bal. acc | QWK |",
         "|---|---|---|---|---|---|---|",
     ]
     rows = dict(u["sites"])
@@ -191,13 +240,20 @@ def write_markdown(report: dict[str, Any], path: Path, images: dict[str, str]) -
         "",
         "## Privacy (members = site train, non-members = site test)",
         "",
-        "| site | distance-MIA AUC | TPR@1%FPR | loss-MIA AUC (phi_down) | DCR ratio | too-close rate |",
-        "|---|---|---|---|---|---|",
+        "Distance MIA: score = minus a real image's pixel distance to the closest exported image. Chance is 0.5 from "
+        "both sides (an attacker can flip the score), so |AUC - 0.5| is the leakage; 95 % bootstrap interval per site, "
+        "pooled interval combined from the sites'.",
+        "",
+        "| site | distance-MIA AUC [95 % CI] | \\|AUC - 0.5\\| | TPR@1%FPR | loss-MIA AUC (phi_down) | DCR ratio | too-close rate |",
+        "|---|---|---|---|---|---|---|",
     ]
     prow = dict(p["sites"])
     prow["**pooled**"] = p
     for name, e in prow.items():
-        lines.append(f"| {name} | {_fmt(e.get('mia_auc'))} | {_fmt(e.get('mia_tpr_at_1pct_fpr'))} | "
+        ci = (f" [{_fmt(e.get('mia_auc_lo'))}, {_fmt(e.get('mia_auc_hi'))}]"
+              if e.get("mia_auc_lo") is not None and e.get("mia_auc_hi") is not None else "")
+        lines.append(f"| {name} | {_fmt(e.get('mia_auc'))}{ci} | {_fmt(e.get('mia_auc_gap'))} | "
+                     f"{_fmt(e.get('mia_tpr_at_1pct_fpr'))} | "
                      f"{_fmt(e.get('loss_mia_auc'))} | {_fmt(e.get('dcr_ratio'))} | {_fmt(e.get('too_close_rate'))} |")
     lines += ["", "## Synthesis per site", "", "| site | status | candidates | accepted | planted rejected |",
               "|---|---|---|---|---|"]

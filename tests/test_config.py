@@ -99,3 +99,14 @@ def test_describe_defaults_lists_every_section():
     doc = describe_defaults()
     for key in ("`seed`", "`data.size`", "`gan.r1_gamma`", "`generator.w_dim`", "`downstream.width`"):
         assert key in doc
+
+
+def test_filter_zone_keys():
+    cfg = PlanConfig()
+    assert cfg.filter.protect == ["train", "val", "test"] and cfg.filter.calibration_split == "val"
+    with pytest.raises(Exception, match="must contain 'train'"):
+        PlanConfig.model_validate({"filter": {"protect": ["val", "test"]}})
+    with pytest.raises(Exception, match="calibration_split='test' is not in filter.protect"):
+        PlanConfig.model_validate({"filter": {"protect": ["train", "val"], "calibration_split": "test"}})
+    with pytest.raises(Exception, match="calibration_fraction"):
+        PlanConfig.model_validate({"filter": {"calibration_fraction": 1.0}})

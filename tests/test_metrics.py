@@ -68,3 +68,21 @@ def test_kernel_distance_exact_value_and_no_small_sample_bias():
     assert shifted > 10 * abs(kid)
     with pytest.raises(ValueError):
         kernel_distance(big, small[:, :3])
+
+
+def test_bootstrap_auc_interval_separable_and_inseparable():
+    from sklearn.metrics import roc_auc_score
+
+    rng = np.random.default_rng(0)
+    sep = M.bootstrap_auc_interval(rng.normal(10, 1, 200), rng.normal(0, 1, 300), n_boot=200, seed=1)
+    assert sep == (1.0, 1.0)  # fully separated in every replicate
+    m, n = rng.normal(0, 1, 300), rng.normal(0, 1, 300)  # one distribution: chance
+    lo, hi = M.bootstrap_auc_interval(m, n, n_boot=500, seed=1)
+    assert lo < 0.5 < hi and 0.04 < hi - lo < 0.15
+    assert lo < M.mia_auc(m, n) < hi
+    assert (lo, hi) == M.bootstrap_auc_interval(m, n, n_boot=500, seed=1)  # seeded
+    # each replicate's AUC is roc_auc_score's (ties count half): all-tied scores give exactly 0.5
+    assert M.bootstrap_auc_interval(np.zeros(20), np.zeros(30), n_boot=50) == (0.5, 0.5)
+    shift = M.bootstrap_auc_interval(m + 0.5, n, n_boot=500, seed=1)
+    assert shift[0] > 0.5 and shift[0] < roc_auc_score(np.r_[np.ones(300), np.zeros(300)], np.r_[m + 0.5, n]) < shift[1]
+    assert all(np.isnan(M.bootstrap_auc_interval([], [1.0, 2.0])))

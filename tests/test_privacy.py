@@ -1,6 +1,7 @@
 """Privacy filter (method.md B6): planted near-duplicates rejected, nothing above a threshold accepted."""
 
 import numpy as np
+import pytest
 import torch
 from torch import nn
 
@@ -57,3 +58,110 @@ def test_planted_duplicates_rejected_fresh_images_pass():
     assert (sp.nearest == src).mean() >= 0.9
     sf = score_images(fresh, ident, ident, train_emb)
     assert accept_mask(sf, t).mean() > 0.5
+
+
+# ---------------------------------------------------------------- symmetric exclusion zone
+
+
+def _smooth(n, seed):
+    g = torch.Generator().manual_seed(seed)
+    return nn.functional.interpolate(torch.rand(n, 1, 4, 4, generator=g) * 2 - 1, size=16, mode="bilinear",
+                                     align_corners=False)
+
+
+def test_zone_calibrates_delta_on_rows_outside_its_reference():
+    from plan_shared.privacy import build_zone, closest_distance
+
+    emb = {"train": torch.randn(40, 6), "val": torch.randn(20, 6), "test": torch.randn(30, 6)}
+    z = build_zone(emb, 0.1, "val", 0.5, seed=3)
+    assert np.intersect1d(z.calib, z.reference).size == 0  # disjoint
+    assert np.array_equal(np.union1d(z.calib, z.reference), np.arange(90))  # every protected image is in one of them
+    assert len(z.calib) == 10 and set(z.split[z.calib]) == {"val"}
+    assert z.summary()["protected"] == {"train": 40, "val": 20, "test": 30}
+    # delta recomputed independently: the quantile of calibration -> closest reference distances
+    d = torch.cdist(z.embeddings[z.calib], z.embeddings[z.reference]).min(1).values.numpy()
+    assert z.delta == pytest.approx(float(np.quantile(d, 0.1)), rel=1e-5)
+    assert z.delta > 0  # a calibration row never meets itself
+    # calibration rows are protected too: a candidate on one of them is at distance 0
+    dist, near = closest_distance(z.embeddings[z.calib[:1]] + 1e-4, z.embeddings)
+    assert dist[0] < 1e-3 and near[0] == z.calib[0]
+    assert np.array_equal(build_zone(emb, 0.1, "val", 0.5, seed=3).calib, z.calib)  # seeded
+    assert not np.array_equal(build_zone(emb, 0.1, "val", 0.5, seed=4).calib, z.calib)
+
+
+def test_zone_refuses_a_missing_calibration_split():
+    from plan_shared.privacy import build_zone
+
+    with pytest.raises(ValueError, match="calibration_split='val'"):
+        build_zone({"train": torch.randn(5, 3), "val": torch.zeros(0, 3)}, 0.05, "val", 0.5, seed=0)
+    with pytest.raises(ValueError, match="needs images besides"):
+        build_zone({"val": torch.randn(1, 3)}, 0.05, "val", 0.5, seed=0)
+
+
+def test_candidate_near_a_heldout_image_is_rejected():
+    from plan_shared.classifiers import embed
+    from plan_shared.privacy import build_zone
+
+    train, val, test = _smooth(30, 0), _smooth(20, 1), _smooth(20, 2)
+    ident = NearestIdentity(train, temp=100.0)
+    zone = build_zone({"train": embed(ident, train), "val": embed(ident, val), "test": embed(ident, test)},
+                      0.05, "val", 0.5, seed=0)
+    t = Thresholds(1.0, 1.0, zone.delta)
+    near_test, src = plant_duplicates(test, 8, seed=5)  # near-copies of non-members (held-out patients)
+    s = score_images(near_test, ident, ident, zone.embeddings)
+    assert not accept_mask(s, t).any()
+    assert zone.nearest_splits(s.nearest)["test"] == 8
+    assert np.array_equal(zone.index[s.nearest], src)
+    # the old, train-only zone lets the same images through: that was the membership leak
+    train_only = score_images(near_test, ident, ident, embed(ident, train))
+    assert accept_mask(train_only, t).mean() > 0.5
+    fresh = score_images(_smooth(20, 9), ident, ident, zone.embeddings)
+    assert accept_mask(fresh, t).mean() > 0.5
+
+
+def test_symmetric_zone_leaves_distance_mia_at_chance():
+    """Members and non-members from one distribution, a generator that spreads over it: a zone
+    around members only makes members farther from the pool (AUC < 0.5); a zone around both
+    keeps them at equal distance (AUC ~ 0.5, interval containing 0.5)."""
+    from client.evaluate import distance_mia
+    from plan_shared.privacy import build_zone
+
+    g = torch.Generator().manual_seed(0)
+    members, val, nonmembers = (torch.rand(n, 1, 1, 2, generator=g) for n in (400, 100, 400))
+    cands = torch.rand(4000, 1, 1, 2, generator=g)
+    flat = lambda x: x.flatten(1)  # noqa: E731
+    zone = build_zone({"train": flat(members), "val": flat(val), "test": flat(nonmembers)}, 0.5, "val", 0.5, seed=0)
+
+    def accepted(ref):
+        d = torch.cdist(flat(cands), ref).min(1).values
+        return cands[d > zone.delta]
+
+    old = distance_mia(members, nonmembers, accepted(flat(members)), n_boot=300)
+    new = distance_mia(members, nonmembers, accepted(zone.embeddings), n_boot=300)
+    assert old["mia_auc"] < 0.4 and old["mia_auc_hi"] < 0.5
+    assert new["mia_auc_gap"] < 0.05 and new["mia_auc_lo"] < 0.5 < new["mia_auc_hi"]
+    assert new["mia_tpr_at_1pct_fpr"] <= 0.05
+
+
+def test_pixel_zone_catches_what_the_embedding_misses():
+    from plan_shared.privacy import build_zone, reject_reasons
+
+    x = {"train": _smooth(30, 0), "val": _smooth(20, 1), "test": _smooth(20, 2)}
+
+    class Blind(NearestIdentity):  # an embedding that knows nothing about held-out images
+        def features(self, im):
+            return torch.zeros(len(im), 8)
+
+    ident = Blind(x["train"], temp=100.0)
+    emb = {k: torch.randn(len(v), 8) for k, v in x.items()}
+    zone = build_zone(emb, 0.05, "val", 0.5, seed=0, split_pixels=x)
+    flat = torch.cat(list(x.values())).flatten(1)
+    dp = torch.cdist(flat[zone.calib], flat[zone.reference]).min(1).values.numpy()
+    assert zone.delta_pixel == pytest.approx(float(np.quantile(dp, 0.05)), rel=1e-5)  # same calibration rows
+    copies = x["test"][:6] + 0.001 * torch.randn(6, 1, 16, 16)
+    t = Thresholds(1.0, 1.0, -1.0)  # embedding check open: only the pixel zone decides
+    s = score_images(copies, ident, ident, zone.embeddings, protected_pixels=zone.pixels)
+    assert accept_mask(s, t).all() and not accept_mask(s, t, zone.delta_pixel).any()
+    assert reject_reasons(s, t, zone.delta_pixel)["pixel_dcr"] == 6
+    with pytest.raises(ValueError, match="pixel_dcr"):
+        accept_mask(score_images(copies, ident, ident, zone.embeddings), t, zone.delta_pixel)

@@ -100,3 +100,61 @@ def test_report_html_is_self_contained(tmp_path):
     assert "[figure missing: missing.png]" in page and "[figure missing: ../elsewhere.png]" in page
     assert "<script>" not in page and "&lt;script&gt;alert(1)&lt;/script&gt;" in page
     assert "site-1" in page and "0.550" in page  # the tables' content, as in report.md
+
+
+def test_pooled_privacy_interval_and_table(tmp_path):
+    a, b = _site([[5, 0], [0, 5]], [[5, 0], [0, 5]], 0.52, 100), _site([[5, 0], [0, 5]], [[5, 0], [0, 5]], 0.48, 100)
+    a.update({"privacy.mia_auc_lo": 0.42, "privacy.mia_auc_hi": 0.62, "privacy.mia_auc_gap": 0.02})
+    b.update({"privacy.mia_auc_lo": 0.38, "privacy.mia_auc_hi": 0.58, "privacy.mia_auc_gap": 0.02})
+    rep = build_report(federation={"rounds_done": 1}, synthesis={"sites": {}},
+                       downstream={"pool": {"n_images": 1, "n_files": 1, "per_site": {}}},
+                       evaluation={"sites": {"site-0": a, "site-1": b}}, timing={}, config={}, method="plan")
+    p = rep["privacy"]
+    assert p["mia_auc"] == pytest.approx(0.5) and p["mia_auc_gap"] == pytest.approx(0.0)
+    # two equal-weight sites, each with standard error 0.1 / 1.96: pooled standard error 0.1 / 1.96 / sqrt(2)
+    assert p["mia_auc_hi"] - p["mia_auc"] == pytest.approx(0.1 / np.sqrt(2), rel=1e-6)
+    assert p["sites"]["site-0"]["mia_auc_lo"] == 0.42
+    _, md = write_report(rep, tmp_path, {})
+    text = md.read_text()
+    assert "0.520 [0.420, 0.620]" in text and "0.500 [0.429, 0.571]" in text
+    assert "site alone" in text and "real reference" not in text
+
+
+def _svg_text(path) -> str:
+    import re
+
+    return " ".join(re.findall(r">([^<>]+)</text>", path.read_text()))
+
+
+def test_privacy_utility_plot_names_its_references(tmp_path):
+    import matplotlib
+
+    from server.phases import POOL_RECIPE, SITE_RECIPE, _comparison_points
+
+    site = {"status": "ok"}
+    for m, (auc, acc) in {"plan": (0.52, 0.80), "linear": (0.55, 0.78), "random": (0.5, 0.82), "real": (1.0, 0.70)}.items():
+        site.update({f"compare.{m}.mia_auc": auc, f"compare.{m}.accuracy": acc,
+                     f"compare.{m}.mia_auc_lo": auc - 0.03, f"compare.{m}.mia_auc_hi": min(auc + 0.03, 1.0)})
+    report = {"utility": {"accuracy": 0.88, "real_accuracy": 0.89},
+              "privacy": {"mia_auc": 0.51, "mia_auc_lo": 0.47, "mia_auc_hi": 0.55}}
+    pts = _comparison_points({"sites": {"site-0": site, "site-1": {"status": "failed"}}}, report, "plan")
+    assert set(pts) == {SITE_RECIPE, POOL_RECIPE}
+    # one real reference per recipe panel, named for what it is; never the old ambiguous "real (site)"
+    assert pts[SITE_RECIPE]["site alone (real train split)"][:2] == (1.0, 0.70)
+    assert pts[POOL_RECIPE]["site alone (phi_down recipe)"][1] == 0.89
+    assert pts[POOL_RECIPE]["plan (pooled phi_down)"] == (0.51, 0.88, 0.47, 0.55)
+    for panel in pts.values():
+        assert sum(k.startswith("site alone") for k in panel) == 1
+        assert not any(k.startswith("real") for k in panel)
+    old = matplotlib.rcParams["svg.fonttype"]
+    matplotlib.rcParams["svg.fonttype"] = "none"  # keep text as text in the SVG
+    try:
+        svg = privacy_utility_plot(pts, tmp_path / "pu.svg")
+    finally:
+        matplotlib.rcParams["svg.fonttype"] = old
+    text = _svg_text(svg)
+    assert text.count("site alone") >= 2 and "plan (site TSTR)" in text and "plan (pooled phi_down)" in text
+    assert "membership-inference ROC AUC" in text and "accuracy on the sites" in text
+    assert SITE_RECIPE in text and POOL_RECIPE in text
+    png = privacy_utility_plot(pts, tmp_path / "pu.png")
+    assert png.stat().st_size > 1000

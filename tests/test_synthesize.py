@@ -57,6 +57,16 @@ def test_synthesize_cli_end_to_end(tmp_path):
     for key in ("tau_id", "delta", "planted_total", "planted_rejected", "sensitivity_ok", "export_blocked"):
         assert key in rep["filter"]
     assert rep["filter"]["planted_total"] == 5
+    # symmetric exclusion zone: every real image protected, delta calibrated on half of val against the rest
+    zone = rep["filter"]["zone"]
+    assert zone["protected"] == {"train": 40, "val": 10, "test": 10}
+    assert zone["calibration_split"] == "val" and zone["n_calibration"] == 5 and zone["n_reference"] == 55
+    assert rep["filter"]["planted_heldout_total"] == 5 and "pixel_dcr" in rep["filter"]["reject_reasons"]
+    assert rep["filter"]["delta_pixel"] == zone["delta_pixel"] > 0
+    for m in ("plan", "linear", "random", "real"):
+        c = rep["compare"][m]
+        if c["mia_auc"] is not None:
+            assert c["mia_auc_lo"] <= c["mia_auc"] <= c["mia_auc_hi"] and c["mia_auc_gap"] == abs(c["mia_auc"] - 0.5)
     for m in ("plan", "linear"):
         assert set(rep["methods"][m]) >= {"n", "mean_dcr", "p05_dcr", "mean_max_id_prob", "accept_rate"}
         assert rep["methods"][m]["n"] == rep["anchors"]["n_paths"] * 3
