@@ -68,6 +68,7 @@ class PoolProgressSink:
             done=int(ev.get("done") or 0), total=int(ev.get("total") or 0), unit=str(ev.get("unit") or ""),
             elapsed_s=float(ev.get("elapsed_s") or 0.0), eta_s=float(eta) if eta is not None else -1.0,
             index=int(ev.get("index") or 0), n_stages=int(ev.get("n_stages") or 0), failed=bool(ev.get("failed")),
+            prev=str(ev.get("prev") or ""), prev_s=float(ev.get("prev_s") or 0.0),
         )
 
     def _run(self) -> None:

@@ -20,7 +20,9 @@ What it does, in order:
    stopping a run left over by a killed coordinator;
 5. follows the run to its real end state by polling ``flwr ls --run-id`` (the exit code
    of ``flwr run`` says nothing), printing one progress line per finished round, and
-   with post-training the path of ``STATE/run/report.json`` and its key figures;
+   with post-training the path of ``STATE/run/report.json`` and its key figures; and each
+   site's stage transitions and progress (elapsed, ETA), which the sites report over their
+   mutual-TLS pool channel and the pool appends to ``STATE/pool-store/progress.jsonl``;
 6. stops the pool service and the SuperLink (its whole process group) on exit, Ctrl-C or
    SIGTERM.
 
@@ -122,6 +124,7 @@ class Coordinator:
         self.pool = None  # server.pool.process.PoolProcess while it runs
         self.pool_address: Optional[str] = None  # where the ServerApp pulls from
         self.reader: Optional[Path] = None
+        self.progress = None  # plan_shared.progress.ProgressTail of the pool's progress.jsonl
         for f in ("ca.crt", "server.crt", "server.key", "registry.json"):
             if not (self.certs / f).is_file():
                 raise CoordinateError(f"{self.certs / f} missing: run `plan-server certs init --dir {self.certs}` first")
@@ -248,7 +251,11 @@ class Coordinator:
             with socket.socket() as s:
                 if s.connect_ex(("127.0.0.1", port)) == 0:
                     raise CoordinateError(f"pool.listen {pool.listen}: port {port} is already in use (another pool service?)")
+        from plan_shared.progress import ProgressTail
+        from server.pool.service import PROGRESS_LOG
+
         self.pool = PoolProcess(self.state / "pool-store", self.certs, self.state, host=host, port=port)
+        self.progress = ProgressTail(self.state / "pool-store", PROGRESS_LOG, from_end=True)
         try:
             self.pool.start()
         except RuntimeError as err:
@@ -378,6 +385,8 @@ class Coordinator:
                       f"{rec['wall_s']:.1f}s" + (f", missing: {', '.join(m['site'] + ' (' + m['reason'] + ')' for m in miss)}" if miss else ""),
                       flush=True)
             seen = max(seen, len(lines))
+            if self.progress is not None:
+                print_progress(self.progress)
             if status in FINISHED:
                 return status
             if seen == 0 and time.monotonic() - last_wait > 15:
@@ -430,6 +439,18 @@ class Coordinator:
             self.stop_superlink()
             self.stop_pool()
             signal.signal(signal.SIGTERM, prev)
+
+
+def print_progress(tail, file=None) -> int:
+    """Print the sites' new progress lines (``[site] stage ...``) of a ProgressTail; return how many."""
+    from plan_shared.progress import format_line, is_line
+
+    n = 0
+    for ev in tail.poll():
+        if is_line(ev):
+            print(format_line(ev), file=file or sys.stdout, flush=True)
+            n += 1
+    return n
 
 
 def _fmt(v: Any) -> str:
