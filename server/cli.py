@@ -98,6 +98,9 @@ def demo(
     except ConfigError as err:
         typer.echo(f"error: {err}", err=True)
         raise typer.Exit(2) from None
+    except RuntimeError as err:  # the run failed; the reason (and where its log is) is in the message
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(1) from None
     u, p = report["utility"], report["privacy"]
     typer.echo(f"demo finished in {report['timing'].get('demo_total_s', 0):.0f}s: {report['pool']['n_images']} pooled images; "
                f"accuracy {u.get('accuracy')} (real reference {u.get('real_accuracy')}); distance-MIA AUC {p.get('mia_auc')}")
