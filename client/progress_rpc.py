@@ -95,13 +95,28 @@ class PoolProgressSink:
         self._channel.close()
 
 
+def _log_to_stderr() -> None:
+    """Our loggers to stderr (the SuperNode's own log) in a ClientApp process that has no handler for them.
+
+    Only the ``plan`` logger gets the handler (a root handler would print Flower's lines a
+    second time); where the root logger has handlers already, those are used.
+    """
+    import sys
+
+    lg = logging.getLogger("plan")
+    if lg.level == logging.NOTSET:
+        lg.setLevel(logging.INFO)
+    if not lg.handlers and not logging.getLogger().handlers:
+        h = logging.StreamHandler(sys.stderr)
+        h.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
+        lg.addHandler(h)
+
+
 def site_reporter(site: Site, stages: Sequence[str] = ()) -> P.Reporter:
     """The reporter of one handler's work at ``site`` (simulation: a file; deployment: log + pool)."""
     if site.partition_id is not None:
         return P.Reporter(site.site_id, [P.JsonlSink(site.state_dir / "progress.jsonl")], stages)
-    from plan_shared.runtime import setup_logging
-
-    setup_logging()  # the ClientApp process of a SuperNode has no handler for our loggers otherwise
+    _log_to_stderr()
     sinks: list = [P.LogSink()]
     pool = site.cfg.pool
     if pool.address:

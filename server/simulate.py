@@ -96,8 +96,12 @@ def console_logging(verbose: bool = False) -> None:
     update_console_handler(level=logging.DEBUG if verbose else logging.ERROR)
 
 
+# Lines of the run's log shown in the terminal: ours, and the first line of any other error
+# (tracebacks stay in OUT/run.log). A ClientApp's exception is not shown as Flower logs it
+# (a Ray actor's repr): the ServerApp reports it as that site's failure with its reason.
 OURS = re.compile(r"^\d\d:\d\d:\d\d (INFO|WARNING|ERROR|CRITICAL) plan[.:]")
-ERRORS = re.compile(r"(^|\s)(ERROR|CRITICAL)\b|^Traceback |^\w+(Error|Exception): ")
+ERRORS = re.compile(r"^(\d\d:\d\d:\d\d )?(ERROR|CRITICAL)\b")
+CLIENTAPP_ERROR = re.compile(r"ClientAppActor|ClientAppException")
 
 
 class SimulationLink:
@@ -181,7 +185,7 @@ def _follow_log(proc: subprocess.Popen, log_file: Path, verbose: bool, shown) ->
             fh.write(line)
             fh.flush()
             text = line.rstrip("\n")
-            if verbose or OURS.match(text) or ERRORS.search(text):
+            if verbose or OURS.match(text) or (ERRORS.match(text) and not CLIENTAPP_ERROR.search(text)):
                 print(text, file=sys.stderr, flush=True)
                 shown()
 
