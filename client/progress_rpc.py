@@ -34,6 +34,7 @@ from client.site import Site
 LOG = logging.getLogger("plan.progress")
 CALL_TIMEOUT_S = 5.0
 QUEUE_MAX = 200
+RETRY_AFTER_S = 30.0  # after a failed call, reports are dropped this long
 
 
 class PoolProgressSink:
@@ -72,14 +73,20 @@ class PoolProgressSink:
         )
 
     def _run(self) -> None:
+        import time
+
+        quiet_until = 0.0
         while True:
             ev = self._q.get()
             if ev is None:
                 return
+            if time.monotonic() < quiet_until:  # the pool failed just now: drop instead of waiting again
+                continue
             try:
                 self._stub.Progress(self.request(ev), timeout=CALL_TIMEOUT_S)
                 self.sent += 1
             except grpc.RpcError as err:
+                quiet_until = time.monotonic() + RETRY_AFTER_S
                 if not self._warned:
                     LOG.warning("progress reports to the pool at %s fail (%s: %s); the work goes on",
                                 self.address, err.code().name, err.details())

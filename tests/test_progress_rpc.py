@@ -128,11 +128,17 @@ def test_rate_limit_per_site(pki, server):
 
 
 def test_a_pool_that_is_down_costs_the_work_nothing(pki, caplog):
+    import logging
+
     from tests.pool_support import free_port
 
+    caplog.set_level(logging.WARNING, logger="plan.progress")
     sink = PoolProgressSink(f"127.0.0.1:{free_port()}", pki.site("site-a"))
     t0 = time.monotonic()
     for i in range(500):  # more than the queue holds: dropped, never blocking
         sink({"site": "site-a", "stage": "x", "event": "progress", "done": i})
     assert time.monotonic() - t0 < 1.0
-    sink.close(timeout=1.0)
+    t0 = time.monotonic()
+    sink.close(timeout=10.0)  # one failed call, the rest dropped: closing does not wait out 500 timeouts
+    assert time.monotonic() - t0 < 8.0 and sink.sent == 0
+    assert "progress reports to the pool at" in caplog.text
