@@ -98,10 +98,12 @@ def console_logging(verbose: bool = False) -> None:
 
 # Lines of the run's log shown in the terminal: ours, and the first line of any other error
 # (tracebacks stay in OUT/run.log). A ClientApp's exception is not shown as Flower logs it
-# (a Ray actor's repr): the ServerApp reports it as that site's failure with its reason.
+# (its backend's message, a Ray actor's repr, the traceback): the ServerApp reports it as
+# that site's failure with its reason.
 OURS = re.compile(r"^\d\d:\d\d:\d\d (INFO|WARNING|ERROR|CRITICAL) plan[.:]")
 ERRORS = re.compile(r"^(\d\d:\d\d:\d\d )?(ERROR|CRITICAL)\b")
-CLIENTAPP_ERROR = re.compile(r"ClientAppActor|ClientAppException")
+CLIENTAPP_ERROR = re.compile(r"ClientAppActor|ClientAppException|processing a message by RayBackend|"
+                             r"Traceback \(most recent call last\)")
 
 
 class SimulationLink:

@@ -144,6 +144,8 @@ def test_run_log_filter_shows_our_lines_and_first_lines_of_errors(tmp_path, caps
         "21:00:01 DEBUG flwr: Pre-registering run with id 1",
         "21:00:02 WARNING flwr: DEPRECATED FEATURE: something",
         "21:00:03 INFO plan.federation: round 1/4 done in 30.1s: 3/3 sites",
+        "21:00:04 ERROR flwr: An exception was raised when processing a message by RayBackend",
+        "21:00:04 ERROR flwr: Traceback (most recent call last):",
         "21:00:04 ERROR flwr: \x1b[36mray::ClientAppActor.run()\x1b[39m (pid=1, ip=1)",
         "Traceback (most recent call last):",
         "ValueError: boom",
@@ -159,5 +161,5 @@ def test_run_log_filter_shows_our_lines_and_first_lines_of_errors(tmp_path, caps
         assert log.read_text().splitlines() == lines  # the whole log is kept
     err = capsys.readouterr().err.splitlines()
     quiet, loud = err[:3], err[3:]
-    assert quiet == [lines[3], lines[7], lines[8]]
+    assert quiet == [lines[3], lines[9], lines[10]]
     assert loud == lines and len(shown) == 3 + len(lines)
