@@ -12,6 +12,9 @@ Handlers (Flower 1.42 Message API):
 
 The whole run configuration arrives with each message (``config["plan-config"]``, JSON);
 the node config says who the site is and where its images are (see client/site.py).
+Every handler works under a progress reporter (client/progress_rpc.py): stage lines
+with elapsed time and ETA reach the demo's terminal in simulation and the SuperNode's
+log plus the coordinator (through the pool) in deployment.
 Between rounds the site keeps its own trainer state (its discriminator in share=g, the
 optimiser moments, the RNG) in its state directory; images never leave the site.
 """
@@ -30,6 +33,7 @@ from flwr.clientapp import ClientApp
 from plan_shared.config import PlanConfig, config_from_dict
 from plan_shared.runtime import resolve_device, set_threads
 
+from client.progress_rpc import site_progress
 from client.site import Site
 
 LOG = logging.getLogger("plan.client")
@@ -107,7 +111,8 @@ def train(msg: Message, context: Context) -> Message:
 
     t1 = time.perf_counter()
     seen0 = trainer.images_seen
-    m = trainer.train_steps(images.to(device), int(conf["local-steps"]))
+    with site_progress(site) as rep, rep.stage(f"GAN round {server_round}"):
+        m = trainer.train_steps(images.to(device), int(conf["local-steps"]), desc="local GAN steps")
     train_s = time.perf_counter() - t1
 
     sd = trainer.state_dict()
@@ -151,8 +156,9 @@ def synthesize(msg: Message, context: Context) -> Message:
     cfg, conf = _run_config(msg)
     set_threads(cfg.threads)
     site = Site.from_node_config(context.node_config, cfg)
-    res = synthesize_at_site(site, cfg, msg.content["arrays"].to_torch_state_dict(), int(conf["channels"]),
-                             int(conf["size"]), int(conf["generator-round"]), str(conf["method"]))
+    with site_progress(site):  # the pipeline's stages report into it
+        res = synthesize_at_site(site, cfg, msg.content["arrays"].to_torch_state_dict(), int(conf["channels"]),
+                                 int(conf["size"]), int(conf["generator-round"]), str(conf["method"]))
     reply = RecordDict({
         "metrics": MetricRecord(res["metrics"]),
         "site": ConfigRecord({"site-id": site.site_id, "bundle-id": res["export"]["bundle_id"],
@@ -170,6 +176,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     set_threads(cfg.threads)
     site = Site.from_node_config(context.node_config, cfg)
     arch = {k: int(conf[f"arch-{k}"]) for k in ("num_classes", "channels", "size")}
-    metrics = evaluate_at_site(site, cfg, msg.content["arrays"].to_torch_state_dict(), arch)
+    with site_progress(site) as rep, rep.stage("evaluation"):
+        metrics = evaluate_at_site(site, cfg, msg.content["arrays"].to_torch_state_dict(), arch)
     reply = RecordDict({"metrics": MetricRecord(metrics), "site": ConfigRecord({"site-id": site.site_id})})
     return Message(reply, reply_to=msg)

@@ -30,6 +30,7 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
+from plan_shared import progress as P
 from plan_shared.anchors import k_same_anchors, nearest_pairs, spread_pairs
 from plan_shared.classifiers import (
     accuracy_of,
@@ -57,16 +58,25 @@ METHODS = ("plan", "linear", "random")
 
 
 class _Timer:
-    def __init__(self) -> None:
+    """Stage timings for report.json; every stage is also a stage of the progress reporter."""
+
+    def __init__(self, reporter: P.Reporter) -> None:
         self.timing: dict[str, float] = {}
+        self.reporter = reporter
 
     @contextmanager
     def stage(self, name: str):
-        LOG.info("stage %s ...", name)
         t0 = time.perf_counter()
-        yield
+        with self.reporter.stage(name):
+            yield
         self.timing[name] = round(time.perf_counter() - t0, 2)
-        LOG.info("stage %s done in %.1fs", name, self.timing[name])
+
+
+def pipeline_stages(cfg: PlanConfig) -> list[str]:
+    """The pipeline's stages in order (what the progress lines count as ``stage i/n``)."""
+    st = ["load", "phi_id", "indep_id", "phi_class", "calibrate", "inversion", "anchors", "navigation", "render",
+          "filter", "export", "utility"]
+    return st + (["compare"] if cfg.synthesis.compare else []) + ["figures"]
 
 
 @torch.no_grad()
@@ -146,8 +156,29 @@ def run_site_pipeline(
     method: Optional[str] = None,
     generator_round: Optional[int] = None,
     progress: bool = True,
+    reporter: Optional[P.Reporter] = None,
 ) -> dict[str, Any]:
-    """Run B1-B6 on ``dataset`` with the generator checkpoint; write ``out_dir``; return the report."""
+    """Run B1-B6 on ``dataset`` with the generator checkpoint; write ``out_dir``; return the report.
+
+    Progress goes to ``reporter`` (its stages: :func:`pipeline_stages`), else to the active
+    one (plan_shared.progress.active), else to the ``plan.progress`` log (and tqdm bars
+    when ``progress``).
+    """
+    rep = reporter or P.current()
+    own = rep is None
+    rep = rep or P.Reporter(cfg.site_id, [P.LogSink()], show_bars=progress)
+    rep.stages = pipeline_stages(cfg)
+    try:
+        with P.active(rep):
+            return _run_site_pipeline(cfg, dataset, generator_ckpt, out_dir, method, generator_round, progress, rep)
+    finally:
+        if own:
+            rep.close()
+
+
+def _run_site_pipeline(cfg: PlanConfig, dataset: ImageDataset, generator_ckpt: str | Path, out_dir: str | Path,
+                       method: Optional[str], generator_round: Optional[int], progress: bool,
+                       rep: P.Reporter) -> dict[str, Any]:
     method = method or cfg.synthesis.method
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
@@ -158,7 +189,7 @@ def run_site_pipeline(
     set_threads(cfg.threads)
     seed_everything(cfg.seed)
     device = resolve_device(cfg.device)
-    tm = _Timer()
+    tm = _Timer(rep)
     t_all = time.perf_counter()
     ds = dataset
     report: dict[str, Any] = {"site_id": cfg.site_id, "dataset": ds.name, "method": method, "device": str(device)}

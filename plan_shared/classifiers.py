@@ -25,7 +25,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
+from plan_shared import progress as P
 
 from plan_shared.models import Classifier
 
@@ -155,7 +155,7 @@ def train_classifier(
         weights = (1.0 / counts)[y]
     hist = {"epochs": spec.epochs, "train_loss": [], "val_acc": [], "best_epoch": None}
     best, best_state = -1.0, None
-    bar = tqdm(range(spec.epochs), desc=desc, disable=not progress, dynamic_ncols=True, mininterval=1.0)
+    bar = P.bar(range(spec.epochs), desc=desc, unit="epochs", show=progress)
     for ep in bar:
         model.train()
         if spec.balanced:

@@ -22,7 +22,7 @@ from typing import Any, Callable, Literal, Optional
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
+from plan_shared import progress as P
 
 from plan_shared.augment import diff_augment
 from plan_shared.config import PlanConfig, config_from_dict
@@ -192,7 +192,7 @@ class GanTrainer:
         self.G.train()
         self.D.train()
         sums: dict[str, float] = {}
-        bar = tqdm(range(n_steps), desc=desc, disable=not progress, dynamic_ncols=True, mininterval=1.0)
+        bar = P.bar(range(n_steps), desc=desc, unit="steps", show=progress)
         with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
             torch.set_rng_state(self._torch_rng)
             if self._cuda_rng is not None:

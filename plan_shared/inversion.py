@@ -17,7 +17,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
+from plan_shared import progress as P
 
 
 def invert(
@@ -41,7 +41,7 @@ def invert(
     if feature_net is not None:
         feature_net.eval()
     total = ((n + batch_size - 1) // batch_size) * steps
-    bar = tqdm(total=total, desc="inversion", disable=not progress, dynamic_ncols=True, mininterval=1.0)
+    bar = P.bar(total=total, desc="inversion", unit="batch-steps", show=progress)
     for i in range(0, n, batch_size):
         x = images[i : i + batch_size].to(dev)
         b = x.shape[0]

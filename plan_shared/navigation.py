@@ -30,7 +30,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
+from plan_shared import progress as P
 
 
 @dataclass
@@ -120,7 +120,7 @@ def optimise_paths(
     n_inner = T - 2
     flat_labels = labels.repeat_interleave(n_inner)
     need_cls = wt.lambda_id > 0 or wt.lambda_class > 0
-    bar = tqdm(range(steps), desc=f"navigation ({p} paths)", disable=not progress, dynamic_ncols=True, mininterval=1.0)
+    bar = P.bar(range(steps), desc=f"navigation ({p} paths)", unit="steps", show=progress)
     for _ in bar:
         opt.zero_grad(set_to_none=True)
         sums = {"dist": 0.0, "id": 0.0, "class": 0.0}

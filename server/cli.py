@@ -38,6 +38,7 @@ def simulate(
     local_steps: int = typer.Option(None, "--local-steps", min=1, help="GAN steps per site and round."),
     share: str = typer.Option(None, "--share", help="gd (G and D averaged, FedGAN) or g (G only; D stays per site)."),
     out: Path = typer.Option(Path("sim-out"), "--out", "-o", help="Checkpoints, samples, metrics.jsonl, per-site state."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Also Flower's DEBUG log, Ray's actor output and warnings."),
 ) -> None:
     """Federated generator training with N simulated hospitals (Flower simulation engine).
 
@@ -46,7 +47,7 @@ def simulate(
     from server.simulate import simulate_command
 
     summary = simulate_command(str(config) if config else None, sites, rounds, dataset, str(data) if data else None,
-                               partition, alpha, str(out), local_steps, share)
+                               partition, alpha, str(out), local_steps, share, verbose)
     typer.echo(f"{summary['rounds_done']} rounds with {sites} sites in {summary['wall_s']:.1f}s; output in {out}")
 
 
@@ -75,26 +76,31 @@ def demo(
     rounds: Optional[int] = typer.Option(None, "--rounds", "-r", min=1, help="Federated GAN rounds."),
     config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML replacing the demo preset (server/presets/demo.yaml)."),
     sets: Optional[list[str]] = typer.Option(None, "--set", help="Override any configuration key, e.g. --set federation.local_steps=20."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Also Flower's DEBUG log, Ray's actor output and warnings."),
 ) -> None:
     """The whole federation on one machine: GAN rounds, PLAN at each site, pool, downstream, evaluation, report.
 
     Example: plan-server demo --sites 3 --dataset pneumoniamnist --method plan --k 5 --out runs/demo
     """
     from plan_shared.config import ConfigError, parse_sets
-    from plan_shared.runtime import setup_logging
 
     from server.demo import run_demo
+    from server.simulate import console_logging
 
     if method is not None and method not in ("plan", "linear", "random"):
         typer.echo(f"error: --method must be plan, linear or random, got {method!r}", err=True)
         raise typer.Exit(2)
-    setup_logging()
+    console_logging(verbose)
     try:
         report = run_demo(out, sites=sites, dataset=dataset, data=str(data) if data else None, method=method, k=k,
-                          rounds=rounds, config=str(config) if config else None, overrides=parse_sets(sets))
+                          rounds=rounds, config=str(config) if config else None, overrides=parse_sets(sets),
+                          verbose=verbose)
     except ConfigError as err:
         typer.echo(f"error: {err}", err=True)
         raise typer.Exit(2) from None
+    except RuntimeError as err:  # the run failed; the reason (and where its log is) is in the message
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(1) from None
     u, p = report["utility"], report["privacy"]
     typer.echo(f"demo finished in {report['timing'].get('demo_total_s', 0):.0f}s: {report['pool']['n_images']} pooled images; "
                f"accuracy {u.get('accuracy')} (site alone {u.get('real_accuracy')}); distance-MIA AUC {p.get('mia_auc')} "

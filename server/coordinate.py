@@ -24,7 +24,9 @@ What it does, in order:
    stopping a run left over by a killed coordinator;
 5. follows the run to its real end state by polling ``flwr ls --run-id`` (the exit code
    of ``flwr run`` says nothing), printing one progress line per finished round, and
-   with post-training the path of ``STATE/run/report.json`` and its key figures;
+   with post-training the path of ``STATE/run/report.json`` and its key figures; and each
+   site's stage transitions and progress (elapsed, ETA), which the sites report over their
+   mutual-TLS pool channel and the pool appends to ``STATE/pool-store/progress.jsonl``;
 6. stops the pool service and the SuperLink (its whole process group) on exit, Ctrl-C or
    SIGTERM.
 
@@ -128,6 +130,7 @@ class Coordinator:
         self.pool_address: Optional[str] = None  # where the ServerApp pulls from
         self.reader: Optional[Path] = None
         self._registry_stamp: Optional[tuple] = None  # registry.json as last acted on (revocations)
+        self.progress = None  # plan_shared.progress.ProgressTail of the pool's progress.jsonl
         for f in ("ca.crt", "server.crt", "server.key", "registry.json"):
             if not (self.certs / f).is_file():
                 raise CoordinateError(f"{self.certs / f} missing: run `plan-server certs init --dir {self.certs}` first")
@@ -266,6 +269,10 @@ class Coordinator:
         write_policy_file(self.policy_file, policy_from_config(self.cfg))  # digest null: a new run
         self.pool = PoolProcess(self.state / "pool-store", self.certs, self.state, host=host, port=port,
                                 extra=("--policy", str(self.policy_file), *limits_args(pool.limits)))
+        from plan_shared.progress import ProgressTail
+        from server.pool.service import PROGRESS_LOG
+
+        self.progress = ProgressTail(self.state / "pool-store", PROGRESS_LOG, from_end=True)
         try:
             self.pool.start()
         except RuntimeError as err:
@@ -441,6 +448,8 @@ class Coordinator:
                       f"{rec['wall_s']:.1f}s" + (f", missing: {', '.join(m['site'] + ' (' + m['reason'] + ')' for m in miss)}" if miss else ""),
                       flush=True)
             seen = max(seen, len(lines))
+            if self.progress is not None:
+                print_progress(self.progress)
             if status in FINISHED:
                 return status
             self.unregister_revoked()
@@ -494,6 +503,18 @@ class Coordinator:
             self.stop_superlink()
             self.stop_pool()
             signal.signal(signal.SIGTERM, prev)
+
+
+def print_progress(tail, file=None) -> int:
+    """Print the sites' new progress lines (``[site] stage ...``) of a ProgressTail; return how many."""
+    from plan_shared.progress import format_line, is_line
+
+    n = 0
+    for ev in tail.poll():
+        if is_line(ev):
+            print(format_line(ev), file=file or sys.stdout, flush=True)
+            n += 1
+    return n
 
 
 def _fmt(v: Any) -> str:

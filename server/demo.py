@@ -55,6 +55,7 @@ def run_demo(
     rounds: Optional[int] = None,
     config: Optional[str] = None,
     overrides: Optional[dict[str, Any]] = None,
+    verbose: bool = False,
 ) -> dict[str, Any]:
     from server.pool.process import PoolProcess
     from server.simulate import run_simulation, simulation_config
@@ -80,7 +81,7 @@ def run_demo(
         cfg = cfg.model_copy(update={"pool": cfg.pool.model_copy(update={"address": pool.address,
                                                                          "policy_file": str(policy_file)})})
         LOG.info("pool service on %s (mutual TLS), store %s", pool.address, out / "pool-store")
-        run_simulation(cfg, out)
+        run_simulation(cfg, out, verbose=verbose)
     report_path = out / "report.json"
     if not report_path.is_file():
         raise RuntimeError(f"the federation finished without a report; see {out}/error.json and the log above")

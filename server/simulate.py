@@ -5,9 +5,21 @@ engine (Ray); one data set is split into N sites (IID or Dirichlet label skew,
 seeded), each virtual site keeps its state under ``OUT/sites/site-<k>``, and the
 coordinator writes ``OUT/checkpoints``, ``OUT/samples`` and ``OUT/metrics.jsonl``.
 
-The in-process engine (``flwr.simulation.run_simulation``) is used because it starts
-in seconds and stops with the command; ``flwr run .`` with a local-simulation
-connection runs the same app (see deploy/README.md).
+It runs the way Flower 1.42 supports (the in-process ``flwr.simulation.run_simulation``
+is deprecated): a simulation SuperLink of our own on a free loopback port
+(:class:`SimulationLink`, ``--disable-runtime-dependency-installation``, state in
+``OUT/.flwr``), ``flwr run <app> --federation-config ... --run-config ...``, the run
+followed with ``flwr ls`` to its real end state, everything stopped afterwards.
+
+What the terminal shows: by default only our lines and errors. The ServerApp's log
+arrives through ``flwr log --stream`` (kept whole in ``OUT/run.log``; lines of our
+loggers and errors are shown). The virtual sites run in Ray actors whose output
+stays out of the terminal (``init-args-log-to-driver=false``); each site writes its
+progress events (and its warnings/errors) to ``OUT/sites/<site>/progress.jsonl``
+(client/progress_rpc.py) and a thread here prints them as
+``[site-1] navigation 12/24 steps  41 s elapsed, ETA 38 s``; a heartbeat line comes
+when nothing was shown for 15 s. ``verbose=True`` shows the whole Flower log and Ray's
+actor output.
 """
 
 from __future__ import annotations
@@ -15,6 +27,12 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any, Optional
@@ -60,39 +78,185 @@ def simulation_config(
     return cfg
 
 
-def run_simulation(cfg: PlanConfig, out: str | Path, cpus_per_site: float = 1.0, num_cpus: Optional[int] = None) -> dict[str, Any]:
-    """Run the federation in-process with ``cfg.partition.sites`` virtual SuperNodes."""
-    os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
-    os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
+def console_logging(verbose: bool = False) -> None:
+    """This process's console: our loggers at INFO, others (alembic, httpx, ...) at WARNING, Flower's
+    only for errors; ``verbose``: DEBUG everywhere.
+
+    Flower's logger has its own console handler and also propagates to the root one
+    (every Flower line twice); it is made not to propagate.
+    """
+    from flwr.common.logger import update_console_handler
+
+    setup_logging(logging.DEBUG if verbose else logging.INFO)
+    logging.getLogger().setLevel(logging.DEBUG if verbose else logging.WARNING)
+    logging.getLogger("plan").setLevel(logging.DEBUG if verbose else logging.INFO)
+    flwr_log = logging.getLogger("flwr")
+    flwr_log.propagate = False
+    flwr_log.setLevel(logging.DEBUG if verbose else logging.ERROR)
+    update_console_handler(level=logging.DEBUG if verbose else logging.ERROR)
+
+
+# Lines of the run's log shown in the terminal: ours, and the first line of any other error
+# (tracebacks stay in OUT/run.log). A ClientApp's exception is not shown as Flower logs it
+# (its backend's message, a Ray actor's repr, the traceback): the ServerApp reports it as
+# that site's failure with its reason.
+OURS = re.compile(r"^\d\d:\d\d:\d\d (INFO|WARNING|ERROR|CRITICAL) plan[.:]")
+ERRORS = re.compile(r"^(\d\d:\d\d:\d\d )?(ERROR|CRITICAL)\b")
+CLIENTAPP_ERROR = re.compile(r"ClientAppActor|ClientAppException|processing a message by RayBackend|"
+                             r"Traceback \(most recent call last\)")
+
+
+class SimulationLink:
+    """A simulation SuperLink of our own on loopback, for one ``flwr run`` (Flower 1.42's supported way).
+
+    ``flwr run`` with Flower's built-in ``local`` connection would start a SuperLink that
+    runs ``uv sync`` (fails offline) and keeps running afterwards; this one is started
+    with ``--disable-runtime-dependency-installation``, its state under ``OUT/.flwr``, and
+    stopped (its whole process tree: SuperExec, simulation process, Ray) when the run ends.
+    """
+
+    def __init__(self, out: Path):
+        from server.coordinate import _bin
+
+        self.out = out
+        self.home = out / ".flwr"
+        with socket.socket() as sk:
+            sk.bind(("127.0.0.1", 0))
+            self.port = sk.getsockname()[1]
+        self.bin = {n: _bin(n) for n in ("flwr", "flower-superlink")}
+        self.proc: Optional[subprocess.Popen] = None
+        self.log_path = self.home / "superlink.log"
+
+    def env(self) -> dict[str, str]:
+        env = dict(os.environ, FLWR_HOME=str(self.home), FLWR_TELEMETRY_ENABLED="0", FLWR_DISABLE_UPDATE_CHECK="1")
+        env["PATH"] = f"{Path(self.bin['flwr']).parent}{os.pathsep}{env.get('PATH', '')}"
+        env.pop("PLAN_FED_RUN_CONFIG", None)
+        return env
+
+    def start(self, timeout: float = 120.0) -> None:
+        self.home.mkdir(parents=True, exist_ok=True)
+        (self.home / "config.toml").write_text(
+            f'[superlink]\ndefault = "sim"\n\n[superlink.sim]\naddress = "127.0.0.1:{self.port}"\ninsecure = true\n')
+        (self.home / "sim.db").unlink(missing_ok=True)  # one run per SuperLink: no state to keep
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(
+                [self.bin["flower-superlink"], "--insecure", "--simulation", "--disable-runtime-dependency-installation",
+                 "--host", "127.0.0.1", "--port", str(self.port), "--database", str(self.home / "sim.db")],
+                stdout=log, stderr=subprocess.STDOUT, env=self.env(), cwd=self.home, start_new_session=True)
+        deadline = time.monotonic() + timeout
+        while True:
+            with socket.socket() as sk:
+                if sk.connect_ex(("127.0.0.1", self.port)) == 0:
+                    return
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"the simulation SuperLink exited with {self.proc.returncode}; see {self.log_path}")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the simulation SuperLink did not open 127.0.0.1:{self.port} in {timeout:.0f}s; "
+                                   f"see {self.log_path}")
+            time.sleep(0.2)
+
+    def flwr(self, *args: str, timeout: float = 300) -> dict[str, Any]:
+        r = subprocess.run([self.bin["flwr"], *args, "--format", "json"], env=self.env(), capture_output=True,
+                           text=True, timeout=timeout, cwd=self.home)
+        try:
+            return json.loads(r.stdout[r.stdout.index("{"):])
+        except ValueError:
+            return {"success": False, "error-message": (r.stdout + r.stderr).strip()[-2000:]}
+
+    def stop(self) -> None:
+        from server.coordinate import descendants, kill_tree
+
+        if self.proc is None:
+            return
+        tree = descendants(self.proc.pid)
+        try:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            self.proc.wait(15)
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            pass
+        kill_tree(self.proc.pid, tree)  # the simulation process and Ray's workers run in their own sessions
+        if self.proc.poll() is None:
+            self.proc.wait(5)
+        self.proc = None
+
+
+def _follow_log(proc: subprocess.Popen, log_file: Path, verbose: bool, shown) -> None:
+    """Copy the run's log (``flwr log --stream``) to ``log_file``; show ours and errors (all if verbose)."""
+    with open(log_file, "a") as fh:
+        for line in proc.stdout:  # type: ignore[union-attr]
+            fh.write(line)
+            fh.flush()
+            text = line.rstrip("\n")
+            if verbose or OURS.match(text) or (ERRORS.match(text) and not CLIENTAPP_ERROR.search(text)):
+                print(text, file=sys.stderr, flush=True)
+                shown()
+
+
+def run_simulation(cfg: PlanConfig, out: str | Path, cpus_per_site: float = 1.0, num_cpus: Optional[int] = None,
+                   verbose: bool = False, app_dir: Optional[Path] = None) -> dict[str, Any]:
+    """Run the federation with ``cfg.partition.sites`` virtual SuperNodes: ``flwr run`` on a SuperLink of our own.
+
+    Shown while it runs: the ServerApp's own log lines and errors (the whole Flower log is
+    kept in ``OUT/run.log``), the sites' progress lines (``OUT/sites/*/progress.jsonl``),
+    and a heartbeat line when nothing was shown for 15 s.
+    """
+    from plan_shared.progress import ProgressTail, TailPrinter, watchdog
+    from server.coordinate import FINISHED, default_app_dir
+
     out = Path(out).expanduser().resolve()
     out.mkdir(parents=True, exist_ok=True)
-    os.environ.setdefault("FLWR_HOME", str(out / ".flwr"))
     if cfg.threads is None:  # one torch thread per virtual site, or N sites oversubscribe the cores
         cfg = cfg.model_copy(update={"threads": max(1, int(cpus_per_site))})
-    (out / "config.yaml").write_text(cfg.to_yaml())
-    os.environ["PLAN_FED_RUN_CONFIG"] = json.dumps(
-        {"plan-config": json.dumps(cfg.to_dict()), "out-dir": str(out), "expected-nodes": cfg.partition.sites}
-    )
-    from flwr.simulation import run_simulation as flwr_run_simulation
-
-    from client.app import app as client_app  # noqa: F401 - imported by Ray actors by module path too
-    from server.app import app as server_app
-
+    cfg_path = out / "config.yaml"
+    cfg_path.write_text(cfg.to_yaml())
+    (out / "federation.json").unlink(missing_ok=True)
+    n = cfg.partition.sites
     ncpu = num_cpus or os.cpu_count() or 1
-    backend = {
-        "client_resources": {"num_cpus": cpus_per_site, "num_gpus": 0.0},
-        "init_args": {"num_cpus": ncpu, "include_dashboard": False, "ignore_reinit_error": True},
-    }
+    cpus = int(cpus_per_site) if float(cpus_per_site).is_integer() else cpus_per_site
+    fed_cfg = (f"num-supernodes={n} client-resources-num-cpus={cpus} client-resources-num-gpus=0 "
+               f"init-args-num-cpus={ncpu} init-args-log-to-driver={'true' if verbose else 'false'}")
+    run_cfg = f'plan-config="{cfg_path}" out-dir="{out}" expected-nodes={n} num-server-rounds=0'
+    progress_log = logging.getLogger("plan.progress")
+    tail = ProgressTail(out / "sites", "*/progress.jsonl", from_end=True)  # a reused OUT keeps older runs' lines
+    link = SimulationLink(out)
     t0 = time.perf_counter()
+    status, rid, stream = "", "", None
     try:
-        flwr_run_simulation(server_app=server_app, client_app=client_app, num_supernodes=cfg.partition.sites,
-                            backend_config=backend)
+        with TailPrinter(tail, logger=progress_log), \
+                watchdog("coordinator", f"simulation of {n} sites", progress_log) as wd:
+            link.start()
+            r = link.flwr("run", str(app_dir or default_app_dir()), "sim", "--federation-config", fed_cfg,
+                          "--run-config", run_cfg)
+            if not r.get("success"):
+                raise RuntimeError(f"flwr run failed: {r.get('error-message')}")
+            rid = str(r["run-id"])
+            stream = subprocess.Popen([link.bin["flwr"], "log", rid, "sim", "--stream"], env=link.env(),
+                                      cwd=link.home, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            reader = threading.Thread(target=_follow_log, args=(stream, out / "run.log", verbose, wd.touch), daemon=True)
+            reader.start()
+            while status not in FINISHED:
+                time.sleep(2.0)
+                runs = link.flwr("ls", "--run-id", rid, timeout=60).get("runs") or []
+                status = runs[0].get("status", "") if runs else status
+                if link.proc is not None and link.proc.poll() is not None:
+                    raise RuntimeError(f"the simulation SuperLink exited with {link.proc.returncode}; see {link.log_path}")
+            reader.join(3)  # the stream's last lines; `flwr log --stream` may outlive the run
     finally:
-        os.environ.pop("PLAN_FED_RUN_CONFIG", None)
+        if stream is not None and stream.poll() is None:
+            stream.terminate()
+            try:
+                stream.wait(10)
+            except subprocess.TimeoutExpired:
+                stream.kill()
+        link.stop()
     wall = time.perf_counter() - t0
     fed_json = out / "federation.json"
     if not fed_json.is_file():
-        raise RuntimeError(f"the simulation ended without finishing its rounds; see the log above and {out}/metrics.jsonl")
+        why = ""
+        if (out / "error.json").is_file():
+            why = ": " + str(json.loads((out / "error.json").read_text()).get("error"))
+        raise RuntimeError(f"the simulation ended ({status or 'unknown'}) without finishing its rounds{why}; "
+                           f"see {out}/run.log and {out}/metrics.jsonl")
     summary = json.loads(fed_json.read_text())
     if summary.get("rounds_done") != cfg.federation.rounds:
         raise RuntimeError(f"simulation stopped after {summary.get('rounds_done')} of {cfg.federation.rounds} rounds")
@@ -104,12 +268,12 @@ def run_simulation(cfg: PlanConfig, out: str | Path, cpus_per_site: float = 1.0,
 def simulate_command(
     config: Optional[str], sites: int, rounds: Optional[int], dataset: Optional[str], data: Optional[str],
     partition: Optional[str], alpha: Optional[float], out: str, local_steps: Optional[int] = None,
-    share: Optional[str] = None,
+    share: Optional[str] = None, verbose: bool = False,
 ) -> dict[str, Any]:
-    setup_logging()
+    console_logging(verbose)
     ov = {"federation.local_steps": local_steps, "federation.share": share}
     cfg = simulation_config(config, sites=sites, rounds=rounds, dataset=dataset, data=data, partition=partition,
                             alpha=alpha, out=out, overrides=ov)
     LOG.info("simulating %d sites x %d rounds (%s partition), output in %s", sites, cfg.federation.rounds,
              cfg.partition.scheme, out)
-    return run_simulation(cfg, out)
+    return run_simulation(cfg, out, verbose=verbose)

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from plan_shared.manifest import read_site_manifest
-from server.demo import make_credentials, run_demo
+from server.demo import make_credentials
 from server.phases import short_reason
 
 TINY = Path(__file__).parent / "configs" / "tiny.yaml"
@@ -23,16 +23,42 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def demo(tmp_path_factory):
+def demo_run(tmp_path_factory):
+    """``plan-server demo`` as a user runs it (its own process); (out, report, terminal output)."""
+    import subprocess
+    import sys
+
     if not os.environ.get("PLAN_DATA_DIR"):
         pytest.skip("PLAN_DATA_DIR is not set")
     out = tmp_path_factory.mktemp("demo")
     make_credentials(out / "certs", out / "keys", ["site-0", "site-1", "site-2"])
     (out / "keys" / "sites" / "site-1" / "signing.key").unlink()
-    report = run_demo(out, sites=3, dataset="breastmnist", config=str(TINY),
-                      overrides={"filter.tau_id": 1.0, "filter.tau_indep": 1.0, "filter.delta_quantile": 0.001,
-                                 "filter.block_on_planted": False})
-    return out, report
+    sets = ["filter.tau_id=1.0", "filter.tau_indep=1.0", "filter.delta_quantile=0.001", "filter.block_on_planted=false"]
+    r = subprocess.run([sys.executable, "-m", "server.cli", "demo", "--out", str(out), "--sites", "3", "--dataset",
+                        "breastmnist", "--config", str(TINY), *[x for v in sets for x in ("--set", v)]],
+                       capture_output=True, text=True, timeout=900, cwd=Path(__file__).resolve().parent.parent)
+    terminal = r.stdout + r.stderr
+    assert r.returncode == 0, terminal[-4000:]
+    return out, json.loads((out / "report.json").read_text()), terminal
+
+
+@pytest.fixture(scope="module")
+def demo(demo_run):
+    return demo_run[:2]
+
+
+def test_terminal_shows_only_our_lines_and_the_sites_progress(demo_run):
+    import re
+
+    _, _, terminal = demo_run
+    lines = terminal.splitlines()
+    for bad in ("DEBUG", "DeprecationWarning", "DEPRECATED", "FutureWarning", "ClientAppActor", "alembic"):
+        assert not [x for x in lines if bad in x], bad
+    ours = re.compile(r"^\d\d:\d\d:\d\d (INFO|WARNING|ERROR) plan\.[a-z_.]+: |^demo finished in |^report: ")
+    assert [x for x in lines if not ours.match(x)] == []
+    for site in ("site-0", "site-1", "site-2"):  # each site's stages reached the demo's terminal
+        assert any(f"plan.progress: [{site}] inversion started (stage 6/" in x for x in lines), site
+        assert any(f"plan.progress: [{site}] evaluation started" in x for x in lines), site
 
 
 def test_phases_ran_in_order_and_wrote_their_outputs(demo):

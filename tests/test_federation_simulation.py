@@ -130,3 +130,36 @@ def test_flwr_run_against_a_local_simulation_superlink(tmp_path):
         except subprocess.TimeoutExpired:
             os.killpg(sl.pid, signal.SIGKILL)
         log.close()
+
+
+def test_run_log_filter_shows_our_lines_and_first_lines_of_errors(tmp_path, capsys):
+    """What of the ServerApp's streamed log reaches the terminal (quiet) and what stays in OUT/run.log."""
+    import io
+    from types import SimpleNamespace
+
+    from server.simulate import _follow_log
+
+    lines = [
+        "INFO :      Starting Flower Simulation",
+        "21:00:01 DEBUG flwr: Pre-registering run with id 1",
+        "21:00:02 WARNING flwr: DEPRECATED FEATURE: something",
+        "21:00:03 INFO plan.federation: round 1/4 done in 30.1s: 3/3 sites",
+        "21:00:04 ERROR flwr: An exception was raised when processing a message by RayBackend",
+        "21:00:04 ERROR flwr: Traceback (most recent call last):",
+        "21:00:04 ERROR flwr: \x1b[36mray::ClientAppActor.run()\x1b[39m (pid=1, ip=1)",
+        "Traceback (most recent call last):",
+        "ValueError: boom",
+        "21:00:05 WARNING plan.phases: site-1: synthesis failed: boom",
+        "21:00:06 ERROR flwr: ServerApp thread raised an exception",
+        "/x/ray/_private/worker.py:2051: FutureWarning: Tip: In future versions of Ray",
+    ]
+    shown = []
+    for verbose in (False, True):
+        log = tmp_path / f"run-{verbose}.log"
+        _follow_log(SimpleNamespace(stdout=io.StringIO("".join(x + "\n" for x in lines))), log, verbose,
+                    lambda: shown.append(1))
+        assert log.read_text().splitlines() == lines  # the whole log is kept
+    err = capsys.readouterr().err.splitlines()
+    quiet, loud = err[:3], err[3:]
+    assert quiet == [lines[3], lines[9], lines[10]]
+    assert loud == lines and len(shown) == 3 + len(lines)

@@ -183,3 +183,41 @@ class CatalogReply(_message.Message):
     ENTRIES_FIELD_NUMBER: _ClassVar[int]
     entries: _containers.RepeatedCompositeFieldContainer[CatalogEntry]
     def __init__(self, entries: _Optional[_Iterable[_Union[CatalogEntry, _Mapping]]] = ...) -> None: ...
+
+class ProgressRequest(_message.Message):
+    __slots__ = ("stage", "event", "task", "done", "total", "unit", "elapsed_s", "eta_s", "index", "n_stages", "failed", "prev", "prev_s")
+    STAGE_FIELD_NUMBER: _ClassVar[int]
+    EVENT_FIELD_NUMBER: _ClassVar[int]
+    TASK_FIELD_NUMBER: _ClassVar[int]
+    DONE_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_FIELD_NUMBER: _ClassVar[int]
+    UNIT_FIELD_NUMBER: _ClassVar[int]
+    ELAPSED_S_FIELD_NUMBER: _ClassVar[int]
+    ETA_S_FIELD_NUMBER: _ClassVar[int]
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    N_STAGES_FIELD_NUMBER: _ClassVar[int]
+    FAILED_FIELD_NUMBER: _ClassVar[int]
+    PREV_FIELD_NUMBER: _ClassVar[int]
+    PREV_S_FIELD_NUMBER: _ClassVar[int]
+    stage: str
+    event: str
+    task: str
+    done: int
+    total: int
+    unit: str
+    elapsed_s: float
+    eta_s: float
+    index: int
+    n_stages: int
+    failed: bool
+    prev: str
+    prev_s: float
+    def __init__(self, stage: _Optional[str] = ..., event: _Optional[str] = ..., task: _Optional[str] = ..., done: _Optional[int] = ..., total: _Optional[int] = ..., unit: _Optional[str] = ..., elapsed_s: _Optional[float] = ..., eta_s: _Optional[float] = ..., index: _Optional[int] = ..., n_stages: _Optional[int] = ..., failed: _Optional[bool] = ..., prev: _Optional[str] = ..., prev_s: _Optional[float] = ...) -> None: ...
+
+class ProgressReply(_message.Message):
+    __slots__ = ("recorded", "message")
+    RECORDED_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    recorded: bool
+    message: str
+    def __init__(self, recorded: _Optional[bool] = ..., message: _Optional[str] = ...) -> None: ...

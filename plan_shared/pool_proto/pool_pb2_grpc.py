@@ -267,3 +267,75 @@ class Pool:
             timeout,
             metadata,
             _registered_method=True)
+
+
+class PoolProgressStub:
+    """Missing associated documentation comment in .proto file."""
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.Progress = channel.unary_unary(
+                '/plan.pool.v1.PoolProgress/Progress',
+                request_serializer=pool__pb2.ProgressRequest.SerializeToString,
+                response_deserializer=pool__pb2.ProgressReply.FromString,
+                _registered_method=True)
+
+
+class PoolProgressServicer:
+    """Missing associated documentation comment in .proto file."""
+
+    def Progress(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_PoolProgressServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'Progress': grpc.unary_unary_rpc_method_handler(
+                    servicer.Progress,
+                    request_deserializer=pool__pb2.ProgressRequest.FromString,
+                    response_serializer=pool__pb2.ProgressReply.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'plan.pool.v1.PoolProgress', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('plan.pool.v1.PoolProgress', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class PoolProgress:
+    """Missing associated documentation comment in .proto file."""
+
+    @staticmethod
+    def Progress(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/plan.pool.v1.PoolProgress/Progress',
+            pool__pb2.ProgressRequest.SerializeToString,
+            pool__pb2.ProgressReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)

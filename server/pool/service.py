@@ -796,6 +796,75 @@ class PoolService(pool_pb2_grpc.PoolServicer):
             yield pool_pb2.FetchReply(chunks=batch)
 
 
+# ---------------------------------------------------------------- progress (self-contained block)
+
+PROGRESS_LOG = "progress.jsonl"   # in the store folder; site progress reports, not pool content
+PROGRESS_BURST = 40               # reports a site may send at once (stage transitions come in bursts)
+PROGRESS_RATE = 2.0               # reports per second refilled
+_PROGRESS_EVENTS = ("start", "progress", "end")
+
+
+class ProgressService(pool_pb2_grpc.PoolProgressServicer):
+    """``Progress``: a site's live stage/ETA report, appended to ``progress.jsonl`` for the coordinator.
+
+    Same mutual-TLS identity check as a push (role site); the site id in the log is the
+    certificate's. Each site has a token bucket (``PROGRESS_BURST``, ``PROGRESS_RATE``/s):
+    over it the report is not recorded (``recorded=false``), never an error the site must
+    handle. Fields are length-checked; the log line is written by one ``write`` under a lock.
+    """
+
+    def __init__(self, pool: PoolService, log_path: Path):
+        self.pool = pool
+        self.log_path = Path(log_path)
+        self._lock = threading.Lock()
+        self._buckets: dict[str, tuple[float, float]] = {}
+
+    def _allow(self, site: str) -> bool:
+        now = time.monotonic()
+        with self._lock:
+            tokens, last = self._buckets.get(site, (float(PROGRESS_BURST), now))
+            tokens = min(float(PROGRESS_BURST), tokens + (now - last) * PROGRESS_RATE)
+            ok = tokens >= 1.0
+            self._buckets[site] = (tokens - 1.0 if ok else tokens, now)
+            return ok
+
+    def Progress(self, request, context):
+        return self.pool._guard(context, self._progress, request, context)
+
+    def _progress(self, req, context):
+        caller = self.pool._caller(context, "site", "reporting progress")
+        for name in ("stage", "task", "unit", "prev"):
+            v = getattr(req, name)
+            if len(v) > 80 or not v.isprintable():
+                raise Refused(grpc.StatusCode.INVALID_ARGUMENT, f"progress {name} must be printable, at most 80 characters")
+        if not req.stage:
+            raise Refused(grpc.StatusCode.INVALID_ARGUMENT, "progress report without a stage")
+        if req.event not in _PROGRESS_EVENTS:
+            raise Refused(grpc.StatusCode.INVALID_ARGUMENT, f"progress event must be start, progress or end, got {req.event!r}")
+        if not self._allow(caller.name):
+            return pool_pb2.ProgressReply(recorded=False, message=f"rate limit: at most {PROGRESS_RATE:g} reports/s")
+        ev = {"site": caller.name, "stage": req.stage, "event": req.event, "t": round(time.time(), 3),
+              "elapsed_s": round(req.elapsed_s, 2)}
+        if req.index and req.n_stages:
+            ev.update(index=req.index, n_stages=req.n_stages)
+        if req.event == "progress":
+            ev.update(task=req.task or None, done=req.done, total=req.total or None, unit=req.unit)
+            if req.eta_s >= 0:
+                ev["eta_s"] = round(req.eta_s, 1)
+        if req.event == "start" and req.prev:
+            ev.update(prev=req.prev, prev_s=round(req.prev_s, 2))
+        if req.failed:
+            ev["failed"] = True
+        line = (json.dumps(ev, separators=(",", ":")) + "\n").encode()
+        with self._lock:
+            fd = os.open(self.log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            try:
+                os.write(fd, line)
+            finally:
+                os.close(fd)
+        return pool_pb2.ProgressReply(recorded=True, message="recorded")
+
+
 # ---------------------------------------------------------------- server
 
 
@@ -836,6 +905,7 @@ def build_server(
     if policy_file is not None:
         service.policy_file.current()  # refuse to start with a missing or invalid policy file
     pool_pb2_grpc.add_PoolServicer_to_server(service, server)
+    pool_pb2_grpc.add_PoolProgressServicer_to_server(ProgressService(service, Path(store_dir) / PROGRESS_LOG), server)
     tls = grpc.ssl_server_credentials([(creds.key_pem, creds.cert_pem)], root_certificates=creds.ca_pem,
                                       require_client_auth=True)
     port = server.add_secure_port(address, tls)
