@@ -29,6 +29,7 @@ from plan_shared.config import PlanConfig, config_from_dict
 from plan_shared.imaging import save_grid
 from plan_shared.models import build_discriminator, build_generator
 from plan_shared.models.generator import StyleGenerator
+from plan_shared.models.layers import set_fused
 
 LOG = logging.getLogger("plan.gan")
 CHECKPOINT_FORMAT = 1
@@ -62,7 +63,10 @@ class GanTrainer:
         torch.manual_seed(cfg.seed)  # identical initial weights for identical seeds
         self.G = build_generator(cfg, size, channels).to(self.device)
         self.D = build_discriminator(cfg, size, channels).to(self.device)
-        self.G_ema = copy.deepcopy(self.G).eval().requires_grad_(False)
+        set_fused(self.G, cfg.gan.fast)  # the same function with fewer passes
+        set_fused(self.D, cfg.gan.fast)
+        # G_ema renders with the reference ops, exactly as load_generator's copy will.
+        self.G_ema = set_fused(copy.deepcopy(self.G), False).eval().requires_grad_(False)
         g = cfg.gan
         # Lazy R1: D's Adam parameters are corrected for the regularisation interval.
         c = g.r1_every / (g.r1_every + 1)
