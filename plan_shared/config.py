@@ -121,7 +121,7 @@ class GanConfig(_Section):
         "auto",
         description="torch.compile G and D for the steps without R1 (R1 needs double backward and stays eager; "
         "random draws keep eager semantics). on/off force it; auto = on only when one training call runs at least "
-        "compile_min_steps steps on a CUDA device. On CPU auto stays off: compiling G+D took ~230 s on 2 cores, "
+        "compile_min_steps steps on a CUDA device. On CPU auto stays off: compiling G+D took ~230 s on 2 shared cores, "
         "more than a federated round's local steps, and convolutions (not fusable) dominate the CPU step.",
     )
     compile_min_steps: int = Field(
