@@ -55,6 +55,10 @@ def test_simulation_3_sites_2_rounds_weighted_mean(tmp_path, monkeypatch):
 
     # What each site returned in round 2 is its local state after round 2.
     total = sum(counts.values())
+    watch = last["watch"]  # the per-round watch-points, weighted like FedAvg
+    assert {"d_real", "d_fake", "d_gap", "r1", "loss_d", "loss_g"} <= watch.keys()
+    assert watch["d_real"] == pytest.approx(sum(s["d_real"] * s["num-examples"] for s in last["sites"]) / total, rel=1e-5)
+    assert watch["d_gap"] == pytest.approx(watch["d_real"] - watch["d_fake"])
     mean: dict[str, torch.Tensor] = {}
     for site, n in counts.items():
         st = torch.load(out / "sites" / site / "local_trainer.pt", weights_only=False)
