@@ -39,3 +39,14 @@ def test_quality_preset_trains_a_step_at_64px_on_cpu():
     assert all(torch.isfinite(torch.tensor(m[k])) for k in ("loss_g", "loss_d", "r1"))
     out = tr.G_ema.render(tr.G_ema.sample_w(2))
     assert out.shape == (2, 1, 64, 64)
+
+
+def test_cli_preset_errors_name_the_fault():
+    from typer.testing import CliRunner
+
+    from server.cli import app
+
+    r = CliRunner().invoke(app, ["demo", "--preset", "bogus"])
+    assert r.exit_code == 2 and "unknown preset 'bogus'" in r.output
+    r = CliRunner().invoke(app, ["simulate", "--preset", "quality", "--config", "x.yaml"])
+    assert r.exit_code == 2 and "not both" in r.output
