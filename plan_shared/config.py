@@ -146,6 +146,23 @@ class GanConfig(_Section):
     )
     sample_every: int = Field(200, ge=1, description="Write a sample grid PNG every N steps.")
     checkpoint_every: int = Field(400, ge=1, description="Write a checkpoint every N steps (and at the end).")
+    fast: bool = Field(
+        True,
+        description="Optimised step, same computation as the reference step (false) within float rounding: one D "
+        "pass over real+fake on steps without R1 (minibatch-std groups kept within each half), losses kept on the "
+        "device and read once per call, foreach Adam and EMA updates. benchmarks/gan_step.py times both.",
+    )
+    compile: Literal["auto", "on", "off"] = Field(
+        "auto",
+        description="torch.compile G and D for the steps without R1 (R1 needs double backward and stays eager; "
+        "random draws keep eager semantics). on/off force it; auto = on only when one training call runs at least "
+        "compile_min_steps steps on a CUDA device. On CPU auto stays off: compiling G+D took ~230 s on 2 shared cores, "
+        "more than a federated round's local steps, and convolutions (not fusable) dominate the CPU step.",
+    )
+    compile_min_steps: int = Field(
+        500, ge=1, description="gan.compile=auto: fewest steps in one training call (one Flower train message or one "
+        "local run) for which compiling is worth its one-off cost.",
+    )
 
 
 class DownstreamConfig(_Section):

@@ -29,6 +29,7 @@ from plan_shared.config import PlanConfig, config_from_dict
 from plan_shared.imaging import save_grid
 from plan_shared.models import build_discriminator, build_generator
 from plan_shared.models.generator import StyleGenerator
+from plan_shared.models.layers import set_fused
 
 LOG = logging.getLogger("plan.gan")
 CHECKPOINT_FORMAT = 1
@@ -80,14 +81,22 @@ class GanTrainer:
         torch.manual_seed(cfg.seed)  # identical initial weights for identical seeds
         self.G = build_generator(cfg, size, channels).to(self.device)
         self.D = build_discriminator(cfg, size, channels).to(self.device)
-        self.G_ema = copy.deepcopy(self.G).eval().requires_grad_(False)
+        set_fused(self.G, cfg.gan.fast)  # the same function with fewer passes
+        set_fused(self.D, cfg.gan.fast)
+        # G_ema renders with the reference ops, exactly as load_generator's copy will.
+        self.G_ema = set_fused(copy.deepcopy(self.G), False).eval().requires_grad_(False)
         g = cfg.gan
         # Lazy R1: D's Adam parameters are corrected for the regularisation interval.
         c = g.r1_every / (g.r1_every + 1)
-        self.opt_g = torch.optim.Adam(self.G.parameters(), lr=g.lr_g, betas=(g.beta1, g.beta2), eps=1e-8)
-        self.opt_d = torch.optim.Adam(
-            self.D.parameters(), lr=g.lr_d * c, betas=(g.beta1**c, g.beta2**c), eps=1e-8
+        # fast: the multi-tensor Adam (same update, a few kernels instead of a loop over parameters).
+        self._foreach = True if g.fast else None
+        self.opt_g = torch.optim.Adam(
+            self.G.parameters(), lr=g.lr_g, betas=(g.beta1, g.beta2), eps=1e-8, foreach=self._foreach
         )
+        self.opt_d = torch.optim.Adam(
+            self.D.parameters(), lr=g.lr_d * c, betas=(g.beta1**c, g.beta2**c), eps=1e-8, foreach=self._foreach
+        )
+        self._compiled: Optional[tuple[Callable, Callable, Callable]] = None
         self.rng = torch.Generator().manual_seed(cfg.seed + 1)
         # G's noise inputs draw from torch's global RNG; the trainer keeps its own copy of
         # that state and swaps it in while training, so other code cannot perturb a run.
@@ -107,32 +116,69 @@ class GanTrainer:
         idx = torch.randint(0, images.shape[0], (n,), generator=self.rng)
         return images[idx].to(self.device, non_blocking=True)
 
-    def _generate(self, n: int) -> torch.Tensor:
+    def _nets(self, compiled: bool) -> tuple[Callable, Callable, Callable]:
+        """(mapping, synthesis, D) as called by the steps: the modules, or their compiled twins."""
+        if not compiled:
+            return self.G.mapping, self.G.synthesis, self.D
+        if self._compiled is None:
+            import torch._dynamo
+            import torch._inductor.config
+
+            # G's noise keeps eager's draws from torch's RNG (exact resume, same results as eager),
+            # and a backend that cannot compile falls back to eager instead of failing the run.
+            torch._inductor.config.fallback_random = True
+            torch._dynamo.config.suppress_errors = True
+            self._compiled = (
+                torch.compile(self.G.mapping, dynamic=False),
+                torch.compile(self.G.synthesis, dynamic=False),
+                torch.compile(self.D, dynamic=False),
+            )
+        return self._compiled
+
+    def use_compile(self, n_steps: int) -> bool:
+        """Whether a training call of ``n_steps`` steps runs compiled G/D (config ``gan.compile``)."""
+        g = self.cfg.gan
+        if g.compile == "auto":
+            return self.device.type == "cuda" and n_steps >= g.compile_min_steps
+        return g.compile == "on"
+
+    def _generate(self, n: int, nets: Optional[tuple[Callable, Callable, Callable]] = None) -> torch.Tensor:
+        mapping, synthesis, _ = nets or self._nets(False)
         z = self._sample_z(n)
         if self.cfg.gan.style_mixing > 0 and float(torch.rand((), generator=self.rng)) < self.cfg.gan.style_mixing:
-            w = self.G.mapping(z, update_w_avg=True)
-            w2 = self.G.mapping(self._sample_z(n))
+            w = mapping(z, update_w_avg=True)
+            w2 = mapping(self._sample_z(n))
             ws = w.unsqueeze(1).repeat(1, self.G.synthesis.num_ws, 1)
             cut = int(torch.randint(1, self.G.synthesis.num_ws, (), generator=self.rng))
             ws[:, cut:] = w2.unsqueeze(1)
-            return self.G.synthesis(ws)
-        return self.G.synthesis(self.G.mapping(z, update_w_avg=True))
+            return synthesis(ws)
+        return synthesis(mapping(z, update_w_avg=True))
 
     def _augment(self, x: torch.Tensor) -> torch.Tensor:
         return diff_augment(x, self.cfg.gan.augment, self.rng) if self.cfg.gan.augment else x
 
-    def _d_step(self, images: torch.Tensor, bs: int) -> dict[str, float]:
+    def _d_step(self, images: torch.Tensor, bs: int, nets: tuple[Callable, Callable, Callable]) -> torch.Tensor:
+        """One D step; returns ``[loss_d, r1, d_real, d_fake, r1 computed]`` on the device (no host sync)."""
         g = self.cfg.gan
         self.D.requires_grad_(True)
         self.G.requires_grad_(False)
         real = self._real_batch(images, bs)
         with torch.no_grad():
-            fake = self._generate(bs)
+            fake = self._generate(bs, nets)
         do_r1 = g.r1_gamma > 0 and self.step % g.r1_every == 0
         real_aug = self._augment(real).detach().requires_grad_(do_r1)
-        d_real = self.D(real_aug)
-        d_fake = self.D(self._augment(fake))
-        loss = F.softplus(d_fake).mean() + F.softplus(-d_real).mean()
+        if g.fast and not do_r1:
+            # D does not draw random numbers, so augmenting the fakes first keeps every draw in place;
+            # one pass over both halves, each with its own minibatch statistics.
+            fake_aug = self._augment(fake)
+            logits = nets[2](torch.cat([real_aug, fake_aug]), chunks=2)
+            d_real, d_fake = logits[:bs], logits[bs:]
+        else:
+            # R1 needs the double backward, which compiled graphs do not support: eager D.
+            d_real = self.D(real_aug)
+            d_fake = self.D(self._augment(fake))
+        loss_adv = F.softplus(d_fake).mean() + F.softplus(-d_real).mean()
+        loss = loss_adv
         r1 = torch.zeros((), device=self.device)
         if do_r1:
             (grad,) = torch.autograd.grad(d_real.sum(), real_aug, create_graph=True)
@@ -141,21 +187,19 @@ class GanTrainer:
         self.opt_d.zero_grad(set_to_none=True)
         loss.backward()
         self.opt_d.step()
-        return {
-            "loss_d": float(loss.detach()) - float(r1.detach()) * (g.r1_gamma / 2) * g.r1_every,
-            "r1": float(r1.detach()),
-            "d_real": float(d_real.detach().mean()),
-            "d_fake": float(d_fake.detach().mean()),
-        }
+        return torch.stack(
+            [loss_adv.detach(), r1.detach(), d_real.detach().mean(), d_fake.detach().mean(),
+             torch.tensor(float(do_r1), device=self.device)]
+        )
 
-    def _g_step(self, bs: int) -> dict[str, float]:
+    def _g_step(self, bs: int, nets: tuple[Callable, Callable, Callable]) -> torch.Tensor:
         self.D.requires_grad_(False)
         self.G.requires_grad_(True)
-        loss = F.softplus(-self.D(self._augment(self._generate(bs)))).mean()
+        loss = F.softplus(-nets[2](self._augment(self._generate(bs, nets)))).mean()
         self.opt_g.zero_grad(set_to_none=True)
         loss.backward()
         self.opt_g.step()
-        return {"loss_g": float(loss.detach())}
+        return loss.detach()
 
     @torch.no_grad()
     def _update_ema(self, bs: int) -> None:
@@ -164,6 +208,11 @@ class GanTrainer:
         if g.ema_rampup > 0:
             half_life = min(half_life, self.images_seen * g.ema_rampup)
         beta = 0.5 ** (bs / max(half_life, 1e-8))
+        if self.cfg.gan.fast:
+            ema, cur = list(self.G_ema.parameters()), [p.detach() for p in self.G.parameters()]
+            torch._foreach_copy_(ema, torch._foreach_lerp(cur, ema, beta))
+            torch._foreach_copy_(list(self.G_ema.buffers()), list(self.G.buffers()))
+            return
         for p_ema, p in zip(self.G_ema.parameters(), self.G.parameters()):
             p_ema.copy_(p.detach().lerp(p_ema, beta))
         for b_ema, b in zip(self.G_ema.buffers(), self.G.buffers()):
@@ -179,8 +228,10 @@ class GanTrainer:
     ) -> dict[str, float]:
         """Run ``n_steps`` D+G steps on ``images`` (float ``[N, C, H, W]`` in [-1, 1]).
 
-        Returns the mean of each loss over the steps plus ``steps`` and ``images_seen``
-        (cumulative). ``callback(trainer, last_metrics)`` runs after every step.
+        Returns the mean of each loss over the steps (``r1``: over the steps that computed it,
+        every ``gan.r1_every``-th) plus ``steps`` and ``images_seen`` (cumulative). Losses stay on
+        the device and are read once at the end; ``callback(trainer, last_metrics)`` runs after
+        every step and gets that step's numbers as floats (one host sync per step).
         """
         if images.ndim != 4 or images.shape[1:] != (self.channels, self.size, self.size):
             raise ValueError(
@@ -189,20 +240,26 @@ class GanTrainer:
         if images.shape[0] < 2:
             raise ValueError(f"need at least 2 training images, got {images.shape[0]}")
         bs = min(self.cfg.gan.batch_size, images.shape[0])
+        if self.cfg.gan.fast:
+            images = images.to(self.device)  # once, not per batch
+        nets = self._nets(self.use_compile(n_steps))
         self.G.train()
         self.D.train()
-        sums: dict[str, float] = {}
+        sums = torch.zeros(6, dtype=torch.float64, device=self.device)
         bar = P.bar(range(n_steps), desc=desc, unit="steps", show=progress)
         with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
             torch.set_rng_state(self._torch_rng)
             if self._cuda_rng is not None:
                 torch.cuda.set_rng_state(self._cuda_rng, self.device)
             try:
-                self._loop(images, bs, bar, progress, callback, sums)
+                self._loop(images, bs, nets, bar, progress, callback, sums)
             finally:
                 self._torch_rng = torch.get_rng_state()
                 self._cuda_rng = self._get_cuda_rng()
-        out = {k: v / max(n_steps, 1) for k, v in sums.items()}
+        tot = sums.tolist()
+        n = max(n_steps, 1)
+        out = {"loss_d": tot[0] / n, "r1": tot[1] / max(tot[4], 1.0), "d_real": tot[2] / n, "d_fake": tot[3] / n,
+               "loss_g": tot[5] / n}
         out.update(steps=float(n_steps), images_seen=float(self.images_seen))
         return out
 
@@ -210,23 +267,26 @@ class GanTrainer:
         self,
         images: torch.Tensor,
         bs: int,
+        nets: tuple[Callable, Callable, Callable],
         bar: Any,
         progress: bool,
         callback: Optional[Callable[["GanTrainer", dict[str, float]], None]],
-        sums: dict[str, float],
+        sums: torch.Tensor,
     ) -> None:
+        sync_each = not self.cfg.gan.fast or progress or callback is not None
         for _ in bar:
-            m = self._d_step(images, bs)
-            m.update(self._g_step(bs))
+            step = torch.cat([self._d_step(images, bs, nets), self._g_step(bs, nets).reshape(1)])
             self.images_seen += bs
             self._update_ema(bs)
             self.step += 1
-            for k, v in m.items():
-                sums[k] = sums.get(k, 0.0) + v
-            if progress:
-                bar.set_postfix(loss_g=f"{m['loss_g']:.3f}", loss_d=f"{m['loss_d']:.3f}", refresh=False)
-            if callback is not None:
-                callback(self, m)
+            sums += step
+            if sync_each:
+                v = step.tolist()
+                m = {"loss_d": v[0], "r1": v[1], "d_real": v[2], "d_fake": v[3], "loss_g": v[5]}
+                if progress:
+                    bar.set_postfix(loss_g=f"{m['loss_g']:.3f}", loss_d=f"{m['loss_d']:.3f}", refresh=False)
+                if callback is not None:
+                    callback(self, m)
 
     # ------------------------------------------------------------------ weights
     def weights(self, share: Share = "gd") -> dict[str, torch.Tensor]:
@@ -271,6 +331,9 @@ class GanTrainer:
         self.D.load_state_dict(sd["discriminator"])
         self.opt_g.load_state_dict(sd["opt_g"])
         self.opt_d.load_state_dict(sd["opt_d"])
+        for opt in (self.opt_g, self.opt_d):  # the implementation follows this run's gan.fast, not the file's
+            for group in opt.param_groups:
+                group["foreach"] = self._foreach
         self.step, self.images_seen = int(sd["step"]), int(sd["images_seen"])
         self.rng.set_state(sd["rng"])
         self._torch_rng = sd["torch_rng"]

@@ -39,13 +39,24 @@ def simulate(
     share: str = typer.Option(None, "--share", help="gd (G and D averaged, FedGAN) or g (G only; D stays per site)."),
     out: Path = typer.Option(Path("sim-out"), "--out", "-o", help="Checkpoints, samples, metrics.jsonl, per-site state."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Also Flower's DEBUG log, Ray's actor output and warnings."),
+    preset: Optional[str] = typer.Option(None, "--preset", help="A preset of server/presets instead of --config: demo or quality (64 px, longer rounds)."),
 ) -> None:
     """Federated generator training with N simulated hospitals (Flower simulation engine).
 
     Example: plan-server simulate --sites 3 --rounds 5 --dataset pneumoniamnist --partition dirichlet --alpha 0.5 --out sim
     """
+    from server.demo import preset_path
     from server.simulate import simulate_command
 
+    if preset is not None:
+        if config is not None:
+            typer.echo("error: give --config or --preset, not both", err=True)
+            raise typer.Exit(2)
+        try:
+            config = preset_path(preset)
+        except ValueError as err:
+            typer.echo(f"error: --preset: {err}", err=True)
+            raise typer.Exit(2) from None
     summary = simulate_command(str(config) if config else None, sites, rounds, dataset, str(data) if data else None,
                                partition, alpha, str(out), local_steps, share, verbose)
     typer.echo(f"{summary['rounds_done']} rounds with {sites} sites in {summary['wall_s']:.1f}s; output in {out}")
@@ -75,6 +86,7 @@ def demo(
     k: Optional[int] = typer.Option(None, "--k", min=1, help="Latents averaged per anchor (k-same)."),
     rounds: Optional[int] = typer.Option(None, "--rounds", "-r", min=1, help="Federated GAN rounds."),
     config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML replacing the demo preset (server/presets/demo.yaml)."),
+    preset: str = typer.Option("demo", "--preset", help="demo (~15 min on 2 CPU cores) or quality (64 px, wider nets, longer rounds; for time or a GPU)."),
     sets: Optional[list[str]] = typer.Option(None, "--set", help="Override any configuration key, e.g. --set federation.local_steps=20."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Also Flower's DEBUG log, Ray's actor output and warnings."),
 ) -> None:
@@ -84,9 +96,15 @@ def demo(
     """
     from plan_shared.config import ConfigError, parse_sets
 
-    from server.demo import run_demo
+    from server.demo import preset_path, run_demo
     from server.simulate import console_logging
 
+    if config is None:
+        try:
+            config = preset_path(preset)
+        except ValueError as err:
+            typer.echo(f"error: --preset: {err}", err=True)
+            raise typer.Exit(2) from None
     if method is not None and method not in ("plan", "linear", "random"):
         typer.echo(f"error: --method must be plan, linear or random, got {method!r}", err=True)
         raise typer.Exit(2)

@@ -25,6 +25,15 @@ def demo_preset_path() -> Path:
     return Path(str(resources.files("server").joinpath(DEMO_PRESET)))
 
 
+def preset_path(name: str) -> Path:
+    """``server/presets/<name>.yaml``: demo (the default, ~15 min on 2 cores) or quality (64 px, longer rounds)."""
+    root = Path(str(resources.files("server").joinpath("presets")))
+    known = sorted(q.stem for q in root.glob("*.yaml"))
+    if name not in known:
+        raise ValueError(f"unknown preset {name!r}; known: {', '.join(known)}")
+    return root / f"{name}.yaml"
+
+
 def make_credentials(certs: Path, keys: Path, sites: list[str], reader: str = "coordinator") -> None:
     """CA + server certificate for loopback in ``certs``; each site's and the reader's own keys under ``keys``.
 

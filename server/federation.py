@@ -15,7 +15,8 @@ Layout of the output directory::
     checkpoints/round-0003.pt   GanTrainer checkpoint (G, G_ema, D, round config)
     checkpoints/latest.json     {round, checkpoint, share, d_shared, run_digest, config}
     samples/round-0003.png      G_ema sample grid after the round
-    metrics.jsonl               one JSON object per round (per-site metrics, missing sites)
+    metrics.jsonl               one JSON object per round (per-site metrics, missing sites,
+                                "watch": D logits real/fake and their gap, R1, losses)
 """
 
 from __future__ import annotations
@@ -113,6 +114,22 @@ def collect_replies(grid: Grid, msgs: list[Message], *, min_replies: int, timeou
             return replies, "grace" if quorum_at is not None and end < t0 + timeout_s else "timeout"
         time.sleep(min(poll_s, max(end - now, 0.0)))
     return replies, "all"
+
+
+WATCH_KEYS = ("d_real", "d_fake", "r1", "loss_d", "loss_g")
+
+
+def watch_points(aggregate: dict[str, Any]) -> dict[str, float]:
+    """The per-round signs of GAN health, from the FedAvg-weighted site metrics.
+
+    ``d_real``/``d_fake``: D's mean logit on real and on generated images over the sites'
+    local steps; ``d_gap`` = their difference (grows when D wins, i.e. G is falling behind or
+    D overfits the few local images); ``r1``: mean R1 penalty of the steps that computed it.
+    """
+    w = {k: float(aggregate[k]) for k in WATCH_KEYS if k in aggregate}
+    if "d_real" in w and "d_fake" in w:
+        w["d_gap"] = w["d_real"] - w["d_fake"]
+    return w
 
 
 class Federation:
@@ -294,6 +311,7 @@ class Federation:
                 "missing": [{"node_id": n, "site": self.site_names.get(n, "?"), "reason": errors.get(n, late)}
                             for n in missing],
                 "aggregate": dict(agg_metrics) if agg_metrics is not None else {},
+                "watch": watch_points(dict(agg_metrics) if agg_metrics is not None else {}),
                 "sites": sorted(sites, key=lambda s: s["site"]),
                 "checkpoint": str(ckpt),
                 "time": time.time(),

@@ -284,7 +284,7 @@ def run_post_training(grid: Grid, cfg: PlanConfig, out: Path, node_ids: list[int
                       g_ema: dict, channels: int, size: int, generator_round: int,
                       timing: dict[str, float], federation_summary: dict[str, Any]) -> dict[str, Any]:
     """Phases a-d and the report; returns the report dict (also written to ``out``)."""
-    from server.report import build_report, privacy_utility_plot, write_report
+    from server.report import build_report, privacy_utility_plot, training_curve_plot, write_report
 
     method = cfg.synthesis.method
     ph = Phases(grid, cfg, out, site_names, cfg.federation.round_timeout_s)
@@ -316,6 +316,8 @@ def run_post_training(grid: Grid, cfg: PlanConfig, out: Path, node_ids: list[int
         report["comparison"] = {panel: {k: dict(zip(("mia_auc", "accuracy", "mia_auc_lo", "mia_auc_hi"), v))
                                         for k, v in pp.items()} for panel, pp in pts.items()}
     figures.update(_site_figures(out, sorted(site_names.values())))
+    if (curve := training_curve_plot(out / "metrics.jsonl", out / "figures" / "gan-rounds.png")) is not None:
+        figures["federated GAN per round"] = str(curve.relative_to(out))
     samples = sorted((out / "samples").glob("round-*.png"))
     if samples:
         figures["generator after the last round"] = str(samples[-1].relative_to(out))

@@ -206,6 +206,63 @@ def privacy_utility_plot(points: dict[str, Any], path: Path, title: str = "") ->
     return path
 
 
+def training_curve_plot(metrics_path: Path, path: Path) -> Optional[Path]:
+    """Per-round curves of the federated GAN from ``metrics.jsonl`` (None when it has no rounds).
+
+    Top: FD of G_ema where a round records one (``watch.fd``), else D's logit gap
+    real - fake (a gap still growing at the last round says D wins: more rounds alone will
+    not help, a flat low gap with falling FD says they would). Bottom: D and G losses.
+    """
+    rows = []
+    for i, line in enumerate(Path(metrics_path).read_text().splitlines() if Path(metrics_path).is_file() else []):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{metrics_path}: line {i + 1} is not JSON ({err})") from None
+        w = rec.get("watch") or rec.get("aggregate") or {}
+        if "round" in rec:
+            rows.append((int(rec["round"]), w))
+    if not rows:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rounds = [r for r, _ in rows]
+
+    def series(key: str) -> list[float]:
+        return [float(w[key]) if key in w else math.nan for _, w in rows]
+
+    fig, (ax, ax2) = plt.subplots(2, 1, figsize=(5.5, 5), dpi=120, sharex=True)
+    if any("fd" in w for _, w in rows):
+        ax.plot(rounds, series("fd"), "o-", color="tab:purple", label="FD of G_ema (lower = closer to real)")
+        ax.set_ylabel("FD")
+    else:
+        gap = [float(w["d_real"]) - float(w["d_fake"]) if "d_real" in w and "d_fake" in w else math.nan for _, w in rows]
+        ax.plot(rounds, series("d_real"), ".-", color="tab:green", label="D logit on real")
+        ax.plot(rounds, series("d_fake"), ".-", color="tab:orange", label="D logit on generated")
+        ax.plot(rounds, gap, "o-", color="tab:red", label="gap real - generated")
+        ax.axhline(0.0, color="gray", lw=0.8, ls="--")
+        ax.set_ylabel("D logit (mean over local steps)")
+    ax.set_title("federated GAN per round")
+    ax.legend(fontsize=7, loc="best")
+    ax.grid(alpha=0.3)
+    ax2.plot(rounds, series("loss_d"), ".-", color="tab:blue", label="D loss")
+    ax2.plot(rounds, series("loss_g"), ".-", color="tab:brown", label="G loss")
+    ax2.set_xlabel("round")
+    ax2.set_ylabel("loss")
+    ax2.legend(fontsize=7, loc="best")
+    ax2.grid(alpha=0.3)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
 def _fmt(v: Any, nd: int = 3) -> str:
     return "n/a" if v is None else (f"{v:.{nd}f}" if isinstance(v, float) else str(v))
 

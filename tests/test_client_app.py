@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -89,3 +90,19 @@ def test_wrong_image_shape_fails_with_a_clear_message(tmp_path):
                   message_type=MessageType.TRAIN, dst_node_id=7)
     with pytest.raises(ValueError, match="local images are"):
         _call(msg, _ctx(tmp_path))
+
+
+def test_train_reply_carries_the_watch_points(tmp_path):
+    # D's logits on real and generated images and the R1 penalty, averaged over the local steps
+    from plan_shared.gan import GanTrainer
+
+    cfg = tiny_config()
+    glob = GanTrainer(config_from_dict(cfg), 1, 8)
+    msg = Message(RecordDict({"arrays": ArrayRecord(glob.weights("gd")), "config": _conf(cfg, **{"local-steps": 4})}),
+                  message_type=MessageType.TRAIN, dst_node_id=7)
+    rep = _call(msg, _ctx(tmp_path, n=12))
+    assert not rep.has_error(), rep.error
+    m = rep.content["metrics"]
+    for k in ("d_real", "d_fake", "r1", "loss_d", "loss_g"):
+        assert k in m and math.isfinite(m[k]), k
+    assert m["r1"] > 0  # computed at least once in 4 steps (lazy R1), averaged over those steps

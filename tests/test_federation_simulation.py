@@ -55,6 +55,10 @@ def test_simulation_3_sites_2_rounds_weighted_mean(tmp_path, monkeypatch):
 
     # What each site returned in round 2 is its local state after round 2.
     total = sum(counts.values())
+    watch = last["watch"]  # the per-round watch-points, weighted like FedAvg
+    assert {"d_real", "d_fake", "d_gap", "r1", "loss_d", "loss_g"} <= watch.keys()
+    assert watch["d_real"] == pytest.approx(sum(s["d_real"] * s["num-examples"] for s in last["sites"]) / total, rel=1e-5)
+    assert watch["d_gap"] == pytest.approx(watch["d_real"] - watch["d_fake"])
     mean: dict[str, torch.Tensor] = {}
     for site, n in counts.items():
         st = torch.load(out / "sites" / site / "local_trainer.pt", weights_only=True)
@@ -98,13 +102,14 @@ def test_flwr_run_against_a_local_simulation_superlink(tmp_path):
     env["PATH"] = f"{bin_dir}{os.pathsep}{env.get('PATH', '')}"
     raw = tiny_config()
     raw["data"]["path"] = str(make_npz(tmp_path / "data.npz", n_train=30))
+    raw.setdefault("federation", {})["state_dir"] = str(tmp_path / "state")  # not plan-state/ in the checkout
     (tmp_path / "sim.yaml").write_text(yaml.safe_dump(raw))
     out = tmp_path / "out"
     log = open(tmp_path / "superlink.log", "wb")
     sl = subprocess.Popen([str(bin_dir / "flower-superlink"), "--insecure", "--simulation",
                            "--disable-runtime-dependency-installation", "--host", "127.0.0.1", "--port", str(port),
                            "--database", str(tmp_path / "sim.db")],
-                          stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+                          stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True, cwd=tmp_path)
     try:
         deadline = time.monotonic() + 60
         while not listening(port):

@@ -99,3 +99,55 @@ def test_load_generator_and_grid(images, tmp_path):
     assert not any(p.requires_grad for p in G.parameters())
     p = tr.sample_grid(tmp_path / "s" / "grid.png", n=4)
     assert p.is_file() and p.stat().st_size > 0
+
+
+def _variant(**gan):
+    return GanTrainer(load_config(overrides={**TINY, "seed": 0, **{f"gan.{k}": v for k, v in gan.items()}}), 1, 16)
+
+
+def _assert_same_run(a, b, images, n=6):
+    ma, mb = a.train_steps(images, n), b.train_steps(images, n)
+    assert ma.keys() == mb.keys()
+    for k in ma:
+        assert ma[k] == pytest.approx(mb[k], rel=1e-4, abs=1e-5), k
+    wa, wb = a.weights("gd"), b.weights("gd")
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        assert torch.allclose(wa[k], wb[k], rtol=1e-4, atol=1e-5), k
+    # the same random draws were consumed: the next batches are the same
+    assert torch.equal(a.rng.get_state(), b.rng.get_state())
+    assert torch.equal(a._torch_rng, b._torch_rng)
+
+
+def test_fast_step_computes_what_the_reference_step_computes(images):
+    # 6 steps at r1_every=2: steps with and without R1, with style mixing, all three augmentations
+    _assert_same_run(_variant(fast=True), _variant(fast=False), images)
+
+
+def test_fast_step_resumes_into_the_reference_step(images, tmp_path):
+    tr = _variant(fast=True)
+    tr.train_steps(images, 3)
+    tr.save_checkpoint(tmp_path / "ck.pt")
+    cfg = load_config(overrides={**TINY, "seed": 0, "gan.fast": False})
+    ref = GanTrainer(cfg, 1, 16)
+    ref.load_state_dict(torch.load(tmp_path / "ck.pt", weights_only=False))
+    assert all(g["foreach"] is None for g in ref.opt_d.param_groups)
+    _assert_same_run(tr, ref, images, n=3)
+
+
+def test_discriminator_chunks_keep_minibatch_statistics():
+    from plan_shared.models import build_discriminator
+
+    D = build_discriminator(load_config(overrides=TINY), 16, 1)
+    a, b = torch.randn(8, 1, 16, 16), torch.randn(8, 1, 16, 16)
+    both = D(torch.cat([a, b]), chunks=2)
+    assert torch.allclose(both, torch.cat([D(a), D(b)]), atol=1e-5)
+    assert not torch.allclose(both, D(torch.cat([a, b])), atol=1e-5)  # one group over both would differ
+
+
+def test_compile_switch():
+    tr = _variant(compile="auto")
+    assert not tr.use_compile(10_000)  # CPU: auto never compiles
+    assert _variant(compile="on").use_compile(1) and not _variant(compile="off").use_compile(10_000)
+    with pytest.raises(Exception, match="gan.compile"):
+        load_config(overrides={"gan.compile": "sometimes"})

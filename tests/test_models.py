@@ -82,3 +82,28 @@ def test_classifier_shapes(head, size, channels):
 def test_classifier_depth_is_checked():
     with pytest.raises(ValueError, match="too deep"):
         Classifier(2, size=8, depth=4)
+
+
+def test_fused_layers_compute_the_reference_function():
+    from plan_shared.models.discriminator import Discriminator
+    from plan_shared.models.generator import StyleGenerator
+    from plan_shared.models.layers import set_fused
+
+    torch.manual_seed(0)
+    G = StyleGenerator(z_dim=16, w_dim=16, size=16, base_channels=32, min_channels=8)
+    D = Discriminator(16, 1, 8, 32)
+    with torch.no_grad():  # non-trivial noise strengths and biases
+        for name, p in list(G.named_parameters()) + list(D.named_parameters()):
+            if "noise_strength" in name or "bias" in name:
+                p.add_(torch.randn_like(p) * 0.3)
+    z, x = torch.randn(4, 16), torch.randn(4, 1, 16, 16)
+    ref = (G(z, noise_mode="const"), D(x), G.render(G.sample_w(3, torch.Generator().manual_seed(1))))
+    set_fused(G, True), set_fused(D, True)
+    fused = (G(z, noise_mode="const"), D(x), G.render(G.sample_w(3, torch.Generator().manual_seed(1))))
+    for a, b in zip(ref, fused):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-5)
+    torch.manual_seed(5)
+    r = G(z, noise_mode="random")
+    set_fused(G, False)
+    torch.manual_seed(5)
+    assert torch.allclose(r, G(z, noise_mode="random"), rtol=1e-4, atol=1e-5)  # same noise draws

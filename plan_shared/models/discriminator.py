@@ -22,6 +22,9 @@ class DiscriminatorBlock(nn.Module):
         self.skip = EqualConv2d(in_ch, out_ch, 1, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.conv1.fused:  # the 1/sqrt 2 of the sum moves into both branches' weights
+            g = 1 / math.sqrt(2)
+            return F.avg_pool2d(self.conv1(self.conv0(x), gain=g), 2) + self.skip(F.avg_pool2d(x, 2), gain=g)
         y = self.skip(F.avg_pool2d(x, 2))
         x = F.avg_pool2d(self.conv1(self.conv0(x)), 2)
         return (x + y) / math.sqrt(2)
@@ -32,7 +35,13 @@ class MinibatchStd(nn.Module):
         super().__init__()
         self.group_size = group_size
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, chunks: int = 1) -> torch.Tensor:
+        """``chunks`` > 1: ``x`` is that many batches stacked; each forms its own groups."""
+        if chunks > 1:
+            return torch.cat([self._one(part) for part in x.chunk(chunks)], dim=0)
+        return self._one(x)
+
+    def _one(self, x: torch.Tensor) -> torch.Tensor:
         b, c, h, w = x.shape
         g = min(self.group_size, b)
         while b % g:
@@ -59,10 +68,12 @@ class Discriminator(nn.Module):
         self.fc = EqualLinear(chans[-1] * 16, chans[-1], activate=True)
         self.out = EqualLinear(chans[-1], 1)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, chunks: int = 1) -> torch.Tensor:
+        """Logits ``[B]``. ``chunks`` > 1 scores that many equal batches stacked along dim 0 in one pass
+        (e.g. real and fake); each batch gets the minibatch statistics it would get alone."""
         assert x.ndim == 4 and x.shape[1:] == (self.channels, self.size, self.size), f"bad input {tuple(x.shape)}"
         if self.native != self.size:
             x = F.interpolate(x, size=(self.native, self.native), mode="bilinear", align_corners=False)
         x = self.blocks(self.from_image(x))
-        x = self.conv(self.mbstd(x))
+        x = self.conv(self.mbstd(x, chunks))
         return self.out(self.fc(x.flatten(1))).squeeze(1)

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from plan_shared.models.layers import EqualLinear, modulated_conv2d
+from plan_shared.models.layers import SQRT2, EqualLinear, modulated_conv2d
 
 
 def native_resolution(size: int) -> int:
@@ -60,10 +60,13 @@ class StyledConv(nn.Module):
         self.register_buffer("noise_const", torch.randn(1, 1, resolution, resolution))
         self.upsample = upsample
         self.resolution = resolution
+        self.fused = False
 
     def forward(self, x: torch.Tensor, w: torch.Tensor, noise_mode: str = "random") -> torch.Tensor:
         if self.upsample:
             x = F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False)
+        if self.fused:
+            return self._fused(x, w, noise_mode)
         x = modulated_conv2d(x, self.weight * self.scale, self.affine(w), demodulate=True)
         if noise_mode == "random":
             noise = torch.randn(x.shape[0], 1, self.resolution, self.resolution, device=x.device, dtype=x.dtype)
@@ -71,6 +74,21 @@ class StyledConv(nn.Module):
         elif noise_mode == "const":
             x = x + self.noise_const * self.noise_strength
         return F.leaky_relu(x + self.bias.reshape(1, -1, 1, 1), 0.2) * math.sqrt(2)
+
+    def _fused(self, x: torch.Tensor, w: torch.Tensor, noise_mode: str) -> torch.Tensor:
+        """The same function: demodulation, noise, bias and the sqrt 2 gain in one addcmul + leaky_relu."""
+        b = x.shape[0]
+        weight = self.weight * self.scale
+        styles = self.affine(w)
+        out = F.conv2d(x * styles.reshape(b, -1, 1, 1), weight, padding=1)
+        dcoef = torch.rsqrt(styles.square() @ weight.square().sum(dim=[2, 3]).t() + 1e-8) * SQRT2  # [B, O]
+        shift = (self.bias * SQRT2).reshape(1, -1, 1, 1)
+        if noise_mode == "random":
+            noise = torch.randn(b, 1, self.resolution, self.resolution, device=x.device, dtype=x.dtype)
+            shift = shift + noise * (self.noise_strength * SQRT2)
+        elif noise_mode == "const":
+            shift = shift + self.noise_const * (self.noise_strength * SQRT2)
+        return F.leaky_relu(torch.addcmul(shift, out, dcoef.reshape(b, -1, 1, 1)), 0.2)
 
 
 class ToImage(nn.Module):

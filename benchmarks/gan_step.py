@@ -1,0 +1,104 @@
+"""GAN step speed: the reference step (``gan.fast=false``, the step as it was) against the
+optimised one (``gan.fast=true``, optionally compiled), in ONE run, same batch, threads and
+images, interleaved A B A B ... so that a change of machine load hits both alike.
+
+    python benchmarks/gan_step.py                        # 32 px, 2 threads, CPU (< 3 min)
+    python benchmarks/gan_step.py --device auto --size 32 64 128 --compile on
+
+Each repetition times ``--steps`` steps of each trainer (after ``--warmup`` untimed steps,
+which also pay any compile cost); the figure printed is the median over ``--reps``. Both
+trainers start from the same seed and run the same number of steps, so the lazy-R1 steps
+fall alike. ``uptime`` load is printed before and after: on a shared machine the absolute
+numbers move, the ratio much less; the ratio of steps per CPU-second of this process is
+printed too (less sensitive to other processes, but it counts threads spinning while waiting).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from plan_shared.config import load_config  # noqa: E402
+from plan_shared.gan import GanTrainer  # noqa: E402
+from plan_shared.runtime import resolve_device  # noqa: E402
+
+
+def _load() -> str:
+    try:
+        return " ".join(f"{x:.2f}" for x in os.getloadavg())
+    except OSError:
+        return "?"
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def bench_size(size: int, args: argparse.Namespace, device: torch.device) -> dict[str, float]:
+    base = {"data.size": size, "seed": 0}
+    if args.batch:
+        base["gan.batch_size"] = args.batch
+    trainers = {
+        "reference": GanTrainer(load_config(overrides={**base, "gan.fast": False, "gan.compile": "off"}), 1, size, device),
+        "optimised": GanTrainer(load_config(overrides={**base, "gan.fast": True, "gan.compile": args.compile}), 1, size, device),
+    }
+    gen = torch.Generator().manual_seed(0)
+    images = (torch.rand(512, 1, size, size, generator=gen) * 2 - 1).to(device)
+    times: dict[str, list[float]] = {k: [] for k in trainers}
+    cpu: dict[str, list[float]] = {k: [] for k in trainers}
+    for name, tr in trainers.items():
+        t = time.perf_counter()
+        tr.train_steps(images, args.warmup)
+        _sync(device)
+        print(f"  {size}px {name}: warm-up {args.warmup} steps {time.perf_counter() - t:.1f}s", flush=True)
+    for _ in range(args.reps):
+        for name, tr in trainers.items():
+            _sync(device)
+            t, c = time.perf_counter(), time.process_time()
+            tr.train_steps(images, args.steps)
+            _sync(device)
+            times[name].append(args.steps / (time.perf_counter() - t))
+            cpu[name].append(args.steps / max(time.process_time() - c, 1e-9))
+        print(f"  {size}px rep {len(times['reference'])}: "
+              + ", ".join(f"{k} {v[-1]:.2f} steps/s" for k, v in times.items()), flush=True)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    med_cpu = {k: statistics.median(v) for k, v in cpu.items()}
+    return {**med, "ratio": med["optimised"] / med["reference"],
+            "cpu_ratio": med_cpu["optimised"] / med_cpu["reference"]}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--size", type=int, nargs="+", default=[32], help="Image sizes (px); e.g. 32 64 128 on a GPU.")
+    ap.add_argument("--device", default="cpu", help="cpu, cuda, or auto (CUDA when available).")
+    ap.add_argument("--threads", type=int, default=2, help="torch CPU threads.")
+    ap.add_argument("--batch", type=int, default=None, help="Batch size (default: gan.batch_size).")
+    ap.add_argument("--steps", type=int, default=8, help="Timed steps per trainer and repetition (a multiple of r1_every).")
+    ap.add_argument("--reps", type=int, default=5, help="Interleaved repetitions; the median is reported.")
+    ap.add_argument("--warmup", type=int, default=4, help="Untimed steps per trainer first (pays compile, if on).")
+    ap.add_argument("--compile", choices=["auto", "on", "off"], default="off", help="gan.compile of the optimised trainer.")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    device = resolve_device(args.device)
+    print(f"torch {torch.__version__}, device {device}, threads {torch.get_num_threads()}, "
+          f"batch {args.batch or load_config().gan.batch_size}, compile {args.compile}")
+    print(f"load before: {_load()}", flush=True)
+    t0 = time.perf_counter()
+    rows = {s: bench_size(s, args, device) for s in args.size}
+    print(f"load after: {_load()}  (total {time.perf_counter() - t0:.0f}s)")
+    print(f"{'size':>5} {'reference steps/s':>18} {'optimised steps/s':>18} {'ratio':>6} {'ratio per CPU-s':>16}")
+    for s, r in rows.items():
+        print(f"{s:>5} {r['reference']:>18.3f} {r['optimised']:>18.3f} {r['ratio']:>6.2f} {r['cpu_ratio']:>16.2f}")
+
+
+if __name__ == "__main__":
+    main()
