@@ -125,6 +125,9 @@ for i, name in enumerate(sites):
     np.savez(work / f"{name}.npz", **arr)
     s = yaml.safe_load((here / "site.yaml").read_text())
     s["site_id"] = name; s["device"] = "cpu"; s["threads"] = 1
+    # smoke.yaml's tiny budgets (k 2, 4 planted duplicates) are below the example's minimums:
+    # a real site would refuse them, which is what site_minimums is for.
+    s.pop("site_minimums", None)
     s["data"].update(source="medmnist", path=str(work / f"{name}.npz"))
     s["federation"].update(superlink_address=f"localhost:{proxy}", certs_dir=str(work / "sites" / name),
                            state_dir=str(work / "state" / name), supernode_port=int(sn) + i)
