@@ -120,9 +120,13 @@ def demo(
         typer.echo(f"error: {err}", err=True)
         raise typer.Exit(1) from None
     u, p = report["utility"], report["privacy"]
+
+    def f3(v: object) -> str:
+        return f"{v:.3f}" if isinstance(v, (int, float)) else "n/a"
+
     typer.echo(f"demo finished in {report['timing'].get('demo_total_s', 0):.0f}s: {report['pool']['n_images']} pooled images; "
-               f"accuracy {u.get('accuracy')} (site alone {u.get('real_accuracy')}); distance-MIA AUC {p.get('mia_auc')} "
-               f"[{p.get('mia_auc_lo')}, {p.get('mia_auc_hi')}]")
+               f"accuracy {f3(u.get('accuracy'))} (site alone {f3(u.get('real_accuracy'))}); distance-MIA AUC "
+               f"{f3(p.get('mia_auc'))} [{f3(p.get('mia_auc_lo'))}, {f3(p.get('mia_auc_hi'))}]")
     typer.echo(f"report: {Path(out) / 'report.md'}")
 
 

@@ -14,11 +14,6 @@ from tests.pool_support import Pki, PoolServer, make_site_dir, run_cli
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory):
-    return Pki(tmp_path_factory.mktemp("pki"))
-
-
 def test_ls_and_incremental_pull(pki, tmp_path):
     a1, b1, a2 = tmp_path / "a1", tmp_path / "b1", tmp_path / "a2"
     make_site_dir(a1, "site-a", 12, seed=1)

@@ -18,11 +18,6 @@ from tests.pool_support import ROOT, CuttingProxy, Pki, PoolServer, free_port, m
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory):
-    return Pki(tmp_path_factory.mktemp("pki"))
-
-
 @pytest.fixture
 def server(pki, tmp_path):
     with PoolServer(tmp_path / "store", pki.certs, tmp_path) as srv:

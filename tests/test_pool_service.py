@@ -27,11 +27,6 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def pki(tmp_path_factory):
-    return Pki(tmp_path_factory.mktemp("pki"))
-
-
-@pytest.fixture(scope="module")
 def server(pki, tmp_path_factory):
     work = tmp_path_factory.mktemp("server")
     with PoolServer(work / "store", pki.certs, work, extra=("--max-image-kb", "32")) as srv:

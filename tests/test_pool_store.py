@@ -107,11 +107,6 @@ def test_check_finds_problems(tmp_path):
 # ---------------------------------------------------------------- SIGKILL mid-ingest
 
 
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory):
-    return Pki(tmp_path_factory.mktemp("pki"))
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("point", ["received", "before_commit", "in_transaction", "after_commit"])
 def test_sigkill_mid_ingest_then_restart(point, pki, tmp_path):

@@ -27,11 +27,6 @@ from tests.test_federation_util import tiny_config
 
 
 @pytest.fixture(scope="module")
-def pki(tmp_path_factory):
-    return Pki(tmp_path_factory.mktemp("pki"))
-
-
-@pytest.fixture(scope="module")
 def server(pki, tmp_path_factory):
     work = tmp_path_factory.mktemp("server")
     with PoolServer(work / "store", pki.certs, work) as srv:

@@ -89,11 +89,6 @@ def test_structure_errors():
 # ---------------------------------------------------------------- against the pool
 
 @pytest.fixture(scope="module")
-def pki(tmp_path_factory):
-    return Pki(tmp_path_factory.mktemp("pki"))
-
-
-@pytest.fixture(scope="module")
 def server(pki, tmp_path_factory):
     work = tmp_path_factory.mktemp("server")
     policy = write_policy(work / "policy.json")

@@ -30,11 +30,6 @@ from tests.pool_support import THRESHOLDS, Pki, PoolServer, make_site_dir, png_b
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory):
-    return Pki(tmp_path_factory.mktemp("pki"))
-
-
 def _entry(i: int, data: bytes, cls: str = "normal", sha: Optional[str] = None, size: Optional[int] = None,
            label: int = 0) -> pool_pb2.CatalogEntry:
     real = hashlib.sha256(data).hexdigest()

@@ -23,11 +23,6 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def pki(tmp_path_factory):
-    return Pki(tmp_path_factory.mktemp("pki"))
-
-
-@pytest.fixture(scope="module")
 def server(pki, tmp_path_factory):
     work = tmp_path_factory.mktemp("server")
     with PoolServer(work / "store", pki.certs, work) as srv:
