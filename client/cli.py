@@ -15,7 +15,7 @@ from client.export import export_command
 
 app = typer.Typer(
     help="PLAN site (hospital) tools.\n\n"
-    "Example: plan-client export out/site-a --pool pool.example.org:50061 --credentials creds/sites/hospital-a",
+    "Example: plan-client export out/site-a --pool pool.example.org:9444 --credentials keys",
     no_args_is_help=True,
     add_completion=False,
 )

@@ -18,7 +18,7 @@ retried: the pool's reason is printed and the command exits 1.
 
 Library use::
 
-    result = export(Path("out/site-a"), "pool.example.org:50061", Path("creds/sites/site-a"))
+    result = export(Path("out/site-a"), "pool.example.org:9444", Path("keys"))
 """
 
 from __future__ import annotations
@@ -221,7 +221,7 @@ def export(outdir: Path, pool: str, credentials: Path, retries: int = 5, backoff
 def export_command(
     outdir: Path = typer.Argument(..., help="Site output dir: images/<class>/<id>.png, manifest.json, report.json."),
     pool: str = typer.Option(..., "--pool", help="HOST:PORT of the pool service."),
-    credentials: Path = typer.Option(..., "--credentials", help="This site's folder (CERTS/sites/NAME)."),
+    credentials: Path = typer.Option(..., "--credentials", help="This site's own keys folder (`plan-client keys init` + `keys install`)."),
     retries: int = typer.Option(5, "--retries", min=0, help="Retries of a failed transfer (exponential backoff)."),
     backoff: float = typer.Option(1.0, "--backoff", min=0.0, help="First retry delay in seconds (doubles, max 30)."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
@@ -229,7 +229,7 @@ def export_command(
 ) -> None:
     """Sign OUTDIR as a bundle and push it to the pool (retries; a duplicate is acknowledged).
 
-    Example: plan-client export out/site-a --pool pool.example.org:50061 --credentials creds/sites/hospital-a
+    Example: plan-client export out/site-a --pool pool.example.org:9444 --credentials keys
     """
     def log(msg: str) -> None:
         typer.echo(msg, err=True)

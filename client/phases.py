@@ -34,7 +34,7 @@ SUMMARY_KEYS = ("n_candidates", "n_accepted")
 
 
 def site_credentials(site: Site) -> Optional[Path]:
-    """The site's pool credentials: its pool.credentials, else CERTS/sites/<site-id> in simulation.
+    """The site's pool credentials: its pool.credentials, else federation.certs_dir/sites/<site-id> in simulation.
 
     In deployment ``site.cfg.pool`` comes from the site's own node config (client/site.py).
     """
@@ -135,7 +135,7 @@ def synthesize_at_site(
         if creds is None:
             raise RuntimeError(
                 f"{site.site_id}: pool.address is {pool.address} but no credentials: set pool.credentials "
-                f"to this site's folder CERTS/sites/{site.site_id}"
+                "to this site's own keys folder (plan-client keys init + keys install)"
             )
         from client.export import export
 

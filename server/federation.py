@@ -339,15 +339,10 @@ def load_run_config(run_config: dict[str, Any]) -> tuple[PlanConfig, Path, int]:
     (YAML path, or JSON text starting with ``{``; empty = defaults), ``out-dir``
     (empty = ``federation.state_dir``), ``num-server-rounds`` (> 0 overrides
     ``federation.rounds``), ``expected-nodes`` (wait for this many sites at the start).
-    ``PLAN_FED_RUN_CONFIG`` (JSON) fills in for the in-process simulation, which passes
-    an empty run_config.
     """
     from plan_shared.config import load_config
 
     rc: dict[str, Any] = {"plan-config": "", "out-dir": "", "num-server-rounds": 0, "expected-nodes": 0}
-    env = os.environ.get("PLAN_FED_RUN_CONFIG")
-    if env:
-        rc.update(json.loads(env))
     rc.update({k: v for k, v in (run_config or {}).items() if v not in (None, "")})
     src = str(rc["plan-config"]).strip()
     if src.startswith("{"):

@@ -130,7 +130,6 @@ class SimulationLink:
     def env(self) -> dict[str, str]:
         env = dict(os.environ, FLWR_HOME=str(self.home), FLWR_TELEMETRY_ENABLED="0", FLWR_DISABLE_UPDATE_CHECK="1")
         env["PATH"] = f"{Path(self.bin['flwr']).parent}{os.pathsep}{env.get('PATH', '')}"
-        env.pop("PLAN_FED_RUN_CONFIG", None)
         return env
 
     def start(self, timeout: float = 120.0) -> None:

@@ -40,13 +40,13 @@ def test_wait_for_nodes_returns_as_soon_as_all_expected_are_there():
     assert wait_for_nodes(FakeGrid([[1], [1, 2], [1, 2, 3]]), want=3, need=2, deadline_s=30, poll_s=0.01) == [1, 2, 3]
 
 
-def test_run_config_from_env_and_context(tmp_path, monkeypatch):
+def test_run_config_from_context(tmp_path):
     raw = tiny_config(rounds=7)
-    monkeypatch.setenv("PLAN_FED_RUN_CONFIG", json.dumps({"plan-config": json.dumps(raw), "out-dir": str(tmp_path)}))
-    cfg, out, expected = load_run_config({})
+    base = {"plan-config": json.dumps(raw), "out-dir": str(tmp_path)}
+    cfg, out, expected = load_run_config(base)
     assert cfg.federation.rounds == 7 and out == tmp_path and expected == 0
-    # the run_config of `flwr run --run-config` wins; num-server-rounds > 0 overrides the config
-    cfg, _, expected = load_run_config({"num-server-rounds": 3, "expected-nodes": 5})
+    # num-server-rounds > 0 (`flwr run --run-config`) overrides the config
+    cfg, _, expected = load_run_config({**base, "num-server-rounds": 3, "expected-nodes": 5})
     assert cfg.federation.rounds == 3 and expected == 5
 
 

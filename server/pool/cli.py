@@ -188,14 +188,14 @@ def restore_cmd(
 @app.command("ls")
 def ls_cmd(
     pool: str = typer.Option(..., "--pool", help="HOST:PORT of the pool service."),
-    credentials: Path = typer.Option(..., "--credentials", help="A reader's folder (CERTS/readers/NAME)."),
+    credentials: Path = typer.Option(..., "--credentials", help="A reader's own keys folder (`plan-client keys init --role reader` + `keys install`)."),
     site: Optional[str] = typer.Option(None, "--site", help="Only this site."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
     server_name: Optional[str] = typer.Option(None, "--server-name", help="Expected name in the server certificate."),
 ) -> None:
     """List the stored bundles per site, with image counts.
 
-    Example: plan-server pool ls --pool pool.example.org:50061 --credentials certs/readers/alice
+    Example: plan-server pool ls --pool pool.example.org:9444 --credentials alice
     """
     import json
 
@@ -228,7 +228,7 @@ def ls_cmd(
 @app.command("pull")
 def pull_cmd(
     pool: str = typer.Option(..., "--pool", help="HOST:PORT of the pool service."),
-    credentials: Path = typer.Option(..., "--credentials", help="A reader's folder (CERTS/readers/NAME)."),
+    credentials: Path = typer.Option(..., "--credentials", help="A reader's own keys folder (`plan-client keys init --role reader` + `keys install`)."),
     out: Path = typer.Option(..., "--out", help="Output folder: <class>/<sha256>.png, manifest.json, DATASHEET.md."),
     fmt: str = typer.Option("imagefolder", "--format",
                             help="imagefolder: the folder only; npz: also OUT/pool.npz in the MedMNIST format "
@@ -245,7 +245,7 @@ def pull_cmd(
     message names what is missing. The folder reads back as a data set: --data OUT (or
     --data OUT/pool.npz with --format npz), or plan_shared.pool_dataset.PooledDataset(OUT).
 
-    Example: plan-server pool pull --pool pool.example.org:50061 --credentials certs/readers/alice --out pooled --format npz
+    Example: plan-server pool pull --pool pool.example.org:9444 --credentials alice --out pooled --format npz
     """
     from plan_shared.credentials import CredentialsError
     from server.pool.client import PoolClientError, pull
@@ -264,7 +264,7 @@ def pull_cmd(
 @app.command("web")
 def web_cmd(
     pool: str = typer.Option(..., "--pool", help="HOST:PORT of the pool service."),
-    credentials: Path = typer.Option(..., "--credentials", help="A reader's folder (CERTS/readers/NAME)."),
+    credentials: Path = typer.Option(..., "--credentials", help="A reader's own keys folder (`plan-client keys init --role reader` + `keys install`)."),
     listen: str = typer.Option("127.0.0.1:8061", "--listen", help="HOST:PORT to serve on (loopback unless --public)."),
     public: bool = typer.Option(False, "--public", help="Allow a non-loopback --listen. The page has NO "
                                 "authentication: anyone who reaches it sees and downloads the whole pool."),
@@ -276,7 +276,7 @@ def web_cmd(
     """Serve a read-only web page of the pool: bundles per site with provenance, class grids,
     privacy records, histograms and zip downloads.
 
-    Example: plan-server pool web --pool pool.example.org:50061 --credentials certs/readers/alice --listen 127.0.0.1:8061
+    Example: plan-server pool web --pool pool.example.org:9444 --credentials alice --listen 127.0.0.1:8061
     """
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     from plan_shared.credentials import CredentialsError

@@ -57,7 +57,7 @@ def entry_dict(e: Any) -> tuple[Optional[dict[str, Any]], Optional[str]]:
 
 
 class PoolReader:
-    """Reader-role access to one pool service (credentials: ``CERTS/readers/NAME``)."""
+    """Reader-role access to one pool service (credentials: the reader's own keys folder)."""
 
     def __init__(self, pool: str, credentials: Path, server_name: Optional[str] = None, retries: int = 2,
                  backoff: float = 0.5):

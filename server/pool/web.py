@@ -1,6 +1,6 @@
 """``plan-server pool web``: a read-only browser of the pool for coordinators and data-protection officers.
 
-The app is a reader of the pool service (mutual TLS, a ``CERTS/readers/NAME`` folder)
+The app is a reader of the pool service (mutual TLS, the reader's own keys folder)
 and serves, on loopback by default:
 
 ``/``                         bundles per site with provenance, counts, histograms, downloads
