@@ -1,9 +1,12 @@
 """Rounds of federated GAN training driven through a Flower ``Grid``.
 
-One round: wait (with a deadline) until enough sites are connected, send the global
-weights and the run configuration to each, collect replies until all answered or the
-round timeout, average what came back with Flower's FedAvg (weighted by each site's
-``num-examples``), then write a global checkpoint, a sample grid and a metrics line.
+One round: wait (with a deadline) until enough sites are connected, send a ``TrainTask``
+(plan_shared/protocol.py: global weights, round, the run configuration's digest, the
+configuration itself only to a node that lacks it) to each through server/messaging.py,
+collect replies until all answered or the round is cut (timeout, straggler grace),
+average what came back with Flower's FedAvg (weighted by each site's ``num-examples``),
+then write a global checkpoint, a sample grid and a metrics line. :meth:`Federation.run`
+returns a :class:`FederationResult` that the post-training phases take as they are.
 
 Sites that did not answer (killed, disconnected, late, crashed) are logged by name and
 recorded in ``metrics.jsonl``; the round proceeds as long as ``federation.min_nodes``

@@ -129,24 +129,9 @@ class Messenger:
                     continue
                 pending.discard(mid)
                 nid = dst.get(mid, r.metadata.src_node_id)
-                if r.has_error():
-                    why = str(r.error.reason)
-                    if UNKNOWN_CONFIG_MARK in why and nid not in resent:
-                        LOG.info("node %d holds no run configuration (restarted?): sending it again", nid)
-                        self._holds.pop(nid, None)
-                        resent.add(nid)
-                        again.append(nid)
-                        continue
-                    out.errors[nid] = why
-                    continue
-                try:
-                    out.replies[nid] = decode(r.content)
-                except ProtocolError as err:
-                    out.errors[nid] = f"the site's reply does not decode: {err}"
-                    continue
-                out.messages[nid] = r
-                out.errors.pop(nid, None)
-                self._holds[nid] = self._digest
+                if self._file(out, nid, r, decode, retry=nid not in resent):
+                    resent.add(nid)
+                    again.append(nid)
             if again:
                 before = set(dst)
                 push(again)
@@ -165,3 +150,23 @@ class Messenger:
             time.sleep(min(self.poll_s, max(end - now, 0.0)))
         out.elapsed_s = time.monotonic() - t0
         return out
+
+    def _file(self, out: Exchange[R], nid: int, r: Message, decode: Callable[[RecordDict], R], retry: bool) -> bool:
+        """File reply ``r`` under node ``nid``; True when the task must go again with the full configuration."""
+        if r.has_error():
+            why = str(r.error.reason)
+            if UNKNOWN_CONFIG_MARK in why and retry:
+                LOG.info("node %d holds no run configuration (restarted?): sending it again", nid)
+                self._holds.pop(nid, None)
+                return True
+            out.errors[nid] = why
+            return False
+        try:
+            out.replies[nid] = decode(r.content)
+        except ProtocolError as err:
+            out.errors[nid] = f"the site's reply does not decode: {err}"
+            return False
+        out.messages[nid] = r
+        out.errors.pop(nid, None)
+        self._holds[nid] = self._digest
+        return False

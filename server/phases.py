@@ -3,15 +3,17 @@
 Before a: when ``pool.policy_file`` is set, the final G_ema's weights digest (and the
    image shape and classes the sites describe) is written into the pool's policy file
    (:func:`publish_final_generator`); the pool refuses bundles of any other generator.
-a. ``synthesize``: a ``query.synthesize`` message with the final G_ema weights to every
+a. ``synthesize``: a ``SynthesisTask`` with the final G_ema weights to every
    site; each runs the PLAN pipeline, exports its bundle to the pool and answers with
    numbers. A site that fails is recorded with its reason; the others go on.
 b. ``downstream``: pull the pool (reader credentials) into ``OUT/pool`` and train phi_down.
-c+d. ``evaluate``: a ``query.evaluate`` message with phi_down's weights; each site
+c+d. ``evaluate``: an ``EvaluationTask`` with phi_down's weights; each site
    scores it on its real test split next to a real-data reference, and audits its
    exported images and phi_down for membership leakage.
 
-Only weights, counts and metrics cross Flower; images cross only through the pool.
+Only weights, counts and metrics cross Flower; images cross only through the pool. The
+messages are plan_shared/protocol.py's records, sent through server/messaging.py (a
+dead site's error is filed under that site, not under the SuperLink that sent it).
 """
 
 from __future__ import annotations
