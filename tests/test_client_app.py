@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
+
 import pytest
 import torch
 
@@ -120,3 +122,22 @@ def test_train_reply_carries_the_watch_points(tmp_path):
     for k in ("d_real", "d_fake", "r1", "loss_d", "loss_g"):
         assert math.isfinite(getattr(m, k)), k
     assert m.r1 > 0  # computed at least once in 4 steps (lazy R1), averaged over those steps
+
+
+def test_evaluate_returns_scores_confusion_arrays_and_the_audit(tmp_path):
+    # phases c+d at the site: phi_down's weights in, a SiteEvaluation out (no synthesis ran: nothing exported)
+    from plan_shared.classifiers import build_classifier
+    from plan_shared.protocol import EvaluationTask, SiteEvaluation
+
+    cfg = tiny_config()
+    cfg["downstream"] = {"epochs": 1, "width": 4, "depth": 1, "feature_dim": 8}
+    phi = build_classifier(2, 1, 8, config_from_dict(cfg).downstream)
+    task = EvaluationTask(ArrayRecord(phi.state_dict()), 2, 1, 8, _ref(cfg))
+    rep = _call(Message(task.to_record(), message_type=task.MESSAGE_TYPE, dst_node_id=7), _ctx(tmp_path, n=12))
+    assert not rep.has_error(), rep.error
+    ev = SiteEvaluation.from_record(rep.content)
+    assert ev.site_id == "hospital-a" and ev.num_classes == 2
+    for sc in (ev.synthetic, ev.real):
+        assert sc.confusion.shape == (2, 2) and int(sc.confusion.sum()) == sc.n == 4  # the site's test split
+        assert sc.accuracy == pytest.approx(np.trace(sc.confusion) / sc.n)
+    assert ev.privacy["n_members"] == 12 and ev.privacy["n_synthetic"] == 0
