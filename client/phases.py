@@ -25,13 +25,11 @@ import numpy as np
 import torch
 
 from plan_shared.config import PlanConfig
+from plan_shared.protocol import ClassifierScore, SiteEvaluation, SynthesisSummary
 
 from client.site import Site
 
 LOG = logging.getLogger("plan.phases")
-
-SUMMARY_KEYS = ("n_candidates", "n_accepted")
-
 
 def site_credentials(site: Site) -> Optional[Path]:
     """The site's pool credentials: its pool.credentials, else federation.certs_dir/sites/<site-id> in simulation.
@@ -83,7 +81,7 @@ def synthesize_at_site(
     size: int,
     generator_round: Optional[int],
     method: Optional[str] = None,
-) -> dict[str, Any]:
+) -> SynthesisSummary:
     """Run the site pipeline with the global generator and push the bundle; numbers only out."""
     from plan_shared.gan import GanTrainer
 
@@ -105,29 +103,10 @@ def synthesize_at_site(
     ds = site.dataset()
     report = run_site_pipeline(site.cfg, ds, ckpt, out, method=method, generator_round=generator_round,
                                progress=False)
-    summary: dict[str, Any] = {
-        "n_candidates": int(report["n_candidates"]),
-        "n_accepted": int(report["n_accepted"]),
-        "planted_total": int(report["filter"]["planted_total"]),
-        "planted_rejected": int(report["filter"]["planted_rejected"]),
-        "tau_id": float(report["filter"]["tau_id"]),
-        "delta": float(report["filter"]["delta"]),
-        "num_classes": int(ds.num_classes),
-    }
-    for m, sec in (report.get("compare") or {}).items():
-        for k, v in sec.items():
-            if isinstance(v, (int, float)) and v is not None:
-                summary[f"compare.{m}.{k}"] = float(v)
-    for m, st in report.get("methods", {}).items():
-        for k in ("n", "mean_dcr", "p05_dcr", "mean_max_id_prob", "accept_rate"):
-            if st.get(k) is not None:
-                summary[f"{m}.{k}"] = float(st[k])
-    for name, sec in (report.get("utility") or {}).items():
-        if isinstance(sec, dict) and sec.get("accuracy") is not None:
-            summary[f"utility.{name}.accuracy"] = float(sec["accuracy"])
+    n_accepted = int(report["n_accepted"])
     pool = site.cfg.pool  # the site's own pool settings (deployment: from its node config)
     exported = {"bundle_id": "", "status": "not exported (pool.address unset)"}
-    if summary["n_accepted"] == 0:
+    if n_accepted == 0:
         exported["status"] = "nothing to export: no candidate passed the privacy filter"
         LOG.warning("%s: no candidate passed the privacy filter; nothing exported", site.site_id)
     elif pool.address:
@@ -142,12 +121,33 @@ def synthesize_at_site(
         res = export(out, pool.address, creds, retries=pool.retries, progress=False,
                      server_name=pool.server_name, log=lambda m: LOG.info("%s: %s", site.site_id, m))
         exported = {"bundle_id": res.bundle_id, "status": "duplicate" if res.duplicate else "stored"}
-    summary["synthesis_s"] = round(time.perf_counter() - t0, 2)
-    for k, v in (report.get("timing") or {}).items():
-        summary[f"timing.{k}"] = float(v)
-    LOG.info("%s: %d/%d candidates accepted, bundle %s (%s)", site.site_id, summary["n_accepted"],
-             summary["n_candidates"], exported["bundle_id"][:12], exported["status"])
-    return {"metrics": summary, "export": exported, "report": report}
+    summary = summary_from_report(site.site_id, report, int(ds.num_classes), exported["bundle_id"],
+                                  exported["status"], round(time.perf_counter() - t0, 2))
+    LOG.info("%s: %d/%d candidates accepted, bundle %s (%s)", site.site_id, summary.n_accepted,
+             summary.n_candidates, summary.bundle_id[:12], summary.export_status)
+    return summary
+
+
+METHOD_STATS = ("n", "mean_dcr", "p05_dcr", "mean_max_id_prob", "accept_rate")
+
+
+def summary_from_report(site_id: str, report: dict[str, Any], num_classes: int, bundle_id: str, export_status: str,
+                        synthesis_s: float) -> SynthesisSummary:
+    """The numbers of the site pipeline's report that go back to the coordinator (figures it lacks are left out)."""
+    filt = report["filter"]
+    return SynthesisSummary(
+        site_id=site_id, bundle_id=bundle_id, export_status=export_status,
+        n_candidates=int(report["n_candidates"]), n_accepted=int(report["n_accepted"]),
+        planted_total=int(filt["planted_total"]), planted_rejected=int(filt["planted_rejected"]),
+        tau_id=float(filt["tau_id"]), delta=float(filt["delta"]), num_classes=num_classes, synthesis_s=synthesis_s,
+        compare={m: {k: float(v) for k, v in sec.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+                 for m, sec in (report.get("compare") or {}).items()},
+        methods={m: {k: float(st[k]) for k in METHOD_STATS if st.get(k) is not None}
+                 for m, st in (report.get("methods") or {}).items()},
+        utility={name: float(sec["accuracy"]) for name, sec in (report.get("utility") or {}).items()
+                 if isinstance(sec, dict) and sec.get("accuracy") is not None},
+        timing={k: float(v) for k, v in (report.get("timing") or {}).items()},
+    )
 
 
 def exported_images(site: Site) -> np.ndarray:
@@ -165,7 +165,7 @@ def exported_images(site: Site) -> np.ndarray:
 
 def evaluate_at_site(
     site: Site, cfg: PlanConfig, down_state: dict[str, torch.Tensor], arch: dict[str, int]
-) -> dict[str, Any]:
+) -> SiteEvaluation:
     """phi_down and the real reference on the real test split, plus the privacy audit."""
     from client.evaluate import evaluate_downstream, load_downstream, privacy_audit
 
@@ -182,20 +182,18 @@ def evaluate_at_site(
     if syn.ndim != 4:
         syn = np.zeros((0, ds.channels, ds.size, ds.size), dtype=np.uint8)
     audit = privacy_audit(ds, syn, phi_down)
-    metrics: dict[str, Any] = {}
-    for which, rep in util.items():
-        for k, v in rep.items():
-            if k == "confusion":
-                metrics[f"{which}.confusion"] = [int(x) for row in v for x in row]
-            elif v is not None:
-                metrics[f"{which}.{k}"] = float(v)
-    metrics.update({f"privacy.{k}": float(v) for k, v in audit.items()})
-    metrics["num_classes"] = int(ds.num_classes)
-    metrics["evaluate_s"] = round(time.perf_counter() - t0, 2)
+    result = SiteEvaluation(
+        site_id=site.site_id, num_classes=int(ds.num_classes), evaluate_s=round(time.perf_counter() - t0, 2),
+        synthetic=ClassifierScore.from_dict(util["synthetic"], ds.num_classes),
+        real=ClassifierScore.from_dict(util["real"], ds.num_classes),
+        privacy={k: float(v) for k, v in audit.items()},
+    )
+    nan = float("nan")
     LOG.info("%s: phi_down acc %.3f (real reference %.3f), distance-MIA AUC %.3f", site.site_id,
-             metrics.get("synthetic.accuracy", float("nan")), metrics.get("real.accuracy", float("nan")),
-             metrics.get("privacy.mia_auc", float("nan")))
-    return metrics
+             result.synthetic.accuracy if result.synthetic.accuracy is not None else nan,
+             result.real.accuracy if result.real.accuracy is not None else nan,
+             result.privacy.get("mia_auc", nan))
+    return result
 
 
 def write_json(path: Path, obj: Any) -> None:

@@ -378,6 +378,9 @@ class FederationConfig(_Section):
     straggler_min_wait_s: float = Field(
         30.0, ge=0.0, description="Shortest wait for the remaining sites once min_nodes have replied (see straggler_grace)."
     )
+    reply_poll_s: float = Field(
+        0.2, gt=0.0, description="Coordinator: seconds between two polls for the sites' replies (server/messaging.py)."
+    )
     state_dir: str = Field(
         "plan-state", description="Coordinator: checkpoints, Flower state.db. Site: local D, Flower home, logs."
     )

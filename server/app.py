@@ -15,7 +15,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from plan_shared.runtime import setup_logging
 
-from server.federation import Federation, load_run_config
+from server.federation import Federation, FederationResult, load_run_config
 
 LOG = logging.getLogger("plan.server")
 
@@ -31,29 +31,26 @@ def main(grid: Grid, context: Context) -> None:
              cfg.federation.local_steps, cfg.federation.share, cfg.federation.min_nodes, out)
     out.mkdir(parents=True, exist_ok=True)
     try:
-        fed = Federation(grid, cfg, out, expected_nodes=expected)
-        summary = fed.run()
+        result = Federation(grid, cfg, out, expected_nodes=expected).run()
     except Exception as err:
         # The coordinator (another process) reads this to say why the run failed.
         (out / "error.json").write_text(json.dumps({"error": f"{type(err).__name__}: {err}"}))
         LOG.error("federation failed: %s", err)
         raise
-    (out / "federation.json").write_text(json.dumps(summary, indent=1))
-    LOG.info("federation finished: %d/%d rounds", summary["rounds_done"], summary["rounds"])
+    (out / "federation.json").write_text(json.dumps(result.summary, indent=1))
+    LOG.info("federation finished: %d/%d rounds", result.rounds_done, result.summary["rounds"])
     if cfg.federation.post_training:
-        _post_training(grid, cfg, out, fed, summary)
+        _post_training(result)
 
 
-def _post_training(grid: Grid, cfg, out, fed: Federation, summary: dict) -> None:
+def _post_training(result: FederationResult) -> None:
     """Phases after the rounds: synthesis + export, downstream on the pool, evaluation, report."""
     from server.phases import run_post_training
 
-    g_ema = {k: v for k, v in fed.trainer.weights("g").items() if k.startswith("g_ema.")}
-    timing = {"federation_s": round(sum(h["wall_s"] for h in summary.get("history", [])), 2)}
     try:
-        run_post_training(grid, cfg, out, fed.node_ids, fed.site_names, g_ema, fed.channels, fed.size,
-                          summary["rounds_done"], timing, summary)
+        run_post_training(result)
     except Exception as err:
-        (out / "error.json").write_text(json.dumps({"error": f"{type(err).__name__}: {err}", "phase": "post-training"}))
+        (result.out / "error.json").write_text(json.dumps({"error": f"{type(err).__name__}: {err}",
+                                                           "phase": "post-training"}))
         LOG.error("post-training phases failed: %s", err)
         raise

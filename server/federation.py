@@ -1,9 +1,12 @@
 """Rounds of federated GAN training driven through a Flower ``Grid``.
 
-One round: wait (with a deadline) until enough sites are connected, send the global
-weights and the run configuration to each, collect replies until all answered or the
-round timeout, average what came back with Flower's FedAvg (weighted by each site's
-``num-examples``), then write a global checkpoint, a sample grid and a metrics line.
+One round: wait (with a deadline) until enough sites are connected, send a ``TrainTask``
+(plan_shared/protocol.py: global weights, round, the run configuration's digest, the
+configuration itself only to a node that lacks it) to each through server/messaging.py,
+collect replies until all answered or the round is cut (timeout, straggler grace),
+average what came back with Flower's FedAvg (weighted by each site's ``num-examples``),
+then write a global checkpoint, a sample grid and a metrics line. :meth:`Federation.run`
+returns a :class:`FederationResult` that the post-training phases take as they are.
 
 Sites that did not answer (killed, disconnected, late, crashed) are logged by name and
 recorded in ``metrics.jsonl``; the round proceeds as long as ``federation.min_nodes``
@@ -26,16 +29,20 @@ import json
 import logging
 import os
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
+from flwr.app import ArrayRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
 from plan_shared.config import PlanConfig, config_from_dict
 from plan_shared.gan import GanTrainer
+from plan_shared.protocol import ConfigRef, DescribeReply, DescribeTask, TrainMetrics, TrainReply, TrainTask
+
+from server.messaging import Messenger, WaitPolicy
 
 LOG = logging.getLogger("plan.federation")
 
@@ -83,39 +90,6 @@ def wait_for_nodes(grid: Grid, want: int, need: int, deadline_s: float, poll_s: 
         time.sleep(poll_s)
 
 
-def collect_replies(grid: Grid, msgs: list[Message], *, min_replies: int, timeout_s: float,
-                    grace: Optional[float], min_wait_s: float = 0.0, poll_s: float = 1.0) -> tuple[list[Message], str]:
-    """Push ``msgs`` and pull their replies until every one answered or the round is cut short.
-
-    The round is cut at ``timeout_s``, or earlier once ``min_replies`` successful replies
-    are in and the others have had ``max(grace x elapsed, min_wait_s)`` more seconds
-    (``grace=None`` waits for everyone until ``timeout_s``). Error replies count as
-    answers: Flower sends one for a node that stopped sending heartbeats. Returns the
-    replies and why the collection ended (``all``, ``grace`` or ``timeout``).
-    """
-    t0 = time.monotonic()
-    pending = {m for m in grid.push_messages(msgs) if m}
-    replies: list[Message] = []
-    end = t0 + timeout_s
-    quorum_at: Optional[float] = None
-    while pending:
-        got = list(grid.pull_messages(list(pending)))
-        replies.extend(got)
-        pending.difference_update(r.metadata.reply_to_message_id for r in got)
-        if not pending:
-            return replies, "all"
-        now = time.monotonic()
-        if quorum_at is None and grace is not None and sum(not r.has_error() for r in replies) >= min_replies:
-            quorum_at = now
-            end = min(end, now + max(grace * (now - t0), min_wait_s))
-            LOG.info("%d site(s) replied after %.1fs; waiting at most %.0fs for %d more", min_replies, now - t0,
-                     end - now, len(pending))
-        if now >= end:
-            return replies, "grace" if quorum_at is not None and end < t0 + timeout_s else "timeout"
-        time.sleep(min(poll_s, max(end - now, 0.0)))
-    return replies, "all"
-
-
 WATCH_KEYS = ("d_real", "d_fake", "r1", "loss_d", "loss_g")
 
 
@@ -130,6 +104,35 @@ def watch_points(aggregate: dict[str, Any]) -> dict[str, float]:
     if "d_real" in w and "d_fake" in w:
         w["d_gap"] = w["d_real"] - w["d_fake"]
     return w
+
+
+@dataclass
+class FederationResult:
+    """What the rounds leave for the post-training phases (server/phases.py), like Flower's ``Result``.
+
+    ``summary``: ``{rounds_done, rounds, history}`` (also ``federation.json``); ``node_ids``:
+    the sites connected at the end; ``messenger``: the channel to them (it knows which
+    node already holds the run configuration).
+    """
+
+    cfg: PlanConfig
+    out: Path
+    trainer: GanTrainer
+    channels: int
+    size: int
+    node_ids: list[int]
+    site_names: dict[int, str]
+    summary: dict[str, Any]
+    messenger: Messenger
+    timing: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def rounds_done(self) -> int:
+        return int(self.summary["rounds_done"])
+
+    def g_ema(self) -> dict[str, torch.Tensor]:
+        """The final global generator's EMA weights (``g_ema.*``)."""
+        return {k: v for k, v in self.trainer.weights("g").items() if k.startswith("g_ema.")}
 
 
 class Federation:
@@ -147,37 +150,24 @@ class Federation:
         self.digest = run_digest(cfg)
         self.on_round = on_round
         self.strategy = FedAvg(min_train_nodes=fed.min_nodes, min_available_nodes=fed.min_nodes,
-                               weighted_by_key="num-examples")
+                               weighted_by_key=TrainMetrics.WEIGHT_KEY)
+        self.messenger = Messenger(grid, cfg)
         self.site_names: dict[int, str] = {}
 
     # ------------------------------------------------------------------ messages
-    def _base_config(self, channels: int = 0, size: int = 0) -> dict[str, Any]:
-        return {
-            "plan-config": json.dumps(self.cfg.to_dict()),
-            "run-digest": self.digest,
-            "channels": channels,
-            "size": size,
-            "local-steps": self.cfg.federation.local_steps,
-        }
-
     def describe(self, node_ids: list[int]) -> tuple[int, int]:
         """Ask each site for its image shape; all must agree with each other and the config."""
-        msgs = [
-            Message(RecordDict({"config": ConfigRecord(self._base_config())}),
-                    message_type=f"{MessageType.QUERY}.describe", dst_node_id=nid)
-            for nid in node_ids
-        ]
-        replies = list(self.grid.send_and_receive(msgs, timeout=self.cfg.federation.round_timeout_s))
+        ex = self.messenger.exchange(node_ids, lambda nid, ref: DescribeTask(ref), DescribeReply.from_record,
+                                     WaitPolicy(self.cfg.federation.round_timeout_s))
+        for nid in ex.missing():
+            LOG.warning("site node %d failed to describe itself: %s", nid,
+                        ex.reason(nid, f"no reply within {self.cfg.federation.round_timeout_s:.0f}s"))
         shapes = set()
-        for r in replies:
-            if r.has_error():
-                LOG.warning("site node %d failed to describe itself: %s", r.metadata.src_node_id, r.error.reason)
-                continue
-            s = r.content["site"]
-            self.site_names[r.metadata.src_node_id] = str(s["site-id"])
-            shapes.add((int(s["channels"]), int(s["size"])))
-            LOG.info("site %s (node %d): %d train images, %dx%d, %d channel(s)", s["site-id"],
-                     r.metadata.src_node_id, int(s["num-train"]), int(s["size"]), int(s["size"]), int(s["channels"]))
+        for nid, s in ex.replies.items():
+            self.site_names[nid] = s.site_id
+            shapes.add((s.channels, s.size))
+            LOG.info("site %s (node %d): %d train images, %dx%d, %d channel(s)", s.site_id, nid, s.num_train, s.size,
+                     s.size, s.channels)
         if not shapes:
             raise FederationError("no site answered the describe query; see the SuperNode logs of the sites")
         if len(shapes) > 1:
@@ -224,11 +214,10 @@ class Federation:
         return path
 
     # ------------------------------------------------------------------ rounds
-    def run(self) -> dict[str, Any]:
+    def _start(self) -> tuple[GanTrainer, int, int, int]:
+        """(trainer, channels, size, first round): fresh, or resumed from ``checkpoints/latest.json``."""
         fed = self.cfg.federation
-        self.out.mkdir(parents=True, exist_ok=True)
         meta = self.latest()
-        start = 1
         want = self.expected
         if meta is not None:
             # A site that had dropped out before the restart should not hold the resumed run up
@@ -247,89 +236,91 @@ class Federation:
         else:
             channels, size = self.describe(node_ids)
         device = torch.device("cpu")
-        if meta is not None:
-            trainer = GanTrainer.from_checkpoint(self.ckpt_dir / meta["checkpoint"], device)
-            if (trainer.channels, trainer.size) != (channels, size):
-                raise FederationError(f"checkpoint is {trainer.channels}x{trainer.size}, sites deliver {channels}x{size}")
-            start = int(meta["round"]) + 1
-            LOG.info("resuming from %s: round %d done, continuing with round %d of %d",
-                     meta["checkpoint"], meta["round"], start, fed.rounds)
-        else:
-            trainer = GanTrainer(self.cfg, channels, size, device)
-        base = self._base_config(channels, size)
+        if meta is None:
+            return GanTrainer(self.cfg, channels, size, device), channels, size, 1
+        trainer = GanTrainer.from_checkpoint(self.ckpt_dir / meta["checkpoint"], device)
+        if (trainer.channels, trainer.size) != (channels, size):
+            raise FederationError(f"checkpoint is {trainer.channels}x{trainer.size}, sites deliver {channels}x{size}")
+        start = int(meta["round"]) + 1
+        LOG.info("resuming from %s: round %d done, continuing with round %d of %d",
+                 meta["checkpoint"], meta["round"], start, fed.rounds)
+        return trainer, channels, size, start
+
+    def _round(self, trainer: GanTrainer, rnd: int, channels: int, size: int) -> dict[str, Any]:
+        """One round: send, collect, average, checkpoint; returns its metrics.jsonl record."""
+        fed = self.cfg.federation
+        t0 = time.perf_counter()
+        node_ids = wait_for_nodes(self.grid, fed.min_nodes, fed.min_nodes, fed.wait_for_nodes_s)
+        arrays = ArrayRecord(trainer.weights(fed.share))
+
+        def task(nid: int, ref: ConfigRef) -> TrainTask:
+            return TrainTask(arrays, rnd, channels, size, fed.local_steps, self.digest, ref)
+
+        ex = self.messenger.exchange(node_ids, task, TrainReply.from_record,
+                                     WaitPolicy(fed.round_timeout_s, fed.min_nodes, fed.straggler_grace,
+                                                fed.straggler_min_wait_s))
+        late = (f"still training when the round closed after {ex.elapsed_s:.0f}s (straggler grace)" if ex.ended == "grace"
+                else f"no reply within round_timeout_s={fed.round_timeout_s:.0f}s")
+        missing = ex.missing()
+        for nid in missing:
+            LOG.warning("round %d: site %s (node %d) did not contribute: %s", rnd, self.site_names.get(nid, "?"),
+                        nid, ex.reason(nid, late))
+        if len(ex.replies) < fed.min_nodes:
+            raise FederationError(
+                f"round {rnd}: only {len(ex.replies)} of {len(node_ids)} sites returned weights, federation.min_nodes="
+                f"{fed.min_nodes}; the last good global model is round {rnd - 1}"
+            )
+        agg_arrays, agg_metrics = self.strategy.aggregate_train(rnd, list(ex.messages.values()))
+        if agg_arrays is None:
+            raise FederationError(f"round {rnd}: aggregation produced nothing")
+        trainer.set_weights(agg_arrays.to_torch_state_dict())
+        trainer.step += fed.local_steps
+        sites = []
+        for nid, r in ex.replies.items():
+            self.site_names[nid] = r.site_id
+            sites.append({"site": r.site_id, "node_id": nid, **r.metrics.as_dict()})
+        trainer.images_seen += int(sum(r.metrics.images_seen for r in ex.replies.values()))
+        ckpt = self.save(trainer, rnd)
+        trainer.sample_grid(self.sample_dir / f"round-{rnd:04d}.png", n=fed.sample_grid, seed=self.cfg.seed)
+        aggregate = dict(agg_metrics) if agg_metrics is not None else {}
+        return {
+            "round": rnd,
+            "wall_s": round(time.perf_counter() - t0, 3),
+            "sites_sent": len(node_ids),
+            "sites_replied": len(ex.replies),
+            "collect_s": round(ex.elapsed_s, 3),
+            "ended": ex.ended,
+            "missing": [{"node_id": n, "site": self.site_names.get(n, "?"), "reason": ex.reason(n, late)}
+                        for n in missing],
+            "aggregate": aggregate,
+            "watch": watch_points(aggregate),
+            "sites": sorted(sites, key=lambda s: s["site"]),
+            "checkpoint": str(ckpt),
+            "time": time.time(),
+        }
+
+    def run(self) -> FederationResult:
+        fed = self.cfg.federation
+        self.out.mkdir(parents=True, exist_ok=True)
+        trainer, channels, size, start = self._start()
         summary: dict[str, Any] = {"rounds_done": start - 1, "rounds": fed.rounds, "history": []}
         for rnd in range(start, fed.rounds + 1):
-            t0 = time.perf_counter()
-            node_ids = wait_for_nodes(self.grid, fed.min_nodes, fed.min_nodes, fed.wait_for_nodes_s)
-            arrays = ArrayRecord(trainer.weights(fed.share))
-            conf = ConfigRecord({**base, "server-round": rnd})
-            msgs = [Message(RecordDict({"arrays": arrays, "config": conf}), message_type=MessageType.TRAIN,
-                            dst_node_id=nid) for nid in node_ids]
-            sent_at = time.perf_counter()
-            replies, ended = collect_replies(self.grid, msgs, min_replies=fed.min_nodes, timeout_s=fed.round_timeout_s,
-                                             grace=fed.straggler_grace, min_wait_s=fed.straggler_min_wait_s)
-            waited = time.perf_counter() - sent_at
-            ok = [r for r in replies if not r.has_error()]
-            answered = {r.metadata.src_node_id for r in ok}
-            missing = [nid for nid in node_ids if nid not in answered]
-            # Flower's error replies come from the SuperLink: map them back through the message ids.
-            dst = {m.metadata.message_id: m.metadata.dst_node_id for m in msgs}
-            errors = {dst.get(r.metadata.reply_to_message_id, r.metadata.src_node_id): r.error.reason
-                      for r in replies if r.has_error()}
-            late = (f"still training when the round closed after {waited:.0f}s (straggler grace)" if ended == "grace"
-                    else f"no reply within round_timeout_s={fed.round_timeout_s:.0f}s")
-            for nid in missing:
-                LOG.warning("round %d: site %s (node %d) did not contribute: %s", rnd, self.site_names.get(nid, "?"),
-                            nid, errors.get(nid, late))
-            if len(ok) < fed.min_nodes:
-                raise FederationError(
-                    f"round {rnd}: only {len(ok)} of {len(node_ids)} sites returned weights, federation.min_nodes="
-                    f"{fed.min_nodes}; the last good global model is round {rnd - 1}"
-                )
-            agg_arrays, agg_metrics = self.strategy.aggregate_train(rnd, ok)
-            if agg_arrays is None:
-                raise FederationError(f"round {rnd}: aggregation produced nothing")
-            trainer.set_weights(agg_arrays.to_torch_state_dict())
-            trainer.step += fed.local_steps
-            sites = []
-            for r in ok:
-                m = dict(next(iter(r.content.metric_records.values())))
-                name = str(r.content["site"]["site-id"]) if "site" in r.content.config_records else "?"
-                self.site_names[r.metadata.src_node_id] = name
-                sites.append({"site": name, "node_id": r.metadata.src_node_id, **m})
-            trainer.images_seen += int(sum(s.get("images-seen", 0) for s in sites))
-            ckpt = self.save(trainer, rnd)
-            trainer.sample_grid(self.sample_dir / f"round-{rnd:04d}.png", n=fed.sample_grid, seed=self.cfg.seed)
-            wall = time.perf_counter() - t0
-            rec = {
-                "round": rnd,
-                "wall_s": round(wall, 3),
-                "sites_sent": len(node_ids),
-                "sites_replied": len(ok),
-                "collect_s": round(waited, 3),
-                "ended": ended,
-                "missing": [{"node_id": n, "site": self.site_names.get(n, "?"), "reason": errors.get(n, late)}
-                            for n in missing],
-                "aggregate": dict(agg_metrics) if agg_metrics is not None else {},
-                "watch": watch_points(dict(agg_metrics) if agg_metrics is not None else {}),
-                "sites": sorted(sites, key=lambda s: s["site"]),
-                "checkpoint": str(ckpt),
-                "time": time.time(),
-            }
+            rec = self._round(trainer, rnd, channels, size)
             with open(self.metrics_path, "a") as fh:
                 fh.write(json.dumps(rec) + "\n")
             agg = rec["aggregate"]
-            LOG.info("round %d/%d done in %.1fs: %d/%d sites, loss_g=%.3f loss_d=%.3f%s", rnd, fed.rounds, wall,
-                     len(ok), len(node_ids), agg.get("loss_g", float("nan")), agg.get("loss_d", float("nan")),
-                     f", missing {[m['site'] for m in rec['missing']]}" if missing else "")
+            LOG.info("round %d/%d done in %.1fs: %d/%d sites, loss_g=%.3f loss_d=%.3f%s", rnd, fed.rounds,
+                     rec["wall_s"], rec["sites_replied"], rec["sites_sent"], agg.get("loss_g", float("nan")),
+                     agg.get("loss_d", float("nan")),
+                     f", missing {[m['site'] for m in rec['missing']]}" if rec["missing"] else "")
             summary["rounds_done"] = rnd
             summary["history"].append({k: rec[k] for k in ("round", "wall_s", "sites_replied", "missing")})
             if self.on_round is not None:
                 self.on_round(rec)
-        # What the post-training phases (server/phases.py) continue from.
-        self.trainer, self.channels, self.size = trainer, channels, size
-        self.node_ids = wait_for_nodes(self.grid, fed.min_nodes, fed.min_nodes, fed.wait_for_nodes_s)
-        return summary
+        node_ids = wait_for_nodes(self.grid, fed.min_nodes, fed.min_nodes, fed.wait_for_nodes_s)
+        return FederationResult(self.cfg, self.out, trainer, channels, size, node_ids, self.site_names, summary,
+                                self.messenger,
+                                timing={"federation_s": round(sum(h["wall_s"] for h in summary["history"]), 2)})
 
 
 def load_run_config(run_config: dict[str, Any]) -> tuple[PlanConfig, Path, int]:

@@ -3,15 +3,17 @@
 Before a: when ``pool.policy_file`` is set, the final G_ema's weights digest (and the
    image shape and classes the sites describe) is written into the pool's policy file
    (:func:`publish_final_generator`); the pool refuses bundles of any other generator.
-a. ``synthesize``: a ``query.synthesize`` message with the final G_ema weights to every
+a. ``synthesize``: a ``SynthesisTask`` with the final G_ema weights to every
    site; each runs the PLAN pipeline, exports its bundle to the pool and answers with
    numbers. A site that fails is recorded with its reason; the others go on.
 b. ``downstream``: pull the pool (reader credentials) into ``OUT/pool`` and train phi_down.
-c+d. ``evaluate``: a ``query.evaluate`` message with phi_down's weights; each site
+c+d. ``evaluate``: an ``EvaluationTask`` with phi_down's weights; each site
    scores it on its real test split next to a real-data reference, and audits its
    exported images and phi_down for membership leakage.
 
-Only weights, counts and metrics cross Flower; images cross only through the pool.
+Only weights, counts and metrics cross Flower; images cross only through the pool. The
+messages are plan_shared/protocol.py's records, sent through server/messaging.py (a
+dead site's error is filed under that site, not under the SuperLink that sent it).
 """
 
 from __future__ import annotations
@@ -23,10 +25,16 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
-from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
-from flwr.serverapp import Grid
+from flwr.app import ArrayRecord
 
 from plan_shared.config import PlanConfig
+from plan_shared.protocol import (
+    ConfigRef, DescribeReply, DescribeTask, EvaluationTask, SiteEvaluation, SynthesisSummary, SynthesisTask,
+)
+
+from server.federation import FederationResult
+from server.messaging import Exchange, WaitPolicy
+from server.report import PhaseResult, SiteFailure, evaluation_json, synthesis_json
 
 LOG = logging.getLogger("plan.phases")
 
@@ -62,90 +70,66 @@ def short_reason(reason: str, limit: int = 400) -> str:
     return (lines[-1] if lines else text)[:limit]
 
 
-def _metrics(reply: Message) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for rec in reply.content.metric_records.values():
-        out.update(dict(rec))
-    return out
-
-
-def _configs(reply: Message) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for rec in reply.content.config_records.values():
-        out.update(dict(rec))
-    return out
-
-
 class Phases:
-    """Runs phases a-d over the nodes of a Grid; every result is also written to ``out``."""
+    """Runs phases a-d over the nodes of a finished federation; every result is also written to ``out``."""
 
-    def __init__(self, grid: Grid, cfg: PlanConfig, out: Path, site_names: dict[int, str], timeout_s: float):
-        self.grid, self.cfg, self.out = grid, cfg, Path(out)
-        self.site_names = site_names
-        self.timeout_s = timeout_s
+    def __init__(self, result: FederationResult):
+        self.result, self.cfg, self.out = result, result.cfg, result.out
+        self.messenger = result.messenger
+        self.site_names = result.site_names
+        self.timeout_s = self.cfg.federation.round_timeout_s
 
-    def _send(self, node_ids: list[int], kind: str, content: RecordDict,
-              timeout_s: Optional[float] = None) -> tuple[dict[int, Message], dict[int, str]]:
-        timeout_s = self.timeout_s if timeout_s is None else timeout_s
-        msgs = [Message(content, message_type=f"{MessageType.QUERY}.{kind}", dst_node_id=nid) for nid in node_ids]
-        replies = list(self.grid.send_and_receive(msgs, timeout=timeout_s))
-        ok, failed = {}, {}
-        for r in replies:
-            nid = r.metadata.src_node_id
-            if r.has_error():
-                failed[nid] = r.error.reason
-            else:
-                ok[nid] = r
-        for nid in node_ids:
-            if nid not in ok and nid not in failed:
-                failed[nid] = f"no reply within {timeout_s:.0f}s"
-        return ok, failed
-
-    def _name(self, nid: int, reply: Optional[Message] = None) -> str:
-        if reply is not None and "site" in reply.content.config_records:
-            self.site_names[nid] = str(reply.content["site"]["site-id"])
+    def _name(self, nid: int, site_id: Optional[str] = None) -> str:
+        if site_id is not None:
+            self.site_names[nid] = site_id
         return self.site_names.get(nid, f"node-{nid}")
+
+    def _failures(self, ex: Exchange[Any], phase: str, timeout_s: float) -> dict[str, SiteFailure]:
+        out = {}
+        for nid in ex.missing():
+            reason = ex.reason(nid, f"no reply within {timeout_s:.0f}s")
+            name = self._name(nid)
+            out[name] = SiteFailure(nid, short_reason(reason), reason)
+            LOG.error("%s failed at site %s: %s", phase, name, short_reason(reason))
+        return out
 
     # ------------------------------------------------------------------ before a. the pool's policy
     def num_classes(self, node_ids: list[int]) -> Optional[int]:
         """The federation's number of classes, as the sites describe their data (None: no site answered)."""
-        conf = ConfigRecord({"plan-config": json.dumps(self.cfg.to_dict())})
         # A describe is quick (the site loads its data); a dead site must not cost a whole round timeout here.
-        ok, failed = self._send(node_ids, "describe", RecordDict({"config": conf}), timeout_s=min(self.timeout_s, 120.0))
-        for nid, reason in failed.items():
-            LOG.warning("site %s did not describe its classes: %s", self._name(nid), short_reason(reason))
-        counts = [int(r.content["site"]["num-classes"]) for r in ok.values()
-                  if "num-classes" in r.content["site"]]
-        return max(counts) if counts else None
+        timeout_s = min(self.timeout_s, 120.0)
+        ex = self.messenger.exchange(node_ids, lambda nid, ref: DescribeTask(ref), DescribeReply.from_record,
+                                     WaitPolicy(timeout_s))
+        for nid in ex.missing():
+            LOG.warning("site %s did not describe its classes: %s", self._name(nid),
+                        short_reason(ex.reason(nid, f"no reply within {timeout_s:.0f}s")))
+        for nid, r in ex.replies.items():
+            self._name(nid, r.site_id)
+        return max((r.num_classes for r in ex.replies.values()), default=None)
 
     # ------------------------------------------------------------------ a. synthesis
-    def synthesize(self, node_ids: list[int], g_ema: dict, channels: int, size: int, generator_round: int,
-                   method: str) -> dict[str, Any]:
+    def synthesize(self, node_ids: list[int], method: str) -> PhaseResult[SynthesisSummary]:
         t0 = time.perf_counter()
-        conf = ConfigRecord({
-            "plan-config": json.dumps(self.cfg.to_dict()),
-            "channels": channels,
-            "size": size,
-            "generator-round": generator_round,
-            "method": method,
-        })
-        content = RecordDict({"arrays": ArrayRecord(g_ema), "config": conf})
-        LOG.info("synthesis phase: %d sites, method %s, generator round %d", len(node_ids), method, generator_round)
-        ok, failed = self._send(node_ids, "synthesize", content)
-        sites: dict[str, Any] = {}
-        for nid, r in ok.items():
-            name = self._name(nid, r)
-            sites[name] = {"status": "ok", "node_id": nid, **_metrics(r), **_configs(r)}
-        for nid, reason in failed.items():
-            name = self._name(nid)
-            sites[name] = {"status": "failed", "node_id": nid, "reason": short_reason(reason), "detail": reason}
-            LOG.error("synthesis failed at site %s: %s", name, short_reason(reason))
-        if not ok:
-            raise PhaseError(f"no site completed the synthesis phase: {json.dumps(sites)}")
-        return {"sites": sites, "wall_s": round(time.perf_counter() - t0, 2)}
+        r = self.result
+        generator = ArrayRecord(r.g_ema())
+        LOG.info("synthesis phase: %d sites, method %s, generator round %d", len(node_ids), method, r.rounds_done)
+
+        def task(nid: int, ref: ConfigRef) -> SynthesisTask:
+            return SynthesisTask(generator, r.channels, r.size, r.rounds_done, method, ref)
+
+        ex = self.messenger.exchange(node_ids, task, SynthesisSummary.from_record, WaitPolicy(self.timeout_s))
+        res: PhaseResult[SynthesisSummary] = PhaseResult()
+        for nid, summary in ex.replies.items():
+            res.add(self._name(nid, summary.site_id), nid, summary)
+        for name, failure in self._failures(ex, "synthesis", self.timeout_s).items():
+            res.add(name, failure.node_id, failure)
+        res.wall_s = round(time.perf_counter() - t0, 2)
+        if not ex.replies:
+            raise PhaseError(f"no site completed the synthesis phase: {json.dumps(synthesis_json(res)['sites'])}")
+        return res
 
     # ------------------------------------------------------------------ b. downstream
-    def downstream(self, num_classes: int, channels: int, size: int):
+    def downstream(self, num_classes: int, channels: int, size: int) -> tuple[Any, dict[str, Any]]:
         from server.downstream import load_pool, train_downstream
         from server.pool.client import pull
 
@@ -167,19 +151,21 @@ class Phases:
         return model, info
 
     # ------------------------------------------------------------------ c+d. evaluation
-    def evaluate(self, node_ids: list[int], phi_down, arch: dict[str, int]) -> dict[str, Any]:
+    def evaluate(self, node_ids: list[int], phi_down: Any, arch: dict[str, int]) -> PhaseResult[SiteEvaluation]:
         t0 = time.perf_counter()
-        conf = ConfigRecord({"plan-config": json.dumps(self.cfg.to_dict()), **{f"arch-{k}": int(v) for k, v in arch.items()}})
-        content = RecordDict({"arrays": ArrayRecord(phi_down.state_dict()), "config": conf})
-        ok, failed = self._send(node_ids, "evaluate", content)
-        sites: dict[str, Any] = {}
-        for nid, r in ok.items():
-            sites[self._name(nid, r)] = {"status": "ok", **_metrics(r)}
-        for nid, reason in failed.items():
-            name = self._name(nid)
-            sites[name] = {"status": "failed", "reason": short_reason(reason), "detail": reason}
-            LOG.error("evaluation failed at site %s: %s", name, short_reason(reason))
-        return {"sites": sites, "wall_s": round(time.perf_counter() - t0, 2)}
+        model = ArrayRecord(phi_down.state_dict())
+
+        def task(nid: int, ref: ConfigRef) -> EvaluationTask:
+            return EvaluationTask(model, int(arch["num_classes"]), int(arch["channels"]), int(arch["size"]), ref)
+
+        ex = self.messenger.exchange(node_ids, task, SiteEvaluation.from_record, WaitPolicy(self.timeout_s))
+        res: PhaseResult[SiteEvaluation] = PhaseResult()
+        for nid, ev in ex.replies.items():
+            res.add(self._name(nid, ev.site_id), nid, ev)
+        for name, failure in self._failures(ex, "evaluation", self.timeout_s).items():
+            res.add(name, failure.node_id, failure)
+        res.wall_s = round(time.perf_counter() - t0, 2)
+        return res
 
 
 def _site_figures(out: Path, sites: list[str]) -> dict[str, str]:
@@ -225,12 +211,13 @@ SITE_RECIPE = "site level, utility recipe (classes section, utility_epochs), mea
 POOL_RECIPE = "pooled, phi_down recipe (downstream section)"
 
 
-def _comparison_points(synthesis: dict[str, Any], report: dict[str, Any], method: str) -> dict[str, dict[str, tuple]]:
+def _comparison_points(synthesis: PhaseResult[SynthesisSummary], report: dict[str, Any],
+                       method: str) -> dict[str, dict[str, tuple]]:
     """Privacy-utility points, one panel per training recipe (each with its own "site alone" reference).
 
     Site-level panel: each site trains the pipeline's utility classifier on each method's
-    accepted images and tests it on its real test split (``compare.<method>.accuracy``),
-    and runs the distance MIA against those images (``compare.<method>.mia_auc`` with its
+    accepted images and tests it on its real test split (``SynthesisSummary.compare[method]
+    ["accuracy"]``), and runs the distance MIA against those images (``["mia_auc"]`` with its
     interval); mean over sites. Its reference "site alone" is the same recipe trained on
     the site's real train split (sharing the train images themselves: distance-MIA AUC 1).
     Pooled panel: phi_down trained on the pool (pooled distance-MIA AUC with interval)
@@ -238,14 +225,12 @@ def _comparison_points(synthesis: dict[str, Any], report: dict[str, Any], method
     accuracy from the sites' confusion matrices). Points: (mia_auc, accuracy, lo, hi).
     """
     pts: dict[str, list[tuple]] = {}
-    for s in synthesis.get("sites", {}).values():
-        if s.get("status") != "ok":
-            continue
+    for s in synthesis.ok().values():
         for m in ("plan", "linear", "random", "real"):
-            a, u = s.get(f"compare.{m}.mia_auc"), s.get(f"compare.{m}.accuracy")
+            c = s.compare.get(m, {})
+            a, u = c.get("mia_auc"), c.get("accuracy")
             if a is not None and u is not None:
-                pts.setdefault(m, []).append((float(a), float(u), s.get(f"compare.{m}.mia_auc_lo"),
-                                              s.get(f"compare.{m}.mia_auc_hi")))
+                pts.setdefault(m, []).append((float(a), float(u), c.get("mia_auc_lo"), c.get("mia_auc_hi")))
 
     def mean(vals: list) -> Optional[float]:
         vals = [v for v in vals if v is not None]
@@ -280,33 +265,35 @@ def publish_final_generator(cfg: PlanConfig, g_ema: dict, channels: int, size: i
     return digest
 
 
-def run_post_training(grid: Grid, cfg: PlanConfig, out: Path, node_ids: list[int], site_names: dict[int, str],
-                      g_ema: dict, channels: int, size: int, generator_round: int,
-                      timing: dict[str, float], federation_summary: dict[str, Any]) -> dict[str, Any]:
-    """Phases a-d and the report; returns the report dict (also written to ``out``)."""
+def run_post_training(result: FederationResult) -> dict[str, Any]:
+    """Phases a-d and the report after the rounds of ``result``; returns the report dict (also written to its out)."""
     from server.report import build_report, privacy_utility_plot, training_curve_plot, write_report
 
+    cfg, out = result.cfg, result.out
+    timing = dict(result.timing)
+    node_ids = result.node_ids
     method = cfg.synthesis.method
-    ph = Phases(grid, cfg, out, site_names, cfg.federation.round_timeout_s)
+    ph = Phases(result)
     t0 = time.perf_counter()
     if cfg.pool.policy_file:
-        publish_final_generator(cfg, g_ema, channels, size, cfg.policy.num_classes or ph.num_classes(node_ids))
-    synthesis = ph.synthesize(node_ids, g_ema, channels, size, generator_round, method)
+        publish_final_generator(cfg, result.g_ema(), result.channels, result.size,
+                                cfg.policy.num_classes or ph.num_classes(node_ids))
+    synthesis = ph.synthesize(node_ids, method)
     timing["synthesis_s"] = round(time.perf_counter() - t0, 2)
-    (out / "synthesis.json").write_text(json.dumps(synthesis, indent=1))
-    num_classes = max(int(s.get("num_classes", 0)) for s in synthesis["sites"].values() if s.get("status") == "ok")
+    (out / "synthesis.json").write_text(json.dumps(synthesis_json(synthesis), indent=1))
+    num_classes = max(s.num_classes for s in synthesis.ok().values())
 
     t0 = time.perf_counter()
-    phi_down, down = ph.downstream(num_classes, channels, size)
+    phi_down, down = ph.downstream(num_classes, result.channels, result.size)
     timing["downstream_s"] = round(time.perf_counter() - t0, 2)
     (out / "downstream.json").write_text(json.dumps(down, indent=1))
 
     t0 = time.perf_counter()
     evaluation = ph.evaluate(node_ids, phi_down, down["arch"])
     timing["evaluation_s"] = round(time.perf_counter() - t0, 2)
-    (out / "evaluation.json").write_text(json.dumps(evaluation, indent=1, default=float))
+    (out / "evaluation.json").write_text(json.dumps(evaluation_json(evaluation), indent=1, default=float))
 
-    report = build_report(federation=federation_summary, synthesis=synthesis, downstream=down, evaluation=evaluation,
+    report = build_report(federation=result.summary, synthesis=synthesis, downstream=down, evaluation=evaluation,
                           timing=timing, config=cfg.to_dict(), method=method)
     figures: dict[str, str] = {}
     figures.update(_pool_grids(out, Path(down["pool"]["dir"])))
@@ -315,7 +302,7 @@ def run_post_training(grid: Grid, cfg: PlanConfig, out: Path, node_ids: list[int
         figures["privacy vs utility"] = str(privacy_utility_plot(pts, out / "privacy_utility.png").relative_to(out))
         report["comparison"] = {panel: {k: dict(zip(("mia_auc", "accuracy", "mia_auc_lo", "mia_auc_hi"), v))
                                         for k, v in pp.items()} for panel, pp in pts.items()}
-    figures.update(_site_figures(out, sorted(site_names.values())))
+    figures.update(_site_figures(out, sorted(result.site_names.values())))
     if (curve := training_curve_plot(out / "metrics.jsonl", out / "figures" / "gan-rounds.png")) is not None:
         figures["federated GAN per round"] = str(curve.relative_to(out))
     samples = sorted((out / "samples").glob("round-*.png"))

@@ -20,12 +20,14 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Generic, Optional, TypeVar, Union
 
 import numpy as np
 
 from plan_shared.metrics import classification_report
+from plan_shared.protocol import ClassifierScore, SiteEvaluation, SynthesisSummary
 
 
 def metrics_from_confusion(cm: np.ndarray) -> dict[str, float]:
@@ -36,12 +38,66 @@ def metrics_from_confusion(cm: np.ndarray) -> dict[str, float]:
     return classification_report(y_true, y_pred)
 
 
-def _confusion(site: dict[str, Any], which: str) -> Optional[np.ndarray]:
-    flat = site.get(f"{which}.confusion")
-    k = int(site.get("num_classes", 0) or 0)
-    if flat is None or k == 0 or len(flat) != k * k:
-        return None
-    return np.asarray(flat, dtype=np.int64).reshape(k, k)
+@dataclass(frozen=True)
+class SiteFailure:
+    """A site that did not complete a phase: the message of its failure, and the full text."""
+
+    node_id: Optional[int]
+    reason: str
+    detail: str
+
+    def as_dict(self, with_node: bool = True) -> dict[str, Any]:
+        head: dict[str, Any] = {"status": "failed"}
+        if with_node:
+            head["node_id"] = self.node_id
+        return {**head, "reason": self.reason, "detail": self.detail}
+
+
+T = TypeVar("T")
+
+
+@dataclass
+class PhaseResult(Generic[T]):
+    """One post-training phase over the sites: each site's reply or failure, by site name."""
+
+    sites: dict[str, Union[T, SiteFailure]] = field(default_factory=dict)
+    node_ids: dict[str, Optional[int]] = field(default_factory=dict)
+    wall_s: float = 0.0
+
+    def add(self, name: str, node_id: Optional[int], entry: Union[T, SiteFailure]) -> None:
+        self.sites[name], self.node_ids[name] = entry, node_id
+
+    def ok(self) -> dict[str, T]:
+        return {n: e for n, e in self.sites.items() if not isinstance(e, SiteFailure)}
+
+
+def synthesis_entry(summary: SynthesisSummary, node_id: Optional[int]) -> dict[str, Any]:
+    """A site's synthesis figures as ``synthesis.json`` and ``report.json`` show them (flat keys)."""
+    e: dict[str, Any] = {"status": "ok", "node_id": node_id}
+    e.update({k: getattr(summary, k) for k in ("n_candidates", "n_accepted", "planted_total", "planted_rejected",
+                                               "tau_id", "delta", "num_classes")})
+    for m, sec in summary.compare.items():
+        e.update({f"compare.{m}.{k}": v for k, v in sec.items()})
+    for m, st in summary.methods.items():
+        e.update({f"{m}.{k}": v for k, v in st.items()})
+    e.update({f"utility.{name}.accuracy": v for name, v in summary.utility.items()})
+    e["synthesis_s"] = summary.synthesis_s
+    e.update({f"timing.{k}": v for k, v in summary.timing.items()})
+    e.update({"site-id": summary.site_id, "bundle-id": summary.bundle_id, "export-status": summary.export_status})
+    return e
+
+
+def synthesis_json(res: PhaseResult[SynthesisSummary]) -> dict[str, Any]:
+    """``synthesis.json``: every site's entry (failures with their reason) and the phase's wall time."""
+    sites = {n: e.as_dict() if isinstance(e, SiteFailure) else synthesis_entry(e, res.node_ids.get(n))
+             for n, e in res.sites.items()}
+    return {"sites": sites, "wall_s": res.wall_s}
+
+
+def evaluation_json(res: PhaseResult[SiteEvaluation]) -> dict[str, Any]:
+    """``evaluation.json``: every site's scores, confusion matrices and audit, or its failure."""
+    return {"sites": {n: e.as_dict(with_node=False) if isinstance(e, SiteFailure) else e.as_dict()
+                      for n, e in res.sites.items()}, "wall_s": res.wall_s}
 
 
 def _clean(x: Any) -> Any:
@@ -62,27 +118,26 @@ Z95 = 1.959963984540054
 UTILITY_KEYS = ("accuracy", "balanced_accuracy", "qwk")
 
 
-def utility_section(evaluation: dict[str, Any]) -> dict[str, Any]:
+def utility_section(evaluation: PhaseResult[SiteEvaluation]) -> dict[str, Any]:
     """Per site and pooled: phi_down (trained on the pool) and the real reference."""
     out: dict[str, Any] = {"sites": {}}
     sums: dict[str, Optional[np.ndarray]] = {"synthetic": None, "real": None}
-    for name, s in sorted(evaluation.get("sites", {}).items()):
-        if s.get("status") != "ok":
-            out["sites"][name] = {"status": s.get("status"), "reason": s.get("reason")}
+    for name, s in sorted(evaluation.sites.items()):
+        if isinstance(s, SiteFailure):
+            out["sites"][name] = {"status": "failed", "reason": s.reason}
             continue
         entry: dict[str, Any] = {}
-        for which in ("synthetic", "real"):
-            entry[which] = {k: s.get(f"{which}.{k}") for k in UTILITY_KEYS}
-            entry[which]["n"] = s.get(f"{which}.n")
-            cm = _confusion(s, which)
-            if cm is not None:
-                entry[which]["confusion"] = cm.tolist()
-                sums[which] = cm if sums[which] is None else sums[which] + cm
+        for which in SiteEvaluation.SCORED:
+            sc: ClassifierScore = getattr(s, which)
+            cm = sc.confusion
+            entry[which] = {**{k: getattr(sc, k) for k in UTILITY_KEYS}, "n": sc.n, "confusion": cm.tolist()}
+            prev = sums[which]
+            sums[which] = cm if prev is None else prev + cm
         out["sites"][name] = entry
     pooled: dict[str, Any] = {}
-    for which, cm in sums.items():
-        if cm is not None:
-            pooled[which] = {**metrics_from_confusion(cm), "n": int(cm.sum()), "confusion": cm.tolist()}
+    for which, total in sums.items():
+        if total is not None:
+            pooled[which] = {**metrics_from_confusion(total), "n": int(total.sum()), "confusion": total.tolist()}
     out["pooled"] = pooled
     # Flat keys for quick reading: pooled phi_down and pooled reference.
     for k in UTILITY_KEYS:
@@ -91,18 +146,17 @@ def utility_section(evaluation: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def privacy_section(evaluation: dict[str, Any]) -> dict[str, Any]:
-    sites, acc = {}, {k: [] for k in PRIVACY_KEYS}
+def privacy_section(evaluation: PhaseResult[SiteEvaluation]) -> dict[str, Any]:
+    sites: dict[str, dict[str, Any]] = {}
+    acc: dict[str, list[Optional[float]]] = {k: [] for k in PRIVACY_KEYS}
     weights = []
-    for name, s in sorted(evaluation.get("sites", {}).items()):
-        if s.get("status") != "ok":
-            continue
-        sites[name] = {k: s.get(f"privacy.{k}") for k in PRIVACY_KEYS}
-        sites[name]["n_synthetic"] = s.get("privacy.n_synthetic")
-        w = float(s.get("privacy.n_members", 1) or 1)
+    for name, s in sorted(evaluation.ok().items()):
+        sites[name] = {k: s.privacy.get(k) for k in PRIVACY_KEYS}
+        sites[name]["n_synthetic"] = s.privacy.get("n_synthetic")
+        w = float(s.privacy.get("n_members", 1) or 1)
         weights.append(w)
         for k in PRIVACY_KEYS:
-            acc[k].append(s.get(f"privacy.{k}"))
+            acc[k].append(s.privacy.get(k))
     out: dict[str, Any] = {"sites": sites}
     for k, vals in acc.items():
         pairs = [(v, w) for v, w in zip(vals, weights) if v is not None and not math.isnan(v)]
@@ -134,22 +188,22 @@ def pooled_auc_interval(sites: dict[str, dict[str, Any]], weights: list[float]) 
 def build_report(
     *,
     federation: dict[str, Any],
-    synthesis: dict[str, Any],
+    synthesis: PhaseResult[SynthesisSummary],
     downstream: dict[str, Any],
-    evaluation: dict[str, Any],
+    evaluation: PhaseResult[SiteEvaluation],
     timing: dict[str, float],
     config: dict[str, Any],
     method: str,
     extra: Optional[dict[str, Any]] = None,
 ) -> dict[str, Any]:
-    sites = sorted(set(synthesis.get("sites", {})) | set(evaluation.get("sites", {})))
+    sites = sorted(set(synthesis.sites) | set(evaluation.sites))
     pool = downstream.get("pool", {})
     report = {
         "sites": sites,
         "rounds": federation.get("rounds_done"),
         "method": method,
         "pool": {"n_images": pool.get("n_images"), "n_files": pool.get("n_files"), "per_site": pool.get("per_site", {})},
-        "synthesis": synthesis.get("sites", {}),
+        "synthesis": synthesis_json(synthesis)["sites"],
         "downstream": {k: v for k, v in downstream.items() if k != "pool"},
         "utility": utility_section(evaluation),
         "privacy": privacy_section(evaluation),

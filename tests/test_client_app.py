@@ -2,18 +2,23 @@
 
 from __future__ import annotations
 
-import json
 import math
+
+import numpy as np
 
 import pytest
 import torch
 
 pytest.importorskip("flwr")
 
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict  # noqa: E402
+from flwr.app import ArrayRecord, Context, Message, RecordDict  # noqa: E402
 from flwr.supercore.task_identity import TaskIdentity  # noqa: E402
 
 from plan_shared.config import config_from_dict  # noqa: E402
+from plan_shared.protocol import (  # noqa: E402
+    UNKNOWN_CONFIG_MARK, ConfigRef, DescribeReply, DescribeTask, ProtocolError, TrainReply, TrainTask,
+    UnknownConfigError,
+)
 from tests.test_federation_util import make_npz, tiny_config  # noqa: E402
 
 
@@ -29,11 +34,14 @@ def _ctx(tmp_path, site="hospital-a", n=12):
     return Context(run_id=1, node_id=7, node_config=nc, state=RecordDict(), run_config={})
 
 
-def _conf(cfg: dict, **extra) -> ConfigRecord:
-    base = {"plan-config": json.dumps(config_from_dict(cfg).to_dict()), "run-digest": "x", "channels": 1, "size": 8,
-            "local-steps": 2, "server-round": 1}
-    base.update(extra)
-    return ConfigRecord(base)
+def _ref(cfg: dict) -> ConfigRef:
+    return ConfigRef.full(config_from_dict(cfg))
+
+
+def _train(cfg: dict, weights: dict, server_round: int = 1, size: int = 8, local_steps: int = 2,
+           ref: ConfigRef | None = None) -> Message:
+    task = TrainTask(ArrayRecord(weights), server_round, 1, size, local_steps, "x", ref or _ref(cfg))
+    return Message(task.to_record(), message_type=task.MESSAGE_TYPE, dst_node_id=7)
 
 
 def _call(msg: Message, ctx: Context) -> Message:
@@ -43,12 +51,10 @@ def _call(msg: Message, ctx: Context) -> Message:
 
 
 def test_describe_reports_shape_and_count(tmp_path):
-    msg = Message(RecordDict({"config": _conf(tiny_config())}), message_type=f"{MessageType.QUERY}.describe",
-                  dst_node_id=7)
-    rep = _call(msg, _ctx(tmp_path, n=12))
+    task = DescribeTask(_ref(tiny_config()))
+    rep = _call(Message(task.to_record(), message_type=task.MESSAGE_TYPE, dst_node_id=7), _ctx(tmp_path, n=12))
     assert not rep.has_error(), rep.error
-    site = rep.content["site"]
-    assert (site["site-id"], site["channels"], site["size"], site["num-train"]) == ("hospital-a", 1, 8, 12)
+    assert DescribeReply.from_record(rep.content) == DescribeReply("hospital-a", 1, 8, 12, 2)
 
 
 @pytest.mark.parametrize("share", ["gd", "g"])
@@ -58,16 +64,15 @@ def test_train_returns_weights_metrics_and_keeps_local_state(tmp_path, share):
     cfg = tiny_config(share=share)
     glob = GanTrainer(config_from_dict(cfg), 1, 8)
     ctx = _ctx(tmp_path, n=12)
-    msg = Message(RecordDict({"arrays": ArrayRecord(glob.weights(share)), "config": _conf(cfg)}),
-                  message_type=MessageType.TRAIN, dst_node_id=7)
-    rep = _call(msg, ctx)
+    rep = _call(_train(cfg, glob.weights(share)), ctx)
     assert not rep.has_error(), rep.error
-    arrays = rep.content["arrays"].to_torch_state_dict()
+    reply = TrainReply.from_record(rep.content)
+    arrays = reply.weights.to_torch_state_dict()
     assert any(k.startswith("d.") for k in arrays) == (share == "gd")
     assert any(k.startswith("g_ema.") for k in arrays)
-    m = rep.content["metrics"]
-    assert m["num-examples"] == 12 and m["steps"] == 2 and m["images-seen"] == 2 * 4
-    assert all(k in m for k in ("loss_g", "loss_d", "train-s"))
+    m = reply.metrics
+    assert reply.site_id == "hospital-a"
+    assert m.num_examples == 12 and m.steps == 2 and m.images_seen == 2 * 4 and m.train_s > 0
     # weights moved away from the global ones
     g0 = glob.weights(share)
     assert any(not torch.equal(arrays[k], g0[k]) for k in arrays if k.startswith("g."))
@@ -75,8 +80,9 @@ def test_train_returns_weights_metrics_and_keeps_local_state(tmp_path, share):
     assert state["step"] == 2
     if share == "g":
         # the local D is what the next round starts from (the global record carries no d.*)
-        rep2 = _call(Message(RecordDict({"arrays": ArrayRecord(glob.weights(share)), "config": _conf(cfg, **{"server-round": 2})}),
-                             message_type=MessageType.TRAIN, dst_node_id=7), ctx)
+        # the second task carries only the config's digest: the site kept the config in its Context state
+        rep2 = _call(_train(cfg, glob.weights(share), server_round=2, ref=ConfigRef.digest_only(config_from_dict(cfg))),
+                     ctx)
         assert not rep2.has_error()
         state2 = torch.load(tmp_path / "hospital-a" / "local_trainer.pt", weights_only=True)
         assert state2["step"] == 4
@@ -86,10 +92,22 @@ def test_train_returns_weights_metrics_and_keeps_local_state(tmp_path, share):
 def test_wrong_image_shape_fails_with_a_clear_message(tmp_path):
     # Flower turns the exception into an error reply; the coordinator logs it per site.
     cfg = tiny_config()
-    msg = Message(RecordDict({"arrays": ArrayRecord({}), "config": _conf(cfg, size=16)}),
-                  message_type=MessageType.TRAIN, dst_node_id=7)
     with pytest.raises(ValueError, match="local images are"):
-        _call(msg, _ctx(tmp_path))
+        _call(_train(cfg, {}, size=16), _ctx(tmp_path))
+
+
+def test_a_digest_the_site_has_no_config_for_is_a_clear_error(tmp_path):
+    cfg = tiny_config(rounds=5)  # a config no other test sent: not in this process's cache either
+    ref = ConfigRef.digest_only(config_from_dict(cfg))
+    with pytest.raises(UnknownConfigError, match=f"{UNKNOWN_CONFIG_MARK} {ref.digest[:16]}.*restarted"):
+        _call(_train(cfg, {}, ref=ref), _ctx(tmp_path))
+
+
+def test_a_config_that_does_not_match_its_digest_is_refused(tmp_path):
+    cfg = tiny_config()
+    bad = ConfigRef(config_from_dict(tiny_config(rounds=3)).digest(), _ref(cfg).config_json)
+    with pytest.raises(ProtocolError, match="digest"):
+        _call(_train(cfg, {}, ref=bad), _ctx(tmp_path))
 
 
 def test_train_reply_carries_the_watch_points(tmp_path):
@@ -98,11 +116,28 @@ def test_train_reply_carries_the_watch_points(tmp_path):
 
     cfg = tiny_config()
     glob = GanTrainer(config_from_dict(cfg), 1, 8)
-    msg = Message(RecordDict({"arrays": ArrayRecord(glob.weights("gd")), "config": _conf(cfg, **{"local-steps": 4})}),
-                  message_type=MessageType.TRAIN, dst_node_id=7)
-    rep = _call(msg, _ctx(tmp_path, n=12))
+    rep = _call(_train(cfg, glob.weights("gd"), local_steps=4), _ctx(tmp_path, n=12))
     assert not rep.has_error(), rep.error
-    m = rep.content["metrics"]
+    m = TrainReply.from_record(rep.content).metrics
     for k in ("d_real", "d_fake", "r1", "loss_d", "loss_g"):
-        assert k in m and math.isfinite(m[k]), k
-    assert m["r1"] > 0  # computed at least once in 4 steps (lazy R1), averaged over those steps
+        assert math.isfinite(getattr(m, k)), k
+    assert m.r1 > 0  # computed at least once in 4 steps (lazy R1), averaged over those steps
+
+
+def test_evaluate_returns_scores_confusion_arrays_and_the_audit(tmp_path):
+    # phases c+d at the site: phi_down's weights in, a SiteEvaluation out (no synthesis ran: nothing exported)
+    from plan_shared.classifiers import build_classifier
+    from plan_shared.protocol import EvaluationTask, SiteEvaluation
+
+    cfg = tiny_config()
+    cfg["downstream"] = {"epochs": 1, "width": 4, "depth": 1, "feature_dim": 8}
+    phi = build_classifier(2, 1, 8, config_from_dict(cfg).downstream)
+    task = EvaluationTask(ArrayRecord(phi.state_dict()), 2, 1, 8, _ref(cfg))
+    rep = _call(Message(task.to_record(), message_type=task.MESSAGE_TYPE, dst_node_id=7), _ctx(tmp_path, n=12))
+    assert not rep.has_error(), rep.error
+    ev = SiteEvaluation.from_record(rep.content)
+    assert ev.site_id == "hospital-a" and ev.num_classes == 2
+    for sc in (ev.synthetic, ev.real):
+        assert sc.confusion.shape == (2, 2) and int(sc.confusion.sum()) == sc.n == 4  # the site's test split
+        assert sc.accuracy == pytest.approx(np.trace(sc.confusion) / sc.n)
+    assert ev.privacy["n_members"] == 12 and ev.privacy["n_synthetic"] == 0

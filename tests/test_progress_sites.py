@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 
 import pytest
 
@@ -47,22 +46,21 @@ def _identity():
 
 
 def test_client_app_train_in_simulation_writes_the_sites_progress_file(tmp_path, _identity):
-    from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
+    from flwr.app import ArrayRecord, Context, Message, RecordDict
 
     from client.app import app
     from plan_shared.gan import GanTrainer
+    from plan_shared.protocol import ConfigRef, TrainTask
 
     raw = tiny_config()
     raw["data"].update(source="medmnist", path=str(make_npz(tmp_path / "d.npz", n_train=40, size=8)), size=8)
     raw["partition"].update(sites=2)
     raw["federation"]["state_dir"] = str(tmp_path / "out")
     cfg = config_from_dict(raw)
-    conf = ConfigRecord({"plan-config": json.dumps(cfg.to_dict()), "run-digest": "x", "channels": 1, "size": 8,
-                         "local-steps": 2, "server-round": 3})
+    task = TrainTask(ArrayRecord(GanTrainer(cfg, 1, 8).weights("gd")), 3, 1, 8, 2, "x", ConfigRef.full(cfg))
     ctx = Context(run_id=1, node_id=7, node_config={"partition-id": 1, "num-partitions": 2}, state=RecordDict(),
                   run_config={})
-    msg = Message(RecordDict({"arrays": ArrayRecord(GanTrainer(cfg, 1, 8).weights("gd")), "config": conf}),
-                  message_type=MessageType.TRAIN, dst_node_id=7)
+    msg = Message(task.to_record(), message_type=task.MESSAGE_TYPE, dst_node_id=7)
     reply = app(msg, ctx)
     assert not reply.has_error(), reply.error
     evs = P.ProgressTail(tmp_path / "out" / "sites", "*/progress.jsonl").poll()

@@ -7,20 +7,38 @@ import json
 import numpy as np
 import pytest
 
-from server.report import build_report, metrics_from_confusion, privacy_utility_plot, write_report
+from plan_shared.protocol import ClassifierScore, SiteEvaluation, SynthesisSummary
+from server.report import (
+    PhaseResult, SiteFailure, build_report, metrics_from_confusion, privacy_utility_plot, synthesis_entry, write_report,
+)
 
 
-def _site(cm_syn, cm_real, mia, n_members):
-    k = len(cm_syn)
-    flat = lambda cm: [int(v) for row in cm for v in row]  # noqa: E731
-    d = {"status": "ok", "num_classes": k, "synthetic.confusion": flat(cm_syn), "real.confusion": flat(cm_real)}
-    for which, cm in (("synthetic", cm_syn), ("real", cm_real)):
-        for key, v in metrics_from_confusion(np.asarray(cm)).items():
-            d[f"{which}.{key}"] = v
-        d[f"{which}.n"] = int(np.sum(cm))
-    d.update({"privacy.mia_auc": mia, "privacy.mia_tpr_at_1pct_fpr": 0.0, "privacy.dcr_ratio": 1.0,
-              "privacy.too_close_rate": 0.0, "privacy.n_members": n_members, "privacy.n_synthetic": 10})
-    return d
+def _score(cm) -> ClassifierScore:
+    cm = np.asarray(cm, dtype=np.int64)
+    m = metrics_from_confusion(cm)
+    return ClassifierScore(m["accuracy"], m["balanced_accuracy"], m["qwk"], int(cm.sum()), cm)
+
+
+def _site(cm_syn, cm_real, mia, n_members, **privacy):
+    return SiteEvaluation("s", len(cm_syn), 1.0, _score(cm_syn), _score(cm_real),
+                          {"mia_auc": mia, "mia_tpr_at_1pct_fpr": 0.0, "dcr_ratio": 1.0, "too_close_rate": 0.0,
+                           "n_members": n_members, "n_synthetic": 10, **privacy})
+
+
+def _phase(sites: dict) -> PhaseResult:
+    res = PhaseResult()
+    for i, (name, entry) in enumerate(sites.items()):
+        res.add(name, i, entry)
+    return res
+
+
+def _summary(name: str, **kw) -> SynthesisSummary:
+    base = dict(site_id=name, bundle_id="", export_status="stored", n_candidates=9, n_accepted=3, planted_total=2,
+                planted_rejected=2, tau_id=0.5, delta=0.1, num_classes=2, synthesis_s=1.0)
+    return SynthesisSummary(**{**base, **kw})
+
+
+FAILED = SiteFailure(None, "boom", "boom")
 
 
 def test_metrics_from_confusion():
@@ -31,10 +49,10 @@ def test_metrics_from_confusion():
 
 
 def test_build_report_pools_exactly(tmp_path):
-    ev = {"sites": {"site-0": _site([[5, 0], [5, 0]], [[5, 0], [0, 5]], 0.6, 100),
-                    "site-1": _site([[0, 5], [0, 5]], [[4, 1], [1, 4]], 0.5, 300),
-                    "site-2": {"status": "failed", "reason": "boom"}}}
-    syn = {"sites": {"site-0": {"status": "ok", "n_accepted": 3}, "site-2": {"status": "failed", "reason": "boom"}}}
+    ev = _phase({"site-0": _site([[5, 0], [5, 0]], [[5, 0], [0, 5]], 0.6, 100),
+                 "site-1": _site([[0, 5], [0, 5]], [[4, 1], [1, 4]], 0.5, 300),
+                 "site-2": FAILED})
+    syn = _phase({"site-0": _summary("site-0"), "site-2": FAILED})
     rep = build_report(federation={"rounds_done": 2}, synthesis=syn,
                        downstream={"pool": {"n_images": 6, "n_files": 6, "per_site": {"site-0": 6}}},
                        evaluation=ev, timing={"total_s": 1.0}, config={}, method="plan")
@@ -43,7 +61,8 @@ def test_build_report_pools_exactly(tmp_path):
     assert pooled["confusion"] == [[5, 5], [5, 5]] and pooled["accuracy"] == pytest.approx(0.5)
     assert rep["utility"]["real_accuracy"] == pytest.approx(18 / 20)
     assert rep["privacy"]["mia_auc"] == pytest.approx((0.6 * 100 + 0.5 * 300) / 400)
-    assert rep["utility"]["sites"]["site-2"]["status"] == "failed"
+    assert rep["utility"]["sites"]["site-2"] == {"status": "failed", "reason": "boom"}
+    assert rep["synthesis"]["site-0"]["n_accepted"] == 3 and rep["synthesis"]["site-2"]["reason"] == "boom"
     for key in ("sites", "rounds", "pool", "utility", "privacy", "timing"):
         assert key in rep
     for key in ("mia_auc", "mia_tpr_at_1pct_fpr", "dcr_ratio", "too_close_rate"):
@@ -61,9 +80,9 @@ def test_report_html_is_self_contained(tmp_path):
 
     from PIL import Image
 
-    ev = {"sites": {"site-0": _site([[5, 0], [1, 4]], [[5, 0], [0, 5]], 0.55, 100),
-                    "site-1": {"status": "failed", "reason": "<script>alert(1)</script> see [here](https://x.example)"}}}
-    syn = {"sites": {"site-0": {"status": "ok", "n_candidates": 9, "n_accepted": 3}}}
+    why = "<script>alert(1)</script> see [here](https://x.example)"
+    ev = _phase({"site-0": _site([[5, 0], [1, 4]], [[5, 0], [0, 5]], 0.55, 100), "site-1": SiteFailure(1, why, why)})
+    syn = _phase({"site-0": _summary("site-0")})
     rep = build_report(federation={"rounds_done": 2}, synthesis=syn,
                        downstream={"pool": {"n_images": 3, "n_files": 3, "per_site": {"site-0": 3}}},
                        evaluation=ev, timing={"total_s": 1.0}, config={}, method="plan")
@@ -103,12 +122,11 @@ def test_report_html_is_self_contained(tmp_path):
 
 
 def test_pooled_privacy_interval_and_table(tmp_path):
-    a, b = _site([[5, 0], [0, 5]], [[5, 0], [0, 5]], 0.52, 100), _site([[5, 0], [0, 5]], [[5, 0], [0, 5]], 0.48, 100)
-    a.update({"privacy.mia_auc_lo": 0.42, "privacy.mia_auc_hi": 0.62, "privacy.mia_auc_gap": 0.02})
-    b.update({"privacy.mia_auc_lo": 0.38, "privacy.mia_auc_hi": 0.58, "privacy.mia_auc_gap": 0.02})
-    rep = build_report(federation={"rounds_done": 1}, synthesis={"sites": {}},
+    a = _site([[5, 0], [0, 5]], [[5, 0], [0, 5]], 0.52, 100, mia_auc_lo=0.42, mia_auc_hi=0.62, mia_auc_gap=0.02)
+    b = _site([[5, 0], [0, 5]], [[5, 0], [0, 5]], 0.48, 100, mia_auc_lo=0.38, mia_auc_hi=0.58, mia_auc_gap=0.02)
+    rep = build_report(federation={"rounds_done": 1}, synthesis=_phase({}),
                        downstream={"pool": {"n_images": 1, "n_files": 1, "per_site": {}}},
-                       evaluation={"sites": {"site-0": a, "site-1": b}}, timing={}, config={}, method="plan")
+                       evaluation=_phase({"site-0": a, "site-1": b}), timing={}, config={}, method="plan")
     p = rep["privacy"]
     assert p["mia_auc"] == pytest.approx(0.5) and p["mia_auc_gap"] == pytest.approx(0.0)
     # two equal-weight sites, each with standard error 0.1 / 1.96: pooled standard error 0.1 / 1.96 / sqrt(2)
@@ -131,13 +149,12 @@ def test_privacy_utility_plot_names_its_references(tmp_path):
 
     from server.phases import POOL_RECIPE, SITE_RECIPE, _comparison_points
 
-    site = {"status": "ok"}
-    for m, (auc, acc) in {"plan": (0.52, 0.80), "linear": (0.55, 0.78), "random": (0.5, 0.82), "real": (1.0, 0.70)}.items():
-        site.update({f"compare.{m}.mia_auc": auc, f"compare.{m}.accuracy": acc,
-                     f"compare.{m}.mia_auc_lo": auc - 0.03, f"compare.{m}.mia_auc_hi": min(auc + 0.03, 1.0)})
+    compare = {m: {"mia_auc": auc, "accuracy": acc, "mia_auc_lo": auc - 0.03, "mia_auc_hi": min(auc + 0.03, 1.0)}
+               for m, (auc, acc) in {"plan": (0.52, 0.80), "linear": (0.55, 0.78), "random": (0.5, 0.82),
+                                     "real": (1.0, 0.70)}.items()}
     report = {"utility": {"accuracy": 0.88, "real_accuracy": 0.89},
               "privacy": {"mia_auc": 0.51, "mia_auc_lo": 0.47, "mia_auc_hi": 0.55}}
-    pts = _comparison_points({"sites": {"site-0": site, "site-1": {"status": "failed"}}}, report, "plan")
+    pts = _comparison_points(_phase({"site-0": _summary("site-0", compare=compare), "site-1": FAILED}), report, "plan")
     assert set(pts) == {SITE_RECIPE, POOL_RECIPE}
     # one real reference per recipe panel, named for what it is; never the old ambiguous "real (site)"
     assert pts[SITE_RECIPE]["site alone (real train split)"][:2] == (1.0, 0.70)
@@ -158,3 +175,16 @@ def test_privacy_utility_plot_names_its_references(tmp_path):
     assert SITE_RECIPE in text and POOL_RECIPE in text
     png = privacy_utility_plot(pts, tmp_path / "pu.png")
     assert png.stat().st_size > 1000
+
+
+def test_synthesis_entry_keeps_the_report_json_keys():
+    """report.json's synthesis section shows a site's typed summary under the keys it always had."""
+    s = _summary("site-0", bundle_id="abc", compare={"plan": {"accuracy": 0.8, "mia_auc": 0.5}},
+                 methods={"linear": {"n": 40.0, "accept_rate": 0.25}}, utility={"synthetic": 0.7},
+                 timing={"inversion": 2.0})
+    e = synthesis_entry(s, 7)
+    assert e == {"status": "ok", "node_id": 7, "n_candidates": 9, "n_accepted": 3, "planted_total": 2,
+                 "planted_rejected": 2, "tau_id": 0.5, "delta": 0.1, "num_classes": 2,
+                 "compare.plan.accuracy": 0.8, "compare.plan.mia_auc": 0.5, "linear.n": 40.0,
+                 "linear.accept_rate": 0.25, "utility.synthetic.accuracy": 0.7, "synthesis_s": 1.0,
+                 "timing.inversion": 2.0, "site-id": "site-0", "bundle-id": "abc", "export-status": "stored"}

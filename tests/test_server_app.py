@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import time
-from types import SimpleNamespace
 
 import pytest
 
@@ -12,7 +10,7 @@ pytest.importorskip("flwr")
 
 from plan_shared.config import config_from_dict  # noqa: E402
 from server.federation import (  # noqa: E402
-    Federation, FederationError, collect_replies, load_run_config, run_digest, wait_for_nodes,
+    Federation, FederationError, load_run_config, run_digest, wait_for_nodes,
 )
 from tests.test_federation_util import tiny_config  # noqa: E402
 
@@ -62,72 +60,3 @@ def test_resume_refuses_a_different_model(tmp_path):
     assert Federation(FakeGrid([[1]]), c, tmp_path).latest()["round"] == 1
     with pytest.raises(FederationError, match="different model"):
         Federation(FakeGrid([[1]]), b, tmp_path).latest()
-
-
-class ReplyGrid:
-    """Pushes get ids m0, m1, ...; message i is answered ``delays[i]`` s after the push (None: never)."""
-
-    def __init__(self, delays, errors=()):
-        self.delays, self.errors, self.t0 = delays, set(errors), None
-
-    def push_messages(self, msgs):
-        self.t0 = time.monotonic()
-        for i, m in enumerate(msgs):
-            m.metadata.message_id = f"m{i}"
-        return [f"m{i}" for i in range(len(msgs))]
-
-    def pull_messages(self, ids):
-        now = time.monotonic() - self.t0
-        out = []
-        for mid in ids:
-            i = int(mid[1:])
-            if self.delays[i] is not None and now >= self.delays[i]:
-                err = i in self.errors
-                out.append(SimpleNamespace(metadata=SimpleNamespace(reply_to_message_id=mid, src_node_id=1 if err else i),
-                                           has_error=lambda err=err: err))
-        return out
-
-
-def _msgs(n):
-    return [SimpleNamespace(metadata=SimpleNamespace(message_id="", dst_node_id=100 + i)) for i in range(n)]
-
-
-def test_collect_replies_returns_when_everyone_answered():
-    t0 = time.monotonic()
-    replies, ended = collect_replies(ReplyGrid([0.0, 0.05, 0.1]), _msgs(3), min_replies=2, timeout_s=30, grace=2.0,
-                                     poll_s=0.01)
-    assert ended == "all" and len(replies) == 3 and time.monotonic() - t0 < 5
-
-
-def test_collect_replies_cuts_a_straggler_after_the_grace():
-    t0 = time.monotonic()
-    replies, ended = collect_replies(ReplyGrid([0.1, 0.1, None]), _msgs(3), min_replies=2, timeout_s=30, grace=1.0,
-                                     min_wait_s=0.3, poll_s=0.01)
-    took = time.monotonic() - t0
-    assert ended == "grace" and sorted(r.metadata.reply_to_message_id for r in replies) == ["m0", "m1"]
-    assert 0.35 <= took < 5, took  # quorum at ~0.1 s, then max(1.0 x 0.1, 0.3) s more
-
-
-def test_collect_replies_waits_for_a_slower_site_within_the_grace():
-    replies, ended = collect_replies(ReplyGrid([0.1, 0.1, 0.25]), _msgs(3), min_replies=2, timeout_s=30, grace=2.0,
-                                     min_wait_s=0.0, poll_s=0.01)
-    assert ended == "all" and len(replies) == 3
-
-
-def test_collect_replies_without_grace_waits_until_the_round_timeout():
-    t0 = time.monotonic()
-    replies, ended = collect_replies(ReplyGrid([0.0, 0.0, None]), _msgs(3), min_replies=2, timeout_s=0.5, grace=None,
-                                     poll_s=0.01)
-    assert ended == "timeout" and len(replies) == 2 and time.monotonic() - t0 >= 0.5
-
-
-def test_error_replies_end_the_wait_but_do_not_make_a_quorum():
-    # Flower answers for a node that stopped sending heartbeats with an error reply from the SuperLink.
-    t0 = time.monotonic()
-    replies, ended = collect_replies(ReplyGrid([0.0, 0.05, 0.05], errors={1, 2}), _msgs(3), min_replies=2,
-                                     timeout_s=30, grace=0.0, poll_s=0.01)
-    assert ended == "all" and sum(r.has_error() for r in replies) == 2 and time.monotonic() - t0 < 5
-    # Two error replies and no success: no quorum, so no grace cut; the round runs to its timeout.
-    replies, ended = collect_replies(ReplyGrid([None, 0.0, 0.0], errors={1, 2}), _msgs(3), min_replies=2,
-                                     timeout_s=0.3, grace=0.0, poll_s=0.01)
-    assert ended == "timeout" and len(replies) == 2

@@ -7,17 +7,16 @@ site's own minimums is refused before any work, naming the key and both values.
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import yaml
 
 pytest.importorskip("flwr")
 
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict  # noqa: E402
+from flwr.app import ArrayRecord, Context, Message, RecordDict  # noqa: E402
 from flwr.supercore.task_identity import TaskIdentity  # noqa: E402
 
 from plan_shared.config import config_from_dict  # noqa: E402
+from plan_shared.protocol import ConfigRef, SynthesisTask  # noqa: E402
 from tests.test_federation_util import make_npz, tiny_config  # noqa: E402
 
 
@@ -57,10 +56,9 @@ def _synthesize(tmp_path, node_config: dict, **coordinator) -> Message:
         raw.setdefault(sec, {})[key] = v
     cfg = config_from_dict(raw)
     g = GanTrainer(cfg, 1, 8).weights("g")
-    conf = ConfigRecord({"plan-config": json.dumps(cfg.to_dict()), "channels": 1, "size": 8,
-                         "generator-round": 1, "method": "plan"})
-    msg = Message(RecordDict({"arrays": ArrayRecord({k: v for k, v in g.items() if k.startswith("g_ema.")}),
-                              "config": conf}), message_type=f"{MessageType.QUERY}.synthesize", dst_node_id=7)
+    task = SynthesisTask(ArrayRecord({k: v for k, v in g.items() if k.startswith("g_ema.")}), 1, 8, 1, "plan",
+                         ConfigRef.full(cfg))
+    msg = Message(task.to_record(), message_type=task.MESSAGE_TYPE, dst_node_id=7)
     ctx = Context(run_id=1, node_id=7, node_config=node_config, state=RecordDict(), run_config={})
     return app(msg, ctx)
 
