@@ -14,10 +14,12 @@ import torch
 from client import site_stages as S
 from client.pipeline import run_site_pipeline
 from client.site_stages import GeneratorSnapshot, PrivacyInvariantError
+from plan_shared.classifiers import predict_logits
 from plan_shared.config import PlanConfig, config_from_dict
 from plan_shared.data import ImageDataset, Split
 from plan_shared.gan import GanTrainer, file_sha256, generator_digest
-from plan_shared.manifest import read_site_manifest
+from plan_shared.manifest import Thresholds, read_site_manifest
+from tests.test_site_report import FILTER, TOP
 from tests.test_synthesize import TINY
 
 SIZE = 16
@@ -116,7 +118,7 @@ def test_identities_are_patients_where_the_split_knows_them():
     assert data.section().n_identities == 20
     cfg = _cfg()
     phi_id = S.train_identity_model(cfg, ds, data, DEV, False)
-    assert S.predict_logits(phi_id, data.x_tr[:2]).shape == (2, 20)  # one output per patient
+    assert predict_logits(phi_id, data.x_tr[:2]).shape == (2, 20)  # one output per patient
     plain = S.load_site_data(_dataset())
     assert plain.identity_unit == "image" and plain.n_id == 40
 
@@ -177,7 +179,7 @@ def test_a_failed_planted_test_blocks_the_export(site):
     loose = _cfg(filter=dict(TINY["filter"], tau_id=1.0, tau_indep=1.0, pixel_zone=False,
                              block_on_planted=True))
     cal = S.calibrate_filter(loose, site.data, site.ids.indep)
-    cal.thresholds = S.Thresholds(1.0, 1.0, -1.0)  # nothing can be rejected: the planted test must fail
+    cal.thresholds = Thresholds(1.0, 1.0, -1.0)  # nothing can be rejected: the planted test must fail
     flt = S.filter_candidates(loose, "plan", site.cand, site.ids, cal, site.data)
     assert not flt.sensitivity_ok and flt.blocked and flt.section.export_blocked
     assert len(flt.passed("plan")) == len(site.cand["plan"]) and len(flt.exported("plan")) == 0
@@ -197,7 +199,7 @@ def test_writer_refuses_a_record_that_fails_the_thresholds_and_writes_nothing(tm
     i = int(site.flt.passed("plan")[0]) if len(site.flt.passed("plan")) else int(rejected[0])
     tight = float(scores.pixel_dcr[i]) + 1.0
     with pytest.raises(PrivacyInvariantError, match="pixel_dcr"):
-        S.check_exportable(scores, i, S.Thresholds(1.0, 1.0, -1.0), tight, "x")
+        S.check_exportable(scores, i, Thresholds(1.0, 1.0, -1.0), tight, "x")
 
 
 def test_writer_writes_the_passing_images_and_their_manifest(tmp_path, site):
@@ -243,8 +245,26 @@ def test_pipeline_from_a_snapshot_records_the_weights_digest_and_no_checkpoint(t
     cfg = _cfg(synthesis=dict(TINY["synthesis"], compare=False))
     rep = run_site_pipeline(cfg, site.ds, site.snap, tmp_path / "out", generator_round=2, progress=False)
     assert rep["generator"] == {"checkpoint": None, "sha256": site.snap.digest(), "round": 2}
-    assert "compare" not in rep and rep["timing"]["total"] >= 0
+    assert list(rep) == [k for k in TOP if k != "compare"] and list(rep["filter"]) == FILTER
     assert json.loads(Path(tmp_path / "out" / "report.json").read_text()) == json.loads(json.dumps(rep))
     assert read_site_manifest(tmp_path / "out" / "manifest.json").generator_sha256 == site.snap.digest()
     with pytest.raises(ValueError, match="method must be one of"):
         run_site_pipeline(cfg, site.ds, site.snap, tmp_path / "o2", method="gan", progress=False)
+
+
+def test_synthesis_at_a_site_uses_the_sent_weights_in_memory(tmp_path):
+    """client/phases.py passes the coordinator's G_ema weights as a snapshot: no checkpoint, the model's digest."""
+    from client.phases import synthesize_at_site
+    from client.site import Site
+    from tests.test_synthesize import _npz
+
+    cfg = _cfg(data={"source": "medmnist", "path": str(_npz(tmp_path / "d.npz")), "size": SIZE, "download": False},
+               federation={"state_dir": str(tmp_path / "state")}, synthesis=dict(TINY["synthesis"], compare=False))
+    trainer = GanTrainer(cfg, 1, SIZE)
+    site = Site.from_node_config({"partition-id": 0, "num-partitions": 2}, cfg)
+    res = synthesize_at_site(site, cfg, trainer.weights("g"), 1, SIZE, generator_round=4)
+    gen = res["report"]["generator"]
+    assert gen == {"checkpoint": None, "sha256": generator_digest(trainer.G_ema), "round": 4}
+    out = site.state_dir / "synthesis"
+    assert not (out / "generator.pt").exists()
+    assert read_site_manifest(out / "out" / "manifest.json").generator_sha256 == gen["sha256"]
