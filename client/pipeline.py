@@ -24,9 +24,10 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any
 
 from client import site_stages as S
 from client.site_report import GeneratorSection, SiteReport, json_default
@@ -71,10 +72,10 @@ def run_site_pipeline(
     dataset: ImageDataset,
     generator: GeneratorSource,
     out_dir: str | Path,
-    method: Optional[str] = None,
-    generator_round: Optional[int] = None,
+    method: str | None = None,
+    generator_round: int | None = None,
     progress: bool = True,
-    reporter: Optional[P.Reporter] = None,
+    reporter: P.Reporter | None = None,
 ) -> dict[str, Any]:
     """Run B1-B6 on ``dataset`` with ``generator`` (checkpoint path or snapshot); write ``out_dir``; return report.json.
 
@@ -96,7 +97,7 @@ def run_site_pipeline(
 
 
 def _run_site_pipeline(cfg: PlanConfig, ds: ImageDataset, generator: GeneratorSource, out_dir: str | Path,
-                       method: Optional[str], generator_round: Optional[int], progress: bool,
+                       method: str | None, generator_round: int | None, progress: bool,
                        rep: P.Reporter) -> SiteReport:
     """The stages of client/site_stages.py in order, one timed progress stage each (see its table)."""
     m = check_method(method or cfg.synthesis.method)
@@ -150,7 +151,7 @@ def _run_site_pipeline(cfg: PlanConfig, ds: ImageDataset, generator: GeneratorSo
         site_id=cfg.site_id, dataset=ds.name, method=m, device=str(dev), data=data.section(), identity=identity,
         classes=cls.section, inversion=inv.section, anchors=ap.section, navigation=paths.section, filter=flt.section,
         methods=flt.methods, methods_note=METHODS_NOTE % cfg.synthesis.truncation, utility=utility, compare=compare,
-        figures=figures, n_candidates=len(cand[m]), n_accepted=int(len(flt.exported(m))),
+        figures=figures, n_candidates=len(cand[m]), n_accepted=len(flt.exported(m)),
         generator=GeneratorSection(gen.checkpoint, gen.sha256, generator_round), config_sha256=cfg.digest(),
         timing=tm.timing)
     write_report(out, report.to_json())

@@ -12,14 +12,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, fields
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 
 from plan_shared.manifest import Method
 
 
-def finite(x: Any) -> Optional[float]:
+def finite(x: Any) -> float | None:
     """``float(x)``, or None for NaN / inf (report.json holds no non-finite number)."""
     v = float(x)
     return None if math.isnan(v) or math.isinf(v) else v
@@ -48,11 +48,6 @@ def _plain(section: Any) -> dict[str, Any]:
     return out
 
 
-def _merged() -> Any:
-    """A dict field whose keys are merged into the section (not nested under the field's name)."""
-    return field(default_factory=dict, metadata={"merge": True})
-
-
 @dataclass
 class DataSection:
     n_train: int
@@ -68,17 +63,17 @@ class IdentitySection:
     phi_id_acc_augmented_train: float
     phi_id_acc_train: float
     phi_id_mean_max_prob_members: float
-    phi_id_mean_max_prob_val: Optional[float]
+    phi_id_mean_max_prob_val: float | None
     indep_acc_augmented_train: float
     indep_mean_max_prob_members: float
-    indep_mean_max_prob_val: Optional[float]
+    indep_mean_max_prob_val: float | None
     embedding: str = "L2-normalised features of the independent identity model"
 
 
 @dataclass
 class ClassesSection:
-    phi_class_val_acc: Optional[float]
-    phi_class_test_acc: Optional[float]
+    phi_class_val_acc: float | None
+    phi_class_test_acc: float | None
     best_epoch: Any
 
 
@@ -91,15 +86,16 @@ class InversionSection:
     batch_size: int
     lr: float
     sigma_w: float
-    mean_mse: Optional[float]
-    mean_mse_at_w_avg: Optional[float]
-    seconds_per_image: Optional[float]
-    image_steps_per_s: Optional[float]
+    mean_mse: float | None
+    mean_mse_at_w_avg: float | None
+    seconds_per_image: float | None
+    image_steps_per_s: float | None
 
 
 @dataclass
 class AnchorsSection:
-    summary: dict[str, Any] = _merged()  # plan_shared.anchors.Anchors.summary(): n_anchors, per_class, ...
+    # plan_shared.anchors.AnchorResult.summary() (n_anchors, per_class, ...): merged into the section, not nested
+    summary: dict[str, Any] = field(default_factory=dict, metadata={"merge": True})
     k: int = 0
     pairs_m: int = 0
     n_pairs_available: int = 0
@@ -117,9 +113,9 @@ class NavigationSection:
     lambda_class: float
     chunk: int
     w_scale: float
-    max_offset: Optional[float]
+    max_offset: float | None
     paths: int
-    path_steps_per_s: Optional[float]
+    path_steps_per_s: float | None
     loss_first: Any
     loss_last: Any
 
@@ -135,14 +131,14 @@ class FilterSection:
     planted_total: int
     planted_rejected: int
     planted_reject_reasons: dict[str, int]
-    planted_mean_dcr: Optional[float]
-    planted_mean_max_id_prob: Optional[float]
+    planted_mean_dcr: float | None
+    planted_mean_max_id_prob: float | None
     planted_heldout_total: int
     planted_heldout_rejected: int
     planted_heldout_by_split: dict[str, int]
     planted_heldout_reject_reasons: dict[str, int]
     reject_reasons: dict[str, int]
-    delta_pixel: Optional[float]
+    delta_pixel: float | None
     dcr_reject_nearest_split: dict[str, int]
     zone: dict[str, Any]
     heldout_dcr: dict[str, Any]
@@ -153,11 +149,11 @@ class MethodStats:
     """One method's candidates before the filter: their scores and how many pass."""
 
     n: int
-    mean_dcr: Optional[float]
-    p05_dcr: Optional[float]
-    mean_max_id_prob: Optional[float]
-    mean_indep_id_prob: Optional[float]
-    accept_rate: Optional[float]
+    mean_dcr: float | None
+    p05_dcr: float | None
+    mean_max_id_prob: float | None
+    mean_indep_id_prob: float | None
+    accept_rate: float | None
     n_accepted: int
 
 
@@ -165,11 +161,11 @@ class MethodStats:
 class UtilityScore:
     """The utility classifier on the real test split (None scores when it had < 2 images to train on)."""
 
-    accuracy: Optional[float]
-    balanced_accuracy: Optional[float]
-    qwk: Optional[float]
+    accuracy: float | None
+    balanced_accuracy: float | None
+    qwk: float | None
     n_train: int
-    per_class_train: Optional[dict[str, int]] = None  # the synthetic set only
+    per_class_train: dict[str, int] | None = None  # the synthetic set only
     trained: bool = True  # False: too few images, no classifier (not serialised; only the key order differs)
 
     def to_json(self) -> dict[str, Any]:
@@ -200,10 +196,10 @@ class UtilitySection:
 class ComparePoint:
     """A method's privacy-utility point: utility on its filter-passing images and the distance MIA against them."""
 
-    accuracy: Optional[float]
-    qwk: Optional[float]
+    accuracy: float | None
+    qwk: float | None
     n: int
-    mia: dict[str, Optional[float]]  # client.evaluate.distance_mia keys (mia_auc, its interval, gap, tpr)
+    mia: dict[str, float | None]  # client.evaluate.distance_mia keys (mia_auc, its interval, gap, tpr)
 
     def to_json(self) -> dict[str, Any]:
         return {"accuracy": self.accuracy, "qwk": self.qwk, "n": self.n, **self.mia}
@@ -211,9 +207,9 @@ class ComparePoint:
 
 @dataclass
 class GeneratorSection:
-    checkpoint: Optional[str]  # None when the generator came as an in-memory snapshot
+    checkpoint: str | None  # None when the generator came as an in-memory snapshot
     sha256: str  # plan_shared.gan.generator_digest: weights only, the same at every site
-    round: Optional[int]
+    round: int | None
 
 
 @dataclass
@@ -229,12 +225,12 @@ class SiteReport:
     classes: ClassesSection
     inversion: InversionSection
     anchors: AnchorsSection
-    navigation: Optional[NavigationSection]
+    navigation: NavigationSection | None
     filter: FilterSection
     methods: dict[str, MethodStats]
     methods_note: str
     utility: UtilitySection
-    compare: Optional[dict[str, ComparePoint]]
+    compare: dict[str, ComparePoint] | None
     figures: dict[str, str]
     n_candidates: int
     n_accepted: int

@@ -33,10 +33,10 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Mapping, Optional
 
 import numpy as np
 import torch
@@ -71,15 +71,30 @@ from plan_shared.gan import file_sha256, generator_digest
 from plan_shared.gan import load_generator as load_generator_checkpoint
 from plan_shared.imaging import save_png, to_uint8_hwc
 from plan_shared.inversion import invert
-from plan_shared.manifest import METHODS, ImageRecord, Method, SiteManifest, Thresholds, safe_class_names
-from plan_shared.manifest import write_site_manifest
+from plan_shared.manifest import (
+    METHODS,
+    ImageRecord,
+    Method,
+    SiteManifest,
+    Thresholds,
+    safe_class_names,
+    write_site_manifest,
+)
 from plan_shared.metrics import classification_report, dcr_summary
 from plan_shared.models import build_generator
+from plan_shared.models.classifier import Classifier
 from plan_shared.models.generator import StyleGenerator
 from plan_shared.navigation import NavWeights, linear_paths, optimise_paths, random_samples, w_std
 from plan_shared.plots import dcr_histogram, path_strips, sample_grid
-from plan_shared.privacy import ExclusionZone, Scores, accept_mask, build_zone, plant_duplicates, reject_reasons
-from plan_shared.privacy import score_images
+from plan_shared.privacy import (
+    ExclusionZone,
+    Scores,
+    accept_mask,
+    build_zone,
+    plant_duplicates,
+    reject_reasons,
+    score_images,
+)
 
 LOG = logging.getLogger("plan.pipeline")
 Split = str  # "train" | "val" | "test"
@@ -127,7 +142,7 @@ GeneratorSource = str | Path | GeneratorSnapshot
 class SiteGenerator:
     G: StyleGenerator
     sha256: str  # weights only (plan_shared.gan.generator_digest)
-    checkpoint: Optional[str]  # the file it came from; None for a snapshot
+    checkpoint: str | None  # the file it came from; None for a snapshot
 
 
 def load_generator(cfg: PlanConfig, source: GeneratorSource, ds: ImageDataset, device: torch.device) -> SiteGenerator:
@@ -195,12 +210,12 @@ def load_site_data(ds: ImageDataset) -> SiteData:
 # ---------------------------------------------------------------------------------------------- B1 identity
 @dataclass
 class IdentityModels:
-    phi_id: torch.nn.Module  # navigation's identity term and the filter's max_id_prob
-    indep: torch.nn.Module  # independent model: the filter's second opinion and its embedding
+    phi_id: Classifier  # navigation's identity term and the filter's max_id_prob
+    indep: Classifier  # independent model: the filter's second opinion and its embedding
 
 
 def train_identity_model(cfg: PlanConfig, ds: ImageDataset, data: SiteData, device: torch.device, progress: bool,
-                         independent: bool = False) -> torch.nn.Module:
+                         independent: bool = False) -> Classifier:
     """phi_id (or, ``independent``, the second identity model: its own seed and width) on the train split."""
     idc = cfg.identity
     seed = cfg.seed + idc.indep_seed_offset if independent else cfg.seed
@@ -216,7 +231,7 @@ def train_identity_model(cfg: PlanConfig, ds: ImageDataset, data: SiteData, devi
 def identity_section(cfg: PlanConfig, data: SiteData, ids: IdentityModels) -> IdentitySection:
     spec = spec_from(cfg.identity)
 
-    def mean_max_prob(m: torch.nn.Module, x: torch.Tensor) -> float:
+    def mean_max_prob(m: Classifier, x: torch.Tensor) -> float:
         return float(torch.softmax(predict_logits(m, x), 1).max(1).values.mean())
 
     has_val = len(data.x_va) > 0
@@ -234,7 +249,7 @@ def identity_section(cfg: PlanConfig, data: SiteData, ids: IdentityModels) -> Id
 # ---------------------------------------------------------------------------------------------- B2 class
 @dataclass
 class ClassModel:
-    phi_class: torch.nn.Module
+    phi_class: Classifier
     section: ClassesSection
 
 
@@ -259,20 +274,20 @@ class Calibration:
 
     zone: ExclusionZone
     thresholds: Thresholds
-    protected_x: dict[Split, torch.Tensor]  # the protected real images per split
+    protected_x: dict[str, torch.Tensor]  # the protected real images per split
     split: Split  # the held-out split delta was calibrated on
 
     @property
-    def delta_pixel(self) -> Optional[float]:
+    def delta_pixel(self) -> float | None:
         return self.zone.delta_pixel
 
 
-def calibrate_filter(cfg: PlanConfig, data: SiteData, indep: torch.nn.Module) -> Calibration:
+def calibrate_filter(cfg: PlanConfig, data: SiteData, indep: Classifier) -> Calibration:
     """Every protected real image (members and held-out alike) in the zone; delta calibrated on a seeded
     part of a held-out split against all the other protected images."""
     fc = cfg.filter
     split_x = {"train": data.x_tr, "val": data.x_va, "test": data.x_te}
-    protected_x = {k: split_x[k] for k in fc.protect if len(split_x[k])}
+    protected_x: dict[str, torch.Tensor] = {k: split_x[k] for k in fc.protect if len(split_x[k])}
     if "test" not in fc.protect:
         LOG.warning("filter.protect leaves out test, the non-members of the distance membership inference: "
                     "members are excluded and non-members are not, which is itself a membership signal")
@@ -299,7 +314,7 @@ class Inversion:
 
 
 def invert_train_images(cfg: PlanConfig, ds: ImageDataset, data: SiteData, G: StyleGenerator,
-                        phi_id: torch.nn.Module, progress: bool) -> Inversion:
+                        phi_id: Classifier, progress: bool) -> Inversion:
     ic = cfg.inversion
     n_train = len(data.x_tr)
     if ic.max_images is not None and ic.max_images < n_train:
@@ -315,7 +330,7 @@ def invert_train_images(cfg: PlanConfig, ds: ImageDataset, data: SiteData, G: St
     with torch.no_grad():
         base = (G.render(G.w_avg[None]).cpu() - data.x_tr[idx]).pow(2).flatten(1).mean(1)
     return Inversion(idx, w_real, ds.train.labels[idx], sigma_w, InversionSection(
-        n_inverted=int(len(idx)), n_train=n_train, subsampled=bool(len(idx) < n_train),
+        n_inverted=len(idx), n_train=n_train, subsampled=bool(len(idx) < n_train),
         steps=ic.steps, batch_size=ic.batch_size, lr=ic.lr, sigma_w=sigma_w,
         mean_mse=finite(err.mean()) if len(err) else None,
         mean_mse_at_w_avg=finite(base.mean()),
@@ -350,10 +365,10 @@ class Paths:
     plan: torch.Tensor  # [P, T, w_dim] PLAN paths, endpoints included
     linear: torch.Tensor  # [P, T, w_dim] the straight baseline between the same anchors
     labels: torch.Tensor  # [P] class of each path
-    section: Optional[NavigationSection]  # None when there is no pair
+    section: NavigationSection | None  # None when there is no pair
 
 
-def navigate_paths(cfg: PlanConfig, G: StyleGenerator, phi_id: torch.nn.Module, phi_class: torch.nn.Module,
+def navigate_paths(cfg: PlanConfig, G: StyleGenerator, phi_id: Classifier, phi_class: Classifier,
                    ap: AnchorPairs, sigma_w: float, device: torch.device, progress: bool) -> Paths:
     nc = cfg.navigation
     T, pairs, anc = nc.T, ap.pairs, ap.anchors
@@ -363,7 +378,7 @@ def navigate_paths(cfg: PlanConfig, G: StyleGenerator, phi_id: torch.nn.Module, 
     labels = torch.as_tensor(anc.labels[pa.numpy()] if len(pairs) else np.zeros(0, np.int64))
     section = None
     if len(pairs):
-        hist: list = []
+        hist: list[dict[str, float]] = []
         t0 = time.perf_counter()
         plan = optimise_paths(
             G, phi_id, phi_class, wa, wb, labels, T=T, steps=nc.steps, lr=nc.lr,
@@ -390,11 +405,11 @@ class Candidates:
     method: Method
     images: torch.Tensor  # [N, C, H, W] in [-1, 1]
     labels: np.ndarray  # [N] int: the path's class (plan, linear) or phi_class's prediction (random)
-    path_id: Optional[np.ndarray]  # [N] path of each image; None for random samples
-    position: Optional[np.ndarray]  # [N] interior position 1..T-2 on its path; None for random samples
+    path_id: np.ndarray | None  # [N] path of each image; None for random samples
+    position: np.ndarray | None  # [N] interior position 1..T-2 on its path; None for random samples
 
     def __len__(self) -> int:
-        return int(len(self.images))
+        return len(self.images)
 
     def image_id(self, i: int) -> str:
         """The record id of candidate ``i`` (its file name in the site directory)."""
@@ -411,7 +426,7 @@ def render(G: StyleGenerator, w: torch.Tensor, batch: int = 512) -> torch.Tensor
 
 
 def render_candidates(cfg: PlanConfig, G: StyleGenerator, paths: Paths,
-                      phi_class: torch.nn.Module) -> dict[Method, Candidates]:
+                      phi_class: Classifier) -> dict[Method, Candidates]:
     """Every interior path point of PLAN and linear, and as many random GAN samples (or synthesis.random_samples)."""
     n_paths, T = len(paths.plan), cfg.navigation.T
     cand: dict[Method, Candidates] = {}
@@ -501,11 +516,11 @@ def filter_candidates(cfg: PlanConfig, method: Method, cand: Mapping[Method, Can
     section = FilterSection(
         sensitivity_ok=sensitivity_ok, export_blocked=blocked,
         tau_id=th.tau_id, tau_indep=th.tau_indep, delta=th.delta, delta_quantile=fc.delta_quantile,
-        planted_total=int(len(planted_x)), planted_rejected=int((~planted_accept).sum()),
+        planted_total=len(planted_x), planted_rejected=int((~planted_accept).sum()),
         planted_reject_reasons=reject_reasons(planted_scores, th, d_pix),
         planted_mean_dcr=finite(planted_scores.dcr.mean()) if len(planted_x) else None,
         planted_mean_max_id_prob=finite(planted_scores.max_id_prob.mean()) if len(planted_x) else None,
-        planted_heldout_total=int(len(ph_x)), planted_heldout_rejected=int((~ph_accept).sum()),
+        planted_heldout_total=len(ph_x), planted_heldout_rejected=int((~ph_accept).sum()),
         planted_heldout_by_split=zone.nearest_splits(held_rows[ph_src]) if len(ph_x) else {},
         planted_heldout_reject_reasons=reject_reasons(ph_scores, th, d_pix) if len(ph_x) else {},
         reject_reasons=reject_reasons(exp, th, d_pix),
@@ -513,14 +528,14 @@ def filter_candidates(cfg: PlanConfig, method: Method, cand: Mapping[Method, Can
         # dcr rejections by the split of the closest protected image: members and non-members alike
         dcr_reject_nearest_split=zone.nearest_splits(exp.nearest[exp.dcr <= th.delta]),
         zone=zone.summary(),
-        heldout_dcr=dcr_summary(zone.calib_dcr) | {"split": cal.split, "n": int(len(zone.calib))},
+        heldout_dcr=dcr_summary(zone.calib_dcr) | {"split": cal.split, "n": len(zone.calib)},
     )
     methods = {str(name): method_stats(scores[name], accept[name]) for name in cand}
     return FilterOutcome(scores, accept, sensitivity_ok, blocked, section, methods)
 
 
 # ---------------------------------------------------------------------------------------------- export
-def check_exportable(scores: Scores, i: int, th: Thresholds, delta_pixel: Optional[float], image_id: str) -> None:
+def check_exportable(scores: Scores, i: int, th: Thresholds, delta_pixel: float | None, image_id: str) -> None:
     """PrivacyInvariantError unless candidate ``i`` passes every threshold in force (pixel zone included)."""
     fails = []
     if not scores.max_id_prob[i] < th.tau_id:
@@ -538,8 +553,8 @@ def check_exportable(scores: Scores, i: int, th: Thresholds, delta_pixel: Option
 
 
 def write_site_dir(out: Path, cfg: PlanConfig, cand: Candidates, scores: Scores, idx: np.ndarray, th: Thresholds,
-                   delta_pixel: Optional[float], class_names: list[str], generator_sha256: str,
-                   generator_round: Optional[int]) -> SiteManifest:
+                   delta_pixel: float | None, class_names: list[str], generator_sha256: str,
+                   generator_round: int | None) -> SiteManifest:
     """``out/images/<class>/<id>.png`` for the candidates ``idx`` and ``out/manifest.json``.
 
     Every record is checked against the thresholds before the first file is written
@@ -581,14 +596,14 @@ def train_utility(cfg: PlanConfig, ds: ImageDataset, x_tr: torch.Tensor, y_tr: n
                   progress: bool) -> UtilityScore:
     """The utility recipe (classes-section architecture, utility_epochs, balanced) on ``x_tr``, tested on ``x_te``."""
     if len(x_tr) < 2:
-        return UtilityScore(None, None, None, int(len(x_tr)), trained=False)
+        return UtilityScore(None, None, None, len(x_tr), trained=False)
     model = build_classifier(ds.num_classes, ds.channels, ds.size, cfg.classes).to(device)
     spec = spec_from(cfg.classes, epochs=cfg.classes.utility_epochs, balanced=True)
     torch.manual_seed(seed)
     train_classifier(model, x_tr, y_tr, spec, seed=seed, desc=desc, recalibrate=True, progress=progress)
     pred = predict_logits(model, x_te).argmax(1).numpy()
     rep = classification_report(y_te, pred)
-    return UtilityScore(finite(rep["accuracy"]), finite(rep["balanced_accuracy"]), finite(rep["qwk"]), int(len(x_tr)))
+    return UtilityScore(finite(rep["accuracy"]), finite(rep["balanced_accuracy"]), finite(rep["qwk"]), len(x_tr))
 
 
 def utility_of_site(cfg: PlanConfig, ds: ImageDataset, data: SiteData, cand: Candidates, passed: np.ndarray,
@@ -625,9 +640,9 @@ def compare_methods(cfg: PlanConfig, ds: ImageDataset, data: SiteData, cand: Map
             util = train_utility(cfg, ds, c.images[idx], c.labels[idx], data.x_te, data.y_te, cfg.seed + 21,
                                  f"utility ({name})", device, progress)
         mia = distance_mia(data.x_tr, data.x_te, c.images[idx])
-        out[name] = ComparePoint(util.accuracy, util.qwk, int(len(idx)), {k: finite(v) for k, v in mia.items()})
+        out[name] = ComparePoint(util.accuracy, util.qwk, len(idx), {k: finite(v) for k, v in mia.items()})
     real = distance_mia(data.x_tr, data.x_te, data.x_tr)
-    out["real"] = ComparePoint(utility.real.accuracy, utility.real.qwk, int(len(data.x_tr)),
+    out["real"] = ComparePoint(utility.real.accuracy, utility.real.qwk, len(data.x_tr),
                                {k: finite(v) for k, v in real.items()})
     return out
 
