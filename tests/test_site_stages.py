@@ -5,7 +5,6 @@ from __future__ import annotations
 import copy
 import json
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -241,19 +240,15 @@ def test_compare_and_figures(tmp_path, site):
 
 
 # ------------------------------------------------------------------------------------------ orchestrator
-def test_pipeline_from_a_snapshot_records_the_weights_digest_and_no_checkpoint(tmp_path, site):
-    cfg = _cfg(synthesis=dict(TINY["synthesis"], compare=False))
-    rep = run_site_pipeline(cfg, site.ds, site.snap, tmp_path / "out", generator_round=2, progress=False)
-    assert rep["generator"] == {"checkpoint": None, "sha256": site.snap.digest(), "round": 2}
-    assert list(rep) == [k for k in TOP if k != "compare"] and list(rep["filter"]) == FILTER
-    assert json.loads(Path(tmp_path / "out" / "report.json").read_text()) == json.loads(json.dumps(rep))
-    assert read_site_manifest(tmp_path / "out" / "manifest.json").generator_sha256 == site.snap.digest()
+def test_unknown_method_is_refused_before_any_work(tmp_path, site):
     with pytest.raises(ValueError, match="method must be one of"):
-        run_site_pipeline(cfg, site.ds, site.snap, tmp_path / "o2", method="gan", progress=False)
+        run_site_pipeline(site.cfg, site.ds, site.snap, tmp_path / "o", method="gan", progress=False)
+    assert not (tmp_path / "o").exists()
 
 
 def test_synthesis_at_a_site_uses_the_sent_weights_in_memory(tmp_path):
-    """client/phases.py passes the coordinator's G_ema weights as a snapshot: no checkpoint, the model's digest."""
+    """client/phases.py passes the coordinator's G_ema weights as a snapshot: no checkpoint, the model's digest;
+    the orchestrator's report.json has today's keys."""
     from client.phases import synthesize_at_site
     from client.site import Site
     from tests.test_synthesize import _npz
@@ -263,8 +258,11 @@ def test_synthesis_at_a_site_uses_the_sent_weights_in_memory(tmp_path):
     trainer = GanTrainer(cfg, 1, SIZE)
     site = Site.from_node_config({"partition-id": 0, "num-partitions": 2}, cfg)
     res = synthesize_at_site(site, cfg, trainer.weights("g"), 1, SIZE, generator_round=4)
-    gen = res["report"]["generator"]
+    rep = res["report"]
+    assert list(rep) == [k for k in TOP if k != "compare"] and list(rep["filter"]) == FILTER
+    gen = rep["generator"]
     assert gen == {"checkpoint": None, "sha256": generator_digest(trainer.G_ema), "round": 4}
     out = site.state_dir / "synthesis"
     assert not (out / "generator.pt").exists()
     assert read_site_manifest(out / "out" / "manifest.json").generator_sha256 == gen["sha256"]
+    assert json.loads((out / "out" / "report.json").read_text()) == json.loads(json.dumps(rep))
