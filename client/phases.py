@@ -83,9 +83,7 @@ def synthesize_at_site(
     method: Optional[str] = None,
 ) -> SynthesisSummary:
     """Run the site pipeline with the global generator and push the bundle; numbers only out."""
-    from plan_shared.gan import GanTrainer
-
-    from client.pipeline import run_site_pipeline
+    from client.pipeline import GeneratorSnapshot, run_site_pipeline
 
     check_site_minimums(site, cfg)  # before any work
     if not site.cfg.pool.address and site.partition_id is None:  # fail before the work, not after it
@@ -97,11 +95,10 @@ def synthesize_at_site(
     if out.exists():  # a new synthesis phase replaces the previous one (it was exported already)
         shutil.rmtree(out)
     work.mkdir(parents=True, exist_ok=True)
-    trainer = GanTrainer(site.cfg, channels, size, "cpu")
-    trainer.set_weights({k: v for k, v in weights.items() if k.startswith("g_ema.")})
-    ckpt = trainer.save_checkpoint(work / "generator.pt")
+    # pipeline: the G_ema weights in memory (no per-site checkpoint: the recorded digest is the model's alone)
+    generator = GeneratorSnapshot({k: v for k, v in weights.items() if k.startswith("g_ema.")}, channels, size)
     ds = site.dataset()
-    report = run_site_pipeline(site.cfg, ds, ckpt, out, method=method, generator_round=generator_round,
+    report = run_site_pipeline(site.cfg, ds, generator, out, method=method, generator_round=generator_round,
                                progress=False)
     n_accepted = int(report["n_accepted"])
     pool = site.cfg.pool  # the site's own pool settings (deployment: from its node config)

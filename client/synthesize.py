@@ -28,7 +28,7 @@ def train_local_generator(cfg: PlanConfig, dataset, path: Path, progress: bool =
 
 
 def synthesize(cfg: PlanConfig, out: Path, generator: Optional[Path] = None, method: Optional[str] = None) -> dict[str, Any]:
-    from client.pipeline import run_site_pipeline
+    from client.pipeline import run_site_pipeline, write_report
     from plan_shared.data import load_dataset
     from plan_shared.runtime import set_threads
 
@@ -43,10 +43,8 @@ def synthesize(cfg: PlanConfig, out: Path, generator: Optional[Path] = None, met
         t_gan = round(time.perf_counter() - t0, 2)
     report = run_site_pipeline(cfg, ds, generator, out, method)
     if t_gan is not None:
-        import json
-
         report["timing"]["local_gan"] = t_gan
-        (out / "report.json").write_text(json.dumps(report, indent=1) + "\n")
+        write_report(out, report)
     return report
 
 

@@ -40,9 +40,10 @@ import unicodedata
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Literal, Optional
 
-METHODS = ("plan", "linear", "random")
+Method = Literal["plan", "linear", "random"]  # how an image was made: the one definition
+METHODS: tuple[Method, ...] = ("plan", "linear", "random")
 THRESHOLD_KEYS = ("tau_id", "tau_indep", "delta")
 RECORD_KEYS = (
     "id",

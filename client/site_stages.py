@@ -1,0 +1,672 @@
+"""The stages of the site pipeline (method.md B1-B6), each callable on its own.
+
+client/pipeline.py runs them in this order (one progress/timing stage each, names in
+brackets); every stage takes typed inputs and returns a typed result carrying its
+report section (client/site_report.py):
+
+=====================  =====================================  ==========================
+stage                  function                               returns
+=====================  =====================================  ==========================
+[load]                 :func:`load_generator`,                :class:`SiteGenerator`,
+                       :func:`load_site_data`                 :class:`SiteData`
+B1 [phi_id, indep_id]  :func:`train_identity_model` (twice),  :class:`IdentityModels`
+                       :func:`identity_section`
+B2 [phi_class]         :func:`train_class_model`              :class:`ClassModel`
+[calibrate]            :func:`calibrate_filter`               :class:`Calibration`
+B3 [inversion]         :func:`invert_train_images`            :class:`Inversion`
+B4 [anchors]           :func:`anchor_pairs`                   :class:`AnchorPairs`
+B5 [navigation]        :func:`navigate_paths`                 :class:`Paths`
+B5 [render]            :func:`render_candidates`              ``dict[Method, Candidates]``
+B6 [filter]            :func:`filter_candidates`              :class:`FilterOutcome`
+[export]               :func:`write_site_dir`                 :class:`SiteManifest`
+[utility]              :func:`utility_of_site`                :class:`UtilitySection`
+[compare]              :func:`compare_methods`                ``dict[str, ComparePoint]``
+[figures]              :func:`write_figures`                  figure names
+=====================  =====================================  ==========================
+
+The privacy invariants (an exported record passes its own thresholds; the planted test
+scored the exported candidates exactly as the filter did) raise
+:class:`PrivacyInvariantError`, never ``assert`` (which ``python -O`` removes).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from client.site_report import (
+    AnchorsSection,
+    ClassesSection,
+    ComparePoint,
+    DataSection,
+    FilterSection,
+    IdentitySection,
+    InversionSection,
+    MethodStats,
+    NavigationSection,
+    UtilityScore,
+    UtilitySection,
+    finite,
+)
+from plan_shared.anchors import AnchorResult, k_same_anchors, nearest_pairs, spread_pairs
+from plan_shared.classifiers import (
+    accuracy_of,
+    augmented_accuracy,
+    build_classifier,
+    embed,
+    predict_logits,
+    spec_from,
+    train_classifier,
+)
+from plan_shared.config import PlanConfig
+from plan_shared.data import ImageDataset, stratified_subsample, to_tensor
+from plan_shared.gan import file_sha256, generator_digest
+from plan_shared.gan import load_generator as load_generator_checkpoint
+from plan_shared.imaging import save_png, to_uint8_hwc
+from plan_shared.inversion import invert
+from plan_shared.manifest import (
+    METHODS,
+    ImageRecord,
+    Method,
+    SiteManifest,
+    Thresholds,
+    safe_class_names,
+    write_site_manifest,
+)
+from plan_shared.metrics import classification_report, dcr_summary
+from plan_shared.models import build_generator
+from plan_shared.models.classifier import Classifier
+from plan_shared.models.generator import StyleGenerator
+from plan_shared.navigation import NavWeights, linear_paths, optimise_paths, random_samples, w_std
+from plan_shared.plots import dcr_histogram, path_strips, sample_grid
+from plan_shared.privacy import (
+    ExclusionZone,
+    Scores,
+    accept_mask,
+    build_zone,
+    plant_duplicates,
+    reject_reasons,
+    score_images,
+)
+
+LOG = logging.getLogger("plan.pipeline")
+Split = str  # "train" | "val" | "test"
+
+
+class PrivacyInvariantError(RuntimeError):
+    """A privacy guarantee of the pipeline does not hold; nothing (more) is exported."""
+
+
+def check_method(method: str) -> Method:
+    """``method`` as a :data:`~plan_shared.manifest.Method`; ValueError naming the value otherwise."""
+    for m in METHODS:
+        if method == m:
+            return m
+    raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+
+
+# ---------------------------------------------------------------------------------------------- load
+@dataclass(frozen=True)
+class GeneratorSnapshot:
+    """A generator held in memory: its G_ema weights (keys with or without the ``g_ema.`` prefix) and image shape.
+
+    What the coordinator sends a site; the pipeline builds the network from the site's
+    ``generator`` config section, with no checkpoint file in between.
+    """
+
+    state: Mapping[str, torch.Tensor]
+    channels: int
+    size: int
+
+    def weights(self) -> dict[str, torch.Tensor]:
+        p = "g_ema."
+        if any(k.startswith(p) for k in self.state):
+            return {k[len(p):]: v for k, v in self.state.items() if k.startswith(p)}
+        return dict(self.state)
+
+    def digest(self) -> str:
+        return generator_digest(self.weights())
+
+
+GeneratorSource = str | Path | GeneratorSnapshot
+
+
+@dataclass
+class SiteGenerator:
+    G: StyleGenerator
+    sha256: str  # weights only (plan_shared.gan.generator_digest)
+    checkpoint: str | None  # the file it came from; None for a snapshot
+
+
+def load_generator(cfg: PlanConfig, source: GeneratorSource, ds: ImageDataset, device: torch.device) -> SiteGenerator:
+    """The EMA generator from a checkpoint path or an in-memory snapshot, checked against the data's shape."""
+    if isinstance(source, GeneratorSnapshot):
+        if (source.channels, source.size) != (ds.channels, ds.size):
+            raise ValueError(
+                f"the generator snapshot makes {source.channels}x{source.size}x{source.size} images but the data are "
+                f"{ds.channels}x{ds.size}x{ds.size}; set data.size / data.channels to match"
+            )
+        G = build_generator(cfg, source.size, source.channels)
+        try:
+            G.load_state_dict(source.weights(), strict=True)
+        except RuntimeError as err:
+            raise ValueError(f"the generator snapshot does not fit this site's generator config section: {err}") from None
+        G = G.to(device).eval().requires_grad_(False)
+        checkpoint = None
+    else:
+        G = load_generator_checkpoint(source, device)
+        checkpoint = str(source)
+    if (G.channels, G.size) != (ds.channels, ds.size):
+        raise ValueError(
+            f"generator makes {G.channels}x{G.size}x{G.size} images but the data are "
+            f"{ds.channels}x{ds.size}x{ds.size}; set data.size / data.channels to match"
+        )
+    return SiteGenerator(G, generator_digest(G), checkpoint)  # the same at every site and at the coordinator
+
+
+@dataclass
+class SiteData:
+    """The site's real splits as tensors, and phi_id's identity labels (one per patient, else one per image)."""
+
+    x_tr: torch.Tensor
+    y_tr: torch.Tensor
+    x_va: torch.Tensor
+    y_va: torch.Tensor
+    x_te: torch.Tensor
+    y_te: np.ndarray
+    id_labels: torch.Tensor
+    n_id: int
+    identity_unit: str  # "patient" | "image"
+    class_names: list[str]
+
+    def section(self) -> DataSection:
+        return DataSection(len(self.x_tr), len(self.x_va), len(self.x_te), self.n_id, self.identity_unit,
+                           list(self.class_names))
+
+
+def load_site_data(ds: ImageDataset) -> SiteData:
+    patient = ds.train.patient_ids  # one phi_id identity per patient where the source knows patients
+    if patient is not None:
+        _, ids = np.unique(patient, return_inverse=True)
+    else:
+        ids = np.arange(len(ds.train))
+    id_labels = torch.as_tensor(ids.reshape(-1), dtype=torch.long)
+    return SiteData(
+        x_tr=to_tensor(ds.train.images), y_tr=torch.as_tensor(ds.train.labels),
+        x_va=to_tensor(ds.val.images), y_va=torch.as_tensor(ds.val.labels),
+        x_te=to_tensor(ds.test.images), y_te=ds.test.labels,
+        id_labels=id_labels, n_id=int(id_labels.max()) + 1 if len(id_labels) else 0,
+        identity_unit="patient" if patient is not None else "image", class_names=list(ds.class_names),
+    )
+
+
+# ---------------------------------------------------------------------------------------------- B1 identity
+@dataclass
+class IdentityModels:
+    phi_id: Classifier  # navigation's identity term and the filter's max_id_prob
+    indep: Classifier  # independent model: the filter's second opinion and its embedding
+
+
+def train_identity_model(cfg: PlanConfig, ds: ImageDataset, data: SiteData, device: torch.device, progress: bool,
+                         independent: bool = False) -> Classifier:
+    """phi_id (or, ``independent``, the second identity model: its own seed and width) on the train split."""
+    idc = cfg.identity
+    seed = cfg.seed + idc.indep_seed_offset if independent else cfg.seed
+    torch.manual_seed(seed)
+    width = {"width": idc.indep_width} if independent else {}
+    model = build_classifier(data.n_id, ds.channels, ds.size, idc, head="cosine", **width).to(device)
+    train_classifier(model, data.x_tr, data.id_labels, spec_from(idc), seed=seed,
+                     desc="independent id" if independent else "phi_id", progress=progress, recalibrate=True)
+    return model
+
+
+@torch.no_grad()
+def identity_section(cfg: PlanConfig, data: SiteData, ids: IdentityModels) -> IdentitySection:
+    spec = spec_from(cfg.identity)
+
+    def mean_max_prob(m: Classifier, x: torch.Tensor) -> float:
+        return float(torch.softmax(predict_logits(m, x), 1).max(1).values.mean())
+
+    has_val = len(data.x_va) > 0
+    return IdentitySection(
+        phi_id_acc_augmented_train=augmented_accuracy(ids.phi_id, data.x_tr, data.id_labels, spec, seed=cfg.seed + 7),
+        phi_id_acc_train=accuracy_of(ids.phi_id, data.x_tr, data.id_labels),
+        phi_id_mean_max_prob_members=mean_max_prob(ids.phi_id, data.x_tr),
+        phi_id_mean_max_prob_val=mean_max_prob(ids.phi_id, data.x_va) if has_val else None,
+        indep_acc_augmented_train=augmented_accuracy(ids.indep, data.x_tr, data.id_labels, spec, seed=cfg.seed + 8),
+        indep_mean_max_prob_members=mean_max_prob(ids.indep, data.x_tr),
+        indep_mean_max_prob_val=mean_max_prob(ids.indep, data.x_va) if has_val else None,
+    )
+
+
+# ---------------------------------------------------------------------------------------------- B2 class
+@dataclass
+class ClassModel:
+    phi_class: Classifier
+    section: ClassesSection
+
+
+def train_class_model(cfg: PlanConfig, ds: ImageDataset, data: SiteData, device: torch.device,
+                      progress: bool) -> ClassModel:
+    torch.manual_seed(cfg.seed + 1)
+    phi_class = build_classifier(ds.num_classes, ds.channels, ds.size, cfg.classes).to(device)
+    val = (data.x_va, data.y_va) if len(data.x_va) else None
+    hist = train_classifier(phi_class, data.x_tr, data.y_tr, spec_from(cfg.classes), val=val, seed=cfg.seed + 1,
+                            desc="phi_class", progress=progress, recalibrate=True)
+    return ClassModel(phi_class, ClassesSection(
+        phi_class_val_acc=finite(accuracy_of(phi_class, data.x_va, data.y_va)) if len(data.x_va) else None,
+        phi_class_test_acc=finite(accuracy_of(phi_class, data.x_te, torch.as_tensor(data.y_te))),
+        best_epoch=hist["best_epoch"],
+    ))
+
+
+# ---------------------------------------------------------------------------------------------- calibration
+@dataclass
+class Calibration:
+    """The symmetric exclusion zone and the thresholds every candidate is held to."""
+
+    zone: ExclusionZone
+    thresholds: Thresholds
+    protected_x: dict[str, torch.Tensor]  # the protected real images per split
+    split: Split  # the held-out split delta was calibrated on
+
+    @property
+    def delta_pixel(self) -> float | None:
+        return self.zone.delta_pixel
+
+
+def calibrate_filter(cfg: PlanConfig, data: SiteData, indep: Classifier) -> Calibration:
+    """Every protected real image (members and held-out alike) in the zone; delta calibrated on a seeded
+    part of a held-out split against all the other protected images."""
+    fc = cfg.filter
+    split_x = {"train": data.x_tr, "val": data.x_va, "test": data.x_te}
+    protected_x: dict[str, torch.Tensor] = {k: split_x[k] for k in fc.protect if len(split_x[k])}
+    if "test" not in fc.protect:
+        LOG.warning("filter.protect leaves out test, the non-members of the distance membership inference: "
+                    "members are excluded and non-members are not, which is itself a membership signal")
+    cal_split = fc.calibration_split
+    if cal_split not in protected_x:
+        other = next((k for k in ("val", "test") if k in protected_x), None)
+        if other is None:
+            raise ValueError(f"filter.protect={fc.protect}: no protected held-out split with images to calibrate delta")
+        LOG.warning("calibration split %s has no images: delta is calibrated on %s", cal_split, other)
+        cal_split = other
+    zone = build_zone({k: embed(indep, v) for k, v in protected_x.items()}, fc.delta_quantile, cal_split,
+                      fc.calibration_fraction, cfg.seed + 17, split_pixels=protected_x if fc.pixel_zone else None)
+    return Calibration(zone, Thresholds(float(fc.tau_id), float(fc.tau_indep), zone.delta), protected_x, cal_split)
+
+
+# ---------------------------------------------------------------------------------------------- B3 inversion
+@dataclass
+class Inversion:
+    idx: np.ndarray  # train rows inverted (a stratified subsample under inversion.max_images)
+    w: torch.Tensor  # their latents: never leave the site
+    labels: np.ndarray
+    sigma_w: float  # the generator's W scale (inversion lr and navigation offsets are in its units)
+    section: InversionSection
+
+
+def invert_train_images(cfg: PlanConfig, ds: ImageDataset, data: SiteData, G: StyleGenerator,
+                        phi_id: Classifier, progress: bool) -> Inversion:
+    ic = cfg.inversion
+    n_train = len(data.x_tr)
+    if ic.max_images is not None and ic.max_images < n_train:
+        idx = stratified_subsample(ds.train.labels, ic.max_images, cfg.seed)
+    else:
+        idx = np.arange(n_train)
+    t0 = time.perf_counter()
+    sigma_w = w_std(G, seed=cfg.seed)
+    w_real, err = invert(G, data.x_tr[idx], feature_net=phi_id, steps=ic.steps, lr=ic.lr * sigma_w,
+                         batch_size=ic.batch_size, pixel_weight=ic.pixel_weight,
+                         feature_weight=ic.feature_weight, progress=progress)
+    dt = time.perf_counter() - t0
+    with torch.no_grad():
+        base = (G.render(G.w_avg[None]).cpu() - data.x_tr[idx]).pow(2).flatten(1).mean(1)
+    return Inversion(idx, w_real, ds.train.labels[idx], sigma_w, InversionSection(
+        n_inverted=len(idx), n_train=n_train, subsampled=bool(len(idx) < n_train),
+        steps=ic.steps, batch_size=ic.batch_size, lr=ic.lr, sigma_w=sigma_w,
+        mean_mse=finite(err.mean()) if len(err) else None,
+        mean_mse_at_w_avg=finite(base.mean()),
+        seconds_per_image=finite(dt / max(len(idx), 1)),
+        image_steps_per_s=finite(len(idx) * ic.steps / max(dt, 1e-9)),
+    ))
+
+
+# ---------------------------------------------------------------------------------------------- B4 anchors
+@dataclass
+class AnchorPairs:
+    anchors: AnchorResult
+    pairs: list[tuple[int, int]]  # rows of anchors.anchors: each a PLAN / linear path
+    section: AnchorsSection
+
+
+def anchor_pairs(cfg: PlanConfig, ds: ImageDataset, inv: Inversion, device: torch.device) -> AnchorPairs:
+    anc = k_same_anchors(inv.w.to(device), inv.labels, cfg.anchors.k)
+    pairs_all = nearest_pairs(anc.anchors, anc.labels, cfg.anchors.pairs_m)
+    pairs = spread_pairs(pairs_all, anc.labels, cfg.synthesis.max_paths, cfg.seed)
+    for c, n in anc.skipped_classes.items():
+        LOG.warning("class %s has %d inverted images < k=%d: no anchor", ds.class_names[c], n, cfg.anchors.k)
+    return AnchorPairs(anc, [(int(a), int(b)) for a, b in pairs], AnchorsSection(
+        summary=anc.summary(), k=cfg.anchors.k, pairs_m=cfg.anchors.pairs_m, n_pairs_available=len(pairs_all),
+        n_paths=len(pairs), skipped_class_names=[ds.class_names[c] for c in anc.skipped_classes],
+    ))
+
+
+# ---------------------------------------------------------------------------------------------- B5 paths
+@dataclass
+class Paths:
+    plan: torch.Tensor  # [P, T, w_dim] PLAN paths, endpoints included
+    linear: torch.Tensor  # [P, T, w_dim] the straight baseline between the same anchors
+    labels: torch.Tensor  # [P] class of each path
+    section: NavigationSection | None  # None when there is no pair
+
+
+def navigate_paths(cfg: PlanConfig, G: StyleGenerator, phi_id: Classifier, phi_class: Classifier,
+                   ap: AnchorPairs, sigma_w: float, device: torch.device, progress: bool) -> Paths:
+    nc = cfg.navigation
+    T, pairs, anc = nc.T, ap.pairs, ap.anchors
+    pa = torch.as_tensor([p[0] for p in pairs], dtype=torch.long)
+    pb = torch.as_tensor([p[1] for p in pairs], dtype=torch.long)
+    wa, wb = anc.anchors[pa].to(device), anc.anchors[pb].to(device)
+    labels = torch.as_tensor(anc.labels[pa.numpy()] if len(pairs) else np.zeros(0, np.int64))
+    section = None
+    if len(pairs):
+        hist: list[dict[str, float]] = []
+        t0 = time.perf_counter()
+        plan = optimise_paths(
+            G, phi_id, phi_class, wa, wb, labels, T=T, steps=nc.steps, lr=nc.lr,
+            weights=NavWeights(nc.lambda_dist, nc.lambda_id, nc.lambda_class), chunk=nc.chunk,
+            max_offset=nc.max_offset, progress=progress, history=hist, w_scale=sigma_w,
+        ).cpu()
+        dt = time.perf_counter() - t0
+        section = NavigationSection(
+            T=T, steps=nc.steps, lr=nc.lr, lambda_dist=nc.lambda_dist, lambda_id=nc.lambda_id,
+            lambda_class=nc.lambda_class, chunk=nc.chunk, w_scale=sigma_w, max_offset=nc.max_offset,
+            paths=len(pairs), path_steps_per_s=finite(len(pairs) * nc.steps / max(dt, 1e-9)),
+            loss_first=hist[0] if hist else None, loss_last=hist[-1] if hist else None,
+        )
+    else:
+        plan = torch.zeros(0, T, G.w_dim)
+    linear = linear_paths(wa, wb, T).cpu() if len(pairs) else torch.zeros(0, T, G.w_dim)
+    return Paths(plan, linear, labels, section)
+
+
+@dataclass
+class Candidates:
+    """One method's candidate images before the filter, with where each comes from."""
+
+    method: Method
+    images: torch.Tensor  # [N, C, H, W] in [-1, 1]
+    labels: np.ndarray  # [N] int: the path's class (plan, linear) or phi_class's prediction (random)
+    path_id: np.ndarray | None  # [N] path of each image; None for random samples
+    position: np.ndarray | None  # [N] interior position 1..T-2 on its path; None for random samples
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def image_id(self, i: int) -> str:
+        """The record id of candidate ``i`` (its file name in the site directory)."""
+        if self.path_id is not None and self.position is not None:
+            return f"{self.method}_p{int(self.path_id[i]):04d}_t{int(self.position[i]):03d}"
+        return f"{self.method}_{int(i):05d}"
+
+
+@torch.no_grad()
+def render(G: StyleGenerator, w: torch.Tensor, batch: int = 512) -> torch.Tensor:
+    dev = G.w_avg.device
+    out = [G.render(w[i : i + batch].to(dev)).cpu() for i in range(0, len(w), batch)]
+    return torch.cat(out) if out else torch.zeros(0, G.channels, G.size, G.size)
+
+
+def render_candidates(cfg: PlanConfig, G: StyleGenerator, paths: Paths,
+                      phi_class: Classifier) -> dict[Method, Candidates]:
+    """Every interior path point of PLAN and linear, and as many random GAN samples (or synthesis.random_samples)."""
+    n_paths, T = len(paths.plan), cfg.navigation.T
+    cand: dict[Method, Candidates] = {}
+    for name, full in (("plan", paths.plan), ("linear", paths.linear)):
+        m = check_method(name)
+        cand[m] = Candidates(
+            m, render(G, full[:, 1:-1].reshape(-1, G.w_dim)), paths.labels.repeat_interleave(T - 2).numpy(),
+            np.repeat(np.arange(n_paths), T - 2), np.tile(np.arange(1, T - 1), n_paths),
+        )
+    n_rand = cfg.synthesis.random_samples or max(n_paths * (T - 2), 1)
+    img_r = render(G, random_samples(G, n_rand, cfg.synthesis.truncation, seed=cfg.seed + 11))
+    cand["random"] = Candidates("random", img_r, predict_logits(phi_class, img_r).argmax(1).numpy(), None, None)
+    return cand
+
+
+# ---------------------------------------------------------------------------------------------- B6 filter
+@dataclass
+class FilterOutcome:
+    scores: dict[Method, Scores]
+    accept: dict[Method, np.ndarray]  # per-image thresholds passed
+    sensitivity_ok: bool  # no planted near-duplicate of a train image passed
+    blocked: bool  # sensitivity failed and filter.block_on_planted: nothing is exported
+    section: FilterSection
+    methods: dict[str, MethodStats]
+
+    def passed(self, method: Method) -> np.ndarray:
+        """Rows of ``method``'s candidates that pass the per-image filter."""
+        return np.flatnonzero(self.accept[method])
+
+    def exported(self, method: Method) -> np.ndarray:
+        """Rows that are exported: the passing ones, none when the export is blocked."""
+        idx = self.passed(method)
+        return idx[:0] if self.blocked else idx
+
+
+def method_stats(scores: Scores, accept: np.ndarray) -> MethodStats:
+    n = len(scores)
+    s = dcr_summary(scores.dcr)
+    return MethodStats(
+        n=n, mean_dcr=finite(s["mean_dcr"]), p05_dcr=finite(s["p05_dcr"]),
+        mean_max_id_prob=finite(scores.max_id_prob.mean()) if n else None,
+        mean_indep_id_prob=finite(scores.indep_id_prob.mean()) if n else None,
+        accept_rate=finite(accept.mean()) if n else None, n_accepted=int(accept.sum()),
+    )
+
+
+def filter_candidates(cfg: PlanConfig, method: Method, cand: Mapping[Method, Candidates], ids: IdentityModels,
+                      cal: Calibration, data: SiteData) -> FilterOutcome:
+    """Score every candidate; test the filter on planted near-duplicates (method.md B6).
+
+    The planted duplicates of train images go through the same scoring as the exported
+    method's candidates (one batch); the candidates' verdicts in that batch must equal
+    their own (PrivacyInvariantError otherwise). Planted copies of held-out images are a
+    diagnostic (only dcr / pixel_dcr can catch them; the identity models know the train
+    patients only).
+    """
+    fc, th, d_pix, zone = cfg.filter, cal.thresholds, cal.delta_pixel, cal.zone
+
+    def score(x: torch.Tensor) -> Scores:
+        return score_images(x, ids.phi_id, ids.indep, zone.embeddings, protected_pixels=zone.pixels)
+
+    scores = {name: score(c.images) for name, c in cand.items()}
+    accept = {name: accept_mask(s, th, d_pix) for name, s in scores.items()}
+    planted_x, _ = plant_duplicates(data.x_tr, fc.planted, seed=cfg.seed + 13)
+    mixed = torch.cat([cand[method].images, planted_x])
+    mixed_scores = score(mixed)
+    mixed_accept = accept_mask(mixed_scores, th, d_pix)
+    n_m = len(cand[method])
+    if not np.array_equal(mixed_accept[:n_m], accept[method]):
+        raise PrivacyInvariantError(
+            f"the planted test scored the {method} candidates differently from the filter "
+            f"({int((mixed_accept[:n_m] != accept[method]).sum())} of {n_m} verdicts differ): its result says "
+            "nothing about the exported images; nothing is exported")
+    planted_accept = mixed_accept[n_m:]
+    planted_scores = mixed_scores.subset(np.arange(n_m, len(mixed)))
+    if planted_accept.any():
+        LOG.error("filter FAILED its sensitivity test: %d of %d planted near-duplicates passed",
+                  int(planted_accept.sum()), len(planted_accept))
+    sensitivity_ok = not bool(planted_accept.any())
+    blocked = (not sensitivity_ok) and fc.block_on_planted
+    held_rows = np.flatnonzero(zone.split != "train")
+    held_x = torch.cat([v for k, v in cal.protected_x.items() if k != "train"]) if len(held_rows) else data.x_tr[:0]
+    ph_x, ph_src = plant_duplicates(held_x, fc.planted, seed=cfg.seed + 14)
+    ph_scores = score(ph_x)
+    ph_accept = accept_mask(ph_scores, th, d_pix) if len(ph_x) else np.zeros(0, bool)
+    exp = scores[method]
+    section = FilterSection(
+        sensitivity_ok=sensitivity_ok, export_blocked=blocked,
+        tau_id=th.tau_id, tau_indep=th.tau_indep, delta=th.delta, delta_quantile=fc.delta_quantile,
+        planted_total=len(planted_x), planted_rejected=int((~planted_accept).sum()),
+        planted_reject_reasons=reject_reasons(planted_scores, th, d_pix),
+        planted_mean_dcr=finite(planted_scores.dcr.mean()) if len(planted_x) else None,
+        planted_mean_max_id_prob=finite(planted_scores.max_id_prob.mean()) if len(planted_x) else None,
+        planted_heldout_total=len(ph_x), planted_heldout_rejected=int((~ph_accept).sum()),
+        planted_heldout_by_split=zone.nearest_splits(held_rows[ph_src]) if len(ph_x) else {},
+        planted_heldout_reject_reasons=reject_reasons(ph_scores, th, d_pix) if len(ph_x) else {},
+        reject_reasons=reject_reasons(exp, th, d_pix),
+        delta_pixel=d_pix,
+        # dcr rejections by the split of the closest protected image: members and non-members alike
+        dcr_reject_nearest_split=zone.nearest_splits(exp.nearest[exp.dcr <= th.delta]),
+        zone=zone.summary(),
+        heldout_dcr=dcr_summary(zone.calib_dcr) | {"split": cal.split, "n": len(zone.calib)},
+    )
+    methods = {str(name): method_stats(scores[name], accept[name]) for name in cand}
+    return FilterOutcome(scores, accept, sensitivity_ok, blocked, section, methods)
+
+
+# ---------------------------------------------------------------------------------------------- export
+def check_exportable(scores: Scores, i: int, th: Thresholds, delta_pixel: float | None, image_id: str) -> None:
+    """PrivacyInvariantError unless candidate ``i`` passes every threshold in force (pixel zone included)."""
+    fails = []
+    if not scores.max_id_prob[i] < th.tau_id:
+        fails.append(f"max_id_prob {float(scores.max_id_prob[i]):g} >= tau_id {th.tau_id:g}")
+    if not scores.indep_id_prob[i] < th.tau_indep:
+        fails.append(f"indep_id_prob {float(scores.indep_id_prob[i]):g} >= tau_indep {th.tau_indep:g}")
+    if not scores.dcr[i] > th.delta:
+        fails.append(f"dcr {float(scores.dcr[i]):g} <= delta {th.delta:g}")
+    if delta_pixel is not None and (scores.pixel_dcr is None or not scores.pixel_dcr[i] > delta_pixel):
+        pix = "missing" if scores.pixel_dcr is None else f"{float(scores.pixel_dcr[i]):g}"
+        fails.append(f"pixel_dcr {pix} <= delta_pixel {delta_pixel:g}")
+    if fails:
+        raise PrivacyInvariantError(f"image {image_id} (candidate {i}) would be exported but fails the filter: "
+                                    + "; ".join(fails) + "; nothing was written")
+
+
+def write_site_dir(out: Path, cfg: PlanConfig, cand: Candidates, scores: Scores, idx: np.ndarray, th: Thresholds,
+                   delta_pixel: float | None, class_names: list[str], generator_sha256: str,
+                   generator_round: int | None) -> SiteManifest:
+    """``out/images/<class>/<id>.png`` for the candidates ``idx`` and ``out/manifest.json``.
+
+    Every record is checked against the thresholds before the first file is written
+    (PrivacyInvariantError, nothing written, when one fails).
+    """
+    idx = np.asarray(idx, dtype=np.int64)
+    for i in idx:
+        check_exportable(scores, int(i), th, delta_pixel, cand.image_id(int(i)))
+    cnames = safe_class_names(class_names)  # the source's names, as folder/record names
+    imgs8 = to_uint8_hwc(cand.images[idx]) if len(idx) else np.zeros((0,))
+    records: list[ImageRecord] = []
+    for j, i in enumerate(int(i) for i in idx):
+        label = int(cand.labels[i])
+        iid = cand.image_id(i)
+        rel = ImageRecord.expected_file(cnames[label], iid)
+        rec = ImageRecord(
+            id=iid, file=rel, sha256="0" * 64, label=label, class_name=cnames[label], method=cand.method,
+            path_id=None if cand.path_id is None else int(cand.path_id[i]),
+            position=None if cand.position is None else int(cand.position[i]),
+            max_id_prob=float(scores.max_id_prob[i]), indep_id_prob=float(scores.indep_id_prob[i]),
+            dcr=float(scores.dcr[i]), thresholds=th,
+        )
+        if not rec.passes():  # the record as stored (float32 -> float) must still pass
+            raise PrivacyInvariantError(f"image {iid}: its record fails its thresholds: {rec.failures()}")
+        save_png(imgs8[j], out / rel)
+        records.append(replace(rec, sha256=file_sha256(out / rel)))
+    man = SiteManifest(
+        site_id=cfg.site_id, generator_sha256=generator_sha256, config_sha256=cfg.digest(),
+        created=datetime.now(timezone.utc).isoformat(timespec="seconds"), images=records,
+        generator_round=generator_round,
+    )
+    write_site_manifest(out / "manifest.json", man)
+    return man
+
+
+# ---------------------------------------------------------------------------------------------- utility
+def train_utility(cfg: PlanConfig, ds: ImageDataset, x_tr: torch.Tensor, y_tr: np.ndarray | torch.Tensor,
+                  x_te: torch.Tensor, y_te: np.ndarray, seed: int, desc: str, device: torch.device,
+                  progress: bool) -> UtilityScore:
+    """The utility recipe (classes-section architecture, utility_epochs, balanced) on ``x_tr``, tested on ``x_te``."""
+    if len(x_tr) < 2:
+        return UtilityScore(None, None, None, len(x_tr), trained=False)
+    model = build_classifier(ds.num_classes, ds.channels, ds.size, cfg.classes).to(device)
+    spec = spec_from(cfg.classes, epochs=cfg.classes.utility_epochs, balanced=True)
+    torch.manual_seed(seed)
+    train_classifier(model, x_tr, y_tr, spec, seed=seed, desc=desc, recalibrate=True, progress=progress)
+    pred = predict_logits(model, x_te).argmax(1).numpy()
+    rep = classification_report(y_te, pred)
+    return UtilityScore(finite(rep["accuracy"]), finite(rep["balanced_accuracy"]), finite(rep["qwk"]), len(x_tr))
+
+
+def utility_of_site(cfg: PlanConfig, ds: ImageDataset, data: SiteData, cand: Candidates, passed: np.ndarray,
+                    blocked: bool, device: torch.device, progress: bool) -> UtilitySection:
+    """Utility of the images passing the per-image filter (= the exported ones unless blocked) and of the real split."""
+    xs, ys = cand.images[passed], cand.labels[passed]
+    syn = train_utility(cfg, ds, xs, ys, data.x_te, data.y_te, cfg.seed + 21, "utility (synthetic)", device, progress)
+    real = train_utility(cfg, ds, data.x_tr, data.y_tr.numpy(), data.x_te, data.y_te, cfg.seed + 21, "utility (real)",
+                         device, progress)
+    syn.per_class_train = {ds.class_names[k]: int((ys == k).sum()) for k in range(ds.num_classes)}
+    return UtilitySection(syn, real, synthetic_set="images passing the per-image filter"
+                          + (" (export blocked: not exported)" if blocked else ""))
+
+
+def compare_methods(cfg: PlanConfig, ds: ImageDataset, data: SiteData, cand: Mapping[Method, Candidates],
+                    flt: FilterOutcome, exported: Method, utility: UtilitySection, device: torch.device,
+                    progress: bool) -> dict[str, ComparePoint]:
+    """Privacy-utility point of every method on the same anchors (the report's privacy-utility plot).
+
+    For each method: the utility classifier trained on that method's filter-passing images
+    and tested on the real test split, and the distance membership inference (pixel space,
+    members = train, non-members = test) against those images: AUC with its 95 % bootstrap
+    interval, |AUC - 0.5| and TPR at 1 % FPR. ``real`` is the reference *site alone*: the same
+    utility recipe trained on the site's real train split (sharing those images: AUC 1).
+    """
+    from client.evaluate import distance_mia
+
+    out: dict[str, ComparePoint] = {}
+    for name, c in cand.items():
+        idx = flt.passed(name)
+        if name == exported:
+            util = utility.synthetic
+        else:
+            util = train_utility(cfg, ds, c.images[idx], c.labels[idx], data.x_te, data.y_te, cfg.seed + 21,
+                                 f"utility ({name})", device, progress)
+        mia = distance_mia(data.x_tr, data.x_te, c.images[idx])
+        out[name] = ComparePoint(util.accuracy, util.qwk, len(idx), {k: finite(v) for k, v in mia.items()})
+    real = distance_mia(data.x_tr, data.x_te, data.x_tr)
+    out["real"] = ComparePoint(utility.real.accuracy, utility.real.qwk, len(data.x_tr),
+                               {k: finite(v) for k, v in real.items()})
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- figures
+def write_figures(cfg: PlanConfig, out: Path, G: StyleGenerator, paths: Paths, ids: IdentityModels,
+                  cal: Calibration, cand: Mapping[Method, Candidates], flt: FilterOutcome, exported: Method,
+                  class_names: list[str]) -> dict[str, str]:
+    """path_strips.png (the first synthesis.strip_pairs paths), samples.png, dcr_hist.png; their names."""
+    rows = []
+    for p in range(min(cfg.synthesis.strip_pairs, len(paths.plan))):
+        for name, full in (("linear", paths.linear), ("plan", paths.plan)):
+            img = render(G, full[p])
+            sc = score_images(img, ids.phi_id, ids.indep, cal.zone.embeddings)
+            rows.append({"title": f"{name} #{p} ({class_names[int(paths.labels[p])]})", "images": img,
+                         "id_prob": sc.max_id_prob, "dcr": sc.dcr})
+    figs: dict[str, str] = {}
+    if rows:
+        figs["path_strips"] = path_strips(rows, out / "path_strips.png").name
+    acc_idx = flt.exported(exported)
+    show = cand[exported].images[acc_idx] if len(acc_idx) else cand[exported].images
+    if len(show):
+        figs["samples"] = sample_grid(show, out / "samples.png").name
+    series = {str(k): flt.scores[k].dcr for k in ("plan", "linear") if k in flt.scores and len(flt.scores[k])}
+    series[f"real {cal.split} (calibration)"] = cal.zone.calib_dcr
+    figs["dcr_hist"] = dcr_histogram(series, cal.thresholds.delta, out / "dcr_hist.png").name
+    return figs

@@ -1,0 +1,268 @@
+"""Each stage of the site pipeline (client/site_stages.py) on its own, on tiny in-memory data."""
+
+from __future__ import annotations
+
+import copy
+import json
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+import torch
+
+from client import site_stages as S
+from client.pipeline import run_site_pipeline
+from client.site_stages import GeneratorSnapshot, PrivacyInvariantError
+from plan_shared.classifiers import predict_logits
+from plan_shared.config import PlanConfig, config_from_dict
+from plan_shared.data import ImageDataset, Split
+from plan_shared.gan import GanTrainer, file_sha256, generator_digest
+from plan_shared.manifest import Thresholds, read_site_manifest
+from tests.test_site_report import FILTER, TOP
+from tests.test_synthesize import TINY
+
+SIZE = 16
+DEV = torch.device("cpu")
+
+
+def _split(rng: np.random.Generator, n: int, patients: bool = False) -> Split:
+    base = torch.tensor(rng.random((n, 1, 4, 4)), dtype=torch.float32)
+    img = (torch.nn.functional.interpolate(base, size=SIZE, mode="bilinear").numpy() * 255).astype(np.uint8)
+    pid = np.repeat(np.arange(100, 100 + n // 2), 2)[:n] * 7 if patients else None  # two images per patient
+    return Split(img, np.arange(n) % 2, pid)
+
+
+def _dataset(patients: bool = False, n_val: int = 10) -> ImageDataset:
+    rng = np.random.default_rng(0)
+    return ImageDataset("toy", _split(rng, 40, patients), _split(rng, n_val), _split(rng, 10), ["a", "b"], 1, SIZE,
+                        "memory")
+
+
+def _cfg(**over: object) -> PlanConfig:
+    d = copy.deepcopy(TINY)
+    d["data"] = {"source": "medmnist", "size": SIZE, "download": False}
+    d.update(over)
+    return config_from_dict(d)
+
+
+@dataclass
+class Site:
+    cfg: PlanConfig
+    ds: ImageDataset
+    snap: GeneratorSnapshot
+    gen: S.SiteGenerator
+    data: S.SiteData
+    ids: S.IdentityModels
+    cls: S.ClassModel
+    cal: S.Calibration
+    inv: S.Inversion
+    ap: S.AnchorPairs
+    paths: S.Paths
+    cand: dict
+    flt: S.FilterOutcome
+
+
+@pytest.fixture(scope="module")
+def site() -> Site:
+    """The stages up to the filter, run once for the module (each is tested on its output below)."""
+    torch.manual_seed(0)
+    cfg, ds = _cfg(), _dataset()
+    trainer = GanTrainer(cfg, 1, SIZE)
+    snap = GeneratorSnapshot({k: v for k, v in trainer.weights("g").items() if k.startswith("g_ema.")}, 1, SIZE)
+    gen = S.load_generator(cfg, snap, ds, DEV)
+    data = S.load_site_data(ds)
+    ids = S.IdentityModels(S.train_identity_model(cfg, ds, data, DEV, False),
+                           S.train_identity_model(cfg, ds, data, DEV, False, independent=True))
+    cls = S.train_class_model(cfg, ds, data, DEV, False)
+    cal = S.calibrate_filter(cfg, data, ids.indep)
+    inv = S.invert_train_images(cfg, ds, data, gen.G, ids.phi_id, False)
+    ap = S.anchor_pairs(cfg, ds, inv, DEV)
+    paths = S.navigate_paths(cfg, gen.G, ids.phi_id, cls.phi_class, ap, inv.sigma_w, DEV, False)
+    cand = S.render_candidates(cfg, gen.G, paths, cls.phi_class)
+    flt = S.filter_candidates(cfg, "plan", cand, ids, cal, data)
+    return Site(cfg, ds, snap, gen, data, ids, cls, cal, inv, ap, paths, cand, flt)
+
+
+# ------------------------------------------------------------------------------------------ load
+def test_snapshot_and_checkpoint_give_the_same_generator_and_digest_at_every_site(tmp_path, site):
+    ckpt = GanTrainer(site.cfg, 1, SIZE)
+    ckpt.set_weights(dict(site.snap.state))
+    path = ckpt.save_checkpoint(tmp_path / "g.pt")
+    from_file = S.load_generator(site.cfg, path, site.ds, DEV)
+    assert from_file.checkpoint == str(path) and site.gen.checkpoint is None
+    assert from_file.sha256 == site.gen.sha256 == site.snap.digest() == generator_digest(ckpt.G_ema)
+    w = from_file.G.sample_w(3, torch.Generator().manual_seed(1))
+    assert torch.equal(from_file.G.render(w, noise_mode="const"), site.gen.G.render(w, noise_mode="const"))
+    # another site (its own id and seed) records the same digest for the same weights
+    other = S.load_generator(_cfg(site_id="hospital-b", seed=99), site.snap, site.ds, DEV)
+    assert other.sha256 == site.gen.sha256
+    # unprefixed keys are the same snapshot
+    bare = GeneratorSnapshot(site.snap.weights(), 1, SIZE)
+    assert bare.digest() == site.snap.digest()
+
+
+def test_snapshot_of_another_shape_is_refused_naming_both_shapes(site):
+    with pytest.raises(ValueError, match=r"3x16x16 images but the data are 1x16x16"):
+        S.load_generator(site.cfg, GeneratorSnapshot(site.snap.state, 3, SIZE), site.ds, DEV)
+    wider = _cfg(generator=dict(TINY["generator"], w_dim=16))
+    with pytest.raises(ValueError, match="does not fit this site's generator config section"):
+        S.load_generator(wider, site.snap, site.ds, DEV)
+
+
+def test_identities_are_patients_where_the_split_knows_them():
+    ds = _dataset(patients=True)
+    data = S.load_site_data(ds)
+    assert data.identity_unit == "patient" and data.n_id == 20
+    assert data.id_labels.tolist() == np.repeat(np.arange(20), 2).tolist()  # dense 0..n-1, not the opaque ids
+    assert data.section().n_identities == 20
+    cfg = _cfg()
+    phi_id = S.train_identity_model(cfg, ds, data, DEV, False)
+    assert predict_logits(phi_id, data.x_tr[:2]).shape == (2, 20)  # one output per patient
+    plain = S.load_site_data(_dataset())
+    assert plain.identity_unit == "image" and plain.n_id == 40
+
+
+def test_method_names_are_checked():
+    assert S.check_method("linear") == "linear"
+    with pytest.raises(ValueError, match="'pln'"):
+        S.check_method("pln")
+
+
+# ------------------------------------------------------------------------------------------ calibration, inversion, anchors
+def test_calibration_protects_every_split_and_falls_back_to_test_without_val(site):
+    z = site.cal.zone.summary()
+    assert z["protected"] == {"train": 40, "val": 10, "test": 10} and site.cal.split == "val"
+    assert site.cal.thresholds.delta == site.cal.zone.delta and site.cal.thresholds.tau_id == 0.99
+    ds = _dataset(n_val=0)
+    data = S.load_site_data(ds)
+    cal = S.calibrate_filter(site.cfg, data, site.ids.indep)
+    assert cal.split == "test" and "val" not in cal.protected_x
+
+
+def test_inversion_subsamples_and_anchors_pair_within_class(site):
+    assert site.inv.section.n_inverted == 20 and site.inv.section.subsampled
+    assert np.bincount(site.inv.labels).tolist() == [10, 10]  # stratified
+    assert site.inv.w.shape == (20, site.gen.G.w_dim)
+    assert 0 < len(site.ap.pairs) <= site.cfg.synthesis.max_paths
+    lab = site.ap.anchors.labels
+    assert all(lab[a] == lab[b] for a, b in site.ap.pairs)
+    assert site.ap.section.n_paths == len(site.ap.pairs)
+
+
+# ------------------------------------------------------------------------------------------ candidates
+def test_candidates_per_method(site):
+    T, P = site.cfg.navigation.T, len(site.ap.pairs)
+    assert site.paths.plan.shape == site.paths.linear.shape == (P, T, site.gen.G.w_dim)
+    assert torch.allclose(site.paths.plan[:, 0], site.paths.linear[:, 0])  # same anchors
+    for m in ("plan", "linear"):
+        c = site.cand[m]
+        assert len(c) == P * (T - 2) and c.method == m
+        assert c.position.min() == 1 and c.position.max() == T - 2
+        assert c.image_id(T - 2) == f"{m}_p0001_t001"
+    r = site.cand["random"]
+    assert len(r) == P * (T - 2) and r.path_id is None and r.image_id(7) == "random_00007"
+
+
+# ------------------------------------------------------------------------------------------ filter
+def test_filter_rejects_planted_duplicates_and_copies_of_real_images(site):
+    s = site.flt.section
+    assert s.planted_total == 5 and s.planted_rejected == 5 and site.flt.sensitivity_ok and not site.flt.blocked
+    # the real images themselves as "candidates": every one is inside the exclusion zone
+    copies = S.Candidates("plan", site.data.x_tr[:6], site.ds.train.labels[:6], None, None)
+    flt = S.filter_candidates(site.cfg, "plan", {"plan": copies}, site.ids, site.cal, site.data)
+    assert not flt.accept["plan"].any() and len(flt.exported("plan")) == 0
+    assert flt.methods["plan"].n == 6 and flt.methods["plan"].n_accepted == 0
+
+
+def test_a_failed_planted_test_blocks_the_export(site):
+    loose = _cfg(filter=dict(TINY["filter"], tau_id=1.0, tau_indep=1.0, pixel_zone=False,
+                             block_on_planted=True))
+    cal = S.calibrate_filter(loose, site.data, site.ids.indep)
+    cal.thresholds = Thresholds(1.0, 1.0, -1.0)  # nothing can be rejected: the planted test must fail
+    flt = S.filter_candidates(loose, "plan", site.cand, site.ids, cal, site.data)
+    assert not flt.sensitivity_ok and flt.blocked and flt.section.export_blocked
+    assert len(flt.passed("plan")) == len(site.cand["plan"]) and len(flt.exported("plan")) == 0
+
+
+# ------------------------------------------------------------------------------------------ writer
+def test_writer_refuses_a_record_that_fails_the_thresholds_and_writes_nothing(tmp_path, site):
+    scores, th = site.flt.scores["plan"], site.cal.thresholds
+    rejected = np.flatnonzero(~site.flt.accept["plan"])
+    assert len(rejected), "the tiny filter should reject some candidates"
+    idx = np.concatenate([site.flt.passed("plan"), rejected[:1]])
+    with pytest.raises(PrivacyInvariantError, match=r"plan_p\d{4}_t\d{3} .*fails the filter"):
+        S.write_site_dir(tmp_path, site.cfg, site.cand["plan"], scores, idx, th, site.cal.delta_pixel,
+                         site.ds.class_names, site.gen.sha256, 3)
+    assert not list(tmp_path.rglob("*"))  # no PNG, no manifest
+    # the pixel zone is an invariant too: a record inside it is refused even when the embedding thresholds pass
+    i = int(site.flt.passed("plan")[0]) if len(site.flt.passed("plan")) else int(rejected[0])
+    tight = float(scores.pixel_dcr[i]) + 1.0
+    with pytest.raises(PrivacyInvariantError, match="pixel_dcr"):
+        S.check_exportable(scores, i, Thresholds(1.0, 1.0, -1.0), tight, "x")
+
+
+def test_writer_writes_the_passing_images_and_their_manifest(tmp_path, site):
+    idx = site.flt.exported("plan")
+    man = S.write_site_dir(tmp_path, site.cfg, site.cand["plan"], site.flt.scores["plan"], idx,
+                           site.cal.thresholds, site.cal.delta_pixel, site.ds.class_names, site.gen.sha256, 3)
+    back = read_site_manifest(tmp_path / "manifest.json")
+    assert len(back.images) == len(idx) == len(man.images) and back.generator_round == 3
+    assert back.generator_sha256 == site.gen.sha256
+    for r in back.images:
+        assert r.passes() and r.method == "plan" and r.file.startswith(f"images/{r.class_name}/")
+        assert file_sha256(tmp_path / r.file) == r.sha256
+    assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*.png")) == sorted(
+        r.file for r in back.images)
+
+
+# ------------------------------------------------------------------------------------------ utility, compare, figures
+def test_utility_with_too_few_images_is_not_trained(site):
+    u = S.train_utility(site.cfg, site.ds, site.data.x_tr[:1], site.data.y_tr[:1], site.data.x_te, site.data.y_te,
+                        0, "u", DEV, False)
+    assert not u.trained and u.to_json() == {"n_train": 1, "accuracy": None, "balanced_accuracy": None, "qwk": None}
+    sec = S.utility_of_site(site.cfg, site.ds, site.data, site.cand["plan"], site.flt.passed("plan"), True, DEV, False)
+    assert sec.synthetic_set.endswith("(export blocked: not exported)")
+    assert sum(sec.synthetic.per_class_train.values()) == len(site.flt.passed("plan"))
+    assert sec.real.n_train == 40 and sec.real.accuracy is not None
+
+
+def test_compare_and_figures(tmp_path, site):
+    util = S.utility_of_site(site.cfg, site.ds, site.data, site.cand["plan"], site.flt.passed("plan"), False, DEV,
+                             False)
+    cmp = S.compare_methods(site.cfg, site.ds, site.data, site.cand, site.flt, "plan", util, DEV, False)
+    assert set(cmp) == {"plan", "linear", "random", "real"}
+    assert cmp["real"].mia["mia_auc"] == 1.0 and cmp["plan"].accuracy == util.synthetic.accuracy
+    assert cmp["linear"].n == int(site.flt.accept["linear"].sum())
+    figs = S.write_figures(site.cfg, tmp_path, site.gen.G, site.paths, site.ids, site.cal, site.cand, site.flt,
+                           "plan", site.ds.class_names)
+    assert {"path_strips", "dcr_hist", "samples"} <= set(figs)
+    assert all((tmp_path / name).is_file() for name in figs.values())
+
+
+# ------------------------------------------------------------------------------------------ orchestrator
+def test_unknown_method_is_refused_before_any_work(tmp_path, site):
+    with pytest.raises(ValueError, match="method must be one of"):
+        run_site_pipeline(site.cfg, site.ds, site.snap, tmp_path / "o", method="gan", progress=False)
+    assert not (tmp_path / "o").exists()
+
+
+def test_synthesis_at_a_site_uses_the_sent_weights_in_memory(tmp_path):
+    """client/phases.py passes the coordinator's G_ema weights as a snapshot: no checkpoint, the model's digest;
+    the orchestrator's report.json has today's keys."""
+    from client.phases import synthesize_at_site
+    from client.site import Site
+    from tests.test_synthesize import _npz
+
+    cfg = _cfg(data={"source": "medmnist", "path": str(_npz(tmp_path / "d.npz")), "size": SIZE, "download": False},
+               federation={"state_dir": str(tmp_path / "state")}, synthesis=dict(TINY["synthesis"], compare=False))
+    trainer = GanTrainer(cfg, 1, SIZE)
+    site = Site.from_node_config({"partition-id": 0, "num-partitions": 2}, cfg)
+    res = synthesize_at_site(site, cfg, trainer.weights("g"), 1, SIZE, generator_round=4)
+    rep = res["report"]
+    assert list(rep) == [k for k in TOP if k != "compare"] and list(rep["filter"]) == FILTER
+    gen = rep["generator"]
+    assert gen == {"checkpoint": None, "sha256": generator_digest(trainer.G_ema), "round": 4}
+    out = site.state_dir / "synthesis"
+    assert not (out / "generator.pt").exists()
+    assert read_site_manifest(out / "out" / "manifest.json").generator_sha256 == gen["sha256"]
+    assert json.loads((out / "out" / "report.json").read_text()) == json.loads(json.dumps(rep))
