@@ -462,7 +462,11 @@ class PoolConfig(_Section):
         "federation.certs_dir). Coordinator: a reader's folder (`coordinate` defaults to STATE/reader, enrolling "
         "reader 'coordinator' there when missing). In simulation it is derived from federation.certs_dir.",
     )
-    retries: int = Field(5, ge=0, description="Push/pull retries with backoff after a cut connection.")
+    retries: int = Field(
+        5, ge=0, description="Retries of a failed pool call (export, ls, pull; `--retries` of each command) after a "
+        "transient failure (plan_shared/pool_transport.py lists the retried gRPC codes).")
+    backoff_s: float = Field(1.0, ge=0.0, description="Wait before the first retry of a pool call; doubled per retry.")
+    max_backoff_s: float = Field(30.0, ge=0.0, description="Longest wait between two retries of a pool call.")
     policy_file: Optional[str] = Field(
         None, description="Coordinator: the JSON policy file the pool enforces (`pool serve --policy`). `coordinate` "
         "and `demo` write it from the policy section (default STATE/pool-policy.json) and the ServerApp records the final "

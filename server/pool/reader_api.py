@@ -22,7 +22,8 @@ from typing import Any, Iterable, Optional
 from plan_shared.credentials import ClientCredentials, load_client_credentials
 from plan_shared.manifest import is_hex64, is_safe_name
 from plan_shared.pool_proto import pool_pb2, pool_pb2_grpc
-from server.pool.client import PoolClientError, call_with_retries, list_bundles, open_channel
+from plan_shared.pool_transport import RetryPolicy, call_with_retries, open_channel
+from server.pool.client import PoolClientError, list_bundles
 
 
 @dataclass
@@ -80,8 +81,8 @@ class PoolReader:
         self.close()
 
     def _call(self, fn):
-        return call_with_retries(fn, self.pool, self.retries, self.backoff, creds=self.creds,
-                                 server_name=self.server_name)
+        return call_with_retries(fn, self.pool, RetryPolicy.default(self.retries, self.backoff), self.creds,
+                                 self.server_name, error=PoolClientError)
 
     def bundles(self) -> list[dict[str, Any]]:
         """The stored bundles (see :func:`server.pool.client.list_bundles`)."""
