@@ -31,6 +31,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 
 from plan_shared.config import PlanConfig, config_from_dict
+from plan_shared.files import atomic_write
 from plan_shared.runtime import resolve_device, set_threads
 
 from client.progress_rpc import site_progress
@@ -118,9 +119,7 @@ def train(msg: Message, context: Context) -> Message:
     sd = trainer.state_dict()
     sd["run-digest"] = conf.get("run-digest")
     site.state_dir.mkdir(parents=True, exist_ok=True)
-    tmp = state_path.with_suffix(".tmp")
-    torch.save(sd, tmp)
-    tmp.replace(state_path)
+    atomic_write(state_path, lambda fh: torch.save(sd, fh))  # plumbing: plan_shared.files
 
     metrics = MetricRecord(
         {

@@ -59,6 +59,8 @@ from typing import Optional
 from cryptography import x509
 from cryptography.x509.oid import NameOID
 
+from plan_shared.files import atomic_write
+
 ROLES = ("site", "reader")
 CA_CERT = "ca.crt"
 CA_KEY = "ca.key"
@@ -173,32 +175,21 @@ def write_secret(path: str | Path, data: bytes, overwrite: bool = False) -> None
     p.parent.mkdir(parents=True, exist_ok=True)
     if p.exists() and not overwrite:
         raise CredentialsError(f"{p}: exists; refusing to overwrite a private key (use --force to replace it)")
-    target = p.with_name(p.name + ".tmp") if overwrite else p
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL
-    if overwrite and target.exists():
-        target.unlink()
-    fd = os.open(target, flags, 0o600)
+    if overwrite:
+        atomic_write(p, data, mode=0o600)  # private from the first byte (the temporary file is 0600)
+        return
+    fd = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)  # O_EXCL: never over an existing key
     try:
         os.fchmod(fd, 0o600)
         os.write(fd, data)
         os.fsync(fd)
     finally:
         os.close(fd)
-    if overwrite:
-        os.replace(target, p)
 
 
 def write_public(path: str | Path, data: bytes) -> None:
     """Write a public file (certificate, public key) atomically, mode 0644."""
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_name(p.name + ".tmp")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, p)
+    atomic_write(path, data, mode=0o644)
 
 
 def is_private_mode(path: str | Path) -> bool:
