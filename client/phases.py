@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from plan_shared.config import PlanConfig
+from plan_shared.credentials import find_identity_dir
 
 from client.site import Site
 
@@ -39,12 +40,10 @@ def site_credentials(site: Site) -> Optional[Path]:
     In deployment ``site.cfg.pool`` comes from the site's own node config (client/site.py).
     """
     pool = site.cfg.pool
-    if pool.credentials:
-        return Path(pool.credentials).expanduser()
-    if site.partition_id is None:  # deployment: no shared disk with the coordinator to guess from
+    if not pool.credentials and site.partition_id is None:  # deployment: no shared disk to guess from
         return None
-    cand = Path(site.cfg.federation.certs_dir) / "sites" / site.site_id
-    return cand if cand.is_dir() else None
+    # plumbing: the one credentials-folder rule (plan_shared.credentials.find_identity_dir)
+    return find_identity_dir(site.cfg.federation.certs_dir, "site", site.site_id, pool.credentials)
 
 
 def check_site_minimums(site: Site, cfg: PlanConfig) -> None:

@@ -85,6 +85,37 @@ def identity_dir(certs: str | Path, name: str, role: str) -> Path:
     return Path(certs) / ROLE_DIRS[role] / name
 
 
+def find_identity_dir(
+    certs: str | Path,
+    role: str,
+    name: Optional[str] = None,
+    explicit: Optional[str | Path] = None,
+    marker: str = CLIENT_CERT,
+) -> Optional[Path]:
+    """The one rule for finding an identity's credentials folder; None when there is none.
+
+    1. ``explicit`` (e.g. ``pool.credentials``), when given: taken as it is (``~`` expanded);
+    2. ``certs`` itself, when it holds ``marker``: an identity's own keys folder
+       (``plan-client keys init --dir certs``, what a deployed site names in federation.certs_dir);
+    3. ``certs/<sites|readers>/<name>`` (:func:`identity_dir`), when it is a folder: the layout of a
+       simulation, where one folder holds every virtual identity;
+    4. without ``name``: the first (sorted) folder under ``certs/<sites|readers>/``.
+    """
+    if role not in ROLE_DIRS:
+        raise CredentialsError(f"role {role!r}: expected one of {', '.join(ROLE_DIRS)}")
+    if explicit:
+        return Path(explicit).expanduser()
+    base = Path(certs).expanduser()
+    if (base / marker).is_file():
+        return base
+    if name is not None:
+        cand = identity_dir(base, name, role)
+        return cand if cand.is_dir() else None
+    group = base / ROLE_DIRS[role]
+    found = sorted(p for p in group.iterdir() if p.is_dir()) if group.is_dir() else []
+    return found[0] if found else None
+
+
 @dataclass(frozen=True)
 class CertIdentity:
     name: str

@@ -27,6 +27,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
 from plan_shared.config import PlanConfig
+from plan_shared.credentials import find_identity_dir
 
 LOG = logging.getLogger("plan.phases")
 
@@ -36,16 +37,14 @@ class PhaseError(RuntimeError):
 
 
 def _reader_credentials(cfg: PlanConfig) -> Path:
-    if cfg.pool.credentials:
-        return Path(cfg.pool.credentials).expanduser()
-    readers = Path(cfg.federation.certs_dir) / "readers"
-    found = sorted(p for p in readers.glob("*") if p.is_dir()) if readers.is_dir() else []
-    if not found:
+    # plumbing: the one credentials-folder rule (plan_shared.credentials.find_identity_dir)
+    found = find_identity_dir(cfg.federation.certs_dir, "reader", explicit=cfg.pool.credentials)
+    if found is None:
         raise PhaseError(
             f"no reader credentials to pull the pool: set pool.credentials or run "
             f"`plan-server certs issue --dir CERTS --name coordinator --role reader --out {cfg.federation.certs_dir}/readers/coordinator`"
         )
-    return found[0]
+    return found
 
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
