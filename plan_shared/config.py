@@ -165,7 +165,24 @@ class GanConfig(_Section):
     )
 
 
-class DownstreamConfig(_Section):
+class ClassifierConfig(_Section):
+    """What the three classifier sections (``identity``, ``classes``, ``downstream``) share: the
+    network (plan_shared.models) and its training (plan_shared.classifiers.spec_from).
+
+    A section states only the defaults in which it differs from these.
+    """
+
+    width: int = Field(16, ge=4, description="Channels of the first stage; doubled per stage.")
+    depth: int = Field(3, ge=1, le=6, description="Number of downsampling stages.")
+    feature_dim: int = Field(64, ge=8, description="Size of the feature vector before the head.")
+    epochs: int = Field(8, ge=1, description="Epochs over the training images.")
+    batch_size: int = Field(64, ge=2)
+    lr: float = Field(2e-3, gt=0.0)
+    weight_decay: float = Field(1e-4, ge=0.0)
+    augment_shift: float = Field(0.0625, ge=0.0, le=0.5, description="Random translation fraction during training.")
+
+
+class DownstreamConfig(ClassifierConfig):
     """phi_down: the researcher's classifier trained on the pooled synthetic images (stage D).
 
     Trained class-balanced on the pulled pool, the epoch kept is the best on a held-out
@@ -173,18 +190,11 @@ class DownstreamConfig(_Section):
     same architecture trained on that site's real train split (the reference).
     """
 
-    width: int = Field(16, ge=4, description="Channels of the first stage; doubled per stage.")
-    depth: int = Field(3, ge=1, le=6, description="Number of downsampling stages.")
-    feature_dim: int = Field(64, ge=8)
-    epochs: int = Field(10, ge=1)
-    batch_size: int = Field(64, ge=2)
-    lr: float = Field(2e-3, gt=0.0)
-    weight_decay: float = Field(1e-4, ge=0.0)
-    augment_shift: float = Field(0.0625, ge=0.0, le=0.5, description="Random translation fraction during training.")
+    epochs: int = Field(10, ge=1, description="Epochs over the pooled images.")
     val_fraction: float = Field(0.15, gt=0.0, lt=0.5, description="Share of the pooled images held out to select the epoch.")
 
 
-class IdentityConfig(_Section):
+class IdentityConfig(ClassifierConfig):
     """B1 identity classifier phi_id and the independent identity model of the filter (method.md B1, B6, section 6).
 
     One identity per local training image (per patient when the data supply patient ids).
@@ -193,8 +203,7 @@ class IdentityConfig(_Section):
     """
 
     width: int = Field(16, ge=4, description="Channels of the first stage (small: phi_id is evaluated at every path point).")
-    depth: int = Field(3, ge=1, le=6)
-    feature_dim: int = Field(128, ge=8)
+    feature_dim: int = Field(128, ge=8, description="Size of the feature vector before the cosine head.")
     pool_grid: int = Field(
         4, ge=1, le=8, description="Final features pooled to a grid x grid map (4 keeps the coarse layout). Measured on "
         "800 pneumoniamnist identities, 30 epochs: grid 4 gives 99.5 % top-1 on augmented views, mean max-prob 0.98 "
@@ -222,17 +231,10 @@ class IdentityConfig(_Section):
     indep_width: int = Field(16, ge=4, description="First-stage width of the independent identity model.")
 
 
-class ClassesConfig(_Section):
+class ClassesConfig(ClassifierConfig):
     """B2 class classifier phi_class (also the downstream/utility classifier trained in the report)."""
 
-    width: int = Field(16, ge=4)
-    depth: int = Field(3, ge=1, le=6)
-    feature_dim: int = Field(64, ge=8)
     epochs: int = Field(8, ge=1, description="Epochs on the real train split; the epoch with the best val accuracy is kept.")
-    batch_size: int = Field(64, ge=2)
-    lr: float = Field(2e-3, gt=0.0)
-    weight_decay: float = Field(1e-4, ge=0.0)
-    augment_shift: float = Field(0.0625, ge=0.0, le=0.5, description="Random translation fraction during training.")
     utility_epochs: int = Field(
         8, ge=1, description="Epochs of the utility classifier (same architecture) trained on accepted synthetic images "
         "and, for reference, on the real train split; both tested on the real test split."
