@@ -41,7 +41,7 @@ from plan_shared.classifiers import (
     spec_from,
     train_classifier,
 )
-from plan_shared.config import PlanConfig
+from plan_shared.config import METHODS, PlanConfig  # plumbing: METHODS, the one Method literal (was defined here)
 from plan_shared.data import ImageDataset, stratified_subsample, to_tensor
 from plan_shared.gan import file_sha256, generator_digest, load_generator
 from plan_shared.imaging import save_png, to_uint8_hwc
@@ -54,7 +54,6 @@ from plan_shared.privacy import accept_mask, build_zone, plant_duplicates, rejec
 from plan_shared.runtime import resolve_device, seed_everything, set_threads
 
 LOG = logging.getLogger("plan.pipeline")
-METHODS = ("plan", "linear", "random")
 
 
 class _Timer:

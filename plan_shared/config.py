@@ -14,10 +14,15 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+Method = Literal["plan", "linear", "random"]
+"""A synthesis method: PLAN paths, linear interpolation between anchors, random samples (the baselines)."""
+METHODS: tuple[str, ...] = get_args(Method)
 
 
 class ConfigError(ValueError):
@@ -338,7 +343,7 @@ class FilterConfig(_Section):
 class SynthesisConfig(_Section):
     """What `plan-client synthesize` produces."""
 
-    method: Literal["plan", "linear", "random"] = Field("plan", description="Method whose accepted images are exported.")
+    method: Method = Field("plan", description="Method whose accepted images are exported.")
     max_paths: Optional[int] = Field(
         48, ge=1, description="At most this many anchor pairs (paths) per method, spread over classes (null = all pairs)."
     )
@@ -499,7 +504,7 @@ class PolicyConfig(_Section):
     all_planted_rejected: Optional[bool] = Field(
         None, description="Refuse a bundle whose report.json says a planted near-duplicate passed (null = filter.block_on_planted)."
     )
-    methods: Optional[list[Literal["plan", "linear", "random"]]] = Field(
+    methods: Optional[list[Method]] = Field(
         None, min_length=1, description="Methods whose images the pool accepts (null = [synthesis.method])."
     )
     image_size: Optional[int] = Field(

@@ -41,9 +41,9 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Optional
 
+from plan_shared.config import METHODS  # noqa: F401  (re-exported; the one Method literal lives in the schema)
 from plan_shared.files import atomic_write
 
-METHODS = ("plan", "linear", "random")
 THRESHOLD_KEYS = ("tau_id", "tau_indep", "delta")
 RECORD_KEYS = (
     "id",

@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any, Literal, Optional
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from plan_shared.bundle import DEFAULT_MAX_PIXELS, BundleError, BundleManifest, PolicyError, ThresholdPolicy
+from plan_shared.config import Method
 from plan_shared.files import atomic_write
 from plan_shared.manifest import METHODS, ManifestError, is_count, is_number, loads_strict, short_repr
 
@@ -58,7 +59,7 @@ class PolicyDocument(BaseModel):
     min_k: Optional[int] = Field(..., ge=1)
     min_planted: Optional[int] = Field(..., ge=0)
     all_planted_rejected: bool
-    methods: Optional[list[Literal["plan", "linear", "random"]]] = Field(..., min_length=1)
+    methods: Optional[list[Method]] = Field(..., min_length=1)
     image_size: Optional[int] = Field(..., ge=1, le=65535)
     channels: Optional[Literal[1, 3]]
     num_classes: Optional[int] = Field(..., ge=1)

@@ -26,7 +26,7 @@ from typing import Any, Optional
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
-from plan_shared.config import PlanConfig
+from plan_shared.config import METHODS, PlanConfig
 from plan_shared.credentials import find_identity_dir
 
 LOG = logging.getLogger("plan.phases")
@@ -240,7 +240,7 @@ def _comparison_points(synthesis: dict[str, Any], report: dict[str, Any], method
     for s in synthesis.get("sites", {}).values():
         if s.get("status") != "ok":
             continue
-        for m in ("plan", "linear", "random", "real"):
+        for m in (*METHODS, "real"):
             a, u = s.get(f"compare.{m}.mia_auc"), s.get(f"compare.{m}.accuracy")
             if a is not None and u is not None:
                 pts.setdefault(m, []).append((float(a), float(u), s.get(f"compare.{m}.mia_auc_lo"),
