@@ -147,7 +147,7 @@ def describe_error(err: grpc.RpcError, address: str, subject: str = "the call") 
     if code in REFUSALS:
         return f"pool refused {subject}: {details}"
     if code == grpc.StatusCode.UNAVAILABLE:
-        return f"pool at {address} unavailable: {details}"
+        return f"pool at {address} unavailable: {details} [UNAVAILABLE]"
     return f"pool at {address}: {code.name}: {details}"
 
 
