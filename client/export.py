@@ -125,8 +125,12 @@ def push(
     progress: bool = True,
     server_name: Optional[str] = None,
     log: Callable[[str], None] = lambda m: None,
+    policy: Optional[RetryPolicy] = None,
 ) -> ExportResult:
-    """Offer then push ``signed``; retry transient failures (see the module docstring)."""
+    """Offer then push ``signed``; retry transient failures (see the module docstring).
+
+    ``policy`` (e.g. ``RetryPolicy.from_config(cfg.pool)``) replaces ``retries``/``backoff``.
+    """
     t0 = time.perf_counter()
     attempts = 0
 
@@ -150,7 +154,7 @@ def push(
         return ExportResult(reply.bundle_id, reply.duplicate, reply.n_images, sent["files"],
                             sent["bytes"], attempts, time.perf_counter() - t0)
 
-    policy = RetryPolicy.default(retries, backoff)
+    policy = policy or RetryPolicy.default(retries, backoff)
     with open_channel(pool, creds, server_name) as channel:
         stub = pool_pb2_grpc.PoolStub(channel)
         return call_with_retries(attempt, pool, policy, creds, server_name, log, subject="the bundle",
@@ -159,9 +163,9 @@ def push(
 
 def export(outdir: Path, pool: str, credentials: Path, retries: int = _DEFAULT.retries,
            backoff: float = _DEFAULT.backoff_s, progress: bool = True, server_name: Optional[str] = None,
-           log: Callable[[str], None] = lambda m: None) -> ExportResult:
+           log: Callable[[str], None] = lambda m: None, policy: Optional[RetryPolicy] = None) -> ExportResult:
     creds, signed = prepare(Path(outdir), Path(credentials))
-    return push(signed, pool, creds, retries, backoff, progress, server_name, log)
+    return push(signed, pool, creds, retries, backoff, progress, server_name, log, policy)
 
 
 def export_command(

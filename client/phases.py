@@ -26,6 +26,7 @@ import torch
 
 from plan_shared.config import PlanConfig
 from plan_shared.credentials import find_identity_dir
+from plan_shared.pool_transport import RetryPolicy
 
 from client.site import Site
 
@@ -138,8 +139,9 @@ def synthesize_at_site(
             )
         from client.export import export
 
-        res = export(out, pool.address, creds, retries=pool.retries, progress=False,
-                     server_name=pool.server_name, log=lambda m: LOG.info("%s: %s", site.site_id, m))
+        res = export(out, pool.address, creds, progress=False, server_name=pool.server_name,
+                     log=lambda m: LOG.info("%s: %s", site.site_id, m),
+                     policy=RetryPolicy.from_config(pool))  # plumbing: the pool section's whole retry policy
         exported = {"bundle_id": res.bundle_id, "status": "duplicate" if res.duplicate else "stored"}
     summary["synthesis_s"] = round(time.perf_counter() - t0, 2)
     for k, v in (report.get("timing") or {}).items():

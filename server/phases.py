@@ -28,6 +28,7 @@ from flwr.serverapp import Grid
 
 from plan_shared.config import METHODS, PlanConfig
 from plan_shared.credentials import find_identity_dir
+from plan_shared.pool_transport import RetryPolicy
 
 LOG = logging.getLogger("plan.phases")
 
@@ -153,8 +154,9 @@ class Phases:
             raise PhaseError("pool.address is unset: the coordinator has no pool to pull from")
         creds = _reader_credentials(self.cfg)
         pool_dir = self.out / "pool"
-        res = pull(self.cfg.pool.address, creds, pool_dir, retries=self.cfg.pool.retries, progress=False,
-                   server_name=self.cfg.pool.server_name, log=lambda m: LOG.info("pull: %s", m))
+        res = pull(self.cfg.pool.address, creds, pool_dir, progress=False, server_name=self.cfg.pool.server_name,
+                   log=lambda m: LOG.info("pull: %s", m),
+                   policy=RetryPolicy.from_config(self.cfg.pool))  # plumbing: the pool section's retry policy
         LOG.info("pulled %d images (%d files) into %s", res.n_images, res.n_files, pool_dir)
         pooled = load_pool(pool_dir, num_classes, channels)
         per_site: dict[str, int] = {}

@@ -131,3 +131,15 @@ def test_out_of_retries_the_last_reason_is_the_error(pki, server, tmp_path):
         for c in blockers:
             c.cancel()
         ch.close()
+
+
+def test_export_takes_the_pool_sections_policy(pki, tmp_path):
+    """The configured policy (retries and backoff) is the one export follows."""
+    out = tmp_path / "out"
+    make_site_dir(out, "site-a", 2, seed=9)
+    address = f"127.0.0.1:{free_port()}"
+    policy = RetryPolicy.from_config(config_from_dict({"pool": {"retries": 1, "backoff_s": 0.05}}).pool)
+    logs: list[str] = []
+    with pytest.raises(ExportError, match="unavailable"):
+        export(out, address, pki.site("site-a"), progress=False, log=logs.append, policy=policy)
+    assert [m.split("; ")[-1] for m in logs] == ["retry 1/1 in 0.1 s"]

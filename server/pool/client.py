@@ -328,19 +328,21 @@ class _Receiver:
 def pull(pool: str, credentials: Path, out: Path, site: Optional[str] = None, retries: int = _DEFAULT.retries,
          backoff: float = _DEFAULT.backoff_s, progress: bool = True, verify: bool = False,
          server_name: Optional[str] = None, log: Callable[[str], None] = lambda m: None,
-         fmt: str = "imagefolder", max_image_bytes: int = MAX_IMAGE_BYTES) -> PullResult:
+         fmt: str = "imagefolder", max_image_bytes: int = MAX_IMAGE_BYTES,
+         policy: Optional[RetryPolicy] = None) -> PullResult:
     """Pull the pool (or one site's part) into ``out`` (see the module docstring).
 
     Every name from the pool is validated before it becomes a path, files are written only
     under ``out`` (no symlink followed), and every requested image must arrive complete and
     verified: otherwise :class:`PoolClientError` names what is missing (verified files stay,
-    so pulling again resumes) and no manifest is written.
+    so pulling again resumes) and no manifest is written. ``policy`` (e.g.
+    ``RetryPolicy.from_config(cfg.pool)``) replaces ``retries``/``backoff``.
     """
     if fmt not in FORMATS:
         raise PoolClientError(f"--format {fmt!r}: expected one of {', '.join(FORMATS)}")
     t0 = time.perf_counter()
     creds = _reader(credentials)
-    policy = RetryPolicy.default(retries, backoff)
+    policy = policy or RetryPolicy.default(retries, backoff)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     root = out.resolve()
