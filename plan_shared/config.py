@@ -474,6 +474,9 @@ class PoolConfig(_Section):
         "transient failure (plan_shared/pool_transport.py lists the retried gRPC codes).")
     backoff_s: float = Field(1.0, ge=0.0, description="Wait before the first retry of a pool call; doubled per retry.")
     max_backoff_s: float = Field(30.0, ge=0.0, description="Longest wait between two retries of a pool call.")
+    web_retries: int = Field(
+        2, ge=0, description="Retries of a failed call by `pool web` (few: a page waits for them).")
+    web_backoff_s: float = Field(0.5, ge=0.0, description="`pool web`: wait before its first retry; doubled per retry.")
     policy_file: Optional[str] = Field(
         None, description="Coordinator: the JSON policy file the pool enforces (`pool serve --policy`). `coordinate` "
         "and `demo` write it from the policy section (default STATE/pool-policy.json) and the ServerApp records the final "
