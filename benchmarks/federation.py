@@ -158,15 +158,15 @@ def main() -> None:
     ap.add_argument("--rounds-100", type=int, default=2)
     ap.add_argument("--out", type=Path, default=None, help="write the results as JSON")
     args = ap.parse_args()
-    os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
-    os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
     import logging
 
     logging.basicConfig(level=logging.WARNING)
     results = []
     with tempfile.TemporaryDirectory(prefix="plan-fedbench-") as tmp:
         work = Path(tmp)
-        os.environ["FLWR_HOME"] = str(work / "flwr")
+        from plan_shared.flower_env import flower_env
+
+        os.environ.update(flower_env(work / "flwr"))
         for n in args.sites:
             results.append(run_one(n, args.rounds, args.local_steps, SMALL_MODEL, 32, 64, work))
             print(json.dumps({k: v for k, v in results[-1].items() if k != "rounds_detail"}), flush=True)

@@ -33,6 +33,7 @@ from flwr.app import ArrayRecord, Context, Message
 from flwr.clientapp import ClientApp
 
 from plan_shared.config import PlanConfig
+from plan_shared.files import atomic_write
 from plan_shared.protocol import (
     ConfigRef, DescribeReply, DescribeTask, EvaluationTask, SynthesisTask, TrainMetrics, TrainReply, TrainTask,
     site_config,
@@ -115,9 +116,7 @@ def train(msg: Message, context: Context) -> Message:
     sd = trainer.state_dict()
     sd["run-digest"] = task.run_digest
     site.state_dir.mkdir(parents=True, exist_ok=True)
-    tmp = state_path.with_suffix(".tmp")
-    torch.save(sd, tmp)
-    tmp.replace(state_path)
+    atomic_write(state_path, lambda fh: torch.save(sd, fh))  # plumbing: plan_shared.files
 
     metrics = TrainMetrics(
         num_examples=n_train,

@@ -188,7 +188,7 @@ def synthesize_cmd(
     from pathlib import Path as _P
 
     from client.synthesize import resolve_config, summary_line, synthesize
-    from plan_shared.config import ConfigError
+    from plan_shared.config import METHODS, ConfigError
     from plan_shared.runtime import setup_logging
 
     try:
@@ -196,7 +196,7 @@ def synthesize_cmd(
     except ConfigError as err:
         typer.echo(f"error: {err}", err=True)
         raise typer.Exit(2) from None
-    if method is not None and method not in ("plan", "linear", "random"):
+    if method is not None and method not in METHODS:
         typer.echo(f"error: --method must be plan, linear or random, got {method!r}", err=True)
         raise typer.Exit(2)
     setup_logging()

@@ -29,36 +29,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Optional
 
-import os
-
-# Quiet gRPC core's own INFO lines (e.g. a handshake failure, which we explain ourselves);
-# set before grpc is first imported; an explicit GRPC_VERBOSITY wins.
-os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
-
-import grpc  # noqa: E402
 import typer
 from tqdm import tqdm
 
 from plan_shared.bundle import BundleError, SignedBundle, build_bundle, load_signing_key
-from plan_shared.credentials import (
-    CLIENT_CERT,
-    CLIENT_KEY,
-    ClientCredentials,
-    CredentialsError,
-    diagnose_tls,
-    load_client_credentials,
-)
+from plan_shared.credentials import ClientCredentials, CredentialsError, load_client_credentials
 from plan_shared.pool_proto import pool_pb2, pool_pb2_grpc
+from plan_shared.pool_transport import PoolTransportError, RetryPolicy, call_with_retries, open_channel
 
 CHUNK = 256 * 1024
 BATCH_BYTES = 256 * 1024
-MAX_MESSAGE = 8 * 1024 * 1024
-RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.ABORTED,
-             grpc.StatusCode.RESOURCE_EXHAUSTED,
-             grpc.StatusCode.CANCELLED, grpc.StatusCode.INTERNAL}
+_DEFAULT = RetryPolicy.default()  # pool.retries / pool.backoff_s of plan_shared/config.py
 
 
-class ExportError(RuntimeError):
+class ExportError(PoolTransportError):
     """The export failed; the message is for the user (the pool's reason when it refused)."""
 
 
@@ -71,38 +55,6 @@ class ExportResult:
     bytes_sent: int      # bytes of file data sent by the successful attempt
     attempts: int
     seconds: float
-
-
-def open_channel(pool: str, creds: ClientCredentials, server_name: Optional[str] = None) -> grpc.Channel:
-    tls = grpc.ssl_channel_credentials(root_certificates=creds.ca_pem, private_key=creds.key_pem,
-                                       certificate_chain=creds.cert_pem)
-    options = [
-        ("grpc.max_receive_message_length", MAX_MESSAGE),
-        ("grpc.max_send_message_length", MAX_MESSAGE),
-        ("grpc.keepalive_time_ms", 30_000),
-        ("grpc.keepalive_timeout_ms", 20_000),
-    ]
-    if server_name:
-        options.append(("grpc.ssl_target_name_override", server_name))
-    return grpc.secure_channel(pool, tls, options=options)
-
-
-def _is_tls_failure(err: grpc.RpcError) -> bool:
-    d = (err.details() or "").lower()
-    return err.code() == grpc.StatusCode.UNAVAILABLE and any(
-        k in d for k in ("handshake", "ssl", "tls", "certificate", "tsi_")
-    )
-
-
-def describe_error(err: grpc.RpcError, pool: str) -> str:
-    code, details = err.code(), err.details() or ""
-    if _is_tls_failure(err):
-        return (f"TLS handshake with the pool at {pool} failed: the pool accepts only client certificates "
-                f"issued by its CA, and this client trusts only its ca.crt ({details})")
-    if code in (grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.INVALID_ARGUMENT,
-                grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.FAILED_PRECONDITION):
-        return f"pool refused the bundle: {details}"
-    return f"pool at {pool}: {code.name}: {details}"
 
 
 def prepare(outdir: Path, credentials: Path) -> tuple[ClientCredentials, SignedBundle]:
@@ -168,62 +120,62 @@ def push(
     signed: SignedBundle,
     pool: str,
     creds: ClientCredentials,
-    retries: int = 5,
-    backoff: float = 1.0,
+    retries: int = _DEFAULT.retries,
+    backoff: float = _DEFAULT.backoff_s,
     progress: bool = True,
     server_name: Optional[str] = None,
     log: Callable[[str], None] = lambda m: None,
+    policy: Optional[RetryPolicy] = None,
 ) -> ExportResult:
-    """Offer then push ``signed``; retry transient failures (see the module docstring)."""
+    """Offer then push ``signed``; retry transient failures (see the module docstring).
+
+    ``policy`` (e.g. ``RetryPolicy.from_config(cfg.pool)``) replaces ``retries``/``backoff``.
+    """
     t0 = time.perf_counter()
-    attempt = 0
+    attempts = 0
+
+    def attempt() -> ExportResult:
+        nonlocal attempts
+        attempts += 1
+        sent = {"files": 0, "bytes": 0}
+        offer = stub.Offer(_manifest_parts(signed, pool_pb2.OfferRequest), timeout=600)
+        if offer.duplicate:
+            return ExportResult(offer.bundle_id, True, len(signed.manifest.images), 0, 0, attempts,
+                                time.perf_counter() - t0)
+        need = list(offer.need)
+        total = sum(signed.manifest.images[i].size for i in need)
+        if offer.need_report:
+            total += signed.manifest.report_size
+        log(f"attempt {attempts}: pool needs {len(need)} of {len(signed.manifest.images)} images "
+            f"({total / 1e6:.2f} MB)")
+        with tqdm(total=total, unit="B", unit_scale=True, desc=f"push {signed.bundle_id[:8]}",
+                  disable=not progress, file=sys.stderr) as bar:
+            reply = stub.Push(_push_requests(signed, need, offer.need_report, sent, bar))
+        return ExportResult(reply.bundle_id, reply.duplicate, reply.n_images, sent["files"],
+                            sent["bytes"], attempts, time.perf_counter() - t0)
+
+    policy = policy or RetryPolicy.default(retries, backoff)
     with open_channel(pool, creds, server_name) as channel:
         stub = pool_pb2_grpc.PoolStub(channel)
-        while True:
-            attempt += 1
-            sent = {"files": 0, "bytes": 0}
-            try:
-                offer = stub.Offer(_manifest_parts(signed, pool_pb2.OfferRequest), timeout=600)
-                if offer.duplicate:
-                    return ExportResult(offer.bundle_id, True, len(signed.manifest.images), 0, 0, attempt,
-                                        time.perf_counter() - t0)
-                need = list(offer.need)
-                total = sum(signed.manifest.images[i].size for i in need)
-                if offer.need_report:
-                    total += signed.manifest.report_size
-                log(f"attempt {attempt}: pool needs {len(need)} of {len(signed.manifest.images)} images "
-                    f"({total / 1e6:.2f} MB)")
-                with tqdm(total=total, unit="B", unit_scale=True, desc=f"push {signed.bundle_id[:8]}",
-                          disable=not progress, file=sys.stderr) as bar:
-                    reply = stub.Push(_push_requests(signed, need, offer.need_report, sent, bar))
-                return ExportResult(reply.bundle_id, reply.duplicate, reply.n_images, sent["files"],
-                                    sent["bytes"], attempt, time.perf_counter() - t0)
-            except grpc.RpcError as err:
-                if err.code() == grpc.StatusCode.UNAVAILABLE:
-                    diag = diagnose_tls(pool, creds.ca_pem, creds.directory / CLIENT_CERT,
-                                        creds.directory / CLIENT_KEY, server_name)
-                    if diag:
-                        raise ExportError(diag) from None
-                if err.code() not in RETRYABLE or _is_tls_failure(err) or attempt > retries:
-                    raise ExportError(describe_error(err, pool)) from None
-                wait = min(backoff * 2 ** (attempt - 1), 30.0)
-                log(f"{describe_error(err, pool)}; retry {attempt}/{retries} in {wait:.1f} s")
-                time.sleep(wait)
+        return call_with_retries(attempt, pool, policy, creds, server_name, log, subject="the bundle",
+                                 error=ExportError)
 
 
-def export(outdir: Path, pool: str, credentials: Path, retries: int = 5, backoff: float = 1.0,
-           progress: bool = True, server_name: Optional[str] = None,
-           log: Callable[[str], None] = lambda m: None) -> ExportResult:
+def export(outdir: Path, pool: str, credentials: Path, retries: int = _DEFAULT.retries,
+           backoff: float = _DEFAULT.backoff_s, progress: bool = True, server_name: Optional[str] = None,
+           log: Callable[[str], None] = lambda m: None, policy: Optional[RetryPolicy] = None) -> ExportResult:
     creds, signed = prepare(Path(outdir), Path(credentials))
-    return push(signed, pool, creds, retries, backoff, progress, server_name, log)
+    return push(signed, pool, creds, retries, backoff, progress, server_name, log, policy)
 
 
 def export_command(
     outdir: Path = typer.Argument(..., help="Site output dir: images/<class>/<id>.png, manifest.json, report.json."),
     pool: str = typer.Option(..., "--pool", help="HOST:PORT of the pool service."),
     credentials: Path = typer.Option(..., "--credentials", help="This site's own keys folder (`plan-client keys init` + `keys install`)."),
-    retries: int = typer.Option(5, "--retries", min=0, help="Retries of a failed transfer (exponential backoff)."),
-    backoff: float = typer.Option(1.0, "--backoff", min=0.0, help="First retry delay in seconds (doubles, max 30)."),
+    retries: int = typer.Option(_DEFAULT.retries, "--retries", min=0,
+                                help="Retries of a failed transfer (exponential backoff; config pool.retries)."),
+    backoff: float = typer.Option(_DEFAULT.backoff_s, "--backoff", min=0.0,
+                                  help=f"First retry delay in seconds (doubles, max {_DEFAULT.max_backoff_s:g})."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
     server_name: Optional[str] = typer.Option(None, "--server-name", help="Expected name in the pool's certificate."),
 ) -> None:

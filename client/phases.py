@@ -25,6 +25,8 @@ import numpy as np
 import torch
 
 from plan_shared.config import PlanConfig
+from plan_shared.credentials import find_identity_dir
+from plan_shared.pool_transport import RetryPolicy
 from plan_shared.protocol import ClassifierScore, SiteEvaluation, SynthesisSummary
 
 from client.site import Site
@@ -37,12 +39,10 @@ def site_credentials(site: Site) -> Optional[Path]:
     In deployment ``site.cfg.pool`` comes from the site's own node config (client/site.py).
     """
     pool = site.cfg.pool
-    if pool.credentials:
-        return Path(pool.credentials).expanduser()
-    if site.partition_id is None:  # deployment: no shared disk with the coordinator to guess from
+    if not pool.credentials and site.partition_id is None:  # deployment: no shared disk to guess from
         return None
-    cand = Path(site.cfg.federation.certs_dir) / "sites" / site.site_id
-    return cand if cand.is_dir() else None
+    # plumbing: the one credentials-folder rule (plan_shared.credentials.find_identity_dir)
+    return find_identity_dir(site.cfg.federation.certs_dir, "site", site.site_id, pool.credentials)
 
 
 def check_site_minimums(site: Site, cfg: PlanConfig) -> None:
@@ -115,8 +115,9 @@ def synthesize_at_site(
             )
         from client.export import export
 
-        res = export(out, pool.address, creds, retries=pool.retries, progress=False,
-                     server_name=pool.server_name, log=lambda m: LOG.info("%s: %s", site.site_id, m))
+        res = export(out, pool.address, creds, progress=False, server_name=pool.server_name,
+                     log=lambda m: LOG.info("%s: %s", site.site_id, m),
+                     policy=RetryPolicy.from_config(pool))  # plumbing: the pool section's whole retry policy
         exported = {"bundle_id": res.bundle_id, "status": "duplicate" if res.duplicate else "stored"}
     summary = summary_from_report(site.site_id, report, int(ds.num_classes), exported["bundle_id"],
                                   exported["status"], round(time.perf_counter() - t0, 2))

@@ -33,9 +33,8 @@ from client import site_stages as S
 from client.site_report import GeneratorSection, SiteReport, json_default
 from client.site_stages import GeneratorSnapshot, GeneratorSource, PrivacyInvariantError, check_method
 from plan_shared import progress as P
-from plan_shared.config import PlanConfig
+from plan_shared.config import METHODS, PlanConfig
 from plan_shared.data import ImageDataset
-from plan_shared.manifest import METHODS
 from plan_shared.runtime import resolve_device, seed_everything, set_threads
 
 __all__ = ["METHODS", "GeneratorSnapshot", "PrivacyInvariantError", "pipeline_stages", "run_site_pipeline",

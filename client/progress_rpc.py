@@ -43,7 +43,7 @@ class PoolProgressSink:
     def __init__(self, address: str, credentials: Path, server_name: Optional[str] = None):
         from plan_shared.credentials import load_client_credentials
 
-        from client.export import open_channel
+        from plan_shared.pool_transport import open_channel
 
         self.address = address
         creds = load_client_credentials(credentials)

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from plan_shared.manifest import Method
+from plan_shared.config import Method
 
 
 def finite(x: Any) -> float | None:

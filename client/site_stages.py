@@ -65,16 +65,15 @@ from plan_shared.classifiers import (
     spec_from,
     train_classifier,
 )
-from plan_shared.config import PlanConfig
+from plan_shared.config import METHODS, Method, PlanConfig
 from plan_shared.data import ImageDataset, stratified_subsample, to_tensor
-from plan_shared.gan import file_sha256, generator_digest
+from plan_shared.files import file_sha256
+from plan_shared.gan import generator_digest
 from plan_shared.gan import load_generator as load_generator_checkpoint
 from plan_shared.imaging import save_png, to_uint8_hwc
 from plan_shared.inversion import invert
 from plan_shared.manifest import (
-    METHODS,
     ImageRecord,
-    Method,
     SiteManifest,
     Thresholds,
     safe_class_names,
@@ -105,7 +104,7 @@ class PrivacyInvariantError(RuntimeError):
 
 
 def check_method(method: str) -> Method:
-    """``method`` as a :data:`~plan_shared.manifest.Method`; ValueError naming the value otherwise."""
+    """``method`` as a :data:`~plan_shared.config.Method`; ValueError naming the value otherwise."""
     for m in METHODS:
         if method == m:
             return m

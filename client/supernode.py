@@ -25,7 +25,6 @@ The SuperNode runs in the foreground; Ctrl-C or SIGTERM stop it and its ClientAp
 
 from __future__ import annotations
 
-import os
 import shutil
 import signal
 import subprocess
@@ -34,6 +33,8 @@ from pathlib import Path
 from typing import Optional
 
 from plan_shared.config import PlanConfig, load_config
+from plan_shared.credentials import NODE_KEY, find_identity_dir, identity_dir
+from plan_shared.flower_env import flower_env
 
 
 class StartError(RuntimeError):
@@ -69,7 +70,8 @@ def supernode_command_line(config_path: str | Path) -> tuple[list[str], dict[str
     fed = cfg.federation
     state = _resolve(fed.state_dir, base)
     certs = _resolve(fed.certs_dir, base)
-    ident = certs if (certs / "node_key").is_file() else certs / "sites" / cfg.site_id
+    # plumbing: the one credentials-folder rule (plan_shared.credentials.find_identity_dir)
+    ident = find_identity_dir(certs, "site", cfg.site_id, marker=NODE_KEY) or identity_dir(certs, cfg.site_id, "site")
     key = ident / "node_key"
     ca = ident / "ca.crt" if (ident / "ca.crt").is_file() else certs / "ca.crt"
     for f, what in ((key, "node private key"), (ca, "federation CA certificate")):
@@ -113,9 +115,7 @@ def supernode_command_line(config_path: str | Path) -> tuple[list[str], dict[str
         "--host", "127.0.0.1",
         "--port", str(fed.supernode_port),
     ]
-    env = dict(os.environ)
-    env.update(FLWR_HOME=str(state / "flwr-home"), FLWR_TELEMETRY_ENABLED="0", FLWR_DISABLE_UPDATE_CHECK="1")
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    env = flower_env(state / "flwr-home")  # plumbing: plan_shared.flower_env
     if cfg.threads:
         env.setdefault("OMP_NUM_THREADS", str(cfg.threads))
     return argv, env, state

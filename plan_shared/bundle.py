@@ -34,7 +34,6 @@ Pool side::
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,6 +42,8 @@ from typing import Any, Iterable, Optional
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+from plan_shared.files import sha256_bytes, sha256_file
 
 from plan_shared.manifest import (
     MAX_INT,
@@ -178,24 +179,6 @@ class SignedBundle:
 
 def canonical_json(obj: Any) -> bytes:
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False).encode("ascii")
-
-
-def sha256_bytes(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
-def sha256_file(path: str | Path, chunk: int = 1 << 20) -> tuple[str, int]:
-    """(hex digest, size in bytes) of a file."""
-    h = hashlib.sha256()
-    size = 0
-    with open(path, "rb") as fh:
-        while True:
-            b = fh.read(chunk)
-            if not b:
-                break
-            h.update(b)
-            size += len(b)
-    return h.hexdigest(), size
 
 
 def generate_signing_key() -> Ed25519PrivateKey:

@@ -19,13 +19,14 @@ from __future__ import annotations
 import copy
 import logging
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Optional
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 from plan_shared import progress as P
+from plan_shared.config import ClassifierConfig, IdentityConfig
 
 from plan_shared.models import Classifier
 
@@ -45,18 +46,20 @@ class TrainSpec:
     balanced: bool = False  # class-balanced sampling (utility classifier on skewed synthetic sets)
 
 
-def spec_from(section, **over) -> TrainSpec:
-    """A TrainSpec from a config section (``identity`` or ``classes``) plus explicit overrides."""
-    kw = dict(
+def spec_from(section: ClassifierConfig, **over: Any) -> TrainSpec:
+    """A TrainSpec from a classifier config section (``identity``, ``classes``, ``downstream``) plus overrides.
+
+    Only ``identity`` has noise/blur/contrast augmentation; the other sections train without.
+    """
+    kw: dict[str, Any] = dict(
         epochs=section.epochs,
         batch_size=section.batch_size,
         lr=section.lr,
         weight_decay=section.weight_decay,
-        shift=getattr(section, "augment_shift", 0.0),
-        noise=getattr(section, "augment_noise", 0.0),
-        blur=getattr(section, "augment_blur", 0.0),
-        contrast=getattr(section, "augment_contrast", 0.0),
+        shift=section.augment_shift,
     )
+    if isinstance(section, IdentityConfig):
+        kw.update(noise=section.augment_noise, blur=section.augment_blur, contrast=section.augment_contrast)
     kw.update(over)
     return TrainSpec(**kw)
 
@@ -193,8 +196,9 @@ def train_classifier(
     return hist
 
 
-def build_classifier(num_classes: int, channels: int, size: int, section, head: str = "linear", width: int | None = None) -> Classifier:
-    """A :class:`Classifier` from a config section (``identity`` / ``classes``)."""
+def build_classifier(num_classes: int, channels: int, size: int, section: ClassifierConfig, head: str = "linear",
+                     width: int | None = None) -> Classifier:
+    """A :class:`Classifier` from a classifier config section (``identity`` / ``classes`` / ``downstream``)."""
     depth = section.depth
     while depth > 1 and size >> depth < 1:
         depth -= 1
@@ -206,7 +210,7 @@ def build_classifier(num_classes: int, channels: int, size: int, section, head: 
         depth=depth,
         feature_dim=section.feature_dim,
         head=head,  # type: ignore[arg-type]
-        pool_grid=getattr(section, "pool_grid", 1),
+        pool_grid=section.pool_grid if isinstance(section, IdentityConfig) else 1,
     )
 
 

@@ -14,10 +14,15 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+Method = Literal["plan", "linear", "random"]
+"""A synthesis method: PLAN paths, linear interpolation between anchors, random samples (the baselines)."""
+METHODS: tuple[Method, ...] = get_args(Method)
 
 
 class ConfigError(ValueError):
@@ -165,7 +170,24 @@ class GanConfig(_Section):
     )
 
 
-class DownstreamConfig(_Section):
+class ClassifierConfig(_Section):
+    """What the three classifier sections (``identity``, ``classes``, ``downstream``) share: the
+    network (plan_shared.models) and its training (plan_shared.classifiers.spec_from).
+
+    A section states only the defaults in which it differs from these.
+    """
+
+    width: int = Field(16, ge=4, description="Channels of the first stage; doubled per stage.")
+    depth: int = Field(3, ge=1, le=6, description="Number of downsampling stages.")
+    feature_dim: int = Field(64, ge=8, description="Size of the feature vector before the head.")
+    epochs: int = Field(8, ge=1, description="Epochs over the training images.")
+    batch_size: int = Field(64, ge=2)
+    lr: float = Field(2e-3, gt=0.0)
+    weight_decay: float = Field(1e-4, ge=0.0)
+    augment_shift: float = Field(0.0625, ge=0.0, le=0.5, description="Random translation fraction during training.")
+
+
+class DownstreamConfig(ClassifierConfig):
     """phi_down: the researcher's classifier trained on the pooled synthetic images (stage D).
 
     Trained class-balanced on the pulled pool, the epoch kept is the best on a held-out
@@ -173,18 +195,11 @@ class DownstreamConfig(_Section):
     same architecture trained on that site's real train split (the reference).
     """
 
-    width: int = Field(16, ge=4, description="Channels of the first stage; doubled per stage.")
-    depth: int = Field(3, ge=1, le=6, description="Number of downsampling stages.")
-    feature_dim: int = Field(64, ge=8)
-    epochs: int = Field(10, ge=1)
-    batch_size: int = Field(64, ge=2)
-    lr: float = Field(2e-3, gt=0.0)
-    weight_decay: float = Field(1e-4, ge=0.0)
-    augment_shift: float = Field(0.0625, ge=0.0, le=0.5, description="Random translation fraction during training.")
+    epochs: int = Field(10, ge=1, description="Epochs over the pooled images.")
     val_fraction: float = Field(0.15, gt=0.0, lt=0.5, description="Share of the pooled images held out to select the epoch.")
 
 
-class IdentityConfig(_Section):
+class IdentityConfig(ClassifierConfig):
     """B1 identity classifier phi_id and the independent identity model of the filter (method.md B1, B6, section 6).
 
     One identity per local training image (per patient when the data supply patient ids).
@@ -193,8 +208,7 @@ class IdentityConfig(_Section):
     """
 
     width: int = Field(16, ge=4, description="Channels of the first stage (small: phi_id is evaluated at every path point).")
-    depth: int = Field(3, ge=1, le=6)
-    feature_dim: int = Field(128, ge=8)
+    feature_dim: int = Field(128, ge=8, description="Size of the feature vector before the cosine head.")
     pool_grid: int = Field(
         4, ge=1, le=8, description="Final features pooled to a grid x grid map (4 keeps the coarse layout). Measured on "
         "800 pneumoniamnist identities, 30 epochs: grid 4 gives 99.5 % top-1 on augmented views, mean max-prob 0.98 "
@@ -222,17 +236,10 @@ class IdentityConfig(_Section):
     indep_width: int = Field(16, ge=4, description="First-stage width of the independent identity model.")
 
 
-class ClassesConfig(_Section):
+class ClassesConfig(ClassifierConfig):
     """B2 class classifier phi_class (also the downstream/utility classifier trained in the report)."""
 
-    width: int = Field(16, ge=4)
-    depth: int = Field(3, ge=1, le=6)
-    feature_dim: int = Field(64, ge=8)
     epochs: int = Field(8, ge=1, description="Epochs on the real train split; the epoch with the best val accuracy is kept.")
-    batch_size: int = Field(64, ge=2)
-    lr: float = Field(2e-3, gt=0.0)
-    weight_decay: float = Field(1e-4, ge=0.0)
-    augment_shift: float = Field(0.0625, ge=0.0, le=0.5, description="Random translation fraction during training.")
     utility_epochs: int = Field(
         8, ge=1, description="Epochs of the utility classifier (same architecture) trained on accepted synthetic images "
         "and, for reference, on the real train split; both tested on the real test split."
@@ -336,7 +343,7 @@ class FilterConfig(_Section):
 class SynthesisConfig(_Section):
     """What `plan-client synthesize` produces."""
 
-    method: Literal["plan", "linear", "random"] = Field("plan", description="Method whose accepted images are exported.")
+    method: Method = Field("plan", description="Method whose accepted images are exported.")
     max_paths: Optional[int] = Field(
         48, ge=1, description="At most this many anchor pairs (paths) per method, spread over classes (null = all pairs)."
     )
@@ -465,7 +472,14 @@ class PoolConfig(_Section):
         "federation.certs_dir). Coordinator: a reader's folder (`coordinate` defaults to STATE/reader, enrolling "
         "reader 'coordinator' there when missing). In simulation it is derived from federation.certs_dir.",
     )
-    retries: int = Field(5, ge=0, description="Push/pull retries with backoff after a cut connection.")
+    retries: int = Field(
+        5, ge=0, description="Retries of a failed pool call (export, ls, pull; `--retries` of each command) after a "
+        "transient failure (plan_shared/pool_transport.py lists the retried gRPC codes).")
+    backoff_s: float = Field(1.0, ge=0.0, description="Wait before the first retry of a pool call; doubled per retry.")
+    max_backoff_s: float = Field(30.0, ge=0.0, description="Longest wait between two retries of a pool call.")
+    web_retries: int = Field(
+        2, ge=0, description="Retries of a failed call by `pool web` (few: a page waits for them).")
+    web_backoff_s: float = Field(0.5, ge=0.0, description="`pool web`: wait before its first retry; doubled per retry.")
     policy_file: Optional[str] = Field(
         None, description="Coordinator: the JSON policy file the pool enforces (`pool serve --policy`). `coordinate` "
         "and `demo` write it from the policy section (default STATE/pool-policy.json) and the ServerApp records the final "
@@ -496,7 +510,7 @@ class PolicyConfig(_Section):
     all_planted_rejected: Optional[bool] = Field(
         None, description="Refuse a bundle whose report.json says a planted near-duplicate passed (null = filter.block_on_planted)."
     )
-    methods: Optional[list[Literal["plan", "linear", "random"]]] = Field(
+    methods: Optional[list[Method]] = Field(
         None, min_length=1, description="Methods whose images the pool accepts (null = [synthesis.method])."
     )
     image_size: Optional[int] = Field(

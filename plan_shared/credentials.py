@@ -59,6 +59,8 @@ from typing import Optional
 from cryptography import x509
 from cryptography.x509.oid import NameOID
 
+from plan_shared.files import atomic_write
+
 ROLES = ("site", "reader")
 CA_CERT = "ca.crt"
 CA_KEY = "ca.key"
@@ -81,6 +83,37 @@ class CredentialsError(ValueError):
 
 def identity_dir(certs: str | Path, name: str, role: str) -> Path:
     return Path(certs) / ROLE_DIRS[role] / name
+
+
+def find_identity_dir(
+    certs: str | Path,
+    role: str,
+    name: Optional[str] = None,
+    explicit: Optional[str | Path] = None,
+    marker: str = CLIENT_CERT,
+) -> Optional[Path]:
+    """The one rule for finding an identity's credentials folder; None when there is none.
+
+    1. ``explicit`` (e.g. ``pool.credentials``), when given: taken as it is (``~`` expanded);
+    2. ``certs`` itself, when it holds ``marker``: an identity's own keys folder
+       (``plan-client keys init --dir certs``, what a deployed site names in federation.certs_dir);
+    3. ``certs/<sites|readers>/<name>`` (:func:`identity_dir`), when it is a folder: the layout of a
+       simulation, where one folder holds every virtual identity;
+    4. without ``name``: the first (sorted) folder under ``certs/<sites|readers>/``.
+    """
+    if role not in ROLE_DIRS:
+        raise CredentialsError(f"role {role!r}: expected one of {', '.join(ROLE_DIRS)}")
+    if explicit:
+        return Path(explicit).expanduser()
+    base = Path(certs).expanduser()
+    if (base / marker).is_file():
+        return base
+    if name is not None:
+        cand = identity_dir(base, name, role)
+        return cand if cand.is_dir() else None
+    group = base / ROLE_DIRS[role]
+    found = sorted(p for p in group.iterdir() if p.is_dir()) if group.is_dir() else []
+    return found[0] if found else None
 
 
 @dataclass(frozen=True)
@@ -173,32 +206,21 @@ def write_secret(path: str | Path, data: bytes, overwrite: bool = False) -> None
     p.parent.mkdir(parents=True, exist_ok=True)
     if p.exists() and not overwrite:
         raise CredentialsError(f"{p}: exists; refusing to overwrite a private key (use --force to replace it)")
-    target = p.with_name(p.name + ".tmp") if overwrite else p
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL
-    if overwrite and target.exists():
-        target.unlink()
-    fd = os.open(target, flags, 0o600)
+    if overwrite:
+        atomic_write(p, data, mode=0o600)  # private from the first byte (the temporary file is 0600)
+        return
+    fd = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)  # O_EXCL: never over an existing key
     try:
         os.fchmod(fd, 0o600)
         os.write(fd, data)
         os.fsync(fd)
     finally:
         os.close(fd)
-    if overwrite:
-        os.replace(target, p)
 
 
 def write_public(path: str | Path, data: bytes) -> None:
     """Write a public file (certificate, public key) atomically, mode 0644."""
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_name(p.name + ".tmp")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, p)
+    atomic_write(path, data, mode=0o644)
 
 
 def is_private_mode(path: str | Path) -> bool:

@@ -403,6 +403,19 @@ def stratified_subsample(labels: np.ndarray, n_keep: int, seed: int) -> np.ndarr
     return np.sort(np.concatenate(keep)) if keep else np.arange(0)
 
 
+def stratified_holdout(labels: np.ndarray, fraction: float, seed: int,
+                       min_per_class: int = 4) -> tuple[np.ndarray, np.ndarray]:
+    """(train, held-out) sorted indices: a seeded :func:`stratified_subsample` of ``fraction`` of the images
+    of the classes with at least ``min_per_class`` images is held out; every other index trains.
+
+    A smaller class stays whole in train (a class seen only in validation would never be learnt).
+    """
+    classes, counts = np.unique(labels, return_counts=True)
+    eligible = np.flatnonzero(np.isin(labels, classes[counts >= min_per_class]))
+    held = eligible[stratified_subsample(labels[eligible], int(round(fraction * len(eligible))), seed)]
+    return np.setdiff1d(np.arange(len(labels)), held), np.sort(held)
+
+
 # ---------------------------------------------------------------------------------
 # MedMNIST
 

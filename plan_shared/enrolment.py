@@ -35,7 +35,6 @@ Response file (``NAME.response.json``, public)::
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from dataclasses import dataclass
@@ -50,6 +49,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from cryptography.x509.oid import NameOID
 
 from plan_shared import credentials as C
+from plan_shared.files import sha256_bytes
 from plan_shared.manifest import is_safe_name
 
 ENROLMENT_FORMAT = "plan-enrolment"
@@ -100,20 +100,16 @@ def make_csr(key: ec.EllipticCurvePrivateKey, name: str, role: str) -> x509.Cert
     )
 
 
-def _sha256(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
 def spki_sha256(public_key) -> str:
     """sha256 hex of a public key's DER SubjectPublicKeyInfo."""
-    return _sha256(public_key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo))
+    return sha256_bytes(public_key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo))
 
 
 def openssh_sha256(line: str) -> str:
     """sha256 hex of the key blob of an OpenSSH public key line (what ``ssh-keygen -l`` hashes)."""
     import base64
 
-    return _sha256(base64.b64decode(line.split()[1]))
+    return sha256_bytes(base64.b64decode(line.split()[1]))
 
 
 def _canonical(body: dict) -> bytes:
@@ -175,7 +171,7 @@ def init_keys(directory: str | Path, name: str, role: str = "site") -> Path:
         C.write_public(d / C.NODE_PUB, node_pub + b"\n")
         doc["ed25519_public"] = raw.hex()
         doc["node_public_key"] = node_pub.decode("ascii")
-        doc["fingerprints"].update(signing=_sha256(raw), node=openssh_sha256(node_pub.decode("ascii")))
+        doc["fingerprints"].update(signing=sha256_bytes(raw), node=openssh_sha256(node_pub.decode("ascii")))
         signers = [("signing", lambda m: sk.sign(m)), ("node", lambda m: node_key.sign(m, ec.ECDSA(hashes.SHA384())))]
     msg = _signed_part(doc)
     doc["proofs"] = {"signing": None, "node": None}
@@ -308,7 +304,7 @@ def read_enrolment(path: str | Path) -> Enrolment:
             spub = Ed25519PublicKey.from_public_bytes(raw)
         except ValueError:
             raise EnrolmentError(f"{p}: ed25519_public: not an Ed25519 public key") from None
-        if fps["signing"] != _sha256(raw):
+        if fps["signing"] != sha256_bytes(raw):
             raise EnrolmentError(f"{p}: fingerprints.signing: does not match ed25519_public")
         if not isinstance(node_line, str) or not node_line.startswith("ecdsa-sha2-nistp384 "):
             raise EnrolmentError(f"{p}: node_public_key: expected an OpenSSH 'ecdsa-sha2-nistp384 ...' line")
@@ -348,7 +344,7 @@ def response_document(name: str, role: str, cert_pem: bytes, ca_pem: bytes) -> d
 
 def ca_fingerprint(ca_pem: bytes) -> str:
     """sha256 hex of the CA certificate (DER): what a site compares with the coordinator's."""
-    return _sha256(x509.load_pem_x509_certificate(ca_pem).public_bytes(serialization.Encoding.DER))
+    return sha256_bytes(x509.load_pem_x509_certificate(ca_pem).public_bytes(serialization.Encoding.DER))
 
 
 def install_certificate(directory: str | Path, response: str | Path, expect_ca_sha256: Optional[str] = None) -> "C.ClientCredentials":

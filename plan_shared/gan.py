@@ -16,7 +16,6 @@ from __future__ import annotations
 import copy
 import hashlib
 import logging
-import os
 from pathlib import Path
 from typing import Any, Callable, Literal, Optional
 
@@ -26,6 +25,7 @@ from plan_shared import progress as P
 
 from plan_shared.augment import diff_augment
 from plan_shared.config import PlanConfig, config_from_dict
+from plan_shared.files import atomic_write, file_sha256  # noqa: F401  (file_sha256: used via plan_shared.gan)
 from plan_shared.imaging import save_grid
 from plan_shared.models import build_discriminator, build_generator
 from plan_shared.models.generator import StyleGenerator
@@ -37,21 +37,7 @@ Share = Literal["gd", "g"]
 
 
 def _atomic_torch_save(obj: Any, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as fh:
-        torch.save(obj, fh)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-
-
-def file_sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    atomic_write(path, lambda fh: torch.save(obj, fh))
 
 
 def generator_digest(state: Any) -> str:

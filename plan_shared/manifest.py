@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 import unicodedata
 from dataclasses import dataclass, field
@@ -42,8 +41,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Literal, Optional
 
-Method = Literal["plan", "linear", "random"]  # how an image was made: the one definition
-METHODS: tuple[Method, ...] = ("plan", "linear", "random")
+from plan_shared.config import METHODS, Method  # noqa: F401  (re-exported; the one Method literal lives in the schema)
+from plan_shared.files import atomic_write
 THRESHOLD_KEYS = ("tau_id", "tau_indep", "delta")
 RECORD_KEYS = (
     "id",
@@ -311,14 +310,7 @@ def read_site_manifest(path: str | Path) -> SiteManifest:
 
 def write_site_manifest(path: str | Path, manifest: SiteManifest) -> None:
     """Write atomically (temporary file, fsync, rename)."""
-    p = Path(path)
-    tmp = p.with_name(p.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as fh:
-        json.dump(manifest.to_dict(), fh, indent=1)
-        fh.write("\n")
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, p)
+    atomic_write(path, json.dumps(manifest.to_dict(), indent=1) + "\n")
 
 
 #: Largest integer a manifest may hold (2^53 - 1: exact in every JSON reader, fits SQLite INTEGER).

@@ -32,6 +32,8 @@ from typing import TYPE_CHECKING, Any, Literal, Optional
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from plan_shared.bundle import DEFAULT_MAX_PIXELS, BundleError, BundleManifest, PolicyError, ThresholdPolicy
+from plan_shared.config import Method
+from plan_shared.files import atomic_write
 from plan_shared.manifest import METHODS, ManifestError, is_count, is_number, loads_strict, short_repr
 
 if TYPE_CHECKING:
@@ -57,7 +59,7 @@ class PolicyDocument(BaseModel):
     min_k: Optional[int] = Field(..., ge=1)
     min_planted: Optional[int] = Field(..., ge=0)
     all_planted_rejected: bool
-    methods: Optional[list[Literal["plan", "linear", "random"]]] = Field(..., min_length=1)
+    methods: Optional[list[Method]] = Field(..., min_length=1)
     image_size: Optional[int] = Field(..., ge=1, le=65535)
     channels: Optional[Literal[1, 3]]
     num_classes: Optional[int] = Field(..., ge=1)
@@ -118,17 +120,8 @@ def policy_from_config(cfg: "PlanConfig", generator_sha256: Optional[str] = None
 
 def write_policy_file(path: str | Path, policy: ThresholdPolicy) -> Path:
     """Write atomically (temporary file, fsync, rename): the pool never reads half a policy."""
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
     doc = PolicyDocument.from_policy(policy).model_dump(mode="json")
-    tmp = p.with_name(f".{p.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as fh:
-        json.dump(doc, fh, indent=1, sort_keys=True)
-        fh.write("\n")
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, p)
-    return p
+    return atomic_write(path, json.dumps(doc, indent=1, sort_keys=True) + "\n")
 
 
 def read_policy_file(path: str | Path) -> ThresholdPolicy:

@@ -94,7 +94,7 @@ def demo(
 
     Example: plan-server demo --sites 3 --dataset pneumoniamnist --method plan --k 5 --out runs/demo
     """
-    from plan_shared.config import ConfigError, parse_sets
+    from plan_shared.config import METHODS, ConfigError, parse_sets
 
     from server.demo import preset_path, run_demo
     from server.simulate import console_logging
@@ -105,7 +105,7 @@ def demo(
         except ValueError as err:
             typer.echo(f"error: --preset: {err}", err=True)
             raise typer.Exit(2) from None
-    if method is not None and method not in ("plan", "linear", "random"):
+    if method is not None and method not in METHODS:
         typer.echo(f"error: --method must be plan, linear or random, got {method!r}", err=True)
         raise typer.Exit(2)
     console_logging(verbose)

@@ -49,6 +49,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from plan_shared.config import PlanConfig, load_config
+from plan_shared.flower_env import flower_env
 
 LOG = logging.getLogger("plan.coordinate")
 CONNECTION = "plan"
@@ -137,10 +138,7 @@ class Coordinator:
 
     # ------------------------------------------------------------------ environment
     def env(self) -> dict[str, str]:
-        env = dict(os.environ)
-        env.update(FLWR_HOME=str(self.home), FLWR_TELEMETRY_ENABLED="0", FLWR_DISABLE_UPDATE_CHECK="1")
-        env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-        return env
+        return flower_env(self.home)
 
     def write_connection(self) -> None:
         self.home.mkdir(parents=True, exist_ok=True)

@@ -20,7 +20,7 @@ import torch
 
 from plan_shared.classifiers import build_classifier, spec_from, train_classifier
 from plan_shared.config import PlanConfig
-from plan_shared.data import read_image, to_tensor
+from plan_shared.data import read_image, stratified_holdout, to_tensor
 
 LOG = logging.getLogger("plan.downstream")
 
@@ -63,23 +63,12 @@ def load_pool(pool_dir: Path, num_classes: int, channels: int) -> PooledImages:
     return PooledImages(np.stack(imgs), np.asarray(labels, dtype=np.int64), sites, methods, class_names)
 
 
-def _stratified_val(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    rng = np.random.default_rng(seed)
-    train, val = [], []
-    for c in np.unique(labels):
-        idx = rng.permutation(np.flatnonzero(labels == c))
-        k = int(round(len(idx) * fraction)) if len(idx) >= 4 else 0
-        val.extend(idx[:k])
-        train.extend(idx[k:])
-    return np.sort(np.asarray(train, dtype=np.int64)), np.sort(np.asarray(val, dtype=np.int64))
-
-
 def train_downstream(
     cfg: PlanConfig, pool: PooledImages, num_classes: int, channels: int, size: int, progress: bool = True
 ) -> tuple[torch.nn.Module, dict[str, Any]]:
     """phi_down, class-balanced, epoch selected on a synthetic validation split."""
     sec = cfg.downstream
-    tr, va = _stratified_val(pool.labels, sec.val_fraction, cfg.seed)
+    tr, va = stratified_holdout(pool.labels, sec.val_fraction, cfg.seed)  # plumbing: the one stratified splitter
     x = to_tensor(pool.images)
     y = torch.as_tensor(pool.labels)
     torch.manual_seed(cfg.seed)

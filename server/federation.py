@@ -27,7 +27,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,6 +38,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
 from plan_shared.config import PlanConfig, config_from_dict
+from plan_shared.files import atomic_write
 from plan_shared.gan import GanTrainer
 from plan_shared.protocol import ConfigRef, DescribeReply, DescribeTask, TrainMetrics, TrainReply, TrainTask
 
@@ -61,9 +61,7 @@ def run_digest(cfg: PlanConfig) -> str:
 
 
 def _write_json_atomic(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=1))
-    os.replace(tmp, path)
+    atomic_write(path, json.dumps(obj, indent=1))  # plumbing: plan_shared.files
 
 
 def wait_for_nodes(grid: Grid, want: int, need: int, deadline_s: float, poll_s: float = 1.0) -> list[int]:

@@ -27,7 +27,9 @@ from typing import Any, Optional
 
 from flwr.app import ArrayRecord
 
-from plan_shared.config import PlanConfig
+from plan_shared.config import METHODS, PlanConfig
+from plan_shared.credentials import find_identity_dir
+from plan_shared.pool_transport import RetryPolicy
 from plan_shared.protocol import (
     ConfigRef, DescribeReply, DescribeTask, EvaluationTask, SiteEvaluation, SynthesisSummary, SynthesisTask,
 )
@@ -44,16 +46,14 @@ class PhaseError(RuntimeError):
 
 
 def _reader_credentials(cfg: PlanConfig) -> Path:
-    if cfg.pool.credentials:
-        return Path(cfg.pool.credentials).expanduser()
-    readers = Path(cfg.federation.certs_dir) / "readers"
-    found = sorted(p for p in readers.glob("*") if p.is_dir()) if readers.is_dir() else []
-    if not found:
+    # plumbing: the one credentials-folder rule (plan_shared.credentials.find_identity_dir)
+    found = find_identity_dir(cfg.federation.certs_dir, "reader", explicit=cfg.pool.credentials)
+    if found is None:
         raise PhaseError(
             f"no reader credentials to pull the pool: set pool.credentials or run "
             f"`plan-server certs issue --dir CERTS --name coordinator --role reader --out {cfg.federation.certs_dir}/readers/coordinator`"
         )
-    return found[0]
+    return found
 
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
@@ -138,8 +138,9 @@ class Phases:
             raise PhaseError("pool.address is unset: the coordinator has no pool to pull from")
         creds = _reader_credentials(self.cfg)
         pool_dir = self.out / "pool"
-        res = pull(self.cfg.pool.address, creds, pool_dir, retries=self.cfg.pool.retries, progress=False,
-                   server_name=self.cfg.pool.server_name, log=lambda m: LOG.info("pull: %s", m))
+        res = pull(self.cfg.pool.address, creds, pool_dir, progress=False, server_name=self.cfg.pool.server_name,
+                   log=lambda m: LOG.info("pull: %s", m),
+                   policy=RetryPolicy.from_config(self.cfg.pool))  # plumbing: the pool section's retry policy
         LOG.info("pulled %d images (%d files) into %s", res.n_images, res.n_files, pool_dir)
         pooled = load_pool(pool_dir, num_classes, channels)
         per_site: dict[str, int] = {}
@@ -226,7 +227,7 @@ def _comparison_points(synthesis: PhaseResult[SynthesisSummary], report: dict[st
     """
     pts: dict[str, list[tuple]] = {}
     for s in synthesis.ok().values():
-        for m in ("plan", "linear", "random", "real"):
+        for m in (*METHODS, "real"):
             c = s.compare.get(m, {})
             a, u = c.get("mia_auc"), c.get("accuracy")
             if a is not None and u is not None:

@@ -27,6 +27,7 @@ from typing import Any, Generic, Optional, TypeVar, Union
 import numpy as np
 
 from plan_shared.metrics import classification_report
+from plan_shared.files import atomic_write
 from plan_shared.protocol import ClassifierScore, SiteEvaluation, SynthesisSummary
 
 
@@ -443,9 +444,7 @@ def write_html(markdown: str, path: Path, base: Path, title: str = "Federation r
     doc = (f'<!doctype html>\n<html lang="en"><head><meta charset="utf-8">\n'
            f'<meta name="viewport" content="width=device-width, initial-scale=1">\n'
            f"<title>{html.escape(title)}</title>\n<style>{HTML_STYLE}</style></head>\n<body>\n{body}</body></html>\n")
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(doc, encoding="utf-8")
-    tmp.replace(path)
+    atomic_write(path, doc)  # plumbing: plan_shared.files
     return path
 
 

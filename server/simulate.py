@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from plan_shared.config import PlanConfig, data_overrides, load_config
+from plan_shared.flower_env import flower_env
 from plan_shared.runtime import setup_logging
 
 LOG = logging.getLogger("plan.simulate")
@@ -128,9 +129,7 @@ class SimulationLink:
         self.log_path = self.home / "superlink.log"
 
     def env(self) -> dict[str, str]:
-        env = dict(os.environ, FLWR_HOME=str(self.home), FLWR_TELEMETRY_ENABLED="0", FLWR_DISABLE_UPDATE_CHECK="1")
-        env["PATH"] = f"{Path(self.bin['flwr']).parent}{os.pathsep}{env.get('PATH', '')}"
-        return env
+        return flower_env(self.home, Path(self.bin["flwr"]).parent)
 
     def start(self, timeout: float = 120.0) -> None:
         self.home.mkdir(parents=True, exist_ok=True)

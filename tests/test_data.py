@@ -460,3 +460,15 @@ def test_split_container():
         Split(np.zeros((5, 4, 4), np.uint8), np.zeros(5))
     ds = ImageDataset("t", s, s.subset([0]), s.subset([]), ["x", "y"], 1, 4, "medmnist")
     assert ds.num_classes == 2 and "x" in ds.summary() and "y" in ds.summary()
+
+
+def test_stratified_holdout_is_seeded_stratified_and_keeps_small_classes_whole():
+    from plan_shared.data import stratified_holdout
+
+    labels = np.array([0] * 60 + [1] * 20 + [2] * 3)
+    tr, va = stratified_holdout(labels, 0.15, seed=3)
+    assert sorted(np.concatenate([tr, va]).tolist()) == list(range(len(labels)))  # a partition
+    assert np.bincount(labels[va], minlength=3).tolist() == [9, 3, 0]  # 15 % of classes 0 and 1; class 2 (< 4) trains
+    again, va2 = stratified_holdout(labels, 0.15, seed=3)
+    assert np.array_equal(va, va2) and np.array_equal(tr, again)
+    assert not np.array_equal(stratified_holdout(labels, 0.15, seed=4)[1], va)

@@ -34,7 +34,7 @@ def server(pki, tmp_path_factory):
 
 
 def _stub(address: str, creds_dir):
-    from client.export import open_channel
+    from plan_shared.pool_transport import open_channel
 
     ch = open_channel(address, load_client_credentials(creds_dir))
     return ch, pool_pb2_grpc.PoolProgressStub(ch)

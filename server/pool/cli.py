@@ -12,7 +12,7 @@ from typing import Optional
 
 import typer
 
-from plan_shared.config import PoolLimitsConfig
+from plan_shared.config import PoolConfig, PoolLimitsConfig
 
 _L = PoolLimitsConfig()  # the documented defaults (plan_shared/config.py)
 
@@ -235,7 +235,8 @@ def pull_cmd(
                                  "(all images in train_*, val_*/test_* empty, class_names)."),
     site: Optional[str] = typer.Option(None, "--site", help="Only this site's images."),
     verify: bool = typer.Option(False, "--verify", help="Re-hash files already present instead of trusting name+size."),
-    retries: int = typer.Option(3, "--retries", min=0, help="Retries of a failed call (exponential backoff)."),
+    retries: int = typer.Option(PoolConfig().retries, "--retries", min=0,
+                                help="Retries of a failed call (exponential backoff; config pool.retries)."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
     server_name: Optional[str] = typer.Option(None, "--server-name", help="Expected name in the server certificate."),
 ) -> None:

@@ -40,85 +40,27 @@ import json
 import os
 import shutil
 import stat
-import tempfile
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Callable, Optional, TypeVar
+from typing import Callable, Optional
 
-# Quiet gRPC core's own INFO lines (e.g. a handshake failure, which we explain ourselves);
-# set before grpc is first imported; an explicit GRPC_VERBOSITY wins.
-os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
-
-import grpc  # noqa: E402
 import numpy as np
 from tqdm import tqdm
 
-from plan_shared.bundle import sha256_file
+from plan_shared.files import atomic_write, sha256_file
 from plan_shared.manifest import ImageRecord, ManifestError, is_hex64, is_safe_name
-from plan_shared.credentials import CLIENT_CERT, CLIENT_KEY, ClientCredentials, diagnose_tls, load_client_credentials
+from plan_shared.credentials import ClientCredentials, load_client_credentials
 from plan_shared.pool_proto import pool_pb2, pool_pb2_grpc
+from plan_shared.pool_transport import PoolTransportError, RetryPolicy, call_with_retries, open_channel
 
-T = TypeVar("T")
-MAX_MESSAGE = 8 * 1024 * 1024
 FETCH_BATCH = 1000
-RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.ABORTED}
+_DEFAULT = RetryPolicy.default()  # pool.retries / pool.backoff_s of plan_shared/config.py
 
 
-class PoolClientError(RuntimeError):
+class PoolClientError(PoolTransportError):
     """The pool refused a call or could not be reached; the message is for the user."""
-
-
-def open_channel(pool: str, creds: ClientCredentials, server_name: Optional[str] = None) -> grpc.Channel:
-    tls = grpc.ssl_channel_credentials(root_certificates=creds.ca_pem, private_key=creds.key_pem,
-                                       certificate_chain=creds.cert_pem)
-    options = [("grpc.max_receive_message_length", MAX_MESSAGE), ("grpc.max_send_message_length", MAX_MESSAGE)]
-    if server_name:
-        options.append(("grpc.ssl_target_name_override", server_name))
-    return grpc.secure_channel(pool, tls, options=options)
-
-
-def is_tls_failure(err: grpc.RpcError) -> bool:
-    d = (err.details() or "").lower()
-    return err.code() == grpc.StatusCode.UNAVAILABLE and any(
-        k in d for k in ("handshake", "ssl", "tls", "certificate", "tsi_")
-    )
-
-
-def describe_error(err: grpc.RpcError, pool: str) -> str:
-    code, details = err.code(), err.details() or ""
-    if is_tls_failure(err):
-        return (f"TLS handshake with the pool at {pool} failed: the pool accepts only client certificates "
-                f"issued by its CA, and this client trusts only its ca.crt ({details})")
-    if code == grpc.StatusCode.UNAVAILABLE:
-        return f"pool at {pool} unavailable: {details}"
-    return f"pool refused: {details} [{code.name}]"
-
-
-def call_with_retries(fn: Callable[[], T], pool: str, retries: int, backoff: float,
-                      log: Callable[[str], None] = lambda m: None,
-                      creds: Optional[ClientCredentials] = None, server_name: Optional[str] = None) -> T:
-    """Run ``fn``; on a transient failure wait backoff·2^k (max 30 s) and retry, at most ``retries`` times.
-
-    With ``creds``, an UNAVAILABLE error is first checked for a TLS refusal (not retried).
-    """
-    attempt = 0
-    while True:
-        try:
-            return fn()
-        except grpc.RpcError as err:
-            if creds is not None and err.code() == grpc.StatusCode.UNAVAILABLE:
-                diag = diagnose_tls(pool, creds.ca_pem, creds.directory / CLIENT_CERT,
-                                    creds.directory / CLIENT_KEY, server_name)
-                if diag:
-                    raise PoolClientError(diag) from None
-            if err.code() not in RETRYABLE or is_tls_failure(err) or attempt >= retries:
-                raise PoolClientError(describe_error(err, pool)) from None
-            wait = min(backoff * (2 ** attempt), 30.0)
-            attempt += 1
-            log(f"{describe_error(err, pool)}; retry {attempt}/{retries} in {wait:.1f} s")
-            time.sleep(wait)
 
 
 def _reader(credentials: Path) -> ClientCredentials:
@@ -128,16 +70,17 @@ def _reader(credentials: Path) -> ClientCredentials:
     return creds
 
 
-def list_bundles(pool: str, credentials: Path, site: Optional[str] = None, retries: int = 3,
-                 backoff: float = 1.0, server_name: Optional[str] = None) -> list[dict]:
+def list_bundles(pool: str, credentials: Path, site: Optional[str] = None, retries: int = _DEFAULT.retries,
+                 backoff: float = _DEFAULT.backoff_s, server_name: Optional[str] = None) -> list[dict]:
     creds = _reader(credentials)
+    policy = RetryPolicy.default(retries, backoff)
     with open_channel(pool, creds, server_name) as ch:
         stub = pool_pb2_grpc.PoolStub(ch)
         bundles, token = [], ""
         while True:  # the pool pages its reply by bytes: follow the pages
             reply = call_with_retries(
                 lambda: stub.List(pool_pb2.ListRequest(site_id=site or "", paged=True, page_token=token), timeout=60),
-                pool, retries, backoff, creds=creds, server_name=server_name)
+                pool, policy, creds, server_name, error=PoolClientError)
             bundles.extend(reply.bundles)
             if not reply.next_page_token:
                 break
@@ -382,27 +325,31 @@ class _Receiver:
         self.bar.update(1)
 
 
-def pull(pool: str, credentials: Path, out: Path, site: Optional[str] = None, retries: int = 3,
-         backoff: float = 1.0, progress: bool = True, verify: bool = False,
+def pull(pool: str, credentials: Path, out: Path, site: Optional[str] = None, retries: int = _DEFAULT.retries,
+         backoff: float = _DEFAULT.backoff_s, progress: bool = True, verify: bool = False,
          server_name: Optional[str] = None, log: Callable[[str], None] = lambda m: None,
-         fmt: str = "imagefolder", max_image_bytes: int = MAX_IMAGE_BYTES) -> PullResult:
+         fmt: str = "imagefolder", max_image_bytes: int = MAX_IMAGE_BYTES,
+         policy: Optional[RetryPolicy] = None) -> PullResult:
     """Pull the pool (or one site's part) into ``out`` (see the module docstring).
 
     Every name from the pool is validated before it becomes a path, files are written only
     under ``out`` (no symlink followed), and every requested image must arrive complete and
     verified: otherwise :class:`PoolClientError` names what is missing (verified files stay,
-    so pulling again resumes) and no manifest is written.
+    so pulling again resumes) and no manifest is written. ``policy`` (e.g.
+    ``RetryPolicy.from_config(cfg.pool)``) replaces ``retries``/``backoff``.
     """
     if fmt not in FORMATS:
         raise PoolClientError(f"--format {fmt!r}: expected one of {', '.join(FORMATS)}")
     t0 = time.perf_counter()
     creds = _reader(credentials)
+    policy = policy or RetryPolicy.default(retries, backoff)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     root = out.resolve()
     with open_channel(pool, creds, server_name) as ch:
         stub = pool_pb2_grpc.PoolStub(ch)
-        entries = call_with_retries(lambda: _catalog(stub, site), pool, retries, backoff, log, creds, server_name)
+        entries = call_with_retries(lambda: _catalog(stub, site), pool, policy, creds, server_name, log,
+                                    error=PoolClientError)
         files, records = _plan(entries, max_image_bytes)
         od = _Out(root)
         for w in files.values():  # every target checked before anything is written
@@ -427,8 +374,8 @@ def pull(pool: str, credentials: Path, out: Path, site: Optional[str] = None, re
         try:
             for i in range(0, len(todo), FETCH_BATCH):
                 batch = todo[i: i + FETCH_BATCH]
-                call_with_retries(lambda batch=batch: rx.fetch(stub, batch), pool, retries, backoff, log,
-                                  creds, server_name)
+                call_with_retries(lambda batch=batch: rx.fetch(stub, batch), pool, policy, creds, server_name, log,
+                                  error=PoolClientError)
         finally:
             bar.close()
             shutil.rmtree(staging, ignore_errors=True)
@@ -454,10 +401,8 @@ def _copy_into(od: _Out, src: str | Path, rel: str) -> None:
     """Copy a verified file to ``OUT/rel`` (same content, another class folder) through a temp file."""
     dst = Path(od.path(rel))
     od.parent_made(str(dst))
-    fd, name = tempfile.mkstemp(dir=dst.parent, prefix="." + dst.name + ".", suffix=".part")
-    with os.fdopen(fd, "wb") as fh, open(src, "rb") as fin:
-        shutil.copyfileobj(fin, fh)
-    os.replace(name, dst)
+    with open(src, "rb") as fin:
+        atomic_write(dst, lambda fh: shutil.copyfileobj(fin, fh), fsync=False)  # no fsync per file, as a fetch
 
 
 def _write_manifest(root: Path, pool: str, entries: list, records: list[dict]) -> dict:
@@ -517,11 +462,7 @@ def _manifest_json(doc: dict) -> str:
 
 
 def _write_text(root: Path, name: str, text: str) -> None:
-    target = _Out(root).path(name)
-    fd, tmp = tempfile.mkstemp(dir=root, prefix="." + name + ".", suffix=".part")
-    with os.fdopen(fd, "w", encoding="utf-8") as fh:
-        fh.write(text)
-    os.replace(tmp, target)
+    atomic_write(_Out(root).path(name), text, fsync=False)
 
 
 def write_npz(root: Path, doc: dict) -> Path:
@@ -559,11 +500,9 @@ def write_npz(root: Path, doc: dict) -> Path:
     y = np.asarray(labels, np.uint8).reshape(-1, 1)
     empty_x, empty_y = np.zeros((0, *x.shape[1:]), np.uint8), np.zeros((0, 1), np.uint8)
     target = _Out(root).path(NPZ_NAME)
-    fd, tmp = tempfile.mkstemp(dir=root, prefix="." + NPZ_NAME + ".", suffix=".part")
-    with os.fdopen(fd, "wb") as fh:
-        np.savez_compressed(fh, train_images=x, train_labels=y, val_images=empty_x, val_labels=empty_y,
-                            test_images=empty_x, test_labels=empty_y, class_names=np.array(label_names(doc), dtype=str))
-    os.replace(tmp, target)
+    atomic_write(target, lambda fh: np.savez_compressed(
+        fh, train_images=x, train_labels=y, val_images=empty_x, val_labels=empty_y, test_images=empty_x,
+        test_labels=empty_y, class_names=np.array(label_names(doc), dtype=str)), fsync=False)
     return Path(target)
 
 

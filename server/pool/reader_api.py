@@ -22,7 +22,11 @@ from typing import Any, Iterable, Optional
 from plan_shared.credentials import ClientCredentials, load_client_credentials
 from plan_shared.manifest import is_hex64, is_safe_name
 from plan_shared.pool_proto import pool_pb2, pool_pb2_grpc
-from server.pool.client import PoolClientError, call_with_retries, list_bundles, open_channel
+from plan_shared.config import PoolConfig
+from plan_shared.pool_transport import RetryPolicy, call_with_retries, open_channel
+from server.pool.client import PoolClientError, list_bundles
+
+_POOL = PoolConfig()  # web_retries / web_backoff_s: the documented defaults (plan_shared/config.py)
 
 
 @dataclass
@@ -59,8 +63,8 @@ def entry_dict(e: Any) -> tuple[Optional[dict[str, Any]], Optional[str]]:
 class PoolReader:
     """Reader-role access to one pool service (credentials: the reader's own keys folder)."""
 
-    def __init__(self, pool: str, credentials: Path, server_name: Optional[str] = None, retries: int = 2,
-                 backoff: float = 0.5):
+    def __init__(self, pool: str, credentials: Path, server_name: Optional[str] = None,
+                 retries: int = _POOL.web_retries, backoff: float = _POOL.web_backoff_s):
         self.pool, self.credentials = pool, Path(credentials)
         self.server_name, self.retries, self.backoff = server_name, retries, backoff
         self.creds: ClientCredentials = load_client_credentials(self.credentials)
@@ -80,8 +84,8 @@ class PoolReader:
         self.close()
 
     def _call(self, fn):
-        return call_with_retries(fn, self.pool, self.retries, self.backoff, creds=self.creds,
-                                 server_name=self.server_name)
+        return call_with_retries(fn, self.pool, RetryPolicy.default(self.retries, self.backoff), self.creds,
+                                 self.server_name, error=PoolClientError)
 
     def bundles(self) -> list[dict[str, Any]]:
         """The stored bundles (see :func:`server.pool.client.list_bundles`)."""

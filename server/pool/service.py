@@ -76,6 +76,7 @@ from plan_shared.bundle import (
 from plan_shared.png_check import PngError, check_png
 from plan_shared.policy import PolicyFile, PolicyFileError, check_policy
 from plan_shared.config import PoolLimitsConfig
+from plan_shared.files import atomic_write
 from plan_shared.pool_proto import pool_pb2, pool_pb2_grpc
 from server.pool.store import KindError, Store, StoreError, with_article
 
@@ -930,9 +931,7 @@ def serve(
     host = address.rsplit(":", 1)[0]
     LOG.info("pool service on %s:%d (store %s, certs %s)", host, port, store_dir, certs)
     if port_file is not None:
-        tmp = Path(str(port_file) + ".tmp")
-        tmp.write_text(f"{port}\n")
-        os.replace(tmp, port_file)
+        atomic_write(port_file, f"{port}\n")
     stop = threading.Event()
 
     def _stop(signum, _frame):
