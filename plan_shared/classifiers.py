@@ -19,7 +19,7 @@ from __future__ import annotations
 import copy
 import logging
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Optional
 
 import numpy as np
 import torch
@@ -132,7 +132,7 @@ def train_classifier(
     desc: str = "classifier",
     progress: bool = True,
     recalibrate: bool = False,
-) -> dict:
+) -> dict[str, Any]:
     """Train ``model`` in place with AdamW + cosine schedule + label-free augmentation.
 
     With ``val`` the weights of the epoch with the best val accuracy are kept
