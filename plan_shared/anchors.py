@@ -14,6 +14,8 @@ classes are never merged::
 
 from __future__ import annotations
 
+from typing import Any
+
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -27,7 +29,7 @@ class AnchorResult:
     groups: list[np.ndarray]  # indices into the input latents, one array per anchor
     skipped_classes: dict[int, int] = field(default_factory=dict)  # class -> number of latents (< k)
 
-    def summary(self) -> dict:
+    def summary(self) -> dict[str, Any]:
         sizes = [len(g) for g in self.groups]
         return {
             "n_anchors": len(self.groups),

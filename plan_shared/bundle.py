@@ -227,7 +227,7 @@ def load_public_key_pem(data: bytes) -> Ed25519PublicKey:
 # ---------------------------------------------------------------- building (site side)
 
 
-def bundle_body(site: SiteManifest, signing_key_sha256: str, sizes: list[int], report: Optional[tuple[str, int]]) -> dict:
+def bundle_body(site: SiteManifest, signing_key_sha256: str, sizes: list[int], report: Optional[tuple[str, int]]) -> dict[str, Any]:
     images = []
     for rec, size in zip(site.images, sizes):
         d = rec.to_dict()
@@ -246,7 +246,7 @@ def bundle_body(site: SiteManifest, signing_key_sha256: str, sizes: list[int], r
     }
 
 
-def with_bundle_id(body: dict) -> bytes:
+def with_bundle_id(body: dict[str, Any]) -> bytes:
     """Canonical manifest bytes with ``bundle_id`` = sha256 of the canonical body without it."""
     body = dict(body)
     body.pop("bundle_id", None)

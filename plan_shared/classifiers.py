@@ -135,7 +135,7 @@ def train_classifier(
     desc: str = "classifier",
     progress: bool = True,
     recalibrate: bool = False,
-) -> dict:
+) -> dict[str, Any]:
     """Train ``model`` in place with AdamW + cosine schedule + label-free augmentation.
 
     With ``val`` the weights of the epoch with the best val accuracy are kept

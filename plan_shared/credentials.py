@@ -262,7 +262,8 @@ def diagnose_tls(
     return first[1] if second is not None and second[0] == first[0] else None
 
 
-def _probe_tls(address, ca_pem, cert_path, key_path, server_name, timeout) -> Optional[tuple[str, str]]:
+def _probe_tls(address: str, ca_pem: bytes, cert_path: Optional[Path], key_path: Optional[Path], server_name: Optional[str],
+               timeout: float) -> Optional[tuple[str, str]]:
     import socket
     import ssl
 

@@ -57,13 +57,13 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-from .config import DataConfig
+from .config import DataConfig, DicomConfig
 
 LOG = logging.getLogger("plan.data")
 
@@ -223,10 +223,9 @@ def read_image(path: Path, where: Optional[str] = None) -> np.ndarray:
     if not path.is_file():
         raise DataError(f"{where}: image file not found: {path}")
     try:
-        with Image.open(path) as img:
-            img.load()
-            img = ImageOps.exif_transpose(img)
-            return _to_hwc(img, where)
+        with Image.open(path) as opened:
+            opened.load()
+            return _to_hwc(ImageOps.exif_transpose(opened), where)
     except DataError:
         raise
     except Exception as err:  # PIL raises many types for broken files
@@ -420,12 +419,13 @@ def stratified_holdout(labels: np.ndarray, fraction: float, seed: int,
 # MedMNIST
 
 
-def _medmnist_info() -> Optional[dict]:
+def _medmnist_info() -> Optional[dict[str, Any]]:
     try:
-        from medmnist import INFO  # type: ignore[import-not-found]
+        from medmnist import INFO
     except Exception:
         return None
-    return INFO
+    info: dict[str, Any] = INFO
+    return info
 
 
 # Label names of the MedMNIST sets shipped with the toolkit (medmnist.INFO[flag]["label"]), so that
@@ -473,7 +473,7 @@ def _candidate_names(name: str, size: Optional[int]) -> list[str]:
 
 def _download_medmnist(flag: str, size: Optional[int], root: Path) -> None:
     """Download one MedMNIST set through the ``medmnist`` package's own API into ``root``."""
-    import medmnist  # type: ignore[import-not-found]
+    import medmnist
 
     info = medmnist.INFO[flag]
     cls = getattr(medmnist, info["python_class"])
@@ -791,7 +791,7 @@ def _load_csv(cfg: DataConfig, seed: int) -> ImageDataset:
         raise DataError(f"{csv_path}: no data rows")
 
     seen: dict[str, int] = {}
-    entries: list[tuple[int, str, int]] = []
+    entries: list[tuple[int, str, str]] = []
     for line, id_, lab in rows:
         id_ = (id_ or "").strip()
         if not id_:
@@ -812,16 +812,17 @@ def _load_csv(cfg: DataConfig, seed: int) -> ImageDataset:
         line, id_, t = entries[is_int.index(False)]
         raise DataError(f"{csv_path}, line {line} (id {id_!r}): label {t!r} in column {cfg.label_column!r} is not "
                         "an integer, unlike the other labels (labels are all integers or all class names)")
+    values: list[tuple[int, str, int | str]] = list(entries)
     if numeric:
-        entries = [(line, id_, int(t)) for line, id_, t in entries]
-        bad = next(((line, id_, v) for line, id_, v in entries if v < 0), None)
+        values = [(line, id_, int(t)) for line, id_, t in entries]
+        bad = next(((line, id_, v) for line, id_, v in values if int(v) < 0), None)
         if bad:
             raise DataError(f"{csv_path}, line {bad[0]} (id {bad[1]!r}): unknown label {bad[2]} (labels must be >= 0)")
-    uniq = sorted({v for _, _, v in entries})
+    uniq: list[int | str] = sorted({v for _, _, v in values})  # all int or all str
     class_names = [str(v) for v in uniq]
     index = {v: k for k, v in enumerate(uniq)}
     records = []
-    for line, id_, value in entries:
+    for line, id_, value in values:
         fname = id_ if id_.endswith(cfg.extension) else id_ + cfg.extension
         p = image_dir / fname
         where = f"{csv_path}, line {line} (id {id_!r}): {p}"
@@ -869,7 +870,7 @@ def holds_dicom(folder: Path, limit: int = 64) -> bool:
     return False
 
 
-def _pydicom():
+def _pydicom() -> Any:
     try:
         import pydicom  # noqa: F401
         import pydicom.pixels  # noqa: F401
@@ -886,14 +887,14 @@ def _scale(arr: np.ndarray, lo: float, hi: float) -> np.ndarray:
     return np.clip((arr - lo) * (255.0 / (hi - lo)), 0.0, 255.0)
 
 
-def _stored_range(ds) -> tuple[int, int]:
+def _stored_range(ds: Any) -> tuple[int, int]:
     bits = int(ds.BitsStored)
     if int(getattr(ds, "PixelRepresentation", 0)) == 1:
         return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
     return 0, 2**bits - 1
 
 
-def _grey_to_uint8(arr: np.ndarray, ds, no_window: str) -> np.ndarray:
+def _grey_to_uint8(arr: np.ndarray, ds: Any, no_window: str) -> np.ndarray:
     """Stored grey values -> 0..255: Modality LUT, then VOI LUT / window (or the fallback), MONOCHROME1 inverted."""
     from pydicom.pixels import apply_modality_lut, apply_voi_lut
 
@@ -922,7 +923,7 @@ def _grey_to_uint8(arr: np.ndarray, ds, no_window: str) -> np.ndarray:
     return np.round(img).astype(np.uint8)[:, :, None]
 
 
-def read_dicom(path: Path, where: str, channels: Optional[int], no_window: str = "minmax"):
+def read_dicom(path: Path, where: str, channels: Optional[int], no_window: str = "minmax") -> tuple[np.ndarray, Any]:
     """One DICOM file -> ``(uint8 (H, W, C) image, pydicom Dataset)``; DataError naming ``where``.
 
     The returned Dataset is for the caller to read the CSV keys from; it is not kept.
@@ -1007,7 +1008,7 @@ def _natural_classes(values: list[str]) -> list[str]:
         return uniq
 
 
-def _read_labels_csv(csv_path: Path, dc) -> tuple[list[dict], bool, bool, bool]:
+def _read_labels_csv(csv_path: Path, dc: DicomConfig) -> tuple[list[dict[str, Any]], bool, bool, bool]:
     """Rows ``{line, file, uid, label, patient}`` of the labels CSV; which key columns it has."""
     try:
         with open(csv_path, newline="", encoding="utf-8-sig") as fh:
@@ -1033,7 +1034,9 @@ def _read_labels_csv(csv_path: Path, dc) -> tuple[list[dict], bool, bool, bool]:
                 )
             rows = []
             for row in reader:
-                get = lambda c: (row.get(c) or "").strip()  # noqa: E731
+                def get(c: str, row: dict[str, Optional[str]] = row) -> str:
+                    return (row.get(c) or "").strip()
+
                 rows.append({"line": reader.line_num, "file": _norm_rel(get(dc.file_column)) if has_file else "",
                              "uid": get(dc.uid_column) if has_uid else "", "label": get(dc.label_column),
                              "patient": get(dc.patient_column) if has_patient else ""})
@@ -1046,8 +1049,8 @@ def _read_labels_csv(csv_path: Path, dc) -> tuple[list[dict], bool, bool, bool]:
     return rows, has_file, has_uid, has_patient
 
 
-def _index_rows(rows: list[dict], key: str, csv_path: Path, column: str) -> dict[str, dict]:
-    out: dict[str, dict] = {}
+def _index_rows(rows: list[dict[str, Any]], key: str, csv_path: Path, column: str) -> dict[str, dict[str, Any]]:
+    out: dict[str, dict[str, Any]] = {}
     for r in rows:
         k = r[key]
         if not k:

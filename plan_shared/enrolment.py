@@ -39,13 +39,14 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, NoReturn, Optional
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
 from cryptography.x509.oid import NameOID
 
 from plan_shared import credentials as C
@@ -100,7 +101,7 @@ def make_csr(key: ec.EllipticCurvePrivateKey, name: str, role: str) -> x509.Cert
     )
 
 
-def spki_sha256(public_key) -> str:
+def spki_sha256(public_key: PublicKeyTypes) -> str:
     """sha256 hex of a public key's DER SubjectPublicKeyInfo."""
     return sha256_bytes(public_key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo))
 
@@ -112,11 +113,11 @@ def openssh_sha256(line: str) -> str:
     return sha256_bytes(base64.b64decode(line.split()[1]))
 
 
-def _canonical(body: dict) -> bytes:
+def _canonical(body: dict[str, Any]) -> bytes:
     return json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
 
 
-def _signed_part(doc: dict) -> bytes:
+def _signed_part(doc: dict[str, Any]) -> bytes:
     return _canonical({k: v for k, v in doc.items() if k != "proofs"})
 
 
@@ -159,12 +160,14 @@ def init_keys(directory: str | Path, name: str, role: str = "site") -> Path:
     C.write_secret(d / C.CLIENT_KEY, tls.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                                        serialization.NoEncryption()))
     C.write_public(d / CSR, csr_pem)
-    signers = []
+    signers: list[tuple[str, Callable[[bytes], bytes]]] = []
     if role == "site":
         sk = generate_signing_key()
         raw = public_key_raw(sk.public_key())
         node_priv, node_pub = make_node_key()
         node_key = serialization.load_ssh_private_key(node_priv, password=None)
+        if not isinstance(node_key, ec.EllipticCurvePrivateKey):
+            raise EnrolmentError(f"the Flower node key made for {name} is not an EC key")
         C.write_secret(d / C.SIGNING_KEY, signing_key_to_pem(sk))
         C.write_public(d / C.SIGNING_PUB, public_key_to_pem(sk.public_key()))
         C.write_secret(d / C.NODE_KEY, node_priv)
@@ -195,14 +198,14 @@ class Enrolment:
     csr: x509.CertificateSigningRequest
     ed25519_public: Optional[str]  # hex
     node_public_key: Optional[str]  # OpenSSH line
-    fingerprints: dict
+    fingerprints: dict[str, Any]
 
 
-def _no_constant(name: str):
+def _no_constant(name: str) -> NoReturn:
     raise ValueError(f"{name} is not allowed")
 
 
-def _read_json(path: Path, what: str) -> dict:
+def _read_json(path: Path, what: str) -> dict[str, Any]:
     try:
         size = path.stat().st_size
     except FileNotFoundError:
@@ -218,7 +221,7 @@ def _read_json(path: Path, what: str) -> dict:
     return doc
 
 
-def _check_keys(path: Path, doc: dict, keys: tuple[str, ...], fmt: str) -> None:
+def _check_keys(path: Path, doc: dict[str, Any], keys: tuple[str, ...], fmt: str) -> None:
     if doc.get("format") != fmt:
         raise EnrolmentError(f"{path}: format: expected {fmt!r}, got {doc.get('format')!r}")
     if doc.get("version") != VERSION or isinstance(doc.get("version"), bool):
@@ -243,7 +246,7 @@ def _hex(path: Path, field: str, value: Any, nbytes: Optional[int] = None) -> by
     return raw
 
 
-def _verifies(check) -> bool:
+def _verifies(check: Callable[[], object]) -> bool:
     try:
         check()
     except InvalidSignature:
@@ -335,7 +338,7 @@ def read_enrolment(path: str | Path) -> Enrolment:
 # ---------------------------------------------------------------- response (coordinator writes, site installs)
 
 
-def response_document(name: str, role: str, cert_pem: bytes, ca_pem: bytes) -> dict:
+def response_document(name: str, role: str, cert_pem: bytes, ca_pem: bytes) -> dict[str, Any]:
     cert = x509.load_pem_x509_certificate(cert_pem)
     return {"format": RESPONSE_FORMAT, "version": VERSION, "name": name, "role": role,
             "serial": format(cert.serial_number, "x"), "certificate": cert_pem.decode("ascii"),

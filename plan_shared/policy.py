@@ -173,7 +173,7 @@ class PolicyFile:
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self._lock = threading.Lock()
-        self._stamp: Optional[tuple] = None
+        self._stamp: Optional[tuple[int, int, int]] = None
         self._policy: Optional[ThresholdPolicy] = None
 
     def current(self) -> ThresholdPolicy:
@@ -231,7 +231,7 @@ def check_policy(policy: ThresholdPolicy, bm: BundleManifest, report: Any = None
                               f"classes [0, {policy.num_classes - 1}]")
 
 
-def _get(report: dict, dotted: str, kind: str) -> Any:
+def _get(report: dict[str, Any], dotted: str, kind: str) -> Any:
     node: Any = report
     for part in dotted.split("."):
         if not isinstance(node, dict) or part not in node:

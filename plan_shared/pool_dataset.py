@@ -63,7 +63,7 @@ class PooledRecord:
         }
 
 
-def read_pull_manifest(root: str | Path) -> dict:
+def read_pull_manifest(root: str | Path) -> dict[str, Any]:
     """``root/manifest.json`` of a pull, checked for its format; raises :class:`PoolDatasetError`."""
     path = Path(root) / "manifest.json"
     if not path.is_file():
@@ -111,7 +111,7 @@ def _parse_image(root: Path, i: int, raw: Any, where: str) -> PooledRecord:
     )
 
 
-def label_names(doc: dict) -> list[str]:
+def label_names(doc: dict[str, Any]) -> list[str]:
     """Class name per integer label 0..max of a pull manifest.
 
     A label that arrived under several names (an older bundle without names, ``"0"``,
@@ -128,7 +128,7 @@ def label_names(doc: dict) -> list[str]:
     return [best[k][2] if k in best else str(k) for k in range(size)]
 
 
-class PooledDataset(torch.utils.data.Dataset):
+class PooledDataset(torch.utils.data.Dataset[tuple[Any, int]]):
     """A pulled pool folder as a ``torch.utils.data.Dataset`` (see the module docstring)."""
 
     def __init__(self, root: str | Path, transform: Optional[Callable[[Image.Image], Any]] = None,
@@ -150,7 +150,7 @@ class PooledDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.records)
 
-    def __getitem__(self, i: int):
+    def __getitem__(self, i: int) -> tuple[Any, int]:
         r = self.records[i]
         path = self.root / r.file
         if self.transform is not None:
@@ -181,7 +181,7 @@ def _table(header: list[str], rows: list[list[Any]]) -> list[str]:
     return out
 
 
-def datasheet_text(doc: dict, npz_name: Optional[str] = None) -> str:
+def datasheet_text(doc: dict[str, Any], npz_name: Optional[str] = None) -> str:
     """The ``DATASHEET.md`` of a pull manifest ``doc`` (sites, counts per class, generators,
     methods, the privacy thresholds seen in the records, intended use and limitations)."""
     images = doc["images"]

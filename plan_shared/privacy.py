@@ -41,7 +41,7 @@ checks can catch those)::
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Optional
 
 import numpy as np
 import torch
@@ -50,6 +50,7 @@ from torch import nn
 
 from plan_shared.classifiers import embed, predict_logits
 from plan_shared.manifest import Thresholds
+from plan_shared.models import Classifier
 
 
 @dataclass
@@ -63,7 +64,7 @@ class Scores:
     def __len__(self) -> int:
         return len(self.dcr)
 
-    def subset(self, idx) -> "Scores":
+    def subset(self, idx: np.ndarray) -> Scores:
         pix = None if self.pixel_dcr is None else self.pixel_dcr[idx]
         return Scores(self.max_id_prob[idx], self.indep_id_prob[idx], self.dcr[idx], self.nearest[idx], pix)
 
@@ -124,7 +125,7 @@ class ExclusionZone:
         names = self.split[np.asarray(nearest, dtype=np.int64)] if len(nearest) else np.zeros(0, dtype=self.split.dtype)
         return {s: int((names == s).sum()) for s in dict.fromkeys(self.split.tolist())}
 
-    def summary(self) -> dict:
+    def summary(self) -> dict[str, Any]:
         return {
             "protected": {s: int((self.split == s).sum()) for s in dict.fromkeys(self.split.tolist())},
             "calibration_split": self.calibration_split,
@@ -179,7 +180,7 @@ def build_zone(split_embeddings: dict[str, torch.Tensor], quantile: float, calib
 
 
 def score_images(
-    images: torch.Tensor, phi_id: nn.Module, indep: nn.Module, protected_emb: torch.Tensor, embed_net: nn.Module | None = None,
+    images: torch.Tensor, phi_id: nn.Module, indep: Classifier, protected_emb: torch.Tensor, embed_net: Classifier | None = None,
     protected_pixels: torch.Tensor | None = None,
 ) -> Scores:
     """The filter quantities for images ``[N, C, H, W]`` in [-1, 1].
@@ -210,7 +211,7 @@ def accept_mask(s: Scores, t: Thresholds, delta_pixel: Optional[float] = None) -
     ok = (s.max_id_prob < t.tau_id) & (s.indep_id_prob < t.tau_indep) & (s.dcr > t.delta) & _pixel_ok(s, delta_pixel)
     # an accepted image can never violate a threshold
     assert not np.any(ok & ~((s.max_id_prob < t.tau_id) & (s.indep_id_prob < t.tau_indep) & (s.dcr > t.delta)))
-    return ok
+    return np.asarray(ok, dtype=bool)
 
 
 def reject_reasons(s: Scores, t: Thresholds, delta_pixel: Optional[float] = None) -> dict[str, int]:

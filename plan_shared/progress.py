@@ -245,7 +245,7 @@ class Reporter:
     def __enter__(self) -> "Reporter":
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
 
@@ -287,7 +287,7 @@ class bar:  # noqa: N801 - used like tqdm
     ``for x in bar(range(n), desc="phi_id", unit="epochs")`` or ``b = bar(total=n); b.update(k); b.close()``.
     """
 
-    def __init__(self, iterable: Optional[Iterable] = None, total: Optional[int] = None, desc: str = "",
+    def __init__(self, iterable: Optional[Iterable[Any]] = None, total: Optional[int] = None, desc: str = "",
                  unit: str = "it", show: bool = False, **tqdm_kw: Any):
         if total is None and iterable is not None and hasattr(iterable, "__len__"):
             total = len(iterable)  # type: ignore[arg-type]
@@ -301,7 +301,9 @@ class bar:  # noqa: N801 - used like tqdm
         if self.rep is not None:
             self.rep.task(desc, total, unit)
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[Any]:
+        if self.iterable is None:
+            raise TypeError("this bar was made without an iterable: call update() instead")
         for x in self.iterable:
             yield x
             self.update(1)
@@ -439,7 +441,7 @@ class TailPrinter:
         self._thread.start()
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._thread.join(10)
 

@@ -1,13 +1,20 @@
 """Networks of the toolkit: style-based generator, discriminator, classifier backbone."""
 
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
 from plan_shared.models.classifier import Classifier
 from plan_shared.models.discriminator import Discriminator
 from plan_shared.models.generator import StyleGenerator, native_resolution
 
+if TYPE_CHECKING:
+    from plan_shared.config import PlanConfig
+
 __all__ = ["Classifier", "Discriminator", "StyleGenerator", "native_resolution", "build_generator", "build_discriminator"]
 
 
-def build_generator(cfg, size: int, channels: int) -> StyleGenerator:
+def build_generator(cfg: PlanConfig, size: int, channels: int) -> StyleGenerator:
     """From a :class:`plan_shared.config.PlanConfig` (its ``generator`` and ``gan`` sections)."""
     g = cfg.generator
     return StyleGenerator(
@@ -23,6 +30,6 @@ def build_generator(cfg, size: int, channels: int) -> StyleGenerator:
     )
 
 
-def build_discriminator(cfg, size: int, channels: int) -> Discriminator:
+def build_discriminator(cfg: PlanConfig, size: int, channels: int) -> Discriminator:
     d = cfg.discriminator
     return Discriminator(size, channels, d.base_channels, d.max_channels, d.mbstd_group)

@@ -74,7 +74,9 @@ class Classifier(nn.Module):
         """Embedding ``[B, feature_dim]`` (used for distances and Frechet scores)."""
         assert x.ndim == 4 and x.shape[1] == self.channels, f"expected [B, {self.channels}, H, W], got {tuple(x.shape)}"
         h = self.stages(x)
-        return self.embed(F.adaptive_avg_pool2d(h, self.pool_grid))
+        emb: torch.Tensor = self.embed(F.adaptive_avg_pool2d(h, self.pool_grid))
+        return emb
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.features(x))
+        logits: torch.Tensor = self.head(self.features(x))
+        return logits

@@ -24,8 +24,9 @@ class DiscriminatorBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.conv1.fused:  # the 1/sqrt 2 of the sum moves into both branches' weights
             g = 1 / math.sqrt(2)
-            return F.avg_pool2d(self.conv1(self.conv0(x), gain=g), 2) + self.skip(F.avg_pool2d(x, 2), gain=g)
-        y = self.skip(F.avg_pool2d(x, 2))
+            out: torch.Tensor = F.avg_pool2d(self.conv1(self.conv0(x), gain=g), 2) + self.skip(F.avg_pool2d(x, 2), gain=g)
+            return out
+        y: torch.Tensor = self.skip(F.avg_pool2d(x, 2))
         x = F.avg_pool2d(self.conv1(self.conv0(x)), 2)
         return (x + y) / math.sqrt(2)
 
@@ -76,4 +77,5 @@ class Discriminator(nn.Module):
             x = F.interpolate(x, size=(self.native, self.native), mode="bilinear", align_corners=False)
         x = self.blocks(self.from_image(x))
         x = self.conv(self.mbstd(x, chunks))
-        return self.out(self.fc(x.flatten(1))).squeeze(1)
+        logits: torch.Tensor = self.out(self.fc(x.flatten(1)))
+        return logits.squeeze(1)

@@ -26,6 +26,7 @@ def native_resolution(size: int) -> int:
 
 
 class MappingNetwork(nn.Module):
+    w_avg: torch.Tensor  # buffer: running mean of W
     def __init__(self, z_dim: int, w_dim: int, layers: int, lr_mul: float = 0.01, w_avg_beta: float = 0.995):
         super().__init__()
         self.z_dim, self.w_dim, self.w_avg_beta = z_dim, w_dim, w_avg_beta
@@ -38,7 +39,7 @@ class MappingNetwork(nn.Module):
     def forward(self, z: torch.Tensor, truncation: float = 1.0, update_w_avg: bool = False) -> torch.Tensor:
         assert z.ndim == 2 and z.shape[1] == self.z_dim, f"z must be [B, {self.z_dim}], got {tuple(z.shape)}"
         z = z * torch.rsqrt(z.square().mean(dim=1, keepdim=True) + 1e-8)
-        w = self.net(z)
+        w: torch.Tensor = self.net(z)
         if update_w_avg:
             with torch.no_grad():
                 self.w_avg.copy_(w.detach().mean(0).lerp(self.w_avg, self.w_avg_beta))
@@ -48,6 +49,7 @@ class MappingNetwork(nn.Module):
 
 
 class StyledConv(nn.Module):
+    noise_const: torch.Tensor  # buffer: the fixed noise of noise_mode="const"
     """Modulated 3x3 conv (+ optional 2x upsampling), noise, bias, leaky ReLU."""
 
     def __init__(self, in_ch: int, out_ch: int, w_dim: int, resolution: int, upsample: bool):
@@ -132,7 +134,7 @@ class SynthesisNetwork(nn.Module):
         k = 0
         x = self.convs[0](x, ws[:, k], noise_mode)
         k += 1
-        img = self.to_images[0](x, ws[:, k])
+        img: torch.Tensor = self.to_images[0](x, ws[:, k])
         k += 1
         for j in range(1, len(self.to_images)):
             x = self.convs[2 * j - 1](x, ws[:, k], noise_mode)
@@ -170,12 +172,13 @@ class StyleGenerator(nn.Module):
         return self.mapping.w_avg
 
     def forward(self, z: torch.Tensor, truncation: float = 1.0, noise_mode: str = "random") -> torch.Tensor:
-        return self.synthesis(self.mapping(z, truncation), noise_mode)
+        img: torch.Tensor = self.synthesis(self.mapping(z, truncation), noise_mode)
+        return img
 
     def render(self, w: torch.Tensor, noise_mode: str = "const") -> torch.Tensor:
         """Images ``[B, C, size, size]`` from W vectors ``[B, w_dim]`` (deterministic noise by default)."""
         assert w.ndim == 2 and w.shape[1] == self.w_dim, f"w must be [B, {self.w_dim}], got {tuple(w.shape)}"
-        out = self.synthesis(w, noise_mode)
+        out: torch.Tensor = self.synthesis(w, noise_mode)
         assert out.shape[1:] == (self.channels, self.size, self.size)
         return out
 
@@ -183,4 +186,5 @@ class StyleGenerator(nn.Module):
     def sample_w(self, n: int, generator: torch.Generator | None = None, truncation: float = 1.0) -> torch.Tensor:
         dev = self.w_avg.device
         z = torch.randn(n, self.z_dim, generator=generator, device="cpu").to(dev)
-        return self.mapping(z, truncation)
+        w: torch.Tensor = self.mapping(z, truncation)
+        return w

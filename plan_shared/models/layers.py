@@ -22,7 +22,7 @@ def set_fused(module: nn.Module, fused: bool) -> nn.Module:
     """
     for m in module.modules():
         if hasattr(m, "fused"):
-            m.fused = fused
+            setattr(m, "fused", fused)  # noqa: B010  (Module.__setattr__ types the value as Tensor | Module)
     return module
 
 
