@@ -48,7 +48,7 @@ from plan_shared.imaging import save_png, to_uint8_hwc
 from plan_shared.inversion import invert
 from plan_shared.manifest import ImageRecord, SiteManifest, Thresholds, safe_class_names, write_site_manifest
 from plan_shared.metrics import classification_report, dcr_summary
-from plan_shared.navigation import NavWeights, linear_paths, optimise_paths, random_samples, w_std
+from plan_shared.navigation import linear_paths, optimise_paths, random_samples, w_std
 from plan_shared.plots import dcr_histogram, path_strips, sample_grid
 from plan_shared.privacy import accept_mask, build_zone, plant_duplicates, reject_reasons, score_images
 from plan_shared.runtime import resolve_device, seed_everything, set_threads
@@ -326,19 +326,16 @@ def _run_site_pipeline(cfg: PlanConfig, dataset: ImageDataset, generator_ckpt: s
     plabels = torch.as_tensor(anc.labels[pa.numpy()] if len(pairs) else np.zeros(0, np.int64))
     with tm.stage("navigation"):
         if len(pairs):
-            hist_nav: list = []
             t0 = time.perf_counter()
-            full_plan = optimise_paths(
-                G, phi_id, phi_class, wa, wb, plabels, T=T, steps=nc.steps, lr=nc.lr,
-                weights=NavWeights(nc.lambda_dist, nc.lambda_id, nc.lambda_class), chunk=nc.chunk,
-                max_offset=nc.max_offset, progress=progress, history=hist_nav, w_scale=sigma_w,
-            ).cpu()
+            nav_res = optimise_paths(G, phi_id, phi_class, wa, wb, plabels, nc, w_scale=sigma_w, progress=progress)  # navspeed:
+            full_plan, hist_nav = nav_res.paths.cpu(), nav_res.history  # navspeed:
             dt = time.perf_counter() - t0
             report["navigation"] = {
                 "T": T, "steps": nc.steps, "lr": nc.lr, "lambda_dist": nc.lambda_dist, "lambda_id": nc.lambda_id,
                 "lambda_class": nc.lambda_class, "chunk": nc.chunk, "w_scale": sigma_w, "max_offset": nc.max_offset, "paths": len(pairs),
                 "path_steps_per_s": _f(len(pairs) * nc.steps / max(dt, 1e-9)),
                 "loss_first": hist_nav[0] if hist_nav else None, "loss_last": hist_nav[-1] if hist_nav else None,
+                "steps_run_mean": float(nav_res.steps_run.float().mean()), "shards": nav_res.shards,  # navspeed:
             }
         else:
             full_plan = torch.zeros(0, T, G.w_dim)
