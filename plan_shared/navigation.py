@@ -31,15 +31,18 @@ from __future__ import annotations
 import copy
 import math
 import time
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
 from plan_shared import progress as P
 from plan_shared.config import NavigationConfig
+from plan_shared.models import StyleGenerator
 
 
 @dataclass
@@ -68,7 +71,7 @@ def dist_loss(full: torch.Tensor) -> torch.Tensor:
 
 
 def path_losses(
-    G: nn.Module, phi_id: nn.Module, phi_class: nn.Module, full: torch.Tensor, labels: torch.Tensor
+    G: StyleGenerator, phi_id: nn.Module, phi_class: nn.Module, full: torch.Tensor, labels: torch.Tensor
 ) -> dict[str, torch.Tensor]:
     """Per path L_dist, L_id, L_class for full paths ``[paths, T, w_dim]`` (no chunking; tests, reports)."""
     p, T, d = full.shape
@@ -79,7 +82,7 @@ def path_losses(
     return {"dist": dist_loss(full), "id": kl, "class": ce}
 
 
-def resolve_devices(devices: Optional[Sequence[str]]) -> list[torch.device]:
+def resolve_devices(devices: Sequence[str] | None) -> list[torch.device]:
     """``navigation.devices`` as torch devices: null = every visible GPU, else ``[cpu]``; unknown GPUs are an error."""
     if not devices:
         n = torch.cuda.device_count()
@@ -109,7 +112,7 @@ class NavResult:
 
 
 def _chunk_loss(
-    G: nn.Module, phi_id: nn.Module, phi_class: nn.Module, w: torch.Tensor, y: torch.Tensor, wt: NavWeights, n_inner: int
+    G: StyleGenerator, phi_id: nn.Module, phi_class: nn.Module, w: torch.Tensor, y: torch.Tensor, wt: NavWeights, n_inner: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The classifier part of the objective for one chunk of interior points ``w [n, w_dim]`` (real W scale).
 
@@ -126,7 +129,7 @@ def _chunk_loss(
 
 
 def optimise_paths(
-    G: nn.Module,
+    G: StyleGenerator,
     phi_id: nn.Module,
     phi_class: nn.Module,
     wa: torch.Tensor,
@@ -158,9 +161,11 @@ def optimise_paths(
 
     def work(i: int) -> tuple[NavResult, float]:
         dev, idx = devices[i], shards[i]
-        nets = (G, phi_id, phi_class) if (dev == home and i == 0) else tuple(copy.deepcopy(m).to(dev) for m in (G, phi_id, phi_class))
+        g, pi, pc = G, phi_id, phi_class
+        if not (dev == home and i == 0):  # every other worker gets its own copies (threads share nothing mutable)
+            g, pi, pc = copy.deepcopy(G).to(dev), copy.deepcopy(phi_id).to(dev), copy.deepcopy(phi_class).to(dev)
         t0 = time.perf_counter()
-        r = _optimise_shard(*nets, wa[idx].to(dev), wb[idx].to(dev), labels[idx].to(dev), nav, w_scale,
+        r = _optimise_shard(g, pi, pc, wa[idx].to(dev), wb[idx].to(dev), labels[idx].to(dev), nav, w_scale,
                             progress, f"navigation ({len(idx)} paths{', ' + str(dev) if len(devices) > 1 else ''})")
         return r, time.perf_counter() - t0
 
@@ -186,7 +191,7 @@ def optimise_paths(
 
 
 def _optimise_shard(
-    G: nn.Module,
+    G: StyleGenerator,
     phi_id: nn.Module,
     phi_class: nn.Module,
     wa: torch.Tensor,
@@ -240,10 +245,10 @@ def _optimise_shard(
             for s in range(0, len(points), chunk):
                 ix: slice | torch.Tensor = slice(s, s + chunk) if everyone else points[s : s + chunk]
                 loss, kl, ce = _chunk_loss(G, phi_id, phi_class, (flat_start[ix] + flat[ix]) * sc, flat_labels[ix], wt, n_inner)
-                loss.backward()  # accumulates into D.grad through the gather
+                torch.autograd.backward(loss)  # accumulates into D.grad through the gather
                 kl_pt[ix], ce_pt[ix] = kl, ce
         ld_path = seg_const + dist_loss(torch.cat([zero_end, D, zero_end], dim=1))
-        (wt.lambda_dist * ld_path.sum()).backward()
+        torch.autograd.backward(wt.lambda_dist * ld_path.sum())
         measured = torch.stack([ld_path.detach(), kl_pt.view(p, n_inner).mean(1), ce_pt.view(p, n_inner).mean(1)], 1)
         measured = measured.double().cpu()
         terms[active] = measured[active]
@@ -283,7 +288,7 @@ def _optimise_shard(
 
 
 def sequential_reference(
-    G: nn.Module,
+    G: StyleGenerator,
     phi_id: nn.Module,
     phi_class: nn.Module,
     wa: torch.Tensor,
@@ -307,7 +312,7 @@ def sequential_reference(
         opt.zero_grad(set_to_none=True)
         full = torch.cat([wa[None], P, wb[None]], 0)
         cls, _, _ = _chunk_loss(G, phi_id, phi_class, P * sc, y, wt, n_inner)
-        (wt.lambda_dist * (full[1:] - full[:-1]).pow(2).sum() + cls).backward()
+        torch.autograd.backward(wt.lambda_dist * (full[1:] - full[:-1]).pow(2).sum() + cls)
         opt.step()
     return torch.cat([wa[None], P.detach(), wb[None]], 0) * sc
 
@@ -316,7 +321,7 @@ OFFICIAL_SPLIT = 4  # images per classifier call in the published loop
 
 
 def official_loop(
-    G: nn.Module,
+    G: StyleGenerator,
     phi_id: nn.Module,
     phi_class: nn.Module,
     wa: torch.Tensor,
@@ -324,7 +329,7 @@ def official_loop(
     label: int,
     nav: NavigationConfig,
     w_scale: float = 1.0,
-    on_step: Optional[Callable[[int, torch.Tensor, float], None]] = None,
+    on_step: Callable[[int, torch.Tensor, float], None] | None = None,
 ) -> torch.Tensor:
     """The published loop, literally: ONE path; its T-2 interior points are the parameter; each step renders
     them all in one G call, runs both classifiers on ``imgs.split(4)`` and SUMS the per-split mean losses;
@@ -347,10 +352,10 @@ def official_loop(
         full = torch.cat([wa[None], P, wb[None]], 0)
         loss = nav.lambda_dist * (full[1:] - full[:-1]).pow(2).sum()
         imgs = G.render(P * sc)
-        for part in imgs.split(OFFICIAL_SPLIT):
+        for part in torch.split(imgs, OFFICIAL_SPLIT):
             y = torch.full((part.shape[0],), int(label), dtype=torch.long, device=part.device)
             loss = loss + w_kl * kl_uniform(phi_id(part)).mean() + w_ce * F.cross_entropy(phi_class(part), y)
-        loss.backward()
+        torch.autograd.backward(loss)
         if on_step is not None:
             on_step(step, P.detach() * sc, float(loss.detach()))
         opt.step()
@@ -358,14 +363,14 @@ def official_loop(
 
 
 @torch.no_grad()
-def w_std(G: nn.Module, n: int = 4096, seed: int = 0) -> float:
+def w_std(G: StyleGenerator, n: int = 4096, seed: int = 0) -> float:
     """sigma_W: mean per-coordinate standard deviation of W over ``n`` mapping-network samples."""
     gen = torch.Generator().manual_seed(seed)
     return float(G.sample_w(n, gen).std(0).mean())
 
 
 @torch.no_grad()
-def random_samples(G: nn.Module, n: int, truncation: float = 0.7, seed: int = 0) -> torch.Tensor:
+def random_samples(G: StyleGenerator, n: int, truncation: float = 0.7, seed: int = 0) -> torch.Tensor:
     """Plain GAN samples in W (the random baseline)."""
     gen = torch.Generator().manual_seed(seed)
     return G.sample_w(n, gen, truncation=truncation)

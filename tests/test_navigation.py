@@ -3,7 +3,6 @@ without classifier terms, chunked accumulation equals one big batch."""
 
 import math
 
-import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -59,10 +58,6 @@ def test_path_losses_are_means_over_interior_points():
     ce = nn.functional.cross_entropy(phi_c(img), torch.ones(3, dtype=torch.long))
     assert float(L["class"][1].detach()) == pytest.approx(float(ce.detach()), rel=1e-4)
     assert float(L["id"][1].detach()) == pytest.approx(float(kl_uniform(phi_id(img)).mean().detach()), rel=1e-4)
-
-
-def nav(**kw) -> NavigationConfig:
-    return NavigationConfig(**{"devices": ["cpu"], **kw})
 
 
 def test_without_classifier_terms_path_stays_straight():
@@ -174,7 +169,7 @@ def test_sharded_over_two_cpu_workers_equals_one_worker():
     torch.manual_seed(8)
     wa, wb = torch.randn(5, 8), torch.randn(5, 8)
     y = torch.tensor([0, 1, 1, 0, 1])
-    kw = dict(T=6, steps=8, lr=0.1, chunk=8, early_stop_patience=3)
+    kw = {"T": 6, "steps": 8, "lr": 0.1, "chunk": 8, "early_stop_patience": 3}
     one = optimise_paths(G, phi_id, phi_c, wa, wb, y, nav(**kw), w_scale=0.9, progress=False)
     two = optimise_paths(G, phi_id, phi_c, wa, wb, y, nav(devices=["cpu", "cpu"], **kw), w_scale=0.9, progress=False)
     assert torch.allclose(one.paths, two.paths, atol=1e-5), (one.paths - two.paths).abs().max()
