@@ -285,11 +285,13 @@ def time_to_quality(args) -> dict:
         r = optimise_paths(G, phi_id, phi_class, wa[:m], wb[:m], lab[:m], c, w_scale=sc, progress=False)
         dt = time.perf_counter() - t0
         q = _quality(G, phi_id, phi_class, x_id, r.paths[:k], lab[:k], nav)
-        # loss curve over the shared paths is not separable from the history (sums over all m paths):
-        # time to quality is read from the mean objective over all m paths (each path's trajectory is its own)
+        # time to quality: from the per-step history when the case ran exactly the official paths; with more
+        # paths the run's total time if its shared paths end within the tolerance (an upper bound)
         lw = torch.tensor([c.lambda_dist, c.lambda_id, c.lambda_class])
         obj = [float(torch.tensor([h["dist"], h["id"], h["class"]]) @ lw) / m for h in r.history]
         hit = [h["seconds"] for h, o in zip(r.history, obj) if o <= target]
+        if m > k:  # the history mixes in paths the official loop did not run: only the end point is comparable
+            hit = [dt] if q["objective"] <= target else []
         imgs = int(r.steps_run.sum()) * (args.T - 2)
         print(f"{name} on {m} paths: {dt:.1f} s", flush=True)
         rows.append({"case": name, "paths": m, "seconds": dt, "steps": int(r.steps_run.max()),
@@ -320,8 +322,13 @@ def time_to_quality(args) -> dict:
         print(f"{r['case']:28s} {r['paths']:5d} {st:>9s} {r['seconds_per_path']:8.2f} {r['objective']:9.4f} {r['dist']:7.3f} "
               f"{r['id']:6.3f} {r['class']:7.4f} {r['id_prob']:7.3f} {r['dcr']:6.2f} {r['class_acc']:5.2f} {tq:>10s} {sp:>8s} "
               f"{r['gflops']:7.1f} {r['utilisation']:5.0%}", flush=True)
-    print("(speed-up = official s/path for all its steps / case's s/path to the target; quality columns on the "
+    print("(speed-up = official s/path for all its steps / case's s/path to the target (for more paths than the "
+          "official ran: its total s/path, a lower bound on the speed-up); quality columns on the "
           f"{k} shared paths; the official loop's own time to the target: {rows[0]['ttq_s'] / k:.2f} s/path)")
+    print("official loop against its own time (quality of the points at that step, untimed evaluation):")
+    for c in curve:
+        print(f"  step {c['step']:4d}  {c['seconds'] / k:7.2f} s/path  objective {c['objective']:.4f}  "
+              f"id_prob {c['id_prob']:.3f}  DCR {c['dcr']:.2f}")
     return {"note": note, "T": args.T, "threads": args.threads, "tol": args.tol, "flop_per_image_step": flop_img,
             "matmul_gflops": mm, "target_objective": target, "rows": rows, "official_curve": curve}
 
