@@ -182,13 +182,14 @@ def _matmul_gflops() -> float:
     return 2 * 1024**3 / best / 1e9
 
 
-def _quality(G, phi_id, phi_class, x_id, full, labels, nav) -> dict:
+def _quality(G, phi_id, phi_class, x_id, full, labels, nav, sc: float) -> dict:
     import torch
 
-    from plan_shared.navigation import path_losses
+    from plan_shared.navigation import dist_loss, path_losses
 
     with torch.no_grad():
         L = path_losses(G, phi_id, phi_class, full, labels)
+        L["dist"] = dist_loss(full / sc)  # the optimised L_dist is in W standardised by sigma_W
         obj = nav.lambda_dist * L["dist"] + nav.lambda_id * L["id"] + nav.lambda_class * L["class"]
         img = G.render(full[:, 1:-1].reshape(-1, full.shape[2]))
         pmax = torch.softmax(phi_id(img), 1).max(1).values
@@ -267,7 +268,7 @@ def time_to_quality(args) -> dict:
         print(f"official path {p + 1}/{k}: {S} steps in {float(times[p, -1]):.1f} s", flush=True)
     t_off = times.sum(0)  # all k paths at step s: sum of the per-path times (the loop is strictly sequential)
     off_full = torch.stack(offs)
-    q_off = _quality(G, phi_id, phi_class, x_id, off_full, lab[:k], nav)
+    q_off = _quality(G, phi_id, phi_class, x_id, off_full, lab[:k], nav, sc)
     target = q_off["objective"] * (1 + args.tol)
     obj_off = losses.mean(0)
     s_off = int((obj_off <= target).nonzero()[0]) if bool((obj_off <= target).any()) else S - 1
@@ -275,7 +276,7 @@ def time_to_quality(args) -> dict:
                  "image_steps": k * S * (args.T - 2), "ttq_s": float(t_off[s_off]), **q_off})
     curve = []
     for step in sorted(snaps):
-        qs = _quality(G, phi_id, phi_class, x_id, torch.stack(snaps[step]), lab[:k], nav)
+        qs = _quality(G, phi_id, phi_class, x_id, torch.stack(snaps[step]), lab[:k], nav, sc)
         curve.append({"step": step, "seconds": float(t_off[step]), **qs})
 
     # --- engine cases
@@ -284,7 +285,7 @@ def time_to_quality(args) -> dict:
         t0 = time.perf_counter()
         r = optimise_paths(G, phi_id, phi_class, wa[:m], wb[:m], lab[:m], c, w_scale=sc, progress=False)
         dt = time.perf_counter() - t0
-        q = _quality(G, phi_id, phi_class, x_id, r.paths[:k], lab[:k], nav)
+        q = _quality(G, phi_id, phi_class, x_id, r.paths[:k], lab[:k], nav, sc)
         # time to quality: from the per-step history when the case ran exactly the official paths; with more
         # paths the run's total time if its shared paths end within the tolerance (an upper bound)
         lw = torch.tensor([c.lambda_dist, c.lambda_id, c.lambda_class])
@@ -300,10 +301,12 @@ def time_to_quality(args) -> dict:
 
     d = cfg.navigation.steps
     engine(f"engine ({d} steps)", k, {"steps": d})
+    engine(f"engine ({2 * d} steps)", k, {"steps": 2 * d})
     engine(f"engine (early stop p={args.patience})", k, {"steps": S, "early_stop_patience": args.patience,
                                                           "early_stop_rel_tol": args.rel_tol})
     if n > k:
         engine(f"engine ({d} steps)", n, {"steps": d})
+        engine(f"engine ({2 * d} steps)", n, {"steps": 2 * d})
         engine(f"engine (early stop p={args.patience})", n, {"steps": S, "early_stop_patience": args.patience,
                                                               "early_stop_rel_tol": args.rel_tol})
     per_path_off = rows[0]["seconds"] / k
@@ -351,7 +354,7 @@ def main() -> None:
     tq.add_argument("--official-paths", type=int, default=4)
     tq.add_argument("--official-steps", type=int, default=500)
     tq.add_argument("--engine-paths", type=int, default=32)
-    tq.add_argument("--patience", type=int, default=10)
+    tq.add_argument("--patience", type=int, default=20)
     tq.add_argument("--rel-tol", type=float, default=1e-3)
     tq.add_argument("--tol", type=float, default=0.02, help="relative tolerance on the official objective")
     tq.add_argument("--id-epochs", type=int, default=20)

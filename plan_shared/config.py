@@ -285,9 +285,10 @@ class NavigationConfig(_Section):
         "of its straight-line start (keeps images near the manifold). null = unbounded (published behaviour)."
     )
     early_stop_patience: Optional[int] = Field(
-        None, ge=1, description="Early stopping per path: a path stops (its points are no longer rendered; it keeps the "
-        "point of its last measured loss) after this many consecutive steps in which its loss did not fall below "
-        "(1 - early_stop_rel_tol) x its best loss so far; steps is then the cap. null = off (every path runs steps steps)."
+        None, ge=1, description="Early stopping per path: a path stops (its points are no longer rendered) after this "
+        "many consecutive steps in which its loss did not fall below (1 - early_stop_rel_tol) x the loss of its last "
+        "progress; steps is then the cap, and every path ends on the best point it measured. null = off (every path "
+        "runs steps steps and ends on its last point, the published behaviour)."
     )
     early_stop_rel_tol: float = Field(
         1e-3, ge=0.0, lt=1.0, description="Relative improvement of a path's loss that counts as progress for early_stop_patience."

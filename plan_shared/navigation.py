@@ -100,7 +100,8 @@ class NavResult:
 
     ``paths [paths, T, w_dim]`` detached, on wa's device; ``history`` per step the loss terms summed over all
     paths (a stopped path counts with its last measured terms) and ``seconds`` since the start;
-    ``steps_run [paths]`` the steps each path took; ``final_loss [paths]`` each path's last measured objective;
+    ``steps_run [paths]`` the steps each path took; ``final_loss [paths]`` the objective of the point each path
+    holds (the last measured one; with early stopping the best measured one, and the point is that one);
     ``shards`` one entry per worker: device, its contiguous range of paths (first_path, paths), steps and seconds.
     """
 
@@ -224,11 +225,15 @@ def _optimise_shard(
     flat_labels = labels.repeat_interleave(n_inner)
     need_cls = wt.lambda_id > 0 or wt.lambda_class > 0
     patience, rel_tol = nav.early_stop_patience, nav.early_stop_rel_tol
+    lam = torch.tensor([wt.lambda_dist, wt.lambda_id, wt.lambda_class], dtype=torch.float64)
     active = torch.ones(p, dtype=torch.bool)
-    best = torch.full((p,), math.inf, dtype=torch.float64)
+    ref = torch.full((p,), math.inf, dtype=torch.float64)  # loss at the last step that counted as progress
     stale = torch.zeros(p, dtype=torch.long)
     steps_run = torch.zeros(p, dtype=torch.long)
-    terms = torch.zeros(p, 3, dtype=torch.float64)  # last measured dist, id, class per path (unweighted)
+    terms = torch.zeros(p, 3, dtype=torch.float64)  # per path dist, id, class (unweighted) of the point it holds
+    # with early stopping every path ends on the best point it measured (Adam's first steps may overshoot)
+    best_obj = torch.full((p,), math.inf, dtype=torch.float64)
+    best_D = torch.zeros_like(start) if patience is not None else None
     history: list[dict[str, float]] = []
     points = torch.arange(p * n_inner, device=dev)  # flat indices of the active paths' points
     t0 = time.perf_counter()
@@ -251,16 +256,21 @@ def _optimise_shard(
         torch.autograd.backward(wt.lambda_dist * ld_path.sum())
         measured = torch.stack([ld_path.detach(), kl_pt.view(p, n_inner).mean(1), ce_pt.view(p, n_inner).mean(1)], 1)
         measured = measured.double().cpu()
-        terms[active] = measured[active]
         steps_run[active] += 1
         stop = torch.zeros(p, dtype=torch.bool)
-        if patience is not None:
-            obj = terms @ torch.tensor([wt.lambda_dist, wt.lambda_id, wt.lambda_class], dtype=torch.float64)
-            better = active & (obj < best * (1 - rel_tol))
-            best = torch.where(better, obj, torch.minimum(best, obj))
-            stale = torch.where(better, torch.zeros_like(stale), stale + active.long())
-            stop = active & (stale >= patience)
-        keep = D.detach()[stop.to(dev)].clone() if bool(stop.any()) else None
+        if best_D is None:
+            terms[active] = measured[active]
+        else:
+            obj = measured @ lam
+            improved = active & (obj < best_obj)
+            if bool(improved.any()):
+                best_obj[improved] = obj[improved]
+                terms[improved] = measured[improved]
+                best_D[improved.to(dev)] = D.detach()[improved.to(dev)]
+            progressed = active & (obj < ref * (1 - rel_tol))
+            ref = torch.where(progressed, obj, ref)
+            stale = torch.where(progressed, torch.zeros_like(stale), stale + active.long())
+            stop = active & (stale >= int(patience or 0))
         frozen = (~active).to(dev)
         keep_frozen = D.detach()[frozen].clone() if bool(frozen.any()) else None
         opt.step()
@@ -268,11 +278,11 @@ def _optimise_shard(
             if nav.max_offset is not None:
                 norm = D.norm(dim=2, keepdim=True).clamp(min=1e-12)
                 D.mul_((nav.max_offset / norm).clamp(max=1.0))
-            # a stopped path keeps the point whose loss was measured last (Adam's momentum would move it on)
+            # a stopped path holds its best point (Adam's momentum would move it on)
             if keep_frozen is not None:
                 D[frozen] = keep_frozen
-            if keep is not None:
-                D[stop.to(dev)] = keep
+            if best_D is not None and bool(stop.any()):
+                D[stop.to(dev)] = best_D[stop.to(dev)]
         if bool(stop.any()):
             active &= ~stop
             points = torch.nonzero(active.to(dev).repeat_interleave(n_inner)).squeeze(1)
@@ -281,8 +291,10 @@ def _optimise_shard(
                         "active": float(active.sum()), "seconds": time.perf_counter() - t0})
         bar.set_postfix(dist=f"{sums[0] / p:.3g}", kl=f"{sums[1] / p:.3g}", ce=f"{sums[2] / p:.3g}",
                         active=int(active.sum()), refresh=False)
-    final = terms @ torch.tensor([wt.lambda_dist, wt.lambda_id, wt.lambda_class], dtype=torch.float64)
     with torch.no_grad():
+        if best_D is not None and bool(torch.isfinite(best_obj).all()):
+            D.copy_(best_D)  # paths that reached the cap also end on their best point
+        final = terms @ lam
         full = torch.cat([wa.unsqueeze(1), start + D.detach(), wb.unsqueeze(1)], dim=1) * sc
     return NavResult(paths=full, history=history, steps_run=steps_run, final_loss=final)
 

@@ -150,18 +150,15 @@ def test_early_stopping_stops_each_path_on_its_own_plateau():
     assert int(es.steps_run.max()) < 200 and int(es.steps_run.min()) >= 5
     assert len(set(es.steps_run.tolist())) > 1  # per path, not all at once
     assert es.history[-1]["active"] == 0.0
-    # each stopped path holds the point whose loss it measured last: re-evaluate it
+    # each path holds the best point it measured, and final_loss is that point's objective: re-evaluate it
     L = path_losses(G, phi_id, phi_c, es.paths, y)
     obj = full.lambda_dist * L["dist"] + full.lambda_id * L["id"] + full.lambda_class * L["class"]
     assert torch.allclose(obj.detach().double(), es.final_loss, rtol=1e-4)
+    L0 = path_losses(G, phi_id, phi_c, linear_paths(wa, wb, 6), y)
+    obj0 = full.lambda_dist * L0["dist"] + full.lambda_id * L0["id"] + full.lambda_class * L0["class"]
+    assert bool((es.final_loss <= obj0.detach().double() + 1e-6).all())  # never worse than the straight start
     # and it stopped on a plateau: close to what 200 steps reach
     assert float(es.final_loss.sum()) <= 1.05 * float(ref.final_loss.sum())
-    # a path that stopped early equals the full run truncated at its step count
-    p = int(es.steps_run.argmin())
-    k = int(es.steps_run[p])
-    trunc = optimise_paths(G, phi_id, phi_c, wa[p : p + 1], wb[p : p + 1], y[p : p + 1], nav(T=6, steps=k - 1, lr=0.1),
-                           progress=False).paths
-    assert torch.allclose(es.paths[p], trunc[0], atol=1e-5)
 
 
 def test_sharded_over_two_cpu_workers_equals_one_worker():
