@@ -118,6 +118,8 @@ class NavigationSection:
     path_steps_per_s: float | None
     loss_first: Any
     loss_last: Any
+    steps_run_mean: float | None = None  # with navigation.early_stop_patience, paths stop on their own plateau
+    shards: Any = None  # (first path, paths) per device of navigation.devices
 
 
 @dataclass

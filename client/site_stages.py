@@ -83,7 +83,7 @@ from plan_shared.metrics import classification_report, dcr_summary
 from plan_shared.models import build_generator
 from plan_shared.models.classifier import Classifier
 from plan_shared.models.generator import StyleGenerator
-from plan_shared.navigation import NavWeights, linear_paths, optimise_paths, random_samples, w_std
+from plan_shared.navigation import linear_paths, optimise_paths, random_samples, w_std
 from plan_shared.plots import dcr_histogram, path_strips, sample_grid
 from plan_shared.privacy import (
     ExclusionZone,
@@ -377,19 +377,17 @@ def navigate_paths(cfg: PlanConfig, G: StyleGenerator, phi_id: Classifier, phi_c
     labels = torch.as_tensor(anc.labels[pa.numpy()] if len(pairs) else np.zeros(0, np.int64))
     section = None
     if len(pairs):
-        hist: list[dict[str, float]] = []
         t0 = time.perf_counter()
-        plan = optimise_paths(
-            G, phi_id, phi_class, wa, wb, labels, T=T, steps=nc.steps, lr=nc.lr,
-            weights=NavWeights(nc.lambda_dist, nc.lambda_id, nc.lambda_class), chunk=nc.chunk,
-            max_offset=nc.max_offset, progress=progress, history=hist, w_scale=sigma_w,
-        ).cpu()
+        res = optimise_paths(G, phi_id, phi_class, wa, wb, labels, nc, w_scale=sigma_w, progress=progress)
+        plan, hist = res.paths.cpu(), res.history
         dt = time.perf_counter() - t0
+        steps_run = int(res.steps_run.sum())  # path-steps actually run (fewer than paths x steps with early stopping)
         section = NavigationSection(
             T=T, steps=nc.steps, lr=nc.lr, lambda_dist=nc.lambda_dist, lambda_id=nc.lambda_id,
             lambda_class=nc.lambda_class, chunk=nc.chunk, w_scale=sigma_w, max_offset=nc.max_offset,
-            paths=len(pairs), path_steps_per_s=finite(len(pairs) * nc.steps / max(dt, 1e-9)),
+            paths=len(pairs), path_steps_per_s=finite(steps_run / max(dt, 1e-9)),
             loss_first=hist[0] if hist else None, loss_last=hist[-1] if hist else None,
+            steps_run_mean=float(res.steps_run.float().mean()), shards=res.shards,
         )
     else:
         plan = torch.zeros(0, T, G.w_dim)

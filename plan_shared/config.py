@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 from typing import Any, Literal, Optional, get_args
 
@@ -290,6 +291,28 @@ class NavigationConfig(_Section):
         None, gt=0.0, description="Optional bound: after each step every point is projected to within this W distance "
         "of its straight-line start (keeps images near the manifold). null = unbounded (published behaviour)."
     )
+    early_stop_patience: Optional[int] = Field(
+        None, ge=1, description="Early stopping per path: a path stops (its points are no longer rendered) after this "
+        "many consecutive steps in which its loss did not fall below (1 - early_stop_rel_tol) x the loss of its last "
+        "progress; steps is then the cap, and every path ends on the best point it measured. null = off (every path "
+        "runs steps steps and ends on its last point, the published behaviour)."
+    )
+    early_stop_rel_tol: float = Field(
+        1e-3, ge=0.0, lt=1.0, description="Relative improvement of a path's loss that counts as progress for early_stop_patience."
+    )
+    devices: Optional[list[str]] = Field(
+        None, min_length=1, description="Devices the paths are sharded over, one worker (thread with its own model copies) "
+        "per entry, e.g. [cuda:0, cuda:1]; entries may repeat ([cpu, cpu] = two CPU workers). Each path's optimisation is "
+        "independent of the others, so the result equals one worker's up to float rounding. null = all visible GPUs, "
+        "else [cpu]."
+    )
+
+    @model_validator(mode="after")
+    def _check_devices(self) -> "NavigationConfig":
+        for d in self.devices or []:
+            if not re.fullmatch(r"cpu|cuda(:[0-9]+)?|mps", d):
+                raise ValueError(f"navigation.devices: {d!r} is not a device (cpu, cuda, cuda:N or mps)")
+        return self
 
 
 class FilterConfig(_Section):

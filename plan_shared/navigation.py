@@ -17,20 +17,32 @@ Peak memory is set by ``chunk``, not by ``paths x T``. Only W is optimised (the 
 stay on the generator's manifold); ``max_offset`` optionally bounds each point's distance
 from its straight-line start.
 
-    paths = optimise_paths(G, phi_id, phi_class, wa, wb, labels, T=50, steps=40)
+    res = optimise_paths(G, phi_id, phi_class, wa, wb, labels, cfg.navigation, w_scale=w_std(G))
+    res.paths                                            # [paths, T, w_dim]
     lin = linear_paths(wa, wb, T)                       # baseline, same anchors
+
+With ``navigation.early_stop_patience`` each path stops on a plateau of its own loss and its
+points leave the chunks (time saved); ``navigation.devices`` shards the paths over workers.
+:func:`official_loop` is the published loop (one path at a time), the benchmark reference.
 """
 
 from __future__ import annotations
 
+import copy
 import math
-from dataclasses import dataclass
-from typing import Optional
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
 from plan_shared import progress as P
+from plan_shared.config import NavigationConfig
+from plan_shared.models import StyleGenerator
 
 
 @dataclass
@@ -59,7 +71,7 @@ def dist_loss(full: torch.Tensor) -> torch.Tensor:
 
 
 def path_losses(
-    G: nn.Module, phi_id: nn.Module, phi_class: nn.Module, full: torch.Tensor, labels: torch.Tensor
+    G: StyleGenerator, phi_id: nn.Module, phi_class: nn.Module, full: torch.Tensor, labels: torch.Tensor
 ) -> dict[str, torch.Tensor]:
     """Per path L_dist, L_id, L_class for full paths ``[paths, T, w_dim]`` (no chunking; tests, reports)."""
     p, T, d = full.shape
@@ -70,42 +82,135 @@ def path_losses(
     return {"dist": dist_loss(full), "id": kl, "class": ce}
 
 
+def resolve_devices(devices: Sequence[str] | None) -> list[torch.device]:
+    """``navigation.devices`` as torch devices: null = every visible GPU, else ``[cpu]``; unknown GPUs are an error."""
+    if not devices:
+        n = torch.cuda.device_count()
+        return [torch.device(f"cuda:{i}") for i in range(n)] or [torch.device("cpu")]
+    out = [torch.device(d) for d in devices]
+    for d in out:
+        if d.type == "cuda" and (d.index or 0) >= torch.cuda.device_count():
+            raise ValueError(f"navigation.devices: {d} is not visible here ({torch.cuda.device_count()} GPU(s))")
+    return out
+
+
+@dataclass
+class NavResult:
+    """What :func:`optimise_paths` returns.
+
+    ``paths [paths, T, w_dim]`` detached, on wa's device; ``history`` per step the loss terms summed over all
+    paths (a stopped path counts with its last measured terms) and ``seconds`` since the start;
+    ``steps_run [paths]`` the steps each path took; ``final_loss [paths]`` the objective of the point each path
+    holds (the last measured one; with early stopping the best measured one, and the point is that one);
+    ``shards`` one entry per worker: device, its contiguous range of paths (first_path, paths), steps and seconds.
+    """
+
+    paths: torch.Tensor
+    history: list[dict[str, float]]
+    steps_run: torch.Tensor
+    final_loss: torch.Tensor
+    shards: list[dict[str, Any]] = field(default_factory=list)
+
+
+def _chunk_loss(
+    G: StyleGenerator, phi_id: nn.Module, phi_class: nn.Module, w: torch.Tensor, y: torch.Tensor, wt: NavWeights, n_inner: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The classifier part of the objective for one chunk of interior points ``w [n, w_dim]`` (real W scale).
+
+    Returns the scalar to back-propagate (lambda_id * L_id + lambda_class * L_class contributions of these
+    points: per-image terms / n_inner, so the sum over a path's chunks is the path's mean) and the per-image
+    KL and CE (detached; zeros for a term whose weight is 0, which is then not evaluated).
+    """
+    img = G.render(w)
+    zero = torch.zeros(w.shape[0], device=w.device)
+    kl = kl_uniform(phi_id(img)) if wt.lambda_id > 0 else zero
+    ce = F.cross_entropy(phi_class(img).float(), y, reduction="none") if wt.lambda_class > 0 else zero
+    loss = (wt.lambda_id * kl.sum() + wt.lambda_class * ce.sum()) / n_inner
+    return loss, kl.detach(), ce.detach()
+
+
 def optimise_paths(
-    G: nn.Module,
+    G: StyleGenerator,
     phi_id: nn.Module,
     phi_class: nn.Module,
     wa: torch.Tensor,
     wb: torch.Tensor,
     labels: torch.Tensor,
-    T: int = 50,
-    steps: int = 40,
-    lr: float = 0.1,
-    weights: NavWeights | None = None,
-    chunk: int = 256,
-    max_offset: Optional[float] = None,
-    progress: bool = True,
-    history: Optional[list] = None,
+    nav: NavigationConfig,
     w_scale: float = 1.0,
-) -> torch.Tensor:
-    """Optimise all paths together; returns full paths ``[paths, T, w_dim]`` (detached, on wa's device).
+    progress: bool = True,
+) -> NavResult:
+    """Optimise all paths with the settings of the ``navigation`` config section; see :class:`NavResult`.
 
     ``w_scale`` (sigma_W, see :func:`w_std`): the optimisation runs in standardised
     coordinates u = w / w_scale, so ``lr``, ``L_dist`` and ``max_offset`` have the meaning
     they have in StyleGAN2's W (per-coordinate std ~1) whatever the generator's W scale.
-    ``history``, when a list, receives per step the summed loss terms over all paths.
+    The paths are split over ``nav.devices`` (one thread per device, each with its own copies
+    of the three networks); every path is optimised independently of the others, so the
+    split changes nothing but float rounding.
     """
-    if T < 3:
+    if nav.T < 3:
         raise ValueError("T must be >= 3 (two anchors + at least one free point)")
-    wt = weights or NavWeights()
     for net in (G, phi_id, phi_class):
         net.eval()
         for q in net.parameters():
             q.requires_grad_(False)
+    devices = resolve_devices(nav.devices)
+    labels = labels.to(wa.device).long()
+    shards = [s for s in torch.arange(wa.shape[0]).tensor_split(len(devices)) if len(s)] or [torch.arange(0)]
+    home = next(G.parameters()).device
+
+    def work(i: int) -> tuple[NavResult, float]:
+        dev, idx = devices[i], shards[i]
+        g, pi, pc = G, phi_id, phi_class
+        if not (dev == home and i == 0):  # every other worker gets its own copies (threads share nothing mutable)
+            g, pi, pc = copy.deepcopy(G).to(dev), copy.deepcopy(phi_id).to(dev), copy.deepcopy(phi_class).to(dev)
+        t0 = time.perf_counter()
+        r = _optimise_shard(g, pi, pc, wa[idx].to(dev), wb[idx].to(dev), labels[idx].to(dev), nav, w_scale,
+                            progress, f"navigation ({len(idx)} paths{', ' + str(dev) if len(devices) > 1 else ''})")
+        return r, time.perf_counter() - t0
+
+    if len(shards) == 1:
+        results = [work(0)]
+    else:
+        with ThreadPoolExecutor(max_workers=len(shards), thread_name_prefix="navigation") as ex:
+            results = list(ex.map(work, range(len(shards))))
+    n_hist = max(len(r.history) for r, _ in results)
+    history = []
+    for k in range(n_hist):
+        parts = [r.history[min(k, len(r.history) - 1)] for r, _ in results if r.history]
+        history.append({key: sum(h[key] for h in parts) if key != "seconds" else max(h[key] for h in parts) for key in parts[0]})
+    return NavResult(
+        paths=torch.cat([r.paths.to(wa.device) for r, _ in results]),
+        history=history,
+        steps_run=torch.cat([r.steps_run.cpu() for r, _ in results]),
+        final_loss=torch.cat([r.final_loss.cpu() for r, _ in results]),
+        shards=[{"device": str(devices[i]), "first_path": int(shards[i][0]) if len(shards[i]) else 0, "paths": len(shards[i]),
+                 "steps": len(r.history), "seconds": dt}
+                for i, (r, dt) in enumerate(results)],
+    )
+
+
+def _optimise_shard(
+    G: StyleGenerator,
+    phi_id: nn.Module,
+    phi_class: nn.Module,
+    wa: torch.Tensor,
+    wb: torch.Tensor,
+    labels: torch.Tensor,
+    nav: NavigationConfig,
+    w_scale: float,
+    progress: bool,
+    desc: str,
+) -> NavResult:
+    """One worker: all its paths as one tensor on wa's device (the loop of :func:`optimise_paths`)."""
+    T, chunk = nav.T, nav.chunk
+    wt = NavWeights(nav.lambda_dist, nav.lambda_id, nav.lambda_class)
     dev = wa.device
     sc = float(w_scale)
     wa, wb = wa / sc, wb / sc
-    labels = labels.to(dev).long()
     p, d = wa.shape
+    n_inner = T - 2
     start = linear_paths(wa, wb, T)[:, 1:-1].contiguous()
     # Parametrise the free points as offsets D from the straight line (P = start + D, D = 0 at
     # the start). With fixed ends, L_dist = (T-1)|v|^2 + sum_segments |D_{i+1} - D_i|^2 exactly
@@ -114,91 +219,170 @@ def optimise_paths(
     # amplify rounding noise into a random walk when the classifier terms are off.
     seg_const = (T - 1) * ((wb - wa) / (T - 1)).pow(2).sum(1)  # [paths]
     D = torch.zeros_like(start).requires_grad_(True)
-    opt = torch.optim.Adam([D], lr=lr)
+    opt = torch.optim.Adam([D], lr=nav.lr)
     zero_end = torch.zeros(p, 1, d, device=dev, dtype=start.dtype)
     flat_start = start.view(-1, d)
-    n_inner = T - 2
     flat_labels = labels.repeat_interleave(n_inner)
     need_cls = wt.lambda_id > 0 or wt.lambda_class > 0
-    bar = P.bar(range(steps), desc=f"navigation ({p} paths)", unit="steps", show=progress)
+    patience, rel_tol = nav.early_stop_patience, nav.early_stop_rel_tol
+    lam = torch.tensor([wt.lambda_dist, wt.lambda_id, wt.lambda_class], dtype=torch.float64)
+    active = torch.ones(p, dtype=torch.bool)
+    ref = torch.full((p,), math.inf, dtype=torch.float64)  # loss at the last step that counted as progress
+    stale = torch.zeros(p, dtype=torch.long)
+    steps_run = torch.zeros(p, dtype=torch.long)
+    terms = torch.zeros(p, 3, dtype=torch.float64)  # per path dist, id, class (unweighted) of the point it holds
+    # with early stopping every path ends on the best point it measured (Adam's first steps may overshoot)
+    best_obj = torch.full((p,), math.inf, dtype=torch.float64)
+    best_D = torch.zeros_like(start) if patience is not None else None
+    history: list[dict[str, float]] = []
+    points = torch.arange(p * n_inner, device=dev)  # flat indices of the active paths' points
+    t0 = time.perf_counter()
+    bar = P.bar(range(nav.steps), desc=desc, unit="steps", show=progress)
     for _ in bar:
+        if not bool(active.any()):
+            break
         opt.zero_grad(set_to_none=True)
-        sums = {"dist": 0.0, "id": 0.0, "class": 0.0}
+        kl_pt = torch.zeros(p * n_inner, device=dev)
+        ce_pt = torch.zeros(p * n_inner, device=dev)
         if need_cls:
             flat = D.view(-1, d)
-            for s in range(0, flat.shape[0], chunk):
-                w = flat_start[s : s + chunk] + flat[s : s + chunk]
-                img = G.render(w * sc)
-                loss = torch.zeros((), device=dev)
-                if wt.lambda_id > 0:
-                    kl = kl_uniform(phi_id(img))
-                    loss = loss + wt.lambda_id * kl.sum() / n_inner
-                    sums["id"] += float(kl.detach().sum()) / n_inner
-                if wt.lambda_class > 0:
-                    ce = F.cross_entropy(phi_class(img), flat_labels[s : s + chunk], reduction="sum")
-                    loss = loss + wt.lambda_class * ce / n_inner
-                    sums["class"] += float(ce.detach()) / n_inner
-                loss.backward()  # accumulates into D.grad through the view
-        ld = seg_const.sum() + dist_loss(torch.cat([zero_end, D, zero_end], dim=1)).sum()
-        (wt.lambda_dist * ld).backward()
-        sums["dist"] = float(ld.detach())
+            everyone = len(points) == p * n_inner
+            for s in range(0, len(points), chunk):
+                ix: slice | torch.Tensor = slice(s, s + chunk) if everyone else points[s : s + chunk]
+                loss, kl, ce = _chunk_loss(G, phi_id, phi_class, (flat_start[ix] + flat[ix]) * sc, flat_labels[ix], wt, n_inner)
+                torch.autograd.backward(loss)  # accumulates into D.grad through the gather
+                kl_pt[ix], ce_pt[ix] = kl, ce
+        ld_path = seg_const + dist_loss(torch.cat([zero_end, D, zero_end], dim=1))
+        torch.autograd.backward(wt.lambda_dist * ld_path.sum())
+        measured = torch.stack([ld_path.detach(), kl_pt.view(p, n_inner).mean(1), ce_pt.view(p, n_inner).mean(1)], 1)
+        measured = measured.double().cpu()
+        steps_run[active] += 1
+        stop = torch.zeros(p, dtype=torch.bool)
+        if best_D is None:
+            terms[active] = measured[active]
+        else:
+            obj = measured @ lam
+            improved = active & (obj < best_obj)
+            if bool(improved.any()):
+                best_obj[improved] = obj[improved]
+                terms[improved] = measured[improved]
+                best_D[improved.to(dev)] = D.detach()[improved.to(dev)]
+            progressed = active & (obj < ref * (1 - rel_tol))
+            ref = torch.where(progressed, obj, ref)
+            stale = torch.where(progressed, torch.zeros_like(stale), stale + active.long())
+            stop = active & (stale >= int(patience or 0))
+        frozen = (~active).to(dev)
+        keep_frozen = D.detach()[frozen].clone() if bool(frozen.any()) else None
         opt.step()
-        if max_offset is not None:
-            with torch.no_grad():
+        with torch.no_grad():
+            if nav.max_offset is not None:
                 norm = D.norm(dim=2, keepdim=True).clamp(min=1e-12)
-                D.mul_((max_offset / norm).clamp(max=1.0))
-        if history is not None:
-            history.append(sums)
-        bar.set_postfix(dist=f"{sums['dist'] / p:.3g}", kl=f"{sums['id'] / p:.3g}", ce=f"{sums['class'] / p:.3g}", refresh=False)
+                D.mul_((nav.max_offset / norm).clamp(max=1.0))
+            # a stopped path holds its best point (Adam's momentum would move it on)
+            if keep_frozen is not None:
+                D[frozen] = keep_frozen
+            if best_D is not None and bool(stop.any()):
+                D[stop.to(dev)] = best_D[stop.to(dev)]
+        if bool(stop.any()):
+            active &= ~stop
+            points = torch.nonzero(active.to(dev).repeat_interleave(n_inner)).squeeze(1)
+        sums = terms.sum(0)
+        history.append({"dist": float(sums[0]), "id": float(sums[1]), "class": float(sums[2]),
+                        "active": float(active.sum()), "seconds": time.perf_counter() - t0})
+        bar.set_postfix(dist=f"{sums[0] / p:.3g}", kl=f"{sums[1] / p:.3g}", ce=f"{sums[2] / p:.3g}",
+                        active=int(active.sum()), refresh=False)
     with torch.no_grad():
-        return torch.cat([wa.unsqueeze(1), start + D.detach(), wb.unsqueeze(1)], dim=1) * sc
+        if best_D is not None and bool(torch.isfinite(best_obj).all()):
+            D.copy_(best_D)  # paths that reached the cap also end on their best point
+        final = terms @ lam
+        full = torch.cat([wa.unsqueeze(1), start + D.detach(), wb.unsqueeze(1)], dim=1) * sc
+    return NavResult(paths=full, history=history, steps_run=steps_run, final_loss=final)
 
 
 def sequential_reference(
-    G: nn.Module,
+    G: StyleGenerator,
     phi_id: nn.Module,
     phi_class: nn.Module,
     wa: torch.Tensor,
     wb: torch.Tensor,
     label: int,
-    T: int = 50,
-    steps: int = 40,
-    lr: float = 0.1,
-    weights: NavWeights | None = None,
+    nav: NavigationConfig,
     w_scale: float = 1.0,
 ) -> torch.Tensor:
-    """Re-statement of the published loop for ONE path (all interior points in one batch,
-    one backward per step); the baseline of benchmarks/navigation.py. Same loss as above."""
-    wt = weights or NavWeights()
+    """ONE path, the plain way: its interior points as the parameter, all in one batch, one backward per
+    step, the same loss (:func:`_chunk_loss` on the whole batch + L_dist). Checks the chunking and the offset
+    parametrisation of :func:`optimise_paths`."""
+    wt = NavWeights(nav.lambda_dist, nav.lambda_id, nav.lambda_class)
     sc = float(w_scale)
     wa, wb = wa / sc, wb / sc
-    start = linear_paths(wa[None], wb[None], T)[0, 1:-1]
+    n_inner = nav.T - 2
+    start = linear_paths(wa[None], wb[None], nav.T)[0, 1:-1]
     P = start.clone().requires_grad_(True)
-    opt = torch.optim.Adam([P], lr=lr)
-    y = torch.full((T - 2,), int(label), dtype=torch.long, device=wa.device)
-    for _ in range(steps):
+    opt = torch.optim.Adam([P], lr=nav.lr)
+    y = torch.full((n_inner,), int(label), dtype=torch.long, device=wa.device)
+    for _ in range(nav.steps):
         opt.zero_grad(set_to_none=True)
-        img = G.render(P * sc)
         full = torch.cat([wa[None], P, wb[None]], 0)
-        loss = (
-            wt.lambda_dist * (full[1:] - full[:-1]).pow(2).sum()
-            + wt.lambda_id * kl_uniform(phi_id(img)).mean()
-            + wt.lambda_class * F.cross_entropy(phi_class(img), y)
-        )
-        loss.backward()
+        cls, _, _ = _chunk_loss(G, phi_id, phi_class, P * sc, y, wt, n_inner)
+        torch.autograd.backward(wt.lambda_dist * (full[1:] - full[:-1]).pow(2).sum() + cls)
+        opt.step()
+    return torch.cat([wa[None], P.detach(), wb[None]], 0) * sc
+
+
+OFFICIAL_SPLIT = 4  # images per classifier call in the published loop
+
+
+def official_loop(
+    G: StyleGenerator,
+    phi_id: nn.Module,
+    phi_class: nn.Module,
+    wa: torch.Tensor,
+    wb: torch.Tensor,
+    label: int,
+    nav: NavigationConfig,
+    w_scale: float = 1.0,
+    on_step: Callable[[int, torch.Tensor, float], None] | None = None,
+) -> torch.Tensor:
+    """The published loop, literally: ONE path; its T-2 interior points are the parameter; each step renders
+    them all in one G call, runs both classifiers on ``imgs.split(4)`` and SUMS the per-split mean losses;
+    Adam (``nav.lr``, published 0.1) for ``nav.steps`` (published 500) steps. The per-split weights are
+    ``4 * lambda / (T - 2)`` (0.1 for KL and 1.0 for CE at the defaults and T = 50, the published constants),
+    so with (T - 2) divisible by 4 the objective equals :func:`optimise_paths`'s. The benchmark reference.
+
+    ``on_step(step, interior_points, loss)`` (if given) is called after each step's loss is measured and
+    before the update, with the points that loss belongs to (real W scale; untimed work belongs there).
+    """
+    sc = float(w_scale)
+    wa, wb = wa / sc, wb / sc
+    T = nav.T
+    w_kl = OFFICIAL_SPLIT * nav.lambda_id / (T - 2)
+    w_ce = OFFICIAL_SPLIT * nav.lambda_class / (T - 2)
+    P = linear_paths(wa[None], wb[None], T)[0, 1:-1].clone().requires_grad_(True)
+    opt = torch.optim.Adam([P], lr=nav.lr)
+    for step in range(nav.steps):
+        opt.zero_grad(set_to_none=True)
+        full = torch.cat([wa[None], P, wb[None]], 0)
+        loss = nav.lambda_dist * (full[1:] - full[:-1]).pow(2).sum()
+        imgs = G.render(P * sc)
+        for part in torch.split(imgs, OFFICIAL_SPLIT):
+            y = torch.full((part.shape[0],), int(label), dtype=torch.long, device=part.device)
+            loss = loss + w_kl * kl_uniform(phi_id(part)).mean() + w_ce * F.cross_entropy(phi_class(part), y)
+        torch.autograd.backward(loss)
+        if on_step is not None:
+            on_step(step, P.detach() * sc, float(loss.detach()))
         opt.step()
     return torch.cat([wa[None], P.detach(), wb[None]], 0) * sc
 
 
 @torch.no_grad()
-def w_std(G: nn.Module, n: int = 4096, seed: int = 0) -> float:
+def w_std(G: StyleGenerator, n: int = 4096, seed: int = 0) -> float:
     """sigma_W: mean per-coordinate standard deviation of W over ``n`` mapping-network samples."""
     gen = torch.Generator().manual_seed(seed)
     return float(G.sample_w(n, gen).std(0).mean())
 
 
 @torch.no_grad()
-def random_samples(G: nn.Module, n: int, truncation: float = 0.7, seed: int = 0) -> torch.Tensor:
+def random_samples(G: StyleGenerator, n: int, truncation: float = 0.7, seed: int = 0) -> torch.Tensor:
     """Plain GAN samples in W (the random baseline)."""
     gen = torch.Generator().manual_seed(seed)
     return G.sample_w(n, gen, truncation=truncation)

@@ -3,17 +3,17 @@ without classifier terms, chunked accumulation equals one big batch."""
 
 import math
 
-import numpy as np
 import pytest
 import torch
 from torch import nn
 
+from plan_shared.config import NavigationConfig
 from plan_shared.models import Classifier, StyleGenerator
 from plan_shared.navigation import (
-    NavWeights,
     dist_loss,
     kl_uniform,
     linear_paths,
+    official_loop,
     optimise_paths,
     path_losses,
     sequential_reference,
@@ -26,6 +26,10 @@ def tiny():
     phi_id = Classifier(5, 1, 8, width=4, depth=2, feature_dim=8, head="cosine").eval()
     phi_c = Classifier(2, 1, 8, width=4, depth=2, feature_dim=8).eval()
     return G, phi_id, phi_c
+
+
+def nav(**kw) -> NavigationConfig:
+    return NavigationConfig(**{"devices": ["cpu"], **kw})
 
 
 def test_kl_uniform_hand_values():
@@ -57,13 +61,34 @@ def test_path_losses_are_means_over_interior_points():
 
 
 def test_without_classifier_terms_path_stays_straight():
+    """L_dist alone is minimal on the evenly spaced line: 20 Adam steps must not drift off it (the offset
+    parametrisation makes its gradient exactly 0 there). The steps really ran and measured the minimum."""
     G, phi_id, phi_c = tiny()
     wa, wb = torch.randn(3, 8), torch.randn(3, 8)
-    out = optimise_paths(G, phi_id, phi_c, wa, wb, torch.zeros(3), T=6, steps=20, lr=0.05,
-                         weights=NavWeights(1.0, 0.0, 0.0), progress=False)
-    assert torch.allclose(out, linear_paths(wa, wb, 6), atol=1e-5)
-    # perturbed start relaxes back towards the line: L_dist alone is minimal there
-    assert torch.equal(out[:, 0], wa) and torch.equal(out[:, -1], wb)
+    res = optimise_paths(G, phi_id, phi_c, wa, wb, torch.zeros(3), nav(T=6, steps=20, lr=0.05, lambda_id=0.0, lambda_class=0.0),
+                         progress=False)
+    lin = linear_paths(wa, wb, 6)
+    assert torch.allclose(res.paths, lin, atol=1e-5)
+    assert res.steps_run.tolist() == [20, 20, 20] and len(res.history) == 20
+    assert res.history[-1]["dist"] == pytest.approx(float(dist_loss(lin).sum()), rel=1e-5)
+    assert res.history[-1]["id"] == 0.0 and res.history[-1]["class"] == 0.0  # terms with weight 0 are not evaluated
+
+
+def test_dist_weight_pulls_paths_towards_the_line():
+    """The same classifier pull with a stronger elastic band ends closer to the straight line, and the
+    classifier terms alone move it off (so the straight-line test above is not passed by a no-op)."""
+    G, phi_id, phi_c = tiny()
+    torch.manual_seed(4)
+    wa, wb = torch.randn(3, 8), torch.randn(3, 8)
+    y = torch.tensor([0, 1, 0])
+    lin = linear_paths(wa, wb, 6)
+    off = {}
+    for ld in (0.0, 5.0):
+        res = optimise_paths(G, phi_id, phi_c, wa, wb, y, nav(T=6, steps=15, lr=0.1, lambda_dist=ld, lambda_id=1.0,
+                                                               lambda_class=4.0), progress=False)
+        off[ld] = float((res.paths - lin).norm(dim=2).mean())
+    assert off[0.0] > 0.05
+    assert off[5.0] < 0.7 * off[0.0], off
 
 
 def test_chunked_batched_equals_sequential_reference():
@@ -71,18 +96,92 @@ def test_chunked_batched_equals_sequential_reference():
     torch.manual_seed(3)
     wa, wb = torch.randn(3, 8), torch.randn(3, 8)
     y = torch.tensor([0, 1, 1])
-    kw = dict(T=7, steps=5, lr=0.05, weights=NavWeights(1.0, 1.2, 12.0), w_scale=0.7)
-    batched = optimise_paths(G, phi_id, phi_c, wa, wb, y, chunk=4, progress=False, **kw)  # chunks cross paths
+    cfg = nav(T=7, steps=5, lr=0.05, lambda_dist=1.0, lambda_id=1.2, lambda_class=12.0, chunk=4)  # chunks cross paths
+    batched = optimise_paths(G, phi_id, phi_c, wa, wb, y, cfg, w_scale=0.7, progress=False).paths
     for p in range(3):
-        ref = sequential_reference(G, phi_id, phi_c, wa[p], wb[p], int(y[p]), **kw)
+        ref = sequential_reference(G, phi_id, phi_c, wa[p], wb[p], int(y[p]), cfg, w_scale=0.7)
         assert torch.allclose(batched[p], ref, atol=1e-4), (p, (batched[p] - ref).abs().max())
     assert not torch.allclose(batched, linear_paths(wa, wb, 7))  # the classifier terms moved it
+
+
+def test_official_loop_has_the_same_objective_when_splits_are_whole():
+    """T - 2 = 8 interior points = two splits of 4: the published loop's summed split-means with weights
+    4*lambda/(T-2) equal our per-path means, so the two optimisers follow the same trajectory; with
+    T - 2 = 6 (splits 4 + 2) the published weighting differs and so does the path."""
+    G, phi_id, phi_c = tiny()
+    torch.manual_seed(6)
+    wa, wb = torch.randn(2, 8), torch.randn(2, 8)
+    y = torch.tensor([1, 0])
+    cfg = nav(T=10, steps=6, lr=0.05, lambda_id=1.0, lambda_class=6.0)
+    ours = optimise_paths(G, phi_id, phi_c, wa, wb, y, cfg, w_scale=0.8, progress=False)
+    losses: list[float] = []
+    for p in range(2):
+        off = official_loop(G, phi_id, phi_c, wa[p], wb[p], int(y[p]), cfg, w_scale=0.8,
+                            on_step=lambda k, pts, loss: losses.append(loss))
+        assert torch.allclose(ours.paths[p], off, atol=1e-4), (p, (ours.paths[p] - off).abs().max())
+    assert len(losses) == 12
+    assert losses[5] + losses[11] == pytest.approx(float(ours.final_loss.sum()), rel=1e-4)
+    cfg8 = nav(T=8, steps=6, lr=0.05, lambda_id=1.0, lambda_class=6.0)
+    ours8 = optimise_paths(G, phi_id, phi_c, wa, wb, y, cfg8, w_scale=0.8, progress=False).paths
+    off8 = official_loop(G, phi_id, phi_c, wa[0], wb[0], int(y[0]), cfg8, w_scale=0.8)
+    assert not torch.allclose(ours8[0], off8, atol=1e-4)
 
 
 def test_max_offset_bounds_points():
     G, phi_id, phi_c = tiny()
     wa, wb = torch.randn(2, 8), torch.randn(2, 8)
-    out = optimise_paths(G, phi_id, phi_c, wa, wb, torch.zeros(2), T=5, steps=5, lr=0.5,
-                         weights=NavWeights(0.0, 10.0, 10.0), max_offset=0.1, progress=False)
+    out = optimise_paths(G, phi_id, phi_c, wa, wb, torch.zeros(2),
+                         nav(T=5, steps=5, lr=0.5, lambda_dist=0.0, lambda_id=10.0, lambda_class=10.0, max_offset=0.1),
+                         progress=False).paths
     off = (out - linear_paths(wa, wb, 5)).norm(dim=2)
     assert float(off.max()) <= 0.1 + 1e-5
+    assert float(off.max()) > 0.09  # the bound was reached, i.e. it acted
+
+
+def test_early_stopping_stops_each_path_on_its_own_plateau():
+    G, phi_id, phi_c = tiny()
+    torch.manual_seed(7)
+    wa, wb = torch.randn(4, 8), torch.randn(4, 8)
+    y = torch.tensor([0, 1, 0, 1])
+    full = nav(T=6, steps=200, lr=0.1)
+    ref = optimise_paths(G, phi_id, phi_c, wa, wb, y, full, progress=False)
+    es = optimise_paths(G, phi_id, phi_c, wa, wb, y, nav(T=6, steps=200, lr=0.1, early_stop_patience=5,
+                                                         early_stop_rel_tol=1e-3), progress=False)
+    assert int(es.steps_run.max()) < 200 and int(es.steps_run.min()) >= 5
+    assert len(set(es.steps_run.tolist())) > 1  # per path, not all at once
+    assert es.history[-1]["active"] == 0.0
+    # each path holds the best point it measured, and final_loss is that point's objective: re-evaluate it
+    L = path_losses(G, phi_id, phi_c, es.paths, y)
+    obj = full.lambda_dist * L["dist"] + full.lambda_id * L["id"] + full.lambda_class * L["class"]
+    assert torch.allclose(obj.detach().double(), es.final_loss, rtol=1e-4)
+    L0 = path_losses(G, phi_id, phi_c, linear_paths(wa, wb, 6), y)
+    obj0 = full.lambda_dist * L0["dist"] + full.lambda_id * L0["id"] + full.lambda_class * L0["class"]
+    assert bool((es.final_loss <= obj0.detach().double() + 1e-6).all())  # never worse than the straight start
+    # and it stopped on a plateau: close to what 200 steps reach
+    assert float(es.final_loss.sum()) <= 1.05 * float(ref.final_loss.sum())
+
+
+def test_sharded_over_two_cpu_workers_equals_one_worker():
+    G, phi_id, phi_c = tiny()
+    torch.manual_seed(8)
+    wa, wb = torch.randn(5, 8), torch.randn(5, 8)
+    y = torch.tensor([0, 1, 1, 0, 1])
+    kw = {"T": 6, "steps": 8, "lr": 0.1, "chunk": 8, "early_stop_patience": 3}
+    one = optimise_paths(G, phi_id, phi_c, wa, wb, y, nav(**kw), w_scale=0.9, progress=False)
+    two = optimise_paths(G, phi_id, phi_c, wa, wb, y, nav(devices=["cpu", "cpu"], **kw), w_scale=0.9, progress=False)
+    assert torch.allclose(one.paths, two.paths, atol=1e-5), (one.paths - two.paths).abs().max()
+    assert torch.equal(one.steps_run, two.steps_run)
+    assert [(s["device"], s["first_path"], s["paths"]) for s in two.shards] == [("cpu", 0, 3), ("cpu", 3, 2)]
+    assert len(one.shards) == 1 and one.shards[0]["paths"] == 5
+    assert two.history[-1]["dist"] == pytest.approx(one.history[-1]["dist"], rel=1e-5)
+    assert not any(q.requires_grad for q in G.parameters())
+
+
+def test_devices_are_checked():
+    with pytest.raises(ValueError, match="gpu0"):
+        NavigationConfig(devices=["cpu", "gpu0"])
+    if not torch.cuda.is_available():
+        G, phi_id, phi_c = tiny()
+        with pytest.raises(ValueError, match="cuda:0 is not visible"):
+            optimise_paths(G, phi_id, phi_c, torch.randn(1, 8), torch.randn(1, 8), torch.zeros(1), nav(devices=["cuda:0"]),
+                           progress=False)
