@@ -23,7 +23,6 @@ from its straight-line start.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Optional
 
@@ -31,6 +30,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from plan_shared import progress as P
+from plan_shared.nav_objectives import Objective, kl_uniform, point_terms
+
+__all__ = ["NavWeights", "dist_loss", "kl_uniform", "linear_paths", "optimise_paths", "path_losses"]
 
 
 @dataclass
@@ -46,28 +48,25 @@ def linear_paths(wa: torch.Tensor, wb: torch.Tensor, T: int) -> torch.Tensor:
     return wa.unsqueeze(1) + t * (wb - wa).unsqueeze(1)
 
 
-def kl_uniform(logits: torch.Tensor) -> torch.Tensor:
-    """Per row KL(U || softmax(logits)) = -log n - mean_j log p_j  (>= 0, 0 iff uniform)."""
-    n = logits.shape[1]
-    logp = F.log_softmax(logits.float(), dim=1)
-    return -math.log(n) - logp.mean(1)
-
-
 def dist_loss(full: torch.Tensor) -> torch.Tensor:
     """Per path sum of squared segment lengths; ``full [paths, T, w_dim]`` -> ``[paths]``."""
     return (full[:, 1:] - full[:, :-1]).pow(2).sum(dim=(1, 2))
 
 
 def path_losses(
-    G: nn.Module, phi_id: nn.Module, phi_class: nn.Module, full: torch.Tensor, labels: torch.Tensor
+    G: nn.Module, phi_id: nn.Module, phi_class: nn.Module, full: torch.Tensor, labels: torch.Tensor,
+    objective: Objective | None = None, seed: int = 0,
 ) -> dict[str, torch.Tensor]:
-    """Per path L_dist, L_id, L_class for full paths ``[paths, T, w_dim]`` (no chunking; tests, reports)."""
+    """Per path L_dist and the per-point terms (means over interior points) for full paths ``[paths, T, w_dim]``
+    (no chunking; tests, reports). ``objective`` None: the published L_id and L_class (plain KL and CE)."""
     p, T, d = full.shape
+    obj = objective or Objective.published(1.0, 1.0)
     inner = full[:, 1:-1].reshape(-1, d)
     img = G.render(inner)
-    kl = kl_uniform(phi_id(img)).view(p, T - 2).mean(1)
-    ce = F.cross_entropy(phi_class(img), labels.repeat_interleave(T - 2), reduction="none").view(p, T - 2).mean(1)
-    return {"dist": dist_loss(full), "id": kl, "class": ce}
+    img_lin = G.render(linear_paths(full[:, 0], full[:, -1], T)[:, 1:-1].reshape(-1, d)) if obj.needs_linear_image else None
+    terms = point_terms(img, img_lin, phi_id, phi_class, labels.repeat_interleave(T - 2), obj,
+                        torch.Generator().manual_seed(seed))
+    return {"dist": dist_loss(full)} | {k: v.view(p, T - 2).mean(1) for k, v in terms.items()}
 
 
 def optimise_paths(
@@ -86,8 +85,14 @@ def optimise_paths(
     progress: bool = True,
     history: Optional[list] = None,
     w_scale: float = 1.0,
+    objective: Objective | None = None,
+    seed: int = 0,
 ) -> torch.Tensor:
     """Optimise all paths together; returns full paths ``[paths, T, w_dim]`` (detached, on wa's device).
+
+    ``objective`` (plan_shared.nav_objectives, e.g. ``Objective.from_config(cfg.navigation)``) sets the per-point
+    terms (EOT views, class margin, low-pass bound); None = the published L_id/L_class with ``weights``'
+    lambdas. ``seed`` drives the EOT views' random draws.
 
     ``w_scale`` (sigma_W, see :func:`w_std`): the optimisation runs in standardised
     coordinates u = w / w_scale, so ``lr``, ``L_dist`` and ``max_offset`` have the meaning
@@ -119,7 +124,9 @@ def optimise_paths(
     flat_start = start.view(-1, d)
     n_inner = T - 2
     flat_labels = labels.repeat_interleave(n_inner)
-    need_cls = wt.lambda_id > 0 or wt.lambda_class > 0
+    obj = objective or Objective.published(wt.lambda_id, wt.lambda_class)
+    gen = torch.Generator().manual_seed(seed)
+    need_cls = obj.needs_classifiers or obj.needs_linear_image
     bar = P.bar(range(steps), desc=f"navigation ({p} paths)", unit="steps", show=progress)
     for _ in bar:
         opt.zero_grad(set_to_none=True)
@@ -129,15 +136,15 @@ def optimise_paths(
             for s in range(0, flat.shape[0], chunk):
                 w = flat_start[s : s + chunk] + flat[s : s + chunk]
                 img = G.render(w * sc)
+                img_lin = None
+                if obj.needs_linear_image:
+                    with torch.no_grad():
+                        img_lin = G.render(flat_start[s : s + chunk] * sc)
+                terms = point_terms(img, img_lin, phi_id, phi_class, flat_labels[s : s + chunk], obj, gen)
                 loss = torch.zeros((), device=dev)
-                if wt.lambda_id > 0:
-                    kl = kl_uniform(phi_id(img))
-                    loss = loss + wt.lambda_id * kl.sum() / n_inner
-                    sums["id"] += float(kl.detach().sum()) / n_inner
-                if wt.lambda_class > 0:
-                    ce = F.cross_entropy(phi_class(img), flat_labels[s : s + chunk], reduction="sum")
-                    loss = loss + wt.lambda_class * ce / n_inner
-                    sums["class"] += float(ce.detach()) / n_inner
+                for k, v in terms.items():
+                    loss = loss + obj.weight(k) * v.sum() / n_inner
+                    sums[k] = sums.get(k, 0.0) + float(v.detach().sum()) / n_inner
                 loss.backward()  # accumulates into D.grad through the view
         ld = seg_const.sum() + dist_loss(torch.cat([zero_end, D, zero_end], dim=1)).sum()
         (wt.lambda_dist * ld).backward()
