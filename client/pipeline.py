@@ -49,6 +49,7 @@ from plan_shared.inversion import invert
 from plan_shared.manifest import ImageRecord, SiteManifest, Thresholds, safe_class_names, write_site_manifest
 from plan_shared.metrics import classification_report, dcr_summary
 from plan_shared.navigation import NavWeights, linear_paths, optimise_paths, random_samples, w_std
+from plan_shared.nav_objectives import Objective  # navrobust:
 from plan_shared.plots import dcr_histogram, path_strips, sample_grid
 from plan_shared.privacy import accept_mask, build_zone, plant_duplicates, reject_reasons, score_images
 from plan_shared.runtime import resolve_device, seed_everything, set_threads
@@ -332,11 +333,14 @@ def _run_site_pipeline(cfg: PlanConfig, dataset: ImageDataset, generator_ckpt: s
                 G, phi_id, phi_class, wa, wb, plabels, T=T, steps=nc.steps, lr=nc.lr,
                 weights=NavWeights(nc.lambda_dist, nc.lambda_id, nc.lambda_class), chunk=nc.chunk,
                 max_offset=nc.max_offset, progress=progress, history=hist_nav, w_scale=sigma_w,
+                objective=Objective.from_config(nc), seed=cfg.seed,  # navrobust: margin / EOT / low-pass terms
             ).cpu()
             dt = time.perf_counter() - t0
             report["navigation"] = {
                 "T": T, "steps": nc.steps, "lr": nc.lr, "lambda_dist": nc.lambda_dist, "lambda_id": nc.lambda_id,
-                "lambda_class": nc.lambda_class, "chunk": nc.chunk, "w_scale": sigma_w, "max_offset": nc.max_offset, "paths": len(pairs),
+                "lambda_class": nc.lambda_class, "chunk": nc.chunk,
+                "objective": nc.model_dump(include={"class_target", "eot_samples", "lambda_smooth"}),  # navrobust:
+                "w_scale": sigma_w, "max_offset": nc.max_offset, "paths": len(pairs),
                 "path_steps_per_s": _f(len(pairs) * nc.steps / max(dt, 1e-9)),
                 "loss_first": hist_nav[0] if hist_nav else None, "loss_last": hist_nav[-1] if hist_nav else None,
             }

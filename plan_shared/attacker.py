@@ -3,10 +3,11 @@
 A model that neither navigation (phi_id) nor the filter (the independent identity model)
 uses: a different architecture -- a small residual network (ResNet-18's BasicBlock with
 identity shortcuts, a 3x3 stride-1 stem for 28-64 px images, three stages) instead of
-plan_shared.models.Classifier's plain CNN -- trained by its own recipe: SGD with Nesterov
-momentum and a cosine schedule, a CosFace (additive cosine margin) head over one class per
-identity, random crops from zero padding, random erasing and gamma jitter (phi_id trains
-with AdamW on reflect shifts, 3x3 blur, noise and contrast). The question it answers:
+plan_shared.models.Classifier's plain CNN -- trained by its own recipe: Adam with a cosine
+decay (no warm-up), a CosFace (additive cosine margin) head over one class per identity,
+random crops from zero padding, random erasing and gamma jitter (phi_id trains with AdamW
+and a one-cycle schedule on reflect shifts, 3x3 blur, noise and contrast, no margin). Plain
+SGD did not train the cosine head in 25 epochs on 24 identities (29 % top-1; Adam 100 %). The question it answers:
 does an image that navigation made "unrecognisable" to phi_id still point to its patient
 for someone who trained their own model?
 
@@ -60,7 +61,7 @@ class Attacker(nn.Module):
                 cin = cout
         self.body = nn.Sequential(*layers)
         self.proj = nn.Linear(cin, cfg.feature_dim)
-        self.weight = nn.Parameter(torch.randn(n_ids, cfg.feature_dim) * 0.01)
+        self.weight = nn.Parameter(torch.randn(n_ids, cfg.feature_dim))
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         h = self.body(self.stem(x))
@@ -115,7 +116,7 @@ def train_attacker(
     torch.manual_seed(cfg.seed)
     dev = torch.device(device)
     model = Attacker(n_ids, x.shape[1], cfg).to(dev)
-    opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=0.9, nesterov=True, weight_decay=cfg.weight_decay)
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     bs = min(cfg.batch_size, len(x))
     steps = cfg.epochs * max(1, len(x) // bs)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
@@ -134,7 +135,7 @@ def train_attacker(
             loss.backward()  # type: ignore[no-untyped-call]
             opt.step()
             sched.step()
-        bar.set_postfix(loss=f"{float(loss):.3f}", refresh=False)
+        bar.set_postfix(loss=f"{float(loss.detach()):.3f}", refresh=False)
     _recalibrate(model, x)
     return model.eval()
 

@@ -552,8 +552,8 @@ class SiteMinimumsConfig(_Section):
 class AttackerConfig(_Section):
     """Re-identification attacker of the audit (plan_shared/attacker.py): a model neither navigation nor the filter uses.
 
-    A different architecture (residual BasicBlocks, ResNet-18 style, three stages) and its own recipe (SGD + Nesterov,
-    cosine schedule, CosFace margin head, crop from zero padding / random erasing / gamma jitter), one class per
+    A different architecture (residual BasicBlocks, ResNet-18 style, three stages) and its own recipe (Adam, cosine
+    decay, CosFace margin head, crop from zero padding / random erasing / gamma jitter), one class per
     identity of the site's train images. Measured by benchmarks/plan_vs_linear.py.
     """
 
@@ -562,8 +562,8 @@ class AttackerConfig(_Section):
     feature_dim: int = Field(128, ge=8, description="Embedding size (the space of the attacker DCR).")
     epochs: int = Field(30, ge=1, description="Epochs (each identity's weight is updated about once per epoch).")
     batch_size: int = Field(64, ge=2)
-    lr: float = Field(0.1, gt=0.0, description="SGD peak learning rate (cosine decay to 0).")
-    weight_decay: float = Field(5e-4, ge=0.0)
+    lr: float = Field(2e-3, gt=0.0, description="Adam learning rate at the start (cosine decay to 0).")
+    weight_decay: float = Field(0.0, ge=0.0, description="Adam (coupled L2) weight decay.")
     scale: float = Field(16.0, gt=0.0, description="Cosine logit scale s (softmax over s * cos).")
     margin: float = Field(0.2, ge=0.0, lt=1.0, description="CosFace additive margin on the true identity's cosine in training.")
     crop_pad: int = Field(3, ge=0, description="Random crop from this many pixels of zero (black) padding.")
