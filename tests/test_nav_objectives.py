@@ -10,7 +10,7 @@ import torch
 
 from plan_shared.config import NavigationConfig
 from plan_shared.models import Classifier, StyleGenerator
-from plan_shared.nav_objectives import Objective, eot_views, gaussian_blur, kl_uniform, margin_ce, point_terms
+from plan_shared.nav_objectives import Objective, eot_views, gaussian_blur, margin_ce, point_terms
 from plan_shared.navigation import linear_paths, optimise_paths, path_losses
 
 
@@ -108,7 +108,7 @@ def test_optimise_paths_lowers_the_objective_it_is_given():
     assert set(hist[0]) >= {"dist", "id", "class", "smooth"}
     before = path_losses(G, phi_id, phi_c, linear_paths(wa, wb, 6), y, obj, seed=5)
     after = path_losses(G, phi_id, phi_c, full, y, obj, seed=5)
-    tot = lambda L: float(sum(obj.weight(k) * v.sum() for k, v in L.items() if k != "dist") + L["dist"].sum())  # noqa: E731
+    tot = lambda L: float(sum(obj.weight(k) * v.sum() for k, v in L.items() if k != "dist") + L["dist"].sum())
     assert tot(after) < tot(before)
     assert float(before["smooth"].abs().max()) == 0.0  # the straight line is its own reference
     assert math.isfinite(tot(after)) and not np.isnan(full.numpy()).any()
