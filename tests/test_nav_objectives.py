@@ -39,7 +39,7 @@ def test_eot_scored_id_loss_moves_less_under_a_pixel_pattern_than_the_plain_one(
     phi_id = Classifier(20, 1, 16, width=8, depth=2, feature_dim=16, head="cosine").eval()
     x = _smooth_images(8, 16)
     xp = x + _checker(16, 0.3)
-    nav = NavigationConfig(eot_samples=8)
+    nav = NavigationConfig(eot_samples=8, lambda_smooth=0.0)
     eot = Objective.from_config(nav)
     plain = Objective.published(1.0, 0.0)
     y = torch.zeros(8, dtype=torch.long)
@@ -112,3 +112,10 @@ def test_optimise_paths_lowers_the_objective_it_is_given():
     assert tot(after) < tot(before)
     assert float(before["smooth"].abs().max()) == 0.0  # the straight line is its own reference
     assert math.isfinite(tot(after)) and not np.isnan(full.numpy()).any()
+
+
+def test_config_refuses_an_inverted_blur_range_and_builds_the_objective():
+    with pytest.raises(ValueError, match="eot_blur"):
+        NavigationConfig(eot_blur=(1.0, 0.5))
+    obj = Objective.from_config(NavigationConfig())
+    assert obj.class_target == NavigationConfig().class_target and obj.weight("id") == NavigationConfig().lambda_id
