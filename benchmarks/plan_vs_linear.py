@@ -187,7 +187,7 @@ def main() -> None:
         rows = []
         for r in range(min(args.strip_rows, len(pairs))):
             fp = imgs_full[r]
-            rows.append({"title": f"{name} #{r}", "images": fp, "id_prob": max_id_prob(att, fp).numpy(),
+            rows.append({"title": f"{name} #{r} (p: attacker)", "images": fp, "id_prob": max_id_prob(att, fp).numpy(),
                          "dcr": dcr(fp.flatten(1), flat_tr)})
         path_strips(rows, out / f"strips-{name.replace('+', '_')}.png")
     tick("measures", t0)
