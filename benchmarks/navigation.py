@@ -154,13 +154,14 @@ def _flops_per_image(G, phi_id, phi_class, nav, sc: float) -> float:
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    from plan_shared.navigation import NavWeights, _chunk_loss
+    from plan_shared.nav_objectives import Objective
+    from plan_shared.navigation import _chunk_loss
 
     n = 32
     w = (G.sample_w(n, torch.Generator().manual_seed(5)) / sc).requires_grad_(True)
     with FlopCounterMode(display=False) as fc:
-        loss, _, _ = _chunk_loss(G, phi_id, phi_class, w * sc, torch.zeros(n, dtype=torch.long),
-                                 NavWeights(nav.lambda_dist, nav.lambda_id, nav.lambda_class), nav.T - 2)
+        loss, _ = _chunk_loss(G, phi_id, phi_class, w * sc, torch.zeros(n, dtype=torch.long), Objective.from_config(nav),
+                              nav.T - 2, torch.Generator().manual_seed(0), w.detach() * sc)
         loss.backward()
     return fc.get_total_flops() / n
 
@@ -217,7 +218,8 @@ def time_to_quality(args) -> dict:
     print(note, flush=True)
     cfg = load_config(None)
     nav = cfg.navigation.model_copy(update={"T": args.T, "lambda_id": 0.025 * (args.T - 2), "lambda_class": 0.25 * (args.T - 2),
-                                            "devices": ["cpu"]})
+                                            "devices": ["cpu"], "class_target": None, "eot_samples": 0, "lambda_smooth": 0.0})
+    # class_target None, no EOT, no low-pass term: the published objective, the one official_loop optimises
     sc = w_std(G)
     # anchors: GAN samples paired within phi_class's predicted class
     n = args.engine_paths

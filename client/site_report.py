@@ -112,6 +112,7 @@ class NavigationSection:
     lambda_id: float
     lambda_class: float
     chunk: int
+    objective: dict[str, Any]  # the robust-guidance knobs (class margin, EOT views, low-pass bound)
     w_scale: float
     max_offset: float | None
     paths: int

@@ -378,13 +378,15 @@ def navigate_paths(cfg: PlanConfig, G: StyleGenerator, phi_id: Classifier, phi_c
     section = None
     if len(pairs):
         t0 = time.perf_counter()
-        res = optimise_paths(G, phi_id, phi_class, wa, wb, labels, nc, w_scale=sigma_w, progress=progress)
+        res = optimise_paths(G, phi_id, phi_class, wa, wb, labels, nc, w_scale=sigma_w, progress=progress, seed=cfg.seed)
         plan, hist = res.paths.cpu(), res.history
         dt = time.perf_counter() - t0
         steps_run = int(res.steps_run.sum())  # path-steps actually run (fewer than paths x steps with early stopping)
         section = NavigationSection(
             T=T, steps=nc.steps, lr=nc.lr, lambda_dist=nc.lambda_dist, lambda_id=nc.lambda_id,
-            lambda_class=nc.lambda_class, chunk=nc.chunk, w_scale=sigma_w, max_offset=nc.max_offset,
+            lambda_class=nc.lambda_class, chunk=nc.chunk,
+            objective=nc.model_dump(include={"class_target", "eot_samples", "lambda_smooth"}),
+            w_scale=sigma_w, max_offset=nc.max_offset,
             paths=len(pairs), path_steps_per_s=finite(steps_run / max(dt, 1e-9)),
             loss_first=hist[0] if hist else None, loss_last=hist[-1] if hist else None,
             steps_run_mean=float(res.steps_run.float().mean()), shards=res.shards,

@@ -43,6 +43,10 @@ from torch import nn
 from plan_shared import progress as P
 from plan_shared.config import NavigationConfig
 from plan_shared.models import StyleGenerator
+from plan_shared.nav_objectives import Objective, kl_uniform, point_terms
+
+__all__ = ["NavResult", "NavWeights", "dist_loss", "kl_uniform", "linear_paths", "official_loop", "optimise_paths",
+           "path_losses", "random_samples", "sequential_reference", "w_std"]
 
 
 @dataclass
@@ -58,28 +62,25 @@ def linear_paths(wa: torch.Tensor, wb: torch.Tensor, T: int) -> torch.Tensor:
     return wa.unsqueeze(1) + t * (wb - wa).unsqueeze(1)
 
 
-def kl_uniform(logits: torch.Tensor) -> torch.Tensor:
-    """Per row KL(U || softmax(logits)) = -log n - mean_j log p_j  (>= 0, 0 iff uniform)."""
-    n = logits.shape[1]
-    logp = F.log_softmax(logits.float(), dim=1)
-    return -math.log(n) - logp.mean(1)
-
-
 def dist_loss(full: torch.Tensor) -> torch.Tensor:
     """Per path sum of squared segment lengths; ``full [paths, T, w_dim]`` -> ``[paths]``."""
     return (full[:, 1:] - full[:, :-1]).pow(2).sum(dim=(1, 2))
 
 
 def path_losses(
-    G: StyleGenerator, phi_id: nn.Module, phi_class: nn.Module, full: torch.Tensor, labels: torch.Tensor
+    G: StyleGenerator, phi_id: nn.Module, phi_class: nn.Module, full: torch.Tensor, labels: torch.Tensor,
+    objective: Objective | None = None, seed: int = 0,
 ) -> dict[str, torch.Tensor]:
-    """Per path L_dist, L_id, L_class for full paths ``[paths, T, w_dim]`` (no chunking; tests, reports)."""
+    """Per path L_dist and the per-point terms (means over interior points) for full paths ``[paths, T, w_dim]``
+    (no chunking; tests, reports). ``objective`` None: the published L_id and L_class (plain KL and CE)."""
     p, T, d = full.shape
+    obj = objective or Objective.published(1.0, 1.0)
     inner = full[:, 1:-1].reshape(-1, d)
     img = G.render(inner)
-    kl = kl_uniform(phi_id(img)).view(p, T - 2).mean(1)
-    ce = F.cross_entropy(phi_class(img), labels.repeat_interleave(T - 2), reduction="none").view(p, T - 2).mean(1)
-    return {"dist": dist_loss(full), "id": kl, "class": ce}
+    img_lin = G.render(linear_paths(full[:, 0], full[:, -1], T)[:, 1:-1].reshape(-1, d)) if obj.needs_linear_image else None
+    terms = point_terms(img, img_lin, phi_id, phi_class, labels.repeat_interleave(T - 2), obj,
+                        torch.Generator().manual_seed(seed))
+    return {"dist": dist_loss(full)} | {k: v.view(p, T - 2).mean(1) for k, v in terms.items()}
 
 
 def resolve_devices(devices: Sequence[str] | None) -> list[torch.device]:
@@ -112,21 +113,33 @@ class NavResult:
     shards: list[dict[str, Any]] = field(default_factory=list)
 
 
-def _chunk_loss(
-    G: StyleGenerator, phi_id: nn.Module, phi_class: nn.Module, w: torch.Tensor, y: torch.Tensor, wt: NavWeights, n_inner: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The classifier part of the objective for one chunk of interior points ``w [n, w_dim]`` (real W scale).
+POINT_TERMS = ("id", "class", "smooth")  # the per-point terms of nav_objectives.point_terms, in history order
 
-    Returns the scalar to back-propagate (lambda_id * L_id + lambda_class * L_class contributions of these
-    points: per-image terms / n_inner, so the sum over a path's chunks is the path's mean) and the per-image
-    KL and CE (detached; zeros for a term whose weight is 0, which is then not evaluated).
+
+def _chunk_loss(
+    G: StyleGenerator, phi_id: nn.Module, phi_class: nn.Module, w: torch.Tensor, y: torch.Tensor, obj: Objective,
+    n_inner: int, gen: torch.Generator, w_lin: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The per-point part of the objective for one chunk of interior points ``w [n, w_dim]`` (real W scale).
+
+    The terms are :func:`plan_shared.nav_objectives.point_terms` (L_id, L_class with its margin, EOT views,
+    the low-pass bound against the straight-line points ``w_lin``). Returns the scalar to back-propagate
+    (weighted per-image terms / n_inner, so the sum over a path's chunks is the path's mean) and the per-image
+    terms ``[n, 3]`` in :data:`POINT_TERMS` order (detached; zeros for a term whose weight is 0, which is then
+    not evaluated).
     """
     img = G.render(w)
+    img_lin = None
+    if obj.needs_linear_image and w_lin is not None:
+        with torch.no_grad():
+            img_lin = G.render(w_lin)
+    terms = point_terms(img, img_lin, phi_id, phi_class, y, obj, gen)
     zero = torch.zeros(w.shape[0], device=w.device)
-    kl = kl_uniform(phi_id(img)) if wt.lambda_id > 0 else zero
-    ce = F.cross_entropy(phi_class(img).float(), y, reduction="none") if wt.lambda_class > 0 else zero
-    loss = (wt.lambda_id * kl.sum() + wt.lambda_class * ce.sum()) / n_inner
-    return loss, kl.detach(), ce.detach()
+    loss = torch.zeros((), device=w.device)
+    for k, v in terms.items():
+        loss = loss + obj.weight(k) * v.sum() / n_inner
+    per_point = torch.stack([terms.get(k, zero).detach().float() for k in POINT_TERMS], 1)
+    return loss, per_point
 
 
 def optimise_paths(
@@ -139,8 +152,12 @@ def optimise_paths(
     nav: NavigationConfig,
     w_scale: float = 1.0,
     progress: bool = True,
+    seed: int = 0,
 ) -> NavResult:
     """Optimise all paths with the settings of the ``navigation`` config section; see :class:`NavResult`.
+
+    The per-point terms are :class:`plan_shared.nav_objectives.Objective` built from ``nav`` (class margin,
+    EOT views, low-pass bound); ``seed`` drives the EOT views' random draws.
 
     ``w_scale`` (sigma_W, see :func:`w_std`): the optimisation runs in standardised
     coordinates u = w / w_scale, so ``lr``, ``L_dist`` and ``max_offset`` have the meaning
@@ -167,7 +184,7 @@ def optimise_paths(
             g, pi, pc = copy.deepcopy(G).to(dev), copy.deepcopy(phi_id).to(dev), copy.deepcopy(phi_class).to(dev)
         t0 = time.perf_counter()
         r = _optimise_shard(g, pi, pc, wa[idx].to(dev), wb[idx].to(dev), labels[idx].to(dev), nav, w_scale,
-                            progress, f"navigation ({len(idx)} paths{', ' + str(dev) if len(devices) > 1 else ''})")
+                            progress, seed + i, f"navigation ({len(idx)} paths{', ' + str(dev) if len(devices) > 1 else ''})")
         return r, time.perf_counter() - t0
 
     if len(shards) == 1:
@@ -201,11 +218,13 @@ def _optimise_shard(
     nav: NavigationConfig,
     w_scale: float,
     progress: bool,
+    seed: int,
     desc: str,
 ) -> NavResult:
     """One worker: all its paths as one tensor on wa's device (the loop of :func:`optimise_paths`)."""
     T, chunk = nav.T, nav.chunk
-    wt = NavWeights(nav.lambda_dist, nav.lambda_id, nav.lambda_class)
+    objective = Objective.from_config(nav)
+    gen = torch.Generator().manual_seed(seed)
     dev = wa.device
     sc = float(w_scale)
     wa, wb = wa / sc, wb / sc
@@ -223,14 +242,14 @@ def _optimise_shard(
     zero_end = torch.zeros(p, 1, d, device=dev, dtype=start.dtype)
     flat_start = start.view(-1, d)
     flat_labels = labels.repeat_interleave(n_inner)
-    need_cls = wt.lambda_id > 0 or wt.lambda_class > 0
+    need_cls = objective.needs_classifiers or objective.needs_linear_image
     patience, rel_tol = nav.early_stop_patience, nav.early_stop_rel_tol
-    lam = torch.tensor([wt.lambda_dist, wt.lambda_id, wt.lambda_class], dtype=torch.float64)
+    lam = torch.tensor([nav.lambda_dist, *(objective.weight(k) for k in POINT_TERMS)], dtype=torch.float64)
     active = torch.ones(p, dtype=torch.bool)
     ref = torch.full((p,), math.inf, dtype=torch.float64)  # loss at the last step that counted as progress
     stale = torch.zeros(p, dtype=torch.long)
     steps_run = torch.zeros(p, dtype=torch.long)
-    terms = torch.zeros(p, 3, dtype=torch.float64)  # per path dist, id, class (unweighted) of the point it holds
+    terms = torch.zeros(p, 1 + len(POINT_TERMS), dtype=torch.float64)  # per path dist + point terms (unweighted) of its point
     # with early stopping every path ends on the best point it measured (Adam's first steps may overshoot)
     best_obj = torch.full((p,), math.inf, dtype=torch.float64)
     best_D = torch.zeros_like(start) if patience is not None else None
@@ -242,19 +261,18 @@ def _optimise_shard(
         if not bool(active.any()):
             break
         opt.zero_grad(set_to_none=True)
-        kl_pt = torch.zeros(p * n_inner, device=dev)
-        ce_pt = torch.zeros(p * n_inner, device=dev)
+        pt = torch.zeros(p * n_inner, len(POINT_TERMS), device=dev)
         if need_cls:
             flat = D.view(-1, d)
             everyone = len(points) == p * n_inner
             for s in range(0, len(points), chunk):
                 ix: slice | torch.Tensor = slice(s, s + chunk) if everyone else points[s : s + chunk]
-                loss, kl, ce = _chunk_loss(G, phi_id, phi_class, (flat_start[ix] + flat[ix]) * sc, flat_labels[ix], wt, n_inner)
+                loss, pt[ix] = _chunk_loss(G, phi_id, phi_class, (flat_start[ix] + flat[ix]) * sc, flat_labels[ix], objective,
+                                           n_inner, gen, flat_start[ix] * sc)
                 torch.autograd.backward(loss)  # accumulates into D.grad through the gather
-                kl_pt[ix], ce_pt[ix] = kl, ce
         ld_path = seg_const + dist_loss(torch.cat([zero_end, D, zero_end], dim=1))
-        torch.autograd.backward(wt.lambda_dist * ld_path.sum())
-        measured = torch.stack([ld_path.detach(), kl_pt.view(p, n_inner).mean(1), ce_pt.view(p, n_inner).mean(1)], 1)
+        torch.autograd.backward(nav.lambda_dist * ld_path.sum())
+        measured = torch.cat([ld_path.detach()[:, None], pt.view(p, n_inner, -1).mean(1)], 1)
         measured = measured.double().cpu()
         steps_run[active] += 1
         stop = torch.zeros(p, dtype=torch.bool)
@@ -287,8 +305,8 @@ def _optimise_shard(
             active &= ~stop
             points = torch.nonzero(active.to(dev).repeat_interleave(n_inner)).squeeze(1)
         sums = terms.sum(0)
-        history.append({"dist": float(sums[0]), "id": float(sums[1]), "class": float(sums[2]),
-                        "active": float(active.sum()), "seconds": time.perf_counter() - t0})
+        history.append({"dist": float(sums[0])} | {k: float(sums[1 + j]) for j, k in enumerate(POINT_TERMS)}
+                       | {"active": float(active.sum()), "seconds": time.perf_counter() - t0})
         bar.set_postfix(dist=f"{sums[0] / p:.3g}", kl=f"{sums[1] / p:.3g}", ce=f"{sums[2] / p:.3g}",
                         active=int(active.sum()), refresh=False)
     with torch.no_grad():
@@ -312,7 +330,8 @@ def sequential_reference(
     """ONE path, the plain way: its interior points as the parameter, all in one batch, one backward per
     step, the same loss (:func:`_chunk_loss` on the whole batch + L_dist). Checks the chunking and the offset
     parametrisation of :func:`optimise_paths`."""
-    wt = NavWeights(nav.lambda_dist, nav.lambda_id, nav.lambda_class)
+    obj = Objective.from_config(nav)
+    gen = torch.Generator().manual_seed(0)
     sc = float(w_scale)
     wa, wb = wa / sc, wb / sc
     n_inner = nav.T - 2
@@ -323,8 +342,8 @@ def sequential_reference(
     for _ in range(nav.steps):
         opt.zero_grad(set_to_none=True)
         full = torch.cat([wa[None], P, wb[None]], 0)
-        cls, _, _ = _chunk_loss(G, phi_id, phi_class, P * sc, y, wt, n_inner)
-        torch.autograd.backward(wt.lambda_dist * (full[1:] - full[:-1]).pow(2).sum() + cls)
+        cls, _ = _chunk_loss(G, phi_id, phi_class, P * sc, y, obj, n_inner, gen, start * sc)
+        torch.autograd.backward(nav.lambda_dist * (full[1:] - full[:-1]).pow(2).sum() + cls)
         opt.step()
     return torch.cat([wa[None], P.detach(), wb[None]], 0) * sc
 

@@ -112,7 +112,7 @@ def test_official_loop_has_the_same_objective_when_splits_are_whole():
     torch.manual_seed(6)
     wa, wb = torch.randn(2, 8), torch.randn(2, 8)
     y = torch.tensor([1, 0])
-    cfg = nav(T=10, steps=6, lr=0.05, lambda_id=1.0, lambda_class=6.0)
+    cfg = nav(T=10, steps=6, lr=0.05, lambda_id=1.0, lambda_class=6.0, class_target=None)  # the published objective
     ours = optimise_paths(G, phi_id, phi_c, wa, wb, y, cfg, w_scale=0.8, progress=False)
     losses: list[float] = []
     for p in range(2):
@@ -121,7 +121,7 @@ def test_official_loop_has_the_same_objective_when_splits_are_whole():
         assert torch.allclose(ours.paths[p], off, atol=1e-4), (p, (ours.paths[p] - off).abs().max())
     assert len(losses) == 12
     assert losses[5] + losses[11] == pytest.approx(float(ours.final_loss.sum()), rel=1e-4)
-    cfg8 = nav(T=8, steps=6, lr=0.05, lambda_id=1.0, lambda_class=6.0)
+    cfg8 = nav(T=8, steps=6, lr=0.05, lambda_id=1.0, lambda_class=6.0, class_target=None)
     ours8 = optimise_paths(G, phi_id, phi_c, wa, wb, y, cfg8, w_scale=0.8, progress=False).paths
     off8 = official_loop(G, phi_id, phi_c, wa[0], wb[0], int(y[0]), cfg8, w_scale=0.8)
     assert not torch.allclose(ours8[0], off8, atol=1e-4)
