@@ -26,15 +26,18 @@ import logging
 import time
 import zlib
 
-import torch
+from typing import TYPE_CHECKING
+
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from plan_shared.config import PlanConfig, config_from_dict
-from plan_shared.runtime import resolve_device, set_threads
 
 from client.progress_rpc import site_progress
 from client.site import Site
+
+if TYPE_CHECKING:  # deploy: torch is imported by the handlers that need it (site worker: not at all here)
+    import torch
 
 LOG = logging.getLogger("plan.client")
 
@@ -79,7 +82,14 @@ def describe(msg: Message, context: Context) -> Message:
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
+    from client.site_worker import forward  # deploy: run in the warm site worker where plan-client start made one
+
+    if (fwd := forward("train", msg, context)) is not None:
+        return fwd
+    import torch
+
     from plan_shared.gan import GanTrainer
+    from plan_shared.runtime import resolve_device, set_threads
 
     t0 = time.perf_counter()
     cfg, conf = _run_config(msg)
@@ -152,6 +162,7 @@ def train(msg: Message, context: Context) -> Message:
 def synthesize(msg: Message, context: Context) -> Message:
     """Phase a: PLAN at this site with the final global generator, export to the pool; numbers back."""
     from client.phases import synthesize_at_site
+    from plan_shared.runtime import set_threads
 
     cfg, conf = _run_config(msg)
     set_threads(cfg.threads)
@@ -171,6 +182,7 @@ def synthesize(msg: Message, context: Context) -> Message:
 def evaluate(msg: Message, context: Context) -> Message:
     """Phases c+d: phi_down on the real test split, real reference, privacy audit; numbers back."""
     from client.phases import evaluate_at_site
+    from plan_shared.runtime import set_threads
 
     cfg, conf = _run_config(msg)
     set_threads(cfg.threads)

@@ -396,6 +396,15 @@ class FederationConfig(_Section):
                            "registry). Site: its own keys folder (`plan-client keys init`). Simulation: the folder "
                            "holding the virtual sites' sites/NAME and readers/NAME.")
     supernode_port: int = Field(9094, ge=1, le=65535, description="Site: local SuperNode runtime port (127.0.0.1).")
+    reply_poll_s: float = Field(
+        0.2, gt=0.0, le=10.0, description="Coordinator: seconds between the ServerApp's pulls for the sites' replies.")
+    superexec_poll_s: float = Field(
+        0.05, ge=0.01, le=60.0, description="Site: seconds between the SuperNode's SuperExec polls for a new task "
+        "(FLWR_SUPEREXEC_TASK_POLL_INTERVAL; Flower's own default is 1.0).")
+    site_worker: bool = Field(
+        True, description="Site: `plan-client start` also starts a persistent worker (loopback only, authenticated "
+        "by a secret made per start) that keeps torch, the code and the site's images loaded; the per-message "
+        "Flower ClientApp process forwards train messages to it instead of importing torch itself.")
 
 
 class PoolLimitsConfig(_Section):

@@ -267,7 +267,8 @@ class Federation:
                             dst_node_id=nid) for nid in node_ids]
             sent_at = time.perf_counter()
             replies, ended = collect_replies(self.grid, msgs, min_replies=fed.min_nodes, timeout_s=fed.round_timeout_s,
-                                             grace=fed.straggler_grace, min_wait_s=fed.straggler_min_wait_s)
+                                             grace=fed.straggler_grace, min_wait_s=fed.straggler_min_wait_s,
+                                             poll_s=fed.reply_poll_s)  # deploy: reply poll from config
             waited = time.perf_counter() - sent_at
             ok = [r for r in replies if not r.has_error()]
             answered = {r.metadata.src_node_id for r in ok}
