@@ -399,7 +399,7 @@ class FederationConfig(_Section):
     reply_poll_s: float = Field(
         0.2, gt=0.0, le=10.0, description="Coordinator: seconds between the ServerApp's pulls for the sites' replies.")
     superexec_poll_s: float = Field(
-        0.05, ge=0.01, le=60.0, description="Site: seconds between the SuperNode's SuperExec polls for a new task "
+        0.2, ge=0.01, le=60.0, description="Site: seconds between the SuperNode's SuperExec polls for a new task "
         "(FLWR_SUPEREXEC_TASK_POLL_INTERVAL; Flower's own default is 1.0).")
     site_worker: bool = Field(
         True, description="Site: `plan-client start` also starts a persistent worker (loopback only, authenticated "

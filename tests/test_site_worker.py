@@ -175,7 +175,7 @@ def test_start_plan_sets_superexec_poll_and_announces_the_worker(tmp_path):
     from client.supernode import start_plan
 
     plan = start_plan(_site_yaml(tmp_path))
-    assert plan.env["FLWR_SUPEREXEC_TASK_POLL_INTERVAL"] == "0.05"  # config default; Flower's own is 1.0
+    assert plan.env["FLWR_SUPEREXEC_TASK_POLL_INTERVAL"] == "0.2"  # config default; Flower's own is 1.0
     nc = _node_toml(plan.state)
     assert parse_address(nc[ADDRESS_KEY])[0] == "127.0.0.1"
     assert Path(nc[KEY_FILE_KEY]) == plan.state / "worker.key" and len(read_key(plan.state / "worker.key")) == 64
