@@ -70,7 +70,7 @@ def make_npz(path: Path, n_train: int, seed: int, size: int = 8) -> Path:
     for split, n in (("train", n_train), ("val", 6), ("test", 6)):
         arrays[f"{split}_images"] = rng.integers(0, 256, size=(n, size, size), dtype=np.uint8)
         arrays[f"{split}_labels"] = (np.arange(n) % 2).reshape(-1, 1).astype(np.int64)
-    np.savez(path, **arrays)
+    np.savez(path, **arrays)  # type: ignore[arg-type]
     return path
 
 
@@ -82,7 +82,7 @@ def env_for(home: Path) -> dict[str, str]:
     return env
 
 
-def _kill(p: subprocess.Popen) -> None:
+def _kill(p: subprocess.Popen[bytes]) -> None:
     for sig in (signal.SIGTERM, signal.SIGKILL):
         try:
             os.killpg(p.pid, sig)
@@ -96,8 +96,10 @@ def _kill(p: subprocess.Popen) -> None:
             continue
 
 
-def run_mode(mode: str, work: Path, sites: int, rounds: int, local_steps: int, timeout_s: float) -> list[dict]:
-    """One deployment of ``sites`` sites for ``rounds`` rounds; the round records of metrics.jsonl."""
+def run_mode(mode: str, work: Path, sites: int, rounds: int, local_steps: int,
+             timeout_s: float) -> tuple[list[dict[str, Any]], str | None]:
+    """One deployment of ``sites`` sites for ``rounds`` rounds: the round records of metrics.jsonl, and why
+    the run failed (None when it completed; the rounds done before a failure are still returned)."""
     from server.certs import init_ca, issue
 
     coord_over, site_over = MODES[mode]
@@ -113,7 +115,8 @@ def run_mode(mode: str, work: Path, sites: int, rounds: int, local_steps: int, t
                                     "state_dir": str(work / "coord"), "certs_dir": str(certs),
                                     "superlink_port": port, **coord_over}}
     (work / "coordinator.yaml").write_text(yaml.safe_dump(coord))
-    procs: list[subprocess.Popen] = []
+    procs: list[subprocess.Popen[bytes]] = []
+    error: str | None = None
     try:
         clog = work / "coordinator.log"
         cp = subprocess.Popen([str(BIN / "plan-server"), "coordinate", "--config", str(work / "coordinator.yaml")],
@@ -140,7 +143,7 @@ def run_mode(mode: str, work: Path, sites: int, rounds: int, local_steps: int, t
         except subprocess.TimeoutExpired:
             raise RuntimeError(f"{mode}: run not finished after {timeout_s:.0f}s\n{clog.read_text()[-3000:]}") from None
         if rc != 0:
-            raise RuntimeError(f"{mode}: coordinator exited {rc}\n{clog.read_text()[-3000:]}")
+            error = f"{mode}: coordinator exited {rc}: " + " | ".join(clog.read_text().splitlines()[-3:])
     finally:
         for p in reversed(procs):
             _kill(p)
@@ -156,10 +159,11 @@ def run_mode(mode: str, work: Path, sites: int, rounds: int, local_steps: int, t
 
                 kill_tree(pid)
     metrics = work / "coord" / "run" / "metrics.jsonl"
-    return [json.loads(x) for x in metrics.read_text().splitlines() if x.strip()]
+    records = [json.loads(x) for x in metrics.read_text().splitlines() if x.strip()] if metrics.is_file() else []
+    return records, error
 
 
-def round_rows(records: list[dict]) -> list[dict[str, float]]:
+def round_rows(records: list[dict[str, Any]]) -> list[dict[str, float]]:
     rows = []
     for r in records:
         handler = max(float(s.get("handler-s", 0.0)) for s in r["sites"])
@@ -203,9 +207,16 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for m in modes:
             t0 = time.perf_counter()
-            rows = round_rows(run_mode(m, work / m, args.sites, args.rounds, args.local_steps, args.timeout_s))
-            out["modes"][m] = {"rows": rows, "median_rounds_2_on": summarise(rows),
+            records, error = run_mode(m, work / m, args.sites, args.rounds, args.local_steps, args.timeout_s)
+            rows = round_rows(records)
+            if not rows:
+                print(f"\n[{m}] no round completed: {error}", flush=True)
+                out["modes"][m] = {"rows": [], "error": error}
+                continue
+            out["modes"][m] = {"rows": rows, "median_rounds_2_on": summarise(rows), "error": error,
                                "mode_wall_s": round(time.perf_counter() - t0, 1)}
+            if error:
+                print(f"\n[{m}] run failed after {len(rows)} round(s): {error}", flush=True)
             print(f"\n[{m}] {args.sites} sites, {args.rounds} rounds x {args.local_steps} local steps")
             print(f"{'round':>5} {'wall':>7} {'collect':>8} {'server':>7} {'handler':>8} {'gan':>6} {'fixed':>7}")
             for r in rows:
@@ -219,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
             tmp.cleanup()
         elif tmp is not None:
             print(f"work folder kept: {work}")
-    if "before" in out["modes"] and "after" in out["modes"]:
+    if all(out["modes"].get(m, {}).get("rows") for m in ("before", "after")):
         b = out["modes"]["before"]["median_rounds_2_on"]["fixed_s"]
         a = out["modes"]["after"]["median_rounds_2_on"]["fixed_s"]
         out["fixed_ratio"] = round(b / a, 2) if a > 0 else None

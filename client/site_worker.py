@@ -24,9 +24,10 @@ import os
 import secrets
 import sys
 import time
+from collections.abc import Callable
 from multiprocessing.connection import Client, Connection, Listener
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any
 
 LOG = logging.getLogger("plan.site_worker")
 
@@ -83,7 +84,7 @@ def _serve_one(conn: Connection, handlers: dict[str, Callable[..., Any]]) -> Non
     t0 = time.perf_counter()
     try:
         reply = handlers[name](msg, context)
-    except Exception as err:  # noqa: BLE001 - the ClientApp turns it into Flower's error reply
+    except Exception as err:
         LOG.exception("site worker: %s failed", name)
         conn.send(("error", f"{type(err).__name__}: {err}"))
         return
@@ -91,7 +92,7 @@ def _serve_one(conn: Connection, handlers: dict[str, Callable[..., Any]]) -> Non
     conn.send(("ok", reply))
 
 
-def serve(address: str, key: bytes, ready_file: Optional[Path] = None, max_requests: Optional[int] = None) -> None:
+def serve(address: str, key: bytes, ready_file: Path | None = None, max_requests: int | None = None) -> None:
     """Accept authenticated connections on ``address`` and run one handler per connection."""
     handlers = _handlers()
     import torch  # noqa: F401 - warm: what each ClientApp process would import otherwise
@@ -117,7 +118,7 @@ def serve(address: str, key: bytes, ready_file: Optional[Path] = None, max_reque
             served += 1
 
 
-def forward(name: str, msg: Any, context: Any) -> Optional[Any]:
+def forward(name: str, msg: Any, context: Any) -> Any | None:
     """Run handler ``name`` in the site worker named by the node config; None where there is none.
 
     Returns the worker's reply Message; raises :class:`WorkerError` when the handler failed
@@ -142,7 +143,7 @@ def forward(name: str, msg: Any, context: Any) -> Optional[Any]:
     return payload
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m client.site_worker", description=__doc__.split("\n\n")[0])
     ap.add_argument("--address", required=True, help="127.0.0.1:PORT to listen on")
     ap.add_argument("--key-file", required=True, type=Path, help="file holding the secret (plan-client start makes it)")

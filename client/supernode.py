@@ -40,7 +40,6 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
 from plan_shared.config import PlanConfig, load_config
 
@@ -77,8 +76,8 @@ class StartPlan:
     supernode: list[str]
     env: dict[str, str]
     state: Path
-    worker: Optional[list[str]] = None  # argv of the site worker, None when federation.site_worker is off
-    worker_ready: Optional[Path] = None  # the worker writes its pid here once it listens
+    worker: list[str] | None = None  # argv of the site worker, None when federation.site_worker is off
+    worker_ready: Path | None = None  # the worker writes its pid here once it listens
 
 
 def _free_loopback_port() -> int:
@@ -123,9 +122,9 @@ def start_plan(config_path: str | Path) -> StartPlan:
         if cfg.pool.server_name:
             node["pool-server-name"] = cfg.pool.server_name
         creds = _resolve(cfg.pool.credentials, base) if cfg.pool.credentials else ident
-        for f in ("client.crt", "client.key", "signing.key", "ca.crt"):
-            if not (creds / f).is_file():
-                raise StartError(f"{creds / f} missing: pool.credentials must be this site's keys folder "
+        for name in ("client.crt", "client.key", "signing.key", "ca.crt"):
+            if not (creds / name).is_file():
+                raise StartError(f"{creds / name} missing: pool.credentials must be this site's keys folder "
                                  f"for this site (`plan-client keys init --name {cfg.site_id}` + `keys install`)")
         node["pool-credentials"] = str(creds)
     else:
@@ -133,8 +132,8 @@ def start_plan(config_path: str | Path) -> StartPlan:
               "(the post-training synthesis phase will fail here)", file=sys.stderr)
     node.update(site_minimums_node_config(cfg))
     state.mkdir(parents=True, exist_ok=True)
-    worker: Optional[list[str]] = None
-    ready: Optional[Path] = None
+    worker: list[str] | None = None
+    ready: Path | None = None
     if fed.site_worker:
         from client.site_worker import ADDRESS_KEY, KEY_FILE_KEY, make_key
 
@@ -169,7 +168,7 @@ def start_plan(config_path: str | Path) -> StartPlan:
     return StartPlan(argv, env, state, worker, ready)
 
 
-def _wait_ready(plan: StartPlan, proc: subprocess.Popen, timeout_s: float) -> bool:
+def _wait_ready(plan: StartPlan, proc: subprocess.Popen[bytes], timeout_s: float) -> bool:
     assert plan.worker_ready is not None
     t0 = time.monotonic()
     while time.monotonic() - t0 < timeout_s:
@@ -200,7 +199,7 @@ def start_command(config: str, dry_run: bool = False, worker_ready_timeout_s: fl
               "ClientApps run the handlers in their own processes until it is", file=sys.stderr)
     proc = subprocess.Popen(plan.supernode, env=plan.env, cwd=plan.state)
 
-    def _stop(signum, frame):  # forward; the SuperNode stops its SuperExec/ClientApp children
+    def _stop(signum: int, frame: object) -> None:  # forward; the SuperNode stops its SuperExec/ClientApp children
         for p in (proc, worker):
             if p is not None and p.poll() is None:
                 p.terminate()
@@ -217,4 +216,4 @@ def start_command(config: str, dry_run: bool = False, worker_ready_timeout_s: fl
     if rc not in (0, -signal.SIGTERM, 143):
         print(f"SuperNode exited with {rc} (TLS, key not registered, or proxy unreachable?); see the log above",
               file=sys.stderr)
-    return rc if rc > 0 else 0
+    return max(0, rc)

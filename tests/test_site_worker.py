@@ -23,12 +23,12 @@ import yaml
 
 pytest.importorskip("flwr")
 
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict  # noqa: E402
-from flwr.supercore.task_identity import TaskIdentity  # noqa: E402
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
 
-from client.site_worker import ADDRESS_KEY, KEY_FILE_KEY, make_key, parse_address, read_key  # noqa: E402
-from plan_shared.config import config_from_dict  # noqa: E402
-from tests.test_federation_util import free_port, make_npz, tiny_config  # noqa: E402
+from client.site_worker import ADDRESS_KEY, KEY_FILE_KEY, make_key, parse_address, read_key
+from plan_shared.config import config_from_dict
+from tests.test_federation_util import free_port, make_npz, tiny_config
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -48,17 +48,18 @@ def worker(tmp_path_factory):
     address = f"127.0.0.1:{free_port()}"
     ready = tmp / "ready"
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
-    log = open(tmp / "worker.log", "wb")
-    p = subprocess.Popen([sys.executable, "-m", "client.site_worker", "--address", address, "--key-file", str(key),
-                          "--ready-file", str(ready)], env=env, stdout=log, stderr=subprocess.STDOUT)
-    t0 = time.monotonic()
-    while not ready.is_file():
-        assert p.poll() is None and time.monotonic() - t0 < 120, (tmp / "worker.log").read_text()[-2000:]
-        time.sleep(0.1)
-    yield address, key, p.pid, tmp / "worker.log"
-    p.send_signal(signal.SIGTERM)
-    p.wait(20)
-    log.close()
+    with open(tmp / "worker.log", "wb") as log:
+        p = subprocess.Popen([sys.executable, "-m", "client.site_worker", "--address", address, "--key-file",
+                              str(key), "--ready-file", str(ready)], env=env, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            t0 = time.monotonic()
+            while not ready.is_file():
+                assert p.poll() is None and time.monotonic() - t0 < 120, (tmp / "worker.log").read_text()[-2000:]
+                time.sleep(0.1)
+            yield address, key, p.pid, tmp / "worker.log"
+        finally:
+            p.send_signal(signal.SIGTERM)
+            p.wait(20)
 
 
 def _ctx(tmp_path, **extra) -> Context:
@@ -81,7 +82,7 @@ def _train_msg(cfg: dict) -> Message:
 def test_train_runs_in_the_worker_process(tmp_path, worker):
     from client.app import app
 
-    address, key, pid, log = worker
+    address, key, _, log = worker
     ctx = _ctx(tmp_path, **{ADDRESS_KEY: address, KEY_FILE_KEY: str(key)})
     msg = _train_msg(tiny_config())
     rep = app(msg, ctx)
@@ -191,7 +192,7 @@ def test_start_plan_without_worker(tmp_path):
     plan = start_plan(_site_yaml(tmp_path, site_worker=False, superexec_poll_s=1.0))
     assert plan.worker is None and plan.env["FLWR_SUPEREXEC_TASK_POLL_INTERVAL"] == "1.0"
     assert ADDRESS_KEY not in _node_toml(plan.state)
-    argv, env, state = supernode_command_line(tmp_path / "site.yaml")
+    argv, _, state = supernode_command_line(tmp_path / "site.yaml")
     assert argv[0].endswith("flower-supernode") and state == plan.state
 
 
