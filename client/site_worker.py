@@ -89,7 +89,7 @@ def _serve_one(conn: Connection, handlers: dict[str, Callable[..., Any]]) -> Non
         conn.send(("error", f"{type(err).__name__}: {err}"))
         return
     LOG.info("site worker: %s handled in %.2fs", name, time.perf_counter() - t0)
-    conn.send(("ok", reply))
+    conn.send(("ok", (reply, context.state)))
 
 
 def serve(address: str, key: bytes, ready_file: Path | None = None, max_requests: int | None = None) -> None:
@@ -140,7 +140,9 @@ def forward(name: str, msg: Any, context: Any) -> Any | None:
         status, payload = conn.recv()
     if status != "ok":
         raise WorkerError(str(payload))
-    return payload
+    reply, state = payload
+    context.state = state  # what the handler kept in context.state, as if it had run here
+    return reply
 
 
 def main(argv: list[str] | None = None) -> int:

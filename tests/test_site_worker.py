@@ -115,6 +115,9 @@ def test_wrong_secret_is_refused_and_the_worker_keeps_serving(tmp_path, worker):
     with pytest.raises(AuthenticationError):
         Client(parse_address(address), authkey=b"0" * 64)
     os.kill(pid, 0)  # still alive
+    t0 = time.monotonic()  # the worker logs the refusal after the client has seen it
+    while "refused a connection" not in log.read_text() and time.monotonic() - t0 < 60:
+        time.sleep(0.1)
     assert "refused a connection" in log.read_text()
     from client.site_worker import forward
 
