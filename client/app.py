@@ -27,8 +27,8 @@ from __future__ import annotations
 import logging
 import time
 import zlib
+from typing import TYPE_CHECKING
 
-import torch
 from flwr.app import ArrayRecord, Context, Message
 from flwr.clientapp import ClientApp
 
@@ -38,10 +38,12 @@ from plan_shared.protocol import (
     ConfigRef, DescribeReply, DescribeTask, EvaluationTask, SynthesisTask, TrainMetrics, TrainReply, TrainTask,
     site_config,
 )
-from plan_shared.runtime import resolve_device, set_threads
 
 from client.progress_rpc import site_progress
 from client.site import Site
+
+if TYPE_CHECKING:  # deploy: torch is imported by the handlers that need it (site worker: not at all here)
+    import torch
 
 LOG = logging.getLogger("plan.client")
 
@@ -77,7 +79,14 @@ def describe(msg: Message, context: Context) -> Message:
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
+    from client.site_worker import forward  # deploy: run in the warm site worker where plan-client start made one
+
+    if (fwd := forward("train", msg, context)) is not None:
+        return fwd
+    import torch
+
     from plan_shared.gan import GanTrainer
+    from plan_shared.runtime import resolve_device, set_threads
 
     t0 = time.perf_counter()
     task = TrainTask.from_record(msg.content)
@@ -140,6 +149,7 @@ def train(msg: Message, context: Context) -> Message:
 def synthesize(msg: Message, context: Context) -> Message:
     """Phase a: PLAN at this site with the final global generator, export to the pool; numbers back."""
     from client.phases import synthesize_at_site
+    from plan_shared.runtime import set_threads
 
     task = SynthesisTask.from_record(msg.content)
     cfg = _task_config(task.config, context)
@@ -155,6 +165,7 @@ def synthesize(msg: Message, context: Context) -> Message:
 def evaluate(msg: Message, context: Context) -> Message:
     """Phases c+d: phi_down on the real test split, real reference, privacy audit; numbers back."""
     from client.phases import evaluate_at_site
+    from plan_shared.runtime import set_threads
 
     task = EvaluationTask.from_record(msg.content)
     cfg = _task_config(task.config, context)

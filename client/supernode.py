@@ -19,6 +19,12 @@ From ``site.yaml`` (a PlanConfig; relative paths are relative to the YAML file):
 * ``site_minimums`` (optional): the loosest synthesis settings this site accepts
   (``min-k``, ``max-tau-id``, ``max-tau-indep``, ``min-delta-quantile``, ``min-planted``,
   ``block-on-planted`` in the node config; client/phases.py refuses a looser request).
+* ``federation.superexec_poll_s``: how often the SuperNode's SuperExec looks for a new
+  task (``FLWR_SUPEREXEC_TASK_POLL_INTERVAL``; Flower's default of 1 s is paid per message).
+* ``federation.site_worker`` (default on): a site worker (client/site_worker.py) is started
+  first, on a free 127.0.0.1 port with a secret made for this start (``STATE/worker.key``);
+  the node config announces it (``worker-address``, ``worker-key``) and each ClientApp
+  process forwards its train message there instead of importing torch and the data itself.
 
 The SuperNode runs in the foreground; Ctrl-C or SIGTERM stop it and its ClientApps.
 """
@@ -27,10 +33,12 @@ from __future__ import annotations
 
 import shutil
 import signal
+import socket
 import subprocess
 import sys
+import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
 from plan_shared.config import PlanConfig, load_config
 from plan_shared.credentials import NODE_KEY, find_identity_dir, identity_dir
@@ -62,8 +70,31 @@ def site_minimums_node_config(cfg: PlanConfig) -> dict[str, str]:
     return out
 
 
+@dataclass
+class StartPlan:
+    """What ``plan-client start`` runs: the SuperNode and (optionally) the site worker."""
+
+    supernode: list[str]
+    env: dict[str, str]
+    state: Path
+    worker: list[str] | None = None  # argv of the site worker, None when federation.site_worker is off
+    worker_ready: Path | None = None  # the worker writes its pid here once it listens
+
+
+def _free_loopback_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
 def supernode_command_line(config_path: str | Path) -> tuple[list[str], dict[str, str], Path]:
     """(argv, env, state dir) of the SuperNode for ``site.yaml``; writes ``STATE/node.toml``."""
+    plan = start_plan(config_path)
+    return plan.supernode, plan.env, plan.state
+
+
+def start_plan(config_path: str | Path) -> StartPlan:
+    """The SuperNode (and site worker) for ``site.yaml``; writes ``STATE/node.toml`` (and a fresh worker key)."""
     config_path = Path(config_path).expanduser().resolve()
     cfg: PlanConfig = load_config(config_path)
     base = config_path.parent
@@ -93,9 +124,9 @@ def supernode_command_line(config_path: str | Path) -> tuple[list[str], dict[str
         if cfg.pool.server_name:
             node["pool-server-name"] = cfg.pool.server_name
         creds = _resolve(cfg.pool.credentials, base) if cfg.pool.credentials else ident
-        for f in ("client.crt", "client.key", "signing.key", "ca.crt"):
-            if not (creds / f).is_file():
-                raise StartError(f"{creds / f} missing: pool.credentials must be this site's keys folder "
+        for name in ("client.crt", "client.key", "signing.key", "ca.crt"):
+            if not (creds / name).is_file():
+                raise StartError(f"{creds / name} missing: pool.credentials must be this site's keys folder "
                                  f"for this site (`plan-client keys init --name {cfg.site_id}` + `keys install`)")
         node["pool-credentials"] = str(creds)
     else:
@@ -103,6 +134,20 @@ def supernode_command_line(config_path: str | Path) -> tuple[list[str], dict[str
               "(the post-training synthesis phase will fail here)", file=sys.stderr)
     node.update(site_minimums_node_config(cfg))
     state.mkdir(parents=True, exist_ok=True)
+    worker: list[str] | None = None
+    ready: Path | None = None
+    if fed.site_worker:
+        from client.site_worker import ADDRESS_KEY, KEY_FILE_KEY, make_key
+
+        key_file = state / "worker.key"
+        make_key(key_file)  # a new secret per start: an old ClientApp or worker cannot use it
+        address = f"127.0.0.1:{_free_loopback_port()}"
+        ready = state / "worker.ready"
+        ready.unlink(missing_ok=True)
+        node[ADDRESS_KEY] = address
+        node[KEY_FILE_KEY] = str(key_file)
+        worker = [sys.executable, "-m", "client.site_worker", "--address", address, "--key-file", str(key_file),
+                  "--ready-file", str(ready)]
     node_toml = state / "node.toml"
     node_toml.write_text("".join(f"{k} = {_toml_str(v)}\n" for k, v in node.items()))
     exe = Path(sys.executable).parent / "flower-supernode"
@@ -118,30 +163,57 @@ def supernode_command_line(config_path: str | Path) -> tuple[list[str], dict[str
     env = flower_env(state / "flwr-home")  # plumbing: plan_shared.flower_env
     if cfg.threads:
         env.setdefault("OMP_NUM_THREADS", str(cfg.threads))
-    return argv, env, state
+    # Read by the SuperExec the SuperNode starts: how long a new message waits before its ClientApp starts.
+    env["FLWR_SUPEREXEC_TASK_POLL_INTERVAL"] = str(fed.superexec_poll_s)
+    return StartPlan(argv, env, state, worker, ready)
 
 
-def start_command(config: str, dry_run: bool = False) -> int:
+def _wait_ready(plan: StartPlan, proc: subprocess.Popen[bytes], timeout_s: float) -> bool:
+    assert plan.worker_ready is not None
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout_s:
+        if plan.worker_ready.is_file():
+            return True
+        if proc.poll() is not None:
+            return False
+        time.sleep(0.1)
+    return False
+
+
+def start_command(config: str, dry_run: bool = False, worker_ready_timeout_s: float = 120.0) -> int:
     try:
-        argv, env, state = supernode_command_line(config)
+        plan = start_plan(config)
     except (StartError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    print("starting SuperNode: " + " ".join(argv), flush=True)
+    if plan.worker:
+        print("starting site worker: " + " ".join(plan.worker), flush=True)
+    print("starting SuperNode: " + " ".join(plan.supernode), flush=True)
     if dry_run:
         return 0
     # Same process group as this command: Ctrl-C, systemd and `kill -- -PGID` reach the
-    # SuperNode and its ClientApp processes too.
-    proc = subprocess.Popen(argv, env=env, cwd=state)
+    # SuperNode, its ClientApp processes and the site worker too.
+    worker = subprocess.Popen(plan.worker, env=plan.env, cwd=plan.state) if plan.worker else None
+    if worker is not None and not _wait_ready(plan, worker, worker_ready_timeout_s):
+        print(f"warning: the site worker is not ready after {worker_ready_timeout_s:.0f}s (exit {worker.poll()}); "
+              "ClientApps run the handlers in their own processes until it is", file=sys.stderr)
+    proc = subprocess.Popen(plan.supernode, env=plan.env, cwd=plan.state)
 
-    def _stop(signum, frame):  # forward; the SuperNode stops its SuperExec/ClientApp children
-        if proc.poll() is None:
-            proc.terminate()
+    def _stop(signum: int, frame: object) -> None:  # forward; the SuperNode stops its SuperExec/ClientApp children
+        for p in (proc, worker):
+            if p is not None and p.poll() is None:
+                p.terminate()
 
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGINT, _stop)
     rc = proc.wait()
+    if worker is not None and worker.poll() is None:
+        worker.terminate()
+        try:
+            worker.wait(10)
+        except subprocess.TimeoutExpired:
+            worker.kill()
     if rc not in (0, -signal.SIGTERM, 143):
         print(f"SuperNode exited with {rc} (TLS, key not registered, or proxy unreachable?); see the log above",
               file=sys.stderr)
-    return rc if rc > 0 else 0
+    return max(0, rc)

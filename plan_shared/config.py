@@ -445,7 +445,7 @@ class FederationConfig(_Section):
         30.0, ge=0.0, description="Shortest wait for the remaining sites once min_nodes have replied (see straggler_grace)."
     )
     reply_poll_s: float = Field(
-        0.2, gt=0.0, description="Coordinator: seconds between two polls for the sites' replies (server/messaging.py)."
+        0.2, gt=0.0, le=10.0, description="Coordinator: seconds between two polls for the sites' replies (server/messaging.py; Flower's own send_and_receive sleeps 3 s)."
     )
     state_dir: str = Field(
         "plan-state", description="Coordinator: checkpoints, Flower state.db. Site: local D, Flower home, logs."
@@ -465,6 +465,13 @@ class FederationConfig(_Section):
                            "registry). Site: its own keys folder (`plan-client keys init`). Simulation: the folder "
                            "holding the virtual sites' sites/NAME and readers/NAME.")
     supernode_port: int = Field(9094, ge=1, le=65535, description="Site: local SuperNode runtime port (127.0.0.1).")
+    superexec_poll_s: float = Field(
+        0.2, ge=0.01, le=60.0, description="Site: seconds between the SuperNode's SuperExec polls for a new task "
+        "(FLWR_SUPEREXEC_TASK_POLL_INTERVAL; Flower's own default is 1.0).")
+    site_worker: bool = Field(
+        True, description="Site: `plan-client start` also starts a persistent worker (loopback only, authenticated "
+        "by a secret made per start) that keeps torch, the code and the site's images loaded; the per-message "
+        "Flower ClientApp process forwards train messages to it instead of importing torch itself.")
 
 
 class PoolLimitsConfig(_Section):

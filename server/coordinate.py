@@ -54,6 +54,7 @@ from plan_shared.flower_env import flower_env
 LOG = logging.getLogger("plan.coordinate")
 CONNECTION = "plan"
 FINISHED = ("finished:completed", "finished:failed", "finished:stopped")
+STATUS_EVERY_S = 10.0  # seconds between `flwr ls` status checks while following a run
 
 
 class CoordinateError(RuntimeError):
@@ -433,9 +434,12 @@ class Coordinator:
             seen = len((self.out / "metrics.jsonl").read_text().splitlines())
         t0 = time.monotonic()
         last_wait = 0.0
+        # deploy: each status check starts a `flwr` CLI process (~1-2 s of CPU): check every STATUS_EVERY_S,
+        # not every poll, so that the coordinator does not take a core from the SuperLink and ServerApp.
+        last_status, status = -STATUS_EVERY_S, ""
         while True:
-            st = self.run_status(run_id)
-            status = st.get("status", "")
+            if time.monotonic() - last_status >= STATUS_EVERY_S or (self.out / "error.json").is_file():
+                status, last_status = self.run_status(run_id).get("status", ""), time.monotonic()
             lines = (self.out / "metrics.jsonl").read_text().splitlines() if (self.out / "metrics.jsonl").is_file() else []
             for line in lines[seen:]:
                 rec = json.loads(line)
