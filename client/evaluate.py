@@ -137,7 +137,7 @@ def privacy_audit(ds: ImageDataset, synthetic_uint8: np.ndarray, phi_down: torch
     """All privacy numbers of one site (members = train, non-members = test)."""
     train, test = to_tensor(ds.train.images), to_tensor(ds.test.images)
     syn = to_tensor(synthetic_uint8) if len(synthetic_uint8) else torch.zeros(0, *train.shape[1:])
-    out = {"n_members": int(len(train)), "n_nonmembers": int(len(test)), "n_synthetic": int(len(syn))}
+    out: dict[str, float] = {"n_members": int(len(train)), "n_nonmembers": int(len(test)), "n_synthetic": int(len(syn))}
     out.update(distance_mia(train, test, syn))
     out.update(dcr_audit(train, test, syn))
     if phi_down is not None:

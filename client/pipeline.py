@@ -135,14 +135,17 @@ def _run_site_pipeline(cfg: PlanConfig, ds: ImageDataset, generator: GeneratorSo
     with tm.stage("export"):
         if flt.blocked:
             LOG.error("export blocked: the filter let planted near-duplicates through (filter.block_on_planted)")
-        S.write_site_dir(out, cfg, cand[m], flt.scores[m], flt.exported(m), cal.thresholds, cal.delta_pixel,
+        passed, prevalence = S.match_class_shares(cfg, ds, cand[m], flt.passed(m))
+        exported = passed[:0] if flt.blocked else passed
+        S.write_site_dir(out, cfg, cand[m], flt.scores[m], exported, cal.thresholds, cal.delta_pixel,
                          ds.class_names, gen.sha256, generator_round)
     with tm.stage("utility"):
-        utility = S.utility_of_site(cfg, ds, data, cand[m], flt.passed(m), flt.blocked, dev, progress)
+        utility = S.utility_of_site(cfg, ds, data, cand[m], passed, flt.blocked, dev, progress)
     compare = None
     if cfg.synthesis.compare:
         with tm.stage("compare"):
             compare = S.compare_methods(cfg, ds, data, cand, flt, m, utility, dev, progress)
+            S.add_precision_recall(cfg, compare, cls.phi_class, data, cand, flt)
     with tm.stage("figures"):
         figures = S.write_figures(cfg, out, gen.G, paths, ids, cal, cand, flt, m, ds.class_names)
     tm.timing["total"] = round(time.perf_counter() - t_all, 2)
@@ -150,7 +153,7 @@ def _run_site_pipeline(cfg: PlanConfig, ds: ImageDataset, generator: GeneratorSo
         site_id=cfg.site_id, dataset=ds.name, method=m, device=str(dev), data=data.section(), identity=identity,
         classes=cls.section, inversion=inv.section, anchors=ap.section, navigation=paths.section, filter=flt.section,
         methods=flt.methods, methods_note=METHODS_NOTE % cfg.synthesis.truncation, utility=utility, compare=compare,
-        figures=figures, n_candidates=len(cand[m]), n_accepted=len(flt.exported(m)),
+        figures=figures, n_candidates=len(cand[m]), n_accepted=len(exported), prevalence=prevalence,
         generator=GeneratorSection(gen.checkpoint, gen.sha256, generator_round), config_sha256=cfg.digest(),
         timing=tm.timing)
     write_report(out, report.to_json())

@@ -84,7 +84,7 @@ class Site:
             site_id = str(nc.get("site-id") or cfg.site_id)
             data = cfg.data.model_copy()
             if nc.get("data-source"):
-                data.source = str(nc["data-source"])
+                data.source = str(nc["data-source"])  # type: ignore[assignment]  # validate_assignment checks the literal
             if nc.get("data-path"):
                 data.path = str(nc["data-path"])
             if nc.get("data-name"):

@@ -112,7 +112,6 @@ class NavigationSection:
     lambda_id: float
     lambda_class: float
     chunk: int
-    objective: dict[str, Any]  # the robust-guidance knobs (class margin, EOT views, low-pass bound)
     w_scale: float
     max_offset: float | None
     paths: int
@@ -121,6 +120,7 @@ class NavigationSection:
     loss_last: Any
     steps_run_mean: float | None = None  # with navigation.early_stop_patience, paths stop on their own plateau
     shards: Any = None  # (first path, paths) per device of navigation.devices
+    objective: dict[str, Any] | None = None  # the robust-guidance knobs (class margin, EOT views, low-pass bound)
 
 
 @dataclass
@@ -203,9 +203,10 @@ class ComparePoint:
     qwk: float | None
     n: int
     mia: dict[str, float | None]  # client.evaluate.distance_mia keys (mia_auc, its interval, gap, tpr)
+    variety: dict[str, Any] | None = None  # precision / recall vs the real train split (plan_shared.variety)
 
     def to_json(self) -> dict[str, Any]:
-        return {"accuracy": self.accuracy, "qwk": self.qwk, "n": self.n, **self.mia}
+        return {"accuracy": self.accuracy, "qwk": self.qwk, "n": self.n, **self.mia, **(self.variety or {})}
 
 
 @dataclass
@@ -240,6 +241,7 @@ class SiteReport:
     generator: GeneratorSection
     config_sha256: str
     timing: dict[str, float]
+    prevalence: dict[str, Any] | None = None  # synthesis.match_prevalence: accepted vs exported per class
 
     def to_json(self) -> dict[str, Any]:
         """The report.json object (plain dicts, lists and scalars), keys in today's order."""
@@ -255,6 +257,8 @@ class SiteReport:
         out["utility"] = self.utility.to_json()
         if self.compare is not None:
             out["compare"] = {k: v.to_json() for k, v in self.compare.items()}
+        if self.prevalence is not None:
+            out["prevalence"] = dict(self.prevalence)
         out.update(figures=dict(self.figures), n_candidates=self.n_candidates, n_accepted=self.n_accepted,
                    generator=_plain(self.generator), config_sha256=self.config_sha256, timing=dict(self.timing))
         return out

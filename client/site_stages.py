@@ -85,6 +85,8 @@ from plan_shared.models.classifier import Classifier
 from plan_shared.models.generator import StyleGenerator
 from plan_shared.navigation import linear_paths, optimise_paths, random_samples, w_std
 from plan_shared.plots import dcr_histogram, path_strips, sample_grid
+from plan_shared.prevalence import prevalence_selection
+from plan_shared.variety import method_precision_recall
 from plan_shared.privacy import (
     ExclusionZone,
     Scores,
@@ -615,6 +617,25 @@ def utility_of_site(cfg: PlanConfig, ds: ImageDataset, data: SiteData, cand: Can
     syn.per_class_train = {ds.class_names[k]: int((ys == k).sum()) for k in range(ds.num_classes)}
     return UtilitySection(syn, real, synthetic_set="images passing the per-image filter"
                           + (" (export blocked: not exported)" if blocked else ""))
+
+
+def match_class_shares(cfg: PlanConfig, ds: ImageDataset, cand: Candidates,
+                       passed: np.ndarray) -> tuple[np.ndarray, dict[str, Any] | None]:
+    """The filter-passing rows to export: with ``synthesis.match_prevalence`` subsampled so that the class
+    shares follow the site's real train priors (plan_shared.prevalence); the counts for the report."""
+    if not cfg.synthesis.match_prevalence or not len(passed):
+        return passed, None
+    keep, summary = prevalence_selection(cand.labels[passed], ds.train.labels, ds.num_classes, cfg.seed + 17)
+    return passed[keep], dict(summary)
+
+
+def add_precision_recall(cfg: PlanConfig, compare: dict[str, ComparePoint], phi_class: Classifier, data: SiteData,
+                         cand: Mapping[Method, Candidates], flt: FilterOutcome) -> None:
+    """Each method's precision / recall against the real train split (its filter-passing images) into ``compare``."""
+    sets = {name: c.images[flt.passed(name)] for name, c in cand.items()}
+    for name, pr in method_precision_recall(phi_class, data.x_tr, sets, cfg.synthesis.pr_k).items():
+        if name in compare:
+            compare[name].variety = pr
 
 
 def compare_methods(cfg: PlanConfig, ds: ImageDataset, data: SiteData, cand: Mapping[Method, Candidates],

@@ -132,7 +132,7 @@ def train_attacker(
             logits = model.scale * (cos - model.margin * F.one_hot(yb, n_ids).to(cos.dtype))
             loss = F.cross_entropy(logits, yb)
             opt.zero_grad(set_to_none=True)
-            loss.backward()  # type: ignore[no-untyped-call]
+            loss.backward()
             opt.step()
             sched.step()
         bar.set_postfix(loss=f"{float(loss.detach()):.3f}", refresh=False)

@@ -69,8 +69,8 @@ def augment_batch(x: torch.Tensor, spec: TrainSpec, gen: Optional[torch.Generato
     b, c, h, w = x.shape
     dev = x.device
 
-    def rand(*shape):
-        return torch.rand(*shape, generator=gen).to(dev)
+    def rand(*shape: int) -> torch.Tensor:
+        return torch.rand(shape, generator=gen).to(dev)
 
     if spec.shift > 0:
         s = max(1, int(round(h * spec.shift)))
@@ -115,7 +115,7 @@ def embed(model: Classifier, x: torch.Tensor, batch: int = 512, normalise: bool 
     for i in range(0, x.shape[0], batch):
         f = model.features(x[i : i + batch].to(dev)).float().cpu()
         out.append(F.normalize(f, dim=1) if normalise else f)
-    return torch.cat(out) if out else torch.zeros(0, model.embed[-1].out_features)
+    return torch.cat(out) if out else torch.zeros(0, model.feature_dim)
 
 
 def accuracy_of(model: nn.Module, x: torch.Tensor, y: torch.Tensor | np.ndarray) -> float:
@@ -156,7 +156,7 @@ def train_classifier(
     if spec.balanced:
         counts = torch.bincount(y, minlength=int(y.max()) + 1).float().clamp(min=1)
         weights = (1.0 / counts)[y]
-    hist = {"epochs": spec.epochs, "train_loss": [], "val_acc": [], "best_epoch": None}
+    hist: dict[str, Any] = {"epochs": spec.epochs, "train_loss": [], "val_acc": [], "best_epoch": None}
     best, best_state = -1.0, None
     bar = P.bar(range(spec.epochs), desc=desc, unit="epochs", show=progress)
     for ep in bar:

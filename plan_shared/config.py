@@ -147,7 +147,7 @@ class GanConfig(_Section):
     mapping_lr_mul: float = Field(0.01, gt=0.0, description="Learning-rate multiplier of the mapping network.")
     style_mixing: float = Field(0.0, ge=0.0, le=1.0, description="Probability of style mixing in a G step.")
     augment: list[Literal["translation", "cutout", "color"]] = Field(
-        default_factory=lambda: ["translation", "color"],
+        default_factory=lambda: ["translation", "color"],  # type: ignore[arg-type]  # pydantic validates the literals
         description="DiffAugment policies applied to real and fake images before D.",
     )
     sample_every: int = Field(200, ge=1, description="Write a sample grid PNG every N steps.")
@@ -415,6 +415,15 @@ class SynthesisConfig(_Section):
         True, description="Also train the utility classifier on the filter-passing images of the other methods and run "
         "the distance membership inference on each (report key compare; the privacy-utility plot).",
     )
+    match_prevalence: bool = Field(
+        True, description="Subsample the accepted images before export so that the exported class shares match the "
+        "site's real train priors (plan_shared/prevalence.py; report key prevalence): a pool whose class shares "
+        "differ shifts every downstream model's decision threshold.",
+    )
+    pr_k: int = Field(
+        3, ge=1, description="k of the k-NN manifolds of the per-method precision/recall against the real train split "
+        "(Kynkaanniemi et al. 2019), on phi_class's penultimate features (report keys compare.<method>.precision/recall).",
+    )
 
 
 class FederationConfig(_Section):
@@ -678,7 +687,8 @@ class PlanConfig(BaseModel):
         return hashlib.sha256(blob).hexdigest()
 
     def to_yaml(self) -> str:
-        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+        text: str = yaml.safe_dump(self.to_dict(), sort_keys=False)
+        return text
 
 
 def _format_errors(err: ValidationError, source: str) -> str:

@@ -31,6 +31,7 @@ from plan_shared.models import build_discriminator, build_generator
 from plan_shared.models.generator import StyleGenerator
 from plan_shared.models.layers import set_fused
 
+_Nets = tuple[Callable[..., torch.Tensor], Callable[..., torch.Tensor], Callable[..., torch.Tensor]]  # mapping, synthesis, D
 LOG = logging.getLogger("plan.gan")
 CHECKPOINT_FORMAT = 1
 Share = Literal["gd", "g"]
@@ -70,7 +71,7 @@ class GanTrainer:
         set_fused(self.G, cfg.gan.fast)  # the same function with fewer passes
         set_fused(self.D, cfg.gan.fast)
         # G_ema renders with the reference ops, exactly as load_generator's copy will.
-        self.G_ema = set_fused(copy.deepcopy(self.G), False).eval().requires_grad_(False)
+        self.G_ema: StyleGenerator = set_fused(copy.deepcopy(self.G), False).eval().requires_grad_(False)  # type: ignore[assignment]  # a copy of G
         g = cfg.gan
         # Lazy R1: D's Adam parameters are corrected for the regularisation interval.
         c = g.r1_every / (g.r1_every + 1)
@@ -82,7 +83,7 @@ class GanTrainer:
         self.opt_d = torch.optim.Adam(
             self.D.parameters(), lr=g.lr_d * c, betas=(g.beta1**c, g.beta2**c), eps=1e-8, foreach=self._foreach
         )
-        self._compiled: Optional[tuple[Callable, Callable, Callable]] = None
+        self._compiled: Optional[_Nets] = None
         self.rng = torch.Generator().manual_seed(cfg.seed + 1)
         # G's noise inputs draw from torch's global RNG; the trainer keeps its own copy of
         # that state and swaps it in while training, so other code cannot perturb a run.
@@ -102,7 +103,7 @@ class GanTrainer:
         idx = torch.randint(0, images.shape[0], (n,), generator=self.rng)
         return images[idx].to(self.device, non_blocking=True)
 
-    def _nets(self, compiled: bool) -> tuple[Callable, Callable, Callable]:
+    def _nets(self, compiled: bool) -> _Nets:
         """(mapping, synthesis, D) as called by the steps: the modules, or their compiled twins."""
         if not compiled:
             return self.G.mapping, self.G.synthesis, self.D
@@ -128,7 +129,7 @@ class GanTrainer:
             return self.device.type == "cuda" and n_steps >= g.compile_min_steps
         return g.compile == "on"
 
-    def _generate(self, n: int, nets: Optional[tuple[Callable, Callable, Callable]] = None) -> torch.Tensor:
+    def _generate(self, n: int, nets: Optional[_Nets] = None) -> torch.Tensor:
         mapping, synthesis, _ = nets or self._nets(False)
         z = self._sample_z(n)
         if self.cfg.gan.style_mixing > 0 and float(torch.rand((), generator=self.rng)) < self.cfg.gan.style_mixing:
@@ -137,13 +138,15 @@ class GanTrainer:
             ws = w.unsqueeze(1).repeat(1, self.G.synthesis.num_ws, 1)
             cut = int(torch.randint(1, self.G.synthesis.num_ws, (), generator=self.rng))
             ws[:, cut:] = w2.unsqueeze(1)
-            return synthesis(ws)
-        return synthesis(mapping(z, update_w_avg=True))
+            mixed: torch.Tensor = synthesis(ws)
+            return mixed
+        img: torch.Tensor = synthesis(mapping(z, update_w_avg=True))
+        return img
 
     def _augment(self, x: torch.Tensor) -> torch.Tensor:
         return diff_augment(x, self.cfg.gan.augment, self.rng) if self.cfg.gan.augment else x
 
-    def _d_step(self, images: torch.Tensor, bs: int, nets: tuple[Callable, Callable, Callable]) -> torch.Tensor:
+    def _d_step(self, images: torch.Tensor, bs: int, nets: _Nets) -> torch.Tensor:
         """One D step; returns ``[loss_d, r1, d_real, d_fake, r1 computed]`` on the device (no host sync)."""
         g = self.cfg.gan
         self.D.requires_grad_(True)
@@ -178,7 +181,7 @@ class GanTrainer:
              torch.tensor(float(do_r1), device=self.device)]
         )
 
-    def _g_step(self, bs: int, nets: tuple[Callable, Callable, Callable]) -> torch.Tensor:
+    def _g_step(self, bs: int, nets: _Nets) -> torch.Tensor:
         self.D.requires_grad_(False)
         self.G.requires_grad_(True)
         loss = F.softplus(-nets[2](self._augment(self._generate(bs, nets)))).mean()
@@ -195,7 +198,8 @@ class GanTrainer:
             half_life = min(half_life, self.images_seen * g.ema_rampup)
         beta = 0.5 ** (bs / max(half_life, 1e-8))
         if self.cfg.gan.fast:
-            ema, cur = list(self.G_ema.parameters()), [p.detach() for p in self.G.parameters()]
+            ema: list[torch.Tensor] = list(self.G_ema.parameters())
+            cur = [p.detach() for p in self.G.parameters()]
             torch._foreach_copy_(ema, torch._foreach_lerp(cur, ema, beta))
             torch._foreach_copy_(list(self.G_ema.buffers()), list(self.G.buffers()))
             return
@@ -253,7 +257,7 @@ class GanTrainer:
         self,
         images: torch.Tensor,
         bs: int,
-        nets: tuple[Callable, Callable, Callable],
+        nets: _Nets,
         bar: Any,
         progress: bool,
         callback: Optional[Callable[["GanTrainer", dict[str, float]], None]],

@@ -3,7 +3,9 @@
 Utility: :func:`accuracy`, :func:`balanced_accuracy`, :func:`qwk` (quadratic-weighted
 kappa for graded labels). Privacy: :func:`mia_auc` (with :func:`bootstrap_auc_interval`) and :func:`tpr_at_fpr` for a
 membership-inference score (higher = "member"), :func:`dcr` (distance to the closest
-record) and :func:`dcr_summary`.
+record) and :func:`dcr_summary`. With class probabilities: :func:`roc_auc` (one-vs-rest macro
+for more than two classes) and :func:`scores_from_probs`. Variety: :func:`precision_recall`
+(Kynkäänniemi et al. 2019, k-NN manifolds) on features passed in.
 """
 
 from __future__ import annotations
@@ -154,3 +156,62 @@ def kernel_distance(feats_a, feats_b, subset: int = 1000, subsets: int = 50, see
         off = m * (m - 1)
         vals.append((kxx.sum() - np.trace(kxx)) / off + (kyy.sum() - np.trace(kyy)) / off - 2 * kxy.mean())
     return float(np.mean(vals)), float(np.std(vals))
+
+
+def roc_auc(y_true, probs) -> float:
+    """ROC AUC of class probabilities ``[N, K]``: P(class 1) for two classes, one-vs-rest macro mean
+    for more; nan when a class of ``0..K-1`` is missing from ``y_true`` (undefined)."""
+    y, p = _np(y_true).astype(np.int64), _np(probs).astype(np.float64)
+    if p.ndim != 2 or len(p) != len(y):
+        raise ValueError(f"roc_auc: need probabilities [N, K] for N labels, got {p.shape} for {len(y)} labels")
+    k = p.shape[1]
+    if len(y) == 0 or len(np.unique(y)) < k:
+        return float("nan")
+    if k == 2:
+        return float(roc_auc_score(y, p[:, 1]))
+    return float(roc_auc_score(y, p / p.sum(1, keepdims=True), multi_class="ovr", average="macro", labels=list(range(k))))
+
+
+def scores_from_probs(y_true, probs) -> dict[str, float]:
+    """accuracy, balanced accuracy, QWK (Cohen's kappa, quadratic weights: the report's kappa; equal to
+    the unweighted kappa for two classes) and ROC AUC of class probabilities ``[N, K]``."""
+    p = _np(probs)
+    pred = p.argmax(1) if len(p) else np.zeros(0, np.int64)
+    return {**classification_report(y_true, pred), "roc_auc": roc_auc(y_true, p)}
+
+
+def _kth_nn_radii(feats: torch.Tensor, k: int, batch: int = 1024) -> torch.Tensor:
+    """Distance of every row to its k-th nearest other row of the same set."""
+    out = []
+    for i in range(0, len(feats), batch):
+        d = torch.cdist(feats[i : i + batch], feats)
+        out.append(d.kthvalue(k + 1, dim=1).values)  # the 1st is the row itself (distance 0)
+    return torch.cat(out)
+
+
+def _covered(query: torch.Tensor, ref: torch.Tensor, radii: torch.Tensor, batch: int = 1024) -> torch.Tensor:
+    """For every query row: does it lie inside the k-NN ball of some reference row."""
+    out = []
+    for i in range(0, len(query), batch):
+        d = torch.cdist(query[i : i + batch], ref)
+        out.append((d <= radii.unsqueeze(0)).any(1))
+    return torch.cat(out)
+
+
+def precision_recall(real_features, fake_features, k: int = 3) -> tuple[float, float]:
+    """Improved precision and recall (Kynkäänniemi et al. 2019) of a generated set against a real one.
+
+    The manifold of a set is the union of balls around its rows, each with the radius of its
+    k-th nearest neighbour in the same set. Precision = share of fake rows inside the real
+    manifold (realism); recall = share of real rows inside the fake manifold (coverage,
+    i.e. variety). Features ``[N, D]`` come from a network the caller chose; both sets need
+    more than ``k`` rows.
+    """
+    r, f = _feature_pair(real_features, fake_features)
+    if k < 1 or len(r) <= k or len(f) <= k:
+        raise ValueError(f"precision_recall: need k >= 1 and more than k rows in each set, got k={k}, "
+                         f"{len(r)} real and {len(f)} fake rows")
+    rt, ft = torch.from_numpy(r), torch.from_numpy(f)
+    precision = float(_covered(ft, rt, _kth_nn_radii(rt, k)).double().mean())
+    recall = float(_covered(rt, ft, _kth_nn_radii(ft, k)).double().mean())
+    return precision, recall

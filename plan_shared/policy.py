@@ -34,7 +34,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from plan_shared.bundle import DEFAULT_MAX_PIXELS, BundleError, BundleManifest, PolicyError, ThresholdPolicy
 from plan_shared.config import Method
 from plan_shared.files import atomic_write
-from plan_shared.manifest import METHODS, ManifestError, is_count, is_number, loads_strict, short_repr
+from plan_shared.config import METHODS
+from plan_shared.manifest import ManifestError, is_count, is_number, loads_strict, short_repr
 
 if TYPE_CHECKING:
     from plan_shared.config import PlanConfig

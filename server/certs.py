@@ -27,6 +27,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, List, Optional
 
+from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKeyTypes
+
 import typer
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -105,7 +107,7 @@ def _leaf(
     eku: list,
     sans: Optional[list] = None,
     days: int = 730,
-    public_key: Optional[ec.EllipticCurvePublicKey] = None,
+    public_key: Optional[CertificatePublicKeyTypes] = None,
 ) -> tuple[Optional[ec.EllipticCurvePrivateKey], x509.Certificate]:
     """A leaf certificate; for a new key pair (returned) unless ``public_key`` is given (then None)."""
     key = None if public_key is not None else ec.generate_private_key(ec.SECP256R1())
@@ -114,7 +116,7 @@ def _leaf(
         x509.CertificateBuilder()
         .subject_name(subject)
         .issuer_name(ca_cert.subject)
-        .public_key(public_key if public_key is not None else key.public_key())
+        .public_key(public_key if public_key is not None else _new_key(key).public_key())
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - dt.timedelta(minutes=5))
         .not_valid_after(min(now + dt.timedelta(days=days), ca_cert.not_valid_after_utc))
@@ -146,6 +148,12 @@ def _san(host: str) -> x509.GeneralName:
         return x509.IPAddress(ipaddress.ip_address(host))
     except ValueError:
         return x509.DNSName(host)
+
+
+def _new_key(key: Optional[ec.EllipticCurvePrivateKey]) -> ec.EllipticCurvePrivateKey:
+    if key is None:
+        raise ValueError("a leaf certificate needs a public key or a new key pair")
+    return key
 
 
 def make_server_cert(ca_key, ca_cert, hosts: list[str], days: int = 730):

@@ -46,10 +46,14 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 from plan_shared.config import PlanConfig, load_config
 from plan_shared.flower_env import flower_env
+
+if TYPE_CHECKING:
+    from plan_shared.progress import ProgressTail
+    from server.pool.process import PoolProcess
 
 LOG = logging.getLogger("plan.coordinate")
 CONNECTION = "plan"
@@ -127,12 +131,12 @@ class Coordinator:
         self.poll_s = poll_s
         self.proc: Optional[subprocess.Popen] = None
         self.log_proc: Optional[subprocess.Popen] = None  # `flwr log --stream` into run/serverapp.log
-        self.pool = None  # server.pool.process.PoolProcess while it runs
+        self.pool: Optional[PoolProcess] = None  # while it runs
         self.policy_file: Optional[Path] = None  # the pool's policy file when coordinate started the pool
         self.pool_address: Optional[str] = None  # where the ServerApp pulls from
         self.reader: Optional[Path] = None
         self._registry_stamp: Optional[tuple] = None  # registry.json as last acted on (revocations)
-        self.progress = None  # plan_shared.progress.ProgressTail of the pool's progress.jsonl
+        self.progress: Optional[ProgressTail] = None  # of the pool's progress.jsonl
         for f in ("ca.crt", "server.crt", "server.key", "registry.json"):
             if not (self.certs / f).is_file():
                 raise CoordinateError(f"{self.certs / f} missing: run `plan-server certs init --dir {self.certs}` first")
@@ -272,15 +276,16 @@ class Coordinator:
         from server.pool.service import PROGRESS_LOG
 
         self.progress = ProgressTail(self.state / "pool-store", PROGRESS_LOG, from_end=True)
+        pool_proc = self.pool
         try:
-            self.pool.start()
+            pool_proc.start()
         except RuntimeError as err:
             self.pool = None
             raise CoordinateError(f"the pool service did not start: {err}") from None
         local = "localhost" if host.strip("[]") in ("0.0.0.0", "::", "") else host
-        self.pool_address = f"{local}:{self.pool.port}"
-        print(f"pool service on {host}:{self.pool.port} (mutual TLS), store {self.state / 'pool-store'}, "
-              f"log {self.pool.log_path}; the coordinator pulls from {self.pool_address} as {self.reader.name}",
+        self.pool_address = f"{local}:{pool_proc.port}"
+        print(f"pool service on {host}:{pool_proc.port} (mutual TLS), store {self.state / 'pool-store'}, "
+              f"log {pool_proc.log_path}; the coordinator pulls from {self.pool_address} as {self.reader.name}",
               flush=True)
 
     def stop_pool(self) -> None:

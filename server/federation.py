@@ -227,6 +227,8 @@ class Federation:
                 LOG.info("resuming: waiting for the %d site(s) of round %d, not all %d expected", want, last["round"],
                          self.expected)
         node_ids = wait_for_nodes(self.grid, want, fed.min_nodes, fed.wait_for_nodes_s)
+        channels: int
+        size: int
         if self.cfg.data.channels and self.cfg.data.size:
             # Shape fixed by the config: skip a round trip (each message costs a ClientApp start in
             # deployment); a site with other images fails its train step with a clear message.

@@ -20,7 +20,7 @@ import logging
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Generic, Protocol, TypeVar
+from typing import ClassVar, Generic, Protocol, TypeVar
 
 from flwr.app import Message, RecordDict
 
@@ -41,7 +41,7 @@ class GridLike(Protocol):
 
 
 class Task(Protocol):
-    MESSAGE_TYPE: str
+    MESSAGE_TYPE: ClassVar[str]
 
     def to_record(self) -> RecordDict: ...
 

@@ -181,7 +181,7 @@ def pooled_auc_interval(sites: dict[str, dict[str, Any]], weights: list[float]) 
     auc = sum(a * w for a, _, w in rows) / wsum
     out: dict[str, Optional[float]] = {"mia_auc": auc, "mia_auc_gap": abs(auc - 0.5), "mia_auc_lo": None, "mia_auc_hi": None}
     if all(se is not None for _, se, _ in rows):
-        se = math.sqrt(sum((w / wsum) ** 2 * se_i ** 2 for _, se_i, w in rows))
+        se = math.sqrt(sum((w / wsum) ** 2 * float(se_i) ** 2 for _, se_i, w in rows if se_i is not None))
         out["mia_auc_lo"], out["mia_auc_hi"] = auc - Z95 * se, auc + Z95 * se
     return out
 

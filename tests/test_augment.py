@@ -20,7 +20,10 @@ def test_seeded_generator_reproduces():
     x = torch.randn(4, 1, 16, 16)
     a = diff_augment(x, ["translation", "cutout"], torch.Generator().manual_seed(5))
     b = diff_augment(x, ["translation", "cutout"], torch.Generator().manual_seed(5))
+    c = diff_augment(x, ["translation", "cutout"], torch.Generator().manual_seed(6))
     assert torch.equal(a, b)
+    assert not torch.equal(a, x)  # it did augment
+    assert not torch.equal(a, c)  # and the generator, not a fixed pattern, decides how
 
 
 def test_translation_is_an_integer_shift():

@@ -86,3 +86,44 @@ def test_bootstrap_auc_interval_separable_and_inseparable():
     shift = M.bootstrap_auc_interval(m + 0.5, n, n_boot=500, seed=1)
     assert shift[0] > 0.5 and shift[0] < roc_auc_score(np.r_[np.ones(300), np.zeros(300)], np.r_[m + 0.5, n]) < shift[1]
     assert all(np.isnan(M.bootstrap_auc_interval([], [1.0, 2.0])))
+
+
+def _blobs(centres: np.ndarray, n: int, seed: int, spread: float = 0.1) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return np.concatenate([c + spread * rng.standard_normal((n, centres.shape[1])) for c in centres])
+
+
+def test_precision_recall_identical_sets_score_one():
+    x = np.random.default_rng(0).standard_normal((60, 4))
+    assert M.precision_recall(x, x, k=3) == (1.0, 1.0)
+
+
+def test_precision_recall_disjoint_far_sets_score_zero():
+    rng = np.random.default_rng(1)
+    real, fake = rng.standard_normal((50, 4)), rng.standard_normal((50, 4)) + 100.0
+    assert M.precision_recall(real, fake, k=3) == (0.0, 0.0)
+
+
+def test_precision_recall_fake_covering_half_the_modes_has_recall_one_half():
+    angle = np.linspace(0, 2 * np.pi, 8, endpoint=False)
+    centres = 20.0 * np.stack([np.cos(angle), np.sin(angle)], 1)  # eight well separated 2-D modes
+    real = _blobs(centres, 100, seed=2, spread=1.0)
+    fake = _blobs(centres[:4], 200, seed=3, spread=1.0)  # only modes 0-3
+    precision, recall = M.precision_recall(real, fake, k=3)
+    assert precision > 0.9  # the fakes lie on the real manifold
+    assert recall == pytest.approx(0.5, abs=0.05)
+
+
+def test_precision_recall_refuses_too_few_rows():
+    with pytest.raises(ValueError, match="more than k rows"):
+        M.precision_recall(np.zeros((3, 2)), np.ones((10, 2)), k=3)
+
+
+def test_roc_auc_binary_multiclass_and_undefined():
+    y = np.array([0, 0, 1, 1])
+    assert M.roc_auc(y, np.array([[0.9, 0.1], [0.6, 0.4], [0.3, 0.7], [0.2, 0.8]])) == 1.0
+    y3 = np.array([0, 1, 2, 0, 1, 2])
+    assert M.roc_auc(y3, np.eye(3)[y3] * 0.8 + 0.2 / 3) == pytest.approx(1.0)
+    assert np.isnan(M.roc_auc(np.array([0, 0]), np.array([[0.5, 0.5], [0.4, 0.6]])))
+    s = M.scores_from_probs(y, np.array([[0.9, 0.1], [0.2, 0.8], [0.3, 0.7], [0.2, 0.8]]))
+    assert s["accuracy"] == 0.75 and s["roc_auc"] == pytest.approx(2.5 / 4) and {"balanced_accuracy", "qwk"} <= s.keys()

@@ -45,7 +45,13 @@ def test_metrics_from_confusion():
     m = metrics_from_confusion(np.array([[8, 2], [1, 9]]))
     assert m["accuracy"] == pytest.approx(17 / 20)
     assert m["balanced_accuracy"] == pytest.approx((0.8 + 0.9) / 2)
-    assert -1 <= m["qwk"] <= 1
+    # quadratic kappa of the labels the matrix counts, by scikit-learn's own formula
+    from sklearn.metrics import cohen_kappa_score
+
+    y_true = np.repeat([0, 0, 1, 1], [8, 2, 1, 9])
+    y_pred = np.repeat([0, 1, 0, 1], [8, 2, 1, 9])
+    assert m["qwk"] == pytest.approx(cohen_kappa_score(y_true, y_pred, weights="quadratic"))
+    assert metrics_from_confusion(np.array([[5, 0], [0, 5]]))["qwk"] == pytest.approx(1.0)
 
 
 def test_build_report_pools_exactly(tmp_path):

@@ -77,6 +77,15 @@ def test_synthesize_cli_end_to_end(tmp_path):
     assert rep["compare"]["plan"]["accuracy"] == rep["utility"]["synthetic"]["accuracy"]
     man = read_site_manifest(out / "manifest.json")
     assert len(man.images) == rep["n_accepted"] > 0
+    # exported class shares follow the real train priors; each method's precision/recall on phi_class features
+    prev = rep["prevalence"]
+    assert sum(prev["exported_per_class"]) == rep["n_accepted"] and abs(sum(prev["real_train_priors"]) - 1) < 1e-3
+    assert all(e <= a for e, a in zip(prev["exported_per_class"], prev["accepted_per_class"]))
+    assert prev["dropped"] == sum(prev["accepted_per_class"]) - rep["n_accepted"]
+    for m in ("plan", "linear", "random"):
+        c = rep["compare"][m]
+        assert c["pr_k"] == 3 and "phi_class" in c["pr_features"]
+        assert c["precision"] is None if c["pr_n"] <= 3 else 0.0 <= c["precision"] <= 1.0 and 0.0 <= c["recall"] <= 1.0
     pngs = sorted(p.relative_to(out).as_posix() for p in (out / "images").rglob("*.png"))
     assert pngs == sorted(r.file for r in man.images)  # accepted images only, nothing else
     for r in man.images:

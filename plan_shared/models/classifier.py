@@ -67,6 +67,7 @@ class Classifier(nn.Module):
             in_ch = w
         self.stages = nn.Sequential(*stages)
         self.pool_grid = pool_grid
+        self.feature_dim = feature_dim
         self.embed = nn.Sequential(nn.Flatten(), nn.Dropout(dropout), nn.Linear(in_ch * pool_grid * pool_grid, feature_dim))
         self.head: nn.Module = CosineHead(feature_dim, num_classes) if head == "cosine" else nn.Linear(feature_dim, num_classes)
 

@@ -44,7 +44,8 @@ import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Callable, Optional
+from functools import partial
+from typing import Any, Callable, Optional
 
 import numpy as np
 from tqdm import tqdm
@@ -165,8 +166,8 @@ def _plan(entries: list, max_image_bytes: int) -> tuple[dict[str, _Wanted], list
     records: list[dict] = []
     for i, e in enumerate(entries):
         bad, raw = _entry_problems(i, e, max_image_bytes)
-        if bad:
-            problems.append(bad[0])  # the first problem of each bad entry
+        if bad or raw is None:
+            problems.append(bad[0] if bad else f"entry {i}: unreadable")  # the first problem of each bad entry
             continue
         records.append(raw)
         w = files.setdefault(e.sha256, _Wanted(e.sha256, e.size, []))
@@ -275,7 +276,7 @@ class _Receiver:
             for reply in stub.Fetch(pool_pb2.FetchRequest(sha256=remaining), timeout=3600):
                 for c in reply.chunks:
                     if c.sha256 != cur:
-                        if fh is not None:
+                        if fh is not None and cur is not None:
                             drop(f"the pool sent {got} of {self.files[cur].size} bytes and no end")
                         if c.sha256 not in asked or c.sha256 in self.written or c.sha256 in self.failed:
                             name = c.sha256[:64] if is_hex64(c.sha256) else repr(c.sha256[:64])
@@ -286,6 +287,7 @@ class _Receiver:
                         fh = os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW, 0o644), "wb")
                     if fh is None:  # rest of a file already failed
                         continue
+                    assert cur is not None and hasher is not None and tmp is not None  # set with fh
                     want = self.files[cur].size
                     if c.offset != got:
                         drop(f"the pool sent a chunk at offset {c.offset}, expected {got}")
@@ -300,7 +302,7 @@ class _Receiver:
                     if c.last:
                         self._finish(cur, fh, tmp, got, hasher.hexdigest())
                         fh, tmp = None, None
-            if fh is not None:
+            if fh is not None and cur is not None:
                 drop(f"the pool sent {got} of {self.files[cur].size} bytes and no end")
         finally:
             drop(None)
@@ -374,14 +376,14 @@ def pull(pool: str, credentials: Path, out: Path, site: Optional[str] = None, re
         try:
             for i in range(0, len(todo), FETCH_BATCH):
                 batch = todo[i: i + FETCH_BATCH]
-                call_with_retries(lambda batch=batch: rx.fetch(stub, batch), pool, policy, creds, server_name, log,
+                call_with_retries(partial(rx.fetch, stub, batch), pool, policy, creds, server_name, log,
                                   error=PoolClientError)
         finally:
             bar.close()
             shutil.rmtree(staging, ignore_errors=True)
     missing = [s for s in todo if s not in rx.written]
     if missing or rx.violation:
-        where = {}
+        where: dict[str, str] = {}
         for e in entries:
             where.setdefault(e.sha256, f"{e.class_name}/{e.sha256}.png (site {e.site_id}, bundle {e.bundle_id[:12]}…)")
         listed = "; ".join(f"{where[s]}: {rx.failed.get(s, 'not sent')}" for s in missing[:_REPORT_PROBLEMS])
@@ -406,7 +408,9 @@ def _copy_into(od: _Out, src: str | Path, rel: str) -> None:
 
 
 def _write_manifest(root: Path, pool: str, entries: list, records: list[dict]) -> dict:
-    images, bundles, classes = [], {}, {}
+    images: list[dict[str, Any]] = []
+    bundles: dict[str, Any] = {}
+    classes: dict[tuple[int, str], int] = {}
     for e, record in zip(entries, records):
         gr = None if e.generator_round < 0 else e.generator_round
         images.append({

@@ -13,7 +13,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import BinaryIO, Optional, Sequence
 
 from plan_shared.config import PoolLimitsConfig
 
@@ -36,7 +36,7 @@ class PoolProcess:
         self.env = dict(os.environ, **(env or {}))
         self.proc: Optional[subprocess.Popen] = None
         self.log_path = self.log_dir / "pool-service.log"
-        self._log = None
+        self._log: Optional[BinaryIO] = None
 
     def start(self, timeout: float = 60.0) -> "PoolProcess":
         self.log_dir.mkdir(parents=True, exist_ok=True)

@@ -103,7 +103,7 @@ class PoolReader:
         for e in self._call(call):
             d, why = entry_dict(e)
             if d is None:
-                cat.refused.append(why)
+                cat.refused.append(why or "unreadable entry")
             else:
                 cat.entries.append(d)
         return cat

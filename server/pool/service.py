@@ -57,7 +57,7 @@ from concurrent import futures
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Optional
+from typing import BinaryIO, Iterable, Optional
 
 import grpc
 
@@ -222,6 +222,21 @@ class _Paced:
         return item
 
 
+@dataclass
+class _Incoming:
+    """One file of a push while its chunks arrive."""
+
+    key: int | str  # image index, or "report"
+    sha: str
+    size: int
+    fh: BinaryIO
+    hasher: "hashlib._Hash"
+    written: int
+    path: Path
+    label: str
+    chunks: list[bytes]  # an image's bytes so far (checked in memory when complete)
+
+
 class PoolService(pool_pb2_grpc.PoolServicer):
     def __init__(
         self,
@@ -364,7 +379,7 @@ class PoolService(pool_pb2_grpc.PoolServicer):
             raise Refused(grpc.StatusCode.UNAUTHENTICATED, f"unreadable client certificate: {err}") from None
         return self._check_identity(ident.name, ident.serial, ident.role, role, action)
 
-    def _check_identity(self, name: str, serial: str, cert_role: str, role: str, action: str) -> Caller:
+    def _check_identity(self, name: str, serial: str, cert_role: Optional[str], role: str, action: str) -> Caller:
         entry = self.registry.identities().get(name)
         who = f"certificate {name!r} (serial {serial[:16]})"
         if entry is None:
@@ -639,7 +654,7 @@ class PoolService(pool_pb2_grpc.PoolServicer):
     def _receive(self, it, bm: BundleManifest, staging: Path, placed: set, policy: ThresholdPolicy) -> int:
         """Write incoming files to staging, verify each (images: canonical PNG), place it. Returns bytes received."""
         received = 0
-        cur = None  # [key, sha, size, fh, hasher, written, path, label, image bytes so far]
+        cur: Optional[_Incoming] = None  # the file being received
         n_placed = 0
         interrupted = False
         try:
@@ -658,25 +673,25 @@ class PoolService(pool_pb2_grpc.PoolServicer):
                         im = bm.images[ch.index]
                         key, sha, size = ch.index, im.record.sha256, im.size
                         label = f"images[{ch.index}] (id {im.record.id!r})"
-                    if cur is None or cur[0] != key:
+                    if cur is None or cur.key != key:
                         if cur is not None:
-                            raise Refused(grpc.StatusCode.INVALID_ARGUMENT, f"{cur[7]}: incomplete before the next file")
+                            raise Refused(grpc.StatusCode.INVALID_ARGUMENT, f"{cur.label}: incomplete before the next file")
                         if ch.offset != 0:
                             raise Refused(grpc.StatusCode.INVALID_ARGUMENT, f"{label}: first chunk at offset {ch.offset}")
                         path = staging / f"{sha}.part"
-                        cur = [key, sha, size, open(path, "wb"), hashlib.sha256(), 0, path, label, []]
-                    if ch.offset != cur[5]:
-                        raise Refused(grpc.StatusCode.INVALID_ARGUMENT, f"{label}: chunk at offset {ch.offset}, expected {cur[5]}")
-                    if cur[5] + len(ch.data) > size:
+                        cur = _Incoming(key, sha, size, open(path, "wb"), hashlib.sha256(), 0, path, label, [])
+                    if ch.offset != cur.written:
+                        raise Refused(grpc.StatusCode.INVALID_ARGUMENT, f"{label}: chunk at offset {ch.offset}, expected {cur.written}")
+                    if cur.written + len(ch.data) > size:
                         raise Refused(grpc.StatusCode.INVALID_ARGUMENT,
                                       f"{label}: more than the {size} bytes the signed manifest declares")
-                    cur[3].write(ch.data)
-                    cur[4].update(ch.data)
+                    cur.fh.write(ch.data)
+                    cur.hasher.update(ch.data)
                     if key != "report":
-                        cur[8].append(ch.data)  # at most max_image_bytes: checked in memory, not re-read
-                    cur[5] += len(ch.data)
+                        cur.chunks.append(ch.data)  # at most max_image_bytes: checked in memory, not re-read
+                    cur.written += len(ch.data)
                     if ch.last:
-                        fh, digest, written, path = cur[3], cur[4].hexdigest(), cur[5], cur[6]
+                        fh, digest, written, path = cur.fh, cur.hasher.hexdigest(), cur.written, cur.path
                         if written != size:
                             fh.close()
                             raise Refused(grpc.StatusCode.INVALID_ARGUMENT,
@@ -688,7 +703,7 @@ class PoolService(pool_pb2_grpc.PoolServicer):
                                           "the file was altered after signing")
                         fh.close()
                         if key != "report":
-                            self._check_image(b"".join(cur[8]), label, policy)
+                            self._check_image(b"".join(cur.chunks), label, policy)
                         self.store.place(path, sha)
                         placed.add(sha)
                         n_placed += 1
@@ -699,9 +714,9 @@ class PoolService(pool_pb2_grpc.PoolServicer):
             interrupted = True
         finally:
             if cur is not None:
-                cur[3].close()
+                cur.fh.close()
         if cur is not None and not interrupted:
-            raise _EndedEarly(f"{cur[7]}: stream ended inside the file")
+            raise _EndedEarly(f"{cur.label}: stream ended inside the file")
         return received
 
     # ------------------------------------------------------------ reader RPCs
@@ -903,7 +918,7 @@ def build_server(
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="pool"),
                          options=server_options(), maximum_concurrent_rpcs=workers * 4)
     service = PoolService(store, certs, limits, policy, policy_file=policy_file, pool_limits=pool_limits)
-    if policy_file is not None:
+    if service.policy_file is not None:
         service.policy_file.current()  # refuse to start with a missing or invalid policy file
     pool_pb2_grpc.add_PoolServicer_to_server(service, server)
     pool_pb2_grpc.add_PoolProgressServicer_to_server(ProgressService(service, Path(store_dir) / PROGRESS_LOG), server)

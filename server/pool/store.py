@@ -226,7 +226,7 @@ class Store:
     def missing(self, wanted: dict[str, int]) -> set[str]:
         """Which of ``{sha256: size}`` the store can not supply (neither indexed nor a valid leftover)."""
         with self._lock:
-            indexed = set()
+            indexed: set[str] = set()
             items = list(wanted)
             for i in range(0, len(items), 500):
                 part = items[i : i + 500]

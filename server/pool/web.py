@@ -32,7 +32,7 @@ import zipfile
 from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Any, Callable, Iterator, Optional, Protocol
+from typing import IO, Any, Callable, Iterator, Optional, Protocol, cast
 from urllib.parse import urlencode
 
 import jinja2
@@ -118,7 +118,8 @@ def thresholds_text(t: Any) -> str:
 
 def record_checks(record: dict[str, Any]) -> list[tuple[str, str, str, Optional[bool]]]:
     """(quantity, value, rule, passes) for the three filter criteria of a record."""
-    t = record.get("thresholds") if isinstance(record.get("thresholds"), dict) else {}
+    raw = record.get("thresholds")
+    t: dict[str, Any] = raw if isinstance(raw, dict) else {}
     rows = []
     for key, label, tk, sym in (("max_id_prob", "identity probability (φ_id, max)", "tau_id", "<"),
                                 ("indep_id_prob", "identity probability (independent φ)", "tau_indep", "<"),
@@ -503,7 +504,8 @@ def render_error(status: int, message: str, pool: str, reader: str = "", snap: O
 
 def pull_manifest(pool: str, entries: list[dict[str, Any]]) -> dict[str, Any]:
     """``manifest.json`` of a download: the layout and keys of ``pool pull``'s manifest."""
-    images, bundles = [], {}
+    images: list[dict[str, Any]] = []
+    bundles: dict[str, Any] = {}
     for e in entries:
         r = e["record"]
         images.append({"file": f"{e['class_name']}/{e['sha256']}.png", "sha256": e["sha256"],
@@ -548,7 +550,7 @@ def zip_stream(entries: list[dict[str, Any]], fetch: Callable[[list[str]], dict[
         files.setdefault(f"{e['class_name']}/{e['sha256']}.png", e["sha256"])
     sink = _Sink()
     paths = list(files)
-    with zipfile.ZipFile(sink, "w", compression=zipfile.ZIP_STORED) as zf:  # PNGs are compressed already
+    with zipfile.ZipFile(cast(IO[bytes], sink), "w", compression=zipfile.ZIP_STORED) as zf:  # PNGs are compressed already
         for i in range(0, len(paths), FETCH_BATCH):
             chunk = paths[i: i + FETCH_BATCH]
             got = fetch([files[p] for p in chunk])
