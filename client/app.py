@@ -10,7 +10,7 @@ Handlers (Flower 1.42 Message API; the records are plan_shared/protocol.py's):
   discriminator is shared) with metrics: mean losses, images seen this round, the local
   compute time and ``num_examples`` (the site's train-set size, FedAvg's weight).
 * synthesize: ``SynthesisTask`` -> ``SynthesisSummary``; evaluate: ``EvaluationTask`` ->
-  ``SiteEvaluation`` (client/phases.py does the work).
+  ``SiteEvaluation`` (client/post_training.py does the work).
 
 The run configuration arrives in full with the first task of a run and is kept in the
 run's ``Context.state``; later tasks carry its digest only (protocol.site_config). The
@@ -148,7 +148,7 @@ def train(msg: Message, context: Context) -> Message:
 @app.query(SynthesisTask.ACTION)
 def synthesize(msg: Message, context: Context) -> Message:
     """Phase a: PLAN at this site with the final global generator, export to the pool; numbers back."""
-    from client.phases import synthesize_at_site
+    from client.post_training import synthesize_at_site
     from plan_shared.runtime import set_threads
 
     task = SynthesisTask.from_record(msg.content)
@@ -164,7 +164,7 @@ def synthesize(msg: Message, context: Context) -> Message:
 @app.query(EvaluationTask.ACTION)
 def evaluate(msg: Message, context: Context) -> Message:
     """Phases c+d: phi_down on the real test split, real reference, privacy audit; numbers back."""
-    from client.phases import evaluate_at_site
+    from client.post_training import evaluate_at_site
     from plan_shared.runtime import set_threads
 
     task = EvaluationTask.from_record(msg.content)

@@ -1,26 +1,9 @@
-"""Federated evaluation and privacy audit at a site: real images never leave it.
+"""Federated evaluation at a site: real images never leave it.
 
 ``evaluate_downstream`` scores the coordinator's phi_down on this site's real test
 split, next to the reference (same architecture trained on this site's real train
-split, epoch selected on its real val split). ``privacy_audit`` measures what the
-images this site exported reveal about its training images:
-
-- distance membership inference against the exported images: score of a real record
-  = minus its pixel-space distance to the closest exported image; members = site
-  train, non-members = site test (held out of every model). Pixel space is used on
-  purpose: it belongs to no model of the pipeline, so navigation cannot have been
-  optimised against it. Reported: ROC AUC with a 95 % percentile bootstrap interval
-  (``mia_auc_lo``/``mia_auc_hi``; 1000 replicates, members and non-members resampled
-  separately, seed 0), ``mia_auc_gap`` = |AUC - 0.5| (leakage in either direction: an
-  attacker can flip the score) and TPR at 1 % FPR. The filter's exclusion zone protects
-  train and test alike (plan_shared/privacy.py), so chance (0.5) is the target;
-- loss-threshold membership inference against phi_down (score = minus its loss);
-- distance to closest record: ``dcr_ratio`` = median DCR(exported -> train) / median
-  DCR(held-out -> train) (1 = as far as a real non-member; < 1 = closer);
-  ``too_close_rate`` = share of exported images closer to a train image than the 5th
-  percentile of held-out -> train distances.
-
-Only numbers are returned.
+split, epoch selected on its real val split). The privacy audit of the exported
+images (the membership attacks) is :mod:`plan_shared.audit`.
 """
 
 from __future__ import annotations
@@ -30,12 +13,11 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from plan_shared.classifiers import build_classifier, predict_logits, spec_from, train_classifier
 from plan_shared.config import PlanConfig
 from plan_shared.data import ImageDataset, to_tensor
-from plan_shared.metrics import bootstrap_auc_interval, classification_report, dcr, mia_auc, tpr_at_fpr
+from plan_shared.metrics import classification_report
 
 LOG = logging.getLogger("plan.evaluate")
 
@@ -75,71 +57,4 @@ def evaluate_downstream(
     out = {"synthetic": score_classifier(phi_down, x, y, ds.num_classes)}
     ref = reference if reference is not None else reference_classifier(cfg, ds)
     out["real"] = score_classifier(ref, x, y, ds.num_classes)
-    return out
-
-
-def _flat(x: torch.Tensor) -> torch.Tensor:
-    return x.reshape(x.shape[0], -1).float()
-
-
-MIA_BOOTSTRAP = 1000  # replicates of the AUC interval (seeded, so a report is reproducible)
-
-
-def mia_summary(s_mem: np.ndarray, s_non: np.ndarray, prefix: str = "mia", n_boot: int = MIA_BOOTSTRAP) -> dict[str, float]:
-    """AUC, its 95 % bootstrap interval, |AUC - 0.5| and TPR at 1 % FPR of a membership score."""
-    auc = mia_auc(s_mem, s_non)
-    lo, hi = bootstrap_auc_interval(s_mem, s_non, n_boot=n_boot, seed=0)
-    return {f"{prefix}_auc": auc, f"{prefix}_auc_lo": lo, f"{prefix}_auc_hi": hi, f"{prefix}_auc_gap": abs(auc - 0.5),
-            f"{prefix}_tpr_at_1pct_fpr": tpr_at_fpr(s_mem, s_non, 0.01)}
-
-
-def distance_mia(members: torch.Tensor, nonmembers: torch.Tensor, synthetic: torch.Tensor,
-                 n_boot: int = MIA_BOOTSTRAP) -> dict[str, float]:
-    """Membership inference from the distance of each real record to the closest synthetic image."""
-    if len(synthetic) == 0:
-        return {k: float("nan") for k in ("mia_auc", "mia_auc_lo", "mia_auc_hi", "mia_auc_gap", "mia_tpr_at_1pct_fpr")}
-    syn = _flat(synthetic)
-    s_mem = -dcr(_flat(members), syn)
-    s_non = -dcr(_flat(nonmembers), syn)
-    return mia_summary(s_mem, s_non, "mia", n_boot)
-
-
-@torch.no_grad()
-def loss_mia(model: torch.nn.Module, members: tuple[torch.Tensor, np.ndarray],
-             nonmembers: tuple[torch.Tensor, np.ndarray]) -> dict[str, float]:
-    """Loss-threshold membership inference against a classifier (lower loss = member)."""
-
-    def neg_loss(x: torch.Tensor, y: np.ndarray) -> np.ndarray:
-        logits = predict_logits(model, x)
-        return (-F.cross_entropy(logits, torch.as_tensor(y, dtype=torch.long), reduction="none")).numpy()
-
-    s_mem, s_non = neg_loss(*members), neg_loss(*nonmembers)
-    return mia_summary(s_mem, s_non, "loss_mia")
-
-
-def dcr_audit(train: torch.Tensor, heldout: torch.Tensor, synthetic: torch.Tensor, quantile: float = 0.05) -> dict[str, float]:
-    tr = _flat(train)
-    base = dcr(_flat(heldout), tr)
-    if len(synthetic) == 0 or len(base) == 0:
-        return {"dcr_ratio": float("nan"), "too_close_rate": float("nan"), "dcr_synthetic_median": float("nan"),
-                "dcr_heldout_median": float(np.median(base)) if len(base) else float("nan")}
-    syn = dcr(_flat(synthetic), tr)
-    bar = float(np.quantile(base, quantile))
-    return {
-        "dcr_ratio": float(np.median(syn) / max(np.median(base), 1e-12)),
-        "too_close_rate": float((syn < bar).mean()),
-        "dcr_synthetic_median": float(np.median(syn)),
-        "dcr_heldout_median": float(np.median(base)),
-    }
-
-
-def privacy_audit(ds: ImageDataset, synthetic_uint8: np.ndarray, phi_down: torch.nn.Module | None) -> dict[str, float]:
-    """All privacy numbers of one site (members = train, non-members = test)."""
-    train, test = to_tensor(ds.train.images), to_tensor(ds.test.images)
-    syn = to_tensor(synthetic_uint8) if len(synthetic_uint8) else torch.zeros(0, *train.shape[1:])
-    out: dict[str, float] = {"n_members": int(len(train)), "n_nonmembers": int(len(test)), "n_synthetic": int(len(syn))}
-    out.update(distance_mia(train, test, syn))
-    out.update(dcr_audit(train, test, syn))
-    if phi_down is not None:
-        out.update(loss_mia(phi_down, (train, ds.train.labels), (test, ds.test.labels)))
     return out

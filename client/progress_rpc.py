@@ -127,7 +127,7 @@ def site_reporter(site: Site, stages: Sequence[str] = ()) -> P.Reporter:
     sinks: list = [P.LogSink()]
     pool = site.cfg.pool
     if pool.address:
-        from client.phases import site_credentials
+        from client.post_training import site_credentials
 
         creds = site_credentials(site)
         if creds is not None:

@@ -12,7 +12,7 @@ Two ways to be told who we are, both through Flower's ``context.node_config``:
       pool-server-name = "coordinator.example.org"     # optional
       pool-credentials = "/etc/plan/site"               # client.crt, client.key, signing.key, ca.crt
       min-k = "5"                       # optional site_minimums (site.yaml): the loosest synthesis
-      max-tau-id = "0.5"                #   request this site accepts (client/phases.py)
+      max-tau-id = "0.5"                #   request this site accepts (client/post_training.py)
 
   The coordinator's configuration decides the models and the image shape; the site
   decides where its own images are and where and with which credentials it exports

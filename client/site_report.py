@@ -202,7 +202,7 @@ class ComparePoint:
     accuracy: float | None
     qwk: float | None
     n: int
-    mia: dict[str, float | None]  # client.evaluate.distance_mia keys (mia_auc, its interval, gap, tpr)
+    mia: dict[str, float | None]  # plan_shared.audit.distance_mia keys (mia_auc, its interval, gap, tpr)
     variety: dict[str, Any] | None = None  # precision / recall vs the real train split (plan_shared.variety)
 
     def to_json(self) -> dict[str, Any]:

@@ -649,7 +649,7 @@ def compare_methods(cfg: PlanConfig, ds: ImageDataset, data: SiteData, cand: Map
     interval, |AUC - 0.5| and TPR at 1 % FPR. ``real`` is the reference *site alone*: the same
     utility recipe trained on the site's real train split (sharing those images: AUC 1).
     """
-    from client.evaluate import distance_mia
+    from plan_shared.audit import distance_mia
 
     out: dict[str, ComparePoint] = {}
     for name, c in cand.items():

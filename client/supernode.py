@@ -18,7 +18,7 @@ From ``site.yaml`` (a PlanConfig; relative paths are relative to the YAML file):
   ``pool-server-name``, ``pool-credentials``): the site, not the coordinator, decides them.
 * ``site_minimums`` (optional): the loosest synthesis settings this site accepts
   (``min-k``, ``max-tau-id``, ``max-tau-indep``, ``min-delta-quantile``, ``min-planted``,
-  ``block-on-planted`` in the node config; client/phases.py refuses a looser request).
+  ``block-on-planted`` in the node config; client/post_training.py refuses a looser request).
 * ``federation.superexec_poll_s``: how often the SuperNode's SuperExec looks for a new
   task (``FLWR_SUPEREXEC_TASK_POLL_INTERVAL``; Flower's default of 1 s is paid per message).
 * ``federation.site_worker`` (default on): a site worker (client/site_worker.py) is started

@@ -45,7 +45,7 @@ def main(grid: Grid, context: Context) -> None:
 
 def _post_training(result: FederationResult) -> None:
     """Phases after the rounds: synthesis + export, downstream on the pool, evaluation, report."""
-    from server.phases import run_post_training
+    from server.post_training import run_post_training
 
     try:
         run_post_training(result)

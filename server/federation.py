@@ -106,7 +106,7 @@ def watch_points(aggregate: dict[str, Any]) -> dict[str, float]:
 
 @dataclass
 class FederationResult:
-    """What the rounds leave for the post-training phases (server/phases.py), like Flower's ``Result``.
+    """What the rounds leave for the post-training phases (server/post_training.py), like Flower's ``Result``.
 
     ``summary``: ``{rounds_done, rounds, history}`` (also ``federation.json``); ``node_ids``:
     the sites connected at the end; ``messenger``: the channel to them (it knows which

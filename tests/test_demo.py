@@ -16,7 +16,7 @@ import pytest
 
 from plan_shared.manifest import read_site_manifest
 from server.demo import make_credentials
-from server.phases import short_reason
+from server.post_training import short_reason
 
 TINY = Path(__file__).parent / "configs" / "tiny.yaml"
 pytestmark = pytest.mark.slow

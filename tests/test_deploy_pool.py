@@ -70,7 +70,7 @@ def test_site_uses_its_own_pool_settings_not_the_coordinators(tmp_path):
 
 
 def test_site_without_pool_address_fails_before_running_the_pipeline(tmp_path):
-    from client.phases import synthesize_at_site
+    from client.post_training import synthesize_at_site
     from client.site import Site
 
     site = Site.from_node_config({"site-id": "a", "data-path": "/nonexistent.npz", "state-dir": str(tmp_path)},

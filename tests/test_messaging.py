@@ -32,7 +32,7 @@ from plan_shared.protocol import (
 )
 from server.federation import FederationResult
 from server.messaging import Messenger, WaitPolicy
-from server.phases import Phases
+from server.post_training import Phases
 from server.report import SiteFailure, synthesis_json
 from tests.test_federation_util import tiny_config
 

@@ -123,7 +123,7 @@ def test_symmetric_zone_leaves_distance_mia_at_chance():
     """Members and non-members from one distribution, a generator that spreads over it: a zone
     around members only makes members farther from the pool (AUC < 0.5); a zone around both
     keeps them at equal distance (AUC ~ 0.5, interval containing 0.5)."""
-    from client.evaluate import distance_mia
+    from plan_shared.audit import distance_mia
     from plan_shared.privacy import build_zone
 
     g = torch.Generator().manual_seed(0)

@@ -153,7 +153,7 @@ def _svg_text(path) -> str:
 def test_privacy_utility_plot_names_its_references(tmp_path):
     import matplotlib
 
-    from server.phases import POOL_RECIPE, SITE_RECIPE, _comparison_points
+    from server.post_training import POOL_RECIPE, SITE_RECIPE, _comparison_points
 
     compare = {m: {"mia_auc": auc, "accuracy": acc, "mia_auc_lo": auc - 0.03, "mia_auc_hi": min(auc + 0.03, 1.0)}
                for m, (auc, acc) in {"plan": (0.52, 0.80), "linear": (0.55, 0.78), "random": (0.5, 0.82),

@@ -247,9 +247,9 @@ def test_unknown_method_is_refused_before_any_work(tmp_path, site):
 
 
 def test_synthesis_at_a_site_uses_the_sent_weights_in_memory(tmp_path):
-    """client/phases.py passes the coordinator's G_ema weights as a snapshot: no checkpoint, the model's digest;
+    """client/post_training.py passes the coordinator's G_ema weights as a snapshot: no checkpoint, the model's digest;
     the orchestrator's report.json has today's keys."""
-    from client.phases import synthesize_at_site
+    from client.post_training import synthesize_at_site
     from client.site import Site
     from tests.test_synthesize import _npz
 

@@ -224,7 +224,7 @@ def test_serverapp_publishes_the_final_generator(tmp_path):
     from plan_shared.config import config_from_dict
     from plan_shared.gan import GanTrainer, generator_digest
     from plan_shared.policy import policy_from_config, read_policy_file, write_policy_file
-    from server.phases import publish_final_generator
+    from server.post_training import publish_final_generator
     from tests.test_federation_util import tiny_config
 
     path = tmp_path / "pool-policy.json"

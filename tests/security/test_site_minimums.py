@@ -90,7 +90,7 @@ def test_looser_request_is_refused_at_the_site(tmp_path, minimum, request_, want
 
 
 def test_stricter_or_equal_request_passes_the_check(tmp_path):
-    from client.phases import check_site_minimums
+    from client.post_training import check_site_minimums
     from client.site import Site
 
     nc = _node_config(tmp_path, min_k=2, max_tau_id=0.5, min_planted=4, block_on_planted=True)

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from client.evaluate import dcr_audit, distance_mia, loss_mia, privacy_audit, score_classifier
+from client.evaluate import score_classifier
+from plan_shared.audit import dcr_audit, distance_mia, loss_mia, privacy_audit
 from plan_shared.data import ImageDataset, Split
 
 

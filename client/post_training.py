@@ -165,7 +165,8 @@ def evaluate_at_site(
     site: Site, cfg: PlanConfig, down_state: dict[str, torch.Tensor], arch: dict[str, int]
 ) -> SiteEvaluation:
     """phi_down and the real reference on the real test split, plus the privacy audit."""
-    from client.evaluate import evaluate_downstream, load_downstream, privacy_audit
+    from client.evaluate import evaluate_downstream, load_downstream
+    from plan_shared.audit import privacy_audit
 
     t0 = time.perf_counter()
     ds = site.dataset()
