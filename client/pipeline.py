@@ -45,6 +45,7 @@ from plan_shared.config import PlanConfig
 from plan_shared.data import ImageDataset, stratified_subsample, to_tensor
 from plan_shared.gan import file_sha256, generator_digest, load_generator
 from plan_shared.imaging import save_png, to_uint8_hwc
+from plan_shared.encoder import encoder_init  # encoder:
 from plan_shared.inversion import invert
 from plan_shared.manifest import ImageRecord, SiteManifest, Thresholds, safe_class_names, write_site_manifest
 from plan_shared.metrics import classification_report, dcr_summary
@@ -286,19 +287,21 @@ def _run_site_pipeline(cfg: PlanConfig, dataset: ImageDataset, generator_ckpt: s
             inv_idx = np.arange(n_train)
         t0 = time.perf_counter()
         sigma_w = w_std(G, seed=cfg.seed)
-        w_real, err = invert(G, x_tr[inv_idx], feature_net=phi_id, steps=ic.steps, lr=ic.lr * sigma_w,
-                             batch_size=ic.batch_size, pixel_weight=ic.pixel_weight,
-                             feature_weight=ic.feature_weight, progress=progress)
+        # encoder: start from a learned encoder's E(x) (inversion.encoder) and refine, else from w_avg
+        w_init, enc_rep = encoder_init(G, x_tr[inv_idx], ic, gen_sha, device, progress, cfg.seed, sigma_w)
+        inv = invert(G, x_tr[inv_idx], ic, sigma_w, feature_net=phi_id, w_init=w_init, progress=progress)
+        w_real, err = inv.w, inv.mse
         dt = time.perf_counter() - t0
         with torch.no_grad():
             base = (G.render(G.w_avg[None]).cpu() - x_tr[inv_idx]).pow(2).flatten(1).mean(1)
         report["inversion"] = {
             "n_inverted": int(len(inv_idx)), "n_train": n_train, "subsampled": bool(len(inv_idx) < n_train),
-            "steps": ic.steps, "batch_size": ic.batch_size, "lr": ic.lr, "sigma_w": sigma_w,
+            "steps": inv.steps, "batch_size": ic.batch_size, "lr": ic.lr, "sigma_w": sigma_w,  # encoder: inv.steps
+            "generator_evals_per_image": inv.generator_evals / max(len(inv_idx), 1), "encoder": enc_rep,  # encoder:
             "mean_mse": _f(err.mean()) if len(err) else None,
             "mean_mse_at_w_avg": _f(base.mean()),
             "seconds_per_image": _f(dt / max(len(inv_idx), 1)),
-            "image_steps_per_s": _f(len(inv_idx) * ic.steps / max(dt, 1e-9)),
+            "image_steps_per_s": _f(len(inv_idx) * inv.steps / max(dt, 1e-9)),  # encoder: inv.steps
         }
 
     # ---------------------------------------------------------------- B4 anchors + pairs
