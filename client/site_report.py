@@ -90,6 +90,8 @@ class InversionSection:
     mean_mse_at_w_avg: float | None
     seconds_per_image: float | None
     image_steps_per_s: float | None
+    generator_evals_per_image: float | None = None  # inversion steps x images / images (encoder training apart)
+    encoder: dict[str, Any] | None = None  # inversion.encoder: training cost, error at E(x), refine steps
 
 
 @dataclass

@@ -71,6 +71,7 @@ from plan_shared.files import file_sha256
 from plan_shared.gan import generator_digest
 from plan_shared.gan import load_generator as load_generator_checkpoint
 from plan_shared.imaging import save_png, to_uint8_hwc
+from plan_shared.encoder import encoder_init
 from plan_shared.inversion import invert
 from plan_shared.manifest import (
     ImageRecord,
@@ -315,7 +316,9 @@ class Inversion:
 
 
 def invert_train_images(cfg: PlanConfig, ds: ImageDataset, data: SiteData, G: StyleGenerator,
-                        phi_id: Classifier, progress: bool) -> Inversion:
+                        phi_id: Classifier, generator_sha256: str, device: torch.device, progress: bool) -> Inversion:
+    """B3: the train images (or a stratified subsample) in W; from a learned encoder's E(x) with a few
+    refinement steps when ``inversion.encoder.enabled``, else from w_avg (plan_shared.inversion)."""
     ic = cfg.inversion
     n_train = len(data.x_tr)
     if ic.max_images is not None and ic.max_images < n_train:
@@ -324,19 +327,21 @@ def invert_train_images(cfg: PlanConfig, ds: ImageDataset, data: SiteData, G: St
         idx = np.arange(n_train)
     t0 = time.perf_counter()
     sigma_w = w_std(G, seed=cfg.seed)
-    w_real, err = invert(G, data.x_tr[idx], feature_net=phi_id, steps=ic.steps, lr=ic.lr * sigma_w,
-                         batch_size=ic.batch_size, pixel_weight=ic.pixel_weight,
-                         feature_weight=ic.feature_weight, progress=progress)
+    x = data.x_tr[idx]
+    w_init, enc_rep = encoder_init(G, x, ic, generator_sha256, device, progress, cfg.seed, sigma_w)
+    res = invert(G, x, ic, sigma_w, feature_net=phi_id, w_init=w_init, progress=progress)
     dt = time.perf_counter() - t0
     with torch.no_grad():
-        base = (G.render(G.w_avg[None]).cpu() - data.x_tr[idx]).pow(2).flatten(1).mean(1)
-    return Inversion(idx, w_real, ds.train.labels[idx], sigma_w, InversionSection(
+        base = (G.render(G.w_avg[None]).cpu() - x).pow(2).flatten(1).mean(1)
+    return Inversion(idx, res.w, ds.train.labels[idx], sigma_w, InversionSection(
         n_inverted=len(idx), n_train=n_train, subsampled=bool(len(idx) < n_train),
-        steps=ic.steps, batch_size=ic.batch_size, lr=ic.lr, sigma_w=sigma_w,
-        mean_mse=finite(err.mean()) if len(err) else None,
+        steps=res.steps, batch_size=ic.batch_size, lr=ic.lr, sigma_w=sigma_w,
+        mean_mse=finite(res.mse.mean()) if len(res.mse) else None,
         mean_mse_at_w_avg=finite(base.mean()),
         seconds_per_image=finite(dt / max(len(idx), 1)),
-        image_steps_per_s=finite(len(idx) * ic.steps / max(dt, 1e-9)),
+        image_steps_per_s=finite(len(idx) * res.steps / max(dt, 1e-9)),
+        generator_evals_per_image=finite(res.generator_evals / max(len(idx), 1)),
+        encoder=enc_rep,
     ))
 
 

@@ -1,68 +1,122 @@
-"""B3 inversion: one W vector per real image (method.md B3).
+"""B3 inversion: one W vector per real image (method.md B3), settings from config ``inversion``.
 
 Batched Adam in W (one vector per image, broadcast to every layer), starting from
-``G.w_avg``. Loss per image = ``pixel_weight * MSE(G(w), x)`` +
-``feature_weight * (1 - cos(f(G(w)), f(x)))`` where ``f`` is the feature map of a
-network trained locally on the site's data (phi_id's features in the pipeline; nothing
-downloaded). The images of one batch are independent, so the summed loss gives every w
-its own gradient::
+``G.w_avg`` for ``inversion.steps`` steps, or from ``w_init`` (a learned encoder's E(x),
+plan_shared.encoder) for ``inversion.encoder.refine_steps`` steps. Loss per image =
+``pixel_weight * MSE(G(w), x)`` + ``feature_weight * (1 - cos(f(G(w)), f(x)))`` where ``f`` is
+the feature map of a network trained locally on the site's data (phi_id's features in the
+pipeline; nothing downloaded). The images of one batch are independent, so the summed loss
+gives every w its own gradient. The learning rate is ``inversion.lr * sigma_W``::
 
-    w, err = invert(G, x, feature_net=phi_id, steps=60, lr=0.05, batch_size=256)
+    res = invert(G, x, cfg.inversion, sigma_w, feature_net=phi_id)
+    res = invert(G, x, cfg.inversion, sigma_w, feature_net=phi_id, w_init=encode(E, x))
+    res.w, res.mse, res.generator_evals
 """
 
 from __future__ import annotations
 
-from typing import Optional
+from dataclasses import dataclass
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
-from torch import nn
+
 from plan_shared import progress as P
+from plan_shared.config import InversionConfig
+
+
+class FeatureNet(Protocol):
+    """A network with an embedding (plan_shared.models.Classifier.features)."""
+
+    def features(self, x: torch.Tensor) -> torch.Tensor: ...
+
+    def eval(self) -> Any: ...
+
+
+@dataclass
+class InversionResult:
+    """``w [N, w_dim]`` and per-image errors (CPU) at the end; images in [-1, 1]."""
+
+    w: torch.Tensor
+    mse: torch.Tensor  # per-image mean squared pixel error
+    feature_loss: torch.Tensor | None  # per-image 1 - cos of the feature net's features (None without one)
+    steps: int
+    generator_evals: int  # generator forward(+backward) passes of the optimisation: images x steps (the final
+    # error's one forward per image is a measurement, not counted)
+
+
+def _losses(G: Any, w: torch.Tensor, x: torch.Tensor, feature_net: FeatureNet | None,
+            f_target: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    img = G.render(w)
+    mse = (img - x).pow(2).flatten(1).mean(1)
+    if f_target is None or feature_net is None:
+        return mse, None
+    f = F.normalize(feature_net.features(img), dim=1)
+    return mse, 1 - (f * f_target).sum(1)
 
 
 def invert(
-    G: nn.Module,
+    G: Any,
     images: torch.Tensor,
-    feature_net: Optional[nn.Module] = None,
-    steps: int = 60,
-    lr: float = 0.05,
-    batch_size: int = 256,
-    pixel_weight: float = 1.0,
-    feature_weight: float = 1.0,
+    cfg: InversionConfig,
+    sigma_w: float,
+    feature_net: FeatureNet | None = None,
+    w_init: torch.Tensor | None = None,
+    steps: int | None = None,
     progress: bool = True,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Return ``(w [N, w_dim], recon_mse [N])`` (w and errors on CPU).
+) -> InversionResult:
+    """Invert ``images [N, C, H, W]`` (any device) into W with the settings of ``cfg``.
 
-    ``recon_mse`` is the final per-image mean squared pixel error (images in [-1, 1]).
+    ``steps`` (default: ``cfg.steps`` from w_avg, ``cfg.encoder.refine_steps`` from ``w_init``)
+    overrides the number of Adam steps, e.g. for a benchmark; 0 returns the start point and its errors.
     """
     dev = G.w_avg.device
     n = images.shape[0]
-    ws, errs = [], []
+    if w_init is not None and tuple(w_init.shape) != (n, G.w_dim):
+        raise ValueError(f"inversion: w_init must be [{n}, {G.w_dim}], got {tuple(w_init.shape)}")
+    if steps is None:
+        steps = cfg.steps if w_init is None else cfg.encoder.refine_steps
+    if steps < 0:
+        raise ValueError(f"inversion: steps must be >= 0, got {steps}")
+    bs = cfg.batch_size
+    use_f = feature_net is not None and cfg.feature_weight > 0
     if feature_net is not None:
         feature_net.eval()
-    total = ((n + batch_size - 1) // batch_size) * steps
+    ws, errs, ferrs = [], [], []
+    total = ((n + bs - 1) // bs) * steps
     bar = P.bar(total=total, desc="inversion", unit="batch-steps", show=progress)
-    for i in range(0, n, batch_size):
-        x = images[i : i + batch_size].to(dev)
+    for i in range(0, n, bs):
+        x = images[i : i + bs].to(dev)
         b = x.shape[0]
-        w = G.w_avg.detach().clone().unsqueeze(0).repeat(b, 1).requires_grad_(True)
-        opt = torch.optim.Adam([w], lr=lr)
+        if w_init is None:
+            w0 = G.w_avg.detach().unsqueeze(0).repeat(b, 1)
+        else:
+            w0 = w_init[i : i + bs].detach().to(dev, torch.float32)
+        w = w0.clone().requires_grad_(True)
         with torch.no_grad():
-            f_target = F.normalize(feature_net.features(x), dim=1) if feature_net is not None and feature_weight > 0 else None
-        for _ in range(steps):
-            img = G.render(w)
-            per = (img - x).pow(2).flatten(1).mean(1) * pixel_weight
-            if f_target is not None:
-                f = F.normalize(feature_net.features(img), dim=1)
-                per = per + feature_weight * (1 - (f * f_target).sum(1))
-            opt.zero_grad(set_to_none=True)
-            per.sum().backward()
-            opt.step()
-            bar.update(1)
+            f_target = F.normalize(feature_net.features(x), dim=1) if use_f and feature_net is not None else None
+        if steps:
+            opt = torch.optim.Adam([w], lr=cfg.lr * sigma_w)
+            for _ in range(steps):
+                mse, fl = _losses(G, w, x, feature_net, f_target)
+                per = cfg.pixel_weight * mse + (cfg.feature_weight * fl if fl is not None else 0.0)
+                opt.zero_grad(set_to_none=True)
+                per.sum().backward()  # type: ignore[no-untyped-call]
+                opt.step()
+                bar.update(1)
         with torch.no_grad():
-            errs.append((G.render(w) - x).pow(2).flatten(1).mean(1).cpu())
+            mse, fl = _losses(G, w, x, feature_net, f_target)
+        errs.append(mse.cpu())
+        if fl is not None:
+            ferrs.append(fl.cpu())
         ws.append(w.detach().cpu())
     bar.close()
     if not ws:
-        return torch.zeros(0, G.w_avg.shape[0]), torch.zeros(0)
-    return torch.cat(ws), torch.cat(errs)
+        return InversionResult(torch.zeros(0, G.w_dim), torch.zeros(0), torch.zeros(0) if use_f else None, steps, 0)
+    return InversionResult(
+        w=torch.cat(ws),
+        mse=torch.cat(errs),
+        feature_loss=torch.cat(ferrs) if ferrs else None,
+        steps=steps,
+        generator_evals=n * steps,
+    )

@@ -2,6 +2,7 @@
 
 import torch
 
+from plan_shared.config import InversionConfig
 from plan_shared.inversion import invert
 from plan_shared.models import Classifier, StyleGenerator
 
@@ -14,7 +15,9 @@ def test_inversion_reduces_error():
     target_w = G.sample_w(6)
     x = G.render(target_w).detach()
     f = Classifier(3, 1, 8, width=4, depth=2, feature_dim=8).eval()
-    w, err = invert(G, x, feature_net=f, steps=60, lr=0.05, batch_size=4, progress=False)
+    res = invert(G, x, InversionConfig(steps=60, lr=0.05, batch_size=4), sigma_w=1.0, feature_net=f, progress=False)
+    w, err = res.w, res.mse
     base = (G.render(G.w_avg[None].repeat(6, 1)) - x).pow(2).flatten(1).mean(1)
     assert w.shape == (6, 8) and err.shape == (6,)
     assert float(err.mean()) < 0.5 * float(base.mean())
+    assert res.steps == 60 and res.generator_evals == 6 * 60 and res.feature_loss is not None

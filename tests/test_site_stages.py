@@ -75,7 +75,7 @@ def site() -> Site:
                            S.train_identity_model(cfg, ds, data, DEV, False, independent=True))
     cls = S.train_class_model(cfg, ds, data, DEV, False)
     cal = S.calibrate_filter(cfg, data, ids.indep)
-    inv = S.invert_train_images(cfg, ds, data, gen.G, ids.phi_id, False)
+    inv = S.invert_train_images(cfg, ds, data, gen.G, ids.phi_id, gen.sha256, DEV, False)
     ap = S.anchor_pairs(cfg, ds, inv, DEV)
     paths = S.navigate_paths(cfg, gen.G, ids.phi_id, cls.phi_class, ap, inv.sigma_w, DEV, False)
     cand = S.render_candidates(cfg, gen.G, paths, cls.phi_class)

@@ -20,7 +20,7 @@ TINY = {
     "gan": {"steps": 2, "batch_size": 8},
     "identity": {"width": 4, "depth": 2, "feature_dim": 16, "epochs": 1, "batch_size": 16, "indep_width": 4},
     "classes": {"width": 4, "depth": 2, "feature_dim": 16, "epochs": 1, "utility_epochs": 1, "batch_size": 16},
-    "inversion": {"steps": 2, "max_images": 20, "batch_size": 16},
+    "inversion": {"steps": 2, "max_images": 20, "batch_size": 16, "encoder": {"enabled": True, "steps": 5, "batch": 16, "width": 8, "refine_steps": 2}},
     "anchors": {"k": 2, "pairs_m": 1},
     "navigation": {"T": 5, "steps": 2, "chunk": 8},
     "filter": {"planted": 5, "tau_id": 0.99, "tau_indep": 0.99, "block_on_planted": False},

@@ -1,0 +1,125 @@
+"""The learned inversion encoder (plan_shared.encoder): trained on generator samples only, it predicts
+held-out samples' w better than w_avg; inversion refines from its output; files are tied to one G."""
+
+import pytest
+import torch
+
+from plan_shared.config import ConfigError, EncoderConfig, InversionConfig, load_config
+from plan_shared.encoder import (
+    Encoder,
+    encode,
+    encoder_for,
+    encoder_init,
+    load_encoder,
+    n_parameters,
+    save_encoder,
+    train_encoder,
+    w_error,
+)
+from plan_shared.gan import generator_digest
+from plan_shared.inversion import invert
+from plan_shared.models import Classifier, StyleGenerator
+from plan_shared.navigation import w_std
+
+
+@pytest.fixture(scope="module")
+def G():
+    torch.manual_seed(0)
+    g = StyleGenerator(z_dim=8, w_dim=8, size=8, channels=1, mapping_layers=1, base_channels=16, min_channels=8)
+    g = g.eval().requires_grad_(False)
+    g.mapping.w_avg.copy_(g.sample_w(512).mean(0))
+    return g
+
+
+@pytest.fixture(scope="module")
+def trained(G):
+    cfg = EncoderConfig(steps=100, batch=32, width=8, lr=3e-3)
+    return train_encoder(G, cfg, "cpu", progress=False, seed=0), cfg
+
+
+def test_training_reduces_w_error_on_held_out_generator_samples(G, trained):
+    E, cfg = trained
+    sigma = w_std(G, seed=0)
+    w = G.sample_w(64, torch.Generator().manual_seed(99))  # not drawn in training (other seed)
+    x = G.render(w)
+    err_enc = float(w_error(encode(E, x), w, sigma).mean())
+    err_avg = float(w_error(G.w_avg[None].repeat(64, 1), w, sigma).mean())
+    assert err_enc < 0.5 * err_avg, (err_enc, err_avg)
+    assert E.stats is not None and E.stats.generator_evals == cfg.steps * cfg.batch
+    assert E.stats.final_w_loss < err_avg
+
+
+def test_encode_shapes_and_untrained_start_at_w_avg():
+    torch.manual_seed(1)
+    w_avg = torch.randn(12)
+    E = Encoder(channels=1, size=28, w_dim=12, width=8, w_avg=w_avg, sigma_w=0.5)  # 28 px runs at native 32
+    w = encode(E, torch.rand(5, 1, 28, 28) * 2 - 1, batch=2)
+    assert w.shape == (5, 12) and w.device.type == "cpu"
+    assert torch.allclose(w, w_avg.expand(5, -1))  # zero-initialised last layer: E(x) = w_avg
+    assert encode(E, torch.zeros(0, 1, 28, 28)).shape == (0, 12)
+    with pytest.raises(ValueError, match=r"encoder expects images \[B, 1, 28, 28\], got \(2, 3, 28, 28\)"):
+        encode(E, torch.zeros(2, 3, 28, 28))
+    E3 = Encoder(channels=3, size=32, w_dim=64, width=32, w_avg=torch.zeros(64), sigma_w=1.0)
+    assert 2e5 < n_parameters(E3) < 8e5  # "a few hundred thousand" at the default width and 32 px
+
+
+def test_refinement_from_the_encoder_reaches_at_most_the_error_of_its_start(G, trained):
+    E, _ = trained
+    torch.manual_seed(3)
+    x = G.render(G.sample_w(12, torch.Generator().manual_seed(5)))
+    x = (x + 0.05 * torch.randn_like(x)).clamp(-1, 1)  # a little off the generator's manifold
+    f = Classifier(3, 1, 8, width=4, depth=2, feature_dim=8).eval()
+    ic = InversionConfig(batch_size=5, encoder=EncoderConfig(refine_steps=8))
+    sigma = w_std(G, seed=0)
+    w0 = encode(E, x)
+    start = invert(G, x, ic, sigma, feature_net=f, w_init=w0, steps=0, progress=False)
+    assert torch.equal(start.w, w0) and start.generator_evals == 0
+    ref = invert(G, x, ic, sigma, feature_net=f, w_init=w0, progress=False)
+    assert ref.steps == 8 and ref.generator_evals == 12 * 8  # refine_steps from the config section
+    loss = lambda r: float((r.mse + r.feature_loss).mean())
+    assert loss(ref) <= loss(start)
+    with pytest.raises(ValueError, match=r"w_init must be \[12, 8\]"):
+        invert(G, x, ic, sigma, w_init=w0[:3], progress=False)
+
+
+def test_config_errors_name_the_key():
+    with pytest.raises(ConfigError, match=r"inversion\.encoder\.steps' = 0"):
+        load_config(overrides={"inversion.encoder.steps": 0})
+    with pytest.raises(ConfigError, match=r"inversion\.encoder\.refine_steps' = -1"):
+        load_config(overrides={"inversion.encoder.refine_steps": -1})
+    with pytest.raises(ConfigError, match=r"unknown key 'inversion\.encoder\.depth'"):
+        load_config(overrides={"inversion.encoder.depth": 3})
+    assert load_config(overrides={"inversion.encoder.enabled": True}).inversion.encoder.enabled is True
+    assert load_config().inversion.encoder.enabled is False  # off by default: the 5x target is not met (config docs)
+
+
+def test_encoder_file_is_tied_to_its_generator(G, trained, tmp_path):
+    E, cfg = trained
+    sha = generator_digest(G)
+    p = save_encoder(E, tmp_path / "enc.pt", sha)
+    E2 = load_encoder(p, sha)
+    x = G.render(G.sample_w(4))
+    assert torch.equal(encode(E2, x), encode(E, x)) and E2.stats == E.stats
+    with pytest.raises(ValueError, match="trained for generator"):
+        load_encoder(p, "0" * 64)
+    (tmp_path / "bad.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="bad.pt: not a readable encoder file"):
+        load_encoder(tmp_path / "bad.pt", sha)
+    # encoder_for: loads a matching file, trains (and rewrites) for another generator
+    on_disk = cfg.model_copy(update={"path": str(p), "steps": 3})
+    E3, loaded = encoder_for(G, on_disk, sha, "cpu", progress=False)
+    assert loaded and torch.equal(encode(E3, x), encode(E, x))
+    E4, loaded = encoder_for(G, on_disk, "f" * 64, "cpu", progress=False)
+    assert not loaded and E4.stats is not None and E4.stats.steps == 3
+    assert load_encoder(p, "f" * 64).stats == E4.stats
+
+
+def test_encoder_init_follows_enabled(G):
+    x = G.render(G.sample_w(6))
+    off = InversionConfig(encoder=EncoderConfig(enabled=False))
+    assert encoder_init(G, x, off, "sha", "cpu", progress=False) == (None, {"enabled": False})
+    on = InversionConfig(encoder=EncoderConfig(enabled=True, steps=4, batch=8, width=4))
+    w0, rep = encoder_init(G, x, on, "sha", "cpu", progress=False)
+    assert w0 is not None and w0.shape == (6, 8)
+    assert rep["enabled"] and not rep["loaded"] and rep["train_generator_evals"] == 32
+    assert rep["mean_mse_at_init"] is not None and rep["refine_steps"] == on.encoder.refine_steps
