@@ -48,7 +48,6 @@ from plan_shared.data import load_dataset, stratified_subsample, to_tensor
 from plan_shared.gan import load_generator
 from plan_shared.inversion import invert
 from plan_shared.metrics import balanced_accuracy, dcr
-from plan_shared.nav_objectives import Objective
 from plan_shared.navigation import linear_paths, optimise_paths, w_std
 from plan_shared.plots import path_strips
 from plan_shared.runtime import seed_everything, set_threads

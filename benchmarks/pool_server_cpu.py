@@ -16,9 +16,10 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from tests.pool_support import Pki, PoolServer, make_site_dir
 from client.export import export
 from server.pool.client import pull
+from tests.pool_support import Pki, PoolServer, make_site_dir
+
 
 def cpu(pid):
     f = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
@@ -29,14 +30,21 @@ try:
     pki = Pki(root / "pki")
     dirs = []
     for k in range(4):
-        d = root / f"s{k}"; make_site_dir(d, "site-a", 2000, seed=k, size=32); dirs.append(d)
+        d = root / f"s{k}"
+        make_site_dir(d, "site-a", 2000, seed=k, size=32)
+        dirs.append(d)
     with PoolServer(root / "store", pki.certs, root) as srv:
         pid = srv.proc.pid
         time.sleep(1)
         push_cpu, pull_cpu = [], []
         for k, d in enumerate(dirs):
-            c0 = cpu(pid); export(d, srv.address, pki.site("site-a"), progress=False); push_cpu.append(cpu(pid) - c0)
-            c0 = cpu(pid); pull(srv.address, pki.reader, root / f"p{k}", site=None, progress=False); pull_cpu.append(cpu(pid) - c0)
-    print("server CPU s per push:", " ".join(f"{x:.2f}" for x in push_cpu), " per pull (growing pool):", " ".join(f"{x:.2f}" for x in pull_cpu))
+            c0 = cpu(pid)
+            export(d, srv.address, pki.site("site-a"), progress=False)
+            push_cpu.append(cpu(pid) - c0)
+            c0 = cpu(pid)
+            pull(srv.address, pki.reader, root / f"p{k}", site=None, progress=False)
+            pull_cpu.append(cpu(pid) - c0)
+    print("server CPU s per push:", " ".join(f"{x:.2f}" for x in push_cpu),
+          " per pull (growing pool):", " ".join(f"{x:.2f}" for x in pull_cpu))
 finally:
     shutil.rmtree(root, ignore_errors=True)

@@ -32,15 +32,21 @@ from typing import TYPE_CHECKING
 from flwr.app import ArrayRecord, Context, Message
 from flwr.clientapp import ClientApp
 
+from client.progress_rpc import site_progress
+from client.site import Site
 from plan_shared.config import PlanConfig
 from plan_shared.files import atomic_write
 from plan_shared.protocol import (
-    ConfigRef, DescribeReply, DescribeTask, EvaluationTask, SynthesisTask, TrainMetrics, TrainReply, TrainTask,
+    ConfigRef,
+    DescribeReply,
+    DescribeTask,
+    EvaluationTask,
+    SynthesisTask,
+    TrainMetrics,
+    TrainReply,
+    TrainTask,
     site_config,
 )
-
-from client.progress_rpc import site_progress
-from client.site import Site
 
 if TYPE_CHECKING:  # deploy: torch is imported by the handlers that need it (site worker: not at all here)
     import torch

@@ -7,7 +7,6 @@ imports (torch, flwr) inside the command functions so ``--help`` stays fast.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -77,7 +76,7 @@ def keys_init(
 def keys_install(
     response: Path = typer.Argument(..., help="The response file from `plan-server certs enroll`."),
     dir: Path = typer.Option(..., "--dir", help="The folder of `keys init`."),
-    ca_sha256: Optional[str] = typer.Option(None, "--ca-sha256", help="Refuse unless the CA certificate has this sha256 "
+    ca_sha256: str | None = typer.Option(None, "--ca-sha256", help="Refuse unless the CA certificate has this sha256 "
                                             "(the coordinator prints it at `certs enroll`)."),
 ) -> None:
     """Install the signed certificate and the federation CA certificate next to the keys.
@@ -115,15 +114,15 @@ _SET_HELP = "Override any configuration key, e.g. --set gan.steps=500 --set data
 
 @app.command("train-gan")
 def train_gan_cmd(
-    dataset: Optional[str] = typer.Option(None, "--dataset", help="MedMNIST name (from $PLAN_DATA_DIR), e.g. pneumoniamnist."),
-    data: Optional[Path] = typer.Option(None, "--data", help="A MedMNIST-format .npz, an ImageFolder root or a CSV manifest."),
-    config: Optional[Path] = typer.Option(None, "--config", "-c", help="site.yaml; defaults otherwise."),
+    dataset: str | None = typer.Option(None, "--dataset", help="MedMNIST name (from $PLAN_DATA_DIR), e.g. pneumoniamnist."),
+    data: Path | None = typer.Option(None, "--data", help="A MedMNIST-format .npz, an ImageFolder root or a CSV manifest."),
+    config: Path | None = typer.Option(None, "--config", "-c", help="site.yaml; defaults otherwise."),
     out: Path = typer.Option(Path("runs/gan"), "--out", "-o", help="Output folder (checkpoint, sample grids, report)."),
-    steps: Optional[int] = typer.Option(None, "--steps", min=1, help="Total generator steps (gan.steps)."),
-    device: Optional[str] = typer.Option(None, "--device", help="auto, cpu, cuda, cuda:N."),
-    seed: Optional[int] = typer.Option(None, "--seed", help="One seed for Python, NumPy and torch."),
+    steps: int | None = typer.Option(None, "--steps", min=1, help="Total generator steps (gan.steps)."),
+    device: str | None = typer.Option(None, "--device", help="auto, cpu, cuda, cuda:N."),
+    seed: int | None = typer.Option(None, "--seed", help="One seed for Python, NumPy and torch."),
     resume: bool = typer.Option(False, "--resume", help="Continue OUT/checkpoint.pt exactly where it stopped."),
-    sets: Optional[list[str]] = typer.Option(None, "--set", help=_SET_HELP),
+    sets: list[str] | None = typer.Option(None, "--set", help=_SET_HELP),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the resolved configuration and exit."),
 ) -> None:
     """Train the style-based generator on this site's images alone.
@@ -152,10 +151,10 @@ app.add_typer(config_app, name="config")
 
 @config_app.command("show")
 def config_show(
-    config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML file to resolve; defaults otherwise."),
-    dataset: Optional[str] = typer.Option(None, "--dataset", help="As for train-gan."),
-    data: Optional[Path] = typer.Option(None, "--data", help="As for train-gan."),
-    sets: Optional[list[str]] = typer.Option(None, "--set", help=_SET_HELP),
+    config: Path | None = typer.Option(None, "--config", "-c", help="YAML file to resolve; defaults otherwise."),
+    dataset: str | None = typer.Option(None, "--dataset", help="As for train-gan."),
+    data: Path | None = typer.Option(None, "--data", help="As for train-gan."),
+    sets: list[str] | None = typer.Option(None, "--set", help=_SET_HELP),
     doc: bool = typer.Option(False, "--doc", help="Print every key with its default and description instead."),
 ) -> None:
     """Print the resolved configuration (YAML), or with --doc the documented defaults.

@@ -25,9 +25,9 @@ from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Optional
 
 import typer
 from tqdm import tqdm
@@ -92,7 +92,7 @@ def _file_chunks(path: Path, index: int, report: bool) -> Iterator[pool_pb2.File
 
 
 def _push_requests(signed: SignedBundle, need: list[int], need_report: bool, sent: dict,
-                   bar: Optional[tqdm]) -> Iterator[pool_pb2.PushRequest]:
+                   bar: tqdm | None) -> Iterator[pool_pb2.PushRequest]:
     yield from _manifest_parts(signed, pool_pb2.PushRequest)
     batch, size = [], 0
     files = [(signed.image_path(i), i, False) for i in need]
@@ -123,9 +123,9 @@ def push(
     retries: int = _DEFAULT.retries,
     backoff: float = _DEFAULT.backoff_s,
     progress: bool = True,
-    server_name: Optional[str] = None,
+    server_name: str | None = None,
     log: Callable[[str], None] = lambda m: None,
-    policy: Optional[RetryPolicy] = None,
+    policy: RetryPolicy | None = None,
 ) -> ExportResult:
     """Offer then push ``signed``; retry transient failures (see the module docstring).
 
@@ -162,8 +162,8 @@ def push(
 
 
 def export(outdir: Path, pool: str, credentials: Path, retries: int = _DEFAULT.retries,
-           backoff: float = _DEFAULT.backoff_s, progress: bool = True, server_name: Optional[str] = None,
-           log: Callable[[str], None] = lambda m: None, policy: Optional[RetryPolicy] = None) -> ExportResult:
+           backoff: float = _DEFAULT.backoff_s, progress: bool = True, server_name: str | None = None,
+           log: Callable[[str], None] = lambda m: None, policy: RetryPolicy | None = None) -> ExportResult:
     creds, signed = prepare(Path(outdir), Path(credentials))
     return push(signed, pool, creds, retries, backoff, progress, server_name, log, policy)
 
@@ -177,7 +177,7 @@ def export_command(
     backoff: float = typer.Option(_DEFAULT.backoff_s, "--backoff", min=0.0,
                                   help=f"First retry delay in seconds (doubles, max {_DEFAULT.max_backoff_s:g})."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
-    server_name: Optional[str] = typer.Option(None, "--server-name", help="Expected name in the pool's certificate."),
+    server_name: str | None = typer.Option(None, "--server-name", help="Expected name in the pool's certificate."),
 ) -> None:
     """Sign OUTDIR as a bundle and push it to the pool (retries; a duplicate is acknowledged).
 
@@ -190,7 +190,7 @@ def export_command(
         res = export(outdir, pool, credentials, retries, backoff, progress, server_name, log)
     except ExportError as err:
         typer.echo(f"error: {err}", err=True)
-        raise typer.Exit(1)
+        raise typer.Exit(1) from None
     if res.duplicate:
         typer.echo(f"bundle {res.bundle_id} already in the pool (duplicate, {res.n_images} images); nothing sent")
     else:

@@ -19,21 +19,20 @@ import logging
 import shutil
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 import torch
 
+from client.site import Site
 from plan_shared.config import PlanConfig
 from plan_shared.credentials import find_identity_dir
 from plan_shared.pool_transport import RetryPolicy
 from plan_shared.protocol import ClassifierScore, SiteEvaluation, SynthesisSummary
 
-from client.site import Site
-
 LOG = logging.getLogger("plan.phases")
 
-def site_credentials(site: Site) -> Optional[Path]:
+def site_credentials(site: Site) -> Path | None:
     """The site's pool credentials: its pool.credentials, else federation.certs_dir/sites/<site-id> in simulation.
 
     In deployment ``site.cfg.pool`` comes from the site's own node config (client/site.py).
@@ -79,8 +78,8 @@ def synthesize_at_site(
     weights: dict[str, torch.Tensor],
     channels: int,
     size: int,
-    generator_round: Optional[int],
-    method: Optional[str] = None,
+    generator_round: int | None,
+    method: str | None = None,
 ) -> SynthesisSummary:
     """Run the site pipeline with the global generator and push the bundle; numbers only out."""
     from client.pipeline import GeneratorSnapshot, run_site_pipeline

@@ -20,16 +20,15 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
-from typing import Iterator, Optional, Sequence
 
 import grpc
 
+from client.site import Site
 from plan_shared import progress as P
 from plan_shared.pool_proto import pool_pb2, pool_pb2_grpc
-
-from client.site import Site
 
 LOG = logging.getLogger("plan.progress")
 CALL_TIMEOUT_S = 5.0
@@ -40,16 +39,15 @@ RETRY_AFTER_S = 30.0  # after a failed call, reports are dropped this long
 class PoolProgressSink:
     """Sends each progress event to the pool's ``Progress`` RPC (in order, from one thread)."""
 
-    def __init__(self, address: str, credentials: Path, server_name: Optional[str] = None):
+    def __init__(self, address: str, credentials: Path, server_name: str | None = None):
         from plan_shared.credentials import load_client_credentials
-
         from plan_shared.pool_transport import open_channel
 
         self.address = address
         creds = load_client_credentials(credentials)
         self._channel = open_channel(address, creds, server_name)
         self._stub = pool_pb2_grpc.PoolProgressStub(self._channel)
-        self._q: "queue.Queue[Optional[P.Event]]" = queue.Queue(QUEUE_MAX)
+        self._q: queue.Queue[P.Event | None] = queue.Queue(QUEUE_MAX)
         self._warned = False
         self.sent = 0
         self._thread = threading.Thread(target=self._run, name="progress-rpc", daemon=True)

@@ -29,9 +29,10 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from pydantic import ValidationError
 
@@ -78,7 +79,7 @@ class Site:
     num_partitions: int | None = None
 
     @classmethod
-    def from_node_config(cls, node_config: Mapping[str, Any], cfg: PlanConfig) -> "Site":
+    def from_node_config(cls, node_config: Mapping[str, Any], cfg: PlanConfig) -> Site:
         nc = dict(node_config or {})
         if "data-path" in nc or "site-id" in nc:
             site_id = str(nc.get("site-id") or cfg.site_id)

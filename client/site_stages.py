@@ -37,6 +37,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -67,11 +68,11 @@ from plan_shared.classifiers import (
 )
 from plan_shared.config import METHODS, Method, PlanConfig
 from plan_shared.data import ImageDataset, stratified_subsample, to_tensor
+from plan_shared.encoder import encoder_init
 from plan_shared.files import file_sha256
 from plan_shared.gan import generator_digest
 from plan_shared.gan import load_generator as load_generator_checkpoint
 from plan_shared.imaging import save_png, to_uint8_hwc
-from plan_shared.encoder import encoder_init
 from plan_shared.inversion import invert
 from plan_shared.manifest import (
     ImageRecord,
@@ -87,7 +88,6 @@ from plan_shared.models.generator import StyleGenerator
 from plan_shared.navigation import linear_paths, optimise_paths, random_samples, w_std
 from plan_shared.plots import dcr_histogram, path_strips, sample_grid
 from plan_shared.prevalence import prevalence_selection
-from plan_shared.variety import method_precision_recall
 from plan_shared.privacy import (
     ExclusionZone,
     Scores,
@@ -97,6 +97,7 @@ from plan_shared.privacy import (
     reject_reasons,
     score_images,
 )
+from plan_shared.variety import method_precision_recall
 
 LOG = logging.getLogger("plan.pipeline")
 Split = str  # "train" | "val" | "test"
@@ -637,7 +638,7 @@ def match_class_shares(cfg: PlanConfig, ds: ImageDataset, cand: Candidates,
 def add_precision_recall(cfg: PlanConfig, compare: dict[str, ComparePoint], phi_class: Classifier, data: SiteData,
                          cand: Mapping[Method, Candidates], flt: FilterOutcome) -> None:
     """Each method's precision / recall against the real train split (its filter-passing images) into ``compare``."""
-    sets = {name: c.images[flt.passed(name)] for name, c in cand.items()}
+    sets: dict[str, torch.Tensor] = {name: c.images[flt.passed(name)] for name, c in cand.items()}
     for name, pr in method_precision_recall(phi_class, data.x_tr, sets, cfg.synthesis.pr_k).items():
         if name in compare:
             compare[name].variety = pr

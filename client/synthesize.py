@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from plan_shared.config import PlanConfig
 
@@ -27,7 +27,7 @@ def train_local_generator(cfg: PlanConfig, dataset, path: Path, progress: bool =
     return path
 
 
-def synthesize(cfg: PlanConfig, out: Path, generator: Optional[Path] = None, method: Optional[str] = None) -> dict[str, Any]:
+def synthesize(cfg: PlanConfig, out: Path, generator: Path | None = None, method: str | None = None) -> dict[str, Any]:
     from client.pipeline import run_site_pipeline, write_report
     from plan_shared.data import load_dataset
     from plan_shared.runtime import set_threads
@@ -62,7 +62,7 @@ def summary_line(report: dict[str, Any]) -> str:
     return "; ".join(parts)
 
 
-def resolve_config(config: Optional[Path], dataset: Optional[str], data: Optional[Path], sets: list[str] | None, **extra) -> PlanConfig:
+def resolve_config(config: Path | None, dataset: str | None, data: Path | None, sets: list[str] | None, **extra) -> PlanConfig:
     """site.yaml (or defaults) + ``--dataset`` / ``--data`` + ``--set KEY=VALUE`` + explicit options."""
     from plan_shared.config import data_overrides, load_config, parse_sets
 

@@ -14,9 +14,8 @@ classes are never merged::
 
 from __future__ import annotations
 
-from typing import Any
-
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch

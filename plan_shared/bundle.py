@@ -35,27 +35,27 @@ Pool side::
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Optional
+from typing import Any
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from plan_shared.files import sha256_bytes, sha256_file
-
 from plan_shared.manifest import (
     MAX_INT,
     ImageRecord,
     ManifestError,
     SiteManifest,
-    short_repr,
     is_count,
     is_hex64,
     is_safe_name,
     loads_strict,
     read_site_manifest,
+    short_repr,
 )
 
 FORMAT = "plan-bundle/1"
@@ -106,19 +106,19 @@ class ThresholdPolicy:
     Checked by :func:`plan_shared.policy.check_policy` (manifest, then report.json).
     """
 
-    max_tau_id: Optional[float] = None
-    max_tau_indep: Optional[float] = None
-    min_delta: Optional[float] = None
-    min_delta_quantile: Optional[float] = None      # report.json filter.delta_quantile
-    min_k: Optional[int] = None                     # report.json anchors.k
-    min_planted: Optional[int] = None               # report.json filter.planted_total
+    max_tau_id: float | None = None
+    max_tau_indep: float | None = None
+    min_delta: float | None = None
+    min_delta_quantile: float | None = None      # report.json filter.delta_quantile
+    min_k: int | None = None                     # report.json anchors.k
+    min_planted: int | None = None               # report.json filter.planted_total
     all_planted_rejected: bool = False              # filter.planted_rejected == planted_total
-    methods: Optional[tuple[str, ...]] = None
-    image_size: Optional[int] = None                # exact PNG width = height
-    channels: Optional[int] = None                  # 1 (grey) or 3 (RGB)
-    num_classes: Optional[int] = None               # labels in [0, num_classes)
+    methods: tuple[str, ...] | None = None
+    image_size: int | None = None                # exact PNG width = height
+    channels: int | None = None                  # 1 (grey) or 3 (RGB)
+    num_classes: int | None = None               # labels in [0, num_classes)
     max_pixels: int = DEFAULT_MAX_PIXELS
-    generator_sha256: Optional[str] = None          # weights digest of the federation's final G_ema
+    generator_sha256: str | None = None          # weights digest of the federation's final G_ema
     require_generator: bool = False                 # True: a bundle needs generator_sha256 (null = not yet known)
 
     @property
@@ -141,10 +141,10 @@ class BundleManifest:
     site_id: str
     generator_sha256: str
     config_sha256: str
-    generator_round: Optional[int]
+    generator_round: int | None
     created: str
     signing_key_sha256: str
-    report_sha256: Optional[str]
+    report_sha256: str | None
     report_size: int
     images: list[BundleImage] = field(default_factory=list)
 
@@ -227,7 +227,7 @@ def load_public_key_pem(data: bytes) -> Ed25519PublicKey:
 # ---------------------------------------------------------------- building (site side)
 
 
-def bundle_body(site: SiteManifest, signing_key_sha256: str, sizes: list[int], report: Optional[tuple[str, int]]) -> dict[str, Any]:
+def bundle_body(site: SiteManifest, signing_key_sha256: str, sizes: list[int], report: tuple[str, int] | None) -> dict[str, Any]:
     images = []
     for rec, size in zip(site.images, sizes):
         d = rec.to_dict()
@@ -258,8 +258,8 @@ def with_bundle_id(body: dict[str, Any]) -> bytes:
 def build_bundle(
     outdir: str | Path,
     signing_key: Ed25519PrivateKey,
-    site_id: Optional[str] = None,
-    site_manifest: Optional[SiteManifest] = None,
+    site_id: str | None = None,
+    site_manifest: SiteManifest | None = None,
 ) -> SignedBundle:
     """Hash every image of ``outdir``, check it against ``manifest.json`` and sign.
 
@@ -310,7 +310,7 @@ def sign_manifest(manifest_bytes: bytes, signing_key: Ed25519PrivateKey) -> byte
 # ---------------------------------------------------------------- checking (pool side)
 
 
-def parse_bundle_manifest(data: bytes, limits: Optional[BundleLimits] = None) -> BundleManifest:
+def parse_bundle_manifest(data: bytes, limits: BundleLimits | None = None) -> BundleManifest:
     """Parse and schema-check manifest bytes; also checks that ``bundle_id`` matches the content."""
     limits = limits or BundleLimits()
     if len(data) > limits.max_manifest_bytes:
@@ -402,7 +402,7 @@ def verify_signature(manifest_bytes: bytes, signature: bytes, public_raw: bytes,
         raise BundleError(f"signature does not verify with the registered key of site {site_id!r}") from None
 
 
-def check_bundle(bm: BundleManifest, limits: BundleLimits, policy: Optional[ThresholdPolicy] = None) -> None:
+def check_bundle(bm: BundleManifest, limits: BundleLimits, policy: ThresholdPolicy | None = None) -> None:
     """Limits and privacy checks of a parsed manifest; raises BundleError with the first reason."""
     if not bm.images:
         raise BundleError("bundle has no images")

@@ -19,15 +19,15 @@ from __future__ import annotations
 import copy
 import logging
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+
 from plan_shared import progress as P
 from plan_shared.config import ClassifierConfig, IdentityConfig
-
 from plan_shared.models import Classifier
 
 LOG = logging.getLogger("plan.classifiers")
@@ -64,7 +64,7 @@ def spec_from(section: ClassifierConfig, **over: Any) -> TrainSpec:
     return TrainSpec(**kw)
 
 
-def augment_batch(x: torch.Tensor, spec: TrainSpec, gen: Optional[torch.Generator] = None) -> torch.Tensor:
+def augment_batch(x: torch.Tensor, spec: TrainSpec, gen: torch.Generator | None = None) -> torch.Tensor:
     """Random translation (reflect padding), blur, brightness/contrast and noise; shapes kept."""
     b, c, h, w = x.shape
     dev = x.device
@@ -130,7 +130,7 @@ def train_classifier(
     x: torch.Tensor,
     y: torch.Tensor | np.ndarray,
     spec: TrainSpec,
-    val: Optional[tuple[torch.Tensor, torch.Tensor | np.ndarray]] = None,
+    val: tuple[torch.Tensor, torch.Tensor | np.ndarray] | None = None,
     seed: int = 0,
     desc: str = "classifier",
     progress: bool = True,

@@ -15,11 +15,10 @@ import hashlib
 import json
 import re
 from pathlib import Path
-from typing import Any, Literal, Optional, get_args
+from typing import Any, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
-
 
 Method = Literal["plan", "linear", "random"]
 """A synthesis method: PLAN paths, linear interpolation between anchors, random samples (the baselines)."""
@@ -37,7 +36,7 @@ class _Section(BaseModel):
 class DicomConfig(_Section):
     """dicom source: the labels CSV next to the DICOM files and how pixels become 8-bit images."""
 
-    labels_csv: Optional[str] = Field(
+    labels_csv: str | None = Field(
         None,
         description="CSV mapping each DICOM file to its class; a relative path is taken inside data.path. "
         "null = data.path/labels.csv.",
@@ -73,28 +72,28 @@ class DataConfig(_Section):
         description="medmnist (.npz), imagefolder (one sub-folder per class), csv (APTOS style) or dicom (a folder "
         "of DICOM files + labels CSV, see data.dicom).",
     )
-    name: Optional[str] = Field(
+    name: str | None = Field(
         "pneumoniamnist",
         description="MedMNIST flag (e.g. pneumoniamnist); looked up as <name>.npz in $PLAN_DATA_DIR, "
         "else downloaded through the medmnist package when online.",
     )
-    path: Optional[str] = Field(
+    path: str | None = Field(
         None,
         description="Explicit path: a MedMNIST-format .npz, an ImageFolder root, the CSV manifest, or the DICOM folder.",
     )
-    image_dir: Optional[str] = Field(None, description="csv source: folder holding the images (default: next to the CSV).")
+    image_dir: str | None = Field(None, description="csv source: folder holding the images (default: next to the CSV).")
     id_column: str = Field("id_code", description="csv source: column with the image id (file stem).")
     label_column: str = Field("diagnosis", description="csv source: column with the label: integers (names are the numbers) or class names (sorted: label 0, 1, ...).")
     extension: str = Field(".png", description="csv source: image file extension appended to the id.")
-    size: Optional[int] = Field(
+    size: int | None = Field(
         32, ge=8, le=1024, description="Resize every image to size x size. null keeps the native size (all must agree)."
     )
-    channels: Optional[Literal[1, 3]] = Field(
+    channels: Literal[1, 3] | None = Field(
         None, description="Convert to 1 (grey) or 3 (RGB) channels. null keeps the native channels (all must agree)."
     )
     val_fraction: float = Field(0.1, gt=0.0, lt=0.5, description="Seeded stratified split where the source has none.")
     test_fraction: float = Field(0.2, gt=0.0, lt=0.5, description="Seeded stratified split where the source has none.")
-    max_train: Optional[int] = Field(
+    max_train: int | None = Field(
         None, ge=2, description="Use at most this many training images (stratified subsample; stated in reports)."
     )
     download: bool = Field(
@@ -277,7 +276,7 @@ class EncoderConfig(_Section):
     refine_steps: int = Field(
         10, ge=0, description="Adam steps of the inversion loss (inversion.lr, pixel/feature weights) from E(x); 0 = E(x) as is."
     )
-    path: Optional[str] = Field(
+    path: str | None = Field(
         None, description="Encoder file: loaded when it exists and was trained for the same generator weights "
         "(digest checked), else trained and written there. null = train in memory for every run. "
         "It holds no patient data (trained on generator samples only)."
@@ -290,7 +289,7 @@ class InversionConfig(_Section):
     steps: int = Field(60, ge=1, description="Adam steps per image (method.md: a few hundred; 60 at a higher lr fits the CPU budget).")
     lr: float = Field(0.05, gt=0.0, description="Adam learning rate in W, in units of sigma_W (mean per-coordinate std of W, measured on the generator).")
     batch_size: int = Field(256, ge=1, description="Images optimised together.")
-    max_images: Optional[int] = Field(
+    max_images: int | None = Field(
         800, ge=1, description="Invert at most this many training images (seeded stratified subsample; null = all). "
         "Anchors come only from inverted images and the report states the number. Without the encoder, inversion "
         "is the slowest stage (~425 image-steps/s on 2 cores)."
@@ -325,11 +324,11 @@ class NavigationConfig(_Section):
     lambda_id: float = Field(1.2, ge=0.0, description="Weight of L_id = mean KL(U || softmax phi_id); 1.2 = 0.025 x 48 (published per-image weight at T = 50).")
     lambda_class: float = Field(12.0, ge=0.0, description="Weight of L_class = mean CE(phi_class, y); 12 = 0.25 x 48 (published per-image weight at T = 50).")
     chunk: int = Field(256, ge=1, description="Images per forward+backward chunk; sets peak memory, independent of paths x T.")
-    max_offset: Optional[float] = Field(
+    max_offset: float | None = Field(
         None, gt=0.0, description="Optional bound: after each step every point is projected to within this W distance "
         "of its straight-line start (keeps images near the manifold). null = unbounded (published behaviour)."
     )
-    early_stop_patience: Optional[int] = Field(
+    early_stop_patience: int | None = Field(
         None, ge=1, description="Early stopping per path: a path stops (its points are no longer rendered) after this "
         "many consecutive steps in which its loss did not fall below (1 - early_stop_rel_tol) x the loss of its last "
         "progress; steps is then the cap, and every path ends on the best point it measured. null = off (every path "
@@ -338,7 +337,7 @@ class NavigationConfig(_Section):
     early_stop_rel_tol: float = Field(
         1e-3, ge=0.0, lt=1.0, description="Relative improvement of a path's loss that counts as progress for early_stop_patience."
     )
-    devices: Optional[list[str]] = Field(
+    devices: list[str] | None = Field(
         None, min_length=1, description="Devices the paths are sharded over, one worker (thread with its own model copies) "
         "per entry, e.g. [cuda:0, cuda:1]; entries may repeat ([cpu, cpu] = two CPU workers). Each path's optimisation is "
         "independent of the others, so the result equals one worker's up to float rounding. null = all visible GPUs, "
@@ -346,14 +345,14 @@ class NavigationConfig(_Section):
     )
 
     @model_validator(mode="after")
-    def _check_devices(self) -> "NavigationConfig":
+    def _check_devices(self) -> NavigationConfig:
         for d in self.devices or []:
             if not re.fullmatch(r"cpu|cuda(:[0-9]+)?|mps", d):
                 raise ValueError(f"navigation.devices: {d!r} is not a device (cpu, cuda, cuda:N or mps)")
         return self
 
     # Robust identity guidance (plan_shared/nav_objectives.py; measured by benchmarks/plan_vs_linear.py, issue #11.1).
-    class_target: Optional[float] = Field(
+    class_target: float | None = Field(
         0.9, gt=0.0, lt=1.0, description="L_class margin: a point's CE counts (and pushes) only while phi_class gives "
         "its class a probability below this, so paths stay as hard as real images instead of being pushed to certainty "
         "(issue #11.4). null = plain CE everywhere (published behaviour). The measured winner of "
@@ -382,7 +381,7 @@ class NavigationConfig(_Section):
     smooth_sigma: float = Field(1.0, gt=0.0, description="Low-pass bound: Gaussian sigma (pixels) separating coarse from fine.")
 
     @model_validator(mode="after")
-    def _eot_range(self) -> "NavigationConfig":
+    def _eot_range(self) -> NavigationConfig:
         lo, hi = self.eot_blur
         if not 0.0 <= lo <= hi:
             raise ValueError(f"eot_blur must be [lo, hi] with 0 <= lo <= hi, got {list(self.eot_blur)}")
@@ -427,7 +426,7 @@ class FilterConfig(_Section):
     )
 
     @model_validator(mode="after")
-    def _zone(self) -> "FilterConfig":
+    def _zone(self) -> FilterConfig:
         if "train" not in self.protect:
             raise ValueError(f"filter.protect={self.protect}: must contain 'train' (the members are patients to protect)")
         if self.calibration_split not in self.protect:
@@ -441,10 +440,10 @@ class SynthesisConfig(_Section):
     """What `plan-client synthesize` produces."""
 
     method: Method = Field("plan", description="Method whose accepted images are exported.")
-    max_paths: Optional[int] = Field(
+    max_paths: int | None = Field(
         48, ge=1, description="At most this many anchor pairs (paths) per method, spread over classes (null = all pairs)."
     )
-    random_samples: Optional[int] = Field(
+    random_samples: int | None = Field(
         None, ge=1, description="Candidates of the random baseline (null = as many as the path methods); labelled by phi_class."
     )
     truncation: float = Field(0.7, gt=0.0, le=1.0, description="Truncation of random samples.")
@@ -481,7 +480,7 @@ class FederationConfig(_Section):
     )
     wait_for_nodes_s: float = Field(300.0, gt=0.0, description="Deadline for min_nodes sites to connect (clear error after).")
     round_timeout_s: float = Field(1800.0, gt=0.0, description="A round stops waiting for late sites after this many seconds.")
-    straggler_grace: Optional[float] = Field(
+    straggler_grace: float | None = Field(
         2.0,
         ge=0.0,
         description="Once min_nodes sites have replied, wait for the others at most this multiple of the time that "
@@ -551,7 +550,7 @@ class PoolLimitsConfig(_Section):
     page_kb: int = Field(1024, ge=1, description="List/Catalog replies are paged (List) and batched (Catalog) at this many KiB.")
 
     @model_validator(mode="after")
-    def _streams_below_workers(self) -> "PoolLimitsConfig":
+    def _streams_below_workers(self) -> PoolLimitsConfig:
         if self.max_streams_per_identity >= self.workers:
             raise ValueError(f"max_streams_per_identity ({self.max_streams_per_identity}) must be below workers "
                              f"({self.workers}): otherwise one identity can hold every worker")
@@ -567,19 +566,19 @@ class PoolConfig(_Section):
     public host and the ``listen`` port) and which credentials it pushes with.
     """
 
-    address: Optional[str] = Field(
+    address: str | None = Field(
         None, description="host:port of the pool service as this machine reaches it. Site: where it exports "
         "(e.g. coordinator.example.org:9444); null = no export. Coordinator: where it pulls from; set automatically "
         "when `coordinate` starts the pool itself (listen), needed only with listen: null (an external pool)."
     )
-    listen: Optional[str] = Field(
+    listen: str | None = Field(
         "0.0.0.0:9444",
         description="Coordinator: host:port on which `plan-server coordinate` starts the pool service (mutual TLS, "
         "store STATE/pool-store) when federation.post_training is true; sites must reach this port. "
         "null = do not start one, pull from an external `plan-server pool serve` at address.",
     )
-    server_name: Optional[str] = Field(None, description="TLS name to expect on the pool's certificate (default: the host).")
-    credentials: Optional[str] = Field(
+    server_name: str | None = Field(None, description="TLS name to expect on the pool's certificate (default: the host).")
+    credentials: str | None = Field(
         None,
         description="Site: its keys folder (client cert, signing key; `plan-client start` defaults to "
         "federation.certs_dir). Coordinator: a reader's folder (`coordinate` defaults to STATE/reader, enrolling "
@@ -593,7 +592,7 @@ class PoolConfig(_Section):
     web_retries: int = Field(
         2, ge=0, description="Retries of a failed call by `pool web` (few: a page waits for them).")
     web_backoff_s: float = Field(0.5, ge=0.0, description="`pool web`: wait before its first retry; doubled per retry.")
-    policy_file: Optional[str] = Field(
+    policy_file: str | None = Field(
         None, description="Coordinator: the JSON policy file the pool enforces (`pool serve --policy`). `coordinate` "
         "and `demo` write it from the policy section (default STATE/pool-policy.json) and the ServerApp records the final "
         "generator's digest in it before the synthesis phase. null with an external pool: no policy file."
@@ -611,26 +610,26 @@ class PolicyConfig(_Section):
     each description), so the pool holds every site to what the coordinator asked for.
     """
 
-    max_tau_id: Optional[float] = Field(None, gt=0.0, le=1.0, description="Largest tau_id a record may carry (null = filter.tau_id).")
-    max_tau_indep: Optional[float] = Field(None, gt=0.0, le=1.0, description="Largest tau_indep a record may carry (null = filter.tau_indep).")
-    min_delta_quantile: Optional[float] = Field(
+    max_tau_id: float | None = Field(None, gt=0.0, le=1.0, description="Largest tau_id a record may carry (null = filter.tau_id).")
+    max_tau_indep: float | None = Field(None, gt=0.0, le=1.0, description="Largest tau_indep a record may carry (null = filter.tau_indep).")
+    min_delta_quantile: float | None = Field(
         None, gt=0.0, lt=1.0, description="Smallest filter.delta_quantile a site's report.json may state (null = filter.delta_quantile)."
     )
-    min_k: Optional[int] = Field(None, ge=1, description="Smallest anchors.k a site's report.json may state (null = anchors.k).")
-    min_planted: Optional[int] = Field(
+    min_k: int | None = Field(None, ge=1, description="Smallest anchors.k a site's report.json may state (null = anchors.k).")
+    min_planted: int | None = Field(
         None, ge=0, description="Fewest planted near-duplicates a site's filter must have been tested with (null = filter.planted)."
     )
-    all_planted_rejected: Optional[bool] = Field(
+    all_planted_rejected: bool | None = Field(
         None, description="Refuse a bundle whose report.json says a planted near-duplicate passed (null = filter.block_on_planted)."
     )
-    methods: Optional[list[Method]] = Field(
+    methods: list[Method] | None = Field(
         None, min_length=1, description="Methods whose images the pool accepts (null = [synthesis.method])."
     )
-    image_size: Optional[int] = Field(
+    image_size: int | None = Field(
         None, ge=8, le=1024, description="Exact PNG width = height (null = data.size, else what the sites describe)."
     )
-    channels: Optional[Literal[1, 3]] = Field(None, description="PNG channels (null = data.channels, else what the sites describe).")
-    num_classes: Optional[int] = Field(None, ge=1, description="Labels must lie in [0, num_classes) (null = what the sites describe).")
+    channels: Literal[1, 3] | None = Field(None, description="PNG channels (null = data.channels, else what the sites describe).")
+    num_classes: int | None = Field(None, ge=1, description="Labels must lie in [0, num_classes) (null = what the sites describe).")
 
 
 class SiteMinimumsConfig(_Section):
@@ -641,12 +640,12 @@ class SiteMinimumsConfig(_Section):
     minimum for that key (set them in every hospital's site.yaml).
     """
 
-    min_k: Optional[int] = Field(None, ge=1, description="Refuse a request with anchors.k below this.")
-    max_tau_id: Optional[float] = Field(None, gt=0.0, le=1.0, description="Refuse a request with filter.tau_id above this.")
-    max_tau_indep: Optional[float] = Field(None, gt=0.0, le=1.0, description="Refuse a request with filter.tau_indep above this.")
-    min_delta_quantile: Optional[float] = Field(None, gt=0.0, lt=1.0, description="Refuse a request with filter.delta_quantile below this.")
-    min_planted: Optional[int] = Field(None, ge=0, description="Refuse a request with filter.planted below this.")
-    block_on_planted: Optional[bool] = Field(None, description="true: refuse a request with filter.block_on_planted false.")
+    min_k: int | None = Field(None, ge=1, description="Refuse a request with anchors.k below this.")
+    max_tau_id: float | None = Field(None, gt=0.0, le=1.0, description="Refuse a request with filter.tau_id above this.")
+    max_tau_indep: float | None = Field(None, gt=0.0, le=1.0, description="Refuse a request with filter.tau_indep above this.")
+    min_delta_quantile: float | None = Field(None, gt=0.0, lt=1.0, description="Refuse a request with filter.delta_quantile below this.")
+    min_planted: int | None = Field(None, ge=0, description="Refuse a request with filter.planted below this.")
+    block_on_planted: bool | None = Field(None, description="true: refuse a request with filter.block_on_planted false.")
 
 
 class AttackerConfig(_Section):
@@ -688,7 +687,7 @@ class PlanConfig(BaseModel):
 
     seed: int = Field(0, ge=0, description="Drives Python, NumPy, torch and the partitioner.")
     device: str = Field("auto", description="auto (cuda when present, else cpu), cpu, cuda, cuda:N.")
-    threads: Optional[int] = Field(None, ge=1, description="torch CPU threads (null = torch's default).")
+    threads: int | None = Field(None, ge=1, description="torch CPU threads (null = torch's default).")
     site_id: str = Field("site-0", min_length=1, description="This site's name (used in bundles and logs).")
     data: DataConfig = Field(default_factory=DataConfig)
     partition: PartitionConfig = Field(default_factory=PartitionConfig)
@@ -710,7 +709,7 @@ class PlanConfig(BaseModel):
     audit: AuditConfig = Field(default_factory=AuditConfig)
 
     @model_validator(mode="after")
-    def _check_device(self) -> "PlanConfig":
+    def _check_device(self) -> PlanConfig:
         d = self.device
         if not (d in ("auto", "cpu", "cuda", "mps") or (d.startswith("cuda:") and d[5:].isdigit())):
             raise ValueError(f"device must be auto, cpu, cuda, cuda:N or mps, got {d!r}")

@@ -54,7 +54,6 @@ import stat
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
 from cryptography import x509
 from cryptography.x509.oid import NameOID
@@ -88,10 +87,10 @@ def identity_dir(certs: str | Path, name: str, role: str) -> Path:
 def find_identity_dir(
     certs: str | Path,
     role: str,
-    name: Optional[str] = None,
-    explicit: Optional[str | Path] = None,
+    name: str | None = None,
+    explicit: str | Path | None = None,
     marker: str = CLIENT_CERT,
-) -> Optional[Path]:
+) -> Path | None:
     """The one rule for finding an identity's credentials folder; None when there is none.
 
     1. ``explicit`` (e.g. ``pool.credentials``), when given: taken as it is (``~`` expanded);
@@ -119,7 +118,7 @@ def find_identity_dir(
 @dataclass(frozen=True)
 class CertIdentity:
     name: str
-    role: Optional[str]
+    role: str | None
     serial: str  # lower-case hex
 
 
@@ -239,11 +238,11 @@ def split_address(address: str) -> tuple[str, int]:
 def diagnose_tls(
     address: str,
     ca_pem: bytes,
-    cert_path: Optional[Path] = None,
-    key_path: Optional[Path] = None,
-    server_name: Optional[str] = None,
+    cert_path: Path | None = None,
+    key_path: Path | None = None,
+    server_name: str | None = None,
     timeout: float = 5.0,
-) -> Optional[str]:
+) -> str | None:
     """Explain a failed connection when the TLS layer is the cause; None otherwise.
 
     gRPC reports a refused client certificate only as "Socket closed" (TLS 1.3 checks
@@ -262,8 +261,8 @@ def diagnose_tls(
     return first[1] if second is not None and second[0] == first[0] else None
 
 
-def _probe_tls(address: str, ca_pem: bytes, cert_path: Optional[Path], key_path: Optional[Path], server_name: Optional[str],
-               timeout: float) -> Optional[tuple[str, str]]:
+def _probe_tls(address: str, ca_pem: bytes, cert_path: Path | None, key_path: Path | None, server_name: str | None,
+               timeout: float) -> tuple[str, str] | None:
     import socket
     import ssl
 

@@ -55,9 +55,10 @@ import json
 import logging
 import os
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -91,7 +92,7 @@ class Split:
 
     images: np.ndarray
     labels: np.ndarray
-    patient_ids: Optional[np.ndarray] = None
+    patient_ids: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.images, np.ndarray) or self.images.dtype != np.uint8 or self.images.ndim != 4:
@@ -113,7 +114,7 @@ class Split:
     def __len__(self) -> int:
         return int(self.images.shape[0])
 
-    def subset(self, idx: np.ndarray | Sequence[int]) -> "Split":
+    def subset(self, idx: np.ndarray | Sequence[int]) -> Split:
         """A new Split holding the rows ``idx`` (copied)."""
         idx = np.asarray(idx, dtype=np.int64)
         pid = None if self.patient_ids is None else self.patient_ids[idx]
@@ -217,7 +218,7 @@ def _to_hwc(img: Image.Image, where: str) -> np.ndarray:
     return arr
 
 
-def read_image(path: Path, where: Optional[str] = None) -> np.ndarray:
+def read_image(path: Path, where: str | None = None) -> np.ndarray:
     """Read one image file as uint8 ``(H, W, C)`` with its native channels (1 or 3)."""
     where = where or str(path)
     if not path.is_file():
@@ -263,11 +264,11 @@ class _Shaper:
     any later image that differs is an error naming both files.
     """
 
-    def __init__(self, size: Optional[int], channels: Optional[int]) -> None:
+    def __init__(self, size: int | None, channels: int | None) -> None:
         self.size = size
         self.channels = channels
-        self.first_shape: Optional[tuple[int, int]] = None
-        self.first_channels: Optional[int] = None
+        self.first_shape: tuple[int, int] | None = None
+        self.first_channels: int | None = None
         self.first_where = ""
 
     def __call__(self, arr: np.ndarray, where: str) -> np.ndarray:
@@ -296,7 +297,7 @@ class _Shaper:
         return arr
 
 
-def _shape_array(images: np.ndarray, size: Optional[int], channels: Optional[int], where: str) -> np.ndarray:
+def _shape_array(images: np.ndarray, size: int | None, channels: int | None, where: str) -> np.ndarray:
     """``(N, H, W, C)`` uint8 -> converted ``(N, C', S, S)``."""
     n, h, w, _ = images.shape
     if size is None and h != w:
@@ -419,7 +420,7 @@ def stratified_holdout(labels: np.ndarray, fraction: float, seed: int,
 # MedMNIST
 
 
-def _medmnist_info() -> Optional[dict[str, Any]]:
+def _medmnist_info() -> dict[str, Any] | None:
     try:
         from medmnist import INFO
     except Exception:
@@ -436,7 +437,7 @@ MEDMNIST_LABELS: dict[str, list[str]] = {
 }
 
 
-def medmnist_class_names(flag: str) -> Optional[list[str]]:
+def medmnist_class_names(flag: str) -> list[str] | None:
     """Class names of a MedMNIST flag: from ``medmnist.INFO`` when installed, else :data:`MEDMNIST_LABELS`."""
     info = _medmnist_info()
     if info is not None and flag in info:
@@ -458,7 +459,7 @@ def _search_dirs() -> list[Path]:
     return dirs
 
 
-def _candidate_names(name: str, size: Optional[int]) -> list[str]:
+def _candidate_names(name: str, size: int | None) -> list[str]:
     names = []
     if size is not None and size != 28:
         names.append(f"{name}_{size}.npz")
@@ -471,7 +472,7 @@ def _candidate_names(name: str, size: Optional[int]) -> list[str]:
     return names
 
 
-def _download_medmnist(flag: str, size: Optional[int], root: Path) -> None:
+def _download_medmnist(flag: str, size: int | None, root: Path) -> None:
     """Download one MedMNIST set through the ``medmnist`` package's own API into ``root``."""
     import medmnist
 
@@ -558,7 +559,7 @@ def _load_medmnist(cfg: DataConfig, seed: int) -> ImageDataset:
     if own_names is not None:
         if own_names.ndim != 1 or own_names.dtype.kind != "U":
             raise DataError(f"{path} [class_names]: expected a 1-D array of strings, got {own_names.dtype} {own_names.shape}")
-        class_names: Optional[list[str]] = [str(n) for n in own_names]
+        class_names: list[str] | None = [str(n) for n in own_names]
     else:
         class_names = medmnist_class_names(flag)
 
@@ -654,7 +655,7 @@ def _subdirs(folder: Path) -> list[Path]:
 PULL_FILES = ("manifest.json", "DATASHEET.md", "pool.npz")
 
 
-def _pulled_class_order(root: Path) -> Optional[list[str]]:
+def _pulled_class_order(root: Path) -> list[str] | None:
     """Class folder names in label order when ``root`` was written by ``pool pull`` (its manifest.json
     says which label each class folder holds), so labels read back are the pool's labels; else None."""
     try:
@@ -674,7 +675,7 @@ def _pulled_class_order(root: Path) -> Optional[list[str]]:
     return names
 
 
-def _class_folder_files(root: Path, class_names: Optional[list[str]]) -> tuple[list[str], list[tuple[Path, int]]]:
+def _class_folder_files(root: Path, class_names: list[str] | None) -> tuple[list[str], list[tuple[Path, int]]]:
     dirs = _subdirs(root)
     pulled = _pulled_class_order(root)
     if class_names is None and pulled is not None:
@@ -923,7 +924,7 @@ def _grey_to_uint8(arr: np.ndarray, ds: Any, no_window: str) -> np.ndarray:
     return np.round(img).astype(np.uint8)[:, :, None]
 
 
-def read_dicom(path: Path, where: str, channels: Optional[int], no_window: str = "minmax") -> tuple[np.ndarray, Any]:
+def read_dicom(path: Path, where: str, channels: int | None, no_window: str = "minmax") -> tuple[np.ndarray, Any]:
     """One DICOM file -> ``(uint8 (H, W, C) image, pydicom Dataset)``; DataError naming ``where``.
 
     The returned Dataset is for the caller to read the CSV keys from; it is not kept.
@@ -1034,7 +1035,7 @@ def _read_labels_csv(csv_path: Path, dc: DicomConfig) -> tuple[list[dict[str, An
                 )
             rows = []
             for row in reader:
-                def get(c: str, row: dict[str, Optional[str]] = row) -> str:
+                def get(c: str, row: dict[str, str | None] = row) -> str:
                     return (row.get(c) or "").strip()
 
                 rows.append({"line": reader.line_num, "file": _norm_rel(get(dc.file_column)) if has_file else "",

@@ -37,9 +37,10 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, NoReturn, Optional
+from typing import Any, NoReturn
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
@@ -83,7 +84,7 @@ def make_node_key() -> tuple[bytes, bytes]:
     return priv, pub
 
 
-def subject_name(name: str, role: Optional[str] = None) -> x509.Name:
+def subject_name(name: str, role: str | None = None) -> x509.Name:
     """O=PLAN federation[, OU=role], CN=name: the subject of every federation certificate."""
     attrs = [x509.NameAttribute(NameOID.ORGANIZATION_NAME, ORG)]
     if role:
@@ -196,8 +197,8 @@ class Enrolment:
     name: str
     role: str
     csr: x509.CertificateSigningRequest
-    ed25519_public: Optional[str]  # hex
-    node_public_key: Optional[str]  # OpenSSH line
+    ed25519_public: str | None  # hex
+    node_public_key: str | None  # OpenSSH line
     fingerprints: dict[str, Any]
 
 
@@ -234,7 +235,7 @@ def _check_keys(path: Path, doc: dict[str, Any], keys: tuple[str, ...], fmt: str
         raise EnrolmentError(f"{path}: unknown field {', '.join(extra)}")
 
 
-def _hex(path: Path, field: str, value: Any, nbytes: Optional[int] = None) -> bytes:
+def _hex(path: Path, field: str, value: Any, nbytes: int | None = None) -> bytes:
     if not isinstance(value, str):
         raise EnrolmentError(f"{path}: {field}: expected a hex string, got {type(value).__name__}")
     try:
@@ -254,7 +255,7 @@ def _verifies(check: Callable[[], object]) -> bool:
     return True
 
 
-def _cn_ou(name: x509.Name) -> tuple[Optional[str], Optional[str]]:
+def _cn_ou(name: x509.Name) -> tuple[str | None, str | None]:
     cn = name.get_attributes_for_oid(NameOID.COMMON_NAME)
     ou = name.get_attributes_for_oid(NameOID.ORGANIZATIONAL_UNIT_NAME)
     return (str(cn[0].value) if cn else None), (str(ou[0].value) if ou else None)
@@ -350,7 +351,7 @@ def ca_fingerprint(ca_pem: bytes) -> str:
     return sha256_bytes(x509.load_pem_x509_certificate(ca_pem).public_bytes(serialization.Encoding.DER))
 
 
-def install_certificate(directory: str | Path, response: str | Path, expect_ca_sha256: Optional[str] = None) -> "C.ClientCredentials":
+def install_certificate(directory: str | Path, response: str | Path, expect_ca_sha256: str | None = None) -> C.ClientCredentials:
     """Put the signed certificate and the CA certificate of ``response`` into the keys folder.
 
     Checks that the response is for this folder's identity and its own TLS key, and

@@ -16,13 +16,14 @@ from __future__ import annotations
 import copy
 import hashlib
 import logging
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, Literal, Optional
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
-from plan_shared import progress as P
 
+from plan_shared import progress as P
 from plan_shared.augment import diff_augment
 from plan_shared.config import PlanConfig, config_from_dict
 from plan_shared.files import atomic_write, file_sha256  # noqa: F401  (file_sha256: used via plan_shared.gan)
@@ -83,7 +84,7 @@ class GanTrainer:
         self.opt_d = torch.optim.Adam(
             self.D.parameters(), lr=g.lr_d * c, betas=(g.beta1**c, g.beta2**c), eps=1e-8, foreach=self._foreach
         )
-        self._compiled: Optional[_Nets] = None
+        self._compiled: _Nets | None = None
         self.rng = torch.Generator().manual_seed(cfg.seed + 1)
         # G's noise inputs draw from torch's global RNG; the trainer keeps its own copy of
         # that state and swaps it in while training, so other code cannot perturb a run.
@@ -93,7 +94,7 @@ class GanTrainer:
         self.images_seen = 0
 
     # ------------------------------------------------------------------ training
-    def _get_cuda_rng(self) -> Optional[torch.Tensor]:
+    def _get_cuda_rng(self) -> torch.Tensor | None:
         return torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None
 
     def _sample_z(self, n: int) -> torch.Tensor:
@@ -129,7 +130,7 @@ class GanTrainer:
             return self.device.type == "cuda" and n_steps >= g.compile_min_steps
         return g.compile == "on"
 
-    def _generate(self, n: int, nets: Optional[_Nets] = None) -> torch.Tensor:
+    def _generate(self, n: int, nets: _Nets | None = None) -> torch.Tensor:
         mapping, synthesis, _ = nets or self._nets(False)
         z = self._sample_z(n)
         if self.cfg.gan.style_mixing > 0 and float(torch.rand((), generator=self.rng)) < self.cfg.gan.style_mixing:
@@ -213,7 +214,7 @@ class GanTrainer:
         images: torch.Tensor,
         n_steps: int,
         progress: bool = False,
-        callback: Optional[Callable[["GanTrainer", dict[str, float]], None]] = None,
+        callback: Callable[[GanTrainer, dict[str, float]], None] | None = None,
         desc: str = "GAN",
     ) -> dict[str, float]:
         """Run ``n_steps`` D+G steps on ``images`` (float ``[N, C, H, W]`` in [-1, 1]).
@@ -260,7 +261,7 @@ class GanTrainer:
         nets: _Nets,
         bar: Any,
         progress: bool,
-        callback: Optional[Callable[["GanTrainer", dict[str, float]], None]],
+        callback: Callable[[GanTrainer, dict[str, float]], None] | None,
         sums: torch.Tensor,
     ) -> None:
         sync_each = not self.cfg.gan.fast or progress or callback is not None
@@ -337,7 +338,7 @@ class GanTrainer:
         return path
 
     @classmethod
-    def from_checkpoint(cls, path: str | Path, device: torch.device | str = "cpu") -> "GanTrainer":
+    def from_checkpoint(cls, path: str | Path, device: torch.device | str = "cpu") -> GanTrainer:
         sd = _load_checkpoint(path)
         cfg = config_from_dict(sd["config"], f"{path}:config")
         trainer = cls(cfg, sd["arch"]["channels"], sd["arch"]["size"], device)

@@ -101,7 +101,7 @@ def invert(
                 mse, fl = _losses(G, w, x, feature_net, f_target)
                 per = cfg.pixel_weight * mse + (cfg.feature_weight * fl if fl is not None else 0.0)
                 opt.zero_grad(set_to_none=True)
-                per.sum().backward()  # type: ignore[no-untyped-call]
+                per.sum().backward()
                 opt.step()
                 bar.update(1)
         with torch.no_grad():

@@ -39,10 +39,11 @@ import unicodedata
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any
 
 from plan_shared.config import METHODS, Method  # noqa: F401  (re-exported; the one Method literal lives in the schema)
 from plan_shared.files import atomic_write
+
 THRESHOLD_KEYS = ("tau_id", "tau_indep", "delta")
 RECORD_KEYS = (
     "id",
@@ -116,8 +117,8 @@ class ImageRecord:
     label: int
     class_name: str
     method: str
-    path_id: Optional[int]
-    position: Optional[int]
+    path_id: int | None
+    position: int | None
     max_id_prob: float
     indep_id_prob: float
     dcr: float
@@ -161,7 +162,7 @@ class ImageRecord:
         return f"images/{class_name}/{image_id}.png"
 
     @classmethod
-    def from_dict(cls, raw: Any, where: str = "record") -> "ImageRecord":
+    def from_dict(cls, raw: Any, where: str = "record") -> ImageRecord:
         """Validate one record; ``where`` prefixes every error (e.g. ``images[3] (id 'x')``)."""
         if not isinstance(raw, dict):
             raise ManifestError(f"{where}: must be an object, got {type(raw).__name__}")
@@ -243,7 +244,7 @@ class SiteManifest:
     config_sha256: str
     created: str
     images: list[ImageRecord] = field(default_factory=list)
-    generator_round: Optional[int] = None
+    generator_round: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -258,7 +259,7 @@ class SiteManifest:
         return out
 
     @classmethod
-    def from_dict(cls, raw: Any, source: str = "manifest.json") -> "SiteManifest":
+    def from_dict(cls, raw: Any, source: str = "manifest.json") -> SiteManifest:
         if not isinstance(raw, dict):
             raise ManifestError(f"{source}: the top level must be an object, got {type(raw).__name__}")
         unknown = sorted(set(raw) - set(SITE_KEYS_REQUIRED) - set(SITE_KEYS_OPTIONAL))

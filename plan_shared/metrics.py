@@ -10,26 +10,30 @@ for more than two classes) and :func:`scores_from_probs`. Variety: :func:`precis
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import torch
 from sklearn.metrics import balanced_accuracy_score, cohen_kappa_score, roc_auc_score, roc_curve
 
+ArrayLike = Any  # numpy arrays, torch tensors or sequences of numbers
 
-def _np(a) -> np.ndarray:
+
+def _np(a: ArrayLike) -> np.ndarray:
     return a.detach().cpu().numpy() if isinstance(a, torch.Tensor) else np.asarray(a)
 
 
-def accuracy(y_true, y_pred) -> float:
+def accuracy(y_true: ArrayLike, y_pred: ArrayLike) -> float:
     y_true, y_pred = _np(y_true), _np(y_pred)
     return float((y_true == y_pred).mean()) if len(y_true) else float("nan")
 
 
-def balanced_accuracy(y_true, y_pred) -> float:
+def balanced_accuracy(y_true: ArrayLike, y_pred: ArrayLike) -> float:
     y_true, y_pred = _np(y_true), _np(y_pred)
     return float(balanced_accuracy_score(y_true, y_pred)) if len(y_true) else float("nan")
 
 
-def qwk(y_true, y_pred) -> float:
+def qwk(y_true: ArrayLike, y_pred: ArrayLike) -> float:
     """Quadratic-weighted Cohen kappa (1 = perfect, 0 = chance); nan when undefined."""
     y_true, y_pred = _np(y_true), _np(y_pred)
     if len(y_true) == 0:
@@ -39,17 +43,17 @@ def qwk(y_true, y_pred) -> float:
     return float(cohen_kappa_score(y_true, y_pred, weights="quadratic"))
 
 
-def classification_report(y_true, y_pred) -> dict[str, float]:
+def classification_report(y_true: ArrayLike, y_pred: ArrayLike) -> dict[str, float]:
     return {"accuracy": accuracy(y_true, y_pred), "balanced_accuracy": balanced_accuracy(y_true, y_pred), "qwk": qwk(y_true, y_pred)}
 
 
-def _mia_inputs(member_scores, nonmember_scores) -> tuple[np.ndarray, np.ndarray]:
+def _mia_inputs(member_scores: ArrayLike, nonmember_scores: ArrayLike) -> tuple[np.ndarray, np.ndarray]:
     m, n = _np(member_scores).astype(np.float64), _np(nonmember_scores).astype(np.float64)
     y = np.concatenate([np.ones(len(m)), np.zeros(len(n))])
     return y, np.concatenate([m, n])
 
 
-def mia_auc(member_scores, nonmember_scores) -> float:
+def mia_auc(member_scores: ArrayLike, nonmember_scores: ArrayLike) -> float:
     """ROC AUC of a membership score (higher = predicted member); 0.5 = chance."""
     y, s = _mia_inputs(member_scores, nonmember_scores)
     if len(np.unique(y)) < 2:
@@ -57,7 +61,7 @@ def mia_auc(member_scores, nonmember_scores) -> float:
     return float(roc_auc_score(y, s))
 
 
-def tpr_at_fpr(member_scores, nonmember_scores, fpr: float = 0.01) -> float:
+def tpr_at_fpr(member_scores: ArrayLike, nonmember_scores: ArrayLike, fpr: float = 0.01) -> float:
     """Largest true-positive rate with false-positive rate <= ``fpr``."""
     y, s = _mia_inputs(member_scores, nonmember_scores)
     if len(np.unique(y)) < 2:
@@ -67,7 +71,7 @@ def tpr_at_fpr(member_scores, nonmember_scores, fpr: float = 0.01) -> float:
     return float(t[ok].max()) if ok.any() else 0.0
 
 
-def bootstrap_auc_interval(member_scores, nonmember_scores, n_boot: int = 1000, level: float = 0.95,
+def bootstrap_auc_interval(member_scores: ArrayLike, nonmember_scores: ArrayLike, n_boot: int = 1000, level: float = 0.95,
                            seed: int = 0) -> tuple[float, float]:
     """Percentile bootstrap interval of :func:`mia_auc` (members and non-members resampled
     separately with replacement, sizes kept; seeded). (nan, nan) when a group is empty.
@@ -102,14 +106,14 @@ def dcr(query: torch.Tensor, reference: torch.Tensor, batch: int = 1024) -> np.n
     return torch.cat(out).numpy() if out else np.zeros(0, np.float32)
 
 
-def dcr_summary(d) -> dict[str, float]:
+def dcr_summary(d: ArrayLike) -> dict[str, float]:
     d = _np(d).astype(np.float64)
     if len(d) == 0:
         return {"mean_dcr": float("nan"), "p05_dcr": float("nan")}
     return {"mean_dcr": float(d.mean()), "p05_dcr": float(np.quantile(d, 0.05))}
 
 
-def _feature_pair(feats_a, feats_b) -> tuple[np.ndarray, np.ndarray]:
+def _feature_pair(feats_a: ArrayLike, feats_b: ArrayLike) -> tuple[np.ndarray, np.ndarray]:
     """Two feature sets as float64 ``[N >= 2, D]`` arrays of equal D, or a ValueError saying what is wrong."""
     a, b = _np(feats_a).astype(np.float64), _np(feats_b).astype(np.float64)
     if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[1] or len(a) < 2 or len(b) < 2:
@@ -117,7 +121,7 @@ def _feature_pair(feats_a, feats_b) -> tuple[np.ndarray, np.ndarray]:
     return a, b
 
 
-def frechet_distance(feats_a, feats_b) -> float:
+def frechet_distance(feats_a: ArrayLike, feats_b: ArrayLike) -> float:
     """Fréchet distance between Gaussians fitted to two feature sets ``[N, D]`` (FID's formula).
 
     The features come from a network trained locally (no downloaded Inception weights);
@@ -136,7 +140,7 @@ def frechet_distance(feats_a, feats_b) -> float:
     return float(((mu_a - mu_b) ** 2).sum() + np.trace(cov_a) + np.trace(cov_b) - 2 * np.trace(covmean))
 
 
-def kernel_distance(feats_a, feats_b, subset: int = 1000, subsets: int = 50, seed: int = 0) -> tuple[float, float]:
+def kernel_distance(feats_a: ArrayLike, feats_b: ArrayLike, subset: int = 1000, subsets: int = 50, seed: int = 0) -> tuple[float, float]:
     """Kernel distance (KID's unbiased MMD² with the cubic polynomial kernel) between two feature sets.
 
     Unlike the Fréchet distance it has no bias that depends on the sample sizes, so sets of
@@ -158,7 +162,7 @@ def kernel_distance(feats_a, feats_b, subset: int = 1000, subsets: int = 50, see
     return float(np.mean(vals)), float(np.std(vals))
 
 
-def roc_auc(y_true, probs) -> float:
+def roc_auc(y_true: ArrayLike, probs: ArrayLike) -> float:
     """ROC AUC of class probabilities ``[N, K]``: P(class 1) for two classes, one-vs-rest macro mean
     for more; nan when a class of ``0..K-1`` is missing from ``y_true`` (undefined)."""
     y, p = _np(y_true).astype(np.int64), _np(probs).astype(np.float64)
@@ -172,7 +176,7 @@ def roc_auc(y_true, probs) -> float:
     return float(roc_auc_score(y, p / p.sum(1, keepdims=True), multi_class="ovr", average="macro", labels=list(range(k))))
 
 
-def scores_from_probs(y_true, probs) -> dict[str, float]:
+def scores_from_probs(y_true: ArrayLike, probs: ArrayLike) -> dict[str, float]:
     """accuracy, balanced accuracy, QWK (Cohen's kappa, quadratic weights: the report's kappa; equal to
     the unweighted kappa for two classes) and ROC AUC of class probabilities ``[N, K]``."""
     p = _np(probs)
@@ -198,7 +202,7 @@ def _covered(query: torch.Tensor, ref: torch.Tensor, radii: torch.Tensor, batch:
     return torch.cat(out)
 
 
-def precision_recall(real_features, fake_features, k: int = 3) -> tuple[float, float]:
+def precision_recall(real_features: ArrayLike, fake_features: ArrayLike, k: int = 3) -> tuple[float, float]:
     """Improved precision and recall (Kynkäänniemi et al. 2019) of a generated set against a real one.
 
     The manifold of a set is the union of balls around its rows, each with the radius of its

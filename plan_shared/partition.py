@@ -24,7 +24,7 @@ Choices written down here:
 from __future__ import annotations
 
 import logging
-from typing import Sequence, Union
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -170,7 +170,7 @@ def partition_dataset(ds: ImageDataset, cfg: PartitionConfig, seed: int) -> list
 
 
 def class_count_table(
-    parts: Sequence[Union[ImageDataset, np.ndarray]],
+    parts: Sequence[ImageDataset | np.ndarray],
     class_names: Sequence[str] | None = None,
     split: str = "train",
 ) -> str:

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
+from typing import Any
 
 import matplotlib
 
@@ -15,7 +16,7 @@ import torch  # noqa: E402
 from plan_shared.imaging import save_grid, to_uint8_hwc  # noqa: E402
 
 
-def _show(ax, img: np.ndarray) -> None:
+def _show(ax: Any, img: np.ndarray) -> None:
     if img.shape[2] == 1:
         ax.imshow(img[:, :, 0], cmap="gray", vmin=0, vmax=255)
     else:
@@ -25,7 +26,7 @@ def _show(ax, img: np.ndarray) -> None:
 
 
 def path_strips(
-    rows: Sequence[dict],
+    rows: Sequence[dict[str, Any]],
     path: str | Path,
     max_cols: int = 10,
 ) -> Path:
@@ -67,7 +68,7 @@ def dcr_histogram(series: dict[str, np.ndarray], delta: float, path: str | Path)
         bins = np.linspace(lo, hi if hi > lo else lo + 1e-3, 40)
         for name, v in series.items():
             if len(v):
-                ax.hist(v, bins=bins, density=True, alpha=0.45, label=f"{name} (n={len(v)})")
+                ax.hist(v, bins=list(bins), density=True, alpha=0.45, label=f"{name} (n={len(v)})")
     ax.axvline(delta, color="k", ls="--", lw=1, label=f"delta={delta:.3f}")
     ax.set_xlabel("distance to closest protected real image (embedding)")
     ax.set_ylabel("density")

@@ -31,7 +31,6 @@ from __future__ import annotations
 import struct
 import zlib
 from dataclasses import dataclass
-from typing import Optional
 
 SIGNATURE = b"\x89PNG\r\n\x1a\n"
 CANONICAL_CHUNKS = (b"IHDR", b"IDAT", b"IEND")
@@ -53,13 +52,13 @@ _HEAD = struct.Struct(">I4s")
 _CRC = struct.Struct(">I")
 
 
-def check_png(data: bytes, size: Optional[int] = None, channels: Optional[int] = None,
+def check_png(data: bytes, size: int | None = None, channels: int | None = None,
               max_pixels: int = 4096 * 4096) -> PngInfo:
     """Raise :class:`PngError` unless ``data`` is a canonical PNG of that shape (see module docstring)."""
     if data[:8] != SIGNATURE:
         raise PngError("not a PNG file (no PNG signature)")
     pos, n = 8, len(data)
-    info: Optional[PngInfo] = None
+    info: PngInfo | None = None
     idat: list[bytes] = []
     idat_done = False
     crc32 = zlib.crc32
@@ -118,7 +117,7 @@ def check_png(data: bytes, size: Optional[int] = None, channels: Optional[int] =
     return info
 
 
-def _check_ihdr(payload: bytes, size: Optional[int], channels: Optional[int], max_pixels: int) -> PngInfo:
+def _check_ihdr(payload: bytes, size: int | None, channels: int | None, max_pixels: int) -> PngInfo:
     if len(payload) != 13:
         raise PngError(f"IHDR has {len(payload)} bytes, not 13")
     width, height, depth, ctype, comp, filt, interlace = struct.unpack(">IIBBBBB", payload)

@@ -27,14 +27,13 @@ import json
 import os
 import threading
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, Optional
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from plan_shared.bundle import DEFAULT_MAX_PIXELS, BundleError, BundleManifest, PolicyError, ThresholdPolicy
-from plan_shared.config import Method
+from plan_shared.config import METHODS, Method
 from plan_shared.files import atomic_write
-from plan_shared.config import METHODS
 from plan_shared.manifest import ManifestError, is_count, is_number, loads_strict, short_repr
 
 if TYPE_CHECKING:
@@ -53,19 +52,19 @@ class PolicyDocument(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     format: Literal["plan-pool-policy/1"]
-    max_tau_id: Optional[float] = Field(..., gt=0.0, le=1.0)
-    max_tau_indep: Optional[float] = Field(..., gt=0.0, le=1.0)
-    min_delta: Optional[float] = Field(..., ge=0.0)
-    min_delta_quantile: Optional[float] = Field(..., gt=0.0, lt=1.0)
-    min_k: Optional[int] = Field(..., ge=1)
-    min_planted: Optional[int] = Field(..., ge=0)
+    max_tau_id: float | None = Field(..., gt=0.0, le=1.0)
+    max_tau_indep: float | None = Field(..., gt=0.0, le=1.0)
+    min_delta: float | None = Field(..., ge=0.0)
+    min_delta_quantile: float | None = Field(..., gt=0.0, lt=1.0)
+    min_k: int | None = Field(..., ge=1)
+    min_planted: int | None = Field(..., ge=0)
     all_planted_rejected: bool
-    methods: Optional[list[Method]] = Field(..., min_length=1)
-    image_size: Optional[int] = Field(..., ge=1, le=65535)
-    channels: Optional[Literal[1, 3]]
-    num_classes: Optional[int] = Field(..., ge=1)
+    methods: list[Method] | None = Field(..., min_length=1)
+    image_size: int | None = Field(..., ge=1, le=65535)
+    channels: Literal[1, 3] | None
+    num_classes: int | None = Field(..., ge=1)
     max_pixels: int = Field(..., ge=1)
-    generator_sha256: Optional[str] = Field(..., pattern=r"^[0-9a-f]{64}$")
+    generator_sha256: str | None = Field(..., pattern=r"^[0-9a-f]{64}$")
 
     def to_policy(self) -> ThresholdPolicy:
         d = self.model_dump()
@@ -74,7 +73,7 @@ class PolicyDocument(BaseModel):
         return ThresholdPolicy(**d, require_generator=True)
 
     @classmethod
-    def from_policy(cls, p: ThresholdPolicy) -> "PolicyDocument":
+    def from_policy(cls, p: ThresholdPolicy) -> PolicyDocument:
         return cls(
             format=FORMAT, max_tau_id=p.max_tau_id, max_tau_indep=p.max_tau_indep, min_delta=p.min_delta,
             min_delta_quantile=p.min_delta_quantile, min_k=p.min_k, min_planted=p.min_planted,
@@ -87,9 +86,9 @@ class PolicyDocument(BaseModel):
 # ---------------------------------------------------------------- from the coordinator's config
 
 
-def policy_from_config(cfg: "PlanConfig", generator_sha256: Optional[str] = None,
-                       channels: Optional[int] = None, size: Optional[int] = None,
-                       num_classes: Optional[int] = None) -> ThresholdPolicy:
+def policy_from_config(cfg: PlanConfig, generator_sha256: str | None = None,
+                       channels: int | None = None, size: int | None = None,
+                       num_classes: int | None = None) -> ThresholdPolicy:
     """The policy of ``cfg.policy``; a null key takes the coordinator's own setting (documented in config.py).
 
     ``channels`` / ``size`` / ``num_classes`` (what the sites described) fill what the
@@ -149,8 +148,8 @@ def read_policy_file(path: str | Path) -> ThresholdPolicy:
         raise PolicyFileError(f"{p}: key '{key}' = {short_repr(e.get('input'))}: {e['msg']}") from None
 
 
-def publish_generator(path: str | Path, generator_sha256: str, channels: Optional[int] = None,
-                      size: Optional[int] = None, num_classes: Optional[int] = None) -> ThresholdPolicy:
+def publish_generator(path: str | Path, generator_sha256: str, channels: int | None = None,
+                      size: int | None = None, num_classes: int | None = None) -> ThresholdPolicy:
     """Record the final generator's digest (and the image shape the sites described) in the policy file.
 
     What the file already fixes is kept; the file is replaced atomically.
@@ -174,8 +173,8 @@ class PolicyFile:
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self._lock = threading.Lock()
-        self._stamp: Optional[tuple[int, int, int]] = None
-        self._policy: Optional[ThresholdPolicy] = None
+        self._stamp: tuple[int, int, int] | None = None
+        self._policy: ThresholdPolicy | None = None
 
     def current(self) -> ThresholdPolicy:
         try:

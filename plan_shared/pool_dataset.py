@@ -20,9 +20,10 @@ from __future__ import annotations
 
 import json
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any
 
 import numpy as np
 import torch
@@ -52,7 +53,7 @@ class PooledRecord:
     bundle_id: str
     generator_sha256: str
     config_sha256: str
-    generator_round: Optional[int]
+    generator_round: int | None
     record: ImageRecord            # the per-image privacy record, as the site signed it
 
     def provenance(self) -> dict[str, Any]:
@@ -131,7 +132,7 @@ def label_names(doc: dict[str, Any]) -> list[str]:
 class PooledDataset(torch.utils.data.Dataset[tuple[Any, int]]):
     """A pulled pool folder as a ``torch.utils.data.Dataset`` (see the module docstring)."""
 
-    def __init__(self, root: str | Path, transform: Optional[Callable[[Image.Image], Any]] = None,
+    def __init__(self, root: str | Path, transform: Callable[[Image.Image], Any] | None = None,
                  verify: bool = False) -> None:
         self.root = Path(root)
         self.manifest = read_pull_manifest(self.root)
@@ -181,7 +182,7 @@ def _table(header: list[str], rows: list[list[Any]]) -> list[str]:
     return out
 
 
-def datasheet_text(doc: dict[str, Any], npz_name: Optional[str] = None) -> str:
+def datasheet_text(doc: dict[str, Any], npz_name: str | None = None) -> str:
     """The ``DATASHEET.md`` of a pull manifest ``doc`` (sites, counts per class, generators,
     methods, the privacy thresholds seen in the records, intended use and limitations)."""
     images = doc["images"]

@@ -41,7 +41,7 @@ checks can catch those)::
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 import torch
@@ -59,7 +59,7 @@ class Scores:
     indep_id_prob: np.ndarray
     dcr: np.ndarray
     nearest: np.ndarray  # row of the closest protected real image (in the reference set passed)
-    pixel_dcr: Optional[np.ndarray] = None  # pixel-space distance to the closest protected image (pixel zone)
+    pixel_dcr: np.ndarray | None = None  # pixel-space distance to the closest protected image (pixel zone)
 
     def __len__(self) -> int:
         return len(self.dcr)
@@ -112,9 +112,9 @@ class ExclusionZone:
     delta: float
     quantile: float
     calibration_split: str
-    pixels: Optional[torch.Tensor] = None  # flattened protected images (pixel zone), rows as ``embeddings``
-    delta_pixel: Optional[float] = None
-    calib_dcr_pixel: Optional[np.ndarray] = None
+    pixels: torch.Tensor | None = None  # flattened protected images (pixel zone), rows as ``embeddings``
+    delta_pixel: float | None = None
+    calib_dcr_pixel: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         if np.intersect1d(self.calib, self.reference).size:
@@ -138,7 +138,7 @@ class ExclusionZone:
 
 def build_zone(split_embeddings: dict[str, torch.Tensor], quantile: float, calibration_split: str,
                calibration_fraction: float, seed: int,
-               split_pixels: Optional[dict[str, torch.Tensor]] = None) -> ExclusionZone:
+               split_pixels: dict[str, torch.Tensor] | None = None) -> ExclusionZone:
     """The symmetric exclusion zone over every split in ``split_embeddings`` (empty ones skipped).
 
     A seeded ``calibration_fraction`` of ``calibration_split``'s rows calibrates delta against
@@ -199,7 +199,7 @@ def score_images(
     return Scores(p_id.astype(np.float64), p_in.astype(np.float64), d.astype(np.float64), j, pix)
 
 
-def _pixel_ok(s: Scores, delta_pixel: Optional[float]) -> np.ndarray:
+def _pixel_ok(s: Scores, delta_pixel: float | None) -> np.ndarray:
     if delta_pixel is None:
         return np.ones(len(s), dtype=bool)
     if s.pixel_dcr is None:
@@ -207,14 +207,14 @@ def _pixel_ok(s: Scores, delta_pixel: Optional[float]) -> np.ndarray:
     return s.pixel_dcr > delta_pixel
 
 
-def accept_mask(s: Scores, t: Thresholds, delta_pixel: Optional[float] = None) -> np.ndarray:
+def accept_mask(s: Scores, t: Thresholds, delta_pixel: float | None = None) -> np.ndarray:
     ok = (s.max_id_prob < t.tau_id) & (s.indep_id_prob < t.tau_indep) & (s.dcr > t.delta) & _pixel_ok(s, delta_pixel)
     # an accepted image can never violate a threshold
     assert not np.any(ok & ~((s.max_id_prob < t.tau_id) & (s.indep_id_prob < t.tau_indep) & (s.dcr > t.delta)))
     return np.asarray(ok, dtype=bool)
 
 
-def reject_reasons(s: Scores, t: Thresholds, delta_pixel: Optional[float] = None) -> dict[str, int]:
+def reject_reasons(s: Scores, t: Thresholds, delta_pixel: float | None = None) -> dict[str, int]:
     out = {
         "id_prob": int((s.max_id_prob >= t.tau_id).sum()),
         "indep_id_prob": int((s.indep_id_prob >= t.tau_indep).sum()),

@@ -31,9 +31,10 @@ import os
 import sys
 import threading
 import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
+from typing import Any
 
 from tqdm.auto import tqdm
 
@@ -45,7 +46,7 @@ Sink = Callable[[Event], None]
 INTERVAL_S = 15.0  # the longest a stage with work in progress stays without a line
 EVENTS = ("start", "progress", "end", "log")
 
-_active: Optional["Reporter"] = None
+_active: Reporter | None = None
 _active_lock = threading.Lock()
 
 
@@ -113,18 +114,18 @@ class Reporter:
         self.interval_s = float(interval_s)
         self.show_bars = show_bars
         self._lock = threading.RLock()
-        self._stage: Optional[str] = None
+        self._stage: str | None = None
         self._t_stage = 0.0
         self._last_emit = 0.0
-        self._task: Optional[str] = None
+        self._task: str | None = None
         self._done = 0
-        self._total: Optional[int] = None
+        self._total: int | None = None
         self._unit = ""
         self._t_task = 0.0
         self._done_at_emit = -1
-        self._prev: Optional[tuple[str, float]] = None  # the stage before and its seconds
+        self._prev: tuple[str, float] | None = None  # the stage before and its seconds
         self._stop = threading.Event()
-        self._thread: Optional[threading.Thread] = None
+        self._thread: threading.Thread | None = None
         self._heartbeat = heartbeat
 
     # ------------------------------------------------------------------ events
@@ -151,7 +152,7 @@ class Reporter:
 
     # ------------------------------------------------------------------ stages
     @contextmanager
-    def stage(self, name: str) -> Iterator["Reporter"]:
+    def stage(self, name: str) -> Iterator[Reporter]:
         """A stage of the work: a start event, progress inside, an end event (also on error)."""
         with self._lock:
             if name not in self.stages:
@@ -177,7 +178,7 @@ class Reporter:
                 self._prev = (name, ev["elapsed_s"])
                 self._stage = None
 
-    def task(self, desc: Optional[str], total: Optional[int], unit: str = "") -> None:
+    def task(self, desc: str | None, total: int | None, unit: str = "") -> None:
         """A counted piece of work inside the current stage (resets done/total)."""
         with self._lock:
             self._task, self._done, self._total, self._unit = desc, 0, total, unit
@@ -204,7 +205,7 @@ class Reporter:
                         "level": level, "message": message})
 
     @contextmanager
-    def forward_logs(self, logger: str = "plan", level: int = logging.WARNING) -> Iterator["Reporter"]:
+    def forward_logs(self, logger: str = "plan", level: int = logging.WARNING) -> Iterator[Reporter]:
         """Send ``logger``'s records of ``level`` and above through the sinks for the block."""
         handler = _ForwardHandler(self, level)
         lg = logging.getLogger(logger)
@@ -242,7 +243,7 @@ class Reporter:
                 except Exception:  # noqa: BLE001
                     pass
 
-    def __enter__(self) -> "Reporter":
+    def __enter__(self) -> Reporter:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -264,12 +265,12 @@ class _ForwardHandler(logging.Handler):
 
 
 # ---------------------------------------------------------------------- the active reporter
-def current() -> Optional[Reporter]:
+def current() -> Reporter | None:
     return _active
 
 
 @contextmanager
-def active(rep: Optional[Reporter]) -> Iterator[Optional[Reporter]]:
+def active(rep: Reporter | None) -> Iterator[Reporter | None]:
     """Make ``rep`` the reporter that :func:`bar` loops feed (process-wide) for the block."""
     global _active
     with _active_lock:
@@ -287,7 +288,7 @@ class bar:  # noqa: N801 - used like tqdm
     ``for x in bar(range(n), desc="phi_id", unit="epochs")`` or ``b = bar(total=n); b.update(k); b.close()``.
     """
 
-    def __init__(self, iterable: Optional[Iterable[Any]] = None, total: Optional[int] = None, desc: str = "",
+    def __init__(self, iterable: Iterable[Any] | None = None, total: int | None = None, desc: str = "",
                  unit: str = "it", show: bool = False, **tqdm_kw: Any):
         if total is None and iterable is not None and hasattr(iterable, "__len__"):
             total = len(iterable)  # type: ignore[arg-type]
@@ -349,7 +350,7 @@ class JsonlSink:
             os.close(fd)
 
 
-def read_event(line: str, source: str = "progress log") -> Optional[Event]:
+def read_event(line: str, source: str = "progress log") -> Event | None:
     """One event from a JSON line; None for a blank or torn line (a writer mid-line)."""
     line = line.strip()
     if not line:
@@ -417,7 +418,7 @@ def log_line(logger: logging.Logger, ev: Event) -> None:
 class TailPrinter:
     """A thread showing every new event of a :class:`ProgressTail` (``write(line)``, else ``logger``)."""
 
-    def __init__(self, tail: ProgressTail, write: Optional[Callable[[str], None]] = None,
+    def __init__(self, tail: ProgressTail, write: Callable[[str], None] | None = None,
                  logger: logging.Logger = LOG, poll_s: float = 1.0):
         self.tail, self.write, self.logger, self.poll_s = tail, write, logger, poll_s
         self._stop = threading.Event()
@@ -437,7 +438,7 @@ class TailPrinter:
             else:
                 log_line(self.logger, ev)
 
-    def __enter__(self) -> "TailPrinter":
+    def __enter__(self) -> TailPrinter:
         self._thread.start()
         return self
 

@@ -14,7 +14,6 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from plan_shared.runtime import setup_logging
-
 from server.federation import Federation, FederationResult, load_run_config
 
 LOG = logging.getLogger("plan.server")

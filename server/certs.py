@@ -23,16 +23,15 @@ import hashlib
 import ipaddress
 import json
 import shutil
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, List, Optional
-
-from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKeyTypes
 
 import typer
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKeyTypes
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from plan_shared import credentials as C
@@ -63,7 +62,7 @@ def _cert_pem(cert: x509.Certificate) -> bytes:
     return cert.public_bytes(serialization.Encoding.PEM)
 
 
-def _name(cn: str, ou: Optional[str] = None) -> x509.Name:
+def _name(cn: str, ou: str | None = None) -> x509.Name:
     return E.subject_name(cn, ou)
 
 
@@ -105,10 +104,10 @@ def _leaf(
     ca_cert: x509.Certificate,
     subject: x509.Name,
     eku: list,
-    sans: Optional[list] = None,
+    sans: list | None = None,
     days: int = 730,
-    public_key: Optional[CertificatePublicKeyTypes] = None,
-) -> tuple[Optional[ec.EllipticCurvePrivateKey], x509.Certificate]:
+    public_key: CertificatePublicKeyTypes | None = None,
+) -> tuple[ec.EllipticCurvePrivateKey | None, x509.Certificate]:
     """A leaf certificate; for a new key pair (returned) unless ``public_key`` is given (then None)."""
     key = None if public_key is not None else ec.generate_private_key(ec.SECP256R1())
     now = _now()
@@ -150,7 +149,7 @@ def _san(host: str) -> x509.GeneralName:
         return x509.DNSName(host)
 
 
-def _new_key(key: Optional[ec.EllipticCurvePrivateKey]) -> ec.EllipticCurvePrivateKey:
+def _new_key(key: ec.EllipticCurvePrivateKey | None) -> ec.EllipticCurvePrivateKey:
     if key is None:
         raise ValueError("a leaf certificate needs a public key or a new key pair")
     return key
@@ -216,7 +215,7 @@ def _load_ca(certs: Path):
 
 def init_ca(
     certs: str | Path,
-    hosts: Optional[list[str]] = None,
+    hosts: list[str] | None = None,
     force: bool = False,
     renew_server: bool = False,
     days: int = 3650,
@@ -264,7 +263,7 @@ def enroll(
     certs: str | Path,
     enrolment: str | Path,
     role: str = "site",
-    name: Optional[str] = None,
+    name: str | None = None,
     force: bool = False,
     days: int = 730,
 ) -> dict:
@@ -395,7 +394,7 @@ def _fail(msg: str) -> None:
 @app.command("init")
 def init_cmd(
     dir: Path = typer.Option(..., "--dir", help="Credentials folder (created)."),
-    host: Optional[List[str]] = typer.Option(
+    host: list[str] | None = typer.Option(
         None, "--host", help="Server name or IP for the certificate's SANs; repeat. Default: localhost, 127.0.0.1."
     ),
     force: bool = typer.Option(False, "--force", help="Replace an existing CA (invalidates every issued credential)."),
@@ -417,9 +416,9 @@ def init_cmd(
 def enroll_cmd(
     file: Path = typer.Argument(..., help="The enrolment file a site or reader made with `plan-client keys init`."),
     dir: Path = typer.Option(..., "--dir", help="Credentials folder made by `certs init`."),
-    out: Optional[Path] = typer.Option(None, "--out", help="Response file to send back (default: NAME.response.json next to FILE)."),
+    out: Path | None = typer.Option(None, "--out", help="Response file to send back (default: NAME.response.json next to FILE)."),
     role: str = typer.Option("site", "--role", help="The role you expect: site (pushes bundles) or reader (lists and pulls)."),
-    name: Optional[str] = typer.Option(None, "--name", help="The name you expect (refused if the file says another)."),
+    name: str | None = typer.Option(None, "--name", help="The name you expect (refused if the file says another)."),
     force: bool = typer.Option(False, "--force", help="Replace an identity already enrolled (its old certificate stops working)."),
     days: int = typer.Option(730, "--days", min=1, help="Certificate validity in days."),
 ) -> None:

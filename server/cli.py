@@ -9,7 +9,6 @@ the light groups (``certs``, ``pool``) start fast.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -39,7 +38,7 @@ def simulate(
     share: str = typer.Option(None, "--share", help="gd (G and D averaged, FedGAN) or g (G only; D stays per site)."),
     out: Path = typer.Option(Path("sim-out"), "--out", "-o", help="Checkpoints, samples, metrics.jsonl, per-site state."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Also Flower's DEBUG log, Ray's actor output and warnings."),
-    preset: Optional[str] = typer.Option(None, "--preset", help="A preset of server/presets instead of --config: demo or quality (64 px, longer rounds)."),
+    preset: str | None = typer.Option(None, "--preset", help="A preset of server/presets instead of --config: demo or quality (64 px, longer rounds)."),
 ) -> None:
     """Federated generator training with N simulated hospitals (Flower simulation engine).
 
@@ -81,13 +80,13 @@ def demo(
     out: Path = typer.Option(Path("runs/demo"), "--out", "-o", help="Output folder: report.json/.md, PNGs, pool/, checkpoints."),
     sites: int = typer.Option(3, "--sites", "-n", min=1, help="Simulated hospitals (Dirichlet label skew)."),
     dataset: str = typer.Option("pneumoniamnist", "--dataset", help="MedMNIST name, read from $PLAN_DATA_DIR (downloaded through medmnist when online)."),
-    data: Optional[Path] = typer.Option(None, "--data", help="Any MedMNIST-format .npz (grey or RGB, any number of classes); overrides --dataset."),
-    method: Optional[str] = typer.Option(None, "--method", help="plan, linear or random: which images the sites export."),
-    k: Optional[int] = typer.Option(None, "--k", min=1, help="Latents averaged per anchor (k-same)."),
-    rounds: Optional[int] = typer.Option(None, "--rounds", "-r", min=1, help="Federated GAN rounds."),
-    config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML replacing the demo preset (server/presets/demo.yaml)."),
+    data: Path | None = typer.Option(None, "--data", help="Any MedMNIST-format .npz (grey or RGB, any number of classes); overrides --dataset."),
+    method: str | None = typer.Option(None, "--method", help="plan, linear or random: which images the sites export."),
+    k: int | None = typer.Option(None, "--k", min=1, help="Latents averaged per anchor (k-same)."),
+    rounds: int | None = typer.Option(None, "--rounds", "-r", min=1, help="Federated GAN rounds."),
+    config: Path | None = typer.Option(None, "--config", "-c", help="YAML replacing the demo preset (server/presets/demo.yaml)."),
     preset: str = typer.Option("demo", "--preset", help="demo (~15 min on 2 CPU cores) or quality (64 px, wider nets, longer rounds; for time or a GPU)."),
-    sets: Optional[list[str]] = typer.Option(None, "--set", help="Override any configuration key, e.g. --set federation.local_steps=20."),
+    sets: list[str] | None = typer.Option(None, "--set", help="Override any configuration key, e.g. --set federation.local_steps=20."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Also Flower's DEBUG log, Ray's actor output and warnings."),
 ) -> None:
     """The whole federation on one machine: GAN rounds, PLAN at each site, pool, downstream, evaluation, report.
@@ -95,7 +94,6 @@ def demo(
     Example: plan-server demo --sites 3 --dataset pneumoniamnist --method plan --k 5 --out runs/demo
     """
     from plan_shared.config import METHODS, ConfigError, parse_sets
-
     from server.demo import preset_path, run_demo
     from server.simulate import console_logging
 

@@ -46,7 +46,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Any
 
 from plan_shared.config import PlanConfig, load_config
 from plan_shared.flower_env import flower_env
@@ -106,7 +106,7 @@ def descendants(pid: int) -> list[int]:
     return out
 
 
-def kill_tree(pid: int, known: Optional[list[int]] = None) -> None:
+def kill_tree(pid: int, known: list[int] | None = None) -> None:
     """SIGKILL ``pid``'s process group and every (known or current) descendant."""
     pids = set(known or []) | set(descendants(pid))
     for target in (pid, *pids):
@@ -117,7 +117,7 @@ def kill_tree(pid: int, known: Optional[list[int]] = None) -> None:
 
 
 class Coordinator:
-    def __init__(self, config_path: str | Path, app_dir: Optional[Path] = None, poll_s: float = 2.0):
+    def __init__(self, config_path: str | Path, app_dir: Path | None = None, poll_s: float = 2.0):
         self.config_path = Path(config_path).expanduser().resolve()
         self.cfg: PlanConfig = load_config(self.config_path)
         base = self.config_path.parent
@@ -129,14 +129,14 @@ class Coordinator:
         self.port = fed.superlink_port
         self.app_dir = (app_dir or default_app_dir()).resolve()
         self.poll_s = poll_s
-        self.proc: Optional[subprocess.Popen] = None
-        self.log_proc: Optional[subprocess.Popen] = None  # `flwr log --stream` into run/serverapp.log
-        self.pool: Optional[PoolProcess] = None  # while it runs
-        self.policy_file: Optional[Path] = None  # the pool's policy file when coordinate started the pool
-        self.pool_address: Optional[str] = None  # where the ServerApp pulls from
-        self.reader: Optional[Path] = None
-        self._registry_stamp: Optional[tuple] = None  # registry.json as last acted on (revocations)
-        self.progress: Optional[ProgressTail] = None  # of the pool's progress.jsonl
+        self.proc: subprocess.Popen | None = None
+        self.log_proc: subprocess.Popen | None = None  # `flwr log --stream` into run/serverapp.log
+        self.pool: PoolProcess | None = None  # while it runs
+        self.policy_file: Path | None = None  # the pool's policy file when coordinate started the pool
+        self.pool_address: str | None = None  # where the ServerApp pulls from
+        self.reader: Path | None = None
+        self._registry_stamp: tuple | None = None  # registry.json as last acted on (revocations)
+        self.progress: ProgressTail | None = None  # of the pool's progress.jsonl
         for f in ("ca.crt", "server.crt", "server.key", "registry.json"):
             if not (self.certs / f).is_file():
                 raise CoordinateError(f"{self.certs / f} missing: run `plan-server certs init --dir {self.certs}` first")
@@ -344,7 +344,7 @@ class Coordinator:
                                   "`plan-server certs enroll ENROLMENT --dir CERTS`")
         return active
 
-    def _registry_file_stamp(self) -> Optional[tuple]:
+    def _registry_file_stamp(self) -> tuple | None:
         try:
             st = os.stat(self.certs / "registry.json")
         except FileNotFoundError:
@@ -450,10 +450,10 @@ class Coordinator:
                 rec = json.loads(line)
                 agg = rec.get("aggregate", {})
                 miss = rec.get("missing") or []
+                missing = ", ".join(f"{m['site']} ({m['reason']})" for m in miss)
                 print(f"round {rec['round']}/{fed.rounds}: {rec['sites_replied']}/{rec['sites_sent']} sites, "
                       f"loss_g={agg.get('loss_g', float('nan')):.3f} loss_d={agg.get('loss_d', float('nan')):.3f}, "
-                      f"{rec['wall_s']:.1f}s" + (f", missing: {', '.join(m['site'] + ' (' + m['reason'] + ')' for m in miss)}" if miss else ""),
-                      flush=True)
+                      f"{rec['wall_s']:.1f}s" + (f", missing: {missing}" if miss else ""), flush=True)
             seen = max(seen, len(lines))
             if self.progress is not None:
                 print_progress(self.progress)
@@ -547,7 +547,7 @@ def _raise_interrupt(signum, frame) -> None:  # SIGTERM (systemd stop) -> the sa
     raise KeyboardInterrupt
 
 
-def coordinate_command(config: str, app_dir: Optional[str] = None) -> int:
+def coordinate_command(config: str, app_dir: str | None = None) -> int:
     from plan_shared.runtime import setup_logging
 
     setup_logging()

@@ -15,7 +15,7 @@ import logging
 import time
 from importlib import resources
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 LOG = logging.getLogger("plan.demo")
 DEMO_PRESET = "presets/demo.yaml"
@@ -57,13 +57,13 @@ def make_credentials(certs: Path, keys: Path, sites: list[str], reader: str = "c
 def run_demo(
     out: Path,
     sites: int = 3,
-    dataset: Optional[str] = "pneumoniamnist",
-    data: Optional[str] = None,
-    method: Optional[str] = None,
-    k: Optional[int] = None,
-    rounds: Optional[int] = None,
-    config: Optional[str] = None,
-    overrides: Optional[dict[str, Any]] = None,
+    dataset: str | None = "pneumoniamnist",
+    data: str | None = None,
+    method: str | None = None,
+    k: int | None = None,
+    rounds: int | None = None,
+    config: str | None = None,
+    overrides: dict[str, Any] | None = None,
     verbose: bool = False,
 ) -> dict[str, Any]:
     from server.pool.process import PoolProcess

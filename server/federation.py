@@ -28,9 +28,10 @@ import hashlib
 import json
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any
 
 import torch
 from flwr.app import ArrayRecord
@@ -41,7 +42,6 @@ from plan_shared.config import PlanConfig, config_from_dict
 from plan_shared.files import atomic_write
 from plan_shared.gan import GanTrainer
 from plan_shared.protocol import ConfigRef, DescribeReply, DescribeTask, TrainMetrics, TrainReply, TrainTask
-
 from server.messaging import Messenger, WaitPolicy
 
 LOG = logging.getLogger("plan.federation")
@@ -137,7 +137,7 @@ class Federation:
     """Owns the global GanTrainer, the output directory and the round loop."""
 
     def __init__(self, grid: Grid, cfg: PlanConfig, out_dir: str | Path, expected_nodes: int = 0,
-                 on_round: Optional[Callable[[dict[str, Any]], None]] = None):
+                 on_round: Callable[[dict[str, Any]], None] | None = None):
         self.grid, self.cfg = grid, cfg
         self.out = Path(out_dir).resolve()
         self.ckpt_dir = self.out / "checkpoints"
@@ -176,7 +176,7 @@ class Federation:
         return channels, size
 
     # ------------------------------------------------------------------ checkpoints
-    def latest(self) -> Optional[dict[str, Any]]:
+    def latest(self) -> dict[str, Any] | None:
         p = self.ckpt_dir / "latest.json"
         if not p.is_file():
             return None
@@ -188,7 +188,7 @@ class Federation:
             )
         return meta
 
-    def last_round_record(self) -> Optional[dict[str, Any]]:
+    def last_round_record(self) -> dict[str, Any] | None:
         """The last line of metrics.jsonl (None when there is none or it is unreadable)."""
         if not self.metrics_path.is_file():
             return None

@@ -23,7 +23,7 @@ import logging
 import re
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from flwr.app import ArrayRecord
 
@@ -31,9 +31,14 @@ from plan_shared.config import METHODS, PlanConfig
 from plan_shared.credentials import find_identity_dir
 from plan_shared.pool_transport import RetryPolicy
 from plan_shared.protocol import (
-    ConfigRef, DescribeReply, DescribeTask, EvaluationTask, SiteEvaluation, SynthesisSummary, SynthesisTask,
+    ConfigRef,
+    DescribeReply,
+    DescribeTask,
+    EvaluationTask,
+    SiteEvaluation,
+    SynthesisSummary,
+    SynthesisTask,
 )
-
 from server.federation import FederationResult
 from server.messaging import Exchange, WaitPolicy
 from server.report import PhaseResult, SiteFailure, evaluation_json, synthesis_json
@@ -79,7 +84,7 @@ class Phases:
         self.site_names = result.site_names
         self.timeout_s = self.cfg.federation.round_timeout_s
 
-    def _name(self, nid: int, site_id: Optional[str] = None) -> str:
+    def _name(self, nid: int, site_id: str | None = None) -> str:
         if site_id is not None:
             self.site_names[nid] = site_id
         return self.site_names.get(nid, f"node-{nid}")
@@ -94,7 +99,7 @@ class Phases:
         return out
 
     # ------------------------------------------------------------------ before a. the pool's policy
-    def num_classes(self, node_ids: list[int]) -> Optional[int]:
+    def num_classes(self, node_ids: list[int]) -> int | None:
         """The federation's number of classes, as the sites describe their data (None: no site answered)."""
         # A describe is quick (the site loads its data); a dead site must not cost a whole round timeout here.
         timeout_s = min(self.timeout_s, 120.0)
@@ -233,7 +238,7 @@ def _comparison_points(synthesis: PhaseResult[SynthesisSummary], report: dict[st
             if a is not None and u is not None:
                 pts.setdefault(m, []).append((float(a), float(u), c.get("mia_auc_lo"), c.get("mia_auc_hi")))
 
-    def mean(vals: list) -> Optional[float]:
+    def mean(vals: list) -> float | None:
         vals = [v for v in vals if v is not None]
         return sum(vals) / len(vals) if vals else None
 
@@ -251,7 +256,7 @@ def _comparison_points(synthesis: PhaseResult[SynthesisSummary], report: dict[st
 
 
 def publish_final_generator(cfg: PlanConfig, g_ema: dict, channels: int, size: int,
-                            num_classes: Optional[int]) -> Optional[str]:
+                            num_classes: int | None) -> str | None:
     """Write the final generator's digest into ``pool.policy_file`` (atomic); returns the digest."""
     from plan_shared.gan import generator_digest
     from plan_shared.policy import publish_generator

@@ -22,12 +22,12 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Generic, Optional, TypeVar, Union
+from typing import Any, Generic, TypeVar
 
 import numpy as np
 
-from plan_shared.metrics import classification_report
 from plan_shared.files import atomic_write
+from plan_shared.metrics import classification_report
 from plan_shared.protocol import ClassifierScore, SiteEvaluation, SynthesisSummary
 
 
@@ -43,7 +43,7 @@ def metrics_from_confusion(cm: np.ndarray) -> dict[str, float]:
 class SiteFailure:
     """A site that did not complete a phase: the message of its failure, and the full text."""
 
-    node_id: Optional[int]
+    node_id: int | None
     reason: str
     detail: str
 
@@ -61,18 +61,18 @@ T = TypeVar("T")
 class PhaseResult(Generic[T]):
     """One post-training phase over the sites: each site's reply or failure, by site name."""
 
-    sites: dict[str, Union[T, SiteFailure]] = field(default_factory=dict)
-    node_ids: dict[str, Optional[int]] = field(default_factory=dict)
+    sites: dict[str, T | SiteFailure] = field(default_factory=dict)
+    node_ids: dict[str, int | None] = field(default_factory=dict)
     wall_s: float = 0.0
 
-    def add(self, name: str, node_id: Optional[int], entry: Union[T, SiteFailure]) -> None:
+    def add(self, name: str, node_id: int | None, entry: T | SiteFailure) -> None:
         self.sites[name], self.node_ids[name] = entry, node_id
 
     def ok(self) -> dict[str, T]:
         return {n: e for n, e in self.sites.items() if not isinstance(e, SiteFailure)}
 
 
-def synthesis_entry(summary: SynthesisSummary, node_id: Optional[int]) -> dict[str, Any]:
+def synthesis_entry(summary: SynthesisSummary, node_id: int | None) -> dict[str, Any]:
     """A site's synthesis figures as ``synthesis.json`` and ``report.json`` show them (flat keys)."""
     e: dict[str, Any] = {"status": "ok", "node_id": node_id}
     e.update({k: getattr(summary, k) for k in ("n_candidates", "n_accepted", "planted_total", "planted_rejected",
@@ -122,7 +122,7 @@ UTILITY_KEYS = ("accuracy", "balanced_accuracy", "qwk")
 def utility_section(evaluation: PhaseResult[SiteEvaluation]) -> dict[str, Any]:
     """Per site and pooled: phi_down (trained on the pool) and the real reference."""
     out: dict[str, Any] = {"sites": {}}
-    sums: dict[str, Optional[np.ndarray]] = {"synthetic": None, "real": None}
+    sums: dict[str, np.ndarray | None] = {"synthetic": None, "real": None}
     for name, s in sorted(evaluation.sites.items()):
         if isinstance(s, SiteFailure):
             out["sites"][name] = {"status": "failed", "reason": s.reason}
@@ -149,7 +149,7 @@ def utility_section(evaluation: PhaseResult[SiteEvaluation]) -> dict[str, Any]:
 
 def privacy_section(evaluation: PhaseResult[SiteEvaluation]) -> dict[str, Any]:
     sites: dict[str, dict[str, Any]] = {}
-    acc: dict[str, list[Optional[float]]] = {k: [] for k in PRIVACY_KEYS}
+    acc: dict[str, list[float | None]] = {k: [] for k in PRIVACY_KEYS}
     weights = []
     for name, s in sorted(evaluation.ok().items()):
         sites[name] = {k: s.privacy.get(k) for k in PRIVACY_KEYS}
@@ -166,10 +166,10 @@ def privacy_section(evaluation: PhaseResult[SiteEvaluation]) -> dict[str, Any]:
     return out
 
 
-def pooled_auc_interval(sites: dict[str, dict[str, Any]], weights: list[float]) -> dict[str, Optional[float]]:
+def pooled_auc_interval(sites: dict[str, dict[str, Any]], weights: list[float]) -> dict[str, float | None]:
     """Pooled distance-MIA AUC, |AUC - 0.5| and 95 % interval from the sites' AUCs and bootstrap intervals."""
     rows = []
-    for (name, e), w in zip(sites.items(), weights):
+    for (_name, e), w in zip(sites.items(), weights):
         a, lo, hi = e.get("mia_auc"), e.get("mia_auc_lo"), e.get("mia_auc_hi")
         if a is None or math.isnan(a):
             continue
@@ -179,7 +179,7 @@ def pooled_auc_interval(sites: dict[str, dict[str, Any]], weights: list[float]) 
         return {"mia_auc": None, "mia_auc_lo": None, "mia_auc_hi": None, "mia_auc_gap": None}
     wsum = sum(w for _, _, w in rows)
     auc = sum(a * w for a, _, w in rows) / wsum
-    out: dict[str, Optional[float]] = {"mia_auc": auc, "mia_auc_gap": abs(auc - 0.5), "mia_auc_lo": None, "mia_auc_hi": None}
+    out: dict[str, float | None] = {"mia_auc": auc, "mia_auc_gap": abs(auc - 0.5), "mia_auc_lo": None, "mia_auc_hi": None}
     if all(se is not None for _, se, _ in rows):
         se = math.sqrt(sum((w / wsum) ** 2 * float(se_i) ** 2 for _, se_i, w in rows if se_i is not None))
         out["mia_auc_lo"], out["mia_auc_hi"] = auc - Z95 * se, auc + Z95 * se
@@ -195,7 +195,7 @@ def build_report(
     timing: dict[str, float],
     config: dict[str, Any],
     method: str,
-    extra: Optional[dict[str, Any]] = None,
+    extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     sites = sorted(set(synthesis.sites) | set(evaluation.sites))
     pool = downstream.get("pool", {})
@@ -261,7 +261,7 @@ def privacy_utility_plot(points: dict[str, Any], path: Path, title: str = "") ->
     return path
 
 
-def training_curve_plot(metrics_path: Path, path: Path) -> Optional[Path]:
+def training_curve_plot(metrics_path: Path, path: Path) -> Path | None:
     """Per-round curves of the federated GAN from ``metrics.jsonl`` (None when it has no rounds).
 
     Top: FD of G_ema where a round records one (``watch.fd``), else D's logit gap
@@ -400,7 +400,7 @@ img{max-width:100%;border:1px solid #d5d9e0}
 """
 
 
-def _embed(src: str, base: Path) -> Optional[str]:
+def _embed(src: str, base: Path) -> str | None:
     """``src`` (relative to ``base``) as a ``data:`` URI, or None when it is not a file under ``base``."""
     import base64
     import mimetypes

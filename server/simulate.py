@@ -35,7 +35,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from plan_shared.config import PlanConfig, data_overrides, load_config
 from plan_shared.flower_env import flower_env
@@ -45,16 +45,16 @@ LOG = logging.getLogger("plan.simulate")
 
 
 def simulation_config(
-    config: Optional[str] = None,
+    config: str | None = None,
     *,
     sites: int = 3,
-    rounds: Optional[int] = None,
-    dataset: Optional[str] = None,
-    data: Optional[str] = None,
-    partition: Optional[str] = None,
-    alpha: Optional[float] = None,
+    rounds: int | None = None,
+    dataset: str | None = None,
+    data: str | None = None,
+    partition: str | None = None,
+    alpha: float | None = None,
     out: str | Path = "sim-out",
-    overrides: Optional[dict[str, Any]] = None,
+    overrides: dict[str, Any] | None = None,
 ) -> PlanConfig:
     ov: dict[str, Any] = dict(overrides or {})
     ov.update(data_overrides(dataset, Path(data).expanduser().resolve() if data else None))
@@ -125,7 +125,7 @@ class SimulationLink:
             sk.bind(("127.0.0.1", 0))
             self.port = sk.getsockname()[1]
         self.bin = {n: _bin(n) for n in ("flwr", "flower-superlink")}
-        self.proc: Optional[subprocess.Popen] = None
+        self.proc: subprocess.Popen | None = None
         self.log_path = self.home / "superlink.log"
 
     def env(self) -> dict[str, str]:
@@ -190,8 +190,8 @@ def _follow_log(proc: subprocess.Popen, log_file: Path, verbose: bool, shown) ->
                 shown()
 
 
-def run_simulation(cfg: PlanConfig, out: str | Path, cpus_per_site: float = 1.0, num_cpus: Optional[int] = None,
-                   verbose: bool = False, app_dir: Optional[Path] = None) -> dict[str, Any]:
+def run_simulation(cfg: PlanConfig, out: str | Path, cpus_per_site: float = 1.0, num_cpus: int | None = None,
+                   verbose: bool = False, app_dir: Path | None = None) -> dict[str, Any]:
     """Run the federation with ``cfg.partition.sites`` virtual SuperNodes: ``flwr run`` on a SuperLink of our own.
 
     Shown while it runs: the ServerApp's own log lines and errors (the whole Flower log is
@@ -264,9 +264,9 @@ def run_simulation(cfg: PlanConfig, out: str | Path, cpus_per_site: float = 1.0,
 
 
 def simulate_command(
-    config: Optional[str], sites: int, rounds: Optional[int], dataset: Optional[str], data: Optional[str],
-    partition: Optional[str], alpha: Optional[float], out: str, local_steps: Optional[int] = None,
-    share: Optional[str] = None, verbose: bool = False,
+    config: str | None, sites: int, rounds: int | None, dataset: str | None, data: str | None,
+    partition: str | None, alpha: float | None, out: str, local_steps: int | None = None,
+    share: str | None = None, verbose: bool = False,
 ) -> dict[str, Any]:
     console_logging(verbose)
     ov = {"federation.local_steps": local_steps, "federation.share": share}

@@ -12,7 +12,6 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 from PIL import Image
@@ -37,7 +36,7 @@ def make_site_dir(
     seed: int = 0,
     size: int = 28,
     classes: tuple[str, ...] = ("normal", "pneumonia"),
-    reuse: Optional[dict[int, bytes]] = None,
+    reuse: dict[int, bytes] | None = None,
 ) -> dict:
     """Write images/<class>/<id>.png, manifest.json and report.json; return the manifest dict.
 
@@ -78,7 +77,7 @@ def rewrite_manifest(outdir: Path, fn) -> None:
 class PoolServer(PoolProcess):
     """``python -m server.pool serve`` in a subprocess on a port the server binds (port 0), 8 workers."""
 
-    def __init__(self, store: Path, certs: Path, workdir: Path, env: Optional[dict] = None, extra: tuple = ()):
+    def __init__(self, store: Path, certs: Path, workdir: Path, env: dict | None = None, extra: tuple = ()):
         super().__init__(store, certs, workdir, extra=("--workers", "8", *extra), env=env)
 
 
@@ -119,7 +118,7 @@ class CuttingProxy:
             threading.Thread(target=self._pipe, args=(client, upstream, limit), daemon=True).start()
             threading.Thread(target=self._pipe, args=(upstream, client, None), daemon=True).start()
 
-    def _pipe(self, src: socket.socket, dst: socket.socket, limit: Optional[int]) -> None:
+    def _pipe(self, src: socket.socket, dst: socket.socket, limit: int | None) -> None:
         n = 0
         try:
             while True:
@@ -195,7 +194,7 @@ class Pki:
         return self.root / "other-keys" / "sites" / "site-a"
 
 
-def run_cli(*args: str, env: Optional[dict] = None, timeout: float = 120) -> subprocess.CompletedProcess:
+def run_cli(*args: str, env: dict | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
     """Run ``python -m <module> ...`` from the repository root and capture output."""
     e = dict(os.environ, **(env or {}))
     e.setdefault("PYTHONPATH", str(ROOT))

@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 
 import numpy as np
-
 import pytest
 import torch
 
@@ -16,7 +15,13 @@ from flwr.supercore.task_identity import TaskIdentity  # noqa: E402
 
 from plan_shared.config import config_from_dict  # noqa: E402
 from plan_shared.protocol import (  # noqa: E402
-    UNKNOWN_CONFIG_MARK, ConfigRef, DescribeReply, DescribeTask, ProtocolError, TrainReply, TrainTask,
+    UNKNOWN_CONFIG_MARK,
+    ConfigRef,
+    DescribeReply,
+    DescribeTask,
+    ProtocolError,
+    TrainReply,
+    TrainTask,
     UnknownConfigError,
 )
 from tests.test_federation_util import make_npz, tiny_config  # noqa: E402

@@ -14,7 +14,6 @@ from plan_shared import data as data_mod
 from plan_shared.config import DataConfig
 from plan_shared.data import DataError, ImageDataset, Split, load_dataset, to_tensor, to_uint8
 
-
 _REAL_DOWNLOAD = data_mod._download_medmnist
 
 

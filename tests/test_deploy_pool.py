@@ -9,10 +9,10 @@
 
 from __future__ import annotations
 
-import tomllib
 from pathlib import Path
 
 import pytest
+import tomllib
 import yaml
 
 from plan_shared.config import load_config

@@ -17,7 +17,7 @@ from plan_shared.encoder import (
     w_error,
 )
 from plan_shared.gan import generator_digest
-from plan_shared.inversion import invert
+from plan_shared.inversion import InversionResult, invert
 from plan_shared.models import Classifier, StyleGenerator
 from plan_shared.navigation import w_std
 
@@ -76,7 +76,9 @@ def test_refinement_from_the_encoder_reaches_at_most_the_error_of_its_start(G, t
     assert torch.equal(start.w, w0) and start.generator_evals == 0
     ref = invert(G, x, ic, sigma, feature_net=f, w_init=w0, progress=False)
     assert ref.steps == 8 and ref.generator_evals == 12 * 8  # refine_steps from the config section
-    loss = lambda r: float((r.mse + r.feature_loss).mean())
+    def loss(r: InversionResult) -> float:
+        return float((r.mse + r.feature_loss).mean())
+
     assert loss(ref) <= loss(start)
     with pytest.raises(ValueError, match=r"w_init must be \[12, 8\]"):
         invert(G, x, ic, sigma, w_init=w0[:3], progress=False)

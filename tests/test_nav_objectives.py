@@ -108,7 +108,9 @@ def test_optimise_paths_lowers_the_objective_it_is_given():
     assert set(hist[0]) >= {"dist", "id", "class", "smooth"}
     before = path_losses(G, phi_id, phi_c, linear_paths(wa, wb, 6), y, obj, seed=5)
     after = path_losses(G, phi_id, phi_c, full, y, obj, seed=5)
-    tot = lambda L: float(sum(obj.weight(k) * v.sum() for k, v in L.items() if k != "dist") + L["dist"].sum())
+    def tot(L: dict[str, torch.Tensor]) -> float:
+        return float(sum(obj.weight(k) * v.sum() for k, v in L.items() if k != "dist") + L["dist"].sum())
+
     assert tot(after) < tot(before)
     assert float(before["smooth"].abs().max()) == 0.0  # the straight line is its own reference
     assert math.isfinite(tot(after)) and not np.isnan(full.numpy()).any()

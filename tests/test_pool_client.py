@@ -9,7 +9,7 @@ import pytest
 
 from client.export import export
 from server.pool.client import PoolClientError, list_bundles, pull
-from tests.pool_support import Pki, PoolServer, make_site_dir, run_cli
+from tests.pool_support import PoolServer, make_site_dir, run_cli
 
 pytestmark = pytest.mark.slow
 
@@ -34,7 +34,7 @@ def test_ls_and_incremental_pull(pki, tmp_path):
         r = run_cli("server.pool", "pull", "--pool", srv.address, "--credentials", str(pki.reader),
                     "--out", str(dest), "--no-progress")
         assert r.returncode == 0, r.stderr
-        assert f"pulled 6 new file(s)" in r.stdout and "now holds 26 file(s) for 26 image record(s)" in r.stdout
+        assert "pulled 6 new file(s)" in r.stdout and "now holds 26 file(s) for 26 image record(s)" in r.stdout
 
         # A damaged local file is re-fetched with --verify.
         victim = next(dest.glob("normal/*.png"))

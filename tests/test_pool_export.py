@@ -13,7 +13,7 @@ import pytest
 from client.export import ExportError, export, prepare
 from server.pool.client import list_bundles, pull
 from server.pool.store import Store
-from tests.pool_support import ROOT, CuttingProxy, Pki, PoolServer, free_port, make_site_dir, run_cli
+from tests.pool_support import ROOT, CuttingProxy, PoolServer, free_port, make_site_dir, run_cli
 
 pytestmark = pytest.mark.slow
 

@@ -21,7 +21,7 @@ from plan_shared.pool_proto import pool_pb2, pool_pb2_grpc
 from server.certs import revoke
 from server.pool.client import list_bundles
 from server.pool.store import Store
-from tests.pool_support import Pki, PoolServer, make_site_dir, rewrite_manifest, run_cli
+from tests.pool_support import PoolServer, make_site_dir, rewrite_manifest, run_cli
 
 pytestmark = pytest.mark.slow
 

@@ -14,7 +14,7 @@ from plan_shared.credentials import load_client_credentials
 from server.pool.client import list_bundles, pull
 from server.pool.service import PAUSE_ENV
 from server.pool.store import Store, StoreError
-from tests.pool_support import Pki, PoolServer, make_site_dir, run_cli
+from tests.pool_support import PoolServer, make_site_dir, run_cli
 
 
 def _ingest(store: Store, signed) -> None:

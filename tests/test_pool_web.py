@@ -30,8 +30,7 @@ import pytest
 
 from plan_shared.pool_proto import pool_pb2
 from server.pool.reader_api import Catalog, entry_dict
-from server.pool.web import (PNG_MAGIC, Snapshot, grid_page, histogram_png, parse_listen, render_detail, render_grid,
-                             render_index)
+from server.pool.web import PNG_MAGIC, Snapshot, grid_page, histogram_png, parse_listen, render_detail, render_grid, render_index
 from tests.pool_support import ROOT, Pki, PoolServer, free_port, make_site_dir, rewrite_manifest, run_cli
 
 PAGE_SIZE = 8
@@ -320,7 +319,7 @@ def _full_page_screenshot(drv, path: Path) -> None:
     """The whole page, not only the window (Chromium's DevTools capture beyond the viewport)."""
     import base64
 
-    
+
     shot = drv.execute_cdp_cmd("Page.captureScreenshot", {"format": "png", "captureBeyondViewport": True})
     path.write_bytes(base64.b64decode(shot["data"]))
 

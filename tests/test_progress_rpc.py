@@ -22,7 +22,7 @@ from plan_shared.credentials import load_client_credentials
 from plan_shared.pool_proto import pool_pb2, pool_pb2_grpc
 from server.coordinate import print_progress
 from server.pool.service import PROGRESS_BURST, PROGRESS_LOG
-from tests.pool_support import Pki, PoolServer
+from tests.pool_support import PoolServer
 from tests.test_federation_util import tiny_config
 
 

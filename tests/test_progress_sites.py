@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-
 import pytest
 
 from plan_shared import progress as P
@@ -14,7 +13,6 @@ def test_pipeline_reports_every_stage_in_order_with_loop_progress(tmp_path):
     from client.pipeline import pipeline_stages, run_site_pipeline
     from plan_shared.data import load_dataset
     from plan_shared.gan import GanTrainer
-
     from tests.test_synthesize import TINY, _npz  # the pipeline's tiny budgets
 
     cfg = config_from_dict(dict(TINY, data={"source": "medmnist", "path": str(_npz(tmp_path / "d.npz")), "size": 16},

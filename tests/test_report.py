@@ -9,7 +9,13 @@ import pytest
 
 from plan_shared.protocol import ClassifierScore, SiteEvaluation, SynthesisSummary
 from server.report import (
-    PhaseResult, SiteFailure, build_report, metrics_from_confusion, privacy_utility_plot, synthesis_entry, write_report,
+    PhaseResult,
+    SiteFailure,
+    build_report,
+    metrics_from_confusion,
+    privacy_utility_plot,
+    synthesis_entry,
+    write_report,
 )
 
 

@@ -10,7 +10,11 @@ pytest.importorskip("flwr")
 
 from plan_shared.config import config_from_dict  # noqa: E402
 from server.federation import (  # noqa: E402
-    Federation, FederationError, load_run_config, run_digest, wait_for_nodes,
+    Federation,
+    FederationError,
+    load_run_config,
+    run_digest,
+    wait_for_nodes,
 )
 from tests.test_federation_util import tiny_config  # noqa: E402
 

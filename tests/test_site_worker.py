@@ -8,7 +8,6 @@ anything; a worker that is gone makes the ClientApp run the handler itself.
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import stat
@@ -23,7 +22,7 @@ import yaml
 
 pytest.importorskip("flwr")
 
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.app import ArrayRecord, Context, Message, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
 from client.site_worker import ADDRESS_KEY, KEY_FILE_KEY, make_key, parse_address, read_key

@@ -20,7 +20,8 @@ TINY = {
     "gan": {"steps": 2, "batch_size": 8},
     "identity": {"width": 4, "depth": 2, "feature_dim": 16, "epochs": 1, "batch_size": 16, "indep_width": 4},
     "classes": {"width": 4, "depth": 2, "feature_dim": 16, "epochs": 1, "utility_epochs": 1, "batch_size": 16},
-    "inversion": {"steps": 2, "max_images": 20, "batch_size": 16, "encoder": {"enabled": True, "steps": 5, "batch": 16, "width": 8, "refine_steps": 2}},
+    "inversion": {"steps": 2, "max_images": 20, "batch_size": 16,
+                  "encoder": {"enabled": True, "steps": 5, "batch": 16, "width": 8, "refine_steps": 2}},
     "anchors": {"k": 2, "pairs_m": 1},
     "navigation": {"T": 5, "steps": 2, "chunk": 8},
     "filter": {"planted": 5, "tau_id": 0.99, "tau_indep": 0.99, "block_on_planted": False},
@@ -96,7 +97,7 @@ def test_synthesize_cli_end_to_end(tmp_path):
         assert (out / fig).is_file()
     # What the site exports is what a pool with this configuration's policy accepts: canonical PNGs of the
     # federation's shape, the weights-only generator digest, a report.json the policy can read.
-    from plan_shared.bundle import build_bundle, check_bundle, BundleLimits, generate_signing_key
+    from plan_shared.bundle import BundleLimits, build_bundle, check_bundle, generate_signing_key
     from plan_shared.config import config_from_dict
     from plan_shared.gan import generator_digest, load_generator
     from plan_shared.png_check import check_png

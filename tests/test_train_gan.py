@@ -8,7 +8,6 @@ import numpy as np
 from typer.testing import CliRunner
 
 from client.cli import app
-
 from tests.test_gan import TINY
 
 

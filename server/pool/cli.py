@@ -8,7 +8,6 @@ from __future__ import annotations
 import logging
 import sys
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -37,10 +36,10 @@ def serve_cmd(
     max_images: int = typer.Option(100_000, "--max-images", min=1, help="Most images in one bundle."),
     max_image_kb: int = typer.Option(8192, "--max-image-kb", min=1, help="Largest image file, KiB."),
     max_bundle_mb: int = typer.Option(4096, "--max-bundle-mb", min=1, help="Largest bundle (images + report), MiB."),
-    max_tau_id: Optional[float] = typer.Option(None, "--max-tau-id", help="Refuse records whose tau_id is above this."),
-    max_tau_indep: Optional[float] = typer.Option(None, "--max-tau-indep", help="Refuse records whose tau_indep is above this."),
-    min_delta: Optional[float] = typer.Option(None, "--min-delta", help="Refuse records whose delta is below this."),
-    policy_file: Optional[Path] = typer.Option(
+    max_tau_id: float | None = typer.Option(None, "--max-tau-id", help="Refuse records whose tau_id is above this."),
+    max_tau_indep: float | None = typer.Option(None, "--max-tau-indep", help="Refuse records whose tau_indep is above this."),
+    min_delta: float | None = typer.Option(None, "--min-delta", help="Refuse records whose delta is below this."),
+    policy_file: Path | None = typer.Option(
         None, "--policy", help="The federation's policy file (JSON, plan_shared/policy.py; written by `coordinate`), "
         "re-read whenever it changes. Replaces --max-tau-id/--max-tau-indep/--min-delta."),
     workers: int = typer.Option(_L.workers, "--workers", min=2, help="Threads serving calls."),
@@ -56,18 +55,18 @@ def serve_cmd(
     keep_interrupted_s: float = typer.Option(_L.keep_interrupted_s, "--keep-interrupted-s",
                                              help="Keep a cut push's verified files this long for a retry (0: remove at once)."),
     page_kb: int = typer.Option(_L.page_kb, "--page-kb", help="List page / Catalog batch size, KiB."),
-    port_file: Optional[Path] = typer.Option(None, "--port-file", help="Write the bound port here once listening."),
+    port_file: Path | None = typer.Option(None, "--port-file", help="Write the bound port here once listening."),
 ) -> None:
     """Run the pool service (gRPC, mutual TLS) until Ctrl-C / SIGTERM.
 
     Example: plan-server pool serve --store pool --certs certs --address 0.0.0.0:50061
     """
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    from pydantic import ValidationError
+
     from plan_shared.bundle import BundleLimits, ThresholdPolicy
     from plan_shared.credentials import CredentialsError
     from server.pool.service import serve
-
-    from pydantic import ValidationError
 
     limits = BundleLimits(max_images=max_images, max_image_bytes=max_image_kb * 1024,
                           max_bundle_bytes=max_bundle_mb * 1024 * 1024, max_manifest_bytes=max_manifest_kb * 1024)
@@ -131,7 +130,7 @@ def check_cmd(
 @app.command("quarantine")
 def quarantine_cmd(
     store: Path = typer.Option(..., "--store", help="Store folder."),
-    site: Optional[str] = typer.Option(None, "--site", help="Site to hide; without it: list the quarantine."),
+    site: str | None = typer.Option(None, "--site", help="Site to hide; without it: list the quarantine."),
     reason: str = typer.Option("quarantined by the operator", "--reason", help="Why (shown by the list)."),
 ) -> None:
     """Hide a site's bundles from List, Catalog and pull (kept on disk); works while the service runs.
@@ -189,9 +188,9 @@ def restore_cmd(
 def ls_cmd(
     pool: str = typer.Option(..., "--pool", help="HOST:PORT of the pool service."),
     credentials: Path = typer.Option(..., "--credentials", help="A reader's own keys folder (`plan-client keys init --role reader` + `keys install`)."),
-    site: Optional[str] = typer.Option(None, "--site", help="Only this site."),
+    site: str | None = typer.Option(None, "--site", help="Only this site."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
-    server_name: Optional[str] = typer.Option(None, "--server-name", help="Expected name in the server certificate."),
+    server_name: str | None = typer.Option(None, "--server-name", help="Expected name in the server certificate."),
 ) -> None:
     """List the stored bundles per site, with image counts.
 
@@ -233,12 +232,12 @@ def pull_cmd(
     fmt: str = typer.Option("imagefolder", "--format",
                             help="imagefolder: the folder only; npz: also OUT/pool.npz in the MedMNIST format "
                                  "(all images in train_*, val_*/test_* empty, class_names)."),
-    site: Optional[str] = typer.Option(None, "--site", help="Only this site's images."),
+    site: str | None = typer.Option(None, "--site", help="Only this site's images."),
     verify: bool = typer.Option(False, "--verify", help="Re-hash files already present instead of trusting name+size."),
     retries: int = typer.Option(PoolConfig().retries, "--retries", min=0,
                                 help="Retries of a failed call (exponential backoff; config pool.retries)."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
-    server_name: Optional[str] = typer.Option(None, "--server-name", help="Expected name in the server certificate."),
+    server_name: str | None = typer.Option(None, "--server-name", help="Expected name in the server certificate."),
 ) -> None:
     """Pull the pooled data set; a second pull into the same folder fetches only what is new.
 
@@ -272,7 +271,7 @@ def web_cmd(
     page_size: int = typer.Option(60, "--page-size", min=1, max=1000, help="Images per page of a class grid."),
     cache_mb: int = typer.Option(128, "--cache-mb", min=1, help="Memory for verified images, MiB."),
     refresh_s: float = typer.Option(30.0, "--refresh-s", min=0, help="Read the catalog again when older than this."),
-    server_name: Optional[str] = typer.Option(None, "--server-name", help="Expected name in the server certificate."),
+    server_name: str | None = typer.Option(None, "--server-name", help="Expected name in the server certificate."),
 ) -> None:
     """Serve a read-only web page of the pool: bundles per site with provenance, class grids,
     privacy records, histograms and zip downloads.

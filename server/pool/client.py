@@ -41,18 +41,19 @@ import os
 import shutil
 import stat
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from pathlib import Path
 from functools import partial
-from typing import Any, Callable, Optional
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 from tqdm import tqdm
 
+from plan_shared.credentials import ClientCredentials, load_client_credentials
 from plan_shared.files import atomic_write, sha256_file
 from plan_shared.manifest import ImageRecord, ManifestError, is_hex64, is_safe_name
-from plan_shared.credentials import ClientCredentials, load_client_credentials
 from plan_shared.pool_proto import pool_pb2, pool_pb2_grpc
 from plan_shared.pool_transport import PoolTransportError, RetryPolicy, call_with_retries, open_channel
 
@@ -71,8 +72,8 @@ def _reader(credentials: Path) -> ClientCredentials:
     return creds
 
 
-def list_bundles(pool: str, credentials: Path, site: Optional[str] = None, retries: int = _DEFAULT.retries,
-                 backoff: float = _DEFAULT.backoff_s, server_name: Optional[str] = None) -> list[dict]:
+def list_bundles(pool: str, credentials: Path, site: str | None = None, retries: int = _DEFAULT.retries,
+                 backoff: float = _DEFAULT.backoff_s, server_name: str | None = None) -> list[dict]:
     creds = _reader(credentials)
     policy = RetryPolicy.default(retries, backoff)
     with open_channel(pool, creds, server_name) as ch:
@@ -80,7 +81,7 @@ def list_bundles(pool: str, credentials: Path, site: Optional[str] = None, retri
         bundles, token = [], ""
         while True:  # the pool pages its reply by bytes: follow the pages
             reply = call_with_retries(
-                lambda: stub.List(pool_pb2.ListRequest(site_id=site or "", paged=True, page_token=token), timeout=60),
+                partial(stub.List, pool_pb2.ListRequest(site_id=site or "", paged=True, page_token=token), timeout=60),
                 pool, policy, creds, server_name, error=PoolClientError)
             bundles.extend(reply.bundles)
             if not reply.next_page_token:
@@ -103,7 +104,7 @@ class PullResult:
     n_fetched: int     # files fetched by this pull
     bytes_fetched: int
     seconds: float
-    npz: Optional[Path] = None  # OUT/pool.npz with --format npz
+    npz: Path | None = None  # OUT/pool.npz with --format npz
 
 
 FORMATS = ("imagefolder", "npz")
@@ -123,7 +124,7 @@ class _Wanted:
     paths: list[str]
 
 
-def _entry_problems(i: int, e, max_image_bytes: int) -> tuple[list[str], Optional[dict]]:
+def _entry_problems(i: int, e, max_image_bytes: int) -> tuple[list[str], dict | None]:
     """What is wrong with catalog entry ``i`` (empty: safe to use), and its parsed record.
     Names become paths: nothing lax here."""
     out = []
@@ -234,7 +235,7 @@ def _file_ok(path: Path, size: int, sha: str, verify: bool) -> bool:
     return sha256_file(path)[0] == sha
 
 
-def _catalog(stub, site: Optional[str]) -> list:
+def _catalog(stub, site: str | None) -> list:
     """The whole catalog (every (bundle, image) entry), in the pool's order: the one place that reads it."""
     entries = []
     for reply in stub.Catalog(pool_pb2.CatalogRequest(site_id=site or ""), timeout=600):
@@ -250,7 +251,7 @@ class _Receiver:
         self.out, self.staging, self.files, self.bar = out, staging, files, bar
         self.written: set[str] = set()
         self.failed: dict[str, str] = {}
-        self.violation: Optional[str] = None
+        self.violation: str | None = None
         self.bytes = 0
 
     def fetch(self, stub, batch: list[str]) -> None:
@@ -258,10 +259,10 @@ class _Receiver:
         if not remaining or self.violation:
             return
         asked = set(remaining)
-        cur: Optional[str] = None
+        cur: str | None = None
         fh, tmp, hasher, got = None, None, None, 0
 
-        def drop(reason: Optional[str]) -> None:
+        def drop(reason: str | None) -> None:
             """Discard the file being received (its remaining chunks are skipped)."""
             nonlocal fh, tmp
             if fh is not None:
@@ -327,11 +328,11 @@ class _Receiver:
         self.bar.update(1)
 
 
-def pull(pool: str, credentials: Path, out: Path, site: Optional[str] = None, retries: int = _DEFAULT.retries,
+def pull(pool: str, credentials: Path, out: Path, site: str | None = None, retries: int = _DEFAULT.retries,
          backoff: float = _DEFAULT.backoff_s, progress: bool = True, verify: bool = False,
-         server_name: Optional[str] = None, log: Callable[[str], None] = lambda m: None,
+         server_name: str | None = None, log: Callable[[str], None] = lambda m: None,
          fmt: str = "imagefolder", max_image_bytes: int = MAX_IMAGE_BYTES,
-         policy: Optional[RetryPolicy] = None) -> PullResult:
+         policy: RetryPolicy | None = None) -> PullResult:
     """Pull the pool (or one site's part) into ``out`` (see the module docstring).
 
     Every name from the pool is validated before it becomes a path, files are written only
@@ -510,7 +511,7 @@ def write_npz(root: Path, doc: dict) -> Path:
     return Path(target)
 
 
-def write_datasheet(root: Path, doc: dict, npz: Optional[Path] = None) -> Path:
+def write_datasheet(root: Path, doc: dict, npz: Path | None = None) -> Path:
     """``OUT/DATASHEET.md``: what the pulled set holds, where it came from and what it is (not) for."""
     from plan_shared.pool_dataset import datasheet_text
 

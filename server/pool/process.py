@@ -12,8 +12,9 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import BinaryIO, Optional, Sequence
+from typing import BinaryIO
 
 from plan_shared.config import PoolLimitsConfig
 
@@ -29,16 +30,16 @@ def limits_args(limits: PoolLimitsConfig) -> list[str]:
 
 class PoolProcess:
     def __init__(self, store: Path, certs: Path, log_dir: Path, host: str = "127.0.0.1", port: int = 0,
-                 extra: Sequence[str] = (), env: Optional[dict[str, str]] = None):
+                 extra: Sequence[str] = (), env: dict[str, str] | None = None):
         self.store, self.certs, self.log_dir = Path(store), Path(certs), Path(log_dir)
         self.host, self.port = host, port
         self.extra = list(extra)
         self.env = dict(os.environ, **(env or {}))
-        self.proc: Optional[subprocess.Popen] = None
+        self.proc: subprocess.Popen | None = None
         self.log_path = self.log_dir / "pool-service.log"
-        self._log: Optional[BinaryIO] = None
+        self._log: BinaryIO | None = None
 
-    def start(self, timeout: float = 60.0) -> "PoolProcess":
+    def start(self, timeout: float = 60.0) -> PoolProcess:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         port_file = self.log_dir / f".pool-port-{os.getpid()}-{time.monotonic_ns()}"
         port_file.unlink(missing_ok=True)
@@ -86,7 +87,7 @@ class PoolProcess:
             self._log.close()
             self._log = None
 
-    def __enter__(self) -> "PoolProcess":
+    def __enter__(self) -> PoolProcess:
         return self.start()
 
     def __exit__(self, *exc) -> None:

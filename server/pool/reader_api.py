@@ -15,14 +15,15 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Optional
+from typing import Any
 
+from plan_shared.config import PoolConfig
 from plan_shared.credentials import ClientCredentials, load_client_credentials
 from plan_shared.manifest import is_hex64, is_safe_name
 from plan_shared.pool_proto import pool_pb2, pool_pb2_grpc
-from plan_shared.config import PoolConfig
 from plan_shared.pool_transport import RetryPolicy, call_with_retries, open_channel
 from server.pool.client import PoolClientError, list_bundles
 
@@ -37,7 +38,7 @@ class Catalog:
     refused: list[str] = field(default_factory=list)
 
 
-def entry_dict(e: Any) -> tuple[Optional[dict[str, Any]], Optional[str]]:
+def entry_dict(e: Any) -> tuple[dict[str, Any] | None, str | None]:
     """A catalog entry (protobuf) as a dict, or ``(None, reason)`` when it cannot be used."""
     where = f"catalog entry for bundle {e.bundle_id[:16]!r}"
     if not is_hex64(e.sha256):
@@ -63,7 +64,7 @@ def entry_dict(e: Any) -> tuple[Optional[dict[str, Any]], Optional[str]]:
 class PoolReader:
     """Reader-role access to one pool service (credentials: the reader's own keys folder)."""
 
-    def __init__(self, pool: str, credentials: Path, server_name: Optional[str] = None,
+    def __init__(self, pool: str, credentials: Path, server_name: str | None = None,
                  retries: int = _POOL.web_retries, backoff: float = _POOL.web_backoff_s):
         self.pool, self.credentials = pool, Path(credentials)
         self.server_name, self.retries, self.backoff = server_name, retries, backoff
@@ -77,7 +78,7 @@ class PoolReader:
     def close(self) -> None:
         self._channel.close()
 
-    def __enter__(self) -> "PoolReader":
+    def __enter__(self) -> PoolReader:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -92,7 +93,7 @@ class PoolReader:
         return list_bundles(self.pool, self.credentials, retries=self.retries, backoff=self.backoff,
                             server_name=self.server_name)
 
-    def catalog(self, site: Optional[str] = None) -> Catalog:
+    def catalog(self, site: str | None = None) -> Catalog:
         def call() -> list:
             got = []
             for reply in self._stub.Catalog(pool_pb2.CatalogRequest(site_id=site or ""), timeout=600):

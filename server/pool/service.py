@@ -53,11 +53,12 @@ import signal
 import threading
 import time
 from collections import Counter
+from collections.abc import Iterable
 from concurrent import futures
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Iterable, Optional
+from typing import BinaryIO
 
 import grpc
 
@@ -73,10 +74,10 @@ from plan_shared.bundle import (
     unique_images,
     verify_signature,
 )
-from plan_shared.png_check import PngError, check_png
-from plan_shared.policy import PolicyFile, PolicyFileError, check_policy
 from plan_shared.config import PoolLimitsConfig
 from plan_shared.files import atomic_write
+from plan_shared.png_check import PngError, check_png
+from plan_shared.policy import PolicyFile, PolicyFileError, check_policy
 from plan_shared.pool_proto import pool_pb2, pool_pb2_grpc
 from server.pool.store import KindError, Store, StoreError, with_article
 
@@ -118,7 +119,7 @@ class Registry:
     def __init__(self, certs: Path, on_load=None):
         self.path = Path(certs) / C.REGISTRY
         self._lock = threading.Lock()
-        self._stamp: Optional[tuple] = None
+        self._stamp: tuple | None = None
         self._identities: dict = {}
         self._on_load = on_load
 
@@ -230,7 +231,7 @@ class _Incoming:
     sha: str
     size: int
     fh: BinaryIO
-    hasher: "hashlib._Hash"
+    hasher: hashlib._Hash
     written: int
     path: Path
     label: str
@@ -244,7 +245,7 @@ class PoolService(pool_pb2_grpc.PoolServicer):
         certs: Path,
         limits: BundleLimits = BundleLimits(),
         policy: ThresholdPolicy = ThresholdPolicy(),
-        policy_file: Optional[Path] = None,
+        policy_file: Path | None = None,
         pool_limits: PoolLimitsConfig = PoolLimitsConfig(),
     ):
         self.store = store
@@ -379,7 +380,7 @@ class PoolService(pool_pb2_grpc.PoolServicer):
             raise Refused(grpc.StatusCode.UNAUTHENTICATED, f"unreadable client certificate: {err}") from None
         return self._check_identity(ident.name, ident.serial, ident.role, role, action)
 
-    def _check_identity(self, name: str, serial: str, cert_role: Optional[str], role: str, action: str) -> Caller:
+    def _check_identity(self, name: str, serial: str, cert_role: str | None, role: str, action: str) -> Caller:
         entry = self.registry.identities().get(name)
         who = f"certificate {name!r} (serial {serial[:16]})"
         if entry is None:
@@ -654,7 +655,7 @@ class PoolService(pool_pb2_grpc.PoolServicer):
     def _receive(self, it, bm: BundleManifest, staging: Path, placed: set, policy: ThresholdPolicy) -> int:
         """Write incoming files to staging, verify each (images: canonical PNG), place it. Returns bytes received."""
         received = 0
-        cur: Optional[_Incoming] = None  # the file being received
+        cur: _Incoming | None = None  # the file being received
         n_placed = 0
         interrupted = False
         try:
@@ -740,6 +741,7 @@ class PoolService(pool_pb2_grpc.PoolServicer):
                 raise Refused(grpc.StatusCode.INVALID_ARGUMENT, f"page_token {request.page_token[:64]!r} is not one "
                               "this pool gave out") from None
         out, size, token = [], 0, ""
+        last_key: tuple[str, str, str] = ("", "", "")  # the key of the last bundle in this page (out is not empty)
         for b in self.store.list_bundles(request.site_id or None):
             key = (b["site_id"], b["received"], b["bundle_id"])
             if after is not None and list(key) <= list(after):
@@ -750,11 +752,11 @@ class PoolService(pool_pb2_grpc.PoolServicer):
             n = info.ByteSize() + 8
             if out and size + n > page_bytes:
                 if request.paged:
-                    token = json.dumps(list(last))
+                    token = json.dumps(list(last_key))
                 break
             out.append(info)
             size += n
-            last = key
+            last_key = key
         return pool_pb2.ListReply(bundles=out, next_page_token=token)
 
     def Catalog(self, request, context):
@@ -902,7 +904,7 @@ def build_server(
     limits: BundleLimits = BundleLimits(),
     policy: ThresholdPolicy = ThresholdPolicy(),
     pool_limits: PoolLimitsConfig = PoolLimitsConfig(),
-    policy_file: Optional[Path] = None,
+    policy_file: Path | None = None,
 ) -> tuple[grpc.Server, int, Store]:
     """Create (not start) the server; locks the store and collects garbage first. Returns (server, port, store).
 
@@ -937,8 +939,8 @@ def serve(
     limits: BundleLimits = BundleLimits(),
     policy: ThresholdPolicy = ThresholdPolicy(),
     pool_limits: PoolLimitsConfig = PoolLimitsConfig(),
-    port_file: Optional[Path] = None,
-    policy_file: Optional[Path] = None,
+    port_file: Path | None = None,
+    policy_file: Path | None = None,
 ) -> None:
     """Run until SIGINT/SIGTERM. ``port_file`` receives the bound port (for address ``host:0``)."""
     server, port, store = build_server(store_dir, certs, address, limits, policy, pool_limits, policy_file)

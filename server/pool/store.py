@@ -31,11 +31,11 @@ import shutil
 import sqlite3
 import threading
 import uuid
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Iterator, Optional
 
 from plan_shared.bundle import BundleError, BundleManifest, parse_bundle_manifest, sha256_file
 
@@ -197,7 +197,7 @@ class Store:
         with self._lock:
             for i in range(0, len(items), 500):
                 part = items[i : i + 500]
-                q = "SELECT sha256, kind FROM objects WHERE sha256 IN (%s)" % ",".join("?" * len(part))
+                q = f"SELECT sha256, kind FROM objects WHERE sha256 IN ({','.join('?' * len(part))})"
                 out.update(self._db.execute(q, part).fetchall())
         return out
 
@@ -230,7 +230,7 @@ class Store:
             items = list(wanted)
             for i in range(0, len(items), 500):
                 part = items[i : i + 500]
-                q = "SELECT sha256 FROM objects WHERE sha256 IN (%s)" % ",".join("?" * len(part))
+                q = f"SELECT sha256 FROM objects WHERE sha256 IN ({','.join('?' * len(part))})"
                 indexed.update(r[0] for r in self._db.execute(q, part))
         return {s for s, size in wanted.items() if s not in indexed and not self._valid_unindexed(s, size)}
 
@@ -291,7 +291,7 @@ class Store:
         with self._lock:
             for i in range(0, len(items), 500):
                 part = items[i : i + 500]
-                q = "SELECT sha256 FROM objects WHERE sha256 IN (%s)" % ",".join("?" * len(part))
+                q = f"SELECT sha256 FROM objects WHERE sha256 IN ({','.join('?' * len(part))})"
                 indexed.update(r[0] for r in self._db.execute(q, part))
         return shas - indexed
 
@@ -439,7 +439,7 @@ class Store:
 
     # ------------------------------------------------------------ reads
 
-    def list_bundles(self, site_id: Optional[str] = None) -> list[dict]:
+    def list_bundles(self, site_id: str | None = None) -> list[dict]:
         q = (
             "SELECT bundle_id, site_id, n_images, n_bytes, created, received, generator_sha256, config_sha256"
             " FROM bundles"
@@ -467,7 +467,7 @@ class Store:
             out.append(d)
         return out
 
-    def catalog(self, site_id: Optional[str] = None) -> list[dict]:
+    def catalog(self, site_id: str | None = None) -> list[dict]:
         q = (
             "SELECT bi.bundle_id, b.site_id, bi.sha256, bi.class_name, o.size, bi.record, b.generator_sha256,"
             " b.config_sha256, b.generator_round, b.created"
@@ -494,7 +494,7 @@ class Store:
         with self._lock:
             return [dict(zip(keys, r)) for r in self._db.execute(q, args)]
 
-    def indexed_size(self, sha256: str, hidden: bool = False) -> Optional[int]:
+    def indexed_size(self, sha256: str, hidden: bool = False) -> int | None:
         """Size of an indexed image; with ``hidden`` (some site is quarantined) only if a visible bundle has it."""
         q = "SELECT size FROM objects WHERE sha256=? AND kind='image'"
         if hidden:
@@ -523,7 +523,7 @@ class Store:
                                     " ORDER BY site_id").fetchall()
         return [dict(zip(("site_id", "quarantined", "since", "reason", "revoked_at"), r)) for r in rows]
 
-    def quarantine(self, site_id: str, reason: str, revoked_at: Optional[str] = None) -> bool:
+    def quarantine(self, site_id: str, reason: str, revoked_at: str | None = None) -> bool:
         """Hide a site's bundles from readers (kept on disk). Returns False when it already was hidden."""
         with self._lock:
             row = self._db.execute("SELECT quarantined FROM site_state WHERE site_id=?", (site_id,)).fetchone()

@@ -30,9 +30,10 @@ import threading
 import time
 import zipfile
 from collections import Counter, OrderedDict
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import IO, Any, Callable, Iterator, Optional, Protocol, cast
+from typing import IO, Any, Protocol, cast
 from urllib.parse import urlencode
 
 import jinja2
@@ -55,7 +56,7 @@ class Source(Protocol):
 
     def bundles(self) -> list[dict[str, Any]]: ...
 
-    def catalog(self, site: Optional[str] = None) -> Catalog: ...
+    def catalog(self, site: str | None = None) -> Catalog: ...
 
     def fetch_images(self, shas: list[str], max_bytes: int = ...) -> dict[str, bytes]: ...
 
@@ -98,7 +99,7 @@ def parse_listen(listen: str, public: bool) -> tuple[str, int]:
 # ------------------------------------------------------------------ the pool as seen by the app
 
 
-def _num(v: Any) -> Optional[float]:
+def _num(v: Any) -> float | None:
     return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None
 
 
@@ -116,7 +117,7 @@ def thresholds_text(t: Any) -> str:
     return f"τ_id {fmt(t.get('tau_id'), 3)} · τ_indep {fmt(t.get('tau_indep'), 3)} · δ {fmt(t.get('delta'), 3)}"
 
 
-def record_checks(record: dict[str, Any]) -> list[tuple[str, str, str, Optional[bool]]]:
+def record_checks(record: dict[str, Any]) -> list[tuple[str, str, str, bool | None]]:
     """(quantity, value, rule, passes) for the three filter criteria of a record."""
     raw = record.get("thresholds")
     t: dict[str, Any] = raw if isinstance(raw, dict) else {}
@@ -156,7 +157,7 @@ class Snapshot:
     serial: int = 0
 
     @classmethod
-    def build(cls, bundles: list[dict[str, Any]], catalog: Catalog, serial: int = 0) -> "Snapshot":
+    def build(cls, bundles: list[dict[str, Any]], catalog: Catalog, serial: int = 0) -> Snapshot:
         snap = cls(datetime.now(timezone.utc), [], catalog.entries, list(catalog.refused), serial=serial)
         by_bundle: dict[str, list[dict[str, Any]]] = {}
         for e in catalog.entries:
@@ -196,7 +197,7 @@ class ImageCache:
         self._size = 0
         self._lock = threading.Lock()
 
-    def get(self, sha: str) -> Optional[bytes]:
+    def get(self, sha: str) -> bytes | None:
         with self._lock:
             data = self._d.get(sha)
             if data is not None:
@@ -242,7 +243,7 @@ class PoolView:
     def __init__(self, source: Source, settings: WebSettings = WebSettings(), reader_name: str = ""):
         self.source, self.settings, self.reader_name = source, settings, reader_name
         self.images = ImageCache(settings.cache_mb * 1024 * 1024)
-        self._snap: Optional[Snapshot] = None
+        self._snap: Snapshot | None = None
         self._read_at = 0.0
         self._lock = threading.Lock()
         self._plots: dict[tuple[int, str], bytes] = {}
@@ -460,7 +461,7 @@ _ENV.globals.update(url=url, fmt=fmt)
 _ENV.filters["when"] = when
 
 
-def _chrome(snap: Optional[Snapshot], pool: str, reader: str) -> dict[str, Any]:
+def _chrome(snap: Snapshot | None, pool: str, reader: str) -> dict[str, Any]:
     taken = snap.taken.isoformat(timespec="seconds") if snap else "n/a"
     return {"pool": pool, "reader": reader or "n/a", "taken": taken}
 
@@ -472,7 +473,7 @@ def render_index(snap: Snapshot, pool: str, reader: str = "") -> str:
         n_images=sum(s["n_images"] for s in snap.sites.values()), classes=classes, refused=snap.refused)
 
 
-def grid_page(snap: Snapshot, cls: str, site: Optional[str], page: int, page_size: int) -> dict[str, Any]:
+def grid_page(snap: Snapshot, cls: str, site: str | None, page: int, page_size: int) -> dict[str, Any]:
     """The entries of one page of a class grid (page is clamped into range)."""
     es = [e for e in snap.by_class.get(cls, []) if site is None or e["site_id"] == site]
     pages = max(1, -(-len(es) // page_size))
@@ -495,7 +496,7 @@ def render_detail(snap: Snapshot, pool: str, reader: str, entries: list[dict[str
                                                    record=record, others=len(entries) - 1)
 
 
-def render_error(status: int, message: str, pool: str, reader: str = "", snap: Optional[Snapshot] = None) -> str:
+def render_error(status: int, message: str, pool: str, reader: str = "", snap: Snapshot | None = None) -> str:
     return _ENV.get_template("error.html").render(**_chrome(snap, pool, reader), status=status, message=message)
 
 
@@ -602,7 +603,7 @@ def create_app(view: PoolView):
         return render_index(view.snapshot(), pool, reader)
 
     @app.get("/grid", response_class=HTMLResponse)
-    def grid(cls: str, site: Optional[str] = None, page: int = Query(1, ge=1)):
+    def grid(cls: str, site: str | None = None, page: int = Query(1, ge=1)):
         snap = view.snapshot()
         if cls not in snap.by_class:
             return error(404, f"no class {cls!r} in the pool")
@@ -639,7 +640,7 @@ def create_app(view: PoolView):
         return Response(view.histogram_png(snap, site), media_type="image/png")
 
     @app.get("/download.zip")
-    async def download(site: Optional[str] = None):
+    async def download(site: str | None = None):
         snap = await run_in_threadpool(view.snapshot)
         if site is not None and site not in snap.sites:
             return error(404, f"no site {site!r} in the pool")
@@ -663,7 +664,7 @@ def listen_socket(host: str, port: int):
 
 
 def serve_web(pool: str, credentials, listen: str = "127.0.0.1:8061", public: bool = False,
-              settings: WebSettings = WebSettings(), server_name: Optional[str] = None,
+              settings: WebSettings = WebSettings(), server_name: str | None = None,
               log: Callable[[str], None] = print) -> None:
     """Run the pool browser until Ctrl-C / SIGTERM (see the module docstring)."""
     import uvicorn

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import json
 import threading
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator, Optional
 
 import grpc
 
@@ -29,7 +29,7 @@ def header(signed: SignedBundle) -> list[pool_pb2.PushRequest]:
     return [pool_pb2.PushRequest(manifest_part=signed.manifest_bytes), pool_pb2.PushRequest(signature=signed.signature)]
 
 
-def file_messages(signed: SignedBundle, n_files: Optional[int] = None, half_of_next: bool = False) -> list:
+def file_messages(signed: SignedBundle, n_files: int | None = None, half_of_next: bool = False) -> list:
     """One PushRequest per image (in manifest order) for the first ``n_files`` distinct images;
     optionally the first half of the next one (``last`` not set)."""
     msgs, done = [], set()

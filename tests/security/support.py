@@ -8,8 +8,9 @@ import re
 import sqlite3
 import struct
 import zlib
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any
 
 import grpc
 
@@ -48,8 +49,8 @@ def site_report(n: int, **filter_changes: Any) -> dict:
     return {"n_candidates": 2 * n, "n_accepted": n, "filter": filt, "anchors": {"k": 5, "pairs_m": 3}}
 
 
-def policy_site_dir(out: Path, site: str, n: int = 4, seed: int = 0, report: Optional[dict] = None,
-                    edit: Optional[Callable[[dict], None]] = None) -> Path:
+def policy_site_dir(out: Path, site: str, n: int = 4, seed: int = 0, report: dict | None = None,
+                    edit: Callable[[dict], None] | None = None) -> Path:
     """A site output dir that satisfies POLICY (28x28 grey PNGs, method plan, generator GEN, full report)."""
     make_site_dir(out, site, n, seed=seed, size=28)
 

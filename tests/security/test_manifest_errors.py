@@ -17,7 +17,7 @@ from client.export import export
 from plan_shared.credentials import load_client_credentials
 from plan_shared.pool_proto import pool_pb2, pool_pb2_grpc
 from server.pool.store import Store
-from tests.pool_support import Pki, PoolServer, make_site_dir, rewrite_manifest
+from tests.pool_support import PoolServer, make_site_dir, rewrite_manifest
 from tests.security.support import assert_refused_and_clean, attempt, index_copy, signed_raw, store_state
 
 pytestmark = pytest.mark.slow

@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 
 from plan_shared.png_check import PngError, check_png
-from tests.pool_support import Pki, PoolServer
+from tests.pool_support import PoolServer
 from tests.security.support import (
     assert_refused_and_clean,
     attempt,
@@ -31,10 +31,10 @@ from tests.security.support import (
 
 def canonical(size: int = 28, channels: int = 1, seed: int = 0) -> bytes:
     """What the site's exporter (plan_shared.imaging.save_png) writes."""
-    from plan_shared.imaging import save_png
-
     import tempfile
     from pathlib import Path
+
+    from plan_shared.imaging import save_png
 
     rng = np.random.default_rng(seed)
     arr = rng.integers(0, 256, size=(size, size, channels), dtype=np.uint8)

@@ -11,7 +11,7 @@ import json
 
 import pytest
 
-from tests.pool_support import Pki, PoolServer
+from tests.pool_support import PoolServer
 from tests.security.support import (
     GEN,
     POLICY,

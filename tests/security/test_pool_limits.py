@@ -12,12 +12,12 @@ import grpc
 import pytest
 
 from client.export import export, prepare
-from plan_shared.pool_proto import pool_pb2
 from plan_shared.config import PoolLimitsConfig
+from plan_shared.pool_proto import pool_pb2
 from server.pool.client import list_bundles, pull
 from server.pool.process import limits_args
 from server.pool.store import Store
-from tests.pool_support import Pki, PoolServer, make_site_dir
+from tests.pool_support import PoolServer, make_site_dir
 from tests.security.attacks import channel, file_messages, header, held, leftovers, report_message, resign, stub
 
 pytestmark = pytest.mark.slow

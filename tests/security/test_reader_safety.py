@@ -15,7 +15,6 @@ import json
 import os
 from concurrent import futures
 from pathlib import Path
-from typing import Optional
 
 import grpc
 import numpy as np
@@ -25,12 +24,12 @@ from client.export import export
 from plan_shared.credentials import load_server_credentials
 from plan_shared.pool_proto import pool_pb2, pool_pb2_grpc
 from server.pool.store import Store
-from tests.pool_support import THRESHOLDS, Pki, PoolServer, make_site_dir, png_bytes, run_cli
+from tests.pool_support import THRESHOLDS, PoolServer, make_site_dir, png_bytes, run_cli
 
 pytestmark = pytest.mark.slow
 
 
-def _entry(i: int, data: bytes, cls: str = "normal", sha: Optional[str] = None, size: Optional[int] = None,
+def _entry(i: int, data: bytes, cls: str = "normal", sha: str | None = None, size: int | None = None,
            label: int = 0) -> pool_pb2.CatalogEntry:
     real = hashlib.sha256(data).hexdigest()
     iid = f"evil-{i:03d}"
@@ -72,7 +71,7 @@ class EvilServer:
         self.port = self.server.add_secure_port("127.0.0.1:0", tls)
         self.address = f"127.0.0.1:{self.port}"
 
-    def __enter__(self) -> "EvilServer":
+    def __enter__(self) -> EvilServer:
         self.server.start()
         return self
 
@@ -94,7 +93,7 @@ def snapshot(root: Path, out: Path) -> set[str]:
     return seen
 
 
-def evil_pull(pki, tmp_path: Path, servicer: EvilPool, out: Optional[Path] = None):
+def evil_pull(pki, tmp_path: Path, servicer: EvilPool, out: Path | None = None):
     out = out or tmp_path / "work" / "out"
     out.parent.mkdir(parents=True, exist_ok=True)
     before = snapshot(tmp_path, out)

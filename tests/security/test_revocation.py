@@ -16,7 +16,7 @@ from client.export import export, prepare
 from plan_shared.credentials import cert_identity
 from server.certs import revoke
 from server.pool.client import list_bundles, pull
-from tests.pool_support import Pki, PoolServer, make_site_dir, run_cli
+from tests.pool_support import PoolServer, make_site_dir, run_cli
 from tests.security.attacks import channel, file_messages, header, held, leftovers, report_message, stub
 
 pytestmark = pytest.mark.slow
