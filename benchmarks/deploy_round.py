@@ -6,7 +6,7 @@ For each mode, in one run (a fresh CA, coordinator state and site folders each):
   (``federation.superexec_poll_s: 1.0``), the ServerApp pulls replies every 1 s
   (``federation.reply_poll_s: 1.0``), no site worker: every message starts a
   ``flwr-clientapp`` process that imports torch, the models and the site's images;
-* ``after``: the defaults: SuperExec poll 0.05 s, reply poll 0.2 s, and the site worker
+* ``after``: the defaults: SuperExec poll 0.2 s, reply poll 0.2 s, and the site worker
   that ``plan-client start`` runs next to the SuperNode (client/site_worker.py), to which the
   per-message ClientApp process forwards the train message.
 
