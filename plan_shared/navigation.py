@@ -45,15 +45,8 @@ from plan_shared.config import NavigationConfig
 from plan_shared.models import StyleGenerator
 from plan_shared.nav_objectives import Objective, kl_uniform, point_terms
 
-__all__ = ["NavResult", "NavWeights", "dist_loss", "kl_uniform", "linear_paths", "official_loop", "optimise_paths",
+__all__ = ["NavResult", "dist_loss", "kl_uniform", "linear_paths", "official_loop", "optimise_paths",
            "path_losses", "random_samples", "sequential_reference", "w_std"]
-
-
-@dataclass
-class NavWeights:
-    lambda_dist: float = 1.0
-    lambda_id: float = 1.2
-    lambda_class: float = 12.0
 
 
 def linear_paths(wa: torch.Tensor, wb: torch.Tensor, T: int) -> torch.Tensor:

@@ -23,7 +23,7 @@ import logging
 import re
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from flwr.app import ArrayRecord
 
@@ -44,6 +44,7 @@ from server.messaging import Exchange, WaitPolicy
 from server.report import PhaseResult, SiteFailure, evaluation_json, synthesis_json
 
 LOG = logging.getLogger("plan.phases")
+R = TypeVar("R")  # a phase's decoded site reply
 
 
 class PhaseError(RuntimeError):
@@ -89,14 +90,18 @@ class Phases:
             self.site_names[nid] = site_id
         return self.site_names.get(nid, f"node-{nid}")
 
-    def _failures(self, ex: Exchange[Any], phase: str, timeout_s: float) -> dict[str, SiteFailure]:
-        out = {}
+    def _collect(self, ex: Exchange[R], phase: str, t0: float) -> PhaseResult[R]:
+        """Each site's decoded reply, or its failure (logged) filed under its name; the phase's wall time."""
+        res: PhaseResult[R] = PhaseResult()
+        for nid, reply in ex.replies.items():
+            res.add(self._name(nid, getattr(reply, "site_id", None)), nid, reply)
         for nid in ex.missing():
-            reason = ex.reason(nid, f"no reply within {timeout_s:.0f}s")
+            reason = ex.reason(nid, f"no reply within {self.timeout_s:.0f}s")
             name = self._name(nid)
-            out[name] = SiteFailure(nid, short_reason(reason), reason)
+            res.add(name, nid, SiteFailure(nid, short_reason(reason), reason))
             LOG.error("%s failed at site %s: %s", phase, name, short_reason(reason))
-        return out
+        res.wall_s = round(time.perf_counter() - t0, 2)
+        return res
 
     # ------------------------------------------------------------------ before a. the pool's policy
     def num_classes(self, node_ids: list[int]) -> int | None:
@@ -123,12 +128,7 @@ class Phases:
             return SynthesisTask(generator, r.channels, r.size, r.rounds_done, method, ref)
 
         ex = self.messenger.exchange(node_ids, task, SynthesisSummary.from_record, WaitPolicy(self.timeout_s))
-        res: PhaseResult[SynthesisSummary] = PhaseResult()
-        for nid, summary in ex.replies.items():
-            res.add(self._name(nid, summary.site_id), nid, summary)
-        for name, failure in self._failures(ex, "synthesis", self.timeout_s).items():
-            res.add(name, failure.node_id, failure)
-        res.wall_s = round(time.perf_counter() - t0, 2)
+        res = self._collect(ex, "synthesis", t0)
         if not ex.replies:
             raise PhaseError(f"no site completed the synthesis phase: {json.dumps(synthesis_json(res)['sites'])}")
         return res
@@ -165,13 +165,7 @@ class Phases:
             return EvaluationTask(model, int(arch["num_classes"]), int(arch["channels"]), int(arch["size"]), ref)
 
         ex = self.messenger.exchange(node_ids, task, SiteEvaluation.from_record, WaitPolicy(self.timeout_s))
-        res: PhaseResult[SiteEvaluation] = PhaseResult()
-        for nid, ev in ex.replies.items():
-            res.add(self._name(nid, ev.site_id), nid, ev)
-        for name, failure in self._failures(ex, "evaluation", self.timeout_s).items():
-            res.add(name, failure.node_id, failure)
-        res.wall_s = round(time.perf_counter() - t0, 2)
-        return res
+        return self._collect(ex, "evaluation", t0)
 
 
 def _site_figures(out: Path, sites: list[str]) -> dict[str, str]:
