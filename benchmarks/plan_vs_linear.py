@@ -12,7 +12,8 @@ with the SAME G, phi_id, phi_class and anchor pairs, paths for ``linear`` and ea
   plan+eot+lowpass   both
   plan+wplus    the published loss, W+ restricted: only the coarse/middle layers navigated (navigation.layers
                 coarse_middle), the fine layers held on the linear path's w
-  plan+wplus+margin  W+ restricted + L_class margin
+  plan+wplus+margin  W+ restricted + L_class margin (the pipeline's default)
+The other variants navigate plain W (navigation.layers all), whatever the configured default.
 
 Measures on the interior path images (issue #11.1):
   (a) hf     spectral high-frequency share: power above 0.25 cycles/pixel over total (mean removed),

@@ -70,8 +70,8 @@ def free_layers(G: StyleGenerator, nav: NavigationConfig) -> torch.Tensor | None
         return None
     res = torch.as_tensor(G.synthesis.ws_resolution)
     free = res < nav.fine_from
-    if not bool(free.any()):  # cannot happen with fine_from >= 8 (the 4 px block is always free)
-        raise ValueError(f"navigation.fine_from {nav.fine_from}: no synthesis layer left to navigate")
+    if bool(free.all()):  # a generator without blocks at fine_from px or above: nothing to hold, plain W
+        return None
     return free.to(G.w_avg.device)
 
 
