@@ -218,8 +218,9 @@ def time_to_quality(args) -> dict:
     print(note, flush=True)
     cfg = load_config(None)
     nav = cfg.navigation.model_copy(update={"T": args.T, "lambda_id": 0.025 * (args.T - 2), "lambda_class": 0.25 * (args.T - 2),
-                                            "devices": ["cpu"], "class_target": None, "eot_samples": 0, "lambda_smooth": 0.0})
-    # class_target None, no EOT, no low-pass term: the published objective, the one official_loop optimises
+                                            "devices": ["cpu"], "class_target": None, "eot_samples": 0, "lambda_smooth": 0.0,
+                                            "layers": "all"})
+    # class_target None, no EOT, no low-pass term, plain W: the published objective, the one official_loop optimises
     sc = w_std(G)
     # anchors: GAN samples paired within phi_class's predicted class
     n = args.engine_paths

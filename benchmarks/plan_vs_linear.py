@@ -10,6 +10,10 @@ with the SAME G, phi_id, phi_class and anchor pairs, paths for ``linear`` and ea
   plan+eot      + margin + expectation over transformations (navigation.eot_samples views)
   plan+lowpass  + margin + low-pass bound (navigation.lambda_smooth on the high-pass image change)
   plan+eot+lowpass   both
+  plan+wplus    the published loss, W+ restricted: only the coarse/middle layers navigated (navigation.layers
+                coarse_middle), the fine layers held on the linear path's w
+  plan+wplus+margin  W+ restricted + L_class margin (the pipeline's default)
+The other variants navigate plain W (navigation.layers all), whatever the configured default.
 
 Measures on the interior path images (issue #11.1):
   (a) hf     spectral high-frequency share: power above 0.25 cycles/pixel over total (mean removed),
@@ -43,12 +47,12 @@ from plan_shared.anchors import k_same_anchors, nearest_pairs, spread_pairs
 from plan_shared.attacker import embed as att_embed
 from plan_shared.attacker import max_id_prob, train_attacker
 from plan_shared.classifiers import build_classifier, predict_logits, spec_from, train_classifier
-from plan_shared.config import load_config, parse_sets
+from plan_shared.config import NavigationConfig, load_config, parse_sets
 from plan_shared.data import load_dataset, stratified_subsample, to_tensor
 from plan_shared.gan import load_generator
 from plan_shared.inversion import invert
 from plan_shared.metrics import balanced_accuracy, dcr
-from plan_shared.navigation import linear_paths, optimise_paths, w_std
+from plan_shared.navigation import linear_paths, optimise_paths, path_styles, w_std
 from plan_shared.plots import path_strips
 from plan_shared.runtime import seed_everything, set_threads
 
@@ -58,7 +62,11 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "plan+eot": {"eot_samples": 4},
     "plan+lowpass": {"lambda_smooth": 400.0},
     "plan+eot+lowpass": {"eot_samples": 4, "lambda_smooth": 400.0},
+    "plan+wplus": {"class_target": None, "layers": "coarse_middle"},
+    "plan+wplus+margin": {"layers": "coarse_middle"},
 }
+# every variant sets the knobs it is about: the others follow the schema defaults, not the configured ones
+_KNOBS = {"class_target": NavigationConfig().class_target, "layers": "all", "eot_samples": 0, "lambda_smooth": 0.0}
 
 
 def hf_share(x: torch.Tensor, cutoff: float = 0.25) -> np.ndarray:
@@ -136,8 +144,7 @@ def main() -> None:
     t0 = time.perf_counter()
     ic = cfg.inversion
     sigma_w = w_std(G, seed=cfg.seed)
-    w_real, _ = invert(G, x_tr, feature_net=phi_id, steps=ic.steps, lr=ic.lr * sigma_w, batch_size=ic.batch_size,
-                       pixel_weight=ic.pixel_weight, feature_weight=ic.feature_weight, progress=False)
+    w_real = invert(G, x_tr, ic, sigma_w, feature_net=phi_id, progress=False).w
     anc = k_same_anchors(w_real, y_tr.numpy(), cfg.anchors.k)
     pairs = spread_pairs(nearest_pairs(anc.anchors, anc.labels, cfg.anchors.pairs_m), anc.labels, args.paths, cfg.seed)
     pa = torch.as_tensor([p[0] for p in pairs])
@@ -150,20 +157,21 @@ def main() -> None:
     flat_tr = x_tr.flatten(1)
     real_hf = float(hf_share(x_tr).mean())
     nc = cfg.navigation
-    fulls: dict[str, torch.Tensor] = {"linear": linear_paths(wa, wb, args.T)}
+    fulls: dict[str, torch.Tensor] = {"linear": linear_paths(wa, wb, args.T)}  # styles to render: W or W+ per point
     for name in [v for v in args.variants.split(",") if v]:
         if name not in VARIANTS:
             raise SystemExit(f"--variants: unknown variant {name!r} (known: {', '.join(VARIANTS)})")
         t0 = time.perf_counter()
-        variant = nc.model_copy(update={**VARIANTS[name], "T": args.T, "steps": args.steps})
-        fulls[name] = optimise_paths(G, phi_id, phi_class, wa, wb, plabels, variant, w_scale=sigma_w, progress=False,
-                                     seed=cfg.seed).paths
+        variant = nc.model_copy(update={**_KNOBS, **VARIANTS[name], "T": args.T, "steps": args.steps})
+        paths = optimise_paths(G, phi_id, phi_class, wa, wb, plabels, variant, w_scale=sigma_w, progress=False,
+                               seed=cfg.seed).paths
+        fulls[name] = path_styles(G, paths, variant)
         tick(f"navigation {name}", t0)
 
     results: dict[str, Any] = {}
     t0 = time.perf_counter()
     for name, full in fulls.items():
-        imgs_full = render(G, full.reshape(-1, G.w_dim)).view(len(pairs), args.T, G.channels, G.size, G.size)
+        imgs_full = render(G, full.flatten(0, 1)).view(len(pairs), args.T, G.channels, G.size, G.size)
         inner = imgs_full[:, 1:-1].reshape(-1, G.channels, G.size, G.size)
         lab = plabels.repeat_interleave(args.T - 2)
         att_p = max_id_prob(att, inner)

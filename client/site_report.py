@@ -206,9 +206,11 @@ class ComparePoint:
     n: int
     mia: dict[str, float | None]  # plan_shared.audit.distance_mia keys (mia_auc, its interval, gap, tpr)
     variety: dict[str, Any] | None = None  # precision / recall vs the real train split (plan_shared.variety)
+    attacker: dict[str, float | None] | None = None  # plan_shared.audit.attacker_audit: attacker_max_id_prob, attacker_dcr
 
     def to_json(self) -> dict[str, Any]:
-        return {"accuracy": self.accuracy, "qwk": self.qwk, "n": self.n, **self.mia, **(self.variety or {})}
+        return {"accuracy": self.accuracy, "qwk": self.qwk, "n": self.n, **self.mia, **(self.variety or {}),
+                **(self.attacker or {})}
 
 
 @dataclass
@@ -244,6 +246,7 @@ class SiteReport:
     config_sha256: str
     timing: dict[str, float]
     prevalence: dict[str, Any] | None = None  # synthesis.match_prevalence: accepted vs exported per class
+    attacker: dict[str, float | None] | None = None  # the audit's re-identification attacker (AttackerAudit.attacker)
 
     def to_json(self) -> dict[str, Any]:
         """The report.json object (plain dicts, lists and scalars), keys in today's order."""
@@ -261,6 +264,8 @@ class SiteReport:
             out["compare"] = {k: v.to_json() for k, v in self.compare.items()}
         if self.prevalence is not None:
             out["prevalence"] = dict(self.prevalence)
+        if self.attacker is not None:
+            out["attacker"] = dict(self.attacker)
         out.update(figures=dict(self.figures), n_candidates=self.n_candidates, n_accepted=self.n_accepted,
                    generator=_plain(self.generator), config_sha256=self.config_sha256, timing=dict(self.timing))
         return out

@@ -85,7 +85,7 @@ from plan_shared.metrics import classification_report, dcr_summary
 from plan_shared.models import build_generator
 from plan_shared.models.classifier import Classifier
 from plan_shared.models.generator import StyleGenerator
-from plan_shared.navigation import linear_paths, optimise_paths, random_samples, w_std
+from plan_shared.navigation import linear_paths, optimise_paths, path_styles, random_samples, w_std
 from plan_shared.plots import dcr_histogram, path_strips, sample_grid
 from plan_shared.prevalence import prevalence_selection
 from plan_shared.privacy import (
@@ -393,7 +393,7 @@ def navigate_paths(cfg: PlanConfig, G: StyleGenerator, phi_id: Classifier, phi_c
         section = NavigationSection(
             T=T, steps=nc.steps, lr=nc.lr, lambda_dist=nc.lambda_dist, lambda_id=nc.lambda_id,
             lambda_class=nc.lambda_class, chunk=nc.chunk,
-            objective=nc.model_dump(include={"class_target", "eot_samples", "lambda_smooth"}),
+            objective=nc.model_dump(include={"class_target", "eot_samples", "lambda_smooth", "layers", "fine_from"}),  # wplus: layers
             w_scale=sigma_w, max_offset=nc.max_offset,
             paths=len(pairs), path_steps_per_s=finite(steps_run / max(dt, 1e-9)),
             loss_first=hist[0] if hist else None, loss_last=hist[-1] if hist else None,
@@ -439,8 +439,9 @@ def render_candidates(cfg: PlanConfig, G: StyleGenerator, paths: Paths,
     cand: dict[Method, Candidates] = {}
     for name, full in (("plan", paths.plan), ("linear", paths.linear)):
         m = check_method(name)
+        styles = path_styles(G, full, cfg.navigation)  # wplus: W, or W+ with the fine layers on the linear path
         cand[m] = Candidates(
-            m, render(G, full[:, 1:-1].reshape(-1, G.w_dim)), paths.labels.repeat_interleave(T - 2).numpy(),
+            m, render(G, styles[:, 1:-1].flatten(0, 1)), paths.labels.repeat_interleave(T - 2).numpy(),
             np.repeat(np.arange(n_paths), T - 2), np.tile(np.arange(1, T - 1), n_paths),
         )
     n_rand = cfg.synthesis.random_samples or max(n_paths * (T - 2), 1)
@@ -673,6 +674,25 @@ def compare_methods(cfg: PlanConfig, ds: ImageDataset, data: SiteData, cand: Map
     return out
 
 
+# wplus: the audit's re-identification attacker in the compare stage (issue #11.1 (b), (c))
+def attacker_of_site(cfg: PlanConfig, data: SiteData, cand: Mapping[Method, Candidates], flt: FilterOutcome,
+                     compare: dict[str, ComparePoint], device: torch.device,
+                     progress: bool) -> dict[str, float | None] | None:
+    """The audit's re-identification attacker (plan_shared.audit.attacker_audit), trained once on the site's train
+    images: each method's filter-passing images (and ``real``: the train images themselves) scored into
+    ``compare``; returns the attacker's own figures (None when ``audit.attacker_in_pipeline`` is off)."""
+    from plan_shared.audit import attacker_audit
+
+    if not cfg.audit.attacker_in_pipeline:
+        return None
+    sets = {name: c.images[flt.passed(name)] for name, c in cand.items()} | {"real": data.x_tr}
+    res = attacker_audit(cfg.audit.attacker, data.x_tr, data.id_labels, data.x_te, sets, device, progress)
+    for name, vals in res.sets.items():
+        if name in compare:
+            compare[name].attacker = {k: finite(v) for k, v in vals.items()}
+    return {k: finite(v) for k, v in res.attacker.items()}
+
+
 # ---------------------------------------------------------------------------------------------- figures
 def write_figures(cfg: PlanConfig, out: Path, G: StyleGenerator, paths: Paths, ids: IdentityModels,
                   cal: Calibration, cand: Mapping[Method, Candidates], flt: FilterOutcome, exported: Method,
@@ -681,7 +701,7 @@ def write_figures(cfg: PlanConfig, out: Path, G: StyleGenerator, paths: Paths, i
     rows = []
     for p in range(min(cfg.synthesis.strip_pairs, len(paths.plan))):
         for name, full in (("linear", paths.linear), ("plan", paths.plan)):
-            img = render(G, full[p])
+            img = render(G, path_styles(G, full[p : p + 1], cfg.navigation)[0])  # wplus: as render_candidates
             sc = score_images(img, ids.phi_id, ids.indep, cal.zone.embeddings)
             rows.append({"title": f"{name} #{p} ({class_names[int(paths.labels[p])]})", "images": img,
                          "id_prob": sc.max_id_prob, "dcr": sc.dcr})

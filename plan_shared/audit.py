@@ -15,7 +15,11 @@
 - distance to closest record: ``dcr_ratio`` = median DCR(exported -> train) / median
   DCR(held-out -> train) (1 = as far as a real non-member; < 1 = closer);
   ``too_close_rate`` = share of exported images closer to a train image than the 5th
-  percentile of held-out -> train distances.
+  percentile of held-out -> train distances;
+- the re-identification attacker (:func:`attacker_audit`, plan_shared/attacker.py: a model that
+  neither navigation nor the filter uses, trained by its own recipe on the site's train
+  images, one class per identity): per image set its mean max identity probability and the
+  distance to the closest train image in its L2-normalised embedding (issue #11.1 (b), (c)).
 
 Only numbers are returned. The attacks run at the site (client/post_training.py); the
 metrics themselves are plan_shared.metrics.
@@ -23,15 +27,22 @@ metrics themselves are plan_shared.metrics.
 
 from __future__ import annotations
 
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from plan_shared.attacker import embed, max_id_prob, predict_ids, train_attacker
 from plan_shared.classifiers import predict_logits
+from plan_shared.config import AttackerConfig
 from plan_shared.data import ImageDataset, to_tensor
 from plan_shared.metrics import bootstrap_auc_interval, dcr, mia_auc, tpr_at_fpr
 
-__all__ = ["MIA_BOOTSTRAP", "dcr_audit", "distance_mia", "loss_mia", "mia_summary", "privacy_audit"]
+__all__ = ["MIA_BOOTSTRAP", "AttackerAudit", "attacker_audit", "dcr_audit", "distance_mia", "loss_mia", "mia_summary",
+           "privacy_audit"]
 
 
 def _flat(x: torch.Tensor) -> torch.Tensor:
@@ -99,3 +110,52 @@ def privacy_audit(ds: ImageDataset, synthetic_uint8: np.ndarray, phi_down: torch
     if phi_down is not None:
         out.update(loss_mia(phi_down, (train, ds.train.labels), (test, ds.test.labels)))
     return out
+
+
+@dataclass
+class AttackerAudit:
+    """What :func:`attacker_audit` measured.
+
+    ``attacker``: the model itself -- images and identities it was trained on, epochs, its top-1 identity
+    accuracy and mean max identity probability on those (members), the mean max identity probability on the
+    held-out images (non-members: the floor a fresh patient gets) and the seconds it took.
+    ``sets``: per image set ``attacker_max_id_prob`` (mean), ``attacker_dcr`` (mean distance to the closest site
+    train image in the attacker's embedding), ``attacker_dcr_p05`` and ``attacker_n``.
+    """
+
+    attacker: dict[str, float]
+    sets: dict[str, dict[str, float]]
+
+
+def attacker_audit(cfg: AttackerConfig, train: torch.Tensor, ids: torch.Tensor, heldout: torch.Tensor,
+                   sets: Mapping[str, torch.Tensor], device: torch.device | str, progress: bool = False) -> AttackerAudit:
+    """Train the attacker once on the site's train images ``train`` (identity ``ids``; ``cfg.max_images`` a seeded
+    subsample) and score every image set of ``sets`` (e.g. each method's filter-passing images) with it."""
+    ids = torch.as_tensor(ids, dtype=torch.long)
+    if len(train) != len(ids):
+        raise ValueError(f"attacker_audit: {len(train)} train images but {len(ids)} identity labels")
+    t0 = time.perf_counter()
+    rows = torch.arange(len(train))
+    if cfg.max_images is not None and len(train) > cfg.max_images:
+        rows = torch.randperm(len(train), generator=torch.Generator().manual_seed(cfg.seed))[: cfg.max_images].sort().values
+    _, local = torch.unique(ids[rows], return_inverse=True)  # the subsample's identities as 0..n-1
+    x_att = train[rows]
+    att = train_attacker(x_att, local, cfg, device, progress=progress)
+    emb_train = embed(att, train)
+    summary = {
+        "n_images": float(len(rows)), "n_ids": float(int(local.max()) + 1 if len(local) else 0), "epochs": float(cfg.epochs),
+        "member_top1": float((predict_ids(att, x_att) == local).float().mean()),
+        "member_max_id_prob": float(max_id_prob(att, x_att).mean()),
+        "heldout_max_id_prob": float(max_id_prob(att, heldout).mean()) if len(heldout) else float("nan"),
+    }
+    out: dict[str, dict[str, float]] = {}
+    for name, x in sets.items():
+        if len(x) == 0:
+            out[name] = {"attacker_max_id_prob": float("nan"), "attacker_dcr": float("nan"),
+                         "attacker_dcr_p05": float("nan"), "attacker_n": 0.0}
+            continue
+        d = dcr(embed(att, x), emb_train)
+        out[name] = {"attacker_max_id_prob": float(max_id_prob(att, x).mean()), "attacker_dcr": float(d.mean()),
+                     "attacker_dcr_p05": float(np.quantile(d, 0.05)), "attacker_n": float(len(x))}
+    summary["seconds"] = round(time.perf_counter() - t0, 2)
+    return AttackerAudit(summary, out)

@@ -379,6 +379,22 @@ class NavigationConfig(_Section):
         "and costs one more render per chunk."
     )
     smooth_sigma: float = Field(1.0, gt=0.0, description="Low-pass bound: Gaussian sigma (pixels) separating coarse from fine.")
+    layers: Literal["all", "coarse_middle"] = Field(
+        "coarse_middle", description="Which synthesis layers navigation moves (W+ restriction, issue #11.1). all = "
+        "every layer gets the optimised point's w (plain W, the published method). coarse_middle (default) = only the "
+        "style inputs of the blocks below fine_from px get it; the fine layers get the straight-line w between the same "
+        "anchors (the linear path's), so navigation can change shape and contrast but not add pixel-level texture. "
+        "Measured by benchmarks/plan_vs_linear.py (demo G, 80 identities, 8 paths x T 12, 25 steps, inversion 30 steps "
+        "as in the demo), with the class margin: attacker id-prob 0.120 vs 0.153 (W) and 0.183 (linear), pixel DCR 6.95 "
+        "vs 6.28 and 6.27, attacker-embedding DCR 0.752 vs 0.746 and 0.660, TSTR 0.838 vs 0.827 and 0.791, hf share 1.11x "
+        "linear vs 1.17x (real 1.37x). With the schema's inversion it still beats linear on all four but W is ahead by "
+        "0.006 id-prob and 0.03 embedding DCR."
+    )
+    fine_from: int = Field(
+        32, ge=8, description="With layers coarse_middle: synthesis blocks at this resolution (px) and above are fine "
+        "and held on the linear path. StyleGAN's coarse 4-8 / middle 16-32 / fine 64+ split scaled to the 28-32 px "
+        "generators: 4-8 coarse, 16 middle, 32 fine (3 of a 32 px generator's 11 style inputs held)."
+    )
 
     @model_validator(mode="after")
     def _eot_range(self) -> NavigationConfig:
@@ -672,12 +688,22 @@ class AttackerConfig(_Section):
     erase_p: float = Field(0.3, ge=0.0, le=1.0, description="Probability of erasing one random rectangle (1/8 to 1/3 of each side).")
     gamma: float = Field(0.2, ge=0.0, description="Gamma jitter: exponent exp(U(-gamma, gamma)) on [0, 1] intensities.")
     seed: int = Field(4242, ge=0, description="Its own seed (not derived from the site seed used by phi_id).")
+    max_images: int | None = Field(
+        None, ge=2, description="Train the attacker on at most this many of the site's train images (a seeded random "
+        "subsample, one identity each as in phi_id; its identity probabilities cover those). The attacker DCR is "
+        "still taken to every train image. null = all (the audit's full strength); the demo preset sets a budget."
+    )
 
 
 class AuditConfig(_Section):
     """Privacy audit against models the pipeline does not use for navigation or filtering."""
 
     attacker: AttackerConfig = Field(default_factory=AttackerConfig)
+    attacker_in_pipeline: bool = Field(
+        True, description="Train the attacker once per site in the pipeline's compare stage (synthesis.compare) and "
+        "report, per method, its mean max identity probability and the DCR in its embedding (report.json "
+        "compare.<method>.attacker_*, the attacker's own figures under attacker)."
+    )
 
 
 class PlanConfig(BaseModel):

@@ -17,8 +17,15 @@ Peak memory is set by ``chunk``, not by ``paths x T``. Only W is optimised (the 
 stay on the generator's manifold); ``max_offset`` optionally bounds each point's distance
 from its straight-line start.
 
+W+ restriction (``navigation.layers: coarse_middle``): a point's optimised w drives only the
+coarse and middle synthesis layers (blocks below ``navigation.fine_from`` px); the fine layers
+get the point's straight-line w, i.e. exactly the linear path's. The path tensor keeps the
+navigated w ``[paths, T, w_dim]``; :func:`path_styles` turns it into the per-layer styles
+``[paths, T, num_ws, w_dim]`` that are rendered (``G.render`` takes W or W+).
+
     res = optimise_paths(G, phi_id, phi_class, wa, wb, labels, cfg.navigation, w_scale=w_std(G))
     res.paths                                            # [paths, T, w_dim]
+    imgs = G.render(path_styles(G, res.paths, cfg.navigation).flatten(0, 1))   # W or W+ per point
     lin = linear_paths(wa, wb, T)                       # baseline, same anchors
 
 With ``navigation.early_stop_patience`` each path stops on a plateau of its own loss and its
@@ -45,14 +52,47 @@ from plan_shared.config import NavigationConfig
 from plan_shared.models import StyleGenerator
 from plan_shared.nav_objectives import Objective, kl_uniform, point_terms
 
-__all__ = ["NavResult", "dist_loss", "kl_uniform", "linear_paths", "official_loop", "optimise_paths",
-           "path_losses", "random_samples", "sequential_reference", "w_std"]
+__all__ = ["NavResult", "compose_styles", "dist_loss", "free_layers", "kl_uniform", "linear_paths", "official_loop",
+           "optimise_paths", "path_losses", "path_styles", "random_samples", "sequential_reference", "w_std"]
 
 
 def linear_paths(wa: torch.Tensor, wb: torch.Tensor, T: int) -> torch.Tensor:
     """Full straight paths ``[paths, T, w_dim]`` (endpoints included, evenly spaced)."""
     t = torch.linspace(0, 1, T, dtype=wa.dtype, device=wa.device).view(1, T, 1)
     return wa.unsqueeze(1) + t * (wb - wa).unsqueeze(1)
+
+
+def free_layers(G: StyleGenerator, nav: NavigationConfig) -> torch.Tensor | None:
+    """``[num_ws]`` bool: the style inputs navigation moves under ``nav.layers`` (None = all of them, plain W).
+
+    coarse_middle: the inputs of the blocks below ``nav.fine_from`` px (``G.synthesis.ws_resolution``)."""
+    if nav.layers == "all":
+        return None
+    res = torch.as_tensor(G.synthesis.ws_resolution)
+    free = res < nav.fine_from
+    if bool(free.all()):  # a generator without blocks at fine_from px or above: nothing to hold, plain W
+        return None
+    return free.to(G.w_avg.device)
+
+
+def compose_styles(w: torch.Tensor, w_lin: torch.Tensor, free: torch.Tensor | None) -> torch.Tensor:
+    """Per-layer styles of points ``w [..., w_dim]`` with straight-line starts ``w_lin`` (same shape).
+
+    ``free`` None: ``w`` itself (W). Else ``[..., num_ws, w_dim]``: ``w`` in the free layers, ``w_lin`` in the
+    others; the held layers carry no gradient to ``w``."""
+    if free is None:
+        return w
+    f = free.to(w.device).view(*([1] * (w.ndim - 1)), -1, 1)
+    return torch.where(f, w.unsqueeze(-2), w_lin.unsqueeze(-2))
+
+
+def path_styles(G: StyleGenerator, full: torch.Tensor, nav: NavigationConfig) -> torch.Tensor:
+    """What to render for full paths ``[paths, T, w_dim]`` under ``nav.layers``: the paths themselves (all) or
+    ``[paths, T, num_ws, w_dim]`` with the fine layers on the straight line between the same anchors."""
+    free = free_layers(G, nav)
+    if free is None:
+        return full
+    return compose_styles(full, linear_paths(full[:, 0], full[:, -1], full.shape[1]), free)
 
 
 def dist_loss(full: torch.Tensor) -> torch.Tensor:
@@ -62,15 +102,17 @@ def dist_loss(full: torch.Tensor) -> torch.Tensor:
 
 def path_losses(
     G: StyleGenerator, phi_id: nn.Module, phi_class: nn.Module, full: torch.Tensor, labels: torch.Tensor,
-    objective: Objective | None = None, seed: int = 0,
+    objective: Objective | None = None, seed: int = 0, free: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
     """Per path L_dist and the per-point terms (means over interior points) for full paths ``[paths, T, w_dim]``
-    (no chunking; tests, reports). ``objective`` None: the published L_id and L_class (plain KL and CE)."""
+    (no chunking; tests, reports). ``objective`` None: the published L_id and L_class (plain KL and CE);
+    ``free`` the navigated layers (:func:`free_layers`; None = all)."""
     p, T, d = full.shape
     obj = objective or Objective.published(1.0, 1.0)
     inner = full[:, 1:-1].reshape(-1, d)
-    img = G.render(inner)
-    img_lin = G.render(linear_paths(full[:, 0], full[:, -1], T)[:, 1:-1].reshape(-1, d)) if obj.needs_linear_image else None
+    lin_inner = linear_paths(full[:, 0], full[:, -1], T)[:, 1:-1].reshape(-1, d)
+    img = G.render(compose_styles(inner, lin_inner, free))
+    img_lin = G.render(lin_inner) if obj.needs_linear_image else None
     terms = point_terms(img, img_lin, phi_id, phi_class, labels.repeat_interleave(T - 2), obj,
                         torch.Generator().manual_seed(seed))
     return {"dist": dist_loss(full)} | {k: v.view(p, T - 2).mean(1) for k, v in terms.items()}
@@ -111,9 +153,11 @@ POINT_TERMS = ("id", "class", "smooth")  # the per-point terms of nav_objectives
 
 def _chunk_loss(
     G: StyleGenerator, phi_id: nn.Module, phi_class: nn.Module, w: torch.Tensor, y: torch.Tensor, obj: Objective,
-    n_inner: int, gen: torch.Generator, w_lin: torch.Tensor | None = None,
+    n_inner: int, gen: torch.Generator, w_lin: torch.Tensor, free: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The per-point part of the objective for one chunk of interior points ``w [n, w_dim]`` (real W scale).
+    """The per-point part of the objective for one chunk of interior points ``w [n, w_dim]`` (real W scale)
+    whose straight-line starts are ``w_lin``; ``free`` the navigated layers (None = all; else the others render
+    ``w_lin``, :func:`compose_styles`).
 
     The terms are :func:`plan_shared.nav_objectives.point_terms` (L_id, L_class with its margin, EOT views,
     the low-pass bound against the straight-line points ``w_lin``). Returns the scalar to back-propagate
@@ -121,9 +165,9 @@ def _chunk_loss(
     terms ``[n, 3]`` in :data:`POINT_TERMS` order (detached; zeros for a term whose weight is 0, which is then
     not evaluated).
     """
-    img = G.render(w)
+    img = G.render(compose_styles(w, w_lin, free))
     img_lin = None
-    if obj.needs_linear_image and w_lin is not None:
+    if obj.needs_linear_image:
         with torch.no_grad():
             img_lin = G.render(w_lin)
     terms = point_terms(img, img_lin, phi_id, phi_class, y, obj, gen)
@@ -150,7 +194,9 @@ def optimise_paths(
     """Optimise all paths with the settings of the ``navigation`` config section; see :class:`NavResult`.
 
     The per-point terms are :class:`plan_shared.nav_objectives.Objective` built from ``nav`` (class margin,
-    EOT views, low-pass bound); ``seed`` drives the EOT views' random draws.
+    EOT views, low-pass bound); ``seed`` drives the EOT views' random draws. ``nav.layers`` coarse_middle:
+    each point's w drives only the coarse/middle layers, the fine ones render its straight-line start
+    (render the result with :func:`path_styles`); L_dist is the navigated w's, as in W.
 
     ``w_scale`` (sigma_W, see :func:`w_std`): the optimisation runs in standardised
     coordinates u = w / w_scale, so ``lr``, ``L_dist`` and ``max_offset`` have the meaning
@@ -217,9 +263,14 @@ def _optimise_shard(
     """One worker: all its paths as one tensor on wa's device (the loop of :func:`optimise_paths`)."""
     T, chunk = nav.T, nav.chunk
     objective = Objective.from_config(nav)
+    free = free_layers(G, nav)
     gen = torch.Generator().manual_seed(seed)
     dev = wa.device
     sc = float(w_scale)
+    wa_real, wb_real = wa, wb
+    # the straight-line points in real W: what the held (fine) layers and the low-pass bound's reference render,
+    # bit for bit the linear method's points between the same anchors
+    flat_lin = linear_paths(wa_real, wb_real, T)[:, 1:-1].reshape(-1, wa.shape[1])
     wa, wb = wa / sc, wb / sc
     p, d = wa.shape
     n_inner = T - 2
@@ -261,7 +312,7 @@ def _optimise_shard(
             for s in range(0, len(points), chunk):
                 ix: slice | torch.Tensor = slice(s, s + chunk) if everyone else points[s : s + chunk]
                 loss, pt[ix] = _chunk_loss(G, phi_id, phi_class, (flat_start[ix] + flat[ix]) * sc, flat_labels[ix], objective,
-                                           n_inner, gen, flat_start[ix] * sc)
+                                           n_inner, gen, flat_lin[ix], free)
                 torch.autograd.backward(loss)  # accumulates into D.grad through the gather
         ld_path = seg_const + dist_loss(torch.cat([zero_end, D, zero_end], dim=1))
         torch.autograd.backward(nav.lambda_dist * ld_path.sum())
@@ -306,7 +357,7 @@ def _optimise_shard(
         if best_D is not None and bool(torch.isfinite(best_obj).all()):
             D.copy_(best_D)  # paths that reached the cap also end on their best point
         final = terms @ lam
-        full = torch.cat([wa.unsqueeze(1), start + D.detach(), wb.unsqueeze(1)], dim=1) * sc
+        full = torch.cat([wa_real.unsqueeze(1), (start + D.detach()) * sc, wb_real.unsqueeze(1)], dim=1)
     return NavResult(paths=full, history=history, steps_run=steps_run, final_loss=final)
 
 
@@ -324,6 +375,7 @@ def sequential_reference(
     step, the same loss (:func:`_chunk_loss` on the whole batch + L_dist). Checks the chunking and the offset
     parametrisation of :func:`optimise_paths`."""
     obj = Objective.from_config(nav)
+    free = free_layers(G, nav)
     gen = torch.Generator().manual_seed(0)
     sc = float(w_scale)
     wa, wb = wa / sc, wb / sc
@@ -335,7 +387,7 @@ def sequential_reference(
     for _ in range(nav.steps):
         opt.zero_grad(set_to_none=True)
         full = torch.cat([wa[None], P, wb[None]], 0)
-        cls, _ = _chunk_loss(G, phi_id, phi_class, P * sc, y, obj, n_inner, gen, start * sc)
+        cls, _ = _chunk_loss(G, phi_id, phi_class, P * sc, y, obj, n_inner, gen, start * sc, free)
         torch.autograd.backward(nav.lambda_dist * (full[1:] - full[:-1]).pow(2).sum() + cls)
         opt.step()
     return torch.cat([wa[None], P.detach(), wb[None]], 0) * sc

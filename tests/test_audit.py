@@ -5,9 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from client.evaluate import score_classifier
-from plan_shared.audit import dcr_audit, distance_mia, loss_mia, privacy_audit
+from plan_shared.audit import attacker_audit, dcr_audit, distance_mia, loss_mia, privacy_audit
+from plan_shared.config import AttackerConfig
 from plan_shared.data import ImageDataset, Split
 
 
@@ -73,3 +75,31 @@ def test_privacy_audit_keys_and_empty_pool():
     assert out["too_close_rate"] == 1.0  # exported copies of training images are all too close
     empty = privacy_audit(ds, np.zeros((0, 1, 8, 8), np.uint8), None)
     assert np.isnan(empty["mia_auc"]) and "loss_mia_auc" not in empty
+
+
+def test_attacker_audit_scores_each_set_against_the_train_images():
+    """Copies of train images sit at attacker DCR 0, other images do not; the attacker's own figures say what it
+    was trained on; a subsample is renumbered but DCR still counts every train image; bad input is named.
+    (How well the attacker learns identities: tests/test_attacker.py.)"""
+    g = torch.Generator().manual_seed(0)
+    base = torch.rand(16, 1, 4, 4, generator=g) * 2 - 1
+    train = F.interpolate(base, size=12, mode="bilinear")
+    heldout = F.interpolate(torch.rand(8, 1, 4, 4, generator=g) * 2 - 1, size=12, mode="bilinear")
+    noise = torch.rand(8, 1, 12, 12, generator=g) * 2 - 1
+    cfg = AttackerConfig(width=4, blocks=[1], feature_dim=8, epochs=2, batch_size=4)
+    res = attacker_audit(cfg, train, torch.arange(16), heldout, {"copies": train[:8], "noise": noise,
+                                                                 "none": train[:0]}, "cpu")
+    a = res.attacker
+    assert a["n_images"] == 16 and a["n_ids"] == 16 and a["epochs"] == 2 and 0 <= a["member_top1"] <= 1
+    assert 1 / 16 <= a["heldout_max_id_prob"] <= 1 and a["seconds"] > 0
+    c, n = res.sets["copies"], res.sets["noise"]
+    assert c["attacker_dcr"] == pytest.approx(0.0, abs=1e-4) and n["attacker_dcr"] > 1e-3
+    assert c["attacker_dcr_p05"] <= c["attacker_dcr"] and n["attacker_n"] == 8 == c["attacker_n"]
+    assert 1 / 16 <= c["attacker_max_id_prob"] <= 1 and 1 / 16 <= n["attacker_max_id_prob"] <= 1
+    assert np.isnan(res.sets["none"]["attacker_max_id_prob"]) and res.sets["none"]["attacker_n"] == 0
+    sub = attacker_audit(cfg.model_copy(update={"max_images": 6, "epochs": 1}), train, torch.arange(16) * 3, heldout,
+                         {"copies": train}, "cpu")
+    assert sub.attacker["n_images"] == 6 and sub.attacker["n_ids"] == 6  # identities renumbered 0..5
+    assert sub.sets["copies"]["attacker_dcr"] == pytest.approx(0.0, abs=1e-4)  # DCR still to every train image
+    with pytest.raises(ValueError, match="16 train images but 3 identity labels"):
+        attacker_audit(cfg, train, torch.arange(3), heldout, {}, "cpu")

@@ -30,8 +30,8 @@ def test_render_is_deterministic_and_rejects_bad_shapes():
     G = build_generator(load_config(), 32, 1)
     w = torch.randn(2, 64)
     assert torch.equal(G.render(w), G.render(w))
-    with pytest.raises(AssertionError, match="w must be"):
-        G.render(torch.randn(2, 3, 64))
+    with pytest.raises(ValueError, match="w must be"):
+        G.render(torch.randn(2, 3, 64))  # neither W [B, 64] nor W+ [B, num_ws = 11, 64]
     with pytest.raises(AssertionError):
         build_discriminator(load_config(), 32, 1)(torch.randn(2, 3, 32, 32))
 

@@ -9,13 +9,17 @@ from torch import nn
 
 from plan_shared.config import NavigationConfig
 from plan_shared.models import Classifier, StyleGenerator
+from plan_shared.nav_objectives import Objective
 from plan_shared.navigation import (
+    compose_styles,
     dist_loss,
+    free_layers,
     kl_uniform,
     linear_paths,
     official_loop,
     optimise_paths,
     path_losses,
+    path_styles,
     sequential_reference,
 )
 
@@ -185,3 +189,88 @@ def test_devices_are_checked():
         with pytest.raises(ValueError, match="cuda:0 is not visible"):
             optimise_paths(G, phi_id, phi_c, torch.randn(1, 8), torch.randn(1, 8), torch.zeros(1), nav(devices=["cuda:0"]),
                            progress=False)
+
+
+# ---------------------------------------------------------------------------------------------- W+ (navigation.layers)
+def test_wplus_with_every_layer_sharing_w_renders_what_w_renders():
+    G, _, _ = tiny()
+    w = G.sample_w(4, torch.Generator().manual_seed(1))
+    n_ws = G.synthesis.num_ws
+    assert torch.equal(G.render(w.unsqueeze(1).expand(-1, n_ws, -1)), G.render(w))
+    every = torch.ones(n_ws, dtype=torch.bool)
+    assert torch.equal(G.render(compose_styles(w, torch.randn_like(w), every)), G.render(w))
+    assert compose_styles(w, torch.randn_like(w), None) is w  # layers all: plain W
+    mixed = compose_styles(w, torch.randn_like(w), torch.tensor([True, True, False, False, False]))
+    assert not torch.allclose(G.render(mixed), G.render(w))  # a held layer with another w changes the image
+    with pytest.raises(ValueError, match=r"\[B, 5, 8\] \(W\+\)"):
+        G.render(torch.randn(2, 4, 8))
+
+
+def test_free_layers_are_the_blocks_below_fine_from():
+    G, _, _ = tiny()  # 8 px: styles of the 4, 4, 8, 8, 8 px blocks
+    assert G.synthesis.ws_resolution == [4, 4, 8, 8, 8]
+    assert free_layers(G, nav(layers="coarse_middle", fine_from=8)).tolist() == [True, True, False, False, False]
+    assert free_layers(G, nav(layers="all", fine_from=8)) is None
+    assert NavigationConfig().layers == "coarse_middle"  # the measured default (benchmarks/plan_vs_linear.py)
+    assert free_layers(G, nav(layers="coarse_middle", fine_from=16)) is None  # nothing at 16 px or above: plain W
+    G32 = StyleGenerator(z_dim=8, w_dim=8, size=32, channels=1, mapping_layers=1, base_channels=8, min_channels=4)
+    held = ~free_layers(G32, nav(layers="coarse_middle"))  # the default fine_from: 32 px
+    assert held.tolist() == [False] * 8 + [True] * 3
+
+
+def test_coarse_middle_paths_hold_the_fine_layers_exactly_on_the_linear_path():
+    G, phi_id, phi_c = tiny()
+    torch.manual_seed(9)
+    wa, wb = torch.randn(2, 8), torch.randn(2, 8)
+    y = torch.tensor([0, 1])
+    kw = {"T": 6, "steps": 4, "lr": 0.1, "class_target": None, "fine_from": 8}
+    cfg = nav(layers="coarse_middle", **kw)
+    res = optimise_paths(G, phi_id, phi_c, wa, wb, y, cfg, w_scale=0.8, progress=False)
+    styles = path_styles(G, res.paths, cfg)
+    free = free_layers(G, cfg)
+    lin = linear_paths(wa, wb, 6)
+    assert styles.shape == (2, 6, 5, 8)
+    assert torch.equal(styles[:, :, ~free], lin.unsqueeze(2).expand(-1, -1, 3, -1))  # fine: the linear path's w
+    assert torch.equal(styles[:, :, free], res.paths.unsqueeze(2).expand(-1, -1, 2, -1))  # coarse/middle: navigated
+    assert not torch.allclose(res.paths, lin, atol=1e-3)  # and navigation did move them
+    plain = optimise_paths(G, phi_id, phi_c, wa, wb, y, nav(layers="all", **kw), w_scale=0.8, progress=False)
+    assert not torch.allclose(plain.paths, res.paths, atol=1e-4)  # the restriction changes the optimisation
+    assert torch.equal(path_styles(G, lin, cfg), lin.unsqueeze(2).expand(-1, -1, 5, -1))  # linear stays linear
+    # the chunked optimiser agrees with the one-batch reference under the restriction too
+    chunked = optimise_paths(G, phi_id, phi_c, wa, wb, y, nav(layers="coarse_middle", chunk=3, **kw), w_scale=0.8,
+                             progress=False).paths
+    for p in range(2):
+        ref = sequential_reference(G, phi_id, phi_c, wa[p], wb[p], int(y[p]), cfg, w_scale=0.8)
+        assert torch.allclose(chunked[p], ref, atol=1e-4), (p, (chunked[p] - ref).abs().max())
+
+
+def test_gradient_reaches_only_the_coarse_middle_offsets():
+    """d loss / d w of a composed point is exactly the sum of the free layers' style gradients: the fine layers'
+    gradient (non-zero, so they do shape the image) goes to the straight-line start, never to the navigated w."""
+    G, phi_id, _ = tiny()
+    free = torch.tensor([True, True, False, False, False])
+    w = G.sample_w(3, torch.Generator().manual_seed(2)).requires_grad_(True)
+    w_lin = G.sample_w(3, torch.Generator().manual_seed(3)).requires_grad_(True)
+    (g_w, g_lin) = torch.autograd.grad(kl_uniform(phi_id(G.render(compose_styles(w, w_lin, free)))).sum(), [w, w_lin])
+    ws = compose_styles(w, w_lin, free).detach().requires_grad_(True)
+    (g_ws,) = torch.autograd.grad(kl_uniform(phi_id(G.render(ws))).sum(), [ws])
+    assert float(g_ws[:, ~free].abs().sum()) > 0
+    assert torch.allclose(g_w, g_ws[:, free].sum(1), atol=1e-6)
+    assert torch.allclose(g_lin, g_ws[:, ~free].sum(1), atol=1e-6)
+
+
+def test_coarse_middle_with_early_stopping_sharded_equals_one_worker():
+    G, phi_id, phi_c = tiny()
+    torch.manual_seed(10)
+    wa, wb = torch.randn(5, 8), torch.randn(5, 8)
+    y = torch.tensor([1, 0, 1, 0, 1])
+    kw = {"T": 5, "steps": 40, "lr": 0.1, "chunk": 7, "early_stop_patience": 2, "layers": "coarse_middle", "fine_from": 8}
+    one = optimise_paths(G, phi_id, phi_c, wa, wb, y, nav(**kw), progress=False)
+    two = optimise_paths(G, phi_id, phi_c, wa, wb, y, nav(devices=["cpu", "cpu"], **kw), progress=False)
+    assert torch.allclose(one.paths, two.paths, atol=1e-5), (one.paths - two.paths).abs().max()
+    assert torch.equal(one.steps_run, two.steps_run) and int(one.steps_run.max()) < 40
+    cfg = nav(**kw)
+    # final_loss is the objective of the point each path holds, rendered W+ (unit w_scale: L_dist in real W)
+    L = path_losses(G, phi_id, phi_c, one.paths, y, Objective.from_config(cfg), free=free_layers(G, cfg))
+    obj = cfg.lambda_dist * L["dist"] + cfg.lambda_id * L["id"] + cfg.lambda_class * L["class"]
+    assert torch.allclose(obj.detach().double(), one.final_loss, rtol=1e-4)

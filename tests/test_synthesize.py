@@ -4,6 +4,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 import yaml
 from typer.testing import CliRunner
@@ -23,9 +24,10 @@ TINY = {
     "inversion": {"steps": 2, "max_images": 20, "batch_size": 16,
                   "encoder": {"enabled": True, "steps": 5, "batch": 16, "width": 8, "refine_steps": 2}},
     "anchors": {"k": 2, "pairs_m": 1},
-    "navigation": {"T": 5, "steps": 2, "chunk": 8},
+    "navigation": {"T": 5, "steps": 2, "chunk": 8, "layers": "coarse_middle", "fine_from": 16},  # W+ at 16 px
     "filter": {"planted": 5, "tau_id": 0.99, "tau_indep": 0.99, "block_on_planted": False},
     "synthesis": {"max_paths": 4, "strip_pairs": 1},
+    "audit": {"attacker": {"width": 4, "blocks": [1], "feature_dim": 8, "epochs": 1, "batch_size": 8}},
 }
 
 
@@ -76,6 +78,13 @@ def test_synthesize_cli_end_to_end(tmp_path):
     assert set(rep["compare"]) == {"plan", "linear", "random", "real"}
     assert rep["compare"]["real"]["mia_auc"] == 1.0  # sharing the train images themselves: every member found
     assert rep["compare"]["plan"]["accuracy"] == rep["utility"]["synthetic"]["accuracy"]
+    # the audit's re-identification attacker, trained once on the 40 train images: per method and for real
+    assert rep["attacker"]["n_images"] == 40 and 0 <= rep["attacker"]["member_top1"] <= 1
+    for m in ("plan", "linear", "random", "real"):
+        c = rep["compare"][m]
+        assert c["attacker_n"] == c["n"] and (c["n"] == 0 or 0 < c["attacker_max_id_prob"] <= 1), (m, c)
+    assert rep["compare"]["real"]["attacker_dcr"] == pytest.approx(0.0, abs=1e-5)  # the train images themselves
+    assert rep["navigation"]["objective"]["layers"] == "coarse_middle"
     man = read_site_manifest(out / "manifest.json")
     assert len(man.images) == rep["n_accepted"] > 0
     # exported class shares follow the real train priors; each method's precision/recall on phi_class features

@@ -124,6 +124,8 @@ class SynthesisNetwork(nn.Module):
             self.convs.append(StyledConv(chans[i], chans[i], w_dim, res, upsample=False))
             self.to_images.append(ToImage(chans[i], channels, w_dim))
         self.num_ws = len(self.convs) + len(self.to_images)
+        # the resolution (px) of the block each style input drives, in ws order: 4, 4, then 3 per doubling
+        self.ws_resolution: list[int] = [4, 4] + [4 << i for i in range(1, n_up + 1) for _ in range(3)]
 
     def forward(self, ws: torch.Tensor, noise_mode: str = "random") -> torch.Tensor:
         """ws: ``[B, num_ws, w_dim]`` (one style per layer) or ``[B, w_dim]`` (broadcast)."""
@@ -176,8 +178,13 @@ class StyleGenerator(nn.Module):
         return img
 
     def render(self, w: torch.Tensor, noise_mode: str = "const") -> torch.Tensor:
-        """Images ``[B, C, size, size]`` from W vectors ``[B, w_dim]`` (deterministic noise by default)."""
-        assert w.ndim == 2 and w.shape[1] == self.w_dim, f"w must be [B, {self.w_dim}], got {tuple(w.shape)}"
+        """Images ``[B, C, size, size]`` from W vectors ``[B, w_dim]`` or W+ styles ``[B, num_ws, w_dim]`` (one
+        w per synthesis layer, in :attr:`SynthesisNetwork.ws_resolution` order; the same w in every layer renders
+        what W does). Deterministic noise by default."""
+        n_ws = self.synthesis.num_ws
+        ok = (w.ndim == 2 and w.shape[1] == self.w_dim) or (w.ndim == 3 and w.shape[1:] == (n_ws, self.w_dim))
+        if not ok:
+            raise ValueError(f"w must be [B, {self.w_dim}] (W) or [B, {n_ws}, {self.w_dim}] (W+), got {tuple(w.shape)}")
         out: torch.Tensor = self.synthesis(w, noise_mode)
         assert out.shape[1:] == (self.channels, self.size, self.size)
         return out
