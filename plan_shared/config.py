@@ -421,13 +421,15 @@ class FilterConfig(_Section):
     )
     pixel_zone: bool = Field(
         True, description="Also keep candidates more than delta_pixel from every protected image in pixel space, "
-        "delta_pixel calibrated like delta (same quantile, same calibration images). The embedding is learned on train "
-        "images only and may not catch a light copy of a held-out image; pixel distance treats all splits alike. "
+        "delta_pixel calibrated like delta (same quantile, same calibration images). The embedding is learned (never on the "
+        "calibration images) and may not catch a light copy of an image it did not learn; pixel distance treats all "
+        "splits alike. "
         "Reported as filter.delta_pixel and reject reason pixel_dcr (not a manifest record field)."
     )
     planted: int = Field(50, ge=0, description="Lightly augmented real train images mixed into the candidates; all must be rejected (never exported). "
                          "As many light copies of protected held-out images are scored too and their rejection is reported "
-                         "(filter.planted_heldout_rejected), not blocking: only the distance checks can catch them.")
+                         "(filter.planted_heldout_rejected), not blocking (with identity_classes 'train' only the distance "
+                         "checks can catch them).")
     block_on_planted: bool = Field(
         True, description="If any planted near-duplicate passes the filter, the filter is not trusted and NOTHING is "
         "exported (report: filter.export_blocked); the per-image decisions are still reported for diagnosis."

@@ -247,7 +247,8 @@ def build_zone(split_embeddings: dict[str, torch.Tensor], quantile: float, calib
 
     ``split_pixels`` (same splits and rows, images ``[N, C, H, W]``) adds a pixel-space zone:
     ``delta_pixel`` is calibrated on the same rows in pixel space. The embedding is learned
-    on the train images only, so it need not map a light copy of a *held-out* image close to
+    (on the train images only with ``filter.identity_classes="train"``; never on the
+    calibration rows), so it need not map a light copy of an image it did not learn close to
     its source; pixel distance belongs to no model and treats every split alike (it is also
     the distance the membership attack uses).
     """
