@@ -66,8 +66,11 @@ class IdentitySection:
     phi_id_mean_max_prob_val: float | None
     indep_acc_augmented_train: float
     indep_mean_max_prob_members: float
-    indep_mean_max_prob_val: float | None
+    indep_mean_max_prob_val: float | None  # *_val: over the calibration images, which are in no identity class
     embedding: str = "L2-normalised features of the independent identity model"
+    identity_classes: str = "train"  # filter.identity_classes
+    n_identity_classes: int | None = None
+    identity_classes_by_split: dict[str, int] | None = None
 
 
 @dataclass

@@ -34,7 +34,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -90,12 +90,15 @@ from plan_shared.plots import dcr_histogram, path_strips, sample_grid
 from plan_shared.prevalence import prevalence_selection
 from plan_shared.privacy import (
     ExclusionZone,
+    IdentitySet,
     Scores,
     accept_mask,
     build_zone,
+    identity_set,
     plant_duplicates,
     reject_reasons,
     score_images,
+    zone_rows,
 )
 from plan_shared.variety import method_precision_recall
 
@@ -188,6 +191,7 @@ class SiteData:
     n_id: int
     identity_unit: str  # "patient" | "image"
     class_names: list[str]
+    heldout_patients: dict[str, np.ndarray | None] = field(default_factory=dict)  # val/test patient ids, if known
 
     def section(self) -> DataSection:
         return DataSection(len(self.x_tr), len(self.x_va), len(self.x_te), self.n_id, self.identity_unit,
@@ -207,6 +211,7 @@ def load_site_data(ds: ImageDataset) -> SiteData:
         x_te=to_tensor(ds.test.images), y_te=ds.test.labels,
         id_labels=id_labels, n_id=int(id_labels.max()) + 1 if len(id_labels) else 0,
         identity_unit="patient" if patient is not None else "image", class_names=list(ds.class_names),
+        heldout_patients={"val": ds.val.patient_ids, "test": ds.test.patient_ids},
     )
 
 
@@ -217,15 +222,27 @@ class IdentityModels:
     indep: Classifier  # independent model: the filter's second opinion and its embedding
 
 
+def identity_training_set(cfg: PlanConfig, data: SiteData) -> IdentitySet:
+    """The identity models' classes (``filter.identity_classes``; plan_shared.privacy.identity_set): by default
+    every protected identity of the exclusion zone's reference set, so the identity checks and L_id treat
+    members and non-members alike; the calibration rows are the ones :func:`calibrate_filter` draws."""
+    protected_x, cal_split = protected_splits(cfg, data)
+    fc = cfg.filter
+    rows = zone_rows({k: len(v) for k, v in protected_x.items()}, cal_split, fc.calibration_fraction, cfg.seed + 17)
+    return identity_set(protected_x, data.id_labels, rows, fc.identity_classes, data.heldout_patients)
+
+
 def train_identity_model(cfg: PlanConfig, ds: ImageDataset, data: SiteData, device: torch.device, progress: bool,
                          independent: bool = False) -> Classifier:
-    """phi_id (or, ``independent``, the second identity model: its own seed and width) on the train split."""
+    """phi_id (or, ``independent``, the second identity model: its own seed and width) on
+    :func:`identity_training_set` (train identities first, with their labels in ``data.id_labels``)."""
     idc = cfg.identity
     seed = cfg.seed + idc.indep_seed_offset if independent else cfg.seed
     torch.manual_seed(seed)
     width = {"width": idc.indep_width} if independent else {}
-    model = build_classifier(data.n_id, ds.channels, ds.size, idc, head="cosine", **width).to(device)
-    train_classifier(model, data.x_tr, data.id_labels, spec_from(idc), seed=seed,
+    ids = identity_training_set(cfg, data)  # mia: one class per protected identity (filter.identity_classes)
+    model = build_classifier(ids.n_classes, ds.channels, ds.size, idc, head="cosine", **width).to(device)
+    train_classifier(model, ids.x, ids.labels, spec_from(idc), seed=seed,
                      desc="independent id" if independent else "phi_id", progress=progress, recalibrate=True)
     return model
 
@@ -237,15 +254,18 @@ def identity_section(cfg: PlanConfig, data: SiteData, ids: IdentityModels) -> Id
     def mean_max_prob(m: Classifier, x: torch.Tensor) -> float:
         return float(torch.softmax(predict_logits(m, x), 1).max(1).values.mean())
 
-    has_val = len(data.x_va) > 0
+    idset = identity_training_set(cfg, data)  # mia: the *_val probabilities are over images in no class
+    unseen = idset.unseen
+    has_val = len(unseen) > 0
     return IdentitySection(
         phi_id_acc_augmented_train=augmented_accuracy(ids.phi_id, data.x_tr, data.id_labels, spec, seed=cfg.seed + 7),
         phi_id_acc_train=accuracy_of(ids.phi_id, data.x_tr, data.id_labels),
         phi_id_mean_max_prob_members=mean_max_prob(ids.phi_id, data.x_tr),
-        phi_id_mean_max_prob_val=mean_max_prob(ids.phi_id, data.x_va) if has_val else None,
+        phi_id_mean_max_prob_val=mean_max_prob(ids.phi_id, unseen) if has_val else None,
         indep_acc_augmented_train=augmented_accuracy(ids.indep, data.x_tr, data.id_labels, spec, seed=cfg.seed + 8),
         indep_mean_max_prob_members=mean_max_prob(ids.indep, data.x_tr),
-        indep_mean_max_prob_val=mean_max_prob(ids.indep, data.x_va) if has_val else None,
+        indep_mean_max_prob_val=mean_max_prob(ids.indep, unseen) if has_val else None,
+        identity_classes=idset.mode, n_identity_classes=idset.n_classes, identity_classes_by_split=idset.by_split,
     )
 
 
@@ -285,13 +305,14 @@ class Calibration:
         return self.zone.delta_pixel
 
 
-def calibrate_filter(cfg: PlanConfig, data: SiteData, indep: Classifier) -> Calibration:
-    """Every protected real image (members and held-out alike) in the zone; delta calibrated on a seeded
-    part of a held-out split against all the other protected images."""
+def protected_splits(cfg: PlanConfig, data: SiteData, warn: bool = False) -> tuple[dict[str, torch.Tensor], Split]:
+    """The protected real images per split (``filter.protect`` in its order, empty splits left out) and the
+    held-out split delta is calibrated on (``filter.calibration_split``, else the first protected held-out
+    split with images). ValueError when no protected held-out split has images."""
     fc = cfg.filter
     split_x = {"train": data.x_tr, "val": data.x_va, "test": data.x_te}
     protected_x: dict[str, torch.Tensor] = {k: split_x[k] for k in fc.protect if len(split_x[k])}
-    if "test" not in fc.protect:
+    if warn and "test" not in fc.protect:
         LOG.warning("filter.protect leaves out test, the non-members of the distance membership inference: "
                     "members are excluded and non-members are not, which is itself a membership signal")
     cal_split = fc.calibration_split
@@ -299,8 +320,18 @@ def calibrate_filter(cfg: PlanConfig, data: SiteData, indep: Classifier) -> Cali
         other = next((k for k in ("val", "test") if k in protected_x), None)
         if other is None:
             raise ValueError(f"filter.protect={fc.protect}: no protected held-out split with images to calibrate delta")
-        LOG.warning("calibration split %s has no images: delta is calibrated on %s", cal_split, other)
+        if warn:
+            LOG.warning("calibration split %s has no images: delta is calibrated on %s", cal_split, other)
         cal_split = other
+    return protected_x, cal_split
+
+
+def calibrate_filter(cfg: PlanConfig, data: SiteData, indep: Classifier) -> Calibration:
+    """Every protected real image (members and held-out alike) in the zone; delta calibrated on a seeded
+    part of a held-out split against all the other protected images (the rows that
+    :func:`identity_training_set` leaves out of every identity class)."""
+    fc = cfg.filter
+    protected_x, cal_split = protected_splits(cfg, data, warn=True)
     zone = build_zone({k: embed(indep, v) for k, v in protected_x.items()}, fc.delta_quantile, cal_split,
                       fc.calibration_fraction, cfg.seed + 17, split_pixels=protected_x if fc.pixel_zone else None)
     return Calibration(zone, Thresholds(float(fc.tau_id), float(fc.tau_indep), zone.delta), protected_x, cal_split)
@@ -488,8 +519,7 @@ def filter_candidates(cfg: PlanConfig, method: Method, cand: Mapping[Method, Can
     The planted duplicates of train images go through the same scoring as the exported
     method's candidates (one batch); the candidates' verdicts in that batch must equal
     their own (PrivacyInvariantError otherwise). Planted copies of held-out images are a
-    diagnostic (only dcr / pixel_dcr can catch them; the identity models know the train
-    patients only).
+    diagnostic (with ``filter.identity_classes="train"`` only dcr / pixel_dcr can catch them).
     """
     fc, th, d_pix, zone = cfg.filter, cal.thresholds, cal.delta_pixel, cal.zone
 

@@ -427,15 +427,25 @@ class FilterConfig(_Section):
         0.5, gt=0.0, lt=1.0, description="Share of calibration_split drawn (seeded) to calibrate delta against every "
         "OTHER protected image; the drawn images are protected too afterwards."
     )
+    identity_classes: Literal["protected", "train"] = Field(
+        "protected", description="Classes of the identity models (phi_id: navigation's L_id and tau_id; the independent "
+        "model: tau_indep and the dcr embedding). 'protected': one class per protected identity of the exclusion zone's "
+        "reference set (train, and val/test except the calibration images, which are never a class), so members and "
+        "non-members are rejected and pushed away alike; 'train': train identities only (the identity checks then mark "
+        "members: candidates near a member are rejected, candidates near a non-member are not). The held-out images "
+        "enter as identities only, never with their class label."
+    )
     pixel_zone: bool = Field(
         True, description="Also keep candidates more than delta_pixel from every protected image in pixel space, "
-        "delta_pixel calibrated like delta (same quantile, same calibration images). The embedding is learned on train "
-        "images only and may not catch a light copy of a held-out image; pixel distance treats all splits alike. "
+        "delta_pixel calibrated like delta (same quantile, same calibration images). The embedding is learned (never on the "
+        "calibration images) and may not catch a light copy of an image it did not learn; pixel distance treats all "
+        "splits alike. "
         "Reported as filter.delta_pixel and reject reason pixel_dcr (not a manifest record field)."
     )
     planted: int = Field(50, ge=0, description="Lightly augmented real train images mixed into the candidates; all must be rejected (never exported). "
                          "As many light copies of protected held-out images are scored too and their rejection is reported "
-                         "(filter.planted_heldout_rejected), not blocking: only the distance checks can catch them.")
+                         "(filter.planted_heldout_rejected), not blocking (with identity_classes 'train' only the distance "
+                         "checks can catch them).")
     block_on_planted: bool = Field(
         True, description="If any planted near-duplicate passes the filter, the filter is not trusted and NOTHING is "
         "exported (report: filter.export_blocked); the per-image decisions are still reported for diagnosis."

@@ -27,11 +27,20 @@ non-members of the reference set, i.e. the natural bar "as close as one real pat
 another"; afterwards they join the protected set like every other real image, so
 candidates are kept at least ``delta`` away from them too.
 
+The identity criteria are symmetric too (``filter.identity_classes``, default
+``"protected"``, :func:`identity_set`): phi_id (navigation's L_id and ``tau_id``) and the
+independent model (``tau_indep`` and the ``dcr`` embedding) get one class per protected
+identity of the zone's *reference* set, train and held-out alike. Trained on train
+identities only, they reject or push away candidates that resemble a member and not those
+that resemble a non-member, and their embedding spreads members apart while it crowds
+held-out images together. The calibration rows are never a class: delta stays calibrated on
+images that neither the reference set nor the embedding contains, as a candidate is.
+
 The filter's sensitivity is tested on every run: ``planted`` lightly augmented real train
 images are mixed into the candidates; they must all be rejected and are never exported
 (:func:`plant_duplicates`). Light copies of held-out images are scored too and the share
-caught is reported (the identity models know only train patients, so only the distance
-checks can catch those)::
+caught is reported (with ``identity_classes="train"`` only the distance checks can catch
+those)::
 
     zone = build_zone({"train": e_tr, "val": e_va, "test": e_te}, 0.05, "val", 0.5, seed)
     scores = score_images(x, phi_id, indep, zone.embeddings)
@@ -136,6 +145,97 @@ class ExclusionZone:
         }
 
 
+@dataclass(frozen=True)
+class ZoneRows:
+    """The rows of an exclusion zone: ``split[r]`` / ``index[r]`` as in :class:`ExclusionZone`; ``calib``
+    (the seeded calibration rows) and ``reference`` (all others) partition them."""
+
+    split: np.ndarray
+    index: np.ndarray
+    calib: np.ndarray
+    reference: np.ndarray
+
+
+def zone_rows(split_sizes: dict[str, int], calibration_split: str, calibration_fraction: float, seed: int) -> ZoneRows:
+    """Which protected rows calibrate delta and which form the reference set (empty splits skipped).
+
+    Depends on the split sizes and the seed only, so the identity models can be trained on the
+    reference rows before the zone's embeddings exist (:func:`identity_set`) and
+    :func:`build_zone` draws the same rows. ``ValueError`` naming the split when it is missing,
+    empty, or leaves no reference row.
+    """
+    sizes = {k: int(n) for k, n in split_sizes.items() if n}
+    if calibration_split not in sizes:
+        raise ValueError(f"filter.calibration_split={calibration_split!r}: that split is not protected or has no images "
+                         f"(protected, non-empty: {sorted(sizes)})")
+    split = np.concatenate([np.full(n, k, dtype=object) for k, n in sizes.items()]).astype(str)
+    index = np.concatenate([np.arange(n) for n in sizes.values()])
+    rows = np.flatnonzero(split == calibration_split)
+    n_cal = min(max(int(round(len(rows) * calibration_fraction)), 1), len(rows))
+    if n_cal == len(split):
+        raise ValueError(f"filter: the exclusion zone needs images besides the {n_cal} calibration images of split "
+                         f"{calibration_split!r}")
+    calib = np.sort(np.random.default_rng(seed).choice(rows, size=n_cal, replace=False))
+    return ZoneRows(split, index, calib, np.setdiff1d(np.arange(len(split)), calib))
+
+
+@dataclass
+class IdentitySet:
+    """What the identity models (phi_id, the independent one) are trained on: images and their identity class.
+
+    ``mode`` ``"protected"``: one class per protected identity of the zone's reference set
+    (train and held-out alike; the calibration rows are never a class, so delta is calibrated
+    on images the embedding never saw, like a candidate). ``"train"``: the train identities
+    only. Train identities come first, with the labels ``train_labels`` they had, so a
+    train image's class is the same in both modes. ``unseen``: the calibration images (in
+    no mode a class), for the report's non-member probabilities.
+    """
+
+    x: torch.Tensor
+    labels: torch.Tensor
+    n_classes: int
+    n_train_classes: int
+    mode: str
+    by_split: dict[str, int]  # identity classes per split
+    unseen: torch.Tensor
+
+
+def identity_set(split_x: dict[str, torch.Tensor], train_labels: torch.Tensor, rows: ZoneRows, mode: str,
+                 patient_ids: dict[str, np.ndarray | None] | None = None) -> IdentitySet:
+    """The identity models' training set over the protected splits ``split_x`` (train first).
+
+    ``rows`` (:func:`zone_rows` over the same splits) says which held-out rows are reference rows
+    (classes in mode ``"protected"``) and which calibrate delta (never classes). A held-out
+    split with ``patient_ids`` gets one class per patient, else one per image, as the train
+    split (``train_labels``: 0..n-1).
+    """
+    if mode not in ("protected", "train"):
+        raise ValueError(f"filter.identity_classes must be 'protected' or 'train', got {mode!r}")
+    if "train" not in split_x or not len(split_x["train"]):
+        raise ValueError("identity_set: the train split is required and must not be empty")
+    n_tr = int(train_labels.max()) + 1
+    xs, ys, by_split = [split_x["train"]], [train_labels.long()], {"train": n_tr}
+    n = n_tr
+    ref = np.zeros(len(rows.split), dtype=bool)
+    ref[rows.reference] = True
+    if mode == "protected":
+        for k, x in split_x.items():
+            if k == "train" or not len(x):
+                continue
+            keep = rows.index[(rows.split == k) & ref]
+            pid = (patient_ids or {}).get(k)
+            unit = np.asarray(pid)[keep] if pid is not None else keep
+            _, lab = np.unique(unit, return_inverse=True)
+            n_k = int(lab.max()) + 1 if len(lab) else 0
+            xs.append(x[torch.as_tensor(keep, dtype=torch.long)])
+            ys.append(torch.as_tensor(lab.reshape(-1) + n, dtype=torch.long))
+            by_split[k], n = n_k, n + n_k
+    cal = [split_x[k][torch.as_tensor(rows.index[(rows.split == k) & ~ref], dtype=torch.long)]
+           for k in split_x if k != "train" and len(split_x[k])]
+    unseen = torch.cat(cal) if cal else split_x["train"][:0]
+    return IdentitySet(torch.cat(xs), torch.cat(ys), n, n_tr, mode, by_split, unseen)
+
+
 def build_zone(split_embeddings: dict[str, torch.Tensor], quantile: float, calibration_split: str,
                calibration_fraction: float, seed: int,
                split_pixels: dict[str, torch.Tensor] | None = None) -> ExclusionZone:
@@ -147,26 +247,15 @@ def build_zone(split_embeddings: dict[str, torch.Tensor], quantile: float, calib
 
     ``split_pixels`` (same splits and rows, images ``[N, C, H, W]``) adds a pixel-space zone:
     ``delta_pixel`` is calibrated on the same rows in pixel space. The embedding is learned
-    on the train images only, so it need not map a light copy of a *held-out* image close to
+    (on the train images only with ``filter.identity_classes="train"``; never on the
+    calibration rows), so it need not map a light copy of an image it did not learn close to
     its source; pixel distance belongs to no model and treats every split alike (it is also
     the distance the membership attack uses).
     """
     parts = {k: v for k, v in split_embeddings.items() if len(v)}
-    if calibration_split not in parts:
-        raise ValueError(f"filter.calibration_split={calibration_split!r}: that split is not protected or has no images "
-                         f"(protected, non-empty: {sorted(parts)})")
-    emb = torch.cat([v.float() for v in parts.values()])
-    split = np.concatenate([np.full(len(v), k, dtype=object) for k, v in parts.items()]).astype(str)
-    index = np.concatenate([np.arange(len(v)) for v in parts.values()])
-    rows = np.flatnonzero(split == calibration_split)
-    n_cal = int(round(len(rows) * calibration_fraction))
-    n_cal = min(max(n_cal, 1), len(rows))
-    if n_cal == len(emb):
-        raise ValueError(f"filter: the exclusion zone needs images besides the {n_cal} calibration images of split "
-                         f"{calibration_split!r}")
-    rng = np.random.default_rng(seed)
-    calib = np.sort(rng.choice(rows, size=n_cal, replace=False))
-    reference = np.setdiff1d(np.arange(len(emb)), calib)
+    zr = zone_rows({k: len(v) for k, v in parts.items()}, calibration_split, calibration_fraction, seed)
+    emb = torch.cat([v.float() for v in parts.values()]) if parts else torch.zeros(0)
+    split, index, calib, reference = zr.split, zr.index, zr.calib, zr.reference
     d, _ = closest_distance(emb[calib], emb[reference])
     delta = float(np.quantile(d, quantile))
     zone = ExclusionZone(emb, split, index, calib, reference, d, delta, float(quantile), calibration_split)

@@ -45,6 +45,20 @@ def test_distance_mia_copies_vs_fresh():
     assert 0.3 < fresh["mia_auc"] < 0.7
 
 
+def test_a_shifted_nonmember_split_moves_the_auc_without_any_leak_and_val_does_not():
+    """A pool that knows nothing of membership (fresh draws, denser around typical images, as a GAN's):
+    non-members from the members' distribution leave the AUC at chance; a test split of another source
+    (here only typical images) pushes it below 0.5 by itself (why mia_val_* is reported)."""
+    g = torch.Generator().manual_seed(1)
+    members, val = torch.rand(300, 1, 1, 4, generator=g), torch.rand(300, 1, 1, 4, generator=g)
+    shifted_test = 0.3 + 0.4 * torch.rand(300, 1, 1, 4, generator=g)
+    pool = torch.cat([torch.rand(150, 1, 1, 4, generator=g), 0.3 + 0.4 * torch.rand(150, 1, 1, 4, generator=g)])
+    same = distance_mia(members, val, pool, n_boot=200, prefix="mia_val")
+    assert same["mia_val_auc_lo"] < 0.5 < same["mia_val_auc_hi"] and same["mia_val_tpr_at_1pct_fpr"] <= 0.05
+    shifted = distance_mia(members, shifted_test, pool, n_boot=200)
+    assert shifted["mia_auc_hi"] < 0.4
+
+
 def test_dcr_audit_ratio_and_too_close():
     g = torch.Generator().manual_seed(1)
     train, held = torch.rand(50, 1, 8, 8, generator=g), torch.rand(50, 1, 8, 8, generator=g)
@@ -70,8 +84,10 @@ def test_privacy_audit_keys_and_empty_pool():
 
     ds = ImageDataset("t", split(20), split(6), split(10), ["a", "b"], 1, 8, "memory")
     out = privacy_audit(ds, ds.train.images[:5], _Fixed(2))
-    for k in ("mia_auc", "mia_tpr_at_1pct_fpr", "dcr_ratio", "too_close_rate", "loss_mia_auc", "n_synthetic"):
+    for k in ("mia_auc", "mia_tpr_at_1pct_fpr", "dcr_ratio", "too_close_rate", "loss_mia_auc", "n_synthetic",
+              "mia_val_auc", "mia_val_auc_lo", "mia_val_tpr_at_1pct_fpr"):
         assert k in out
+    assert out["n_nonmembers_val"] == 6 and out["mia_val_auc"] > 0.5  # the pool holds members: both attacks see it
     assert out["too_close_rate"] == 1.0  # exported copies of training images are all too close
     empty = privacy_audit(ds, np.zeros((0, 1, 8, 8), np.uint8), None)
     assert np.isnan(empty["mia_auc"]) and "loss_mia_auc" not in empty

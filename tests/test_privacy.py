@@ -63,9 +63,9 @@ def test_planted_duplicates_rejected_fresh_images_pass():
 # ---------------------------------------------------------------- symmetric exclusion zone
 
 
-def _smooth(n, seed):
+def _smooth(n, seed, base=4):
     g = torch.Generator().manual_seed(seed)
-    return nn.functional.interpolate(torch.rand(n, 1, 4, 4, generator=g) * 2 - 1, size=16, mode="bilinear",
+    return nn.functional.interpolate(torch.rand(n, 1, base, base, generator=g) * 2 - 1, size=16, mode="bilinear",
                                      align_corners=False)
 
 
@@ -165,3 +165,67 @@ def test_pixel_zone_catches_what_the_embedding_misses():
     assert reject_reasons(s, t, zone.delta_pixel)["pixel_dcr"] == 6
     with pytest.raises(ValueError, match="pixel_dcr"):
         accept_mask(score_images(copies, ident, ident, zone.embeddings), t, zone.delta_pixel)
+
+
+# ---------------------------------------------------------------- symmetric identity criteria
+
+
+def test_zone_rows_are_the_rows_build_zone_draws():
+    from plan_shared.privacy import build_zone, zone_rows
+
+    emb = {"train": torch.randn(40, 6), "val": torch.randn(20, 6), "test": torch.zeros(0, 6), "x": torch.randn(7, 6)}
+    rows = zone_rows({k: len(v) for k, v in emb.items()}, "val", 0.5, seed=3)
+    z = build_zone(emb, 0.1, "val", 0.5, seed=3)
+    assert np.array_equal(rows.calib, z.calib) and np.array_equal(rows.reference, z.reference)
+    assert np.array_equal(rows.split, z.split) and "test" not in set(rows.split)  # empty split skipped
+    with pytest.raises(ValueError, match="calibration_split='test'"):
+        zone_rows({"train": 4, "test": 0}, "test", 0.5, seed=0)
+
+
+def test_identity_set_has_one_class_per_protected_identity_and_none_for_calibration_rows():
+    from plan_shared.privacy import identity_set, zone_rows
+
+    x = {"train": torch.randn(8, 1, 2, 2), "val": torch.randn(6, 1, 2, 2), "test": torch.randn(5, 1, 2, 2)}
+    train_labels = torch.tensor([0, 0, 1, 1, 2, 2, 3, 3])  # patients
+    rows = zone_rows({k: len(v) for k, v in x.items()}, "val", 0.5, seed=1)
+    test_patients = np.array([70, 70, 71, 72, 72])
+    s = identity_set(x, train_labels, rows, "protected", {"val": None, "test": test_patients})
+    cal_val = rows.index[rows.calib]
+    ref_val = np.setdiff1d(np.arange(6), cal_val)
+    assert s.by_split == {"train": 4, "val": 3, "test": 3} and s.n_classes == 10 and s.n_train_classes == 4
+    assert s.labels.tolist() == [0, 0, 1, 1, 2, 2, 3, 3, 4, 5, 6, 7, 7, 8, 9, 9]  # train first, as it was
+    assert torch.equal(s.x[8:11], x["val"][ref_val]) and torch.equal(s.x[11:], x["test"])
+    assert torch.equal(s.unseen, x["val"][cal_val])  # calibration images: in no class
+    old = identity_set(x, train_labels, rows, "train")
+    assert old.n_classes == 4 and torch.equal(old.x, x["train"]) and torch.equal(old.unseen, x["val"][cal_val])
+    with pytest.raises(ValueError, match="identity_classes"):
+        identity_set(x, train_labels, rows, "members")
+
+
+def test_copies_of_heldout_images_are_rejected_exactly_like_copies_of_train_images():
+    """Identity models over the protected identities: a synthetic set lying close to held-out
+    images meets the same verdicts (and reasons) as one lying close to train images; over train
+    identities only, the held-out copies pass the identity checks (the asymmetry of #11.2)."""
+    from plan_shared.classifiers import embed
+    from plan_shared.privacy import build_zone, identity_set, reject_reasons, zone_rows
+
+    x = {"train": _smooth(24, 0, base=8), "val": _smooth(12, 1, base=8), "test": _smooth(24, 2, base=8)}
+    rows = zone_rows({k: len(v) for k, v in x.items()}, "val", 0.5, seed=0)
+    near_train, _ = plant_duplicates(x["train"], 12, seed=5)
+    near_test, _ = plant_duplicates(x["test"], 12, seed=5)
+    verdicts = {}
+    for mode in ("protected", "train"):
+        ids = identity_set(x, torch.arange(24), rows, mode)
+        ident = NearestIdentity(ids.x, temp=5.0)
+        zone = build_zone({k: embed(ident, v) for k, v in x.items()}, 0.05, "val", 0.5, seed=0)
+        th = Thresholds(0.5, 0.5, -1.0)  # the distance zone open: the identity checks alone decide
+        verdicts[mode] = {name: (accept_mask(s, th), reject_reasons(s, th)) for name, s in (
+            ("train", score_images(near_train, ident, ident, zone.embeddings)),
+            ("test", score_images(near_test, ident, ident, zone.embeddings)))}
+        fresh = score_images(_smooth(12, 9, base=8), ident, ident, zone.embeddings)
+        assert accept_mask(fresh, th).mean() >= 0.5  # the checks do not reject everything
+    sym = verdicts["protected"]
+    assert not sym["train"][0].any() and np.array_equal(sym["train"][0], sym["test"][0])
+    assert sym["train"][1] == sym["test"][1] == {"id_prob": 12, "indep_id_prob": 12, "dcr": 0}
+    old = verdicts["train"]
+    assert not old["train"][0].any() and old["test"][0].mean() > 0.5

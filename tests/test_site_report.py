@@ -68,7 +68,7 @@ def test_to_json_has_todays_keys_in_todays_order():
     assert list(j["anchors"]) == ["n_anchors", "per_class", "group_sizes", "skipped_classes", "k", "pairs_m",
                                   "n_pairs_available", "n_paths", "skipped_class_names"]
     assert list(j["inversion"])[-4:] == ["seconds_per_image", "image_steps_per_s", "generator_evals_per_image", "encoder"]
-    assert list(j["identity"])[-1] == "embedding"
+    assert list(j["identity"])[-4:] == ["embedding", "identity_classes", "n_identity_classes", "identity_classes_by_split"]
     assert list(j["utility"]) == ["synthetic", "real", "classifier", "synthetic_set"]
     assert list(j["utility"]["synthetic"]) == ["accuracy", "balanced_accuracy", "qwk", "n_train", "per_class_train"]
     assert "per_class_train" not in j["utility"]["real"]

@@ -117,9 +117,23 @@ def test_identities_are_patients_where_the_split_knows_them():
     assert data.section().n_identities == 20
     cfg = _cfg()
     phi_id = S.train_identity_model(cfg, ds, data, DEV, False)
-    assert predict_logits(phi_id, data.x_tr[:2]).shape == (2, 20)  # one output per patient
+    # one output per train patient, then one per held-out reference image (these splits know no patients)
+    assert predict_logits(phi_id, data.x_tr[:2]).shape == (2, 20 + 5 + 10)
     plain = S.load_site_data(_dataset())
     assert plain.identity_unit == "image" and plain.n_id == 40
+
+
+def test_identity_models_know_every_protected_identity_but_the_calibration_images(site):
+    idset = S.identity_training_set(site.cfg, site.data)
+    assert idset.mode == "protected" and idset.by_split == {"train": 40, "val": 5, "test": 10}
+    assert predict_logits(site.ids.indep, site.data.x_te[:3]).shape == (3, 55)
+    zone = site.cal.zone  # the images left out of every class are exactly the zone's calibration rows
+    assert torch.equal(idset.unseen, site.data.x_va[torch.as_tensor(zone.index[zone.calib])])
+    assert torch.equal(idset.labels[:40], site.data.id_labels)  # a train image keeps its class
+    sec = S.identity_section(site.cfg, site.data, site.ids)
+    assert (sec.identity_classes, sec.n_identity_classes, sec.identity_classes_by_split) == ("protected", 55, idset.by_split)
+    old = S.identity_training_set(_cfg(filter={**TINY["filter"], "identity_classes": "train"}), site.data)
+    assert old.n_classes == 40 and torch.equal(old.x, site.data.x_tr)
 
 
 def test_method_names_are_checked():
