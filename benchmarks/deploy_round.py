@@ -3,7 +3,7 @@
 For each mode, in one run (a fresh CA, coordinator state and site folders each):
 
 * ``before``: Flower's waiting as it was: the SuperExec polls every 1 s
-  (``federation.superexec_poll_s: 1.0``), the ServerApp pulls replies every 1 s
+  (``site.superexec_poll_s: 1.0``), the ServerApp pulls replies every 1 s
   (``federation.reply_poll_s: 1.0``), no site worker: every message starts a
   ``flwr-clientapp`` process that imports torch, the models and the site's images;
 * ``after``: the defaults: SuperExec poll 0.2 s, reply poll 0.2 s, and the site worker
@@ -43,9 +43,9 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 
-#: Mode -> (coordinator federation overrides, site federation overrides).
+#: Mode -> (coordinator federation overrides, site section overrides).
 MODES: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
-    "before": ({"reply_poll_s": 1.0}, {"superexec_poll_s": 1.0, "site_worker": False}),
+    "before": ({"reply_poll_s": 1.0}, {"superexec_poll_s": 1.0, "worker": False}),
     "after": ({}, {}),
 }
 
@@ -111,9 +111,8 @@ def run_mode(mode: str, work: Path, sites: int, rounds: int, local_steps: int,
         issue(certs, s, "site", work / "keys" / s)
     port = free_port()
     coord = {**TINY, "federation": {"rounds": rounds, "local_steps": local_steps, "min_nodes": sites,
-                                    "wait_for_nodes_s": 180, "round_timeout_s": 300, "sample_grid": 4,
-                                    "state_dir": str(work / "coord"), "certs_dir": str(certs),
-                                    "superlink_port": port, **coord_over}}
+                                    "wait_for_nodes_s": 180, "round_timeout_s": 300, "sample_grid": 4, **coord_over},
+             "coordinator": {"state_dir": str(work / "coord"), "ca_dir": str(certs), "superlink_port": port}}
     (work / "coordinator.yaml").write_text(yaml.safe_dump(coord))
     procs: list[subprocess.Popen[bytes]] = []
     error: str | None = None
@@ -131,8 +130,8 @@ def run_mode(mode: str, work: Path, sites: int, rounds: int, local_steps: int,
         for i, s in enumerate(names):
             site = {"site_id": s, "device": "cpu", "threads": 1,
                     "data": {"source": "medmnist", "path": str(make_npz(work / f"{s}.npz", 16 + 8 * i, i))},
-                    "federation": {"superlink_address": f"127.0.0.1:{port}", "certs_dir": str(work / "keys" / s),
-                                   "state_dir": str(work / s), "supernode_port": free_port(), **site_over}}
+                    "site": {"superlink_address": f"127.0.0.1:{port}", "keys_dir": str(work / "keys" / s),
+                             "state_dir": str(work / s), "supernode_port": free_port(), **site_over}}
             y = work / f"site-{s}.yaml"
             y.write_text(yaml.safe_dump(site))
             procs.append(subprocess.Popen([str(BIN / "plan-client"), "start", "--config", str(y)],

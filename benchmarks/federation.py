@@ -113,8 +113,9 @@ def run_one(sites: int, rounds: int, local_steps: int, model: dict, size: int, p
     raw = {"seed": 0, "device": "cpu", "threads": 1,
            "data": {"source": "medmnist", "name": None, "path": str(npz), "size": size, "channels": 1},
            "partition": {"sites": sites, "scheme": "iid", "min_per_site": 2},
-           "federation": {"rounds": rounds, "local_steps": local_steps, "min_nodes": sites, "state_dir": str(out),
-                          "sample_grid": 16, "wait_for_nodes_s": 600, "round_timeout_s": 3600}}
+           "federation": {"rounds": rounds, "local_steps": local_steps, "min_nodes": sites,
+                          "sample_grid": 16, "wait_for_nodes_s": 600, "round_timeout_s": 3600},
+           "site": {"state_dir": str(out)}}  # the virtual sites' sites/NAME
     raw.update(json.loads(json.dumps(model)))
     cfg = config_from_dict(raw)
     t0 = time.perf_counter()

@@ -103,7 +103,7 @@ def _site_config(config: Path | None, dataset: str | None, data: Path | None, se
         overrides = data_overrides(dataset, data)
         overrides.update(parse_sets(sets))
         overrides.update({k: v for k, v in extra.items() if v is not None})
-        return load_config(config, overrides)
+        return load_config(config, overrides, role="site")
     except ConfigError as err:
         typer.echo(f"error: {err}", err=True)
         raise typer.Exit(2) from None

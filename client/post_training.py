@@ -33,15 +33,15 @@ from plan_shared.protocol import ClassifierScore, SiteEvaluation, SynthesisSumma
 LOG = logging.getLogger("plan.phases")
 
 def site_credentials(site: Site) -> Path | None:
-    """The site's pool credentials: its pool.credentials, else federation.certs_dir/sites/<site-id> in simulation.
+    """The site's pool credentials: its site.pool_keys_dir, else site.keys_dir/sites/<site-id> in simulation.
 
-    In deployment ``site.cfg.pool`` comes from the site's own node config (client/site.py).
+    In deployment ``site.cfg.site`` comes from the site's own node config (client/site.py).
     """
-    pool = site.cfg.pool
-    if not pool.credentials and site.partition_id is None:  # deployment: no shared disk to guess from
+    own = site.cfg.site
+    if not own.pool_keys_dir and site.partition_id is None:  # deployment: no shared disk to guess from
         return None
     # plumbing: the one credentials-folder rule (plan_shared.credentials.find_identity_dir)
-    return find_identity_dir(site.cfg.federation.certs_dir, "site", site.site_id, pool.credentials)
+    return find_identity_dir(own.keys_dir, "site", site.site_id, own.pool_keys_dir)
 
 
 def check_site_minimums(site: Site, cfg: PlanConfig) -> None:
@@ -85,8 +85,8 @@ def synthesize_at_site(
     from client.pipeline import GeneratorSnapshot, run_site_pipeline
 
     check_site_minimums(site, cfg)  # before any work
-    if not site.cfg.pool.address and site.partition_id is None:  # fail before the work, not after it
-        raise RuntimeError(f"{site.site_id}: no pool address: set pool.address in this site's site.yaml "
+    if not site.cfg.site.pool_address and site.partition_id is None:  # fail before the work, not after it
+        raise RuntimeError(f"{site.site_id}: no pool address: set site.pool_address in this site's site.yaml "
                            "(the coordinator's pool service, host:port) and restart `plan-client start`")
     t0 = time.perf_counter()
     work = synthesis_dir(site)
@@ -100,21 +100,21 @@ def synthesize_at_site(
     report = run_site_pipeline(site.cfg, ds, generator, out, method=method, generator_round=generator_round,
                                progress=False)
     n_accepted = int(report["n_accepted"])
-    pool = site.cfg.pool  # the site's own pool settings (deployment: from its node config)
-    exported = {"bundle_id": "", "status": "not exported (pool.address unset)"}
+    pool, address = site.cfg.pool, site.cfg.site.pool_address  # the site's own (deployment: from its node config)
+    exported = {"bundle_id": "", "status": "not exported (site.pool_address unset)"}
     if n_accepted == 0:
         exported["status"] = "nothing to export: no candidate passed the privacy filter"
         LOG.warning("%s: no candidate passed the privacy filter; nothing exported", site.site_id)
-    elif pool.address:
+    elif address:
         creds = site_credentials(site)
         if creds is None:
             raise RuntimeError(
-                f"{site.site_id}: pool.address is {pool.address} but no credentials: set pool.credentials "
+                f"{site.site_id}: site.pool_address is {address} but no credentials: set site.pool_keys_dir "
                 "to this site's own keys folder (plan-client keys init + keys install)"
             )
         from client.export import export
 
-        res = export(out, pool.address, creds, progress=False, server_name=pool.server_name,
+        res = export(out, address, creds, progress=False, server_name=pool.server_name,
                      log=lambda m: LOG.info("%s: %s", site.site_id, m),
                      policy=RetryPolicy.from_config(pool))  # plumbing: the pool section's whole retry policy
         exported = {"bundle_id": res.bundle_id, "status": "duplicate" if res.duplicate else "stored"}

@@ -123,14 +123,14 @@ def site_reporter(site: Site, stages: Sequence[str] = ()) -> P.Reporter:
         return P.Reporter(site.site_id, [P.JsonlSink(site.state_dir / "progress.jsonl")], stages)
     _log_to_stderr()
     sinks: list = [P.LogSink()]
-    pool = site.cfg.pool
-    if pool.address:
+    pool, address = site.cfg.pool, site.cfg.site.pool_address
+    if address:
         from client.post_training import site_credentials
 
         creds = site_credentials(site)
         if creds is not None:
             try:
-                sinks.append(PoolProgressSink(pool.address, creds, pool.server_name))
+                sinks.append(PoolProgressSink(address, creds, pool.server_name))
             except Exception as err:  # noqa: BLE001 - progress must not stop the work
                 LOG.warning("%s: no progress reports to the pool (%s)", site.site_id, err)
     return P.Reporter(site.site_id, sinks, stages, show_bars=True)

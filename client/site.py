@@ -16,11 +16,12 @@ Two ways to be told who we are, both through Flower's ``context.node_config``:
 
   The coordinator's configuration decides the models and the image shape; the site
   decides where its own images are and where and with which credentials it exports
-  (``site.cfg.pool`` comes from the node config only, never from the coordinator), and
+  (``site.cfg.site.pool_address``/``pool_keys_dir`` and ``site.cfg.pool.server_name`` come from the
+  node config only, never from the coordinator), and
   the minimums its privacy filter must meet (``site.cfg.site_minimums``, likewise).
 * simulation: Flower sets ``partition-id`` and ``num-partitions``; the site's data is
   that partition of the coordinator's data set (seeded, so every virtual site agrees
-  on the split) and its state lives under ``<federation.state_dir>/sites/site-<id>``.
+  on the split) and its state lives under ``<site.state_dir>/sites/site-<id>``.
 
 Nothing here leaves the site except what the train handler returns (weights, metrics).
 """
@@ -91,18 +92,20 @@ class Site:
             if nc.get("data-name"):
                 data.name = str(nc["data-name"])
             pool = cfg.pool.model_copy(update={
-                "address": str(nc["pool-address"]) if nc.get("pool-address") else None,
                 "server_name": str(nc["pool-server-name"]) if nc.get("pool-server-name") else None,
-                "credentials": str(nc["pool-credentials"]) if nc.get("pool-credentials") else None,
             })
-            site_cfg = cfg.model_copy(update={"data": data, "site_id": site_id, "pool": pool,
+            own = cfg.site.model_copy(update={
+                "pool_address": str(nc["pool-address"]) if nc.get("pool-address") else None,
+                "pool_keys_dir": str(nc["pool-credentials"]) if nc.get("pool-credentials") else None,
+            })
+            site_cfg = cfg.model_copy(update={"data": data, "site_id": site_id, "pool": pool, "site": own,
                                               "site_minimums": minimums_from_node_config(nc)})
-            state = Path(str(nc.get("state-dir") or Path(cfg.federation.state_dir) / "sites" / site_id))
+            state = Path(str(nc.get("state-dir") or Path(cfg.site.state_dir) / "sites" / site_id))
             return cls(site_id, state.expanduser().resolve(), site_cfg)
         if "partition-id" in nc:
             pid, npart = int(nc["partition-id"]), int(nc["num-partitions"])
             site_id = f"site-{pid}"
-            state = Path(cfg.federation.state_dir) / "sites" / site_id
+            state = Path(cfg.site.state_dir) / "sites" / site_id
             site_cfg = cfg.model_copy(update={"site_id": site_id})
             return cls(site_id, state.resolve(), site_cfg, pid, npart)
         raise ValueError(

@@ -3,25 +3,25 @@
 From ``site.yaml`` (a PlanConfig; relative paths are relative to the YAML file):
 
 * ``site_id`` and ``data`` (source/path/name of the site's own images),
-* ``federation.superlink_address``: the coordinator's proxy, ``host:port``,
-* ``federation.certs_dir``: this site's own keys folder (``plan-client keys init`` +
+* ``site.superlink_address``: the coordinator's proxy, ``host:port``,
+* ``site.keys_dir``: this site's own keys folder (``plan-client keys init`` +
   ``keys install``, holding ``node_key`` and ``ca.crt``); a folder with ``sites/SITE``
   in it works too (one machine running several sites),
-* ``federation.state_dir``: where the site keeps its trainer state, the Flower home,
+* ``site.state_dir``: where the site keeps its trainer state, the Flower home,
   ``node.toml`` and its log,
-* ``federation.supernode_port``: local runtime port (one per SuperNode on a machine),
-* ``pool.address`` (+ optional ``pool.server_name``): where this site exports its
+* ``site.supernode_port``: local runtime port (one per SuperNode on a machine),
+* ``site.pool_address`` (+ optional ``pool.server_name``): where this site exports its
   synthetic images after training (the coordinator's pool service, e.g.
-  ``coordinator.example.org:9444``), and ``pool.credentials``: the folder it pushes with
+  ``coordinator.example.org:9444``), and ``site.pool_keys_dir``: the folder it pushes with
   (``client.crt``, ``client.key``, ``signing.key``, ``ca.crt``; default: the site's
   credentials folder above). They go into the node config (``pool-address``,
   ``pool-server-name``, ``pool-credentials``): the site, not the coordinator, decides them.
 * ``site_minimums`` (optional): the loosest synthesis settings this site accepts
   (``min-k``, ``max-tau-id``, ``max-tau-indep``, ``min-delta-quantile``, ``min-planted``,
   ``block-on-planted`` in the node config; client/post_training.py refuses a looser request).
-* ``federation.superexec_poll_s``: how often the SuperNode's SuperExec looks for a new
+* ``site.superexec_poll_s``: how often the SuperNode's SuperExec looks for a new
   task (``FLWR_SUPEREXEC_TASK_POLL_INTERVAL``; Flower's default of 1 s is paid per message).
-* ``federation.site_worker`` (default on): a site worker (client/site_worker.py) is started
+* ``site.worker`` (default on): a site worker (client/site_worker.py) is started
   first, on a free 127.0.0.1 port with a secret made for this start (``STATE/worker.key``);
   the node config announces it (``worker-address``, ``worker-key``) and each ClientApp
   process forwards its train message there instead of importing torch and the data itself.
@@ -77,7 +77,7 @@ class StartPlan:
     supernode: list[str]
     env: dict[str, str]
     state: Path
-    worker: list[str] | None = None  # argv of the site worker, None when federation.site_worker is off
+    worker: list[str] | None = None  # argv of the site worker, None when site.worker is off
     worker_ready: Path | None = None  # the worker writes its pid here once it listens
 
 
@@ -96,11 +96,11 @@ def supernode_command_line(config_path: str | Path) -> tuple[list[str], dict[str
 def start_plan(config_path: str | Path) -> StartPlan:
     """The SuperNode (and site worker) for ``site.yaml``; writes ``STATE/node.toml`` (and a fresh worker key)."""
     config_path = Path(config_path).expanduser().resolve()
-    cfg: PlanConfig = load_config(config_path)
+    cfg: PlanConfig = load_config(config_path, role="site")
     base = config_path.parent
-    fed = cfg.federation
+    fed = cfg.site
     state = _resolve(fed.state_dir, base)
-    certs = _resolve(fed.certs_dir, base)
+    certs = _resolve(fed.keys_dir, base)
     # plumbing: the one credentials-folder rule (plan_shared.credentials.find_identity_dir)
     ident = find_identity_dir(certs, "site", cfg.site_id, marker=NODE_KEY) or identity_dir(certs, cfg.site_id, "site")
     key = ident / "node_key"
@@ -108,7 +108,7 @@ def start_plan(config_path: str | Path) -> StartPlan:
     for f, what in ((key, "node private key"), (ca, "federation CA certificate")):
         if not f.is_file():
             raise StartError(f"{f}: {what} missing; the coordinator issues it with "
-                             f"`plan-client keys init --dir DIR --name {cfg.site_id}` + `keys install` (federation.certs_dir)")
+                             f"`plan-client keys init --dir DIR --name {cfg.site_id}` + `keys install` (site.keys_dir)")
     node = {"site-id": cfg.site_id, "data-source": cfg.data.source, "state-dir": str(state / "site")}
     if cfg.data.path:
         data_path = _resolve(cfg.data.path, base)
@@ -119,24 +119,24 @@ def start_plan(config_path: str | Path) -> StartPlan:
         node["data-name"] = cfg.data.name
     else:
         raise StartError("site.yaml names no data: set data.path (or data.name for a MedMNIST set)")
-    if cfg.pool.address:
-        node["pool-address"] = cfg.pool.address
+    if fed.pool_address:
+        node["pool-address"] = fed.pool_address
         if cfg.pool.server_name:
             node["pool-server-name"] = cfg.pool.server_name
-        creds = _resolve(cfg.pool.credentials, base) if cfg.pool.credentials else ident
+        creds = _resolve(fed.pool_keys_dir, base) if fed.pool_keys_dir else ident
         for name in ("client.crt", "client.key", "signing.key", "ca.crt"):
             if not (creds / name).is_file():
-                raise StartError(f"{creds / name} missing: pool.credentials must be this site's keys folder "
+                raise StartError(f"{creds / name} missing: site.pool_keys_dir must be this site's keys folder "
                                  f"for this site (`plan-client keys init --name {cfg.site_id}` + `keys install`)")
         node["pool-credentials"] = str(creds)
     else:
-        print("warning: pool.address is not set in the site config: this site cannot export synthetic images "
+        print("warning: site.pool_address is not set in the site config: this site cannot export synthetic images "
               "(the post-training synthesis phase will fail here)", file=sys.stderr)
     node.update(site_minimums_node_config(cfg))
     state.mkdir(parents=True, exist_ok=True)
     worker: list[str] | None = None
     ready: Path | None = None
-    if fed.site_worker:
+    if fed.worker:
         from client.site_worker import ADDRESS_KEY, KEY_FILE_KEY, make_key
 
         key_file = state / "worker.key"

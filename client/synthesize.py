@@ -69,4 +69,4 @@ def resolve_config(config: Path | None, dataset: str | None, data: Path | None, 
     over: dict[str, Any] = data_overrides(dataset, data)
     over.update(parse_sets(sets))
     over.update({k: v for k, v in extra.items() if v is not None})
-    return load_config(config, over)
+    return load_config(config, over, role="site")

@@ -106,10 +106,10 @@ here, work = Path(here), Path(work)
 c = yaml.safe_load((here / "coordinator.yaml").read_text())
 for key, val in yaml.safe_load((here / "smoke.yaml").read_text()).items():
     c[key] = {**c.get(key, {}), **val} if isinstance(val, dict) else val
-c["federation"].update(wait_for_nodes_s=240, round_timeout_s=300, post_training=full == "1",
-                       state_dir=str(work / "state/coordinator"), certs_dir=str(work / "certs"),
-                       superlink_port=int(sl))
-c["pool"].update(listen=f"127.0.0.1:{pool}")  # loopback here; 0.0.0.0 in coordinator.yaml
+c["federation"].update(wait_for_nodes_s=240, round_timeout_s=300, post_training=full == "1")
+c["coordinator"].update(state_dir=str(work / "state/coordinator"), ca_dir=str(work / "certs"),
+                        superlink_port=int(sl),
+                        pool_listen=f"127.0.0.1:{pool}")  # loopback here; 0.0.0.0 in coordinator.yaml
 (work / "coordinator.yaml").write_text(yaml.safe_dump(c))
 rng = np.random.default_rng(0)
 size = int(c["data"]["size"])
@@ -129,9 +129,9 @@ for i, name in enumerate(sites):
     # a real site would refuse them, which is what site_minimums is for.
     s.pop("site_minimums", None)
     s["data"].update(source="medmnist", path=str(work / f"{name}.npz"))
-    s["federation"].update(superlink_address=f"localhost:{proxy}", certs_dir=str(work / "sites" / name),
-                           state_dir=str(work / "state" / name), supernode_port=int(sn) + i)
-    s["pool"].update(address=f"localhost:{pool}")  # credentials: default = federation.certs_dir
+    s["site"].update(superlink_address=f"localhost:{proxy}", keys_dir=str(work / "sites" / name),
+                     state_dir=str(work / "state" / name), supernode_port=int(sn) + i,
+                     pool_address=f"localhost:{pool}")  # pool_keys_dir: default = keys_dir
     (work / f"site-{name}.yaml").write_text(yaml.safe_dump(s))
 PY
 

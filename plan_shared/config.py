@@ -490,10 +490,11 @@ class SynthesisConfig(_Section):
 
 
 class FederationConfig(_Section):
-    """Federated generator training (Flower) and what a deployment needs.
+    """Federated generator training (Flower): what both roles read alike.
 
-    The coordinator's values rule a run (rounds, local steps, sharing, models); a
-    site reads only its own deployment keys (superlink address, certs, state dir).
+    The coordinator's values rule a run (rounds, local steps, sharing, models). Where each
+    role keeps its state and keys and how it is reached are in the ``site`` and
+    ``coordinator`` sections.
     """
 
     rounds: int = Field(10, ge=1, description="Federated rounds R.")
@@ -519,31 +520,13 @@ class FederationConfig(_Section):
     reply_poll_s: float = Field(
         0.2, gt=0.0, le=10.0, description="Coordinator: seconds between two polls for the sites' replies (server/messaging.py; Flower's own send_and_receive sleeps 3 s)."
     )
-    state_dir: str = Field(
-        "plan-state", description="Coordinator: checkpoints, Flower state.db. Site: local D, Flower home, logs."
-    )
     sample_grid: int = Field(64, ge=1, description="Images in the per-round sample grid of G_ema.")
     post_training: bool = Field(
         False,
         description="After the rounds: synthesis at every site with export to the pool, downstream training on the "
-        "pulled pool, federated evaluation and privacy audit, report (needs pool.address).",
+        "pulled pool, federated evaluation and privacy audit, report (needs a pool: coordinator.pool_listen or "
+        "coordinator.pool_address; each site exports to its site.pool_address).",
     )
-    superlink_port: int = Field(9093, ge=1, le=65535, description="Coordinator: SuperLink HTTPS port, bound to 127.0.0.1 only.")
-    superlink_address: str = Field(
-        "127.0.0.1:9443",
-        description="Site: the coordinator's public fleet address (the TLS proxy, which forwards only /v1/fleet/*).",
-    )
-    certs_dir: str = Field("certs", description="Coordinator: the CA folder of `plan-server certs init/enroll` (CA, server, "
-                           "registry). Site: its own keys folder (`plan-client keys init`). Simulation: the folder "
-                           "holding the virtual sites' sites/NAME and readers/NAME.")
-    supernode_port: int = Field(9094, ge=1, le=65535, description="Site: local SuperNode runtime port (127.0.0.1).")
-    superexec_poll_s: float = Field(
-        0.2, ge=0.01, le=60.0, description="Site: seconds between the SuperNode's SuperExec polls for a new task "
-        "(FLWR_SUPEREXEC_TASK_POLL_INTERVAL; Flower's own default is 1.0).")
-    site_worker: bool = Field(
-        True, description="Site: `plan-client start` also starts a persistent worker (loopback only, authenticated "
-        "by a secret made per start) that keeps torch, the code and the site's images loaded; the per-message "
-        "Flower ClientApp process forwards train messages to it instead of importing torch itself.")
 
 
 class PoolLimitsConfig(_Section):
@@ -586,30 +569,13 @@ class PoolLimitsConfig(_Section):
 class PoolConfig(_Section):
     """Where synthetic images go (stage C) and where the coordinator reads them back (stage D).
 
-    Deployment: the coordinator's ``plan-server coordinate`` (with ``federation.post_training``)
-    starts the pool service itself, bound to ``listen``, and pulls from it over loopback; each
-    site's own site.yaml says where it reaches the pool (``address``, the coordinator's
-    public host and the ``listen`` port) and which credentials it pushes with.
+    What both roles read alike: the TLS name, retries, the service's limits. Where the pool
+    listens and where a site or the coordinator reaches it, and with which credentials, are
+    role keys: ``coordinator.pool_listen`` / ``coordinator.pool_address`` /
+    ``coordinator.reader_dir`` and ``site.pool_address`` / ``site.pool_keys_dir``.
     """
 
-    address: str | None = Field(
-        None, description="host:port of the pool service as this machine reaches it. Site: where it exports "
-        "(e.g. coordinator.example.org:9444); null = no export. Coordinator: where it pulls from; set automatically "
-        "when `coordinate` starts the pool itself (listen), needed only with listen: null (an external pool)."
-    )
-    listen: str | None = Field(
-        "0.0.0.0:9444",
-        description="Coordinator: host:port on which `plan-server coordinate` starts the pool service (mutual TLS, "
-        "store STATE/pool-store) when federation.post_training is true; sites must reach this port. "
-        "null = do not start one, pull from an external `plan-server pool serve` at address.",
-    )
     server_name: str | None = Field(None, description="TLS name to expect on the pool's certificate (default: the host).")
-    credentials: str | None = Field(
-        None,
-        description="Site: its keys folder (client cert, signing key; `plan-client start` defaults to "
-        "federation.certs_dir). Coordinator: a reader's folder (`coordinate` defaults to STATE/reader, enrolling "
-        "reader 'coordinator' there when missing). In simulation it is derived from federation.certs_dir.",
-    )
     retries: int = Field(
         5, ge=0, description="Retries of a failed pool call (export, ls, pull; `--retries` of each command) after a "
         "transient failure (plan_shared/pool_transport.py lists the retried gRPC codes).")
@@ -624,6 +590,79 @@ class PoolConfig(_Section):
         "generator's digest in it before the synthesis phase. null with an external pool: no policy file."
     )
     limits: PoolLimitsConfig = Field(default_factory=PoolLimitsConfig)
+
+
+class SiteConfig(_Section):
+    """Site (site.yaml): where this hospital keeps its state and keys and how it reaches the coordinator.
+
+    Read by ``plan-client start`` (client/supernode.py); a coordinator's configuration holds
+    none of these keys (``load_config(..., role=...)``). The simulation plays every site on
+    one machine and reads ``state_dir`` and ``keys_dir`` as the folders of all virtual sites.
+    """
+
+    state_dir: str = Field(
+        "plan-state", description="This site's state: local discriminator/optimiser state, Flower home, node.toml, "
+        "worker key, synthesis output. Simulation: virtual site NAME keeps its state in state_dir/sites/NAME "
+        "(`plan-server simulate`/`demo` set it to their output folder).",
+    )
+    keys_dir: str = Field(
+        "certs", description="This site's own keys folder (`plan-client keys init` + `keys install`: node key, "
+        "client.crt, client.key, signing.key, ca.crt). Simulation: the folder holding every virtual site's sites/NAME.",
+    )
+    superlink_address: str = Field(
+        "127.0.0.1:9443",
+        description="The coordinator's public fleet address (the TLS proxy, which forwards only /v1/fleet/*).",
+    )
+    supernode_port: int = Field(9094, ge=1, le=65535, description="Local SuperNode runtime port (127.0.0.1; one per SuperNode on a machine).")
+    superexec_poll_s: float = Field(
+        0.2, ge=0.01, le=60.0, description="Seconds between the SuperNode's SuperExec polls for a new task "
+        "(FLWR_SUPEREXEC_TASK_POLL_INTERVAL; Flower's own default is 1.0).")
+    worker: bool = Field(
+        True, description="`plan-client start` also starts a persistent worker (loopback only, authenticated "
+        "by a secret made per start) that keeps torch, the code and the site's images loaded; the per-message "
+        "Flower ClientApp process forwards train messages to it instead of importing torch itself.")
+    pool_address: str | None = Field(
+        None, description="host:port of the coordinator's pool service, where this site exports its synthetic images "
+        "(e.g. coordinator.example.org:9444, the coordinator.pool_listen port); null = no export. In simulation "
+        "`demo` sets it to the pool it starts.",
+    )
+    pool_keys_dir: str | None = Field(
+        None, description="Folder with the credentials this site pushes to the pool with (client.crt, client.key, "
+        "signing.key, ca.crt); null = keys_dir (in simulation keys_dir/sites/NAME).",
+    )
+
+
+class CoordinatorConfig(_Section):
+    """Coordinator (coordinator.yaml): its state, its CA and the services it starts.
+
+    Read by ``plan-server coordinate`` (server/coordinate.py) and the ServerApp; a site's
+    configuration holds none of these keys (``load_config(..., role=...)``).
+    """
+
+    state_dir: str = Field(
+        "plan-state", description="The coordinator's state: Flower state.db, superlink.log, run/ (checkpoints, "
+        "samples, metrics, report), pool-store, reader/. Simulation: the output folder.",
+    )
+    ca_dir: str = Field(
+        "certs", description="The CA folder of `plan-server certs init/enroll` (ca.crt/key, server certificate, "
+        "registry.json of enrolled sites and readers); holds no site's private key.",
+    )
+    superlink_port: int = Field(9093, ge=1, le=65535, description="SuperLink HTTPS port, bound to 127.0.0.1 only (the TLS proxy exposes /v1/fleet/*).")
+    pool_listen: str | None = Field(
+        "0.0.0.0:9444",
+        description="host:port on which `plan-server coordinate` starts the pool service (mutual TLS, store "
+        "STATE/pool-store) when federation.post_training is true; sites must reach this port. null = do not start "
+        "one, pull from an external `plan-server pool serve` at pool_address.",
+    )
+    pool_address: str | None = Field(
+        None, description="host:port where the coordinator pulls the pool from: set automatically when `coordinate` "
+        "(pool_listen) or `demo` starts the pool itself; needed only with pool_listen: null (an external pool).",
+    )
+    reader_dir: str | None = Field(
+        None, description="The reader's credentials folder the coordinator pulls the pool with; null = `coordinate` "
+        "uses STATE/reader (enrolling reader 'coordinator' there when missing), elsewhere the first ca_dir/readers/NAME.",
+    )
+
 
 
 class PolicyConfig(_Section):
@@ -740,6 +779,8 @@ class PlanConfig(BaseModel):
     synthesis: SynthesisConfig = Field(default_factory=SynthesisConfig)
     federation: FederationConfig = Field(default_factory=FederationConfig)
     pool: PoolConfig = Field(default_factory=PoolConfig)
+    site: SiteConfig = Field(default_factory=SiteConfig)
+    coordinator: CoordinatorConfig = Field(default_factory=CoordinatorConfig)
     policy: PolicyConfig = Field(default_factory=PolicyConfig)
     site_minimums: SiteMinimumsConfig = Field(default_factory=SiteMinimumsConfig)
     audit: AuditConfig = Field(default_factory=AuditConfig)
@@ -797,26 +838,102 @@ def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
     node[parts[-1]] = None if value is NULL else value
 
 
+#: Keys that meant one thing for a site and another for the coordinator, and where each now lives.
+MOVED_KEYS: dict[str, str] = {
+    "federation.state_dir": "coordinator.state_dir on the coordinator, site.state_dir at a site",
+    "federation.certs_dir": "coordinator.ca_dir on the coordinator, site.keys_dir at a site",
+    "federation.superlink_port": "coordinator.superlink_port",
+    "federation.superlink_address": "site.superlink_address",
+    "federation.supernode_port": "site.supernode_port",
+    "federation.superexec_poll_s": "site.superexec_poll_s",
+    "federation.site_worker": "site.worker",
+    "pool.address": "site.pool_address at a site (where it exports), coordinator.pool_address on the coordinator "
+                    "(an external pool it pulls from)",
+    "pool.listen": "coordinator.pool_listen",
+    "pool.credentials": "site.pool_keys_dir at a site, coordinator.reader_dir on the coordinator",
+}
+
+Role = Literal["site", "coordinator"]
+"""Whose file is read: a site's (site.yaml) or the coordinator's (coordinator.yaml); None = either (simulation)."""
+
+#: The top-level sections only one role reads; the other role's file must not hold them.
+ROLE_SECTIONS: dict[str, tuple[str, ...]] = {"site": ("site", "site_minimums"), "coordinator": ("coordinator", "policy")}
+
+
+def _dotted_keys(tree: dict[str, Any], prefix: str = "") -> list[str]:
+    out: list[str] = []
+    for k, v in tree.items():
+        out.append(f"{prefix}{k}")
+        if isinstance(v, dict):
+            out.extend(_dotted_keys(v, f"{prefix}{k}."))
+    return out
+
+
+def _check_keys(keys: list[str], where: str, role: Role | None) -> None:
+    """Refuse a moved key (naming its new home) and, for ``role``, a key of the other role's sections."""
+    for key in keys:
+        if key in MOVED_KEYS:
+            raise ConfigError(f"{where}: {key} moved: use {MOVED_KEYS[key]}")
+    if role is None:
+        return
+    other = "coordinator" if role == "site" else "site"
+    leaves = [k for k in keys if not any(o.startswith(k + ".") for o in keys)]  # name the key as written
+    for key in leaves:
+        if key.split(".", 1)[0] in ROLE_SECTIONS[other]:
+            raise ConfigError(
+                f"{where}: key '{key}' belongs to the {other}'s configuration, not to a {role}'s "
+                f"(a {role} file holds no {' or '.join(s + ':' for s in ROLE_SECTIONS[other])} section)"
+            )
+
+
 def config_from_dict(
-    raw: dict[str, Any] | None, source: str = "<config>", overrides: dict[str, Any] | None = None
+    raw: dict[str, Any] | None,
+    source: str = "<config>",
+    overrides: dict[str, Any] | None = None,
+    role: Role | None = None,
 ) -> PlanConfig:
-    """Validate a plain dict (e.g. parsed YAML) with dotted-key overrides applied on top."""
+    """Validate a plain dict (e.g. parsed YAML) with dotted-key overrides applied on top.
+
+    A key moved to the ``site``/``coordinator`` sections (:data:`MOVED_KEYS`) is refused
+    naming its new home; with ``role``, so is a key of the other role's sections
+    (:data:`ROLE_SECTIONS`), in the file or in an override.
+    """
     tree: dict[str, Any] = dict(raw or {})
     if not isinstance(tree, dict):
         raise ConfigError(f"{source}: the top level must be a mapping, got {type(raw).__name__}")
-    for k, v in (overrides or {}).items():
-        if v is not None:
-            _set_dotted(tree, k, v)
+    _check_keys(_dotted_keys(tree), source, role)
+    given = {k: v for k, v in (overrides or {}).items() if v is not None}
+    _check_keys(list(given), "override", role)
+    for k, v in given.items():
+        _set_dotted(tree, k, v)
     try:
         return PlanConfig.model_validate(tree)
     except ValidationError as err:
         raise ConfigError(_format_errors(err, source)) from None
 
 
-def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> PlanConfig:
-    """Read a YAML file (or nothing: all defaults) and apply dotted-key overrides."""
+def config_from_stored(raw: dict[str, Any], source: str) -> PlanConfig:
+    """A configuration stored by this program (e.g. in a checkpoint), also one written before the
+    site/coordinator split: its moved keys named the writer's own folders and ports, which rebuild
+    nothing, so they are dropped instead of refused."""
+    tree = json.loads(json.dumps(raw))  # a deep copy; the stored record is left as it is
+    for key in MOVED_KEYS:
+        section, name = key.split(".")
+        if isinstance(tree.get(section), dict):
+            tree[section].pop(name, None)
+    return config_from_dict(tree, source)
+
+
+def load_config(
+    path: str | Path | None = None, overrides: dict[str, Any] | None = None, role: Role | None = None
+) -> PlanConfig:
+    """Read a YAML file (or nothing: all defaults) and apply dotted-key overrides.
+
+    ``role`` (``"site"`` or ``"coordinator"``) refuses the other role's sections; None reads
+    a file that may hold both (simulation, demo).
+    """
     if path is None:
-        return config_from_dict({}, "<defaults>", overrides)
+        return config_from_dict({}, "<defaults>", overrides, role)
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"configuration file not found: {p}")
@@ -826,7 +943,7 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
         raise ConfigError(f"{p}: not valid YAML: {err}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{p}: the top level must be a mapping, got {type(raw).__name__}")
-    return config_from_dict(raw, str(p), overrides)
+    return config_from_dict(raw, str(p), overrides, role)
 
 
 def describe_defaults() -> str:

@@ -93,9 +93,9 @@ def find_identity_dir(
 ) -> Path | None:
     """The one rule for finding an identity's credentials folder; None when there is none.
 
-    1. ``explicit`` (e.g. ``pool.credentials``), when given: taken as it is (``~`` expanded);
+    1. ``explicit`` (e.g. ``site.pool_keys_dir``, ``coordinator.reader_dir``), when given: taken as it is (``~`` expanded);
     2. ``certs`` itself, when it holds ``marker``: an identity's own keys folder
-       (``plan-client keys init --dir certs``, what a deployed site names in federation.certs_dir);
+       (``plan-client keys init --dir certs``, what a deployed site names in site.keys_dir);
     3. ``certs/<sites|readers>/<name>`` (:func:`identity_dir`), when it is a folder: the layout of a
        simulation, where one folder holds every virtual identity;
     4. without ``name``: the first (sorted) folder under ``certs/<sites|readers>/``.

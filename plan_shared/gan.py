@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from plan_shared import progress as P
 from plan_shared.augment import diff_augment
-from plan_shared.config import PlanConfig, config_from_dict
+from plan_shared.config import PlanConfig, config_from_stored
 from plan_shared.files import atomic_write, file_sha256  # noqa: F401  (file_sha256: used via plan_shared.gan)
 from plan_shared.imaging import save_grid
 from plan_shared.models import build_discriminator, build_generator
@@ -340,7 +340,7 @@ class GanTrainer:
     @classmethod
     def from_checkpoint(cls, path: str | Path, device: torch.device | str = "cpu") -> GanTrainer:
         sd = _load_checkpoint(path)
-        cfg = config_from_dict(sd["config"], f"{path}:config")
+        cfg = config_from_stored(sd["config"], f"{path}:config")
         trainer = cls(cfg, sd["arch"]["channels"], sd["arch"]["size"], device)
         trainer.load_state_dict(sd)
         return trainer
@@ -367,7 +367,7 @@ def _load_checkpoint(path: str | Path) -> dict[str, Any]:
 def load_generator(path: str | Path, device: torch.device | str = "cpu") -> StyleGenerator:
     """The EMA generator of a checkpoint, in eval mode (what every later stage uses)."""
     sd = _load_checkpoint(path)
-    cfg = config_from_dict(sd["config"], f"{path}:config")
+    cfg = config_from_stored(sd["config"], f"{path}:config")
     G = build_generator(cfg, sd["arch"]["size"], sd["arch"]["channels"])
     G.load_state_dict(sd["generator_ema"])
     return G.to(device).eval().requires_grad_(False)

@@ -11,11 +11,11 @@ What it does, in order:
    (``flwr supernode register``, via ``STATE/node-keys/NAME.pub`` written from the
    registry; revoked sites are unregistered);
 3. with ``federation.post_training``: starts the pool service (gRPC, mutual TLS with the
-   federation's server certificate) bound to ``pool.listen``, store ``STATE/pool-store``,
+   federation's server certificate) bound to ``coordinator.pool_listen``, store ``STATE/pool-store``,
    log ``STATE/pool-service.log``, enforcing the ``policy:`` section written to
    ``pool.policy_file`` (default ``STATE/pool-policy.json``; the ServerApp adds the final
    generator's digest before synthesis, until then the pool refuses every bundle), and
-   finds the coordinator's reader credentials (``pool.credentials``, else ``STATE/reader``,
+   finds the coordinator's reader credentials (``coordinator.reader_dir``, else ``STATE/reader``,
    enrolled as reader ``coordinator`` on first use: keys made there, certificate from the
    CA, no private key in CERTS);
 4. submits the Flower app (``flwr run``) with ``STATE/run-config.yaml`` (the config with
@@ -48,7 +48,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from plan_shared.config import PlanConfig, load_config
+from plan_shared.config import ConfigError, PlanConfig, load_config
 from plan_shared.flower_env import flower_env
 
 if TYPE_CHECKING:
@@ -119,11 +119,11 @@ def kill_tree(pid: int, known: list[int] | None = None) -> None:
 class Coordinator:
     def __init__(self, config_path: str | Path, app_dir: Path | None = None, poll_s: float = 2.0):
         self.config_path = Path(config_path).expanduser().resolve()
-        self.cfg: PlanConfig = load_config(self.config_path)
+        self.cfg: PlanConfig = load_config(self.config_path, role="coordinator")
         base = self.config_path.parent
-        fed = self.cfg.federation
+        fed = self.cfg.coordinator
         self.state = _resolve(fed.state_dir, base)
-        self.certs = _resolve(fed.certs_dir, base)
+        self.certs = _resolve(fed.ca_dir, base)
         self.out = self.state / "run"
         self.home = self.state / "flwr-home"
         self.port = fed.superlink_port
@@ -212,7 +212,7 @@ class Coordinator:
 
     # ------------------------------------------------------------------ pool
     def reader_credentials(self) -> Path:
-        """The coordinator's reader identity for pulling the pool: ``pool.credentials``, else ``STATE/reader``.
+        """The coordinator's reader identity for pulling the pool: ``coordinator.reader_dir``, else ``STATE/reader``.
 
         ``STATE/reader`` is made on first use through the same two halves as any reader's
         (``keys init`` there, ``certs enroll``, ``keys install``): its private key lives in
@@ -220,10 +220,10 @@ class Coordinator:
         """
         from server.certs import CertsError, issue
 
-        if self.cfg.pool.credentials:
-            p = _resolve(self.cfg.pool.credentials, self.config_path.parent)
+        if self.cfg.coordinator.reader_dir:
+            p = _resolve(self.cfg.coordinator.reader_dir, self.config_path.parent)
             if not (p / "client.crt").is_file():
-                raise CoordinateError(f"pool.credentials {p}: no client.crt there; make a reader with "
+                raise CoordinateError(f"coordinator.reader_dir {p}: no client.crt there; make a reader with "
                                       f"`plan-client keys init --role reader`, `plan-server certs enroll --role reader` "
                                       "and `plan-client keys install`")
             return p
@@ -232,39 +232,40 @@ class Coordinator:
             return own
         if not (self.certs / "ca.key").is_file():
             raise CoordinateError(f"no reader credentials in {own} and no CA key in {self.certs} to enrol one: "
-                                  "set pool.credentials to a reader folder")
+                                  "set coordinator.reader_dir to a reader folder")
         try:
             out = issue(self.certs, "coordinator", "reader", own)
-        except (CertsError, OSError) as err:  # e.g. certs_dir read-only under systemd's ProtectSystem=strict
+        except (CertsError, OSError) as err:  # e.g. ca_dir read-only under systemd's ProtectSystem=strict
             raise CoordinateError(f"enrolling the coordinator's reader identity failed: {err}; make one with "
                                   f"`plan-server certs issue --dir {self.certs} --name coordinator --role reader "
-                                  f"--out {own}` or set pool.credentials") from None
+                                  f"--out {own}` or set coordinator.reader_dir") from None
         LOG.info("enrolled the coordinator's reader identity %s", out)
         return out
 
     def start_pool(self) -> None:
-        """Pool service on ``pool.listen`` (or the external ``pool.address`` when listen is null)."""
+        """Pool service on ``coordinator.pool_listen`` (or the external ``coordinator.pool_address`` when listen is null)."""
         from server.pool.process import PoolProcess, limits_args
 
-        pool = self.cfg.pool
+        pool, own = self.cfg.pool, self.cfg.coordinator
         self.reader = self.reader_credentials()
-        if not pool.listen:
-            if not pool.address:
-                raise CoordinateError("federation.post_training needs a pool: set pool.listen (coordinate starts it) "
-                                      "or pool.address (an external `plan-server pool serve`)")
-            self.pool_address = pool.address
-            LOG.info("using the external pool service at %s", pool.address)
+        if not own.pool_listen:
+            if not own.pool_address:
+                raise CoordinateError("federation.post_training needs a pool: set coordinator.pool_listen (coordinate "
+                                      "starts it) or coordinator.pool_address (an external `plan-server pool serve`)")
+            self.pool_address = own.pool_address
+            LOG.info("using the external pool service at %s", own.pool_address)
             return
-        host, _, port_s = pool.listen.rpartition(":")
+        host, _, port_s = own.pool_listen.rpartition(":")
         try:
             port = int(port_s)
         except ValueError:
-            raise CoordinateError(f"pool.listen {pool.listen!r}: expected host:port") from None
+            raise CoordinateError(f"coordinator.pool_listen {own.pool_listen!r}: expected host:port") from None
         host = host or "0.0.0.0"
         if port:
             with socket.socket() as s:
                 if s.connect_ex(("127.0.0.1", port)) == 0:
-                    raise CoordinateError(f"pool.listen {pool.listen}: port {port} is already in use (another pool service?)")
+                    raise CoordinateError(f"coordinator.pool_listen {own.pool_listen}: port {port} is already in use "
+                                          "(another pool service?)")
         from plan_shared.policy import policy_from_config, write_policy_file
 
         self.policy_file = Path(pool.policy_file).expanduser().resolve() if pool.policy_file else \
@@ -295,13 +296,13 @@ class Coordinator:
 
     def run_config_file(self) -> Path:
         """``STATE/run-config.yaml``: the config the ServerApp reads (absolute paths, pool to pull from)."""
-        fed = self.cfg.federation.model_copy(update={"state_dir": str(self.state), "certs_dir": str(self.certs)})
-        upd: dict[str, Any] = {"federation": fed}
+        own: dict[str, Any] = {"state_dir": str(self.state), "ca_dir": str(self.certs)}
+        upd: dict[str, Any] = {}
         if self.pool_address:
-            pool_upd: dict[str, Any] = {"address": self.pool_address, "credentials": str(self.reader)}
+            own.update(pool_address=self.pool_address, reader_dir=str(self.reader))
             if self.policy_file is not None:
-                pool_upd["policy_file"] = str(self.policy_file)
-            upd["pool"] = self.cfg.pool.model_copy(update=pool_upd)
+                upd["pool"] = self.cfg.pool.model_copy(update={"policy_file": str(self.policy_file)})
+        upd["coordinator"] = self.cfg.coordinator.model_copy(update=own)
         path = self.state / "run-config.yaml"
         path.write_text(self.cfg.model_copy(update=upd).to_yaml())
         return path
@@ -553,6 +554,6 @@ def coordinate_command(config: str, app_dir: str | None = None) -> int:
     setup_logging()
     try:
         return Coordinator(config, Path(app_dir) if app_dir else None).run()
-    except CoordinateError as err:
+    except (CoordinateError, ConfigError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -19,6 +19,7 @@ from typing import Any
 
 LOG = logging.getLogger("plan.demo")
 DEMO_PRESET = "presets/demo.yaml"
+READER = "coordinator"  # the reader identity the demo's coordinator pulls the pool as
 
 
 def demo_preset_path() -> Path:
@@ -34,7 +35,7 @@ def preset_path(name: str) -> Path:
     return root / f"{name}.yaml"
 
 
-def make_credentials(certs: Path, keys: Path, sites: list[str], reader: str = "coordinator") -> None:
+def make_credentials(certs: Path, keys: Path, sites: list[str], reader: str = READER) -> None:
     """CA + server certificate for loopback in ``certs``; each site's and the reader's own keys under ``keys``.
 
     The identities are enrolled the way a hospital's are (``keys init`` in
@@ -66,6 +67,7 @@ def run_demo(
     overrides: dict[str, Any] | None = None,
     verbose: bool = False,
 ) -> dict[str, Any]:
+    from plan_shared.credentials import identity_dir
     from server.pool.process import PoolProcess
     from server.simulate import run_simulation, simulation_config
 
@@ -76,9 +78,10 @@ def run_demo(
     names = [f"site-{i}" for i in range(sites)]
     make_credentials(certs, keys, names)
     ov: dict[str, Any] = dict(overrides or {})
-    # In simulation federation.certs_dir is where the virtual sites (sites/NAME) and the coordinator's reader
-    # (readers/NAME) find their own folders; the pool service checks them against the CA folder `certs`.
-    ov.update({"federation.certs_dir": str(keys), "federation.post_training": True, "pool.credentials": None,
+    # The virtual sites find their own folders in keys/sites/NAME, the coordinator its reader in
+    # keys/readers/NAME; the pool service checks them against the CA folder `certs`.
+    ov.update({"site.keys_dir": str(keys), "coordinator.ca_dir": str(certs),
+               "coordinator.reader_dir": str(identity_dir(keys, READER, "reader")), "federation.post_training": True,
                "synthesis.method": method, "anchors.k": k, "federation.min_nodes": sites})
     cfg = simulation_config(config or str(demo_preset_path()), sites=sites, rounds=rounds,
                             dataset=None if data else dataset, data=data, out=out,
@@ -87,8 +90,10 @@ def run_demo(
 
     policy_file = write_policy_file(out / "pool-policy.json", policy_from_config(cfg))
     with PoolProcess(out / "pool-store", certs, out / "logs", extra=("--policy", str(policy_file))) as pool:
-        cfg = cfg.model_copy(update={"pool": cfg.pool.model_copy(update={"address": pool.address,
-                                                                         "policy_file": str(policy_file)})})
+        cfg = cfg.model_copy(update={
+            "pool": cfg.pool.model_copy(update={"policy_file": str(policy_file)}),
+            "site": cfg.site.model_copy(update={"pool_address": pool.address}),
+            "coordinator": cfg.coordinator.model_copy(update={"pool_address": pool.address})})
         LOG.info("pool service on %s (mutual TLS), store %s", pool.address, out / "pool-store")
         run_simulation(cfg, out, verbose=verbose)
     report_path = out / "report.json"

@@ -328,7 +328,7 @@ def load_run_config(run_config: dict[str, Any]) -> tuple[PlanConfig, Path, int]:
 
     Keys (declared in pyproject.toml ``[tool.flwr.app.config]``): ``plan-config``
     (YAML path, or JSON text starting with ``{``; empty = defaults), ``out-dir``
-    (empty = ``federation.state_dir``), ``num-server-rounds`` (> 0 overrides
+    (empty = ``coordinator.state_dir``), ``num-server-rounds`` (> 0 overrides
     ``federation.rounds``), ``expected-nodes`` (wait for this many sites at the start).
     """
     from plan_shared.config import load_config
@@ -342,5 +342,5 @@ def load_run_config(run_config: dict[str, Any]) -> tuple[PlanConfig, Path, int]:
         cfg = load_config(src or None)
     if int(rc["num-server-rounds"]) > 0:
         cfg = cfg.model_copy(update={"federation": cfg.federation.model_copy(update={"rounds": int(rc["num-server-rounds"])})})
-    out = Path(str(rc["out-dir"]) or cfg.federation.state_dir)
+    out = Path(str(rc["out-dir"]) or cfg.coordinator.state_dir)
     return cfg, out, int(rc["expected-nodes"])

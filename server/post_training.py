@@ -53,11 +53,12 @@ class PhaseError(RuntimeError):
 
 def _reader_credentials(cfg: PlanConfig) -> Path:
     # plumbing: the one credentials-folder rule (plan_shared.credentials.find_identity_dir)
-    found = find_identity_dir(cfg.federation.certs_dir, "reader", explicit=cfg.pool.credentials)
+    own = cfg.coordinator
+    found = find_identity_dir(own.ca_dir, "reader", explicit=own.reader_dir)
     if found is None:
         raise PhaseError(
-            f"no reader credentials to pull the pool: set pool.credentials or run "
-            f"`plan-server certs issue --dir CERTS --name coordinator --role reader --out {cfg.federation.certs_dir}/readers/coordinator`"
+            f"no reader credentials to pull the pool: set coordinator.reader_dir or run "
+            f"`plan-server certs issue --dir CERTS --name coordinator --role reader --out {own.ca_dir}/readers/coordinator`"
         )
     return found
 
@@ -139,11 +140,11 @@ class Phases:
         from server.pool.client import pull
 
         t0 = time.perf_counter()
-        if not self.cfg.pool.address:
-            raise PhaseError("pool.address is unset: the coordinator has no pool to pull from")
+        if not self.cfg.coordinator.pool_address:
+            raise PhaseError("coordinator.pool_address is unset: the coordinator has no pool to pull from")
         creds = _reader_credentials(self.cfg)
         pool_dir = self.out / "pool"
-        res = pull(self.cfg.pool.address, creds, pool_dir, progress=False, server_name=self.cfg.pool.server_name,
+        res = pull(self.cfg.coordinator.pool_address, creds, pool_dir, progress=False, server_name=self.cfg.pool.server_name,
                    log=lambda m: LOG.info("pull: %s", m),
                    policy=RetryPolicy.from_config(self.cfg.pool))  # plumbing: the pool section's retry policy
         LOG.info("pulled %d images (%d files) into %s", res.n_images, res.n_files, pool_dir)

@@ -65,7 +65,8 @@ def simulation_config(
         ov["partition.alpha"] = alpha
     if rounds is not None:
         ov["federation.rounds"] = rounds
-    ov["federation.state_dir"] = str(Path(out).expanduser().resolve())
+    # The simulation plays both roles: the coordinator's run and every virtual site's sites/NAME live in out.
+    ov["coordinator.state_dir"] = ov["site.state_dir"] = str(Path(out).expanduser().resolve())
     cfg = load_config(config, {k: v for k, v in ov.items() if v is not None})
     fed: dict[str, Any] = {}
     if cfg.federation.min_nodes > sites:

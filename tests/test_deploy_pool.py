@@ -30,11 +30,11 @@ def certs(tmp_path) -> Path:
     return d
 
 
-def _site_yaml(tmp_path: Path, certs: Path, **pool) -> Path:
+def _site_yaml(tmp_path: Path, certs: Path, server_name: str | None = None, **site) -> Path:
     raw = {"site_id": "hospital-a", "data": {"source": "medmnist", "path": str(make_npz(tmp_path / "a.npz"))},
-           "federation": {"certs_dir": str(tmp_path / "hospital-a-keys"), "state_dir": str(tmp_path / "site")}}
-    if pool:
-        raw["pool"] = pool
+           "site": {"keys_dir": str(tmp_path / "hospital-a-keys"), "state_dir": str(tmp_path / "site"), **site}}
+    if server_name:
+        raw["pool"] = {"server_name": server_name}
     p = tmp_path / "site.yaml"
     p.write_text(yaml.safe_dump(raw))
     return p
@@ -43,7 +43,7 @@ def _site_yaml(tmp_path: Path, certs: Path, **pool) -> Path:
 def test_start_puts_the_sites_pool_settings_into_the_node_config(tmp_path, certs):
     from client.supernode import StartError, supernode_command_line
 
-    _, _, state = supernode_command_line(_site_yaml(tmp_path, certs, address="pool.example.org:9444",
+    _, _, state = supernode_command_line(_site_yaml(tmp_path, certs, pool_address="pool.example.org:9444",
                                                     server_name="pool.example.org"))
     node = tomllib.loads((state / "node.toml").read_text())
     assert node["pool-address"] == "pool.example.org:9444" and node["pool-server-name"] == "pool.example.org"
@@ -52,21 +52,22 @@ def test_start_puts_the_sites_pool_settings_into_the_node_config(tmp_path, certs
     _, _, state = supernode_command_line(_site_yaml(tmp_path, certs))
     assert not any(k.startswith("pool-") for k in tomllib.loads((state / "node.toml").read_text()))
 
-    with pytest.raises(StartError, match="client.crt missing: pool.credentials"):
-        supernode_command_line(_site_yaml(tmp_path, certs, address="x:1", credentials=str(certs)))
+    with pytest.raises(StartError, match="client.crt missing: site.pool_keys_dir"):
+        supernode_command_line(_site_yaml(tmp_path, certs, pool_address="x:1", pool_keys_dir=str(certs)))
 
 
 def test_site_uses_its_own_pool_settings_not_the_coordinators(tmp_path):
     from client.site import Site
 
-    coord = load_config(None, {"pool.address": "localhost:9444", "pool.credentials": "/certs/readers/coordinator"})
+    coord = load_config(None, {"site.pool_address": "localhost:9444", "site.pool_keys_dir": "/keys/sites",
+                               "pool.server_name": "evil.example.org"})
     nc = {"site-id": "a", "data-path": "/d.npz", "pool-address": "coord.example.org:9444", "pool-credentials": "/c"}
-    pool = Site.from_node_config(nc, coord).cfg.pool
-    assert (pool.address, pool.credentials, pool.server_name) == ("coord.example.org:9444", "/c", None)
-    pool = Site.from_node_config({"site-id": "a", "data-path": "/d.npz"}, coord).cfg.pool
-    assert pool.address is None and pool.credentials is None
+    cfg = Site.from_node_config(nc, coord).cfg
+    assert (cfg.site.pool_address, cfg.site.pool_keys_dir, cfg.pool.server_name) == ("coord.example.org:9444", "/c", None)
+    cfg = Site.from_node_config({"site-id": "a", "data-path": "/d.npz"}, coord).cfg
+    assert cfg.site.pool_address is None and cfg.site.pool_keys_dir is None
     # simulation: every virtual site shares the coordinator's disk and config
-    assert Site.from_node_config({"partition-id": 0, "num-partitions": 2}, coord).cfg.pool.address == "localhost:9444"
+    assert Site.from_node_config({"partition-id": 0, "num-partitions": 2}, coord).cfg.site.pool_address == "localhost:9444"
 
 
 def test_site_without_pool_address_fails_before_running_the_pipeline(tmp_path):
@@ -74,8 +75,8 @@ def test_site_without_pool_address_fails_before_running_the_pipeline(tmp_path):
     from client.site import Site
 
     site = Site.from_node_config({"site-id": "a", "data-path": "/nonexistent.npz", "state-dir": str(tmp_path)},
-                                 load_config(None, {"pool.address": "localhost:9444"}))
-    with pytest.raises(RuntimeError, match="no pool address: set pool.address"):
+                                 load_config(None, {"site.pool_address": "localhost:9444"}))
+    with pytest.raises(RuntimeError, match="no pool address: set site.pool_address"):
         synthesize_at_site(site, site.cfg, {}, 1, 16, 1)
     assert not (tmp_path / "synthesis").exists()
 
@@ -84,8 +85,8 @@ def test_coordinator_starts_the_pool_issues_a_reader_and_passes_both_to_the_serv
     from server.coordinate import Coordinator
 
     port = free_port()
-    cfg = {"federation": {"post_training": True, "state_dir": "state", "certs_dir": "certs"},
-           "pool": {"listen": f"127.0.0.1:{port}"}}
+    cfg = {"federation": {"post_training": True},
+           "coordinator": {"state_dir": "state", "ca_dir": "certs", "pool_listen": f"127.0.0.1:{port}"}}
     (tmp_path / "coordinator.yaml").write_text(yaml.safe_dump(cfg))
     coord = Coordinator(tmp_path / "coordinator.yaml")
     try:
@@ -94,8 +95,9 @@ def test_coordinator_starts_the_pool_issues_a_reader_and_passes_both_to_the_serv
         assert coord.reader == tmp_path / "state" / "reader" and (coord.reader / "client.crt").is_file()
         assert coord.pool_address == f"127.0.0.1:{port}"
         run_cfg = load_config(coord.run_config_file())
-        assert run_cfg.pool.address == f"127.0.0.1:{port}" and run_cfg.pool.credentials == str(coord.reader)
-        assert run_cfg.federation.certs_dir == str(certs.resolve())  # absolute for the ServerApp
+        own = run_cfg.coordinator
+        assert own.pool_address == f"127.0.0.1:{port}" and own.reader_dir == str(coord.reader)
+        assert own.ca_dir == str(certs.resolve())  # absolute for the ServerApp
         assert (tmp_path / "state" / "pool-store" / "index.sqlite").is_file()
     finally:
         coord.stop_pool()

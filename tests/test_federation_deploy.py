@@ -100,7 +100,7 @@ def _certs(tmp: Path, sites: list[str]) -> Path:
 
 def _coordinator_yaml(tmp: Path, certs: Path, port: int, **fed) -> Path:
     raw = tiny_config(**fed)
-    raw["federation"].update(state_dir=str(tmp / "coord"), certs_dir=str(certs), superlink_port=port)
+    raw["coordinator"] = {"state_dir": str(tmp / "coord"), "ca_dir": str(certs), "superlink_port": port}
     p = tmp / "coordinator.yaml"
     p.write_text(yaml.safe_dump(raw))
     return p
@@ -109,8 +109,8 @@ def _coordinator_yaml(tmp: Path, certs: Path, port: int, **fed) -> Path:
 def _site_yaml(tmp: Path, certs: Path, name: str, superlink: str, port: int, n_train: int) -> Path:
     npz = make_npz(tmp / f"{name}.npz", n_train=n_train, seed=port)
     raw = {"site_id": name, "device": "cpu", "threads": 1, "data": {"source": "medmnist", "path": str(npz)},
-           "federation": {"superlink_address": superlink, "certs_dir": str(tmp / "keys" / name),
-                          "state_dir": str(tmp / name), "supernode_port": port}}
+           "site": {"superlink_address": superlink, "keys_dir": str(tmp / "keys" / name),
+                    "state_dir": str(tmp / name), "supernode_port": port}}
     p = tmp / f"site-{name}.yaml"
     p.write_text(yaml.safe_dump(raw))
     return p

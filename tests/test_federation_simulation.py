@@ -41,7 +41,7 @@ def test_simulation_3_sites_2_rounds_weighted_mean(tmp_path, monkeypatch):
     raw["data"]["path"] = str(npz)
     raw["partition"].update(scheme="dirichlet", alpha=0.8, sites=3)
     out = tmp_path / "out"
-    raw["federation"]["state_dir"] = str(out)
+    raw["site"] = {"state_dir": str(out)}  # the virtual sites' sites/NAME
     cfg = config_from_dict(raw)
     summary = run_simulation(cfg, out, num_cpus=2)
     assert summary["rounds_done"] == 2
@@ -102,7 +102,8 @@ def test_flwr_run_against_a_local_simulation_superlink(tmp_path):
     env["PATH"] = f"{bin_dir}{os.pathsep}{env.get('PATH', '')}"
     raw = tiny_config()
     raw["data"]["path"] = str(make_npz(tmp_path / "data.npz", n_train=30))
-    raw.setdefault("federation", {})["state_dir"] = str(tmp_path / "state")  # not plan-state/ in the checkout
+    state = str(tmp_path / "state")  # not plan-state/ in the checkout
+    raw["site"], raw["coordinator"] = {"state_dir": state}, {"state_dir": state}
     (tmp_path / "sim.yaml").write_text(yaml.safe_dump(raw))
     out = tmp_path / "out"
     log = open(tmp_path / "superlink.log", "wb")

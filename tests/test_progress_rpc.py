@@ -56,8 +56,8 @@ def test_site_reporter_in_deployment_reaches_the_coordinator(pki, server, tmp_pa
     tail = P.ProgressTail(server.store, PROGRESS_LOG, from_end=True)
     cfg = config_from_dict(tiny_config())
     site = Site("site-a", tmp_path / "state", cfg.model_copy(update={
-        "site_id": "site-a", "pool": cfg.pool.model_copy(update={"address": server.address,
-                                                                  "credentials": str(pki.site("site-a"))})}))
+        "site_id": "site-a", "site": cfg.site.model_copy(update={"pool_address": server.address,
+                                                                  "pool_keys_dir": str(pki.site("site-a"))})}))
     rep = site_reporter(site, stages=["inversion", "navigation"])
     assert any(isinstance(s, PoolProgressSink) for s in rep.sinks) and rep.show_bars
     rep.interval_s = 0.1

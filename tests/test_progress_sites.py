@@ -53,7 +53,7 @@ def test_client_app_train_in_simulation_writes_the_sites_progress_file(tmp_path,
     raw = tiny_config()
     raw["data"].update(source="medmnist", path=str(make_npz(tmp_path / "d.npz", n_train=40, size=8)), size=8)
     raw["partition"].update(sites=2)
-    raw["federation"]["state_dir"] = str(tmp_path / "out")
+    raw["site"] = {"state_dir": str(tmp_path / "out")}
     cfg = config_from_dict(raw)
     task = TrainTask(ArrayRecord(GanTrainer(cfg, 1, 8).weights("gd")), 3, 1, 8, 2, "x", ConfigRef.full(cfg))
     ctx = Context(run_id=1, node_id=7, node_config={"partition-id": 1, "num-partitions": 2}, state=RecordDict(),

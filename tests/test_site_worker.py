@@ -154,7 +154,7 @@ def test_key_file_and_address_checks(tmp_path):
 # ---------------------------------------------------------------- plan-client start
 
 
-def _site_yaml(tmp_path: Path, **fed) -> Path:
+def _site_yaml(tmp_path: Path, **own) -> Path:
     from server.certs import init_ca, issue
 
     certs = tmp_path / "certs"
@@ -162,8 +162,8 @@ def _site_yaml(tmp_path: Path, **fed) -> Path:
     issue(certs, "hospital-a", "site", tmp_path / "keys")
     npz = make_npz(tmp_path / "a.npz", n_train=12)
     raw = {"site_id": "hospital-a", "data": {"source": "medmnist", "path": str(npz)},
-           "federation": {"superlink_address": "127.0.0.1:9", "certs_dir": str(tmp_path / "keys"),
-                          "state_dir": str(tmp_path / "state"), **fed}}
+           "site": {"superlink_address": "127.0.0.1:9", "keys_dir": str(tmp_path / "keys"),
+                    "state_dir": str(tmp_path / "state"), **own}}
     p = tmp_path / "site.yaml"
     p.write_text(yaml.safe_dump(raw))
     return p
@@ -192,7 +192,7 @@ def test_start_plan_sets_superexec_poll_and_announces_the_worker(tmp_path):
 def test_start_plan_without_worker(tmp_path):
     from client.supernode import start_plan, supernode_command_line
 
-    plan = start_plan(_site_yaml(tmp_path, site_worker=False, superexec_poll_s=1.0))
+    plan = start_plan(_site_yaml(tmp_path, worker=False, superexec_poll_s=1.0))
     assert plan.worker is None and plan.env["FLWR_SUPEREXEC_TASK_POLL_INTERVAL"] == "1.0"
     assert ADDRESS_KEY not in _node_toml(plan.state)
     argv, _, state = supernode_command_line(tmp_path / "site.yaml")

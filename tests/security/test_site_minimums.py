@@ -37,8 +37,8 @@ def _node_config(tmp_path, **minimums) -> dict:
         issue(certs, "hospital-a", "site", tmp_path / "keys" / "hospital-a")
     npz = make_npz(tmp_path / "a.npz", n_train=12)
     raw = {"site_id": "hospital-a", "data": {"source": "medmnist", "path": str(npz)},
-           "federation": {"certs_dir": str(tmp_path / "keys" / "hospital-a"), "state_dir": str(tmp_path / "st")},
-           "pool": {"address": "127.0.0.1:1"}, "site_minimums": minimums}
+           "site": {"keys_dir": str(tmp_path / "keys" / "hospital-a"), "state_dir": str(tmp_path / "st"),
+                    "pool_address": "127.0.0.1:1"}, "site_minimums": minimums}
     (tmp_path / "site.yaml").write_text(yaml.safe_dump(raw))
     _, _, state = supernode_command_line(tmp_path / "site.yaml")
     import tomllib
