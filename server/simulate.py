@@ -66,6 +66,7 @@ def simulation_config(
     if rounds is not None:
         ov["federation.rounds"] = rounds
     ov["federation.state_dir"] = str(Path(out).expanduser().resolve())
+    ov.setdefault("downstream.central_real", True)  # fedreal: the coordinator holds the data set in simulation
     cfg = load_config(config, {k: v for k, v in ov.items() if v is not None})
     fed: dict[str, Any] = {}
     if cfg.federation.min_nodes > sites:
