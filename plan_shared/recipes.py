@@ -173,7 +173,7 @@ class PlainRecipe:
                 xb = augment_batch(x[idx], spec, gen).to(device)
                 loss = F.cross_entropy(model(xb), yt[idx].to(device))
                 opt.zero_grad(set_to_none=True)
-                loss.backward()  # type: ignore[no-untyped-call]
+                loss.backward()
                 opt.step()
                 sched.step()
                 tot += float(loss.detach()) * len(idx)
