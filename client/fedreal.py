@@ -6,7 +6,9 @@
   of the recipe on this site's real train split, its weights and image count out.
 - :func:`evaluate_references`: every recipe's models on this site's real test split: the
   pool-trained model, *site alone* (the same recipe trained here on this site's own train
-  split), *federated real* and, in simulation, *central real*.
+  split), *federated real* and, in simulation, *central real*. phi_down's *site alone* is
+  the evaluation phase's real reference (client/evaluate.py ``reference_classifier``, the
+  same recipe), so it is not trained a second time here.
 
 With ``downstream.federated_real.bn = recalibrate`` the federated model's BatchNorm running
 statistics are recomputed on this site's own train images (label-free) before it is
@@ -81,9 +83,10 @@ def evaluate_references(cfg: PlanConfig, ds: ImageDataset, site_id: str,
     k = ds.num_classes
     scores: dict[tuple[str, str], ClassifierScore] = {}
     for name in recipes:
-        recipe = make_recipe(name, cfg.downstream)
-        alone, _ = recipe.train(x_tr, ds.train.labels, k, seed=cfg.seed, device=resolve_device(cfg.device))
-        scores[(name, "site_alone")] = ClassifierScore.from_dict(score_classifier(alone, x_te, y_te, k), k)
+        if name != "phi_down":  # phi_down's site alone: the evaluation phase's reference (SiteEvaluation.real)
+            recipe = make_recipe(name, cfg.downstream)
+            alone, _ = recipe.train(x_tr, ds.train.labels, k, seed=cfg.seed, device=resolve_device(cfg.device))
+            scores[(name, "site_alone")] = ClassifierScore.from_dict(score_classifier(alone, x_te, y_te, k), k)
         for (r, ref), state in models.items():
             if r == name:
                 scores[(name, ref)] = score_reference(cfg, ds, name, ref, state)

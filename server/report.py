@@ -130,13 +130,22 @@ def references_json(res: PhaseResult[ReferenceEvaluation]) -> dict[str, Any]:
     return {"sites": sites, "wall_s": res.wall_s}
 
 
-def recipes_section(res: PhaseResult[ReferenceEvaluation]) -> dict[str, Any]:
+def recipes_section(res: PhaseResult[ReferenceEvaluation],
+                    evaluation: PhaseResult[SiteEvaluation] | None = None) -> dict[str, Any]:
     """Per recipe and reference: pooled scores over the sites (summed confusion matrices), each site's, and the
-    ratios pool / reference (``ratio_pool_over[reference][accuracy|kappa]``)."""
+    ratios pool / reference (``ratio_pool_over[reference][accuracy|kappa]``).
+
+    phi_down's *site alone* is the evaluation phase's real reference (``SiteEvaluation.real``)
+    where the references phase did not score one (client/fedreal.py does not train it twice).
+    """
     sums: dict[str, dict[str, np.ndarray]] = {}
     per_site: dict[str, dict[str, dict[str, Any]]] = {}
     for name, e in sorted(res.ok().items()):
-        for (recipe, ref), sc in e.scores.items():
+        scored = dict(e.scores)
+        ev = evaluation.ok().get(name) if evaluation is not None else None
+        if ev is not None and any(r == "phi_down" for r, _ in scored):
+            scored.setdefault(("phi_down", "site_alone"), ev.real)
+        for (recipe, ref), sc in scored.items():
             prev = sums.setdefault(recipe, {}).get(ref)
             sums[recipe][ref] = sc.confusion if prev is None else prev + sc.confusion
             per_site.setdefault(recipe, {}).setdefault(ref, {})[name] = {"accuracy": sc.accuracy, "kappa": sc.qwk,
@@ -272,7 +281,7 @@ def build_report(
         "config": config,
     }
     if references is not None:
-        report["utility"]["recipes"] = recipes_section(references)
+        report["utility"]["recipes"] = recipes_section(references, evaluation)
     if extra:
         report.update(extra)
     return _clean(report)

@@ -66,7 +66,6 @@ def simulation_config(
     if rounds is not None:
         ov["federation.rounds"] = rounds
     ov["federation.state_dir"] = str(Path(out).expanduser().resolve())
-    ov.setdefault("downstream.central_real", True)  # fedreal: the coordinator holds the data set in simulation
     cfg = load_config(config, {k: v for k, v in ov.items() if v is not None})
     fed: dict[str, Any] = {}
     if cfg.federation.min_nodes > sites:
@@ -77,6 +76,8 @@ def simulation_config(
         fed["straggler_grace"] = None
     if fed:
         cfg = cfg.model_copy(update={"federation": cfg.federation.model_copy(update=fed)})
+    if "central_real" not in cfg.downstream.model_fields_set:  # fedreal: the coordinator holds the data set here
+        cfg = cfg.model_copy(update={"downstream": cfg.downstream.model_copy(update={"central_real": True})})
     return cfg
 
 

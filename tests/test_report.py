@@ -229,6 +229,12 @@ def test_recipes_section_pools_each_reference_and_gives_pool_over_reference_rati
     assert set(r) == {"site_alone", "federated_real", "central_real"}
     assert plain["site_alone"]["sites"]["site-0"]["accuracy"] == pytest.approx(0.5)
     assert sec["failed"] == {"site-2": "boom"}
+    # phi_down's site alone comes from the evaluation phase's real reference
+    phi = _phase({"site-0": _refs("site-0", [[4, 1], [1, 4]], [[5, 0], [5, 0]], [[4, 1], [0, 5]], [[5, 0], [0, 5]],
+                                  recipe="phi_down")})
+    del phi.sites["site-0"].scores[("phi_down", "site_alone")]  # type: ignore[union-attr]
+    ev = _phase({"site-0": _site([[5, 0], [0, 5]], [[3, 2], [0, 5]], 0.5, 10)})
+    assert recipes_section(phi, ev)["by_recipe"]["phi_down"]["site_alone"]["accuracy"] == pytest.approx(0.8)
 
     rep = build_report(federation={"rounds_done": 1}, synthesis=_phase({"site-0": _summary("site-0")}),
                        downstream={"pool": {"n_images": 6, "n_files": 6, "per_site": {"site-0": 6}}},
