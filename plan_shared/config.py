@@ -249,8 +249,10 @@ class DownstreamConfig(ClassifierConfig):
         description="Downstream recipes (plan_shared/recipes.py) trained on the pool and on every real reference "
         "(site alone, federated real, central real); report key utility.recipes.",
     )
-    plain: PlainRecipeConfig = Field(default_factory=lambda: PlainRecipeConfig())
-    federated_real: FederatedRealConfig = Field(default_factory=lambda: FederatedRealConfig())
+    plain: PlainRecipeConfig = Field(default_factory=lambda: PlainRecipeConfig(),
+                                     description="The plain ResNet-18 recipe (see PlainRecipeConfig).")
+    federated_real: FederatedRealConfig = Field(default_factory=lambda: FederatedRealConfig(),
+                                                description="The federated-real reference phase (see FederatedRealConfig).")
     central_real: bool = Field(
         False, description="Simulation only (the coordinator holds the data set): train each recipe on all sites' "
         "train splits pooled, the upper bound. plan-server simulate/demo turn it on.",
