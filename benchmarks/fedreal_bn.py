@@ -51,6 +51,7 @@ def main() -> None:
     ap.add_argument("--recipes", default="phi_down,plain")
     ap.add_argument("--plain-epochs", type=int, default=3)
     ap.add_argument("--stem-stride", type=int, default=2)
+    ap.add_argument("--plain-lr", type=float, default=None, help="the plain recipe's SGD learning rate (default: the config's)")
     ap.add_argument("--out", default=None, help="write the figures as JSON here")
     a = ap.parse_args()
     torch.set_num_threads(1)
@@ -58,7 +59,8 @@ def main() -> None:
         "device": "cpu", "threads": 1,
         "data": {"name": a.dataset, "max_train": a.max_train},
         "partition": {"scheme": "dirichlet", "alpha": a.alpha, "sites": a.sites},
-        "downstream": {"plain": {"epochs": a.plain_epochs, "stem_stride": a.stem_stride},
+        "downstream": {"plain": {"epochs": a.plain_epochs, "stem_stride": a.stem_stride,
+                                 **({"lr": a.plain_lr} if a.plain_lr else {})},
                        "federated_real": {"rounds": a.rounds}},
     })
     full = load_dataset(cfg.data, cfg.seed)
