@@ -10,9 +10,10 @@
   the evaluation phase's real reference (client/evaluate.py ``reference_classifier``, the
   same recipe), so it is not trained a second time here.
 
-With ``downstream.federated_real.bn = recalibrate`` the federated model's BatchNorm running
-statistics are recomputed on this site's own train images (label-free) before it is
-scored: FedAvg averages the statistics of non-IID sites into ones that match no site.
+Each local step ends with BatchNorm statistics recomputed exactly over the site's train
+images (plan_shared/recipes.py), so FedAvg averages exact statistics; with
+``downstream.federated_real.bn = recalibrate`` a site also recomputes them on its own train
+images before it scores the federated model (measured worse than ``average``, the default).
 """
 
 from __future__ import annotations

@@ -197,7 +197,12 @@ class PlainRecipeConfig(_Section):
 
     epochs: int = Field(3, ge=1, description="Fixed number of epochs (the last epoch's weights are kept).")
     batch_size: int = Field(64, ge=2)
-    lr: float = Field(0.05, gt=0.0, description="SGD learning rate (Nesterov momentum, cosine to 0).")
+    lr: float = Field(
+        0.01, gt=0.0, description="SGD learning rate (Nesterov momentum, cosine to 0). Measured on 600 pneumoniamnist "
+        "images, 3 Dirichlet(0.5) sites, 3 epochs / 3 FedAvg rounds (benchmarks/fedreal_bn.py): 0.05 sends the "
+        "federated model to one class at every site (accuracy 0.18 / 0.85 / 0.43), 0.01 does not (0.90 / 0.75 / 0.81) "
+        "and is no worse for site alone or central real.",
+    )
     momentum: float = Field(0.9, ge=0.0, lt=1.0)
     weight_decay: float = Field(5e-4, ge=0.0)
     augment_shift: float = Field(0.0625, ge=0.0, le=0.5, description="Random translation fraction (reflect padding).")
@@ -218,18 +223,22 @@ class FederatedRealConfig(_Section):
     A Flower phase after phi_down (server/downstream.py, client/fedreal.py): per round one
     message per site with the global weights; the site trains ``local_epochs`` of the recipe
     on its own real train split and answers with its weights and image count (FedAvg's weight).
-    ``bn`` says how BatchNorm running statistics are handled, since averaging them over
-    non-IID sites gives statistics that match no site: ``recalibrate`` (FedAvg of every
-    tensor, then each site recomputes the running statistics on its own train images before
-    it scores the model on its test split) or ``average`` (plain FedAvg of everything, the
-    textbook baseline: measured at chance on non-IID pneumoniamnist sites, see the README).
+    ``bn`` says how BatchNorm running statistics are handled. Every local step ends by
+    recomputing them exactly over the site's own train images (label-free), so FedAvg
+    averages exact statistics, not EMAs that after a few steps still sit near their initial
+    values (the cause of the chance-level federated reference). ``average`` scores the
+    averaged model as it is; ``recalibrate`` lets each site recompute the statistics on its
+    own train images first. Measured (benchmarks/fedreal_bn.py, 600 pneumoniamnist images,
+    3 Dirichlet(0.5) sites, 3 rounds, accuracy pooled over the sites' test splits): phi_down
+    0.50 with EMA statistics averaged, 0.73 exact + average, 0.67 exact + recalibrate;
+    plain 0.82 average, 0.72 recalibrate.
     """
 
     enabled: bool = Field(True, description="Run the federated-real reference phase.")
     rounds: int = Field(3, ge=1, description="FedAvg rounds per recipe.")
     local_epochs: int = Field(1, ge=1, description="Epochs of the recipe at each site per round.")
-    bn: Literal["recalibrate", "average"] = Field(
-        "recalibrate", description="BatchNorm statistics across non-IID sites (see the section's text)."
+    bn: Literal["average", "recalibrate"] = Field(
+        "average", description="BatchNorm statistics of the federated model at a site (see the section's text)."
     )
 
 

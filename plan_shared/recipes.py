@@ -18,7 +18,9 @@ every comparison (pool, site alone, federated real, central real) goes through o
 
 Images are float tensors ``[N, C, H, W]`` in [-1, 1] (``plan_shared.data.to_tensor``).
 ``train(..., init_state=w, epochs=1)`` continues from the weights ``w`` for one epoch: a
-site's local step of the federated-real reference (client/fedreal.py).
+site's local step of the federated-real reference (client/fedreal.py); both recipes end it
+with BatchNorm statistics recomputed exactly over its images, so FedAvg averages exact
+statistics.
 """
 
 from __future__ import annotations
@@ -111,6 +113,8 @@ class PhiDownRecipe:
         spec = spec_from(self.sec, balanced=True, shift=self.sec.augment_shift, epochs=epochs or self.sec.epochs)
         val = (x[va], yt[va]) if len(va) else None
         hist = train_classifier(model, x[tr], yt[tr], spec, val=val, seed=seed, desc="phi_down", progress=progress)
+        if init_state is not None:  # a FedAvg local step sends the exact statistics of its images, not a lagging EMA
+            recalibrate_bn(model, x)
         info = {"n_train": int(len(tr)), "n_val": int(len(va)), "best_epoch": hist["best_epoch"],
                 "val_acc": max(hist["val_acc"]) if hist["val_acc"] else None}
         return model.cpu().eval(), info
