@@ -11,6 +11,8 @@ Handlers (Flower 1.42 Message API; the records are plan_shared/protocol.py's):
   compute time and ``num_examples`` (the site's train-set size, FedAvg's weight).
 * synthesize: ``SynthesisTask`` -> ``SynthesisSummary``; evaluate: ``EvaluationTask`` ->
   ``SiteEvaluation`` (client/post_training.py does the work).
+* fedreal: ``FedRealTask`` -> ``FedRealReply`` (a round of the federated-real reference);
+  references: ``ReferenceTask`` -> ``ReferenceEvaluation`` (client/fedreal.py does the work).
 
 The run configuration arrives in full with the first task of a run and is kept in the
 run's ``Context.state``; later tasks carry its digest only (protocol.site_config). The
@@ -41,6 +43,9 @@ from plan_shared.protocol import (
     DescribeReply,
     DescribeTask,
     EvaluationTask,
+    FedRealReply,
+    FedRealTask,
+    ReferenceTask,
     SynthesisTask,
     TrainMetrics,
     TrainReply,
@@ -179,4 +184,38 @@ def evaluate(msg: Message, context: Context) -> Message:
     site = Site.from_node_config(context.node_config, cfg)
     with site_progress(site) as rep, rep.stage("evaluation"):
         result = evaluate_at_site(site, cfg, task.model.to_torch_state_dict(), task.arch)
+    return Message(result.to_record(), reply_to=msg)
+
+
+# fedreal: the downstream references (issue 11 items 4, 5)
+@app.query(FedRealTask.ACTION)
+def fedreal(msg: Message, context: Context) -> Message:
+    """A round of the federated-real reference: the recipe trained on this site's real train split; weights back."""
+    from client.fedreal import fedreal_round
+    from plan_shared.runtime import set_threads
+
+    task = FedRealTask.from_record(msg.content)
+    cfg = _task_config(task.config, context)
+    set_threads(cfg.threads)
+    site = Site.from_node_config(context.node_config, cfg)
+    with site_progress(site) as rep, rep.stage(f"federated real {task.recipe} round {task.server_round}"):
+        state, n, train_s = fedreal_round(cfg, site.dataset(), site.site_id, task.recipe,
+                                          task.weights.to_torch_state_dict(), task.arch, task.server_round)
+    reply = FedRealReply(ArrayRecord(state), n, train_s, site.site_id)
+    return Message(reply.to_record(), reply_to=msg)
+
+
+@app.query(ReferenceTask.ACTION)
+def references(msg: Message, context: Context) -> Message:
+    """Every recipe's models and its site-alone reference on this site's real test split; scores back."""
+    from client.fedreal import evaluate_references
+    from plan_shared.runtime import set_threads
+
+    task = ReferenceTask.from_record(msg.content)
+    cfg = _task_config(task.config, context)
+    set_threads(cfg.threads)
+    site = Site.from_node_config(context.node_config, cfg)
+    models = {key: arrays.to_torch_state_dict() for key, arrays in task.models.items()}
+    with site_progress(site) as rep, rep.stage("downstream references"):
+        result = evaluate_references(cfg, site.dataset(), site.site_id, models, task.recipes, task.arch)
     return Message(result.to_record(), reply_to=msg)

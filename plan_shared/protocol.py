@@ -12,6 +12,8 @@ DescribeTask       DescribeReply       the site's image shape, train-set size, n
 TrainTask          TrainReply          global weights + round -> local weights + GAN metrics
 SynthesisTask      SynthesisSummary    final G_ema -> counts, filter figures, per-method tables
 EvaluationTask     SiteEvaluation      phi_down -> scores and confusion matrices (arrays), audit
+FedRealTask        FedRealReply        a recipe's global weights + round -> local weights + image count
+ReferenceTask      ReferenceEvaluation every recipe's pool/federated/central models -> scores per reference
 =================  ==================  =========================================================
 
 The run configuration travels in full only in the first message to a node (and again
@@ -545,3 +547,166 @@ class SiteEvaluation:
         return {"status": "ok", "site_id": self.site_id, "num_classes": self.num_classes,
                 "evaluate_s": self.evaluate_s, "synthetic": self.synthetic.as_dict(), "real": self.real.as_dict(),
                 "privacy": dict(self.privacy)}
+
+
+# ---------------------------------------------------------------------------------------- downstream references
+# fedreal: the federated-real reference (FedAvg of a downstream recipe over the sites' real train splits) and
+# the evaluation of every recipe against its real references (issue 11 items 4, 5).
+
+REFERENCES = ("pool", "site_alone", "federated_real", "central_real")  # what a recipe was trained on
+SENT_REFERENCES = ("pool", "federated_real", "central_real")  # trained away from the site, sent as weights
+
+
+def _model_key(recipe: str, reference: str) -> str:
+    return f"model-{recipe}-{reference}"
+
+
+@dataclass(frozen=True)
+class FedRealTask:
+    """Coordinator -> site: round ``server_round`` of FedAvg for ``recipe``: train it from ``weights`` on your real train split."""
+
+    weights: ArrayRecord
+    recipe: str
+    server_round: int
+    num_classes: int
+    channels: int
+    size: int
+    config: ConfigRef
+
+    ACTION: ClassVar[str] = "fedreal"
+    MESSAGE_TYPE: ClassVar[str] = _query("fedreal")
+
+    @property
+    def arch(self) -> dict[str, int]:
+        return {"num_classes": self.num_classes, "channels": self.channels, "size": self.size}
+
+    def to_record(self) -> RecordDict:
+        return RecordDict({
+            "arrays": self.weights,
+            "fedreal": ConfigRecord({"recipe": self.recipe, "server-round": self.server_round,
+                                     "num-classes": self.num_classes, "channels": self.channels, "size": self.size}),
+            ConfigRef.KEY: self.config.record(),
+        })
+
+    @classmethod
+    def from_record(cls, rd: RecordDict) -> FedRealTask:
+        m = cls.__name__
+        r = _section(rd, m, "fedreal", ConfigRecord)
+        return cls(_section(rd, m, "arrays", ArrayRecord), _str(r, m, "recipe"), _int(r, m, "server-round"),
+                   _int(r, m, "num-classes"), _int(r, m, "channels"), _int(r, m, "size"), ConfigRef.from_task(rd, m))
+
+
+@dataclass(frozen=True)
+class FedRealReply:
+    """Site -> coordinator: the recipe's weights after the local epochs; ``num_examples`` is FedAvg's weight."""
+
+    weights: ArrayRecord
+    num_examples: int
+    train_s: float
+    site_id: str
+
+    WEIGHT_KEY: ClassVar[str] = "num-examples"
+
+    def to_record(self) -> RecordDict:
+        return RecordDict({"arrays": self.weights,
+                           "metrics": MetricRecord({self.WEIGHT_KEY: self.num_examples, "train-s": float(self.train_s)}),
+                           "site": ConfigRecord({"site-id": self.site_id})})
+
+    @classmethod
+    def from_record(cls, rd: RecordDict) -> FedRealReply:
+        m = cls.__name__
+        met = _section(rd, m, "metrics", MetricRecord)
+        return cls(_section(rd, m, "arrays", ArrayRecord), _int(met, m, cls.WEIGHT_KEY), _float(met, m, "train-s"),
+                   _str(_section(rd, m, "site", ConfigRecord), m, "site-id"))
+
+
+@dataclass(frozen=True)
+class ReferenceTask:
+    """Coordinator -> site: every recipe's models trained away from the site (pool, federated real, central real).
+
+    ``models[(recipe, reference)]``; the site trains each recipe of ``recipes`` on its own
+    train split (site alone) and scores them all on its real test split.
+    """
+
+    models: Mapping[tuple[str, str], ArrayRecord]
+    recipes: tuple[str, ...]
+    num_classes: int
+    channels: int
+    size: int
+    config: ConfigRef
+
+    ACTION: ClassVar[str] = "references"
+    MESSAGE_TYPE: ClassVar[str] = _query("references")
+
+    @property
+    def arch(self) -> dict[str, int]:
+        return {"num_classes": self.num_classes, "channels": self.channels, "size": self.size}
+
+    def to_record(self) -> RecordDict:
+        for recipe, ref in self.models:
+            if recipe not in self.recipes or ref not in SENT_REFERENCES:
+                raise ProtocolError(f"{type(self).__name__}: model ({recipe!r}, {ref!r}) is not one of recipes "
+                                    f"{list(self.recipes)} x {list(SENT_REFERENCES)}")
+        rd = RecordDict({"arch": ConfigRecord({"num-classes": self.num_classes, "channels": self.channels,
+                                               "size": self.size, "recipes": list(self.recipes)}),
+                         ConfigRef.KEY: self.config.record()})
+        for (recipe, ref), arrays in self.models.items():
+            rd[_model_key(recipe, ref)] = arrays
+        return rd
+
+    @classmethod
+    def from_record(cls, rd: RecordDict) -> ReferenceTask:
+        m = cls.__name__
+        a = _section(rd, m, "arch", ConfigRecord)
+        recipes = _value(a, m, "recipes", list)
+        if not all(isinstance(r, str) for r in recipes):
+            raise ProtocolError(f"{m}: key 'recipes' must be a list of names, got {recipes!r}")
+        models = {(r, ref): _section(rd, m, _model_key(r, ref), ArrayRecord)
+                  for r in recipes for ref in SENT_REFERENCES if _model_key(r, ref) in rd}
+        return cls(models, tuple(recipes), _int(a, m, "num-classes"), _int(a, m, "channels"), _int(a, m, "size"),
+                   ConfigRef.from_task(rd, m))
+
+
+@dataclass(frozen=True)
+class ReferenceEvaluation:
+    """Site -> coordinator: every (recipe, reference) scored on the site's real test split."""
+
+    site_id: str
+    num_classes: int
+    evaluate_s: float
+    scores: Mapping[tuple[str, str], ClassifierScore]
+
+    def to_record(self) -> RecordDict:
+        rd = RecordDict({
+            "site": ConfigRecord({"site-id": self.site_id}),
+            "summary": MetricRecord({"num_classes": self.num_classes, "evaluate_s": float(self.evaluate_s)}),
+            "confusion": ArrayRecord({_model_key(r, ref): Array(sc.confusion) for (r, ref), sc in self.scores.items()}),
+        })
+        for (r, ref), sc in self.scores.items():
+            if ref not in REFERENCES:
+                raise ProtocolError(f"{type(self).__name__}: unknown reference {ref!r} (known: {list(REFERENCES)})")
+            rec = _numbers({k: getattr(sc, k) for k in sc.SCORES})
+            rec["n"] = sc.n
+            rd[_model_key(r, ref)] = MetricRecord(rec)
+        return rd
+
+    @classmethod
+    def from_record(cls, rd: RecordDict) -> ReferenceEvaluation:
+        m = cls.__name__
+        s = _section(rd, m, "summary", MetricRecord)
+        k = _int(s, m, "num_classes")
+        cms = _section(rd, m, "confusion", ArrayRecord)
+        scores: dict[tuple[str, str], ClassifierScore] = {}
+        for key in cms:
+            recipe, _, ref = key.removeprefix("model-").rpartition("-")
+            if not key.startswith("model-") or ref not in REFERENCES or not recipe:
+                raise ProtocolError(f"{m}: confusion key {key!r} is not model-<recipe>-<reference>")
+            cm = cms[key].numpy()
+            if cm.shape != (k, k) or not np.issubdtype(cm.dtype, np.integer):
+                raise ProtocolError(f"{m}: confusion[{key!r}] is {cm.dtype} {cm.shape}, expected integers ({k}, {k})")
+            rec = _section(rd, m, key, MetricRecord)
+            where = f"{m}.{key}"
+            scores[(recipe, ref)] = ClassifierScore(
+                _opt_float(rec, where, "accuracy"), _opt_float(rec, where, "balanced_accuracy"),
+                _opt_float(rec, where, "qwk"), _int(rec, where, "n"), cm.astype(np.int64))
+        return cls(_str(_section(rd, m, "site", ConfigRecord), m, "site-id"), k, _float(s, m, "evaluate_s"), scores)

@@ -10,6 +10,11 @@ b. ``downstream``: pull the pool (reader credentials) into ``OUT/pool`` and trai
 c+d. ``evaluate``: an ``EvaluationTask`` with phi_down's weights; each site
    scores it on its real test split next to a real-data reference, and audits its
    exported images and phi_down for membership leakage.
+e. ``references`` (``downstream.recipes``): every recipe trained on the pool, with FedAvg
+   over the sites' real train splits (*federated real*, ``FedRealTask`` rounds) and, in
+   simulation, on all train splits pooled (*central real*); a ``ReferenceTask`` to every
+   site, which trains each recipe on its own train split (*site alone*) and scores all of
+   them on its real test split (server/downstream.py, client/fedreal.py).
 
 Only weights, counts and metrics cross Flower; images cross only through the pool. The
 messages are plan_shared/protocol.py's records, sent through server/messaging.py (a
@@ -35,13 +40,15 @@ from plan_shared.protocol import (
     DescribeReply,
     DescribeTask,
     EvaluationTask,
+    ReferenceEvaluation,
+    ReferenceTask,
     SiteEvaluation,
     SynthesisSummary,
     SynthesisTask,
 )
 from server.federation import FederationResult
 from server.messaging import Exchange, WaitPolicy
-from server.report import PhaseResult, SiteFailure, evaluation_json, synthesis_json
+from server.report import PhaseResult, SiteFailure, evaluation_json, references_json, synthesis_json
 
 LOG = logging.getLogger("plan.phases")
 R = TypeVar("R")  # a phase's decoded site reply
@@ -168,6 +175,49 @@ class Phases:
         ex = self.messenger.exchange(node_ids, task, SiteEvaluation.from_record, WaitPolicy(self.timeout_s))
         return self._collect(ex, "evaluation", t0)
 
+    # ------------------------------------------------------------------ e. downstream references (fedreal)
+    def references(self, node_ids: list[int], phi_down: Any,
+                   down: dict[str, Any]) -> tuple[PhaseResult[ReferenceEvaluation], dict[str, Any]]:
+        """Every recipe on the pool, federated real and (simulation) central real, scored at every site."""
+        from server.downstream import Models, central_real, federated_real, load_pool, train_pool_recipes
+
+        t0 = time.perf_counter()
+        cfg, arch = self.cfg, down["arch"]
+        pool = load_pool(Path(down["pool"]["dir"]), arch["num_classes"], arch["channels"])
+        models: Models = {}
+        info: dict[str, Any] = {"recipes": list(cfg.downstream.recipes)}
+        t = time.perf_counter()
+        got, info["pool"] = train_pool_recipes(cfg, pool, arch["num_classes"], phi_down)
+        models.update(got)
+        info["pool_s"] = round(time.perf_counter() - t, 2)
+        if cfg.downstream.federated_real.enabled:
+            t = time.perf_counter()
+            got, info["federated_real"] = federated_real(self.messenger, cfg, node_ids, arch, self.timeout_s)
+            models.update(got)
+            info["federated_real_s"] = round(time.perf_counter() - t, 2)
+        if cfg.downstream.central_real:
+            t = time.perf_counter()
+            try:
+                got, info["central_real"] = central_real(cfg, arch["num_classes"])
+                models.update(got)
+            except (OSError, ValueError) as err:  # the coordinator has no copy of the data (not a simulation)
+                LOG.error("central real reference skipped: %s", err)
+                info["central_real"] = {"error": str(err)}
+            info["central_real_s"] = round(time.perf_counter() - t, 2)
+        arrays = {key: ArrayRecord(state) for key, state in models.items()}
+        recipes = tuple(cfg.downstream.recipes)
+
+        def task(nid: int, ref: ConfigRef) -> ReferenceTask:
+            return ReferenceTask(arrays, recipes, int(arch["num_classes"]), int(arch["channels"]), int(arch["size"]),
+                                 ref)
+
+        t = time.perf_counter()
+        ex = self.messenger.exchange(node_ids, task, ReferenceEvaluation.from_record, WaitPolicy(self.timeout_s))
+        res = self._collect(ex, "references", t)
+        info["evaluate_s"] = res.wall_s
+        info["wall_s"] = round(time.perf_counter() - t0, 2)
+        return res, info
+
 
 def _site_figures(out: Path, sites: list[str]) -> dict[str, str]:
     """Simulation only: copy each virtual site's PNGs (path strips, histograms) next to the report.
@@ -243,11 +293,36 @@ def _comparison_points(synthesis: PhaseResult[SynthesisSummary], report: dict[st
         site_panel[label] = tuple(mean([v[i] for v in vals]) for i in range(4))
     pool_panel: dict[str, tuple] = {}
     u, p = report.get("utility", {}), report.get("privacy", {})
+    if u.get("recipes", {}).get("by_recipe"):  # fedreal: one panel per downstream recipe, its references as lines
+        panels = {SITE_RECIPE: site_panel} if site_panel else {}
+        return {**panels, **recipe_panels(u["recipes"], p, method)[0]}
     if u.get("accuracy") is not None and p.get("mia_auc") is not None:
         pool_panel[f"{method} (pooled phi_down)"] = (p["mia_auc"], u["accuracy"], p.get("mia_auc_lo"), p.get("mia_auc_hi"))
         if u.get("real_accuracy") is not None and "real" in pts:
             pool_panel["site alone (phi_down recipe)"] = (site_panel["site alone (real train split)"][0], u["real_accuracy"])
     return {k: v for k, v in ((SITE_RECIPE, site_panel), (POOL_RECIPE, pool_panel)) if v}
+
+
+def recipe_panel_title(recipe: str) -> str:
+    return f"{recipe} recipe, pooled over the sites' real test splits"
+
+
+def recipe_panels(recipes: dict[str, Any], privacy: dict[str, Any],
+                  method: str) -> tuple[dict[str, dict[str, tuple]], dict[str, dict[str, float]]]:
+    """Per downstream recipe: the pool point (pooled distance-MIA AUC, accuracy) and its real references' accuracy."""
+    points: dict[str, dict[str, tuple]] = {}
+    lines: dict[str, dict[str, float]] = {}
+    for recipe, entry in recipes["by_recipe"].items():
+        title = recipe_panel_title(recipe)
+        acc = entry.get("pool", {}).get("accuracy")
+        points[title] = {}
+        if acc is not None and privacy.get("mia_auc") is not None:
+            points[title][f"{method} pool"] = (privacy["mia_auc"], acc, privacy.get("mia_auc_lo"),
+                                               privacy.get("mia_auc_hi"))
+        lines[title] = {recipes["references"][ref].split(" (")[0]: entry[ref]["accuracy"]
+                        for ref in ("site_alone", "federated_real", "central_real")
+                        if entry.get(ref, {}).get("accuracy") is not None}
+    return points, lines
 
 
 def publish_final_generator(cfg: PlanConfig, g_ema: dict, channels: int, size: int,
@@ -294,13 +369,22 @@ def run_post_training(result: FederationResult) -> dict[str, Any]:
     timing["evaluation_s"] = round(time.perf_counter() - t0, 2)
     (out / "evaluation.json").write_text(json.dumps(evaluation_json(evaluation), indent=1, default=float))
 
+    t0 = time.perf_counter()  # fedreal: every recipe against its real references
+    references, ref_info = ph.references(node_ids, phi_down, down)
+    timing["references_s"] = round(time.perf_counter() - t0, 2)
+    (out / "references.json").write_text(json.dumps({"info": ref_info, **references_json(references)}, indent=1))
+    down["references"] = ref_info
+
     report = build_report(federation=result.summary, synthesis=synthesis, downstream=down, evaluation=evaluation,
-                          timing=timing, config=cfg.to_dict(), method=method)
+                          timing=timing, config=cfg.to_dict(), method=method, references=references)
     figures: dict[str, str] = {}
     figures.update(_pool_grids(out, Path(down["pool"]["dir"])))
     pts = _comparison_points(synthesis, report, method)
     if pts:
-        figures["privacy vs utility"] = str(privacy_utility_plot(pts, out / "privacy_utility.png").relative_to(out))
+        lines = (recipe_panels(report["utility"]["recipes"], report.get("privacy", {}), method)[1]
+                 if report.get("utility", {}).get("recipes", {}).get("by_recipe") else None)
+        figures["privacy vs utility"] = str(privacy_utility_plot(pts, out / "privacy_utility.png",
+                                                                 references=lines).relative_to(out))
         report["comparison"] = {panel: {k: dict(zip(("mia_auc", "accuracy", "mia_auc_lo", "mia_auc_hi"), v))
                                         for k, v in pp.items()} for panel, pp in pts.items()}
     figures.update(_site_figures(out, sorted(result.site_names.values())))

@@ -14,6 +14,12 @@ the pooled AUC is the site-stratified attack's AUC, not one ROC over pooled scor
 References are named for what they are: "site alone" = the same recipe trained on
 the site's own real train split. No table or plot puts two recipes' real references
 side by side.
+
+``utility.recipes`` (:func:`recipes_section`): per downstream recipe, the pool-trained
+model next to the same recipe's real references (site alone, federated real, central
+real), pooled over the sites' test splits from summed confusion matrices, and the ratios
+pool / reference of accuracy and kappa (Cohen's kappa with quadratic weights, sklearn;
+for two classes it equals the unweighted kappa).
 """
 
 from __future__ import annotations
@@ -28,7 +34,7 @@ import numpy as np
 
 from plan_shared.files import atomic_write
 from plan_shared.metrics import classification_report
-from plan_shared.protocol import ClassifierScore, SiteEvaluation, SynthesisSummary
+from plan_shared.protocol import REFERENCES, ClassifierScore, ReferenceEvaluation, SiteEvaluation, SynthesisSummary
 
 
 def metrics_from_confusion(cm: np.ndarray) -> dict[str, float]:
@@ -99,6 +105,68 @@ def evaluation_json(res: PhaseResult[SiteEvaluation]) -> dict[str, Any]:
     """``evaluation.json``: every site's scores, confusion matrices and audit, or its failure."""
     return {"sites": {n: e.as_dict(with_node=False) if isinstance(e, SiteFailure) else e.as_dict()
                       for n, e in res.sites.items()}, "wall_s": res.wall_s}
+
+
+REFERENCE_LABELS = {
+    "pool": "pool (synthetic)",
+    "site_alone": "site alone (own real train split)",
+    "federated_real": "federated real (FedAvg over the sites' real train splits)",
+    "central_real": "central real (all sites' real train splits pooled; simulation only)",
+}
+RATIO_KEYS = {"accuracy": "accuracy", "kappa": "qwk"}
+
+
+def references_json(res: PhaseResult[ReferenceEvaluation]) -> dict[str, Any]:
+    """``references.json``: every site's scores per recipe and reference, or its failure."""
+    sites: dict[str, Any] = {}
+    for n, e in res.sites.items():
+        if isinstance(e, SiteFailure):
+            sites[n] = e.as_dict(with_node=False)
+            continue
+        by: dict[str, dict[str, Any]] = {}
+        for (recipe, ref), sc in sorted(e.scores.items()):
+            by.setdefault(recipe, {})[ref] = sc.as_dict()
+        sites[n] = {"status": "ok", "site_id": e.site_id, "evaluate_s": e.evaluate_s, "recipes": by}
+    return {"sites": sites, "wall_s": res.wall_s}
+
+
+def recipes_section(res: PhaseResult[ReferenceEvaluation],
+                    evaluation: PhaseResult[SiteEvaluation] | None = None) -> dict[str, Any]:
+    """Per recipe and reference: pooled scores over the sites (summed confusion matrices), each site's, and the
+    ratios pool / reference (``ratio_pool_over[reference][accuracy|kappa]``).
+
+    phi_down's *site alone* is the evaluation phase's real reference (``SiteEvaluation.real``)
+    where the references phase did not score one (client/fedreal.py does not train it twice).
+    """
+    sums: dict[str, dict[str, np.ndarray]] = {}
+    per_site: dict[str, dict[str, dict[str, Any]]] = {}
+    for name, e in sorted(res.ok().items()):
+        scored = dict(e.scores)
+        ev = evaluation.ok().get(name) if evaluation is not None else None
+        if ev is not None and any(r == "phi_down" for r, _ in scored):
+            scored.setdefault(("phi_down", "site_alone"), ev.real)
+        for (recipe, ref), sc in scored.items():
+            prev = sums.setdefault(recipe, {}).get(ref)
+            sums[recipe][ref] = sc.confusion if prev is None else prev + sc.confusion
+            per_site.setdefault(recipe, {}).setdefault(ref, {})[name] = {"accuracy": sc.accuracy, "kappa": sc.qwk,
+                                                                          "n": sc.n}
+    out: dict[str, Any] = {}
+    for recipe, refs in sums.items():
+        entry: dict[str, Any] = {}
+        for ref in REFERENCES:
+            if ref in refs:
+                m = metrics_from_confusion(refs[ref])
+                entry[ref] = {"accuracy": m["accuracy"], "balanced_accuracy": m["balanced_accuracy"],
+                              "kappa": m["qwk"], "n": int(refs[ref].sum()), "sites": per_site[recipe][ref]}
+        pool = entry.get("pool", {})
+        entry["ratio_pool_over"] = {
+            ref: {k: (pool[k] / e[k] if pool.get(k) is not None and e.get(k) not in (None, 0) else None)
+                  for k in RATIO_KEYS}
+            for ref, e in entry.items() if ref != "pool" and pool}
+        out[recipe] = entry
+    failed = {n: e.reason for n, e in res.sites.items() if isinstance(e, SiteFailure)}
+    return {"references": REFERENCE_LABELS, "kappa": "Cohen's kappa, quadratic weights (sklearn cohen_kappa_score)",
+            "by_recipe": out, **({"failed": failed} if failed else {})}
 
 
 def _clean(x: Any) -> Any:
@@ -196,6 +264,7 @@ def build_report(
     config: dict[str, Any],
     method: str,
     extra: dict[str, Any] | None = None,
+    references: PhaseResult[ReferenceEvaluation] | None = None,
 ) -> dict[str, Any]:
     sites = sorted(set(synthesis.sites) | set(evaluation.sites))
     pool = downstream.get("pool", {})
@@ -211,13 +280,23 @@ def build_report(
         "timing": timing,
         "config": config,
     }
+    if references is not None:
+        report["utility"]["recipes"] = recipes_section(references, evaluation)
     if extra:
         report.update(extra)
     return _clean(report)
 
 
-def privacy_utility_plot(points: dict[str, Any], path: Path, title: str = "") -> Path:
+REFERENCE_STYLES = (("tab:red", "-"), ("tab:purple", "-."), ("black", ":"))
+
+
+def privacy_utility_plot(points: dict[str, Any], path: Path, title: str = "",
+                         references: dict[str, dict[str, float]] | None = None) -> Path:
     """Utility (accuracy) against membership-inference AUC.
+
+    ``references``: ``{panel title: {label: accuracy}}``: the same recipe trained on real data
+    (site alone, federated real, central real), drawn as labelled horizontal lines in that
+    panel (a model trained on the real images has no pool to attack, so no x position).
 
     ``points``: ``{panel title: {label: (mia_auc, accuracy[, auc_lo, auc_hi])}}``, one panel per
     training recipe, so that every point in a panel (the real reference "site alone"
@@ -231,9 +310,10 @@ def privacy_utility_plot(points: dict[str, Any], path: Path, title: str = "") ->
 
     if points and all(isinstance(v, (tuple, list)) for v in points.values()):
         points = {title or "privacy vs utility": points}
-    panels = {t: p for t, p in points.items() if p}
+    refs = references or {}
+    panels = {t: p for t, p in points.items() if p or refs.get(t)}
     n = max(len(panels), 1)
-    fig, axes = plt.subplots(1, n, figsize=(5.2 * n, 4.4), dpi=120, squeeze=False, layout="constrained")
+    fig, axes = plt.subplots(1, n, figsize=(5.2 * n, 5.6), dpi=120, squeeze=False, layout="constrained")
     colors = {"plan": "tab:green", "linear": "tab:blue", "random": "tab:orange", "site": "tab:red"}
     for ax, (ptitle, pts) in zip(axes[0], panels.items()):
         for name, v in pts.items():
@@ -246,13 +326,16 @@ def privacy_utility_plot(points: dict[str, Any], path: Path, title: str = "") ->
                 ax.errorbar([mia], [util], xerr=[[mia - lo], [hi - mia]], fmt="none", ecolor=color, capsize=3, zorder=2)
             ax.scatter([mia], [util], s=60, color=color, label=name, zorder=3)
             ax.annotate(name, (mia, util), textcoords="offset points", xytext=(6, 4), fontsize=7)
+        for (label, acc), (color, ls) in zip(refs.get(ptitle, {}).items(), REFERENCE_STYLES):
+            if acc is not None:
+                ax.axhline(acc, color=color, lw=1.2, ls=ls, label=f"{label}: {acc:.3f}", zorder=1)
         ax.axvline(0.5, color="gray", lw=0.8, ls="--", label="chance (0.5)")
         ax.set_xlabel("distance membership-inference ROC AUC\n(0.5 = chance; |AUC - 0.5| = leakage)", fontsize=8)
         ax.set_ylabel("accuracy on the sites' real test splits", fontsize=8)
         ax.set_title(ptitle, fontsize=8, wrap=True)
         ax.margins(x=0.15, y=0.12)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=6, loc="best")
+        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.25), ncol=1, frameon=False)
     if title and len(panels) > 1:
         fig.suptitle(title, fontsize=9)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -348,6 +431,7 @@ def write_markdown(report: dict[str, Any], path: Path, images: dict[str, str]) -
         s, r = e["synthetic"], e.get("real", {})
         lines.append(f"| {name} | {_fmt(s.get('accuracy'))} | {_fmt(s.get('balanced_accuracy'))} | {_fmt(s.get('qwk'))} | "
                      f"{_fmt(r.get('accuracy'))} | {_fmt(r.get('balanced_accuracy'))} | {_fmt(r.get('qwk'))} |")
+    lines += recipes_markdown(u.get("recipes"))
     lines += [
         "",
         "## Privacy (members = site train, non-members = site test)",
@@ -384,6 +468,30 @@ def write_markdown(report: dict[str, Any], path: Path, images: dict[str, str]) -
             lines += [f"### {caption}", "", f"![{caption}]({rel})", ""]
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+def recipes_markdown(sec: dict[str, Any] | None) -> list[str]:
+    """The per-recipe utility table: pool vs site alone vs federated real vs central real, and the ratios."""
+    if not sec or not sec.get("by_recipe"):
+        return []
+    lines = ["", "## Utility per downstream recipe, against the same recipe on real data", "",
+             "Pooled over the sites' real test splits. References: "
+             + "; ".join(f"*{v}*" for k, v in sec["references"].items() if k != "pool")
+             + f". Kappa: {sec['kappa']}. Ratio = pool / reference.", "",
+             "| recipe | trained on | accuracy | kappa | balanced acc. | n | pool/ref acc. | pool/ref kappa |",
+             "|---|---|---|---|---|---|---|---|"]
+    for recipe, entry in sec["by_recipe"].items():
+        for ref, label in sec["references"].items():
+            e = entry.get(ref)
+            if e is None:
+                continue
+            ratio = entry.get("ratio_pool_over", {}).get(ref, {})
+            lines.append(f"| {recipe} | {label} | {_fmt(e.get('accuracy'))} | {_fmt(e.get('kappa'))} | "
+                         f"{_fmt(e.get('balanced_accuracy'))} | {e.get('n')} | {_fmt(ratio.get('accuracy'))} | "
+                         f"{_fmt(ratio.get('kappa'))} |")
+    for n, why in (sec.get("failed") or {}).items():
+        lines.append(f"\n- site {n} failed the references phase: {str(why).replace('|', '/')}")
+    return lines
 
 
 HTML_STYLE = """

@@ -77,6 +77,8 @@ def simulation_config(
         fed["straggler_grace"] = None
     if fed:
         cfg = cfg.model_copy(update={"federation": cfg.federation.model_copy(update=fed)})
+    if "central_real" not in cfg.downstream.model_fields_set:  # fedreal: the coordinator holds the data set here
+        cfg = cfg.model_copy(update={"downstream": cfg.downstream.model_copy(update={"central_real": True})})
     return cfg
 
 

@@ -86,6 +86,23 @@ def test_report_schema(demo):
     assert pooled["synthetic"]["n"] == pooled["real"]["n"] > 0
 
 
+def test_every_recipe_is_compared_with_its_real_references(demo):
+    # fedreal: pool vs site alone vs federated real (a Flower phase) vs central real (simulation), per recipe
+    out, report = demo
+    sec = report["utility"]["recipes"]
+    assert set(sec["by_recipe"]) == {"phi_down", "plain"}
+    for entry in sec["by_recipe"].values():
+        assert {"pool", "site_alone", "federated_real", "central_real"} <= set(entry)
+        assert entry["pool"]["n"] == entry["federated_real"]["n"] == entry["central_real"]["n"] > 0
+        assert set(entry["ratio_pool_over"]) == {"site_alone", "federated_real", "central_real"}
+    refs = json.loads((out / "references.json").read_text())
+    fed = refs["info"]["federated_real"]
+    assert all(fed[r]["complete"] and fed[r]["history"][0]["sites"] == ["site-0", "site-1", "site-2"]
+               for r in ("phi_down", "plain"))
+    assert "references_s" in report["timing"] and (out / "privacy_utility.png").is_file()
+    assert "Utility per downstream recipe" in (out / "report.md").read_text()
+
+
 def test_failed_site_is_reported_and_others_land(demo):
     out, report = demo
     syn = report["synthesis"]

@@ -20,7 +20,11 @@ from plan_shared.protocol import (
     DescribeReply,
     DescribeTask,
     EvaluationTask,
+    FedRealReply,
+    FedRealTask,
     ProtocolError,
+    ReferenceEvaluation,
+    ReferenceTask,
     SiteEvaluation,
     SynthesisSummary,
     SynthesisTask,
@@ -165,3 +169,38 @@ def test_site_config_keeps_the_config_in_the_context_state():
         site_config(ConfigRef.digest_only(cfg), state)
     with pytest.raises(ProtocolError, match="not JSON"):
         site_config(ConfigRef(new.digest(), "{not json"), RecordDict())
+
+
+# fedreal: the downstream-reference records
+def test_fedreal_records_round_trip():
+    ref = ConfigRef.digest_only(_cfg())
+    t = FedRealTask(_arrays(), "plain", 2, 2, 1, 28, ref)
+    back = FedRealTask.from_record(t.to_record())
+    assert (back.recipe, back.server_round, back.arch, back.config) == \
+        ("plain", 2, {"num_classes": 2, "channels": 1, "size": 28}, ref) and _same_arrays(back.weights, t.weights)
+    assert FedRealTask.MESSAGE_TYPE == f"{MessageType.QUERY}.fedreal"
+    r = FedRealReply(_arrays(), 37, 1.25, "site-2")
+    back_r = FedRealReply.from_record(r.to_record())
+    assert (back_r.num_examples, back_r.train_s, back_r.site_id) == (37, 1.25, "site-2")
+    assert r.to_record()["metrics"][FedRealReply.WEIGHT_KEY] == 37  # FedAvg's weight
+
+
+def test_reference_records_round_trip_with_confusion_arrays():
+    ref = ConfigRef.full(_cfg())
+    models = {("phi_down", "pool"): _arrays(), ("plain", "federated_real"): _arrays(), ("plain", "central_real"): _arrays()}
+    t = ReferenceTask(models, ("phi_down", "plain"), 2, 1, 8, ref)
+    back = ReferenceTask.from_record(t.to_record())
+    assert set(back.models) == set(models) and back.recipes == ("phi_down", "plain") and back.config == ref
+    assert all(_same_arrays(back.models[k], v) for k, v in models.items())
+    with pytest.raises(ProtocolError, match=r"model \('plain', 'site_alone'\) is not one of"):
+        ReferenceTask({("plain", "site_alone"): _arrays()}, ("plain",), 2, 1, 8, ref).to_record()
+
+    scores = {("phi_down", "site_alone"): _score([[5, 1], [2, 4]]), ("plain", "federated_real"): _score([[3, 3], [0, 6]])}
+    ev = ReferenceEvaluation("site-1", 2, 4.5, scores)
+    rd = ev.to_record()
+    assert rd["confusion"]["model-plain-federated_real"].numpy().tolist() == [[3, 3], [0, 6]]
+    back_ev = ReferenceEvaluation.from_record(rd)
+    assert back_ev.scores == scores and (back_ev.site_id, back_ev.num_classes, back_ev.evaluate_s) == ("site-1", 2, 4.5)
+    bad = ReferenceEvaluation("site-1", 3, 1.0, scores).to_record()
+    with pytest.raises(ProtocolError, match=r"confusion\['model-phi_down-site_alone'\] is int64 \(2, 2\), expected"):
+        ReferenceEvaluation.from_record(bad)

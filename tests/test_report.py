@@ -200,3 +200,81 @@ def test_synthesis_entry_keeps_the_report_json_keys():
                  "compare.plan.accuracy": 0.8, "compare.plan.mia_auc": 0.5, "linear.n": 40.0,
                  "linear.accept_rate": 0.25, "utility.synthetic.accuracy": 0.7, "synthesis_s": 1.0,
                  "timing.inversion": 2.0, "site-id": "site-0", "bundle-id": "abc", "export-status": "stored"}
+
+
+# fedreal: per-recipe utility against the same recipe's real references
+def _refs(site: str, pool_cm, alone_cm, fed_cm, central_cm, recipe: str = "plain"):
+    from plan_shared.protocol import ReferenceEvaluation
+
+    return ReferenceEvaluation(site, 2, 1.0, {(recipe, "pool"): _score(pool_cm), (recipe, "site_alone"): _score(alone_cm),
+                                             (recipe, "federated_real"): _score(fed_cm),
+                                             (recipe, "central_real"): _score(central_cm)})
+
+
+def test_recipes_section_pools_each_reference_and_gives_pool_over_reference_ratios(tmp_path):
+    from server.report import recipes_section
+
+    res = _phase({"site-0": _refs("site-0", [[4, 1], [1, 4]], [[5, 0], [5, 0]], [[4, 1], [0, 5]], [[5, 0], [0, 5]]),
+                  "site-1": _refs("site-1", [[3, 2], [0, 5]], [[2, 3], [1, 4]], [[5, 0], [1, 4]], [[5, 0], [1, 4]]),
+                  "site-2": FAILED})
+    sec = recipes_section(res)
+    plain = sec["by_recipe"]["plain"]
+    assert plain["pool"]["accuracy"] == pytest.approx(16 / 20) and plain["pool"]["n"] == 20
+    assert plain["central_real"]["accuracy"] == pytest.approx(19 / 20)
+    kappa = metrics_from_confusion(np.array([[7, 3], [1, 9]]))["qwk"]  # the pool's summed matrix
+    assert plain["pool"]["kappa"] == pytest.approx(kappa)
+    r = plain["ratio_pool_over"]
+    assert r["central_real"]["accuracy"] == pytest.approx(16 / 19)
+    assert r["federated_real"]["kappa"] == pytest.approx(kappa / plain["federated_real"]["kappa"])
+    assert set(r) == {"site_alone", "federated_real", "central_real"}
+    assert plain["site_alone"]["sites"]["site-0"]["accuracy"] == pytest.approx(0.5)
+    assert sec["failed"] == {"site-2": "boom"}
+    # phi_down's site alone comes from the evaluation phase's real reference
+    phi = _phase({"site-0": _refs("site-0", [[4, 1], [1, 4]], [[5, 0], [5, 0]], [[4, 1], [0, 5]], [[5, 0], [0, 5]],
+                                  recipe="phi_down")})
+    del phi.sites["site-0"].scores[("phi_down", "site_alone")]  # type: ignore[union-attr]
+    ev = _phase({"site-0": _site([[5, 0], [0, 5]], [[3, 2], [0, 5]], 0.5, 10)})
+    assert recipes_section(phi, ev)["by_recipe"]["phi_down"]["site_alone"]["accuracy"] == pytest.approx(0.8)
+
+    rep = build_report(federation={"rounds_done": 1}, synthesis=_phase({"site-0": _summary("site-0")}),
+                       downstream={"pool": {"n_images": 6, "n_files": 6, "per_site": {"site-0": 6}}},
+                       evaluation=_phase({"site-0": _site([[5, 0], [0, 5]], [[5, 0], [0, 5]], 0.5, 10)}),
+                       timing={}, config={}, method="plan", references=res)
+    assert rep["utility"]["recipes"]["by_recipe"]["plain"]["pool"]["n"] == 20
+    _, md = write_report(rep, tmp_path, {})
+    text = md.read_text()
+    assert "## Utility per downstream recipe" in text
+    for label in ("pool (synthetic)", "site alone (own real train split)", "federated real (FedAvg",
+                  "central real (all sites' real train splits pooled; simulation only)"):
+        assert f"| plain | {label}" in text
+    assert f"| {16 / 19:.3f} |" in text
+
+
+def test_privacy_utility_plot_has_a_panel_per_recipe_with_labelled_references(tmp_path):
+    import matplotlib
+
+    from server.post_training import SITE_RECIPE, _comparison_points, recipe_panel_title, recipe_panels
+    from server.report import recipes_section
+
+    res = _phase({"site-0": _refs("site-0", [[4, 1], [1, 4]], [[5, 0], [5, 0]], [[4, 1], [0, 5]], [[5, 0], [0, 5]])})
+    refs2 = _refs("site-0", [[3, 2], [2, 3]], [[4, 1], [1, 4]], [[4, 1], [1, 4]], [[5, 0], [0, 5]], recipe="phi_down")
+    res.sites["site-0"].scores.update(refs2.scores)  # type: ignore[union-attr]
+    report = {"utility": {"recipes": recipes_section(res)},
+              "privacy": {"mia_auc": 0.51, "mia_auc_lo": 0.47, "mia_auc_hi": 0.55}}
+    compare = {"plan": {"mia_auc": 0.52, "accuracy": 0.8}, "real": {"mia_auc": 1.0, "accuracy": 0.7}}
+    pts = _comparison_points(_phase({"site-0": _summary("site-0", compare=compare)}), report, "plan")
+    assert list(pts) == [SITE_RECIPE, recipe_panel_title("plain"), recipe_panel_title("phi_down")]
+    assert pts[recipe_panel_title("plain")] == {"plan pool": (0.51, 0.8, 0.47, 0.55)}
+    lines = recipe_panels(report["utility"]["recipes"], report["privacy"], "plan")[1]
+    assert lines[recipe_panel_title("plain")] == {"site alone": 0.5, "federated real": 0.9, "central real": 1.0}
+    old = matplotlib.rcParams["svg.fonttype"]
+    matplotlib.rcParams["svg.fonttype"] = "none"
+    try:
+        svg = privacy_utility_plot(pts, tmp_path / "pu.svg", references=lines)
+    finally:
+        matplotlib.rcParams["svg.fonttype"] = old
+    text = _svg_text(svg)
+    for label in ("site alone: 0.500", "federated real: 0.900", "central real: 1.000", "plan pool"):
+        assert label in text
+    assert text.count("central real") == 2 and recipe_panel_title("phi_down") in text
+    assert "membership-inference ROC AUC" in text  # the x label is drawn (inside the saved figure)
