@@ -682,11 +682,19 @@ def compare_methods(cfg: PlanConfig, ds: ImageDataset, data: SiteData, cand: Map
 
     For each method: the utility classifier trained on that method's filter-passing images
     and tested on the real test split, and the distance membership inference (pixel space,
-    members = train, non-members = test) against those images: AUC with its 95 % bootstrap
+    members = train, non-members = test, and again with non-members = val as ``mia_val_*``)
+    against those images: AUC with its 95 % bootstrap
     interval, |AUC - 0.5| and TPR at 1 % FPR. ``real`` is the reference *site alone*: the same
     utility recipe trained on the site's real train split (sharing those images: AUC 1).
     """
     from plan_shared.audit import distance_mia
+
+    def both_mias(data: SiteData, images: torch.Tensor) -> dict[str, float]:
+        # non-members = test (mia_*) and = val (mia_val_*, same source as train; server/report.MIA_PREFIXES)
+        mia = distance_mia(data.x_tr, data.x_te, images)
+        if len(data.x_va):
+            mia.update(distance_mia(data.x_tr, data.x_va, images, prefix="mia_val"))
+        return mia
 
     out: dict[str, ComparePoint] = {}
     for name, c in cand.items():
@@ -696,9 +704,9 @@ def compare_methods(cfg: PlanConfig, ds: ImageDataset, data: SiteData, cand: Map
         else:
             util = train_utility(cfg, ds, c.images[idx], c.labels[idx], data.x_te, data.y_te, cfg.seed + 21,
                                  f"utility ({name})", device, progress)
-        mia = distance_mia(data.x_tr, data.x_te, c.images[idx])
+        mia = both_mias(data, c.images[idx])
         out[name] = ComparePoint(util.accuracy, util.qwk, len(idx), {k: finite(v) for k, v in mia.items()})
-    real = distance_mia(data.x_tr, data.x_te, data.x_tr)
+    real = both_mias(data, data.x_tr)
     out["real"] = ComparePoint(utility.real.accuracy, utility.real.qwk, len(data.x_tr),
                                {k: finite(v) for k, v in real.items()})
     return out

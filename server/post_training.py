@@ -262,6 +262,13 @@ SITE_RECIPE = "site level, utility recipe (classes section, utility_epochs), mea
 POOL_RECIPE = "pooled, phi_down recipe (downstream section)"
 
 
+def headline_mia(entry: dict[str, Any]) -> tuple[float | None, float | None, float | None]:
+    """(AUC, lo, hi) of the distance MIA a plot shows: non-members = val (``mia_val_*``, same source as
+    train) where the entry has it, else non-members = test (``mia_*``); see server/report.MIA_PREFIXES."""
+    prefix = "mia_val" if entry.get("mia_val_auc") is not None else "mia"
+    return entry.get(f"{prefix}_auc"), entry.get(f"{prefix}_auc_lo"), entry.get(f"{prefix}_auc_hi")
+
+
 def _comparison_points(synthesis: PhaseResult[SynthesisSummary], report: dict[str, Any],
                        method: str) -> dict[str, dict[str, tuple]]:
     """Privacy-utility points, one panel per training recipe (each with its own "site alone" reference).
@@ -279,9 +286,9 @@ def _comparison_points(synthesis: PhaseResult[SynthesisSummary], report: dict[st
     for s in synthesis.ok().values():
         for m in (*METHODS, "real"):
             c = s.compare.get(m, {})
-            a, u = c.get("mia_auc"), c.get("accuracy")
+            (a, lo, hi), u = headline_mia(c), c.get("accuracy")
             if a is not None and u is not None:
-                pts.setdefault(m, []).append((float(a), float(u), c.get("mia_auc_lo"), c.get("mia_auc_hi")))
+                pts.setdefault(m, []).append((float(a), float(u), lo, hi))
 
     def mean(vals: list) -> float | None:
         vals = [v for v in vals if v is not None]
@@ -296,8 +303,9 @@ def _comparison_points(synthesis: PhaseResult[SynthesisSummary], report: dict[st
     if u.get("recipes", {}).get("by_recipe"):  # fedreal: one panel per downstream recipe, its references as lines
         panels = {SITE_RECIPE: site_panel} if site_panel else {}
         return {**panels, **recipe_panels(u["recipes"], p, method)[0]}
-    if u.get("accuracy") is not None and p.get("mia_auc") is not None:
-        pool_panel[f"{method} (pooled phi_down)"] = (p["mia_auc"], u["accuracy"], p.get("mia_auc_lo"), p.get("mia_auc_hi"))
+    pa, plo, phi = headline_mia(p)
+    if u.get("accuracy") is not None and pa is not None:
+        pool_panel[f"{method} (pooled phi_down)"] = (pa, u["accuracy"], plo, phi)
         if u.get("real_accuracy") is not None and "real" in pts:
             pool_panel["site alone (phi_down recipe)"] = (site_panel["site alone (real train split)"][0], u["real_accuracy"])
     return {k: v for k, v in ((SITE_RECIPE, site_panel), (POOL_RECIPE, pool_panel)) if v}
@@ -316,9 +324,9 @@ def recipe_panels(recipes: dict[str, Any], privacy: dict[str, Any],
         title = recipe_panel_title(recipe)
         acc = entry.get("pool", {}).get("accuracy")
         points[title] = {}
-        if acc is not None and privacy.get("mia_auc") is not None:
-            points[title][f"{method} pool"] = (privacy["mia_auc"], acc, privacy.get("mia_auc_lo"),
-                                               privacy.get("mia_auc_hi"))
+        pa, plo, phi = headline_mia(privacy)
+        if acc is not None and pa is not None:
+            points[title][f"{method} pool"] = (pa, acc, plo, phi)
         lines[title] = {recipes["references"][ref].split(" (")[0]: entry[ref]["accuracy"]
                         for ref in ("site_alone", "federated_real", "central_real")
                         if entry.get(ref, {}).get("accuracy") is not None}

@@ -150,6 +150,27 @@ def test_pooled_privacy_interval_and_table(tmp_path):
     assert "site alone" in text and "real reference" not in text
 
 
+def test_the_val_based_mia_is_pooled_on_its_own_and_leads_the_privacy_table(tmp_path):
+    # non-members = val (mia_val_*) and = test (mia_*) are two attacks: each pooled from its own site figures
+    a = _site([[5, 0], [0, 5]], [[5, 0], [0, 5]], 0.40, 300, mia_auc_lo=0.35, mia_auc_hi=0.45,
+              mia_val_auc=0.46, mia_val_auc_lo=0.40, mia_val_auc_hi=0.52, mia_val_tpr_at_1pct_fpr=0.01)
+    b = _site([[5, 0], [0, 5]], [[5, 0], [0, 5]], 0.44, 100, mia_auc_lo=0.39, mia_auc_hi=0.49,
+              mia_val_auc=0.54, mia_val_auc_lo=0.48, mia_val_auc_hi=0.60, mia_val_tpr_at_1pct_fpr=0.02)
+    rep = build_report(federation={"rounds_done": 1}, synthesis=_phase({}),
+                       downstream={"pool": {"n_images": 1, "n_files": 1, "per_site": {}}},
+                       evaluation=_phase({"site-0": a, "site-1": b}), timing={}, config={}, method="plan")
+    p = rep["privacy"]
+    assert p["mia_auc"] == pytest.approx(0.41)  # weighted 3:1 by members
+    assert p["mia_val_auc"] == pytest.approx(0.48) and p["mia_val_auc_gap"] == pytest.approx(0.02)
+    assert p["mia_val_auc_lo"] < 0.48 < p["mia_val_auc_hi"] and p["mia_val_auc_hi"] != p["mia_auc_hi"]
+    assert p["mia_val_tpr_at_1pct_fpr"] == pytest.approx(0.0125)
+    _, md = write_report(rep, tmp_path, {})
+    privacy = md.read_text().split("## Privacy", 1)[1]
+    row = next(line for line in privacy.splitlines() if line.startswith("| site-1 |"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[1] == "0.540 [0.480, 0.600]" and cells[4] == "0.440 [0.390, 0.490]"
+
+
 def _svg_text(path) -> str:
     import re
 
