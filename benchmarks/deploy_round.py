@@ -5,10 +5,14 @@ For each mode, in one run (a fresh CA, coordinator state and site folders each):
 * ``before``: Flower's waiting as it was: the SuperExec polls every 1 s
   (``federation.superexec_poll_s: 1.0``), the ServerApp pulls replies every 1 s
   (``federation.reply_poll_s: 1.0``), no site worker: every message starts a
-  ``flwr-clientapp`` process that imports torch, the models and the site's images;
-* ``after``: the defaults: SuperExec poll 0.2 s, reply poll 0.2 s, and the site worker
+  ``flwr-clientapp`` process that imports torch, the models and the site's images,
+  and every tensor of the weights its own Flower object (``federation.pack_weights: false``);
+* ``unpacked``: the defaults but one Flower object per tensor, as before plan_shared/packing.py;
+* ``after``: the defaults: SuperExec poll 0.2 s, reply poll 0.2 s, the site worker
   that ``plan-client start`` runs next to the SuperNode (client/site_worker.py), to which the
-  per-message ClientApp process forwards the train message.
+  per-message ClientApp process forwards the train message, and the weights packed into one
+  array (``federation.pack_weights``): a handful of objects per message instead of ~2 per tensor,
+  each of which costs a request on every hop (ServerApp, SuperLink, SuperNode, ClientApp).
 
 ``plan-server coordinate`` (SuperLink with TLS and ``--enable-supernode-auth``, node keys
 registered) and ``plan-client start`` per site, as in deploy/smoke.sh without the proxy and
@@ -19,6 +23,7 @@ slowest site's handler seconds (``handler-s``, measured inside the handler) and 
 install and the worker's first call; the summary is the median over rounds 2..R.
 
     python benchmarks/deploy_round.py                 # 3 sites, 4 rounds, before + after
+    python benchmarks/deploy_round.py --modes unpacked,after
     python benchmarks/deploy_round.py --modes after --rounds 3 --keep --work /tmp/dr
 """
 
@@ -45,7 +50,8 @@ BIN = Path(sys.executable).parent
 
 #: Mode -> (coordinator federation overrides, site federation overrides).
 MODES: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
-    "before": ({"reply_poll_s": 1.0}, {"superexec_poll_s": 1.0, "site_worker": False}),
+    "before": ({"reply_poll_s": 1.0, "pack_weights": False}, {"superexec_poll_s": 1.0, "site_worker": False}),
+    "unpacked": ({"pack_weights": False}, {}),
     "after": ({}, {}),
 }
 

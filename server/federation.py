@@ -41,6 +41,7 @@ from flwr.serverapp.strategy import FedAvg
 from plan_shared.config import PlanConfig, config_from_dict
 from plan_shared.files import atomic_write
 from plan_shared.gan import GanTrainer
+from plan_shared.packing import pack_weights, unpack_weights
 from plan_shared.protocol import ConfigRef, DescribeReply, DescribeTask, TrainMetrics, TrainReply, TrainTask
 from server.messaging import Messenger, WaitPolicy
 
@@ -251,7 +252,8 @@ class Federation:
         fed = self.cfg.federation
         t0 = time.perf_counter()
         node_ids = wait_for_nodes(self.grid, fed.min_nodes, fed.min_nodes, fed.wait_for_nodes_s)
-        arrays = ArrayRecord(trainer.weights(fed.share))
+        current = trainer.weights(fed.share)
+        arrays = pack_weights(current) if fed.pack_weights else ArrayRecord(current)  # deploytrace: few objects
 
         def task(nid: int, ref: ConfigRef) -> TrainTask:
             return TrainTask(arrays, rnd, channels, size, fed.local_steps, self.digest, ref)
@@ -273,7 +275,7 @@ class Federation:
         agg_arrays, agg_metrics = self.strategy.aggregate_train(rnd, list(ex.messages.values()))
         if agg_arrays is None:
             raise FederationError(f"round {rnd}: aggregation produced nothing")
-        trainer.set_weights(agg_arrays.to_torch_state_dict())
+        trainer.set_weights(unpack_weights(agg_arrays, current))  # deploytrace:
         trainer.step += fed.local_steps
         sites = []
         for nid, r in ex.replies.items():
