@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import signal
 import socket
 import statistics
@@ -181,6 +182,83 @@ def round_rows(records: list[dict[str, Any]]) -> list[dict[str, float]]:
     return rows
 
 
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+_STAMP = re.compile(r"^(?:[A-Z]+ +)?(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3})")
+#: (segment, log text that marks it) in the order a train message passes them at a site.
+_MARKS = (("recv", "Receiving: train message"), ("recvd", "Received successfully"),
+          ("capp", "Start `flwr-clientapp` process"), ("confirm", "Runtime.ConfirmMessageReceived"),
+          ("hend", "site worker: train handled in"), ("sent", "Sent successfully"))
+#: Breakdown rows: (label, from mark, to mark); "push" is the round's start at the ServerApp.
+SEGMENTS = (
+    ("ServerApp push -> SuperNode pulled it (SuperLink store + the SuperNode's 3 s idle sleep)", "push", "recv"),
+    ("SuperNode pulls the message's objects from the SuperLink", "recv", "recvd"),
+    ("SuperExec poll + flwr-clientapp process start (imports)", "recv", "capp"),
+    ("ClientApp pulls the message from the SuperNode (waits for the line above)", "capp", "confirm"),
+    ("ClientApp loads the app, forwards to the worker, handler runs", "confirm", "hend"),
+    ("reply: ClientApp -> SuperNode -> SuperLink (push objects)", "hend", "sent"),
+)
+
+
+def _stamp(line: str) -> float | None:
+    import datetime as dt
+
+    m = _STAMP.match(_ANSI.sub("", line))
+    if not m:
+        return None
+    return dt.datetime.strptime(m.group(1), "%Y-%m-%d %H:%M:%S,%f").replace(tzinfo=dt.timezone.utc).timestamp()
+
+
+def site_marks(log: Path) -> list[dict[str, float]]:
+    """Per train message a SuperNode log shows (FLWR_LOG_LEVEL=DEBUG: Flower's lines carry a time): mark -> time."""
+    out: list[dict[str, float]] = []
+    for line in log.read_text(errors="replace").splitlines():
+        t = _stamp(line)
+        if t is None:
+            continue
+        for name, text in _MARKS:
+            if text in line:
+                if name == "recv":
+                    out.append({})
+                if out and name not in out[-1]:
+                    out[-1][name] = t
+    return out
+
+
+def trace_table(work: Path, records: list[dict[str, Any]]) -> list[tuple[str, float, float]]:
+    """(segment, median over rounds 2..R and sites, slowest site's median) from a kept mode folder."""
+    marks = {p.stem: site_marks(p) for p in sorted(work.glob("hospital-*.log"))}
+    per: dict[str, list[float]] = {label: [] for label, _, _ in SEGMENTS}
+    slow: dict[str, dict[str, list[float]]] = {label: {} for label, _, _ in SEGMENTS}
+    server: dict[str, list[float]] = {"last reply pushed -> ServerApp has all replies (poll + pull objects)": [],
+                                      "aggregation + checkpoint + sample grid + metrics line": []}
+    for r in records[1:]:
+        push = float(r["time"]) - float(r["wall_s"])
+        collected = push + float(r["collect_s"])
+        sent = []
+        for site, ms in marks.items():
+            if len(ms) < r["round"]:
+                continue
+            m = {"push": push, **ms[r["round"] - 1]}
+            for label, a, b in SEGMENTS:
+                if a in m and b in m:
+                    per[label].append(m[b] - m[a])
+                    slow[label].setdefault(site, []).append(m[b] - m[a])
+            if "sent" in m:
+                sent.append(m["sent"])
+        if sent:
+            server["last reply pushed -> ServerApp has all replies (poll + pull objects)"].append(collected - max(sent))
+        server["aggregation + checkpoint + sample grid + metrics line"].append(float(r["wall_s"]) - float(r["collect_s"]))
+    rows = []
+    for label, _, _ in SEGMENTS:
+        if per[label]:
+            rows.append((label, statistics.median(per[label]),
+                         max(statistics.median(v) for v in slow[label].values())))
+    for label, v in server.items():
+        if v:
+            rows.append((label, statistics.median(v), statistics.median(v)))
+    return rows
+
+
 def summarise(rows: list[dict[str, float]]) -> dict[str, float]:
     steady = rows[1:] or rows
     return {k: round(statistics.median(r[k] for r in steady), 3)
@@ -197,11 +275,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--work", type=Path, help="work folder (default: a temporary one, removed unless --keep)")
     ap.add_argument("--keep", action="store_true")
     ap.add_argument("--json", type=Path, help="write the rows and summaries here")
+    ap.add_argument("--trace", action="store_true",
+                    help="Flower DEBUG logs (timestamps) and a breakdown of where a round's time goes; the logging "
+                         "itself costs time, most where messages have many objects")
     args = ap.parse_args(argv)
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     for m in modes:
         if m not in MODES:
             ap.error(f"--modes: unknown mode {m!r} (choose from {', '.join(MODES)})")
+    if args.trace:
+        os.environ["FLWR_LOG_LEVEL"] = "DEBUG"
     tmp = None
     if args.work is None:
         tmp = tempfile.TemporaryDirectory(prefix="plan-deploy-round-")
@@ -230,6 +313,13 @@ def main(argv: list[str] | None = None) -> int:
                       f"{r['max_handler_s']:>8.2f} {r['max_train_s']:>6.2f} {r['fixed_s']:>7.2f}")
             print(f"fixed cost per round = wall - max handler = {out['modes'][m]['median_rounds_2_on']['fixed_s']:.2f} s"
                   " (median of rounds 2..R)", flush=True)
+            if args.trace:
+                table = trace_table(work / m, records)
+                out["modes"][m]["trace"] = [{"segment": k, "median_s": round(v, 3), "slowest_site_s": round(w, 3)}
+                                            for k, v, w in table]
+                print(f"{'median s':>9} {'slowest':>8}  segment (rounds 2..R)")
+                for k, v, w in table:
+                    print(f"{v:>9.2f} {w:>8.2f}  {k}")
     finally:
         out["load_after"] = os.getloadavg()
         if tmp is not None and not args.keep:
