@@ -1,7 +1,8 @@
 """Rounds of federated GAN training driven through a Flower ``Grid``.
 
 One round: wait (with a deadline) until enough sites are connected, send a ``TrainTask``
-(plan_shared/protocol.py: global weights, round, the run configuration's digest, the
+(plan_shared/protocol.py: global weights, packed into one array by plan_shared/packing.py
+unless ``federation.pack_weights`` is off, round, the run configuration's digest, the
 configuration itself only to a node that lacks it) to each through server/messaging.py,
 collect replies until all answered or the round is cut (timeout, straggler grace),
 average what came back with Flower's FedAvg (weighted by each site's ``num-examples``),
