@@ -326,12 +326,15 @@ def main(argv: list[str] | None = None) -> int:
             tmp.cleanup()
         elif tmp is not None:
             print(f"work folder kept: {work}")
-    if all(out["modes"].get(m, {}).get("rows") for m in ("before", "after")):
-        b = out["modes"]["before"]["median_rounds_2_on"]["fixed_s"]
-        a = out["modes"]["after"]["median_rounds_2_on"]["fixed_s"]
-        out["fixed_ratio"] = round(b / a, 2) if a > 0 else None
-        print(f"\nfixed cost per round: before {b:.2f} s, after {a:.2f} s, ratio {out['fixed_ratio']}x "
-              f"(load {out['load_before'][0]:.2f} -> {out['load_after'][0]:.2f})")
+    ref = out["modes"].get("after", {}).get("rows")
+    for m in ("before", "unpacked"):
+        if ref and out["modes"].get(m, {}).get("rows"):
+            b = out["modes"][m]["median_rounds_2_on"]["fixed_s"]
+            a = out["modes"]["after"]["median_rounds_2_on"]["fixed_s"]
+            key = "fixed_ratio" if m == "before" else f"fixed_ratio_{m}"
+            out[key] = round(b / a, 2) if a > 0 else None
+            print(f"\nfixed cost per round: {m} {b:.2f} s, after {a:.2f} s, ratio {out[key]}x "
+                  f"(load {out['load_before'][0]:.2f} -> {out['load_after'][0]:.2f})")
     if args.json:
         args.json.write_text(json.dumps(out, indent=1))
     return 0
