@@ -5,10 +5,14 @@ For each mode, in one run (a fresh CA, coordinator state and site folders each):
 * ``before``: Flower's waiting as it was: the SuperExec polls every 1 s
   (``site.superexec_poll_s: 1.0``), the ServerApp pulls replies every 1 s
   (``federation.reply_poll_s: 1.0``), no site worker: every message starts a
-  ``flwr-clientapp`` process that imports torch, the models and the site's images;
-* ``after``: the defaults: SuperExec poll 0.2 s, reply poll 0.2 s, and the site worker
+  ``flwr-clientapp`` process that imports torch, the models and the site's images,
+  and every tensor of the weights its own Flower object (``federation.pack_weights: false``);
+* ``unpacked``: the defaults but one Flower object per tensor, as before plan_shared/packing.py;
+* ``after``: the defaults: SuperExec poll 0.2 s, reply poll 0.2 s, the site worker
   that ``plan-client start`` runs next to the SuperNode (client/site_worker.py), to which the
-  per-message ClientApp process forwards the train message.
+  per-message ClientApp process forwards the train message, and the weights packed into one
+  array (``federation.pack_weights``): a handful of objects per message instead of ~2 per tensor,
+  each of which costs a request on every hop (ServerApp, SuperLink, SuperNode, ClientApp).
 
 ``plan-server coordinate`` (SuperLink with TLS and ``--enable-supernode-auth``, node keys
 registered) and ``plan-client start`` per site, as in deploy/smoke.sh without the proxy and
@@ -19,6 +23,7 @@ slowest site's handler seconds (``handler-s``, measured inside the handler) and 
 install and the worker's first call; the summary is the median over rounds 2..R.
 
     python benchmarks/deploy_round.py                 # 3 sites, 4 rounds, before + after
+    python benchmarks/deploy_round.py --modes unpacked,after
     python benchmarks/deploy_round.py --modes after --rounds 3 --keep --work /tmp/dr
 """
 
@@ -27,6 +32,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import signal
 import socket
 import statistics
@@ -45,7 +51,8 @@ BIN = Path(sys.executable).parent
 
 #: Mode -> (coordinator federation overrides, site section overrides).
 MODES: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
-    "before": ({"reply_poll_s": 1.0}, {"superexec_poll_s": 1.0, "worker": False}),
+    "before": ({"reply_poll_s": 1.0, "pack_weights": False}, {"superexec_poll_s": 1.0, "worker": False}),
+    "unpacked": ({"pack_weights": False}, {}),
     "after": ({}, {}),
 }
 
@@ -174,6 +181,83 @@ def round_rows(records: list[dict[str, Any]]) -> list[dict[str, float]]:
     return rows
 
 
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+_STAMP = re.compile(r"^(?:[A-Z]+ +)?(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3})")
+#: (segment, log text that marks it) in the order a train message passes them at a site.
+_MARKS = (("recv", "Receiving: train message"), ("recvd", "Received successfully"),
+          ("capp", "Start `flwr-clientapp` process"), ("confirm", "Runtime.ConfirmMessageReceived"),
+          ("hend", "site worker: train handled in"), ("sent", "Sent successfully"))
+#: Breakdown rows: (label, from mark, to mark); "push" is the round's start at the ServerApp.
+SEGMENTS = (
+    ("ServerApp push -> SuperNode pulled it (SuperLink store + the SuperNode's 3 s idle sleep)", "push", "recv"),
+    ("SuperNode pulls the message's objects from the SuperLink", "recv", "recvd"),
+    ("SuperExec poll + flwr-clientapp process start (imports)", "recv", "capp"),
+    ("ClientApp pulls the message from the SuperNode (waits for the line above)", "capp", "confirm"),
+    ("ClientApp loads the app, forwards to the worker, handler runs", "confirm", "hend"),
+    ("reply: ClientApp -> SuperNode -> SuperLink (push objects)", "hend", "sent"),
+)
+
+
+def _stamp(line: str) -> float | None:
+    import datetime as dt
+
+    m = _STAMP.match(_ANSI.sub("", line))
+    if not m:
+        return None
+    return dt.datetime.strptime(m.group(1), "%Y-%m-%d %H:%M:%S,%f").replace(tzinfo=dt.timezone.utc).timestamp()
+
+
+def site_marks(log: Path) -> list[dict[str, float]]:
+    """Per train message a SuperNode log shows (FLWR_LOG_LEVEL=DEBUG: Flower's lines carry a time): mark -> time."""
+    out: list[dict[str, float]] = []
+    for line in log.read_text(errors="replace").splitlines():
+        t = _stamp(line)
+        if t is None:
+            continue
+        for name, text in _MARKS:
+            if text in line:
+                if name == "recv":
+                    out.append({})
+                if out and name not in out[-1]:
+                    out[-1][name] = t
+    return out
+
+
+def trace_table(work: Path, records: list[dict[str, Any]]) -> list[tuple[str, float, float]]:
+    """(segment, median over rounds 2..R and sites, slowest site's median) from a kept mode folder."""
+    marks = {p.stem: site_marks(p) for p in sorted(work.glob("hospital-*.log"))}
+    per: dict[str, list[float]] = {label: [] for label, _, _ in SEGMENTS}
+    slow: dict[str, dict[str, list[float]]] = {label: {} for label, _, _ in SEGMENTS}
+    server: dict[str, list[float]] = {"last reply pushed -> ServerApp has all replies (poll + pull objects)": [],
+                                      "aggregation + checkpoint + sample grid + metrics line": []}
+    for r in records[1:]:
+        push = float(r["time"]) - float(r["wall_s"])
+        collected = push + float(r["collect_s"])
+        sent = []
+        for site, ms in marks.items():
+            if len(ms) < r["round"]:
+                continue
+            m = {"push": push, **ms[r["round"] - 1]}
+            for label, a, b in SEGMENTS:
+                if a in m and b in m:
+                    per[label].append(m[b] - m[a])
+                    slow[label].setdefault(site, []).append(m[b] - m[a])
+            if "sent" in m:
+                sent.append(m["sent"])
+        if sent:
+            server["last reply pushed -> ServerApp has all replies (poll + pull objects)"].append(collected - max(sent))
+        server["aggregation + checkpoint + sample grid + metrics line"].append(float(r["wall_s"]) - float(r["collect_s"]))
+    rows = []
+    for label, _, _ in SEGMENTS:
+        if per[label]:
+            rows.append((label, statistics.median(per[label]),
+                         max(statistics.median(v) for v in slow[label].values())))
+    for label, v in server.items():
+        if v:
+            rows.append((label, statistics.median(v), statistics.median(v)))
+    return rows
+
+
 def summarise(rows: list[dict[str, float]]) -> dict[str, float]:
     steady = rows[1:] or rows
     return {k: round(statistics.median(r[k] for r in steady), 3)
@@ -190,11 +274,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--work", type=Path, help="work folder (default: a temporary one, removed unless --keep)")
     ap.add_argument("--keep", action="store_true")
     ap.add_argument("--json", type=Path, help="write the rows and summaries here")
+    ap.add_argument("--trace", action="store_true",
+                    help="Flower DEBUG logs (timestamps) and a breakdown of where a round's time goes; the logging "
+                         "itself costs time, most where messages have many objects")
     args = ap.parse_args(argv)
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     for m in modes:
         if m not in MODES:
             ap.error(f"--modes: unknown mode {m!r} (choose from {', '.join(MODES)})")
+    if args.trace:
+        os.environ["FLWR_LOG_LEVEL"] = "DEBUG"
     tmp = None
     if args.work is None:
         tmp = tempfile.TemporaryDirectory(prefix="plan-deploy-round-")
@@ -223,18 +312,28 @@ def main(argv: list[str] | None = None) -> int:
                       f"{r['max_handler_s']:>8.2f} {r['max_train_s']:>6.2f} {r['fixed_s']:>7.2f}")
             print(f"fixed cost per round = wall - max handler = {out['modes'][m]['median_rounds_2_on']['fixed_s']:.2f} s"
                   " (median of rounds 2..R)", flush=True)
+            if args.trace:
+                table = trace_table(work / m, records)
+                out["modes"][m]["trace"] = [{"segment": k, "median_s": round(v, 3), "slowest_site_s": round(w, 3)}
+                                            for k, v, w in table]
+                print(f"{'median s':>9} {'slowest':>8}  segment (rounds 2..R)")
+                for k, v, w in table:
+                    print(f"{v:>9.2f} {w:>8.2f}  {k}")
     finally:
         out["load_after"] = os.getloadavg()
         if tmp is not None and not args.keep:
             tmp.cleanup()
         elif tmp is not None:
             print(f"work folder kept: {work}")
-    if all(out["modes"].get(m, {}).get("rows") for m in ("before", "after")):
-        b = out["modes"]["before"]["median_rounds_2_on"]["fixed_s"]
-        a = out["modes"]["after"]["median_rounds_2_on"]["fixed_s"]
-        out["fixed_ratio"] = round(b / a, 2) if a > 0 else None
-        print(f"\nfixed cost per round: before {b:.2f} s, after {a:.2f} s, ratio {out['fixed_ratio']}x "
-              f"(load {out['load_before'][0]:.2f} -> {out['load_after'][0]:.2f})")
+    ref = out["modes"].get("after", {}).get("rows")
+    for m in ("before", "unpacked"):
+        if ref and out["modes"].get(m, {}).get("rows"):
+            b = out["modes"][m]["median_rounds_2_on"]["fixed_s"]
+            a = out["modes"]["after"]["median_rounds_2_on"]["fixed_s"]
+            key = "fixed_ratio" if m == "before" else f"fixed_ratio_{m}"
+            out[key] = round(b / a, 2) if a > 0 else None
+            print(f"\nfixed cost per round: {m} {b:.2f} s, after {a:.2f} s, ratio {out[key]}x "
+                  f"(load {out['load_before'][0]:.2f} -> {out['load_after'][0]:.2f})")
     if args.json:
         args.json.write_text(json.dumps(out, indent=1))
     return 0

@@ -125,7 +125,9 @@ def train(msg: Message, context: Context) -> Message:
         s = (cfg.seed * 1_000_003 + zlib.crc32(site.site_id.encode())) % 2**62
         trainer.rng.manual_seed(s)
         torch.manual_seed(s + 1)
-    trainer.set_weights(task.weights.to_torch_state_dict())
+    from plan_shared.packing import is_packed, pack_weights, unpack_weights
+
+    trainer.set_weights(unpack_weights(task.weights, trainer.weights(share)))  # deploytrace: packed or not
 
     t1 = time.perf_counter()
     seen0 = trainer.images_seen
@@ -152,7 +154,8 @@ def train(msg: Message, context: Context) -> Message:
     )
     LOG.info("%s round %d: %d steps in %.1fs, loss_g=%.3f loss_d=%.3f", site.site_id, server_round,
              metrics.steps, train_s, metrics.loss_g, metrics.loss_d)
-    reply = TrainReply(ArrayRecord(trainer.weights(share)), metrics, site.site_id)
+    out = trainer.weights(share)
+    reply = TrainReply(pack_weights(out) if is_packed(task.weights) else ArrayRecord(out), metrics, site.site_id)
     return Message(reply.to_record(), reply_to=msg)
 
 

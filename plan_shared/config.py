@@ -589,6 +589,9 @@ class FederationConfig(_Section):
     reply_poll_s: float = Field(
         0.2, gt=0.0, le=10.0, description="Coordinator: seconds between two polls for the sites' replies (server/messaging.py; Flower's own send_and_receive sleeps 3 s)."
     )
+    pack_weights: bool = Field(
+        True, description="Coordinator: send the weights as one flat array (plan_shared/packing.py) instead of one "
+        "Flower object per tensor; each object costs a request on every hop. Sites answer in the form they received.")
     sample_grid: int = Field(64, ge=1, description="Images in the per-round sample grid of G_ema.")
     post_training: bool = Field(
         False,

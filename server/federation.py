@@ -1,7 +1,8 @@
 """Rounds of federated GAN training driven through a Flower ``Grid``.
 
 One round: wait (with a deadline) until enough sites are connected, send a ``TrainTask``
-(plan_shared/protocol.py: global weights, round, the run configuration's digest, the
+(plan_shared/protocol.py: global weights, packed into one array by plan_shared/packing.py
+unless ``federation.pack_weights`` is off, round, the run configuration's digest, the
 configuration itself only to a node that lacks it) to each through server/messaging.py,
 collect replies until all answered or the round is cut (timeout, straggler grace),
 average what came back with Flower's FedAvg (weighted by each site's ``num-examples``),
@@ -41,6 +42,7 @@ from flwr.serverapp.strategy import FedAvg
 from plan_shared.config import PlanConfig, config_from_dict
 from plan_shared.files import atomic_write
 from plan_shared.gan import GanTrainer
+from plan_shared.packing import pack_weights, unpack_weights
 from plan_shared.protocol import ConfigRef, DescribeReply, DescribeTask, TrainMetrics, TrainReply, TrainTask
 from server.messaging import Messenger, WaitPolicy
 
@@ -251,7 +253,8 @@ class Federation:
         fed = self.cfg.federation
         t0 = time.perf_counter()
         node_ids = wait_for_nodes(self.grid, fed.min_nodes, fed.min_nodes, fed.wait_for_nodes_s)
-        arrays = ArrayRecord(trainer.weights(fed.share))
+        current = trainer.weights(fed.share)
+        arrays = pack_weights(current) if fed.pack_weights else ArrayRecord(current)  # deploytrace: few objects
 
         def task(nid: int, ref: ConfigRef) -> TrainTask:
             return TrainTask(arrays, rnd, channels, size, fed.local_steps, self.digest, ref)
@@ -273,7 +276,7 @@ class Federation:
         agg_arrays, agg_metrics = self.strategy.aggregate_train(rnd, list(ex.messages.values()))
         if agg_arrays is None:
             raise FederationError(f"round {rnd}: aggregation produced nothing")
-        trainer.set_weights(agg_arrays.to_torch_state_dict())
+        trainer.set_weights(unpack_weights(agg_arrays, current))  # deploytrace:
         trainer.step += fed.local_steps
         sites = []
         for nid, r in ex.replies.items():

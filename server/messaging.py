@@ -8,6 +8,10 @@ plan_shared/protocol.py), polls the replies every ``federation.reply_poll_s`` se
 successful replies is in, a straggler grace. Replies are decoded into their protocol
 record; a reply that does not decode counts as that node's failure.
 
+A poll the SuperLink answers with a server error (HTTP 5xx, e.g. its SQLite state
+"database is locked" under load) or that does not reach it is retried at the next poll
+until the exchange's deadline, instead of ending the run; anything else still raises.
+
 Errors are filed under the node the task went to, found through the message id: the
 error reply Flower sends for a dead node comes from the SuperLink (``src_node_id`` 0),
 not from the site. A site that refuses a task because it holds no configuration for
@@ -22,6 +26,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import ClassVar, Generic, Protocol, TypeVar
 
+import httpx
 from flwr.app import Message, RecordDict
 
 from plan_shared.config import PlanConfig
@@ -38,6 +43,13 @@ class GridLike(Protocol):
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]: ...
 
     def get_node_ids(self) -> Iterable[int]: ...
+
+
+def transient_poll_error(err: BaseException) -> bool:
+    """A failed pull worth trying again: the SuperLink's 5xx answers and transport errors (not 4xx)."""
+    if isinstance(err, httpx.HTTPStatusError):
+        return err.response.status_code >= 500
+    return isinstance(err, (httpx.TransportError, ConnectionError, TimeoutError))
 
 
 class Task(Protocol):
@@ -121,9 +133,20 @@ class Messenger:
         end = t0 + policy.timeout_s
         quorum_at: float | None = None
         out.ended = "all"
+        failed_polls = 0
         while pending:
             again: list[int] = []
-            for r in self.grid.pull_messages(list(pending)):
+            try:
+                pulled = list(self.grid.pull_messages(list(pending)))
+            except Exception as err:  # deploytrace: a SuperLink hiccup costs a poll, not the run
+                if not transient_poll_error(err) or time.monotonic() >= end:
+                    raise
+                failed_polls += 1
+                if failed_polls == 1 or failed_polls % 20 == 0:
+                    LOG.warning("polling the replies failed (%d so far), trying again: %s: %s", failed_polls,
+                                type(err).__name__, str(err).splitlines()[0] if str(err) else "")
+                pulled = []
+            for r in pulled:
                 mid = r.metadata.reply_to_message_id
                 if mid not in pending:
                     continue

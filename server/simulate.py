@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import re
 import signal
@@ -193,6 +194,20 @@ def _follow_log(proc: subprocess.Popen, log_file: Path, verbose: bool, shown) ->
                 shown()
 
 
+def actor_resources(sites: int, cpus_per_site: float, ncpu: int) -> tuple[float | int, int]:
+    """(CPUs per virtual site, CPUs Ray is told it has) so that every site gets an actor at once.
+
+    Flower's Ray backend makes ``Ray CPUs // CPUs per site`` actors; with fewer actors than
+    sites the last sites of a round wait until an actor is free (3 sites on 2 cores: the third
+    site trained after the other two, a ~22 s gap between site-0's GAN rounds in the demo,
+    one core idle meanwhile). Ray's CPUs are logical: telling it ``sites x cpus_per_site``
+    runs all sites at once and they share the cores (each with ``threads`` torch threads).
+    """
+    # deploytrace: all virtual sites at once instead of a queue behind too few actors
+    cpus = int(cpus_per_site) if float(cpus_per_site).is_integer() else cpus_per_site
+    return cpus, max(int(ncpu), math.ceil(sites * cpus_per_site))
+
+
 def run_simulation(cfg: PlanConfig, out: str | Path, cpus_per_site: float = 1.0, num_cpus: int | None = None,
                    verbose: bool = False, app_dir: Path | None = None) -> dict[str, Any]:
     """Run the federation with ``cfg.partition.sites`` virtual SuperNodes: ``flwr run`` on a SuperLink of our own.
@@ -212,10 +227,9 @@ def run_simulation(cfg: PlanConfig, out: str | Path, cpus_per_site: float = 1.0,
     cfg_path.write_text(cfg.to_yaml())
     (out / "federation.json").unlink(missing_ok=True)
     n = cfg.partition.sites
-    ncpu = num_cpus or os.cpu_count() or 1
-    cpus = int(cpus_per_site) if float(cpus_per_site).is_integer() else cpus_per_site
+    cpus, ray_cpus = actor_resources(n, cpus_per_site, num_cpus or os.cpu_count() or 1)
     fed_cfg = (f"num-supernodes={n} client-resources-num-cpus={cpus} client-resources-num-gpus=0 "
-               f"init-args-num-cpus={ncpu} init-args-log-to-driver={'true' if verbose else 'false'}")
+               f"init-args-num-cpus={ray_cpus} init-args-log-to-driver={'true' if verbose else 'false'}")
     run_cfg = f'plan-config="{cfg_path}" out-dir="{out}" expected-nodes={n} num-server-rounds=0'
     progress_log = logging.getLogger("plan.progress")
     tail = ProgressTail(out / "sites", "*/progress.jsonl", from_end=True)  # a reused OUT keeps older runs' lines

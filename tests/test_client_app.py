@@ -94,6 +94,24 @@ def test_train_returns_weights_metrics_and_keeps_local_state(tmp_path, share):
         assert any(not torch.equal(state2["discriminator"][k], glob.D.state_dict()[k]) for k in state2["discriminator"])
 
 
+def test_packed_weights_in_packed_weights_out(tmp_path):
+    """The coordinator's one-array form (plan_shared/packing.py): the site trains from it and answers in it."""
+    from plan_shared.gan import GanTrainer
+    from plan_shared.packing import is_packed, pack_weights, unpack_weights
+
+    cfg = tiny_config()
+    glob = GanTrainer(config_from_dict(cfg), 1, 8)
+    g0 = glob.weights("gd")
+    task = TrainTask(pack_weights(g0), 1, 1, 8, 2, "x", _ref(cfg))
+    rep = _call(Message(task.to_record(), message_type=task.MESSAGE_TYPE, dst_node_id=7), _ctx(tmp_path, n=12))
+    assert not rep.has_error(), rep.error
+    reply = TrainReply.from_record(rep.content)
+    assert is_packed(reply.weights) and len(reply.weights) == 1
+    arrays = unpack_weights(reply.weights, g0)
+    assert list(arrays) == list(g0)
+    assert any(not torch.equal(arrays[k], g0[k]) for k in arrays if k.startswith("g."))
+
+
 def test_wrong_image_shape_fails_with_a_clear_message(tmp_path):
     # Flower turns the exception into an error reply; the coordinator logs it per site.
     cfg = tiny_config()

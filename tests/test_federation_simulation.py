@@ -31,6 +31,17 @@ def test_simulation_waits_for_every_virtual_site_unless_told_otherwise(tmp_path)
     assert cfg.federation.straggler_grace == 0.5 and cfg.federation.min_nodes == 1
 
 
+def test_every_virtual_site_gets_an_actor_at_once():
+    from server.simulate import actor_resources
+
+    # 3 sites on 2 cores: Ray is told 3 CPUs, so Flower makes 3 actors and no site queues behind another
+    assert actor_resources(3, 1.0, 2) == (1, 3)
+    assert actor_resources(2, 1.0, 8) == (1, 8)  # more cores than sites: as many as the machine has
+    assert actor_resources(5, 0.5, 2) == (0.5, 3)  # 3 // 0.5 = 6 actors >= 5 sites
+    cpus, ray = actor_resources(7, 2.0, 4)
+    assert ray // cpus >= 7
+
+
 @pytest.mark.slow
 def test_simulation_3_sites_2_rounds_weighted_mean(tmp_path, monkeypatch):
     from server.simulate import run_simulation

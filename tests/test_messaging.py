@@ -238,3 +238,36 @@ def test_the_post_training_phases_file_a_dead_sites_error_under_its_own_name(tmp
     # the synthesis already delivered the config to 11 and 13: the evaluation carries only its digest
     ev_tasks = [EvaluationTask.from_record(p.content) for p in grid.pushed[3:]]
     assert [t.config.config_json is None for t in ev_tasks] == [True, False, True]
+
+
+class FlakyGrid(Grid):
+    """The SuperLink answers the first ``fail`` polls with HTTP ``status`` (its SQLite 'database is locked')."""
+
+    def __init__(self, answer, fail: int, status: int = 500):
+        super().__init__(answer)
+        self.fail, self.status = fail, status
+
+    def pull_messages(self, message_ids):
+        import httpx
+
+        if self.fail > 0:
+            self.fail -= 1
+            self.pulls += 1
+            req = httpx.Request("POST", "https://127.0.0.1:9093/v1/runtime/pull-messages")
+            raise httpx.HTTPStatusError("Server error", request=req, response=httpx.Response(self.status, request=req))
+        return super().pull_messages(message_ids)
+
+
+def test_a_failed_poll_is_retried_not_fatal(caplog):
+    grid = FlakyGrid(_describe({11: 0.0, 12: 0.0, 13: 0.0}), fail=3)
+    with caplog.at_level("WARNING", logger="plan.messaging"):
+        ex = _ask(grid, WaitPolicy(30))
+    assert ex.ended == "all" and ex.missing() == [] and len(ex.replies) == 3
+    assert grid.pulls >= 4 and "polling the replies failed (1 so far)" in caplog.text
+
+
+def test_a_refused_poll_still_raises():
+    import httpx
+
+    with pytest.raises(httpx.HTTPStatusError):  # 4xx: retrying cannot help (auth, unknown run)
+        _ask(FlakyGrid(_describe({11: 0.0, 12: 0.0, 13: 0.0}), fail=1, status=403), WaitPolicy(30))
