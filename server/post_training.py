@@ -27,6 +27,7 @@ import json
 import logging
 import re
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -262,7 +263,7 @@ SITE_RECIPE = "site level, utility recipe (classes section, utility_epochs), mea
 POOL_RECIPE = "pooled, phi_down recipe (downstream section)"
 
 
-def headline_mia(entry: dict[str, Any]) -> tuple[float | None, float | None, float | None]:
+def headline_mia(entry: Mapping[str, Any]) -> tuple[float | None, float | None, float | None]:
     """(AUC, lo, hi) of the distance MIA a plot shows: non-members = val (``mia_val_*``, same source as
     train) where the entry has it, else non-members = test (``mia_*``); see server/report.MIA_PREFIXES."""
     prefix = "mia_val" if entry.get("mia_val_auc") is not None else "mia"
