@@ -53,7 +53,8 @@ def make_cfg(tmp_path, **downstream) -> PlanConfig:
     raw = tiny_config(round_timeout_s=60)
     raw["data"]["path"] = str(make_data(tmp_path / "data.npz"))
     raw["partition"].update(scheme="dirichlet", alpha=0.5, sites=len(NODES))
-    raw["federation"]["state_dir"] = str(tmp_path / "out")
+    raw["coordinator"] = {"state_dir": str(tmp_path / "out")}
+    raw["site"] = {"state_dir": str(tmp_path / "out")}
     raw["downstream"] = {"width": 8, "depth": 2, "feature_dim": 16, "epochs": 2, "batch_size": 16,
                          "plain": {"epochs": 1, "batch_size": 16, "stem_stride": 2}, "federated_real": {"rounds": 2},
                          "central_real": True, **downstream}
