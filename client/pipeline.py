@@ -146,6 +146,7 @@ def _run_site_pipeline(cfg: PlanConfig, ds: ImageDataset, generator: GeneratorSo
         with tm.stage("compare"):
             compare = S.compare_methods(cfg, ds, data, cand, flt, m, utility, dev, progress)
             S.add_precision_recall(cfg, compare, cls.phi_class, data, cand, flt)
+    verdict = S.verdict_of(cfg, compare, flt.methods) if compare is not None else None  # fullpool
     with tm.stage("figures"):
         figures = S.write_figures(cfg, out, gen.G, paths, ids, cal, cand, flt, m, ds.class_names)
     tm.timing["total"] = round(time.perf_counter() - t_all, 2)
@@ -153,7 +154,7 @@ def _run_site_pipeline(cfg: PlanConfig, ds: ImageDataset, generator: GeneratorSo
         site_id=cfg.site_id, dataset=ds.name, method=m, device=str(dev), data=data.section(), identity=identity,
         classes=cls.section, inversion=inv.section, anchors=ap.section, navigation=paths.section, filter=flt.section,
         methods=flt.methods, methods_note=METHODS_NOTE % cfg.synthesis.truncation, utility=utility, compare=compare,
-        figures=figures, n_candidates=len(cand[m]), n_accepted=len(exported), prevalence=prevalence,
+        figures=figures, n_candidates=len(cand[m]), n_accepted=len(exported), prevalence=prevalence, verdict=verdict,
         generator=GeneratorSection(gen.checkpoint, gen.sha256, generator_round), config_sha256=cfg.digest(),
         timing=tm.timing)
     write_report(out, report.to_json())

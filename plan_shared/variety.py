@@ -8,6 +8,9 @@ distances follow the class-relevant content rather than pixels. The metric itsel
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 import torch
 
 from plan_shared.classifiers import embed
@@ -29,3 +32,60 @@ def method_precision_recall(model: Classifier, real: torch.Tensor, sets: dict[st
             rec["precision"], rec["recall"] = precision_recall(real_f, embed(model, x), k)
         out[name] = rec
     return out
+
+
+def _gap_interval(p: Mapping[str, Any]) -> tuple[float, float] | None:
+    """|AUC - 0.5| as an interval from the MIA's 95 % bootstrap interval of the AUC."""
+    lo, hi = p.get("mia_auc_lo"), p.get("mia_auc_hi")
+    if lo is None or hi is None:
+        return None
+    lo_gap = 0.0 if lo <= 0.5 <= hi else min(abs(lo - 0.5), abs(hi - 0.5))
+    return lo_gap, max(abs(lo - 0.5), abs(hi - 0.5))
+
+
+def _compare(a: float | None, b: float | None, tol: float) -> str | None:
+    """'safer' when ``a`` (lower is safer) is below ``b`` by more than ``tol``, 'worse' above, else 'tie'."""
+    if a is None or b is None:
+        return None
+    return "safer" if a < b - tol else "worse" if a > b + tol else "tie"
+
+
+def plan_verdict(points: Mapping[str, Mapping[str, Any]], utility_tol: float,
+                 id_prob_tol: float = 0.01) -> dict[str, Any]:
+    """Is PLAN safer than filtered random samples at equal utility? Computed from one site's ``points``.
+
+    ``points[method]``: the report's compare entry (accuracy, mia_auc, mia_auc_lo/hi,
+    mia_tpr_at_1pct_fpr) plus ``mean_indep_id_prob`` (the independent identity model, which
+    navigation never uses). Per attacker measure PLAN is 'safer', 'worse' or 'tie' against
+    random: the MIA's |AUC - 0.5| only when the bootstrap intervals do not overlap, TPR at 1 %
+    FPR when lower / higher, the identity probability beyond ``id_prob_tol``. PLAN is safer
+    when some measure says safer and none worse; at equal utility when its accuracy is at
+    least random's minus ``utility_tol``. ``supported`` is the export method the measures
+    support: plan when it is safer at equal utility, or better in utility and worse on no
+    measure; random otherwise.
+    """
+    plan, rand = points.get("plan"), points.get("random")
+    if plan is None or rand is None or plan.get("accuracy") is None or rand.get("accuracy") is None:
+        return {"plan_safer_at_equal_utility": None, "supported": None,
+                "verdict": "not measured: plan and random both need a utility and a membership inference"}
+    gp, gr = _gap_interval(plan), _gap_interval(rand)
+    gap = None if gp is None or gr is None else "safer" if gp[1] < gr[0] else "worse" if gp[0] > gr[1] else "tie"
+    measures = {
+        "mia_auc_gap": gap,
+        "mia_tpr_at_1pct_fpr": _compare(plan.get("mia_tpr_at_1pct_fpr"), rand.get("mia_tpr_at_1pct_fpr"), 0.0),
+        "mean_indep_id_prob": _compare(plan.get("mean_indep_id_prob"), rand.get("mean_indep_id_prob"), id_prob_tol),
+    }
+    said = [v for v in measures.values() if v is not None]
+    safer = "safer" in said and "worse" not in said
+    acc_p, acc_r = float(plan["accuracy"]), float(rand["accuracy"])
+    equal_utility = acc_p >= acc_r - utility_tol
+    better_utility = acc_p > acc_r + utility_tol
+    ok = safer and equal_utility
+    supported = "plan" if ok or (better_utility and "worse" not in said) else "random"
+    how = ", ".join(f"{k} {v}" for k, v in measures.items() if v is not None)
+    verdict = (f"plan is {'safer' if safer else 'not shown safer'} than filtered random ({how}); "
+               f"accuracy {acc_p:.3f} vs {acc_r:.3f} ({'equal or better' if equal_utility else 'worse'} utility "
+               f"at tolerance {utility_tol:g}); the measures support exporting {supported}")
+    return {"plan_safer_at_equal_utility": ok, "plan_safer": safer, "equal_utility": equal_utility,
+            "measures": measures, "accuracy": {"plan": acc_p, "random": acc_r}, "supported": supported,
+            "verdict": verdict}
