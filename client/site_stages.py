@@ -679,7 +679,7 @@ def verdict_of(cfg: PlanConfig, compare: Mapping[str, ComparePoint], methods: Ma
     """fullpool: the computed verdict PLAN vs filtered random (plan_shared.variety.plan_verdict) for report.json."""
     points = {k: v.to_json() | {"mean_indep_id_prob": methods[k].mean_indep_id_prob}
               for k, v in compare.items() if k in methods}
-    return plan_verdict(points, cfg.synthesis.verdict_utility_tol)
+    return plan_verdict(points, cfg.synthesis)
 
 
 # ---------------------------------------------------------------------------------------------- figures

@@ -481,6 +481,13 @@ class SynthesisConfig(_Section):
         0.02, ge=0.0, le=1.0, description="Verdict (report key verdict): PLAN counts as at equal utility with filtered "
         "random samples when its accuracy is at least random's minus this."
     )
+    verdict_tpr_tol: float = Field(
+        0.01, ge=0.0, le=1.0, description="Verdict: PLAN's TPR at 1 % FPR of the distance MIA counts as safer / worse "
+        "than random's only when it differs by more than this (0.01 = 1 % of the members; less is a few images)."
+    )
+    verdict_id_prob_tol: float = Field(
+        0.01, ge=0.0, le=1.0, description="Verdict: same for the mean max probability of the independent identity model."
+    )
     pr_k: int = Field(
         3, ge=1, description="k of the k-NN manifolds of the per-method precision/recall against the real train split "
         "(Kynkaanniemi et al. 2019), on phi_class's penultimate features (report keys compare.<method>.precision/recall).",

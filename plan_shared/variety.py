@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from plan_shared.classifiers import embed
+from plan_shared.config import SynthesisConfig
 from plan_shared.metrics import precision_recall
 from plan_shared.models import Classifier
 
@@ -50,20 +51,21 @@ def _compare(a: float | None, b: float | None, tol: float) -> str | None:
     return "safer" if a < b - tol else "worse" if a > b + tol else "tie"
 
 
-def plan_verdict(points: Mapping[str, Mapping[str, Any]], utility_tol: float,
-                 id_prob_tol: float = 0.01) -> dict[str, Any]:
+def plan_verdict(points: Mapping[str, Mapping[str, Any]], syn: SynthesisConfig) -> dict[str, Any]:
     """Is PLAN safer than filtered random samples at equal utility? Computed from one site's ``points``.
 
     ``points[method]``: the report's compare entry (accuracy, mia_auc, mia_auc_lo/hi,
     mia_tpr_at_1pct_fpr) plus ``mean_indep_id_prob`` (the independent identity model, which
     navigation never uses). Per attacker measure PLAN is 'safer', 'worse' or 'tie' against
     random: the MIA's |AUC - 0.5| only when the bootstrap intervals do not overlap, TPR at 1 %
-    FPR when lower / higher, the identity probability beyond ``id_prob_tol``. PLAN is safer
-    when some measure says safer and none worse; at equal utility when its accuracy is at
-    least random's minus ``utility_tol``. ``supported`` is the export method the measures
+    FPR beyond ``syn.verdict_tpr_tol`` (a few members either way is noise), the identity
+    probability beyond ``syn.verdict_id_prob_tol``. PLAN is safer when some measure says safer
+    and none worse; at equal utility when its accuracy is at least random's minus
+    ``syn.verdict_utility_tol``. ``supported`` is the export method the measures
     support: plan when it is safer at equal utility, or better in utility and worse on no
     measure; random otherwise.
     """
+    utility_tol = syn.verdict_utility_tol
     plan, rand = points.get("plan"), points.get("random")
     if plan is None or rand is None or plan.get("accuracy") is None or rand.get("accuracy") is None:
         return {"plan_safer_at_equal_utility": None, "supported": None,
@@ -72,8 +74,8 @@ def plan_verdict(points: Mapping[str, Mapping[str, Any]], utility_tol: float,
     gap = None if gp is None or gr is None else "safer" if gp[1] < gr[0] else "worse" if gp[0] > gr[1] else "tie"
     measures = {
         "mia_auc_gap": gap,
-        "mia_tpr_at_1pct_fpr": _compare(plan.get("mia_tpr_at_1pct_fpr"), rand.get("mia_tpr_at_1pct_fpr"), 0.0),
-        "mean_indep_id_prob": _compare(plan.get("mean_indep_id_prob"), rand.get("mean_indep_id_prob"), id_prob_tol),
+        "mia_tpr_at_1pct_fpr": _compare(plan.get("mia_tpr_at_1pct_fpr"), rand.get("mia_tpr_at_1pct_fpr"), syn.verdict_tpr_tol),
+        "mean_indep_id_prob": _compare(plan.get("mean_indep_id_prob"), rand.get("mean_indep_id_prob"), syn.verdict_id_prob_tol),
     }
     said = [v for v in measures.values() if v is not None]
     safer = "safer" in said and "worse" not in said

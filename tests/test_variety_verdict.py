@@ -1,6 +1,9 @@
 """plan_shared.variety.plan_verdict: the computed verdict PLAN vs filtered random."""
 
+from plan_shared.config import SynthesisConfig
 from plan_shared.variety import plan_verdict
+
+SYN = SynthesisConfig(verdict_utility_tol=0.02, verdict_tpr_tol=0.01, verdict_id_prob_tol=0.01)
 
 
 def _pt(acc: float, auc: float, lo: float, hi: float, tpr: float, idp: float) -> dict[str, float]:
@@ -10,7 +13,7 @@ def _pt(acc: float, auc: float, lo: float, hi: float, tpr: float, idp: float) ->
 
 def test_overlapping_intervals_and_equal_rates_are_a_tie_and_random_is_supported():
     v = plan_verdict({"plan": _pt(0.80, 0.48, 0.43, 0.53, 0.01, 0.35),
-                      "random": _pt(0.81, 0.49, 0.44, 0.54, 0.01, 0.35)}, utility_tol=0.02)
+                      "random": _pt(0.81, 0.49, 0.44, 0.54, 0.01, 0.35)}, SYN)
     assert v["measures"] == {"mia_auc_gap": "tie", "mia_tpr_at_1pct_fpr": "tie", "mean_indep_id_prob": "tie"}
     assert v["plan_safer_at_equal_utility"] is False and v["supported"] == "random"
     assert "not shown safer" in v["verdict"]
@@ -18,23 +21,23 @@ def test_overlapping_intervals_and_equal_rates_are_a_tie_and_random_is_supported
 
 def test_safer_on_one_measure_worse_on_none_at_equal_utility_supports_plan():
     v = plan_verdict({"plan": _pt(0.80, 0.50, 0.46, 0.54, 0.005, 0.30),
-                      "random": _pt(0.81, 0.40, 0.35, 0.44, 0.02, 0.36)}, utility_tol=0.02)
+                      "random": _pt(0.81, 0.40, 0.35, 0.44, 0.02, 0.36)}, SYN)
     assert v["measures"]["mia_auc_gap"] == "safer" and v["plan_safer_at_equal_utility"] is True
     assert v["supported"] == "plan"
 
 
 def test_worse_utility_is_not_equal_and_worse_privacy_vetoes_better_utility():
     low = plan_verdict({"plan": _pt(0.70, 0.50, 0.46, 0.54, 0.0, 0.30),
-                        "random": _pt(0.80, 0.40, 0.35, 0.44, 0.02, 0.36)}, utility_tol=0.02)
+                        "random": _pt(0.80, 0.40, 0.35, 0.44, 0.02, 0.36)}, SYN)
     assert low["plan_safer"] is True and low["equal_utility"] is False and low["supported"] == "random"
     risky = plan_verdict({"plan": _pt(0.90, 0.50, 0.46, 0.54, 0.03, 0.30),
-                          "random": _pt(0.80, 0.50, 0.46, 0.54, 0.01, 0.30)}, utility_tol=0.02)
+                          "random": _pt(0.80, 0.50, 0.46, 0.54, 0.01, 0.30)}, SYN)
     assert risky["measures"]["mia_tpr_at_1pct_fpr"] == "worse" and risky["supported"] == "random"
     better = plan_verdict({"plan": _pt(0.90, 0.50, 0.46, 0.54, 0.01, 0.30),
-                           "random": _pt(0.80, 0.50, 0.46, 0.54, 0.01, 0.30)}, utility_tol=0.02)
+                           "random": _pt(0.80, 0.50, 0.46, 0.54, 0.01, 0.30)}, SYN)
     assert better["supported"] == "plan" and better["plan_safer"] is False
 
 
 def test_missing_method_is_not_measured():
-    v = plan_verdict({"plan": _pt(0.8, 0.5, 0.45, 0.55, 0.0, 0.3)}, utility_tol=0.02)
+    v = plan_verdict({"plan": _pt(0.8, 0.5, 0.45, 0.55, 0.0, 0.3)}, SYN)
     assert v["supported"] is None and v["verdict"].startswith("not measured")
