@@ -147,6 +147,7 @@ def _run_site_pipeline(cfg: PlanConfig, ds: ImageDataset, generator: GeneratorSo
             compare = S.compare_methods(cfg, ds, data, cand, flt, m, utility, dev, progress)
             S.add_precision_recall(cfg, compare, cls.phi_class, data, cand, flt)
             attacker = S.attacker_of_site(cfg, data, cand, flt, compare, dev, progress)  # wplus: the audit's attacker
+    verdict = S.verdict_of(cfg, compare, flt.methods) if compare is not None else None  # fullpool
     with tm.stage("figures"):
         figures = S.write_figures(cfg, out, gen.G, paths, ids, cal, cand, flt, m, ds.class_names)
     tm.timing["total"] = round(time.perf_counter() - t_all, 2)
@@ -155,6 +156,7 @@ def _run_site_pipeline(cfg: PlanConfig, ds: ImageDataset, generator: GeneratorSo
         classes=cls.section, inversion=inv.section, anchors=ap.section, navigation=paths.section, filter=flt.section,
         methods=flt.methods, methods_note=METHODS_NOTE % cfg.synthesis.truncation, utility=utility, compare=compare,
         figures=figures, n_candidates=len(cand[m]), n_accepted=len(exported), prevalence=prevalence, attacker=attacker,
+        verdict=verdict,
         generator=GeneratorSection(gen.checkpoint, gen.sha256, generator_round), config_sha256=cfg.digest(),
         timing=tm.timing)
     write_report(out, report.to_json())

@@ -250,6 +250,7 @@ class SiteReport:
     timing: dict[str, float]
     prevalence: dict[str, Any] | None = None  # synthesis.match_prevalence: accepted vs exported per class
     attacker: dict[str, float | None] | None = None  # the audit's re-identification attacker (AttackerAudit.attacker)
+    verdict: dict[str, Any] | None = None  # plan_shared.variety.plan_verdict (with compare): PLAN vs filtered random
 
     def to_json(self) -> dict[str, Any]:
         """The report.json object (plain dicts, lists and scalars), keys in today's order."""
@@ -265,6 +266,8 @@ class SiteReport:
         out["utility"] = self.utility.to_json()
         if self.compare is not None:
             out["compare"] = {k: v.to_json() for k, v in self.compare.items()}
+        if self.verdict is not None:
+            out["verdict"] = dict(self.verdict)
         if self.prevalence is not None:
             out["prevalence"] = dict(self.prevalence)
         if self.attacker is not None:

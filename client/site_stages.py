@@ -56,7 +56,7 @@ from client.site_report import (
     UtilitySection,
     finite,
 )
-from plan_shared.anchors import AnchorResult, k_same_anchors, nearest_pairs, spread_pairs
+from plan_shared.anchors import AnchorResult, build_anchors
 from plan_shared.classifiers import (
     accuracy_of,
     augmented_accuracy,
@@ -87,6 +87,7 @@ from plan_shared.models.classifier import Classifier
 from plan_shared.models.generator import StyleGenerator
 from plan_shared.navigation import linear_paths, optimise_paths, path_styles, random_samples, w_std
 from plan_shared.plots import dcr_histogram, path_strips, sample_grid
+from plan_shared.pool_plan import plan_paths
 from plan_shared.prevalence import prevalence_selection
 from plan_shared.privacy import (
     ExclusionZone,
@@ -100,7 +101,7 @@ from plan_shared.privacy import (
     score_images,
     zone_rows,
 )
-from plan_shared.variety import method_precision_recall
+from plan_shared.variety import method_precision_recall, plan_verdict
 
 LOG = logging.getLogger("plan.pipeline")
 Split = str  # "train" | "val" | "test"
@@ -386,14 +387,15 @@ class AnchorPairs:
 
 
 def anchor_pairs(cfg: PlanConfig, ds: ImageDataset, inv: Inversion, device: torch.device) -> AnchorPairs:
-    anc = k_same_anchors(inv.w.to(device), inv.labels, cfg.anchors.k)
-    pairs_all = nearest_pairs(anc.anchors, anc.labels, cfg.anchors.pairs_m)
-    pairs = spread_pairs(pairs_all, anc.labels, cfg.synthesis.max_paths, cfg.seed)
+    anc = build_anchors(inv.w.to(device), inv.labels, cfg.anchors)  # fullpool: partition or neighbourhood groups
+    # fullpool: paths per class planned from the site's train priors for a full-size pool (plan_shared/pool_plan.py)
+    plan = plan_paths(anc, ds.train.labels, ds.num_classes, cfg.navigation.T - 2, cfg.synthesis, cfg.anchors, cfg.seed)
     for c, n in anc.skipped_classes.items():
         LOG.warning("class %s has %d inverted images < k=%d: no anchor", ds.class_names[c], n, cfg.anchors.k)
-    return AnchorPairs(anc, [(int(a), int(b)) for a, b in pairs], AnchorsSection(
-        summary=anc.summary(), k=cfg.anchors.k, pairs_m=cfg.anchors.pairs_m, n_pairs_available=len(pairs_all),
-        n_paths=len(pairs), skipped_class_names=[ds.class_names[c] for c in anc.skipped_classes],
+    return AnchorPairs(anc, [(int(a), int(b)) for a, b in plan.pairs], AnchorsSection(
+        summary=anc.summary() | plan.summary(), k=cfg.anchors.k, pairs_m=cfg.anchors.pairs_m,  # fullpool: plan_* keys
+        n_pairs_available=int(sum(plan.available)), n_paths=len(plan.pairs),
+        skipped_class_names=[ds.class_names[c] for c in anc.skipped_classes],
     ))
 
 
@@ -729,6 +731,13 @@ def attacker_of_site(cfg: PlanConfig, data: SiteData, cand: Mapping[Method, Cand
         if name in compare:
             compare[name].attacker = {k: finite(v) for k, v in vals.items()}
     return {k: finite(v) for k, v in res.attacker.items()}
+
+
+def verdict_of(cfg: PlanConfig, compare: Mapping[str, ComparePoint], methods: Mapping[str, MethodStats]) -> dict[str, Any]:
+    """fullpool: the computed verdict PLAN vs filtered random (plan_shared.variety.plan_verdict) for report.json."""
+    points = {k: v.to_json() | {"mean_indep_id_prob": methods[k].mean_indep_id_prob}
+              for k, v in compare.items() if k in methods}
+    return plan_verdict(points, cfg.synthesis)
 
 
 # ---------------------------------------------------------------------------------------------- figures

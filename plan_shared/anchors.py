@@ -10,15 +10,22 @@ classes are never merged::
     res = k_same_anchors(w, labels, k=5)
     res.anchors, res.labels, res.groups, res.skipped_classes
     pairs = nearest_pairs(res.anchors, res.labels, m=3)
+
+``anchors.groups: neighbourhood`` (:func:`neighbourhood_anchors`) instead averages each
+latent with its k-1 nearest latents of its class: one anchor per latent (duplicate
+groups once), each still the mean of k distinct images, but the groups overlap.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
+
+if TYPE_CHECKING:
+    from plan_shared.config import AnchorsConfig
 
 
 @dataclass
@@ -80,6 +87,49 @@ def k_same_anchors(w: torch.Tensor, labels: np.ndarray, k: int) -> AnchorResult:
         groups=groups,
         skipped_classes=skipped,
     )
+
+
+def neighbourhood_anchors(w: torch.Tensor, labels: np.ndarray, k: int) -> AnchorResult:
+    """Per class, each latent averaged with its k-1 nearest latents of the class (itself included: k members).
+
+    Groups that come out equal (same member set) are kept once, in the order of their first
+    latent. A class with fewer than k latents yields no anchor and is reported, as in
+    :func:`k_same_anchors`.
+    """
+    labels = np.asarray(labels)
+    anchors, alabels, groups, skipped = [], [], [], {}
+    for c in np.unique(labels):
+        idx = np.flatnonzero(labels == c)
+        if len(idx) < k:
+            skipped[int(c)] = int(len(idx))
+            continue
+        d = torch.cdist(w[idx].double(), w[idx].double())
+        d.fill_diagonal_(-1.0)  # each latent first in its own neighbourhood
+        seen: set[tuple[int, ...]] = set()
+        for i in range(len(idx)):
+            near = torch.argsort(d[i], stable=True)[:k].numpy()
+            key = tuple(sorted(int(j) for j in near))
+            if key in seen:
+                continue
+            seen.add(key)
+            members = idx[np.asarray(key)]
+            groups.append(members)
+            anchors.append(w[members].mean(0))
+            alabels.append(int(c))
+    wd = w.shape[1] if w.ndim == 2 else 0
+    return AnchorResult(
+        anchors=torch.stack(anchors) if anchors else torch.zeros(0, wd),
+        labels=np.asarray(alabels, dtype=np.int64),
+        groups=groups,
+        skipped_classes=skipped,
+    )
+
+
+def build_anchors(w: torch.Tensor, labels: np.ndarray, cfg: AnchorsConfig) -> AnchorResult:
+    """The anchors the ``anchors`` config section asks for (``groups``: partition = k-same, neighbourhood)."""
+    if cfg.groups == "neighbourhood":
+        return neighbourhood_anchors(w, labels, cfg.k)
+    return k_same_anchors(w, labels, cfg.k)
 
 
 def nearest_pairs(anchors: torch.Tensor, labels: np.ndarray, m: int) -> list[tuple[int, int]]:

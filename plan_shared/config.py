@@ -375,6 +375,17 @@ class AnchorsConfig(_Section):
 
     k: int = Field(5, ge=1, description="Latents averaged per anchor (k-same); a class with fewer than k images yields none.")
     pairs_m: int = Field(3, ge=1, description="Each anchor is paired with its m nearest anchors of the same class (each pair once).")
+    groups: Literal["partition", "neighbourhood"] = Field(
+        "partition", description="partition: k-same, the class's latents split into disjoint groups of k..2k-1, one "
+        "anchor per group. neighbourhood: every latent averaged with its k-1 nearest latents of its class, one anchor "
+        "per distinct group (about k times as many anchors, each still the mean of k images, but the groups overlap, "
+        "so two anchors' difference involves fewer than k images: weaker than k-same; anchors never leave the site)."
+    )
+    far_share: float = Field(
+        0.5, ge=0.0, le=1.0, description="Share of each class's planned paths that join a seeded random pair of "
+        "same-class anchors that are not among each other's pairs_m nearest (more distant anchors: variety); the rest "
+        "join nearest pairs. Either kind fills in when the other runs out (plan_shared/pool_plan.py)."
+    )
 
 
 class NavigationConfig(_Section):
@@ -534,7 +545,14 @@ class FilterConfig(_Section):
 class SynthesisConfig(_Section):
     """What `plan-client synthesize` produces."""
 
-    method: Method = Field("plan", description="Method whose accepted images are exported.")
+    method: Method = Field(
+        "plan", description="Method whose accepted images are exported. Evidence (report key verdict, "
+        "plan_shared.variety.plan_verdict, on demo-s17's site reports: 16 paths x 25 steps, before the full-size pool): "
+        "site-0 plan safer (independent id-prob 0.32 vs 0.37, accuracy 0.78 vs 0.43), sites 1 and 2 random supported "
+        "(MIA |AUC-0.5| and TPR@1% tied, independent id-prob 0.38 vs 0.35 and 0.36 vs 0.35, accuracy 0.87 vs 0.85 and "
+        "0.84 vs 0.82): PLAN is NOT shown safer than filtered random at equal utility. The default stays plan only "
+        "because the full-size setting (pool_factor 1, 8 steps) has no measured verdict yet; read each run's verdict."
+    )
     max_paths: int | None = Field(
         48, ge=1, description="At most this many anchor pairs (paths) per method, spread over classes (null = all pairs)."
     )
@@ -551,6 +569,28 @@ class SynthesisConfig(_Section):
         True, description="Subsample the accepted images before export so that the exported class shares match the "
         "site's real train priors (plan_shared/prevalence.py; report key prevalence): a pool whose class shares "
         "differ shifts every downstream model's decision threshold.",
+    )
+    pool_factor: float | None = Field(
+        1.0, gt=0.0, description="Full-size pool: plan the paths so that the site exports about pool_factor x its real "
+        "train images, each class's share from the site's real train priors (plan_shared/pool_plan.py; report keys "
+        "anchors.plan_*). max_paths still caps the paths. null = max_paths pairs spread evenly over classes (no target)."
+    )
+    planned_accept_rate: float = Field(
+        0.6, gt=0.0, le=1.0, description="Filter accept rate the path plan assumes (candidates = target / rate); the "
+        "demo measured 0.74-0.88 for plan, 0.54-0.75 for linear (demo-s17, 3 sites). 0.6, not the measured ~0.7, because "
+        "prevalence matching then drops more: at 0.7, 913 of 1278 candidates passed and 792 were exported for 874 train "
+        "images (0.91x; benchmarks/pool_variety.py, 6-site partition, site 0)."
+    )
+    verdict_utility_tol: float = Field(
+        0.02, ge=0.0, le=1.0, description="Verdict (report key verdict): PLAN counts as at equal utility with filtered "
+        "random samples when its accuracy is at least random's minus this."
+    )
+    verdict_tpr_tol: float = Field(
+        0.01, ge=0.0, le=1.0, description="Verdict: PLAN's TPR at 1 % FPR of the distance MIA counts as safer / worse "
+        "than random's only when it differs by more than this (0.01 = 1 % of the members; less is a few images)."
+    )
+    verdict_id_prob_tol: float = Field(
+        0.01, ge=0.0, le=1.0, description="Verdict: same for the mean max probability of the independent identity model."
     )
     pr_k: int = Field(
         3, ge=1, description="k of the k-NN manifolds of the per-method precision/recall against the real train split "

@@ -8,9 +8,13 @@ distances follow the class-relevant content rather than pixels. The metric itsel
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 import torch
 
 from plan_shared.classifiers import embed
+from plan_shared.config import SynthesisConfig
 from plan_shared.metrics import precision_recall
 from plan_shared.models import Classifier
 
@@ -29,3 +33,73 @@ def method_precision_recall(model: Classifier, real: torch.Tensor, sets: dict[st
             rec["precision"], rec["recall"] = precision_recall(real_f, embed(model, x), k)
         out[name] = rec
     return out
+
+
+def _mia_prefix(p: Mapping[str, Any]) -> str:
+    """The distance MIA the verdict reads: non-members = val (``mia_val_*``, drawn from the train split's
+    source) where the entry has it, else non-members = test (``mia_*``)."""
+    return "mia_val" if p.get("mia_val_auc") is not None else "mia"
+
+
+def _gap_interval(p: Mapping[str, Any], prefix: str = "mia") -> tuple[float, float] | None:
+    """|AUC - 0.5| as an interval from the MIA's 95 % bootstrap interval of the AUC."""
+    lo, hi = p.get(f"{prefix}_auc_lo"), p.get(f"{prefix}_auc_hi")
+    if lo is None or hi is None:
+        return None
+    lo_gap = 0.0 if lo <= 0.5 <= hi else min(abs(lo - 0.5), abs(hi - 0.5))
+    return lo_gap, max(abs(lo - 0.5), abs(hi - 0.5))
+
+
+def _compare(a: float | None, b: float | None, tol: float) -> str | None:
+    """'safer' when ``a`` (lower is safer) is below ``b`` by more than ``tol``, 'worse' above, else 'tie'."""
+    if a is None or b is None:
+        return None
+    return "safer" if a < b - tol else "worse" if a > b + tol else "tie"
+
+
+def plan_verdict(points: Mapping[str, Mapping[str, Any]], syn: SynthesisConfig) -> dict[str, Any]:
+    """Is PLAN safer than filtered random samples at equal utility? Computed from one site's ``points``.
+
+    ``points[method]``: the report's compare entry (accuracy, the distance MIA ``mia_val_*`` with
+    non-members = val, else ``mia_*`` with non-members = test: AUC interval and TPR at 1 % FPR;
+    ``attacker_max_id_prob`` of the audit's re-identification attacker where it ran) plus
+    ``mean_indep_id_prob`` (the independent identity model, which navigation never uses). Per
+    attacker measure PLAN is 'safer', 'worse' or 'tie' against random: the MIA's |AUC - 0.5|
+    only when the bootstrap intervals do not overlap, TPR at 1 % FPR beyond
+    ``syn.verdict_tpr_tol`` (a few members either way is noise), each identity probability
+    beyond ``syn.verdict_id_prob_tol``. PLAN is safer when some measure says safer
+    and none worse; at equal utility when its accuracy is at least random's minus
+    ``syn.verdict_utility_tol``. ``supported`` is the export method the measures
+    support: plan when it is safer at equal utility, or better in utility and worse on no
+    measure; random otherwise.
+    """
+    utility_tol = syn.verdict_utility_tol
+    plan, rand = points.get("plan"), points.get("random")
+    if plan is None or rand is None or plan.get("accuracy") is None or rand.get("accuracy") is None:
+        return {"plan_safer_at_equal_utility": None, "supported": None,
+                "verdict": "not measured: plan and random both need a utility and a membership inference"}
+    mia = _mia_prefix(plan) if _mia_prefix(plan) == _mia_prefix(rand) else "mia"
+    gp, gr = _gap_interval(plan, mia), _gap_interval(rand, mia)
+    gap = None if gp is None or gr is None else "safer" if gp[1] < gr[0] else "worse" if gp[0] > gr[1] else "tie"
+    tpr = f"{mia}_tpr_at_1pct_fpr"
+    measures = {
+        f"{mia}_auc_gap": gap,
+        tpr: _compare(plan.get(tpr), rand.get(tpr), syn.verdict_tpr_tol),
+        "mean_indep_id_prob": _compare(plan.get("mean_indep_id_prob"), rand.get("mean_indep_id_prob"), syn.verdict_id_prob_tol),
+        "attacker_max_id_prob": _compare(plan.get("attacker_max_id_prob"), rand.get("attacker_max_id_prob"),
+                                         syn.verdict_id_prob_tol),
+    }
+    said = [v for v in measures.values() if v is not None]
+    safer = "safer" in said and "worse" not in said
+    acc_p, acc_r = float(plan["accuracy"]), float(rand["accuracy"])
+    equal_utility = acc_p >= acc_r - utility_tol
+    better_utility = acc_p > acc_r + utility_tol
+    ok = safer and equal_utility
+    supported = "plan" if ok or (better_utility and "worse" not in said) else "random"
+    how = ", ".join(f"{k} {v}" for k, v in measures.items() if v is not None)
+    verdict = (f"plan is {'safer' if safer else 'not shown safer'} than filtered random ({how}); "
+               f"accuracy {acc_p:.3f} vs {acc_r:.3f} ({'equal or better' if equal_utility else 'worse'} utility "
+               f"at tolerance {utility_tol:g}); the measures support exporting {supported}")
+    return {"plan_safer_at_equal_utility": ok, "plan_safer": safer, "equal_utility": equal_utility,
+            "measures": measures, "accuracy": {"plan": acc_p, "random": acc_r}, "supported": supported,
+            "verdict": verdict}

@@ -74,6 +74,13 @@ def test_synthesize_cli_end_to_end(tmp_path):
         assert set(rep["methods"][m]) >= {"n", "mean_dcr", "p05_dcr", "mean_max_id_prob", "accept_rate"}
         assert rep["methods"][m]["n"] == rep["anchors"]["n_paths"] * 3
     assert rep["n_candidates"] == rep["methods"]["plan"]["n"]
+    # the path plan (plan_shared/pool_plan.py): per-class targets from the priors, capped by max_paths (4)
+    anc = rep["anchors"]
+    assert anc["plan_target_total"] == sum(anc["plan_target_per_class"]) >= 40 and sum(anc["plan_paths_per_class"]) == 4
+    assert sum(anc["plan_candidates_per_class"]) == rep["n_candidates"]
+    v = rep["verdict"]  # computed from compare: plan vs filtered random
+    assert v["supported"] in ("plan", "random") and set(v["measures"]) == {"mia_auc_gap", "mia_tpr_at_1pct_fpr",
+                                                                          "mean_indep_id_prob"}
     assert set(rep["utility"]) >= {"synthetic", "real"}
     assert set(rep["compare"]) == {"plan", "linear", "random", "real"}
     assert rep["compare"]["real"]["mia_auc"] == 1.0  # sharing the train images themselves: every member found

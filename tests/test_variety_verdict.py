@@ -1,0 +1,59 @@
+"""plan_shared.variety.plan_verdict: the computed verdict PLAN vs filtered random."""
+
+from plan_shared.config import SynthesisConfig
+from plan_shared.variety import plan_verdict
+
+SYN = SynthesisConfig(verdict_utility_tol=0.02, verdict_tpr_tol=0.01, verdict_id_prob_tol=0.01)
+
+
+def _pt(acc: float, auc: float, lo: float, hi: float, tpr: float, idp: float) -> dict[str, float]:
+    return {"accuracy": acc, "mia_auc": auc, "mia_auc_lo": lo, "mia_auc_hi": hi, "mia_tpr_at_1pct_fpr": tpr,
+            "mean_indep_id_prob": idp}
+
+
+def test_overlapping_intervals_and_equal_rates_are_a_tie_and_random_is_supported():
+    v = plan_verdict({"plan": _pt(0.80, 0.48, 0.43, 0.53, 0.01, 0.35),
+                      "random": _pt(0.81, 0.49, 0.44, 0.54, 0.01, 0.35)}, SYN)
+    assert v["measures"] == {"mia_auc_gap": "tie", "mia_tpr_at_1pct_fpr": "tie", "mean_indep_id_prob": "tie",
+                             "attacker_max_id_prob": None}
+    assert v["plan_safer_at_equal_utility"] is False and v["supported"] == "random"
+    assert "not shown safer" in v["verdict"]
+
+
+def test_safer_on_one_measure_worse_on_none_at_equal_utility_supports_plan():
+    v = plan_verdict({"plan": _pt(0.80, 0.50, 0.46, 0.54, 0.005, 0.30),
+                      "random": _pt(0.81, 0.40, 0.35, 0.44, 0.02, 0.36)}, SYN)
+    assert v["measures"]["mia_auc_gap"] == "safer" and v["plan_safer_at_equal_utility"] is True
+    assert v["supported"] == "plan"
+
+
+def test_worse_utility_is_not_equal_and_worse_privacy_vetoes_better_utility():
+    low = plan_verdict({"plan": _pt(0.70, 0.50, 0.46, 0.54, 0.0, 0.30),
+                        "random": _pt(0.80, 0.40, 0.35, 0.44, 0.02, 0.36)}, SYN)
+    assert low["plan_safer"] is True and low["equal_utility"] is False and low["supported"] == "random"
+    risky = plan_verdict({"plan": _pt(0.90, 0.50, 0.46, 0.54, 0.03, 0.30),
+                          "random": _pt(0.80, 0.50, 0.46, 0.54, 0.01, 0.30)}, SYN)
+    assert risky["measures"]["mia_tpr_at_1pct_fpr"] == "worse" and risky["supported"] == "random"
+    better = plan_verdict({"plan": _pt(0.90, 0.50, 0.46, 0.54, 0.01, 0.30),
+                           "random": _pt(0.80, 0.50, 0.46, 0.54, 0.01, 0.30)}, SYN)
+    assert better["supported"] == "plan" and better["plan_safer"] is False
+
+
+def test_missing_method_is_not_measured():
+    v = plan_verdict({"plan": _pt(0.8, 0.5, 0.45, 0.55, 0.0, 0.3)}, SYN)
+    assert v["supported"] is None and v["verdict"].startswith("not measured")
+
+
+def test_the_val_based_mia_and_the_attacker_decide_where_the_sites_measured_them():
+    # test-based MIA says plan is safer, but the val-based one (same source as train) and the
+    # re-identification attacker say it is worse: the verdict follows val and the attacker
+    plan = _pt(0.80, 0.50, 0.46, 0.54, 0.0, 0.30) | {"mia_val_auc": 0.62, "mia_val_auc_lo": 0.58,
+                                                     "mia_val_auc_hi": 0.66, "mia_val_tpr_at_1pct_fpr": 0.05,
+                                                     "attacker_max_id_prob": 0.40}
+    rand = _pt(0.80, 0.40, 0.35, 0.44, 0.02, 0.30) | {"mia_val_auc": 0.50, "mia_val_auc_lo": 0.46,
+                                                      "mia_val_auc_hi": 0.54, "mia_val_tpr_at_1pct_fpr": 0.01,
+                                                      "attacker_max_id_prob": 0.20}
+    v = plan_verdict({"plan": plan, "random": rand}, SYN)
+    assert v["measures"] == {"mia_val_auc_gap": "worse", "mia_val_tpr_at_1pct_fpr": "worse",
+                             "mean_indep_id_prob": "tie", "attacker_max_id_prob": "worse"}
+    assert v["plan_safer"] is False and v["supported"] == "random"
