@@ -79,11 +79,13 @@ def test_synthesize_cli_end_to_end(tmp_path):
     assert anc["plan_target_total"] == sum(anc["plan_target_per_class"]) >= 40 and sum(anc["plan_paths_per_class"]) == 4
     assert sum(anc["plan_candidates_per_class"]) == rep["n_candidates"]
     v = rep["verdict"]  # computed from compare: plan vs filtered random
-    assert v["supported"] in ("plan", "random") and set(v["measures"]) == {"mia_auc_gap", "mia_tpr_at_1pct_fpr",
-                                                                          "mean_indep_id_prob"}
+    assert v["supported"] in ("plan", "random") and set(v["measures"]) == {
+        "mia_val_auc_gap", "mia_val_tpr_at_1pct_fpr", "mean_indep_id_prob", "attacker_max_id_prob"}
+    assert v["measures"]["attacker_max_id_prob"] is not None  # the attacker ran in the tiny pipeline
     assert set(rep["utility"]) >= {"synthetic", "real"}
     assert set(rep["compare"]) == {"plan", "linear", "random", "real"}
     assert rep["compare"]["real"]["mia_auc"] == 1.0  # sharing the train images themselves: every member found
+    assert rep["compare"]["real"]["mia_val_auc"] == 1.0 and "mia_val_auc_lo" in rep["compare"]["plan"]
     assert rep["compare"]["plan"]["accuracy"] == rep["utility"]["synthetic"]["accuracy"]
     # the audit's re-identification attacker, trained once on the 40 train images: per method and for real
     assert rep["attacker"]["n_images"] == 40 and 0 <= rep["attacker"]["member_top1"] <= 1
