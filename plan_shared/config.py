@@ -576,10 +576,10 @@ class SynthesisConfig(_Section):
         "anchors.plan_*). max_paths still caps the paths. null = max_paths pairs spread evenly over classes (no target)."
     )
     planned_accept_rate: float = Field(
-        0.6, gt=0.0, le=1.0, description="Filter accept rate the path plan assumes (candidates = target / rate); the "
-        "demo measured 0.74-0.88 for plan, 0.54-0.75 for linear (demo-s17, 3 sites). 0.6, not the measured ~0.7, because "
-        "prevalence matching then drops more: at 0.7, 913 of 1278 candidates passed and 792 were exported for 874 train "
-        "images (0.91x; benchmarks/pool_variety.py, 6-site partition, site 0)."
+        0.7, gt=0.0, le=1.0, description="Filter accept rate the path plan assumes (candidates = target / rate). PLAN's "
+        "measured rate: 0.71-0.85 in the demo at 0.6 (which then exported 1.21-1.43x the train images per site: "
+        "958/1241/958 for 768/870/790), 0.71 on a 6-site partition (benchmarks/pool_variety.py, site 0: 913 of 1278 "
+        "passed, 792 exported after prevalence matching for 874 train images, 0.91x)."
     )
     verdict_utility_tol: float = Field(
         0.02, ge=0.0, le=1.0, description="Verdict (report key verdict): PLAN counts as at equal utility with filtered "
