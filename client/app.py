@@ -66,6 +66,15 @@ def _task_config(ref: ConfigRef, context: Context) -> PlanConfig:
     return site_config(ref, context.state, "coordinator config")
 
 
+def _site_for(ref: ConfigRef, context: Context) -> tuple[PlanConfig, Site]:
+    """A working task's configuration, with torch's threads set from it, and this node's site."""
+    from plan_shared.runtime import set_threads
+
+    cfg = _task_config(ref, context)
+    set_threads(cfg.threads)
+    return cfg, Site.from_node_config(context.node_config, cfg)
+
+
 def _train_images(site: Site, channels: int, size: int) -> tuple[torch.Tensor, int]:
     from plan_shared.data import to_tensor
 
@@ -97,13 +106,11 @@ def train(msg: Message, context: Context) -> Message:
     import torch
 
     from plan_shared.gan import GanTrainer
-    from plan_shared.runtime import resolve_device, set_threads
+    from plan_shared.runtime import resolve_device
 
     t0 = time.perf_counter()
     task = TrainTask.from_record(msg.content)
-    cfg = _task_config(task.config, context)
-    set_threads(cfg.threads)
-    site = Site.from_node_config(context.node_config, cfg)
+    cfg, site = _site_for(task.config, context)
     channels, size, server_round = task.channels, task.size, task.server_round
     share = cfg.federation.share
     device = resolve_device(cfg.device)
@@ -163,12 +170,9 @@ def train(msg: Message, context: Context) -> Message:
 def synthesize(msg: Message, context: Context) -> Message:
     """Phase a: PLAN at this site with the final global generator, export to the pool; numbers back."""
     from client.post_training import synthesize_at_site
-    from plan_shared.runtime import set_threads
 
     task = SynthesisTask.from_record(msg.content)
-    cfg = _task_config(task.config, context)
-    set_threads(cfg.threads)
-    site = Site.from_node_config(context.node_config, cfg)
+    cfg, site = _site_for(task.config, context)
     with site_progress(site):  # the pipeline's stages report into it
         summary = synthesize_at_site(site, cfg, task.generator.to_torch_state_dict(), task.channels, task.size,
                                      task.generator_round, task.method)
@@ -179,12 +183,9 @@ def synthesize(msg: Message, context: Context) -> Message:
 def evaluate(msg: Message, context: Context) -> Message:
     """Phases c+d: phi_down on the real test split, real reference, privacy audit; numbers back."""
     from client.post_training import evaluate_at_site
-    from plan_shared.runtime import set_threads
 
     task = EvaluationTask.from_record(msg.content)
-    cfg = _task_config(task.config, context)
-    set_threads(cfg.threads)
-    site = Site.from_node_config(context.node_config, cfg)
+    cfg, site = _site_for(task.config, context)
     with site_progress(site) as rep, rep.stage("evaluation"):
         result = evaluate_at_site(site, cfg, task.model.to_torch_state_dict(), task.arch)
     return Message(result.to_record(), reply_to=msg)
@@ -195,12 +196,9 @@ def evaluate(msg: Message, context: Context) -> Message:
 def fedreal(msg: Message, context: Context) -> Message:
     """A round of the federated-real reference: the recipe trained on this site's real train split; weights back."""
     from client.fedreal import fedreal_round
-    from plan_shared.runtime import set_threads
 
     task = FedRealTask.from_record(msg.content)
-    cfg = _task_config(task.config, context)
-    set_threads(cfg.threads)
-    site = Site.from_node_config(context.node_config, cfg)
+    cfg, site = _site_for(task.config, context)
     with site_progress(site) as rep, rep.stage(f"federated real {task.recipe} round {task.server_round}"):
         state, n, train_s = fedreal_round(cfg, site.dataset(), site.site_id, task.recipe,
                                           task.weights.to_torch_state_dict(), task.arch, task.server_round)
@@ -212,12 +210,9 @@ def fedreal(msg: Message, context: Context) -> Message:
 def references(msg: Message, context: Context) -> Message:
     """Every recipe's models and its site-alone reference on this site's real test split; scores back."""
     from client.fedreal import evaluate_references
-    from plan_shared.runtime import set_threads
 
     task = ReferenceTask.from_record(msg.content)
-    cfg = _task_config(task.config, context)
-    set_threads(cfg.threads)
-    site = Site.from_node_config(context.node_config, cfg)
+    cfg, site = _site_for(task.config, context)
     models = {key: arrays.to_torch_state_dict() for key, arrays in task.models.items()}
     with site_progress(site) as rep, rep.stage("downstream references"):
         result = evaluate_references(cfg, site.dataset(), site.site_id, models, task.recipes, task.arch)

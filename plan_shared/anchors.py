@@ -18,6 +18,7 @@ groups once), each still the mean of k distinct images, but the groups overlap.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -67,7 +68,24 @@ def _greedy_groups(w: torch.Tensor, k: int) -> list[list[int]]:
     return groups
 
 
-def k_same_anchors(w: torch.Tensor, labels: np.ndarray, k: int) -> AnchorResult:
+def _neighbourhood_groups(w: torch.Tensor, k: int) -> list[list[int]]:
+    """Each latent with its k-1 nearest (itself first); a member set that repeats is kept once."""
+    d = torch.cdist(w.double(), w.double())
+    d.fill_diagonal_(-1.0)  # each latent first in its own neighbourhood
+    seen: set[tuple[int, ...]] = set()
+    groups: list[list[int]] = []
+    for i in range(w.shape[0]):
+        key = tuple(sorted(int(j) for j in torch.argsort(d[i], stable=True)[:k].numpy()))
+        if key not in seen:
+            seen.add(key)
+            groups.append(list(key))
+    return groups
+
+
+def _class_anchors(w: torch.Tensor, labels: np.ndarray, k: int,
+                   grouping: Callable[[torch.Tensor, int], list[list[int]]]) -> AnchorResult:
+    """Per class, ``grouping`` of the class's latents into member lists, each averaged into one anchor; a class
+    with fewer than k latents yields none and is reported."""
     labels = np.asarray(labels)
     anchors, alabels, groups, skipped = [], [], [], {}
     for c in np.unique(labels):
@@ -75,7 +93,7 @@ def k_same_anchors(w: torch.Tensor, labels: np.ndarray, k: int) -> AnchorResult:
         if len(idx) < k:
             skipped[int(c)] = int(len(idx))
             continue
-        for g in _greedy_groups(w[idx], k):
+        for g in grouping(w[idx], k):
             members = idx[np.asarray(g)]
             groups.append(members)
             anchors.append(w[members].mean(0))
@@ -89,6 +107,10 @@ def k_same_anchors(w: torch.Tensor, labels: np.ndarray, k: int) -> AnchorResult:
     )
 
 
+def k_same_anchors(w: torch.Tensor, labels: np.ndarray, k: int) -> AnchorResult:
+    return _class_anchors(w, labels, k, _greedy_groups)
+
+
 def neighbourhood_anchors(w: torch.Tensor, labels: np.ndarray, k: int) -> AnchorResult:
     """Per class, each latent averaged with its k-1 nearest latents of the class (itself included: k members).
 
@@ -96,33 +118,7 @@ def neighbourhood_anchors(w: torch.Tensor, labels: np.ndarray, k: int) -> Anchor
     latent. A class with fewer than k latents yields no anchor and is reported, as in
     :func:`k_same_anchors`.
     """
-    labels = np.asarray(labels)
-    anchors, alabels, groups, skipped = [], [], [], {}
-    for c in np.unique(labels):
-        idx = np.flatnonzero(labels == c)
-        if len(idx) < k:
-            skipped[int(c)] = int(len(idx))
-            continue
-        d = torch.cdist(w[idx].double(), w[idx].double())
-        d.fill_diagonal_(-1.0)  # each latent first in its own neighbourhood
-        seen: set[tuple[int, ...]] = set()
-        for i in range(len(idx)):
-            near = torch.argsort(d[i], stable=True)[:k].numpy()
-            key = tuple(sorted(int(j) for j in near))
-            if key in seen:
-                continue
-            seen.add(key)
-            members = idx[np.asarray(key)]
-            groups.append(members)
-            anchors.append(w[members].mean(0))
-            alabels.append(int(c))
-    wd = w.shape[1] if w.ndim == 2 else 0
-    return AnchorResult(
-        anchors=torch.stack(anchors) if anchors else torch.zeros(0, wd),
-        labels=np.asarray(alabels, dtype=np.int64),
-        groups=groups,
-        skipped_classes=skipped,
-    )
+    return _class_anchors(w, labels, k, _neighbourhood_groups)
 
 
 def build_anchors(w: torch.Tensor, labels: np.ndarray, cfg: AnchorsConfig) -> AnchorResult:
