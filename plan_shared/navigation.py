@@ -14,8 +14,9 @@ of how many paths share the batch). The classifier terms are separable per point
 flattened interior points are processed in chunks of ``chunk`` images: forward + backward
 per chunk, gradients accumulating into ``P.grad``; L_dist is added on the whole tensor.
 Peak memory is set by ``chunk``, not by ``paths x T``. Only W is optimised (the images
-stay on the generator's manifold); ``max_offset`` optionally bounds each point's distance
-from its straight-line start.
+stay on the generator's manifold); ``max_offset`` (absolute) and ``trust_ratio`` (relative to the
+anchor-pair distance) optionally bound each point's distance from its straight-line start: a trust
+region that keeps L_id from dragging the coarse layers off the realistic manifold (:func:`offset_bound`).
 
 W+ restriction (``navigation.layers: coarse_middle``): a point's optimised w drives only the
 coarse and middle synthesis layers (blocks below ``navigation.fine_from`` px); the fine layers
@@ -52,8 +53,9 @@ from plan_shared.config import NavigationConfig
 from plan_shared.models import StyleGenerator
 from plan_shared.nav_objectives import Objective, kl_uniform, point_terms
 
-__all__ = ["NavResult", "compose_styles", "dist_loss", "free_layers", "kl_uniform", "linear_paths", "official_loop",
-           "optimise_paths", "path_losses", "path_styles", "random_samples", "sequential_reference", "w_std"]
+__all__ = ["NavResult", "compose_styles", "dist_loss", "free_layers", "kl_uniform", "linear_paths", "offset_bound",
+           "official_loop", "optimise_paths", "path_losses", "path_styles", "project_offsets", "random_samples",
+           "sequential_reference", "w_std"]
 
 
 def linear_paths(wa: torch.Tensor, wb: torch.Tensor, T: int) -> torch.Tensor:
@@ -93,6 +95,26 @@ def path_styles(G: StyleGenerator, full: torch.Tensor, nav: NavigationConfig) ->
     if free is None:
         return full
     return compose_styles(full, linear_paths(full[:, 0], full[:, -1], full.shape[1]), free)
+
+
+def offset_bound(nav: NavigationConfig, wa: torch.Tensor, wb: torch.Tensor) -> torch.Tensor | None:
+    """Per path ``[paths]`` the largest W offset a point may take from its straight-line start: ``nav.max_offset``
+    and ``nav.trust_ratio * ||wb - wa||`` (anchors in the same coordinates as the offsets), the tighter of the two;
+    None when neither is set."""
+    bound: torch.Tensor | None = None
+    if nav.trust_ratio is not None:
+        bound = nav.trust_ratio * (wb - wa).norm(dim=1)
+    if nav.max_offset is not None:
+        cap = torch.full((wa.shape[0],), float(nav.max_offset), dtype=wa.dtype, device=wa.device)
+        bound = cap if bound is None else torch.minimum(bound, cap)
+    return bound
+
+
+def project_offsets(D: torch.Tensor, bound: torch.Tensor) -> torch.Tensor:
+    """In place: shrink every offset ``D [paths, n, w_dim]`` whose norm exceeds its path's ``bound [paths]`` onto
+    that sphere (radial projection, the direction kept); returns ``D``."""
+    norm = D.norm(dim=2, keepdim=True).clamp(min=1e-12)
+    return D.mul_((bound.view(-1, 1, 1).to(D.dtype) / norm).clamp(max=1.0))
 
 
 def dist_loss(full: torch.Tensor) -> torch.Tensor:
@@ -282,6 +304,7 @@ def _optimise_shard(
     # amplify rounding noise into a random walk when the classifier terms are off.
     seg_const = (T - 1) * ((wb - wa) / (T - 1)).pow(2).sum(1)  # [paths]
     D = torch.zeros_like(start).requires_grad_(True)
+    bound = offset_bound(nav, wa, wb)  # [paths] trust region in standardised W, or None
     opt = torch.optim.Adam([D], lr=nav.lr)
     zero_end = torch.zeros(p, 1, d, device=dev, dtype=start.dtype)
     flat_start = start.view(-1, d)
@@ -337,9 +360,8 @@ def _optimise_shard(
         keep_frozen = D.detach()[frozen].clone() if bool(frozen.any()) else None
         opt.step()
         with torch.no_grad():
-            if nav.max_offset is not None:
-                norm = D.norm(dim=2, keepdim=True).clamp(min=1e-12)
-                D.mul_((nav.max_offset / norm).clamp(max=1.0))
+            if bound is not None:
+                project_offsets(D, bound)
             # a stopped path holds its best point (Adam's momentum would move it on)
             if keep_frozen is not None:
                 D[frozen] = keep_frozen
