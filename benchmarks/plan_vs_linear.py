@@ -16,6 +16,8 @@ with the SAME G, phi_id, phi_class and anchor pairs, paths for ``linear`` and ea
   plan+wplus+margin+trR   + trust region: every point's W offset from its straight-line start at most R x the
                 anchor-pair distance (navigation.trust_ratio)
   plan+wplus+margin+offR  + the absolute bound navigation.max_offset R (sigma_W units)
+  plan+wplus+margin+realL  + the realism hinge navigation.lambda_real L with the checkpoint's D (for these the D
+                measures below are no longer independent: read prec_att)
 The other variants navigate plain W (navigation.layers all), whatever the configured default.
 
 Measures on the interior path images (issue #11.1):
@@ -80,11 +82,14 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "plan+wplus+margin+tr0.35": {"layers": "coarse_middle", "trust_ratio": 0.35},
     "plan+wplus+margin+tr0.5": {"layers": "coarse_middle", "trust_ratio": 0.5},
     "plan+wplus+margin+off1": {"layers": "coarse_middle", "max_offset": 1.0},
+    "plan+wplus+margin+real2": {"layers": "coarse_middle", "lambda_real": 2.0},
+    "plan+wplus+margin+real6": {"layers": "coarse_middle", "lambda_real": 6.0},
+    "plan+wplus+margin+tr0.35+real2": {"layers": "coarse_middle", "trust_ratio": 0.35, "lambda_real": 2.0},
     "plan+wplus+margin+off1.5": {"layers": "coarse_middle", "max_offset": 1.5},
 }
 # every variant sets the knobs it is about: the others follow the schema defaults, not the configured ones
 _KNOBS = {"class_target": NavigationConfig().class_target, "layers": "all", "eot_samples": 0, "lambda_smooth": 0.0,
-          "trust_ratio": None, "max_offset": None}
+          "trust_ratio": None, "max_offset": None, "lambda_real": 0.0}
 
 
 def hf_share(x: torch.Tensor, cutoff: float = 0.25) -> np.ndarray:
@@ -210,8 +215,10 @@ def main() -> None:
             raise SystemExit(f"--variants: unknown variant {name!r} (known: {', '.join(VARIANTS)})")
         t0 = time.perf_counter()
         variant = nc.model_copy(update={**_KNOBS, **VARIANTS[name], "T": args.T, "steps": args.steps})
+        if variant.lambda_real > 0 and D is None:
+            raise SystemExit(f"--variants {name}: {args.generator} holds no discriminator")
         paths = optimise_paths(G, phi_id, phi_class, wa, wb, plabels, variant, w_scale=sigma_w, progress=False,
-                               seed=cfg.seed).paths
+                               seed=cfg.seed, disc=D).paths
         fulls[name] = path_styles(G, paths, variant)
         off_ratio[name] = float(((paths - lin_paths)[:, 1:-1].norm(dim=2) / (wb - wa).norm(dim=1, keepdim=True)).mean())
         tick(f"navigation {name}", t0)

@@ -491,6 +491,13 @@ class NavigationConfig(_Section):
         "0.399 precision, id-prob 0.163, TSTR 0.793); 0.5 / max_offset 1.5 recover almost nothing. No extra render."
     )
 
+    lambda_real: float = Field(
+        0.0, ge=0.0, description="Realism hinge (issue #11.1): weight of L_real = mean over interior points of "
+        "relu(D(G(w_lin)) - D(G(w))), the drop of the discriminator's logit below the straight-line point's; needs the "
+        "generator's discriminator (optimise_paths disc=). 0 = off (default): the site pipeline gets G only, and the "
+        "benchmark (plan_vs_linear.py plan+wplus+margin+real) measures it against trust_ratio."
+    )
+
     @model_validator(mode="after")
     def _eot_range(self) -> NavigationConfig:
         lo, hi = self.eot_blur

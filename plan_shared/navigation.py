@@ -124,11 +124,11 @@ def dist_loss(full: torch.Tensor) -> torch.Tensor:
 
 def path_losses(
     G: StyleGenerator, phi_id: nn.Module, phi_class: nn.Module, full: torch.Tensor, labels: torch.Tensor,
-    objective: Objective | None = None, seed: int = 0, free: torch.Tensor | None = None,
+    objective: Objective | None = None, seed: int = 0, free: torch.Tensor | None = None, disc: nn.Module | None = None,
 ) -> dict[str, torch.Tensor]:
     """Per path L_dist and the per-point terms (means over interior points) for full paths ``[paths, T, w_dim]``
     (no chunking; tests, reports). ``objective`` None: the published L_id and L_class (plain KL and CE);
-    ``free`` the navigated layers (:func:`free_layers`; None = all)."""
+    ``free`` the navigated layers (:func:`free_layers`; None = all); ``disc`` the discriminator (realism hinge)."""
     p, T, d = full.shape
     obj = objective or Objective.published(1.0, 1.0)
     inner = full[:, 1:-1].reshape(-1, d)
@@ -136,7 +136,7 @@ def path_losses(
     img = G.render(compose_styles(inner, lin_inner, free))
     img_lin = G.render(lin_inner) if obj.needs_linear_image else None
     terms = point_terms(img, img_lin, phi_id, phi_class, labels.repeat_interleave(T - 2), obj,
-                        torch.Generator().manual_seed(seed))
+                        torch.Generator().manual_seed(seed), disc)
     return {"dist": dist_loss(full)} | {k: v.view(p, T - 2).mean(1) for k, v in terms.items()}
 
 
@@ -170,21 +170,22 @@ class NavResult:
     shards: list[dict[str, Any]] = field(default_factory=list)
 
 
-POINT_TERMS = ("id", "class", "smooth")  # the per-point terms of nav_objectives.point_terms, in history order
+POINT_TERMS = ("id", "class", "smooth", "real")  # the per-point terms of nav_objectives.point_terms, in history order
 
 
 def _chunk_loss(
     G: StyleGenerator, phi_id: nn.Module, phi_class: nn.Module, w: torch.Tensor, y: torch.Tensor, obj: Objective,
     n_inner: int, gen: torch.Generator, w_lin: torch.Tensor, free: torch.Tensor | None = None,
+    disc: nn.Module | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The per-point part of the objective for one chunk of interior points ``w [n, w_dim]`` (real W scale)
     whose straight-line starts are ``w_lin``; ``free`` the navigated layers (None = all; else the others render
     ``w_lin``, :func:`compose_styles`).
 
     The terms are :func:`plan_shared.nav_objectives.point_terms` (L_id, L_class with its margin, EOT views,
-    the low-pass bound against the straight-line points ``w_lin``). Returns the scalar to back-propagate
+    the low-pass bound and the realism hinge against the straight-line points ``w_lin``). Returns the scalar to back-propagate
     (weighted per-image terms / n_inner, so the sum over a path's chunks is the path's mean) and the per-image
-    terms ``[n, 3]`` in :data:`POINT_TERMS` order (detached; zeros for a term whose weight is 0, which is then
+    terms ``[n, 4]`` in :data:`POINT_TERMS` order (detached; zeros for a term whose weight is 0, which is then
     not evaluated).
     """
     img = G.render(compose_styles(w, w_lin, free))
@@ -192,7 +193,7 @@ def _chunk_loss(
     if obj.needs_linear_image:
         with torch.no_grad():
             img_lin = G.render(w_lin)
-    terms = point_terms(img, img_lin, phi_id, phi_class, y, obj, gen)
+    terms = point_terms(img, img_lin, phi_id, phi_class, y, obj, gen, disc)
     zero = torch.zeros(w.shape[0], device=w.device)
     loss = torch.zeros((), device=w.device)
     for k, v in terms.items():
@@ -212,11 +213,13 @@ def optimise_paths(
     w_scale: float = 1.0,
     progress: bool = True,
     seed: int = 0,
+    disc: nn.Module | None = None,
 ) -> NavResult:
     """Optimise all paths with the settings of the ``navigation`` config section; see :class:`NavResult`.
 
     The per-point terms are :class:`plan_shared.nav_objectives.Objective` built from ``nav`` (class margin,
-    EOT views, low-pass bound); ``seed`` drives the EOT views' random draws. ``nav.layers`` coarse_middle:
+    EOT views, low-pass bound, realism hinge: ``disc`` is the generator's discriminator, needed when
+    ``nav.lambda_real`` > 0); ``seed`` drives the EOT views' random draws. ``nav.layers`` coarse_middle:
     each point's w drives only the coarse/middle layers, the fine ones render its straight-line start
     (render the result with :func:`path_styles`); L_dist is the navigated w's, as in W.
 
@@ -229,7 +232,9 @@ def optimise_paths(
     """
     if nav.T < 3:
         raise ValueError("T must be >= 3 (two anchors + at least one free point)")
-    for net in (G, phi_id, phi_class):
+    if nav.lambda_real > 0 and disc is None:
+        raise ValueError("navigation.lambda_real > 0 needs the discriminator (optimise_paths disc=)")
+    for net in (G, phi_id, phi_class, *([disc] if disc is not None else [])):
         net.eval()
         for q in net.parameters():
             q.requires_grad_(False)
@@ -240,12 +245,13 @@ def optimise_paths(
 
     def work(i: int) -> tuple[NavResult, float]:
         dev, idx = devices[i], shards[i]
-        g, pi, pc = G, phi_id, phi_class
+        g, pi, pc, dc = G, phi_id, phi_class, disc
         if not (dev == home and i == 0):  # every other worker gets its own copies (threads share nothing mutable)
             g, pi, pc = copy.deepcopy(G).to(dev), copy.deepcopy(phi_id).to(dev), copy.deepcopy(phi_class).to(dev)
+            dc = copy.deepcopy(disc).to(dev) if disc is not None else None
         t0 = time.perf_counter()
         r = _optimise_shard(g, pi, pc, wa[idx].to(dev), wb[idx].to(dev), labels[idx].to(dev), nav, w_scale,
-                            progress, seed + i, f"navigation ({len(idx)} paths{', ' + str(dev) if len(devices) > 1 else ''})")
+                            progress, seed + i, dc, f"navigation ({len(idx)} paths{', ' + str(dev) if len(devices) > 1 else ''})")
         return r, time.perf_counter() - t0
 
     if len(shards) == 1:
@@ -280,6 +286,7 @@ def _optimise_shard(
     w_scale: float,
     progress: bool,
     seed: int,
+    disc: nn.Module | None,
     desc: str,
 ) -> NavResult:
     """One worker: all its paths as one tensor on wa's device (the loop of :func:`optimise_paths`)."""
@@ -335,7 +342,7 @@ def _optimise_shard(
             for s in range(0, len(points), chunk):
                 ix: slice | torch.Tensor = slice(s, s + chunk) if everyone else points[s : s + chunk]
                 loss, pt[ix] = _chunk_loss(G, phi_id, phi_class, (flat_start[ix] + flat[ix]) * sc, flat_labels[ix], objective,
-                                           n_inner, gen, flat_lin[ix], free)
+                                           n_inner, gen, flat_lin[ix], free, disc)
                 torch.autograd.backward(loss)  # accumulates into D.grad through the gather
         ld_path = seg_const + dist_loss(torch.cat([zero_end, D, zero_end], dim=1))
         torch.autograd.backward(nav.lambda_dist * ld_path.sum())
