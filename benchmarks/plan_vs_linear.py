@@ -12,7 +12,12 @@ with the SAME G, phi_id, phi_class and anchor pairs, paths for ``linear`` and ea
   plan+eot+lowpass   both
   plan+wplus    the published loss, W+ restricted: only the coarse/middle layers navigated (navigation.layers
                 coarse_middle), the fine layers held on the linear path's w
-  plan+wplus+margin  W+ restricted + L_class margin (the pipeline's default)
+  plan+wplus+margin  W+ restricted + L_class margin
+  plan+wplus+margin+trR   + trust region: every point's W offset from its straight-line start at most R x the
+                anchor-pair distance (navigation.trust_ratio)
+  plan+wplus+margin+offR  + the absolute bound navigation.max_offset R (sigma_W units)
+  plan+wplus+margin+realL  + the realism hinge navigation.lambda_real L with the checkpoint's D (for these the D
+                measures below are no longer independent: read prec_att)
 The other variants navigate plain W (navigation.layers all), whatever the configured default.
 
 Measures on the interior path images (issue #11.1):
@@ -24,6 +29,12 @@ Measures on the interior path images (issue #11.1):
              the image) and in the attacker's L2-normalised embedding
   (d) tstr   accuracy (and balanced accuracy) on the real test split of the utility classifier
              (classes recipe, utility epochs) trained on the path images with their path's label
+Realism, in networks no variant optimises: the checkpoint's discriminator D (the federated D trained with G):
+  d_logit    mean D logit of the path images (real train images' mean is the reference line)
+  prec_d / kid_d   k-NN precision (k 3, Kynkaenniemi et al. 2019) and KID of the path images against the
+             site's train images in D's penultimate features
+  prec_att   k-NN precision in the attacker's embedding (no variant optimises it either)
+  off_ratio  mean over points of ||w - w_lin|| / ||w_b - w_a|| (how far the path left the straight line)
 Also phi_p (phi_id's mean max probability: what navigation optimised). Writes OUT/results.json,
 OUT/strips-<variant>.png (plan_shared.plots.path_strips; p = attacker max id-probability,
 d = pixel DCR) and prints the table.
@@ -47,11 +58,13 @@ from plan_shared.anchors import k_same_anchors, nearest_pairs, spread_pairs
 from plan_shared.attacker import embed as att_embed
 from plan_shared.attacker import max_id_prob, train_attacker
 from plan_shared.classifiers import build_classifier, predict_logits, spec_from, train_classifier
-from plan_shared.config import NavigationConfig, load_config, parse_sets
+from plan_shared.config import NavigationConfig, config_from_stored, load_config, parse_sets
 from plan_shared.data import load_dataset, stratified_subsample, to_tensor
 from plan_shared.gan import load_generator
 from plan_shared.inversion import invert
-from plan_shared.metrics import balanced_accuracy, dcr
+from plan_shared.metrics import balanced_accuracy, dcr, kernel_distance, precision_recall
+from plan_shared.models import build_discriminator
+from plan_shared.models.discriminator import Discriminator
 from plan_shared.navigation import linear_paths, optimise_paths, path_styles, w_std
 from plan_shared.plots import path_strips
 from plan_shared.runtime import seed_everything, set_threads
@@ -64,9 +77,19 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "plan+eot+lowpass": {"eot_samples": 4, "lambda_smooth": 400.0},
     "plan+wplus": {"class_target": None, "layers": "coarse_middle"},
     "plan+wplus+margin": {"layers": "coarse_middle"},
+    "plan+wplus+margin+tr0.1": {"layers": "coarse_middle", "trust_ratio": 0.1},
+    "plan+wplus+margin+tr0.2": {"layers": "coarse_middle", "trust_ratio": 0.2},
+    "plan+wplus+margin+tr0.35": {"layers": "coarse_middle", "trust_ratio": 0.35},
+    "plan+wplus+margin+tr0.5": {"layers": "coarse_middle", "trust_ratio": 0.5},
+    "plan+wplus+margin+off1": {"layers": "coarse_middle", "max_offset": 1.0},
+    "plan+wplus+margin+real2": {"layers": "coarse_middle", "lambda_real": 2.0},
+    "plan+wplus+margin+real6": {"layers": "coarse_middle", "lambda_real": 6.0},
+    "plan+wplus+margin+tr0.35+real2": {"layers": "coarse_middle", "trust_ratio": 0.35, "lambda_real": 2.0},
+    "plan+wplus+margin+off1.5": {"layers": "coarse_middle", "max_offset": 1.5},
 }
 # every variant sets the knobs it is about: the others follow the schema defaults, not the configured ones
-_KNOBS = {"class_target": NavigationConfig().class_target, "layers": "all", "eot_samples": 0, "lambda_smooth": 0.0}
+_KNOBS = {"class_target": NavigationConfig().class_target, "layers": "all", "eot_samples": 0, "lambda_smooth": 0.0,
+          "trust_ratio": None, "max_offset": None, "lambda_real": 0.0}
 
 
 def hf_share(x: torch.Tensor, cutoff: float = 0.25) -> np.ndarray:
@@ -79,6 +102,31 @@ def hf_share(x: torch.Tensor, cutoff: float = 0.25) -> np.ndarray:
     high = (fy.pow(2) + fx.pow(2)).sqrt() > cutoff
     tot = pw.sum(dim=(1, 2)).clamp(min=1e-12)
     return (pw[:, high].sum(1) / tot).numpy()
+
+
+def load_discriminator(path: str) -> Discriminator | None:
+    """The checkpoint's discriminator (eval mode), or None when the file holds none."""
+    sd = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(sd, dict) or "discriminator" not in sd:
+        return None
+    D = build_discriminator(config_from_stored(sd["config"], f"{path}:config"), sd["arch"]["size"], sd["arch"]["channels"])
+    D.load_state_dict(sd["discriminator"])
+    return D.eval().requires_grad_(False)
+
+
+@torch.no_grad()
+def d_scores(D: Discriminator, x: torch.Tensor, batch: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    """D's logits ``[N]`` and penultimate features ``[N, F]`` (batches of ``batch``: the minibatch-std groups)."""
+    logits, feats = [], []
+    for i in range(0, len(x), batch):
+        h = x[i : i + batch]
+        if D.native != D.size:
+            h = torch.nn.functional.interpolate(h, size=(D.native, D.native), mode="bilinear", align_corners=False)
+        h = D.conv(D.mbstd(D.blocks(D.from_image(h))))
+        f = D.fc(h.flatten(1))
+        feats.append(f)
+        logits.append(D.out(f).squeeze(1))
+    return torch.cat(logits), torch.cat(feats)
 
 
 @torch.no_grad()
@@ -154,18 +202,25 @@ def main() -> None:
     tick("inversion+anchors", t0)
 
     emb_tr = att_embed(att, x_tr)
+    D = load_discriminator(args.generator)
+    real_d_logit, real_d_feat = d_scores(D, x_tr) if D is not None else (None, None)
     flat_tr = x_tr.flatten(1)
     real_hf = float(hf_share(x_tr).mean())
     nc = cfg.navigation
-    fulls: dict[str, torch.Tensor] = {"linear": linear_paths(wa, wb, args.T)}  # styles to render: W or W+ per point
+    lin_paths = linear_paths(wa, wb, args.T)
+    fulls: dict[str, torch.Tensor] = {"linear": lin_paths}  # styles to render: W or W+ per point
+    off_ratio: dict[str, float] = {"linear": 0.0}
     for name in [v for v in args.variants.split(",") if v]:
         if name not in VARIANTS:
             raise SystemExit(f"--variants: unknown variant {name!r} (known: {', '.join(VARIANTS)})")
         t0 = time.perf_counter()
         variant = nc.model_copy(update={**_KNOBS, **VARIANTS[name], "T": args.T, "steps": args.steps})
+        if variant.lambda_real > 0 and D is None:
+            raise SystemExit(f"--variants {name}: {args.generator} holds no discriminator")
         paths = optimise_paths(G, phi_id, phi_class, wa, wb, plabels, variant, w_scale=sigma_w, progress=False,
-                               seed=cfg.seed).paths
+                               seed=cfg.seed, disc=D).paths
         fulls[name] = path_styles(G, paths, variant)
+        off_ratio[name] = float(((paths - lin_paths)[:, 1:-1].norm(dim=2) / (wb - wa).norm(dim=1, keepdim=True)).mean())
         tick(f"navigation {name}", t0)
 
     results: dict[str, Any] = {}
@@ -189,7 +244,13 @@ def main() -> None:
             "phi_p": float(phi_p.mean()), "dcr_px": float(d_px.mean()), "dcr_px_p05": float(np.quantile(d_px, 0.05)),
             "dcr_att": float(d_att.mean()), "tstr_acc": float((pred == y_te).mean()),
             "tstr_bacc": balanced_accuracy(y_te, pred), "phi_class_p_y": float(p_cls.mean()),
+            "off_ratio": off_ratio[name], "prec_att": precision_recall(emb_tr.numpy(), att_embed(att, inner).numpy(), k=3)[0],
         }
+        if D is not None and real_d_feat is not None:
+            d_logit, d_feat = d_scores(D, inner)
+            results[name] |= {"d_logit": float(d_logit.mean()),
+                              "prec_d": precision_recall(real_d_feat.numpy(), d_feat.numpy(), k=3)[0],
+                              "kid_d": kernel_distance(real_d_feat.numpy(), d_feat.numpy())[0]}
         rows = []
         for r in range(min(args.strip_rows, len(pairs))):
             fp = imgs_full[r]
@@ -203,19 +264,23 @@ def main() -> None:
         "steps": args.steps, "variants": {k: VARIANTS[k] for k in fulls if k in VARIANTS},
         "navigation": nc.model_dump(mode="json"), "attacker": cfg.audit.attacker.model_dump(mode="json"),
         "attacker_mean_max_prob_train": att_train_p, "attacker_mean_max_prob_val": att_val_p,
-        "real_train_hf": real_hf, "results": results, "timing_s": timing,
+        "real_train_hf": real_hf, "real_train_d_logit": None if real_d_logit is None else float(real_d_logit.mean()),
+        "results": results, "timing_s": timing,
         "total_s": round(time.perf_counter() - t_all, 1),
     }
     (out / "results.json").write_text(json.dumps(summary, indent=2))
     print(f"\nsite {len(x_tr)} train images, {len(pairs)} paths x T {args.T}, {args.steps} steps; attacker mean max "
-          f"prob: train {att_train_p:.3f}, val {att_val_p:.3f}; real train hf share {real_hf:.4f}")
-    hdr = f"{'method':18s} {'hf':>7s} {'hf/lin':>6s} {'att_p':>6s} {'phi_p':>6s} {'dcr_px':>7s} {'dcr_att':>7s} " \
-          f"{'tstr':>6s} {'tstr_b':>6s} {'p_y':>5s}"
+          f"prob: train {att_train_p:.3f}, val {att_val_p:.3f}; real train hf share {real_hf:.4f}"
+          + ("" if real_d_logit is None else f", D logit {float(real_d_logit.mean()):.3f}"))
+    hdr = f"{'method':26s} {'hf':>7s} {'hf/lin':>6s} {'att_p':>6s} {'phi_p':>6s} {'dcr_px':>7s} {'dcr_att':>7s} " \
+          f"{'tstr':>6s} {'tstr_b':>6s} {'p_y':>5s} {'off':>5s} {'prec_a':>6s} {'d_logit':>7s} {'prec_d':>6s} {'kid_d':>7s}"
     print(hdr)
     lin_hf = results["linear"]["hf"]
     for name, r in results.items():
-        print(f"{name:18s} {r['hf']:7.4f} {r['hf'] / lin_hf:6.2f} {r['att_p']:6.3f} {r['phi_p']:6.3f} {r['dcr_px']:7.3f} "
-              f"{r['dcr_att']:7.3f} {r['tstr_acc']:6.3f} {r['tstr_bacc']:6.3f} {r['phi_class_p_y']:5.2f}")
+        real = f" {r['d_logit']:7.3f} {r['prec_d']:6.3f} {r['kid_d']:7.3f}" if "d_logit" in r else ""
+        print(f"{name:26s} {r['hf']:7.4f} {r['hf'] / lin_hf:6.2f} {r['att_p']:6.3f} {r['phi_p']:6.3f} {r['dcr_px']:7.3f} "
+              f"{r['dcr_att']:7.3f} {r['tstr_acc']:6.3f} {r['tstr_bacc']:6.3f} {r['phi_class_p_y']:5.2f} "
+              f"{r['off_ratio']:5.2f} {r['prec_att']:6.3f}{real}")
     print(f"total {summary['total_s']} s; {out / 'results.json'}")
 
 

@@ -426,7 +426,8 @@ def navigate_paths(cfg: PlanConfig, G: StyleGenerator, phi_id: Classifier, phi_c
         section = NavigationSection(
             T=T, steps=nc.steps, lr=nc.lr, lambda_dist=nc.lambda_dist, lambda_id=nc.lambda_id,
             lambda_class=nc.lambda_class, chunk=nc.chunk,
-            objective=nc.model_dump(include={"class_target", "eot_samples", "lambda_smooth", "layers", "fine_from"}),  # wplus: layers
+            objective=nc.model_dump(include={"class_target", "eot_samples", "lambda_smooth", "layers", "fine_from",
+                                             "trust_ratio"}),  # wplus: layers; artefacts: trust_ratio
             w_scale=sigma_w, max_offset=nc.max_offset,
             paths=len(pairs), path_steps_per_s=finite(steps_run / max(dt, 1e-9)),
             loss_first=hist[0] if hist else None, loss_last=hist[-1] if hist else None,

@@ -476,6 +476,33 @@ class NavigationConfig(_Section):
         "generators: 4-8 coarse, 16 middle, 32 fine (3 of a 32 px generator's 11 style inputs held)."
     )
 
+    trust_ratio: float | None = Field(
+        0.35, gt=0.0, description="Trust region relative to the anchor pair (issue #11.1, realism): after each step "
+        "every point's W offset from its straight-line start is projected to at most trust_ratio x ||w_b - w_a||, the "
+        "distance between the path's two anchors, so L_id cannot drag the coarse layers off the generator's realistic "
+        "manifold (far pairs may bend more than near ones). Applied together with max_offset (the tighter bound wins). "
+        "null = unbounded (published behaviour). 0.35 (default) measured by benchmarks/plan_vs_linear.py (demo-s18b "
+        "round-4 G and its federated D, 80 identities, 16 paths x T 20, 8 steps as in the demo, inversion 30 steps), vs "
+        "unbounded W+ and linear: realism (the checkpoint's D, not optimised) D logit -0.75 vs -0.92 and -0.60 (real "
+        "0.51), k-NN precision in D features 0.39 vs 0.26 and 0.48, KID 0.119 vs 0.137 and 0.100; attacker id-prob 0.159 "
+        "vs 0.148 and 0.172, pixel DCR 6.37 vs 6.69 and 5.96, attacker-embedding DCR 0.738 vs 0.743 and 0.651, TSTR 0.812 "
+        "vs 0.833 and 0.756, hf share 0.99x linear vs 1.01x: still ahead of linear on all four, about half the realism "
+        "loss recovered; the strips' lateral bright blobs are fainter. The absolute max_offset 1.0 measured alike (D "
+        "0.399 precision, id-prob 0.163, TSTR 0.793); 0.5 / max_offset 1.5 recover almost nothing. No extra render."
+    )
+
+    lambda_real: float = Field(
+        0.0, ge=0.0, description="Realism hinge (issue #11.1): weight of L_real = mean over interior points of "
+        "relu(D(G(w_lin)) - D(G(w))), the drop of the discriminator's logit below the straight-line point's; needs the "
+        "generator's discriminator (optimise_paths disc=). 0 = off (default): the site pipeline does not pass D yet, "
+        "and it doubles a navigation chunk's cost (one more render of the straight-line points + D forward/backward: "
+        "measured 6.4 vs 3.4 s per 128-point chunk on the demo G, loaded 2 cores). Measured by benchmarks/plan_vs_linear.py "
+        "(same setting as trust_ratio): at 2 with trust_ratio 0.35, k-NN precision in the attacker's embedding (independent "
+        "of D) 0.889 vs 0.819 (trust region alone), 0.802 (unbounded) and 0.851 (linear); attacker id-prob 0.153 (linear "
+        "0.172), pixel DCR 6.24 (5.96), attacker-embedding DCR 0.707 (0.651), TSTR 0.833 (0.756), hf share 1.03x linear. "
+        "The better realism/privacy trade-off once D reaches the site at an affordable cost."
+    )
+
     @model_validator(mode="after")
     def _eot_range(self) -> NavigationConfig:
         lo, hi = self.eot_blur

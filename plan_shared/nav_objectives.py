@@ -6,6 +6,7 @@ per-image terms; the weighted sum is what it optimises. The terms::
     id     KL(U || softmax phi_id(v))          averaged over the views v of the image
     class  CE(phi_class(v), y) * [p_y(v) < class_target]   (margin: no push past the target)
     smooth mean_px (HP(G(w) - G(w_lin)))^2     HP(x) = x - GaussBlur_sigma(x)   (low-pass bound)
+    real   relu(D(G(w_lin)) - D(G(w)))         (realism hinge: D's logit may not fall below the linear point's)
 
 Views: the image itself (``eot_samples`` 0, the published loss) or ``eot_samples`` random
 transformations of it (expectation over transformations: Gaussian blur with sigma drawn
@@ -44,11 +45,12 @@ class Objective:
     eot_shift: int
     lambda_smooth: float
     smooth_sigma: float
+    lambda_real: float = 0.0
 
     @classmethod
     def from_config(cls, nc: NavigationConfig) -> Objective:
         return cls(nc.lambda_id, nc.lambda_class, nc.class_target, nc.eot_samples, (nc.eot_blur[0], nc.eot_blur[1]),
-                   nc.eot_noise, nc.eot_shift, nc.lambda_smooth, nc.smooth_sigma)
+                   nc.eot_noise, nc.eot_shift, nc.lambda_smooth, nc.smooth_sigma, nc.lambda_real)
 
     @classmethod
     def published(cls, lambda_id: float, lambda_class: float) -> Objective:
@@ -56,7 +58,7 @@ class Objective:
         return cls(lambda_id, lambda_class, None, 0, (0.0, 0.0), 0.0, 0, 0.0, 1.0)
 
     def weight(self, term: str) -> float:
-        return {"id": self.lambda_id, "class": self.lambda_class, "smooth": self.lambda_smooth}[term]
+        return {"id": self.lambda_id, "class": self.lambda_class, "smooth": self.lambda_smooth, "real": self.lambda_real}[term]
 
     @property
     def needs_classifiers(self) -> bool:
@@ -64,7 +66,7 @@ class Objective:
 
     @property
     def needs_linear_image(self) -> bool:
-        return self.lambda_smooth > 0
+        return self.lambda_smooth > 0 or self.lambda_real > 0
 
 
 def kl_uniform(logits: torch.Tensor) -> torch.Tensor:
@@ -143,10 +145,12 @@ def point_terms(
     labels: torch.Tensor,
     obj: Objective,
     gen: torch.Generator,
+    disc: nn.Module | None = None,
 ) -> dict[str, torch.Tensor]:
     """Unweighted per-image terms ``{name: [n]}`` for the rendered points ``img [n, C, H, W]``.
 
-    ``img_lin``: the images of the points' straight-line starts (needed when lambda_smooth > 0).
+    ``img_lin``: the images of the points' straight-line starts (needed when lambda_smooth or lambda_real > 0);
+    ``disc`` the generator's discriminator (logits ``[n]``; needed when lambda_real > 0).
     Only terms with a positive weight are computed.
     """
     n = img.shape[0]
@@ -164,4 +168,10 @@ def point_terms(
             raise ValueError("point_terms: lambda_smooth > 0 needs img_lin, the straight-line points' images")
         hp = high_pass(img - img_lin.detach(), obj.smooth_sigma)
         out["smooth"] = hp.pow(2).flatten(1).mean(1)
+    if obj.lambda_real > 0:
+        if disc is None or img_lin is None:
+            raise ValueError("point_terms: lambda_real > 0 needs disc (the discriminator) and img_lin")
+        with torch.no_grad():
+            ref = disc(img_lin).float()
+        out["real"] = F.relu(ref - disc(img).float())
     return out

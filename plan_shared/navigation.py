@@ -14,8 +14,9 @@ of how many paths share the batch). The classifier terms are separable per point
 flattened interior points are processed in chunks of ``chunk`` images: forward + backward
 per chunk, gradients accumulating into ``P.grad``; L_dist is added on the whole tensor.
 Peak memory is set by ``chunk``, not by ``paths x T``. Only W is optimised (the images
-stay on the generator's manifold); ``max_offset`` optionally bounds each point's distance
-from its straight-line start.
+stay on the generator's manifold); ``max_offset`` (absolute) and ``trust_ratio`` (relative to the
+anchor-pair distance) optionally bound each point's distance from its straight-line start: a trust
+region that keeps L_id from dragging the coarse layers off the realistic manifold (:func:`offset_bound`).
 
 W+ restriction (``navigation.layers: coarse_middle``): a point's optimised w drives only the
 coarse and middle synthesis layers (blocks below ``navigation.fine_from`` px); the fine layers
@@ -52,8 +53,9 @@ from plan_shared.config import NavigationConfig
 from plan_shared.models import StyleGenerator
 from plan_shared.nav_objectives import Objective, kl_uniform, point_terms
 
-__all__ = ["NavResult", "compose_styles", "dist_loss", "free_layers", "kl_uniform", "linear_paths", "official_loop",
-           "optimise_paths", "path_losses", "path_styles", "random_samples", "sequential_reference", "w_std"]
+__all__ = ["NavResult", "compose_styles", "dist_loss", "free_layers", "kl_uniform", "linear_paths", "offset_bound",
+           "official_loop", "optimise_paths", "path_losses", "path_styles", "project_offsets", "random_samples",
+           "sequential_reference", "w_std"]
 
 
 def linear_paths(wa: torch.Tensor, wb: torch.Tensor, T: int) -> torch.Tensor:
@@ -95,6 +97,26 @@ def path_styles(G: StyleGenerator, full: torch.Tensor, nav: NavigationConfig) ->
     return compose_styles(full, linear_paths(full[:, 0], full[:, -1], full.shape[1]), free)
 
 
+def offset_bound(nav: NavigationConfig, wa: torch.Tensor, wb: torch.Tensor) -> torch.Tensor | None:
+    """Per path ``[paths]`` the largest W offset a point may take from its straight-line start: ``nav.max_offset``
+    and ``nav.trust_ratio * ||wb - wa||`` (anchors in the same coordinates as the offsets), the tighter of the two;
+    None when neither is set."""
+    bound: torch.Tensor | None = None
+    if nav.trust_ratio is not None:
+        bound = nav.trust_ratio * (wb - wa).norm(dim=1)
+    if nav.max_offset is not None:
+        cap = torch.full((wa.shape[0],), float(nav.max_offset), dtype=wa.dtype, device=wa.device)
+        bound = cap if bound is None else torch.minimum(bound, cap)
+    return bound
+
+
+def project_offsets(D: torch.Tensor, bound: torch.Tensor) -> torch.Tensor:
+    """In place: shrink every offset ``D [paths, n, w_dim]`` whose norm exceeds its path's ``bound [paths]`` onto
+    that sphere (radial projection, the direction kept); returns ``D``."""
+    norm = D.norm(dim=2, keepdim=True).clamp(min=1e-12)
+    return D.mul_((bound.view(-1, 1, 1).to(D.dtype) / norm).clamp(max=1.0))
+
+
 def dist_loss(full: torch.Tensor) -> torch.Tensor:
     """Per path sum of squared segment lengths; ``full [paths, T, w_dim]`` -> ``[paths]``."""
     return (full[:, 1:] - full[:, :-1]).pow(2).sum(dim=(1, 2))
@@ -102,11 +124,11 @@ def dist_loss(full: torch.Tensor) -> torch.Tensor:
 
 def path_losses(
     G: StyleGenerator, phi_id: nn.Module, phi_class: nn.Module, full: torch.Tensor, labels: torch.Tensor,
-    objective: Objective | None = None, seed: int = 0, free: torch.Tensor | None = None,
+    objective: Objective | None = None, seed: int = 0, free: torch.Tensor | None = None, disc: nn.Module | None = None,
 ) -> dict[str, torch.Tensor]:
     """Per path L_dist and the per-point terms (means over interior points) for full paths ``[paths, T, w_dim]``
     (no chunking; tests, reports). ``objective`` None: the published L_id and L_class (plain KL and CE);
-    ``free`` the navigated layers (:func:`free_layers`; None = all)."""
+    ``free`` the navigated layers (:func:`free_layers`; None = all); ``disc`` the discriminator (realism hinge)."""
     p, T, d = full.shape
     obj = objective or Objective.published(1.0, 1.0)
     inner = full[:, 1:-1].reshape(-1, d)
@@ -114,7 +136,7 @@ def path_losses(
     img = G.render(compose_styles(inner, lin_inner, free))
     img_lin = G.render(lin_inner) if obj.needs_linear_image else None
     terms = point_terms(img, img_lin, phi_id, phi_class, labels.repeat_interleave(T - 2), obj,
-                        torch.Generator().manual_seed(seed))
+                        torch.Generator().manual_seed(seed), disc)
     return {"dist": dist_loss(full)} | {k: v.view(p, T - 2).mean(1) for k, v in terms.items()}
 
 
@@ -148,21 +170,22 @@ class NavResult:
     shards: list[dict[str, Any]] = field(default_factory=list)
 
 
-POINT_TERMS = ("id", "class", "smooth")  # the per-point terms of nav_objectives.point_terms, in history order
+POINT_TERMS = ("id", "class", "smooth", "real")  # the per-point terms of nav_objectives.point_terms, in history order
 
 
 def _chunk_loss(
     G: StyleGenerator, phi_id: nn.Module, phi_class: nn.Module, w: torch.Tensor, y: torch.Tensor, obj: Objective,
     n_inner: int, gen: torch.Generator, w_lin: torch.Tensor, free: torch.Tensor | None = None,
+    disc: nn.Module | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The per-point part of the objective for one chunk of interior points ``w [n, w_dim]`` (real W scale)
     whose straight-line starts are ``w_lin``; ``free`` the navigated layers (None = all; else the others render
     ``w_lin``, :func:`compose_styles`).
 
     The terms are :func:`plan_shared.nav_objectives.point_terms` (L_id, L_class with its margin, EOT views,
-    the low-pass bound against the straight-line points ``w_lin``). Returns the scalar to back-propagate
+    the low-pass bound and the realism hinge against the straight-line points ``w_lin``). Returns the scalar to back-propagate
     (weighted per-image terms / n_inner, so the sum over a path's chunks is the path's mean) and the per-image
-    terms ``[n, 3]`` in :data:`POINT_TERMS` order (detached; zeros for a term whose weight is 0, which is then
+    terms ``[n, 4]`` in :data:`POINT_TERMS` order (detached; zeros for a term whose weight is 0, which is then
     not evaluated).
     """
     img = G.render(compose_styles(w, w_lin, free))
@@ -170,7 +193,7 @@ def _chunk_loss(
     if obj.needs_linear_image:
         with torch.no_grad():
             img_lin = G.render(w_lin)
-    terms = point_terms(img, img_lin, phi_id, phi_class, y, obj, gen)
+    terms = point_terms(img, img_lin, phi_id, phi_class, y, obj, gen, disc)
     zero = torch.zeros(w.shape[0], device=w.device)
     loss = torch.zeros((), device=w.device)
     for k, v in terms.items():
@@ -190,11 +213,13 @@ def optimise_paths(
     w_scale: float = 1.0,
     progress: bool = True,
     seed: int = 0,
+    disc: nn.Module | None = None,
 ) -> NavResult:
     """Optimise all paths with the settings of the ``navigation`` config section; see :class:`NavResult`.
 
     The per-point terms are :class:`plan_shared.nav_objectives.Objective` built from ``nav`` (class margin,
-    EOT views, low-pass bound); ``seed`` drives the EOT views' random draws. ``nav.layers`` coarse_middle:
+    EOT views, low-pass bound, realism hinge: ``disc`` is the generator's discriminator, needed when
+    ``nav.lambda_real`` > 0); ``seed`` drives the EOT views' random draws. ``nav.layers`` coarse_middle:
     each point's w drives only the coarse/middle layers, the fine ones render its straight-line start
     (render the result with :func:`path_styles`); L_dist is the navigated w's, as in W.
 
@@ -207,7 +232,9 @@ def optimise_paths(
     """
     if nav.T < 3:
         raise ValueError("T must be >= 3 (two anchors + at least one free point)")
-    for net in (G, phi_id, phi_class):
+    if nav.lambda_real > 0 and disc is None:
+        raise ValueError("navigation.lambda_real > 0 needs the discriminator (optimise_paths disc=)")
+    for net in (G, phi_id, phi_class, *([disc] if disc is not None else [])):
         net.eval()
         for q in net.parameters():
             q.requires_grad_(False)
@@ -218,12 +245,13 @@ def optimise_paths(
 
     def work(i: int) -> tuple[NavResult, float]:
         dev, idx = devices[i], shards[i]
-        g, pi, pc = G, phi_id, phi_class
+        g, pi, pc, dc = G, phi_id, phi_class, disc
         if not (dev == home and i == 0):  # every other worker gets its own copies (threads share nothing mutable)
             g, pi, pc = copy.deepcopy(G).to(dev), copy.deepcopy(phi_id).to(dev), copy.deepcopy(phi_class).to(dev)
+            dc = copy.deepcopy(disc).to(dev) if disc is not None else None
         t0 = time.perf_counter()
         r = _optimise_shard(g, pi, pc, wa[idx].to(dev), wb[idx].to(dev), labels[idx].to(dev), nav, w_scale,
-                            progress, seed + i, f"navigation ({len(idx)} paths{', ' + str(dev) if len(devices) > 1 else ''})")
+                            progress, seed + i, dc, f"navigation ({len(idx)} paths{', ' + str(dev) if len(devices) > 1 else ''})")
         return r, time.perf_counter() - t0
 
     if len(shards) == 1:
@@ -258,6 +286,7 @@ def _optimise_shard(
     w_scale: float,
     progress: bool,
     seed: int,
+    disc: nn.Module | None,
     desc: str,
 ) -> NavResult:
     """One worker: all its paths as one tensor on wa's device (the loop of :func:`optimise_paths`)."""
@@ -282,6 +311,7 @@ def _optimise_shard(
     # amplify rounding noise into a random walk when the classifier terms are off.
     seg_const = (T - 1) * ((wb - wa) / (T - 1)).pow(2).sum(1)  # [paths]
     D = torch.zeros_like(start).requires_grad_(True)
+    bound = offset_bound(nav, wa, wb)  # [paths] trust region in standardised W, or None
     opt = torch.optim.Adam([D], lr=nav.lr)
     zero_end = torch.zeros(p, 1, d, device=dev, dtype=start.dtype)
     flat_start = start.view(-1, d)
@@ -312,7 +342,7 @@ def _optimise_shard(
             for s in range(0, len(points), chunk):
                 ix: slice | torch.Tensor = slice(s, s + chunk) if everyone else points[s : s + chunk]
                 loss, pt[ix] = _chunk_loss(G, phi_id, phi_class, (flat_start[ix] + flat[ix]) * sc, flat_labels[ix], objective,
-                                           n_inner, gen, flat_lin[ix], free)
+                                           n_inner, gen, flat_lin[ix], free, disc)
                 torch.autograd.backward(loss)  # accumulates into D.grad through the gather
         ld_path = seg_const + dist_loss(torch.cat([zero_end, D, zero_end], dim=1))
         torch.autograd.backward(nav.lambda_dist * ld_path.sum())
@@ -337,9 +367,8 @@ def _optimise_shard(
         keep_frozen = D.detach()[frozen].clone() if bool(frozen.any()) else None
         opt.step()
         with torch.no_grad():
-            if nav.max_offset is not None:
-                norm = D.norm(dim=2, keepdim=True).clamp(min=1e-12)
-                D.mul_((nav.max_offset / norm).clamp(max=1.0))
+            if bound is not None:
+                project_offsets(D, bound)
             # a stopped path holds its best point (Adam's momentum would move it on)
             if keep_frozen is not None:
                 D[frozen] = keep_frozen

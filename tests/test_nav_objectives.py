@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from plan_shared.config import NavigationConfig
-from plan_shared.models import Classifier, StyleGenerator
+from plan_shared.models import Classifier, Discriminator, StyleGenerator
 from plan_shared.nav_objectives import Objective, eot_views, gaussian_blur, margin_ce, point_terms
 from plan_shared.navigation import linear_paths, optimise_paths, path_losses
 
@@ -121,3 +121,42 @@ def test_config_refuses_an_inverted_blur_range_and_builds_the_objective():
         NavigationConfig(eot_blur=(1.0, 0.5))
     obj = Objective.from_config(NavigationConfig())
     assert obj.class_target == NavigationConfig().class_target and obj.weight("id") == NavigationConfig().lambda_id
+
+
+class _Brightness(torch.nn.Module):
+    """A stand-in critic with a known gradient: the logit is the mean pixel value (brighter = 'more real')."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.flatten(1).mean(1)
+
+
+def test_realism_hinge_is_zero_on_the_linear_path_and_pushes_d_up_only_below_it():
+    obj = Objective(0.0, 0.0, None, 0, (0.0, 0.0), 0.0, 0, 0.0, 1.0, lambda_real=1.0)
+    dummy, disc = torch.nn.Identity(), _Brightness()
+    y = torch.zeros(2, dtype=torch.long)
+    lin = _smooth_images(2, 8)
+    assert float(point_terms(lin, lin, dummy, dummy, y, obj, torch.Generator(), disc)["real"].abs().max()) == 0.0
+    img = torch.stack([lin[0] - 0.2, lin[1] + 0.2]).requires_grad_(True)  # point 0 darker than its line point, 1 brighter
+    real = point_terms(img, lin, dummy, dummy, y, obj, torch.Generator(), disc)["real"]
+    assert float(real[0].detach()) == pytest.approx(0.2, rel=1e-4) and float(real[1].detach()) == 0.0
+    real.sum().backward()
+    g = img.grad
+    assert float(g[0].max()) < 0 and torch.count_nonzero(g[1]) == 0  # descent brightens point 0, leaves point 1
+    with pytest.raises(ValueError, match="disc"):
+        point_terms(img, lin, dummy, dummy, y, obj, torch.Generator())
+
+
+def test_optimise_paths_with_the_realism_hinge_needs_and_uses_the_discriminator():
+    G, phi_id, phi_c = _tiny()
+    wa, wb = torch.randn(2, 8), torch.randn(2, 8)
+    y = torch.tensor([0, 1])
+    nc = NavigationConfig(T=5, steps=3, lr=0.2, lambda_id=5.0, lambda_real=1.0, devices=["cpu"])
+    with pytest.raises(ValueError, match="lambda_real"):
+        optimise_paths(G, phi_id, phi_c, wa, wb, y, nc, progress=False)
+    torch.manual_seed(1)
+    D = Discriminator(size=8, channels=1, base_channels=4, max_channels=8).eval()
+    res = optimise_paths(G, phi_id, phi_c, wa, wb, y, nc, progress=False, disc=D)
+    assert res.history[0]["real"] == 0.0  # measured at the start: the straight line is its own reference
+    assert res.history[-1]["real"] > 0.0  # L_id moved the points and D noticed
+    L = path_losses(G, phi_id, phi_c, res.paths, y, Objective.from_config(nc), disc=D)
+    assert set(L) >= {"real"} and bool((L["real"] >= 0).all())

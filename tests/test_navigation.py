@@ -17,9 +17,11 @@ from plan_shared.navigation import (
     kl_uniform,
     linear_paths,
     official_loop,
+    offset_bound,
     optimise_paths,
     path_losses,
     path_styles,
+    project_offsets,
     sequential_reference,
 )
 
@@ -140,6 +142,38 @@ def test_max_offset_bounds_points():
     off = (out - linear_paths(wa, wb, 5)).norm(dim=2)
     assert float(off.max()) <= 0.1 + 1e-5
     assert float(off.max()) > 0.09  # the bound was reached, i.e. it acted
+
+
+def test_trust_ratio_bounds_points_by_their_anchor_pair_distance():
+    """Each point's offset from the straight line stays within trust_ratio x ||w_b - w_a|| of ITS path (in real W,
+    whatever sigma_W), the bound is reached (it acted), and paths of far pairs may move farther than near ones."""
+    G, phi_id, phi_c = tiny()
+    torch.manual_seed(3)
+    wa = torch.randn(2, 8)
+    wb = wa + torch.randn(2, 8) * torch.tensor([[0.3], [3.0]])  # a near and a far pair
+    cfg = nav(T=5, steps=6, lr=0.5, lambda_dist=0.0, lambda_id=10.0, lambda_class=10.0, class_target=None, trust_ratio=0.2)
+    out = optimise_paths(G, phi_id, phi_c, wa, wb, torch.zeros(2), cfg, w_scale=0.7, progress=False).paths
+    off = (out - linear_paths(wa, wb, 5)).norm(dim=2)  # [2, T]; 0 at the anchors
+    bound = 0.2 * (wb - wa).norm(dim=1)
+    assert (off.max(1).values <= bound * (1 + 1e-4)).all()
+    assert (off[:, 1:-1].max(1).values > 0.9 * bound).all()
+    assert float(off[1].max()) > 5 * float(off[0].max())
+    free = optimise_paths(G, phi_id, phi_c, wa, wb, torch.zeros(2), cfg.model_copy(update={"trust_ratio": None}),
+                          w_scale=0.7, progress=False).paths
+    assert float((free - linear_paths(wa, wb, 5)).norm(dim=2)[0].max()) > 2 * float(bound[0])  # unbounded goes farther
+
+
+def test_offset_bound_takes_the_tighter_of_trust_ratio_and_max_offset():
+    wa, wb = torch.zeros(2, 3), torch.tensor([[1.0, 0.0, 0.0], [10.0, 0.0, 0.0]])
+    assert offset_bound(nav(trust_ratio=None), wa, wb) is None
+    assert torch.allclose(offset_bound(nav(), wa, wb), NavigationConfig().trust_ratio * torch.tensor([1.0, 10.0]))  # default on
+    assert torch.allclose(offset_bound(nav(trust_ratio=0.5), wa, wb), torch.tensor([0.5, 5.0]))
+    assert torch.allclose(offset_bound(nav(trust_ratio=0.5, max_offset=2.0), wa, wb), torch.tensor([0.5, 2.0]))
+    assert torch.allclose(offset_bound(nav(trust_ratio=None, max_offset=2.0), wa, wb), torch.tensor([2.0, 2.0]))
+    D = torch.tensor([[[3.0, 4.0], [0.3, 0.4]], [[0.0, 0.0], [6.0, 8.0]]])  # norms 5, 0.5 | 0, 10
+    project_offsets(D, torch.tensor([1.0, 20.0]))
+    assert torch.allclose(D.norm(dim=2), torch.tensor([[1.0, 0.5], [0.0, 10.0]]))  # only the one outside moved
+    assert torch.allclose(D[0, 0], torch.tensor([0.6, 0.8]))  # radially: the direction is kept
 
 
 def test_early_stopping_stops_each_path_on_its_own_plateau():
