@@ -533,8 +533,10 @@ def filter_candidates(cfg: PlanConfig, method: Method | None, cand: Mapping[Meth
     The planted duplicates of train images go through the same scoring as the exported
     method's candidates (one batch); the candidates' verdicts in that batch must equal
     their own (PrivacyInvariantError otherwise). ``method`` None (synthesis.method auto: the
-    export method is chosen after the compare stage): every method's candidates are in that
-    batch, and the exported method's reject reasons come with :func:`filter_for_export`.
+    export method is chosen after the compare stage): every method's candidates and the planted
+    duplicates are scored in one batch, each method's scores are its rows of that batch (so the
+    planted test scored whichever method is exported, at no extra scoring), and the exported
+    method's reject reasons come with :func:`filter_for_export`.
     Planted copies of held-out images are a diagnostic (with ``filter.identity_classes="train"``
     only dcr / pixel_dcr can catch them).
     """
@@ -543,22 +545,30 @@ def filter_candidates(cfg: PlanConfig, method: Method | None, cand: Mapping[Meth
     def score(x: torch.Tensor) -> Scores:
         return score_images(x, ids.phi_id, ids.indep, zone.embeddings, protected_pixels=zone.pixels)
 
-    scores = {name: score(c.images) for name, c in cand.items()}
-    accept = {name: accept_mask(s, th, d_pix) for name, s in scores.items()}
     planted_x, _ = plant_duplicates(data.x_tr, fc.planted, seed=cfg.seed + 13)
-    checked = list(cand) if method is None else [method]  # autoexport: every method the export may choose
-    mixed = torch.cat([*(cand[m].images for m in checked), planted_x])
-    mixed_scores = score(mixed)
-    mixed_accept = accept_mask(mixed_scores, th, d_pix)
-    n_m = 0
-    for m in checked:
-        got, n = mixed_accept[n_m:n_m + len(cand[m])], len(cand[m])
-        if not np.array_equal(got, accept[m]):
+    if method is None:  # autoexport: one batch of every method's candidates and the planted duplicates
+        checked = list(cand)
+        mixed = torch.cat([*(cand[m].images for m in checked), planted_x])
+        mixed_scores = score(mixed)
+        mixed_accept = accept_mask(mixed_scores, th, d_pix)
+        ends = np.cumsum([len(cand[m]) for m in checked])
+        rows = {m: np.arange(e - len(cand[m]), e) for m, e in zip(checked, ends, strict=True)}
+        scores = {m: mixed_scores.subset(r) for m, r in rows.items()}
+        accept = {m: mixed_accept[r] for m, r in rows.items()}
+        n_m = int(ends[-1]) if len(ends) else 0
+    else:
+        checked = [method]
+        scores = {name: score(c.images) for name, c in cand.items()}
+        accept = {name: accept_mask(s, th, d_pix) for name, s in scores.items()}
+        mixed = torch.cat([cand[method].images, planted_x])
+        mixed_scores = score(mixed)
+        mixed_accept = accept_mask(mixed_scores, th, d_pix)
+        n_m = len(cand[method])
+        if not np.array_equal(mixed_accept[:n_m], accept[method]):
             raise PrivacyInvariantError(
-                f"the planted test scored the {m} candidates differently from the filter "
-                f"({int((got != accept[m]).sum())} of {n} verdicts differ): its result says "
+                f"the planted test scored the {method} candidates differently from the filter "
+                f"({int((mixed_accept[:n_m] != accept[method]).sum())} of {n_m} verdicts differ): its result says "
                 "nothing about the exported images; nothing is exported")
-        n_m += n
     planted_accept = mixed_accept[n_m:]
     planted_scores = mixed_scores.subset(np.arange(n_m, len(mixed)))
     if planted_accept.any():
