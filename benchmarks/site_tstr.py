@@ -10,9 +10,10 @@ classes.utility_epochs, class-balanced), the site-level TSTR of
   site alone   the recipe on the site's real train split
   random       the recipe on the random samples
 
-is measured twice: last epoch (before: classes.utility_select_on_val false) and the epoch with
-the best accuracy on the site's real val split (after: the default); accuracy on the real test
-split, with the seconds of each training. Writes OUT/results.json and prints the table::
+is measured: class-balanced sampling and the last epoch (before), balanced with the epoch of
+the best accuracy on the site's real val split (classes.utility_select_on_val), and unbalanced
+(classes.utility_balanced false) with the val epoch; accuracy on the site's real test split, with
+the seconds of each training. Writes OUT/results.json and prints the table::
 
     python benchmarks/site_tstr.py --generator /tmp/g.pt --site 0 --seeds 3 --out runs/site_tstr
 """
@@ -46,6 +47,8 @@ def main() -> None:
     ap.add_argument("--sites", type=int, default=3)
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--modes", default="", help="comma list of unbalanced-val, balanced-last (before), balanced-val (default: all)")
+    ap.add_argument("--site-alone-only", action="store_true", help="skip phi_class and the random samples")
     ap.add_argument("--set", action="append", default=[], help="config override KEY=VALUE")
     ap.add_argument("--out", default="runs/site_tstr")
     args = ap.parse_args()
@@ -59,28 +62,35 @@ def main() -> None:
     ds = partition_dataset(load_dataset(cfg.data, cfg.seed), cfg.partition, cfg.seed)[args.site]
     gen = S.load_generator(cfg, args.generator, ds, dev)
     data = S.load_site_data(ds)
-    cls = S.train_class_model(cfg, ds, data, dev, False)
-    n_rand = len(data.x_tr)
-    x_r = S.render(gen.G, random_samples(gen.G, n_rand, cfg.synthesis.truncation, seed=cfg.seed + 11))
-    y_r = predict_logits(cls.phi_class, x_r).argmax(1).numpy()
-    majority = float(max((data.y_te == k).mean() for k in range(ds.num_classes)))
-    sets = {"site alone": (data.x_tr, data.y_tr.numpy()), "random": (x_r, y_r)}
     val = (data.x_va, data.y_va)
+    all_modes = {"unbalanced-val": (False, val), "balanced-last": (True, None), "balanced-val": (True, val)}
+    modes = {k: all_modes[k] for k in (args.modes.split(",") if args.modes else all_modes)}
     rows: list[dict[str, Any]] = []
-    for i in range(args.seeds):
-        seed = cfg.seed + 21 + i
-        for name, (x, y) in sets.items():
-            for mode, v in (("last epoch", None), ("val epoch", val)):
+    majority = float(max((data.y_te == k).mean() for k in range(ds.num_classes)))
+
+    def measure(name: str, x: torch.Tensor, y: Any) -> None:
+        for mode, (balanced, v) in modes.items():
+            for i in range(args.seeds):
+                seed = cfg.seed + 21 + i
+                mc = cfg.model_copy(update={"classes": cfg.classes.model_copy(update={"utility_balanced": balanced})})
                 t0 = time.perf_counter()
-                sc = S.train_utility(cfg, ds, x, y, data.x_te, data.y_te, seed, name, dev, False, val=v)
+                sc = S.train_utility(mc, ds, x, y, data.x_te, data.y_te, seed, name, dev, False, val=v)
                 rows.append({"seed": seed, "set": name, "mode": mode, "accuracy": sc.accuracy,
-                             "seconds": round(time.perf_counter() - t0, 2)})
+                             "balanced_accuracy": sc.balanced_accuracy, "seconds": round(time.perf_counter() - t0, 2)})
                 print(json.dumps(rows[-1]), flush=True)
+
+    measure("site alone", data.x_tr, data.y_tr.numpy())  # first: it needs no generator sample
+    sets: tuple[str, ...] = ("site alone",)
+    if not args.site_alone_only:
+        cls = S.train_class_model(cfg, ds, data, dev, False)
+        x_r = S.render(gen.G, random_samples(gen.G, len(data.x_tr), cfg.synthesis.truncation, seed=cfg.seed + 11))
+        measure("random", x_r, predict_logits(cls.phi_class, x_r).argmax(1).numpy())
+        sets += ("random",)
     summary: dict[str, Any] = {"site": args.site, "n_train": len(data.x_tr), "n_val": len(data.x_va),
                                "n_test": len(data.x_te), "majority_test": majority, "utility_epochs":
                                cfg.classes.utility_epochs, "spread": {}}
     for name in sets:
-        for mode in ("last epoch", "val epoch"):
+        for mode in modes:
             acc = [r["accuracy"] for r in rows if r["set"] == name and r["mode"] == mode]
             sec = [r["seconds"] for r in rows if r["set"] == name and r["mode"] == mode]
             summary["spread"][f"{name} / {mode}"] = {

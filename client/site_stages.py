@@ -674,12 +674,13 @@ def write_site_dir(out: Path, cfg: PlanConfig, cand: Candidates, scores: Scores,
 def train_utility(cfg: PlanConfig, ds: ImageDataset, x_tr: torch.Tensor, y_tr: np.ndarray | torch.Tensor,
                   x_te: torch.Tensor, y_te: np.ndarray, seed: int, desc: str, device: torch.device,
                   progress: bool, val: tuple[torch.Tensor, torch.Tensor] | None = None) -> UtilityScore:
-    """The utility recipe (classes-section architecture, utility_epochs, balanced) on ``x_tr``, tested on ``x_te``;
+    """The utility recipe (classes-section architecture, utility_epochs, classes.utility_balanced) on ``x_tr``, tested
+    on ``x_te``;
     with ``val`` (the site's real val split) the epoch with the best val accuracy is kept."""
     if len(x_tr) < 2:
         return UtilityScore(None, None, None, len(x_tr), trained=False)
     model = build_classifier(ds.num_classes, ds.channels, ds.size, cfg.classes).to(device)
-    spec = spec_from(cfg.classes, epochs=cfg.classes.utility_epochs, balanced=True)
+    spec = spec_from(cfg.classes, epochs=cfg.classes.utility_epochs, balanced=cfg.classes.utility_balanced)
     torch.manual_seed(seed)
     val = val if val is not None and len(val[0]) else None
     train_classifier(model, x_tr, y_tr, spec, val=val, seed=seed, desc=desc, recalibrate=True, progress=progress)
@@ -719,8 +720,14 @@ def utility_of_site(cfg: PlanConfig, ds: ImageDataset, data: SiteData, cand: Can
     syn.per_class_train = {ds.class_names[k]: int((ys == k).sum()) for k in range(ds.num_classes)}
     return UtilitySection(syn, real, synthetic_set="images passing the per-image filter"
                           + (" (export blocked: not exported)" if blocked else ""),
-                          classifier=UTILITY_RECIPE + (", epoch chosen on the site's real val split"
-                                                       if utility_val(cfg, data) is not None else ""))
+                          classifier=utility_recipe(cfg, data))
+
+
+def utility_recipe(cfg: PlanConfig, data: SiteData) -> str:
+    """autoexport: the utility recipe in words (report key utility.classifier)."""
+    text = UTILITY_RECIPE if cfg.classes.utility_balanced else UTILITY_RECIPE.replace(
+        "class-balanced sampling", "plain sampling (no class balancing)")
+    return text + (", epoch chosen on the site's real val split" if utility_val(cfg, data) is not None else "")
 
 
 def match_class_shares(cfg: PlanConfig, ds: ImageDataset, cand: Candidates,

@@ -316,6 +316,11 @@ class ClassesConfig(ClassifierConfig):
         8, ge=1, description="Epochs of the utility classifier (same architecture) trained on accepted synthetic images "
         "and, for reference, on the real train split; both tested on the real test split."
     )
+    utility_balanced: bool = Field(
+        True, description="The utility recipe samples the classes evenly (class-balanced sampling). On a label-skewed "
+        "site this moves the decision threshold toward the rare class (demo site-0: site-alone TSTR 0.43-0.50 on its "
+        "test split, majority 0.625, while phi_class, unbalanced, scored 0.91); benchmarks/site_tstr.py compares."
+    )
     utility_select_on_val: bool = Field(
         True, description="The utility recipe (site-level TSTR of every method and the site-alone reference) keeps "
         "the epoch with the best accuracy on the site's own real val split (site-local, never exported; the test "
