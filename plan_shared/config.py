@@ -317,15 +317,16 @@ class ClassesConfig(ClassifierConfig):
         "and, for reference, on the real train split; both tested on the real test split."
     )
     utility_balanced: bool = Field(
-        True, description="The utility recipe samples the classes evenly (class-balanced sampling). On a label-skewed "
-        "site this moves the decision threshold toward the rare class (demo site-0: site-alone TSTR 0.43-0.50 on its "
-        "test split, majority 0.625, while phi_class, unbalanced, scored 0.91); benchmarks/site_tstr.py compares."
+        False, description="The utility recipe (site-level TSTR of every method, compare's sets prevalence-matched to "
+        "the site's real train priors, and the site-alone reference) samples the classes evenly. Off by default: on a "
+        "label-skewed site it moves the decision threshold toward the rare class. Measured (benchmarks/site_tstr.py, "
+        "demo site-0 of pneumoniamnist, 284 train / 86 val / 148 test images, majority class 0.625 on its test split, "
+        "5 epochs, at load 15-30): site-alone TSTR with balancing 0.47-0.50 (last epoch and val epoch, seed 21, below "
+        "the majority class), without balancing and with the val epoch 0.892 / 0.872 / 0.892 (seeds 21 / 22 / 23)."
     )
     utility_select_on_val: bool = Field(
-        True, description="The utility recipe (site-level TSTR of every method and the site-alone reference) keeps "
-        "the epoch with the best accuracy on the site's own real val split (site-local, never exported; the test "
-        "split stays untouched). false = the last epoch (before: on pneumoniamnist site-0 of the demo the site-alone "
-        "TSTR scored 0.47-0.50, below the majority class 0.625, and random 0.57-0.85 across two demos)."
+        True, description="The utility recipe keeps the epoch with the best accuracy on the site's own real val split "
+        "(site-local, never exported; the test split stays untouched). false = the last epoch."
     )
 
 

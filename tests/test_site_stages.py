@@ -276,9 +276,9 @@ def test_utility_of_the_exported_method_is_compares_entry_not_trained_again(site
                             known={"random": known["random"]})
     assert own.real.n_train == 40 and own.real.accuracy != 0.456 and "val split" not in own.classifier
     assert S.utility_val(plain, site.data) is None and S.utility_val(site.cfg, site.data) is not None
-    unbalanced = _cfg(classes=dict(TINY["classes"], utility_balanced=False))
-    assert "plain sampling (no class balancing)" in S.utility_recipe(unbalanced, site.data)
-    assert "class-balanced sampling" in sec.classifier
+    balanced = _cfg(classes=dict(TINY["classes"], utility_balanced=True))
+    assert "class-balanced sampling" in S.utility_recipe(balanced, site.data)
+    assert "plain sampling (no class balancing)" in sec.classifier  # the default (classes.utility_balanced)
 
 
 def test_filter_with_auto_tests_every_method_in_the_planted_batch(site):
