@@ -175,7 +175,7 @@ def synthesize_cmd(
     data: str = typer.Option(None, "--data", help="A MedMNIST-format .npz, an ImageFolder root or a CSV manifest."),
     config: str = typer.Option(None, "--config", "-c", help="site.yaml; documented defaults otherwise."),
     generator: str = typer.Option(None, "--generator", "-g", help="Generator checkpoint; without it one is trained locally first."),
-    method: str = typer.Option(None, "--method", "-m", help="plan | linear | random: whose accepted images are exported (default synthesis.method)."),
+    method: str = typer.Option(None, "--method", "-m", help="auto | plan | linear | random: whose accepted images are exported (auto: the method the site's verdict supports; default synthesis.method)."),
     out: str = typer.Option("runs/synthesize", "--out", "-o", help="Output dir (images/<class>/<id>.png, manifest.json, report.json, PNGs)."),
     device: str = typer.Option(None, "--device", help="auto, cpu, cuda, cuda:N (default: config, auto)."),
     sets: list[str] = typer.Option(None, "--set", help="Override a configuration key, e.g. --set navigation.steps=100 (repeatable)."),
@@ -187,7 +187,7 @@ def synthesize_cmd(
     from pathlib import Path as _P
 
     from client.synthesize import resolve_config, summary_line, synthesize
-    from plan_shared.config import METHODS, ConfigError
+    from plan_shared.config import SYNTHESIS_METHODS, ConfigError
     from plan_shared.runtime import setup_logging
 
     try:
@@ -195,8 +195,8 @@ def synthesize_cmd(
     except ConfigError as err:
         typer.echo(f"error: {err}", err=True)
         raise typer.Exit(2) from None
-    if method is not None and method not in METHODS:
-        typer.echo(f"error: --method must be plan, linear or random, got {method!r}", err=True)
+    if method is not None and method not in SYNTHESIS_METHODS:  # autoexport: auto too
+        typer.echo(f"error: --method must be auto, plan, linear or random, got {method!r}", err=True)
         raise typer.Exit(2)
     setup_logging()
     report = synthesize(cfg, _P(out), _P(generator) if generator else None, method)

@@ -144,6 +144,7 @@ def summary_from_report(site_id: str, report: dict[str, Any], num_classes: int, 
         utility={name: float(sec["accuracy"]) for name, sec in (report.get("utility") or {}).items()
                  if isinstance(sec, dict) and sec.get("accuracy") is not None},
         timing={k: float(v) for k, v in (report.get("timing") or {}).items()},
+        method=str(report.get("method") or ""), method_reason=str(report.get("method_reason") or ""),  # autoexport
     )
 
 

@@ -188,12 +188,15 @@ class UtilityScore:
         return out
 
 
+UTILITY_RECIPE = "classes-section architecture, utility_epochs, class-balanced sampling, tested on the real test split"
+
+
 @dataclass
 class UtilitySection:
     synthetic: UtilityScore
     real: UtilityScore
     synthetic_set: str
-    classifier: str = "classes-section architecture, utility_epochs, class-balanced sampling, tested on the real test split"
+    classifier: str = UTILITY_RECIPE
 
     def to_json(self) -> dict[str, Any]:
         return {"synthetic": self.synthetic.to_json(), "real": self.real.to_json(), "classifier": self.classifier,
@@ -251,13 +254,18 @@ class SiteReport:
     prevalence: dict[str, Any] | None = None  # synthesis.match_prevalence: accepted vs exported per class
     attacker: dict[str, float | None] | None = None  # the audit's re-identification attacker (AttackerAudit.attacker)
     verdict: dict[str, Any] | None = None  # plan_shared.variety.plan_verdict (with compare): PLAN vs filtered random
+    # autoexport: synthesis.method as asked (auto or a forced method) and why ``method`` was exported
+    method_requested: str | None = None
+    method_reason: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         """The report.json object (plain dicts, lists and scalars), keys in today's order."""
-        out: dict[str, Any] = {"site_id": self.site_id, "dataset": self.dataset, "method": self.method,
-                               "device": self.device, "data": _plain(self.data), "identity": _plain(self.identity),
-                               "classes": _plain(self.classes), "inversion": _plain(self.inversion),
-                               "anchors": _plain(self.anchors)}
+        out: dict[str, Any] = {"site_id": self.site_id, "dataset": self.dataset, "method": self.method}
+        if self.method_requested is not None:
+            out.update(method_requested=self.method_requested, method_reason=self.method_reason)
+        out.update({"device": self.device, "data": _plain(self.data), "identity": _plain(self.identity),
+                    "classes": _plain(self.classes), "inversion": _plain(self.inversion),
+                    "anchors": _plain(self.anchors)})
         if self.navigation is not None:
             out["navigation"] = _plain(self.navigation)
         out["filter"] = _plain(self.filter)

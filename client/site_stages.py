@@ -18,9 +18,11 @@ B4 [anchors]           :func:`anchor_pairs`                   :class:`AnchorPair
 B5 [navigation]        :func:`navigate_paths`                 :class:`Paths`
 B5 [render]            :func:`render_candidates`              ``dict[Method, Candidates]``
 B6 [filter]            :func:`filter_candidates`              :class:`FilterOutcome`
-[export]               :func:`write_site_dir`                 :class:`SiteManifest`
+[compare]              :func:`compare_methods`,               :class:`Comparison`,
+                       :func:`verdict_of`                     the verdict (report key verdict)
+[export]               :func:`filter_for_export`,             :class:`SiteManifest`
+                       :func:`write_site_dir`
 [utility]              :func:`utility_of_site`                :class:`UtilitySection`
-[compare]              :func:`compare_methods`                ``dict[str, ComparePoint]``
 [figures]              :func:`write_figures`                  figure names
 =====================  =====================================  ==========================
 
@@ -43,6 +45,7 @@ import numpy as np
 import torch
 
 from client.site_report import (
+    UTILITY_RECIPE,
     AnchorsSection,
     ClassesSection,
     ComparePoint,
@@ -66,7 +69,7 @@ from plan_shared.classifiers import (
     spec_from,
     train_classifier,
 )
-from plan_shared.config import METHODS, Method, PlanConfig
+from plan_shared.config import METHODS, SYNTHESIS_METHODS, Method, PlanConfig, SynthesisMethod
 from plan_shared.data import ImageDataset, stratified_subsample, to_tensor
 from plan_shared.encoder import encoder_init
 from plan_shared.files import file_sha256
@@ -117,6 +120,14 @@ def check_method(method: str) -> Method:
         if method == m:
             return m
     raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+
+
+def check_requested_method(method: str) -> SynthesisMethod:
+    """autoexport: ``method`` as a synthesis.method value (a method or ``auto``); ValueError naming the value."""
+    for m in SYNTHESIS_METHODS:
+        if method == m:
+            return m
+    raise ValueError(f"method must be one of {SYNTHESIS_METHODS}, got {method!r}")
 
 
 # ---------------------------------------------------------------------------------------------- load
@@ -493,6 +504,7 @@ class FilterOutcome:
     blocked: bool  # sensitivity failed and filter.block_on_planted: nothing is exported
     section: FilterSection
     methods: dict[str, MethodStats]
+    planted_checked: list[Method] = field(default_factory=list)  # methods scored in the planted test's batch
 
     def passed(self, method: Method) -> np.ndarray:
         """Rows of ``method``'s candidates that pass the per-image filter."""
@@ -515,32 +527,49 @@ def method_stats(scores: Scores, accept: np.ndarray) -> MethodStats:
     )
 
 
-def filter_candidates(cfg: PlanConfig, method: Method, cand: Mapping[Method, Candidates], ids: IdentityModels,
-                      cal: Calibration, data: SiteData) -> FilterOutcome:
+def filter_candidates(cfg: PlanConfig, method: Method | None, cand: Mapping[Method, Candidates],
+                      ids: IdentityModels, cal: Calibration, data: SiteData) -> FilterOutcome:
     """Score every candidate; test the filter on planted near-duplicates (method.md B6).
 
     The planted duplicates of train images go through the same scoring as the exported
     method's candidates (one batch); the candidates' verdicts in that batch must equal
-    their own (PrivacyInvariantError otherwise). Planted copies of held-out images are a
-    diagnostic (with ``filter.identity_classes="train"`` only dcr / pixel_dcr can catch them).
+    their own (PrivacyInvariantError otherwise). ``method`` None (synthesis.method auto: the
+    export method is chosen after the compare stage): every method's candidates and the planted
+    duplicates are scored in one batch, each method's scores are its rows of that batch (so the
+    planted test scored whichever method is exported, at no extra scoring), and the exported
+    method's reject reasons come with :func:`filter_for_export`.
+    Planted copies of held-out images are a diagnostic (with ``filter.identity_classes="train"``
+    only dcr / pixel_dcr can catch them).
     """
     fc, th, d_pix, zone = cfg.filter, cal.thresholds, cal.delta_pixel, cal.zone
 
     def score(x: torch.Tensor) -> Scores:
         return score_images(x, ids.phi_id, ids.indep, zone.embeddings, protected_pixels=zone.pixels)
 
-    scores = {name: score(c.images) for name, c in cand.items()}
-    accept = {name: accept_mask(s, th, d_pix) for name, s in scores.items()}
     planted_x, _ = plant_duplicates(data.x_tr, fc.planted, seed=cfg.seed + 13)
-    mixed = torch.cat([cand[method].images, planted_x])
-    mixed_scores = score(mixed)
-    mixed_accept = accept_mask(mixed_scores, th, d_pix)
-    n_m = len(cand[method])
-    if not np.array_equal(mixed_accept[:n_m], accept[method]):
-        raise PrivacyInvariantError(
-            f"the planted test scored the {method} candidates differently from the filter "
-            f"({int((mixed_accept[:n_m] != accept[method]).sum())} of {n_m} verdicts differ): its result says "
-            "nothing about the exported images; nothing is exported")
+    if method is None:  # autoexport: one batch of every method's candidates and the planted duplicates
+        checked = list(cand)
+        mixed = torch.cat([*(cand[m].images for m in checked), planted_x])
+        mixed_scores = score(mixed)
+        mixed_accept = accept_mask(mixed_scores, th, d_pix)
+        ends = np.cumsum([len(cand[m]) for m in checked])
+        rows = {m: np.arange(e - len(cand[m]), e) for m, e in zip(checked, ends, strict=True)}
+        scores = {m: mixed_scores.subset(r) for m, r in rows.items()}
+        accept = {m: mixed_accept[r] for m, r in rows.items()}
+        n_m = int(ends[-1]) if len(ends) else 0
+    else:
+        checked = [method]
+        scores = {name: score(c.images) for name, c in cand.items()}
+        accept = {name: accept_mask(s, th, d_pix) for name, s in scores.items()}
+        mixed = torch.cat([cand[method].images, planted_x])
+        mixed_scores = score(mixed)
+        mixed_accept = accept_mask(mixed_scores, th, d_pix)
+        n_m = len(cand[method])
+        if not np.array_equal(mixed_accept[:n_m], accept[method]):
+            raise PrivacyInvariantError(
+                f"the planted test scored the {method} candidates differently from the filter "
+                f"({int((mixed_accept[:n_m] != accept[method]).sum())} of {n_m} verdicts differ): its result says "
+                "nothing about the exported images; nothing is exported")
     planted_accept = mixed_accept[n_m:]
     planted_scores = mixed_scores.subset(np.arange(n_m, len(mixed)))
     if planted_accept.any():
@@ -553,7 +582,6 @@ def filter_candidates(cfg: PlanConfig, method: Method, cand: Mapping[Method, Can
     ph_x, ph_src = plant_duplicates(held_x, fc.planted, seed=cfg.seed + 14)
     ph_scores = score(ph_x)
     ph_accept = accept_mask(ph_scores, th, d_pix) if len(ph_x) else np.zeros(0, bool)
-    exp = scores[method]
     section = FilterSection(
         sensitivity_ok=sensitivity_ok, export_blocked=blocked,
         tau_id=th.tau_id, tau_indep=th.tau_indep, delta=th.delta, delta_quantile=fc.delta_quantile,
@@ -564,15 +592,27 @@ def filter_candidates(cfg: PlanConfig, method: Method, cand: Mapping[Method, Can
         planted_heldout_total=len(ph_x), planted_heldout_rejected=int((~ph_accept).sum()),
         planted_heldout_by_split=zone.nearest_splits(held_rows[ph_src]) if len(ph_x) else {},
         planted_heldout_reject_reasons=reject_reasons(ph_scores, th, d_pix) if len(ph_x) else {},
-        reject_reasons=reject_reasons(exp, th, d_pix),
-        delta_pixel=d_pix,
-        # dcr rejections by the split of the closest protected image: members and non-members alike
-        dcr_reject_nearest_split=zone.nearest_splits(exp.nearest[exp.dcr <= th.delta]),
+        reject_reasons={}, delta_pixel=d_pix, dcr_reject_nearest_split={},  # the exported method's: filter_for_export
         zone=zone.summary(),
         heldout_dcr=dcr_summary(zone.calib_dcr) | {"split": cal.split, "n": len(zone.calib)},
     )
     methods = {str(name): method_stats(scores[name], accept[name]) for name in cand}
-    return FilterOutcome(scores, accept, sensitivity_ok, blocked, section, methods)
+    out = FilterOutcome(scores, accept, sensitivity_ok, blocked, section, methods, checked)
+    return out if method is None else filter_for_export(out, method, cal)
+
+
+def filter_for_export(flt: FilterOutcome, method: Method, cal: Calibration) -> FilterOutcome:
+    """autoexport: ``flt`` with the reject reasons of the ``method`` to export (the filter section's
+    ``reject_reasons``, ``dcr_reject_nearest_split``); PrivacyInvariantError when the planted test did not
+    score that method's candidates."""
+    if method not in flt.planted_checked:
+        raise PrivacyInvariantError(f"the planted test did not score the {method} candidates "
+                                    f"(only {flt.planted_checked}): nothing is exported")
+    exp, th = flt.scores[method], cal.thresholds
+    section = replace(flt.section, reject_reasons=reject_reasons(exp, th, cal.delta_pixel),
+                      # dcr rejections by the split of the closest protected image: members and non-members alike
+                      dcr_reject_nearest_split=cal.zone.nearest_splits(exp.nearest[exp.dcr <= th.delta]))
+    return replace(flt, section=section)
 
 
 # ---------------------------------------------------------------------------------------------- export
@@ -634,29 +674,61 @@ def write_site_dir(out: Path, cfg: PlanConfig, cand: Candidates, scores: Scores,
 # ---------------------------------------------------------------------------------------------- utility
 def train_utility(cfg: PlanConfig, ds: ImageDataset, x_tr: torch.Tensor, y_tr: np.ndarray | torch.Tensor,
                   x_te: torch.Tensor, y_te: np.ndarray, seed: int, desc: str, device: torch.device,
-                  progress: bool) -> UtilityScore:
-    """The utility recipe (classes-section architecture, utility_epochs, balanced) on ``x_tr``, tested on ``x_te``."""
+                  progress: bool, val: tuple[torch.Tensor, torch.Tensor] | None = None) -> UtilityScore:
+    """The utility recipe (classes-section architecture, utility_epochs, classes.utility_balanced) on ``x_tr``, tested
+    on ``x_te``;
+    with ``val`` (the site's real val split) the epoch with the best val accuracy is kept."""
     if len(x_tr) < 2:
         return UtilityScore(None, None, None, len(x_tr), trained=False)
     model = build_classifier(ds.num_classes, ds.channels, ds.size, cfg.classes).to(device)
-    spec = spec_from(cfg.classes, epochs=cfg.classes.utility_epochs, balanced=True)
+    spec = spec_from(cfg.classes, epochs=cfg.classes.utility_epochs, balanced=cfg.classes.utility_balanced)
     torch.manual_seed(seed)
-    train_classifier(model, x_tr, y_tr, spec, seed=seed, desc=desc, recalibrate=True, progress=progress)
+    val = val if val is not None and len(val[0]) else None
+    train_classifier(model, x_tr, y_tr, spec, val=val, seed=seed, desc=desc, recalibrate=True, progress=progress)
     pred = predict_logits(model, x_te).argmax(1).numpy()
     rep = classification_report(y_te, pred)
     return UtilityScore(finite(rep["accuracy"]), finite(rep["balanced_accuracy"]), finite(rep["qwk"]), len(x_tr))
 
 
+def utility_val(cfg: PlanConfig, data: SiteData) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """autoexport: the site's real val split for the utility recipe's epoch choice (classes.utility_select_on_val)."""
+    return (data.x_va, data.y_va) if cfg.classes.utility_select_on_val and len(data.x_va) else None
+
+
+def site_utility(cfg: PlanConfig, ds: ImageDataset, data: SiteData, x: torch.Tensor, y: np.ndarray | torch.Tensor,
+                 desc: str, device: torch.device, progress: bool) -> UtilityScore:
+    """autoexport: the site-level TSTR of ``x, y`` (or the site-alone reference on the real train split): the
+    utility recipe tested on the real test split, its epoch chosen on the real val split."""
+    return train_utility(cfg, ds, x, y, data.x_te, data.y_te, cfg.seed + 21, desc, device, progress,
+                         val=utility_val(cfg, data))
+
+
 def utility_of_site(cfg: PlanConfig, ds: ImageDataset, data: SiteData, cand: Candidates, passed: np.ndarray,
-                    blocked: bool, device: torch.device, progress: bool) -> UtilitySection:
-    """Utility of the images passing the per-image filter (= the exported ones unless blocked) and of the real split."""
+                    blocked: bool, device: torch.device, progress: bool,
+                    known: Mapping[str, UtilityScore] | None = None) -> UtilitySection:
+    """Utility of the images passing the per-image filter (= the exported ones unless blocked) and of the real split.
+
+    ``known``: the compare stage's scores (its ``cand.method`` entry was trained on these very ``passed``
+    images, ``real`` on the real train split): reused, nothing is trained twice.
+    """
     xs, ys = cand.images[passed], cand.labels[passed]
-    syn = train_utility(cfg, ds, xs, ys, data.x_te, data.y_te, cfg.seed + 21, "utility (synthetic)", device, progress)
-    real = train_utility(cfg, ds, data.x_tr, data.y_tr.numpy(), data.x_te, data.y_te, cfg.seed + 21, "utility (real)",
-                         device, progress)
+    known = known or {}
+    syn = known.get(cand.method)  # autoexport: compare's entry for the exported method
+    syn = replace(syn) if syn is not None else site_utility(cfg, ds, data, xs, ys, "utility (synthetic)", device,
+                                                            progress)
+    real = known.get("real") or site_utility(cfg, ds, data, data.x_tr, data.y_tr.numpy(), "utility (real)", device,
+                                             progress)
     syn.per_class_train = {ds.class_names[k]: int((ys == k).sum()) for k in range(ds.num_classes)}
     return UtilitySection(syn, real, synthetic_set="images passing the per-image filter"
-                          + (" (export blocked: not exported)" if blocked else ""))
+                          + (" (export blocked: not exported)" if blocked else ""),
+                          classifier=utility_recipe(cfg, data))
+
+
+def utility_recipe(cfg: PlanConfig, data: SiteData) -> str:
+    """autoexport: the utility recipe in words (report key utility.classifier)."""
+    text = UTILITY_RECIPE if cfg.classes.utility_balanced else UTILITY_RECIPE.replace(
+        "class-balanced sampling", "plain sampling (no class balancing)")
+    return text + (", epoch chosen on the site's real val split" if utility_val(cfg, data) is not None else "")
 
 
 def match_class_shares(cfg: PlanConfig, ds: ImageDataset, cand: Candidates,
@@ -678,17 +750,26 @@ def add_precision_recall(cfg: PlanConfig, compare: dict[str, ComparePoint], phi_
             compare[name].variety = pr
 
 
+@dataclass
+class Comparison:
+    """autoexport: the compare stage's privacy-utility points and the utility scores behind them."""
+
+    points: dict[str, ComparePoint]  # report key compare: each method and "real"
+    utility: dict[str, UtilityScore]  # each method's export set and "real" (the site-alone reference)
+
+
 def compare_methods(cfg: PlanConfig, ds: ImageDataset, data: SiteData, cand: Mapping[Method, Candidates],
-                    flt: FilterOutcome, exported: Method, utility: UtilitySection, device: torch.device,
-                    progress: bool) -> dict[str, ComparePoint]:
+                    flt: FilterOutcome, device: torch.device, progress: bool) -> Comparison:
     """Privacy-utility point of every method on the same anchors (the report's privacy-utility plot).
 
-    For each method: the utility classifier trained on that method's filter-passing images
-    and tested on the real test split, and the distance membership inference (pixel space,
-    members = train, non-members = test, and again with non-members = val as ``mia_val_*``)
-    against those images: AUC with its 95 % bootstrap
-    interval, |AUC - 0.5| and TPR at 1 % FPR. ``real`` is the reference *site alone*: the same
-    utility recipe trained on the site's real train split (sharing those images: AUC 1).
+    Runs before the export, so that the verdict can choose the method to export. For each
+    method: the utility classifier trained on the images that method would export (its
+    filter-passing images after :func:`match_class_shares`, exactly the export set), epoch chosen
+    on the site's real val split and tested on the real test split, and the distance membership
+    inference (pixel space, members = train, non-members = test, and again with non-members = val
+    as ``mia_val_*``) against its filter-passing images: AUC with its 95 % bootstrap interval,
+    |AUC - 0.5| and TPR at 1 % FPR. ``real`` is the reference *site alone*: the same utility
+    recipe trained on the site's real train split (sharing those images: AUC 1).
     """
     from plan_shared.audit import distance_mia
 
@@ -700,19 +781,20 @@ def compare_methods(cfg: PlanConfig, ds: ImageDataset, data: SiteData, cand: Map
         return mia
 
     out: dict[str, ComparePoint] = {}
+    scores: dict[str, UtilityScore] = {}
     for name, c in cand.items():
         idx = flt.passed(name)
-        if name == exported:
-            util = utility.synthetic
-        else:
-            util = train_utility(cfg, ds, c.images[idx], c.labels[idx], data.x_te, data.y_te, cfg.seed + 21,
-                                 f"utility ({name})", device, progress)
+        export_idx, _ = match_class_shares(cfg, ds, c, idx)  # autoexport: what this method would export
+        scores[name] = util = site_utility(cfg, ds, data, c.images[export_idx], c.labels[export_idx],
+                                           f"utility ({name})", device, progress)
         mia = both_mias(data, c.images[idx])
         out[name] = ComparePoint(util.accuracy, util.qwk, len(idx), {k: finite(v) for k, v in mia.items()})
+    scores["real"] = real_util = site_utility(cfg, ds, data, data.x_tr, data.y_tr.numpy(), "utility (real)", device,
+                                              progress)
     real = both_mias(data, data.x_tr)
-    out["real"] = ComparePoint(utility.real.accuracy, utility.real.qwk, len(data.x_tr),
+    out["real"] = ComparePoint(real_util.accuracy, real_util.qwk, len(data.x_tr),
                                {k: finite(v) for k, v in real.items()})
-    return out
+    return Comparison(out, scores)
 
 
 # wplus: the audit's re-identification attacker in the compare stage (issue #11.1 (b), (c))

@@ -23,6 +23,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 Method = Literal["plan", "linear", "random"]
 """A synthesis method: PLAN paths, linear interpolation between anchors, random samples (the baselines)."""
 METHODS: tuple[Method, ...] = get_args(Method)
+SynthesisMethod = Literal["auto", "plan", "linear", "random"]
+"""``synthesis.method``: a :data:`Method` forced, or ``auto`` (the method the site's own verdict supports)."""
+SYNTHESIS_METHODS: tuple[SynthesisMethod, ...] = get_args(SynthesisMethod)
 
 
 class ConfigError(ValueError):
@@ -313,6 +316,19 @@ class ClassesConfig(ClassifierConfig):
         8, ge=1, description="Epochs of the utility classifier (same architecture) trained on accepted synthetic images "
         "and, for reference, on the real train split; both tested on the real test split."
     )
+    utility_balanced: bool = Field(
+        False, description="The utility recipe (site-level TSTR of every method, compare's sets prevalence-matched to "
+        "the site's real train priors, and the site-alone reference) samples the classes evenly. Off by default: on a "
+        "label-skewed site it moves the decision threshold toward the rare class. Measured (benchmarks/site_tstr.py, "
+        "demo site-0 of pneumoniamnist, 768 train / 86 val / 148 test images, majority class 0.818 on its test split, "
+        "5 epochs, seeds 21 / 22 / 23, at load 11-30): site-alone TSTR balanced with the last epoch (before) 0.473 / "
+        "0.473 / 0.486, below the majority class; without balancing and with the val epoch 0.892 / 0.872 / 0.892 "
+        "(192 s vs 198 s per training at that load: no added cost)."
+    )
+    utility_select_on_val: bool = Field(
+        True, description="The utility recipe keeps the epoch with the best accuracy on the site's own real val split "
+        "(site-local, never exported; the test split stays untouched). false = the last epoch."
+    )
 
 
 class EncoderConfig(_Section):
@@ -572,13 +588,21 @@ class FilterConfig(_Section):
 class SynthesisConfig(_Section):
     """What `plan-client synthesize` produces."""
 
-    method: Method = Field(
-        "plan", description="Method whose accepted images are exported. Evidence (report key verdict, "
-        "plan_shared.variety.plan_verdict, on demo-s17's site reports: 16 paths x 25 steps, before the full-size pool): "
-        "site-0 plan safer (independent id-prob 0.32 vs 0.37, accuracy 0.78 vs 0.43), sites 1 and 2 random supported "
-        "(MIA |AUC-0.5| and TPR@1% tied, independent id-prob 0.38 vs 0.35 and 0.36 vs 0.35, accuracy 0.87 vs 0.85 and "
-        "0.84 vs 0.82): PLAN is NOT shown safer than filtered random at equal utility. The default stays plan only "
-        "because the full-size setting (pool_factor 1, 8 steps) has no measured verdict yet; read each run's verdict."
+    method: SynthesisMethod = Field(
+        "auto", description="Method whose accepted images are exported (report keys method, method_requested, "
+        "method_reason). auto: the site's own verdict decides (report key verdict, plan_shared.variety.plan_verdict, "
+        "computed in the compare stage, which runs before the export): the site exports verdict.supported, i.e. plan "
+        "when PLAN is safer than filtered random samples on the attacker's measures at equal utility (or better in "
+        "utility and worse on no measure), random otherwise; when compare is off or the verdict cannot decide (no "
+        "utility or no membership inference for plan or random) it exports synthesis.method_fallback. plan / linear / "
+        "random force that method whatever the verdict says. Why auto: on demo-s17's site reports the verdict "
+        "supported random at sites 1 and 2 (MIA and TPR@1% tied, independent id-prob 0.38 vs 0.35 and 0.36 vs 0.35) "
+        "while plan was exported: PLAN is not shown safer than filtered random at equal utility, so the export "
+        "follows each site's measurements."
+    )
+    method_fallback: Method = Field(
+        "plan", description="With synthesis.method auto: the method exported when compare is off or the verdict "
+        "cannot decide (report key method_reason says so)."
     )
     max_paths: int | None = Field(
         48, ge=1, description="At most this many anchor pairs (paths) per method, spread over classes (null = all pairs)."
@@ -623,6 +647,10 @@ class SynthesisConfig(_Section):
         3, ge=1, description="k of the k-NN manifolds of the per-method precision/recall against the real train split "
         "(Kynkaanniemi et al. 2019), on phi_class's penultimate features (report keys compare.<method>.precision/recall).",
     )
+
+    def exportable_methods(self) -> tuple[Method, ...]:
+        """The methods a site may export under this section: the forced one, or every method with ``auto``."""
+        return tuple(m for m in METHODS if self.method in ("auto", m))
 
 
 class FederationConfig(_Section):
@@ -827,7 +855,8 @@ class PolicyConfig(_Section):
         None, description="Refuse a bundle whose report.json says a planted near-duplicate passed (null = filter.block_on_planted)."
     )
     methods: list[Method] | None = Field(
-        None, min_length=1, description="Methods whose images the pool accepts (null = [synthesis.method])."
+        None, min_length=1, description="Methods whose images the pool accepts (null = [synthesis.method]; "
+        "every method when synthesis.method is auto, since each site's verdict picks its own)."
     )
     image_size: int | None = Field(
         None, ge=8, le=1024, description="Exact PNG width = height (null = data.size, else what the sites describe)."

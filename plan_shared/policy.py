@@ -105,7 +105,7 @@ def policy_from_config(cfg: PlanConfig, generator_sha256: str | None = None,
         min_k=pc.min_k if pc.min_k is not None else cfg.anchors.k,
         min_planted=pc.min_planted if pc.min_planted is not None else fc.planted,
         all_planted_rejected=pc.all_planted_rejected if pc.all_planted_rejected is not None else fc.block_on_planted,
-        methods=tuple(pc.methods) if pc.methods else (cfg.synthesis.method,),
+        methods=tuple(pc.methods) if pc.methods else cfg.synthesis.exportable_methods(),  # autoexport: auto = all
         image_size=size,
         channels=channels,
         num_classes=pc.num_classes or num_classes,

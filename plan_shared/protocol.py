@@ -387,6 +387,8 @@ class SynthesisSummary:
     methods: Mapping[str, Mapping[str, float]] = field(default_factory=dict)
     utility: Mapping[str, float] = field(default_factory=dict)
     timing: Mapping[str, float] = field(default_factory=dict)
+    method: str = ""  # autoexport: the method the site exported (its report's method; "" = not stated)
+    method_reason: str = ""  # why: forced, or what the site's verdict supports
 
     _COUNTS: ClassVar[tuple[str, ...]] = ("n_candidates", "n_accepted", "planted_total", "planted_rejected",
                                           "num_classes")
@@ -397,7 +399,8 @@ class SynthesisSummary:
         summary.update({k: float(getattr(self, k)) for k in self._FIGURES})
         return RecordDict({
             "site": ConfigRecord({"site-id": self.site_id, "bundle-id": self.bundle_id,
-                                  "export-status": self.export_status}),
+                                  "export-status": self.export_status, "method": self.method,
+                                  "method-reason": self.method_reason}),
             "summary": MetricRecord(summary),
             "tables": ConfigRecord({"compare": json.dumps(self.compare), "methods": json.dumps(self.methods)}),
             "utility": MetricRecord(_numbers(self.utility)),
@@ -419,6 +422,8 @@ class SynthesisSummary:
             compare=_table(t, m, "compare"), methods=_table(t, m, "methods"),
             utility=_floats(_section(rd, m, "utility", MetricRecord), m),
             timing=_floats(_section(rd, m, "timing", MetricRecord), m),
+            method=_str(site, m, "method") if "method" in site else "",
+            method_reason=_str(site, m, "method-reason") if "method-reason" in site else "",
         )
 
 

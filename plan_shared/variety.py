@@ -9,12 +9,13 @@ distances follow the class-relevant content rather than pixels. The metric itsel
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from plan_shared.classifiers import embed
-from plan_shared.config import SynthesisConfig
+from plan_shared.config import METHODS, Method, SynthesisConfig, SynthesisMethod
 from plan_shared.metrics import precision_recall
 from plan_shared.models import Classifier
 
@@ -103,3 +104,34 @@ def plan_verdict(points: Mapping[str, Mapping[str, Any]], syn: SynthesisConfig) 
     return {"plan_safer_at_equal_utility": ok, "plan_safer": safer, "equal_utility": equal_utility,
             "measures": measures, "accuracy": {"plan": acc_p, "random": acc_r}, "supported": supported,
             "verdict": verdict}
+
+
+@dataclass(frozen=True)
+class ExportChoice:
+    """The method a site exports (report key ``method``), what was asked for and why (``method_reason``)."""
+
+    method: Method
+    requested: SynthesisMethod
+    reason: str
+
+
+def export_choice(requested: SynthesisMethod, verdict: Mapping[str, Any] | None, syn: SynthesisConfig) -> ExportChoice:
+    """The export method for ``requested`` (synthesis.method or its override) given the site's ``verdict``.
+
+    A named method is exported as asked. ``auto`` exports what the verdict supports
+    (:func:`plan_verdict`'s ``supported``); without a verdict (compare off) or when it cannot
+    decide, ``syn.method_fallback``. The reason quotes the verdict where there is one.
+    """
+    said = verdict.get("verdict") if verdict is not None else None
+    if requested != "auto":
+        forced = next(m for m in METHODS if m == requested)
+        tail = f"; the verdict: {said}" if said else " (no verdict: compare is off)"
+        return ExportChoice(forced, requested, f"{forced} requested explicitly{tail}")
+    supported = verdict.get("supported") if verdict is not None else None
+    for m in METHODS:
+        if supported == m:
+            return ExportChoice(m, requested, f"auto: the site's verdict supports {m}: {said}")
+    fb = syn.method_fallback
+    why = ("no verdict: compare is off (synthesis.compare)" if verdict is None
+           else f"the verdict cannot decide ({said})")
+    return ExportChoice(fb, requested, f"auto: {why}; exporting synthesis.method_fallback = {fb}")

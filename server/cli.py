@@ -81,7 +81,7 @@ def demo(
     sites: int = typer.Option(3, "--sites", "-n", min=1, help="Simulated hospitals (Dirichlet label skew)."),
     dataset: str = typer.Option("pneumoniamnist", "--dataset", help="MedMNIST name, read from $PLAN_DATA_DIR (downloaded through medmnist when online)."),
     data: Path | None = typer.Option(None, "--data", help="Any MedMNIST-format .npz (grey or RGB, any number of classes); overrides --dataset."),
-    method: str | None = typer.Option(None, "--method", help="plan, linear or random: which images the sites export."),
+    method: str | None = typer.Option(None, "--method", help="auto, plan, linear or random: which images the sites export (auto: each site's verdict decides)."),
     k: int | None = typer.Option(None, "--k", min=1, help="Latents averaged per anchor (k-same)."),
     rounds: int | None = typer.Option(None, "--rounds", "-r", min=1, help="Federated GAN rounds."),
     config: Path | None = typer.Option(None, "--config", "-c", help="YAML replacing the demo preset (server/presets/demo.yaml)."),
@@ -93,7 +93,7 @@ def demo(
 
     Example: plan-server demo --sites 3 --dataset pneumoniamnist --method plan --k 5 --out runs/demo
     """
-    from plan_shared.config import METHODS, ConfigError, parse_sets
+    from plan_shared.config import SYNTHESIS_METHODS, ConfigError, parse_sets
     from server.demo import preset_path, run_demo
     from server.simulate import console_logging
 
@@ -103,8 +103,8 @@ def demo(
         except ValueError as err:
             typer.echo(f"error: --preset: {err}", err=True)
             raise typer.Exit(2) from None
-    if method is not None and method not in METHODS:
-        typer.echo(f"error: --method must be plan, linear or random, got {method!r}", err=True)
+    if method is not None and method not in SYNTHESIS_METHODS:  # autoexport: auto too
+        typer.echo(f"error: --method must be auto, plan, linear or random, got {method!r}", err=True)
         raise typer.Exit(2)
     console_logging(verbose)
     try:

@@ -91,6 +91,8 @@ def synthesis_entry(summary: SynthesisSummary, node_id: int | None) -> dict[str,
     e["synthesis_s"] = summary.synthesis_s
     e.update({f"timing.{k}": v for k, v in summary.timing.items()})
     e.update({"site-id": summary.site_id, "bundle-id": summary.bundle_id, "export-status": summary.export_status})
+    if summary.method:  # autoexport: the method this site exported and why (synthesis.method auto: its verdict)
+        e.update({"method": summary.method, "method_reason": summary.method_reason})
     return e
 
 
@@ -417,13 +419,20 @@ def _fmt(v: Any, nd: int = 3) -> str:
     return "n/a" if v is None else (f"{v:.{nd}f}" if isinstance(v, float) else str(v))
 
 
+def exported_methods(report: dict[str, Any]) -> str:
+    """autoexport: `` (per site: site-0 random, ...)`` where the sites stated the method they exported."""
+    per = {n: s["method"] for n, s in sorted(report.get("synthesis", {}).items()) if s.get("method")}
+    return f" (per site: {', '.join(f'{n} {m}' for n, m in per.items())})" if per else ""
+
+
 def write_markdown(report: dict[str, Any], path: Path, images: dict[str, str]) -> Path:
     """A human report next to report.json; ``images`` maps captions to relative PNG paths."""
     u, p = report["utility"], report["privacy"]
     lines = [
         "# Federation report",
         "",
-        f"- sites: {', '.join(report['sites'])}; rounds: {report['rounds']}; exported method: `{report['method']}`",
+        f"- sites: {', '.join(report['sites'])}; rounds: {report['rounds']}; exported method: `{report['method']}`"
+        + exported_methods(report),
         f"- pooled images: {report['pool']['n_images']} ({', '.join(f'{k}: {v}' for k, v in sorted(report['pool']['per_site'].items()))})",
         "",
         "## Utility (trained on the pool, tested on each site's real test split)",
@@ -472,15 +481,16 @@ def write_markdown(report: dict[str, Any], path: Path, images: dict[str, str]) -
                      f"{_fmt(e.get('mia_val_tpr_at_1pct_fpr'))} | {auc_ci(e, 'mia')} | "
                      f"{_fmt(e.get('mia_tpr_at_1pct_fpr'))} | "
                      f"{_fmt(e.get('loss_mia_auc'))} | {_fmt(e.get('dcr_ratio'))} | {_fmt(e.get('too_close_rate'))} |")
-    lines += ["", "## Synthesis per site", "", "| site | status | candidates | accepted | planted rejected |",
-              "|---|---|---|---|---|"]
+    lines += ["", "## Synthesis per site", "",
+              "| site | status | method exported | candidates | accepted | planted rejected |",
+              "|---|---|---|---|---|---|"]
     for name, s in sorted(report["synthesis"].items()):
         status = s.get("status", "")
         if s.get("reason"):
             status += ": " + str(s["reason"]).replace("|", "/").replace("\n", " ")
         elif s.get("export-status"):
             status += f" ({s['export-status']})"
-        lines.append(f"| {name} | {status} | {s.get('n_candidates', '')} | "
+        lines.append(f"| {name} | {status} | {s.get('method', '')} | {s.get('n_candidates', '')} | "
                      f"{s.get('n_accepted', '')} | {s.get('planted_rejected', '')}/{s.get('planted_total', '')} |")
     lines += ["", "## Timing (s)", ""] + [f"- {k}: {_fmt(v, 1)}" for k, v in report["timing"].items()]
     if images:

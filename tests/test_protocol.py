@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -101,6 +102,11 @@ def test_replies_round_trip():
     assert r.to_record()["metrics"][TrainMetrics.WEIGHT_KEY] == 24 and m.as_dict()["images-seen"] == 96
     s = _summary()
     assert SynthesisSummary.from_record(s.to_record()) == s
+    chosen = replace(s, method="random", method_reason="auto: the site's verdict supports random")  # autoexport
+    assert SynthesisSummary.from_record(chosen.to_record()) == chosen
+    older = s.to_record()  # a site that does not state its method: "" (not stated)
+    del older["site"]["method"], older["site"]["method-reason"]
+    assert SynthesisSummary.from_record(older).method == ""
     ev = _evaluation()
     back_ev = SiteEvaluation.from_record(ev.to_record())
     assert back_ev.synthetic == ev.synthetic and back_ev.real == ev.real and back_ev.site_id == "site-1"

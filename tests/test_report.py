@@ -299,3 +299,23 @@ def test_privacy_utility_plot_has_a_panel_per_recipe_with_labelled_references(tm
         assert label in text
     assert text.count("central real") == 2 and recipe_panel_title("phi_down") in text
     assert "membership-inference ROC AUC" in text  # the x label is drawn (inside the saved figure)
+
+
+def test_report_shows_the_method_each_site_exported(tmp_path):
+    """autoexport: with synthesis.method auto each site states the method its verdict chose; the report says which."""
+    ev = _phase({"site-0": _site([[5, 0], [1, 4]], [[5, 0], [0, 5]], 0.55, 100),
+                 "site-1": _site([[4, 1], [1, 4]], [[5, 0], [0, 5]], 0.5, 100)})
+    why = "auto: the site's verdict supports random: plan is not shown safer"
+    syn = _phase({"site-0": _summary("site-0", method="plan", method_reason="auto: supports plan"),
+                  "site-1": _summary("site-1", method="random", method_reason=why)})
+    rep = build_report(federation={"rounds_done": 2}, synthesis=syn,
+                       downstream={"pool": {"n_images": 6, "n_files": 6, "per_site": {"site-0": 3, "site-1": 3}}},
+                       evaluation=ev, timing={}, config={}, method="auto")
+    assert (rep["synthesis"]["site-1"]["method"], rep["synthesis"]["site-1"]["method_reason"]) == ("random", why)
+    _, md = write_report(rep, tmp_path, {})
+    text = md.read_text()
+    assert "exported method: `auto` (per site: site-0 plan, site-1 random)" in text
+    assert "| site-1 | ok (stored) | random | 9 | 3 | 2/2 |" in text
+    old = build_report(federation={"rounds_done": 2}, synthesis=_phase({"site-0": _summary("site-0")}),
+                       downstream={}, evaluation=ev, timing={}, config={}, method="plan")
+    assert "method" not in old["synthesis"]["site-0"]  # a site that did not state it

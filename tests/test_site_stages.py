@@ -12,12 +12,14 @@ import torch
 
 from client import site_stages as S
 from client.pipeline import run_site_pipeline
+from client.site_report import UtilityScore
 from client.site_stages import GeneratorSnapshot, PrivacyInvariantError
 from plan_shared.classifiers import predict_logits
 from plan_shared.config import PlanConfig, config_from_dict
 from plan_shared.data import ImageDataset, Split
 from plan_shared.gan import GanTrainer, file_sha256, generator_digest
 from plan_shared.manifest import Thresholds, read_site_manifest
+from plan_shared.privacy import reject_reasons
 from tests.test_site_report import FILTER, TOP
 from tests.test_synthesize import TINY
 
@@ -140,6 +142,11 @@ def test_method_names_are_checked():
     assert S.check_method("linear") == "linear"
     with pytest.raises(ValueError, match="'pln'"):
         S.check_method("pln")
+    assert S.check_requested_method("auto") == "auto" and S.check_requested_method("random") == "random"
+    with pytest.raises(ValueError, match="'auto'.*'gan'"):
+        S.check_requested_method("gan")
+    with pytest.raises(ValueError, match="'auto'"):  # auto is a request, not a method of an image
+        S.check_method("auto")
 
 
 # ------------------------------------------------------------------------------------------ calibration, inversion, anchors
@@ -241,16 +248,51 @@ def test_utility_with_too_few_images_is_not_trained(site):
 
 
 def test_compare_and_figures(tmp_path, site):
-    util = S.utility_of_site(site.cfg, site.ds, site.data, site.cand["plan"], site.flt.passed("plan"), False, DEV,
-                             False)
-    cmp = S.compare_methods(site.cfg, site.ds, site.data, site.cand, site.flt, "plan", util, DEV, False)
-    assert set(cmp) == {"plan", "linear", "random", "real"}
-    assert cmp["real"].mia["mia_auc"] == 1.0 and cmp["plan"].accuracy == util.synthetic.accuracy
-    assert cmp["linear"].n == int(site.flt.accept["linear"].sum())
+    cmp = S.compare_methods(site.cfg, site.ds, site.data, site.cand, site.flt, DEV, False)
+    assert set(cmp.points) == set(cmp.utility) == {"plan", "linear", "random", "real"}
+    assert cmp.points["real"].mia["mia_auc"] == 1.0 and cmp.points["plan"].accuracy == cmp.utility["plan"].accuracy
+    assert cmp.points["linear"].n == int(site.flt.accept["linear"].sum())
+    # each method's utility is trained on what it would export: its filter-passing images after prevalence matching
+    for m in ("plan", "linear", "random"):
+        export_idx, _ = S.match_class_shares(site.cfg, site.ds, site.cand[m], site.flt.passed(m))
+        assert cmp.utility[m].n_train == len(export_idx)
     figs = S.write_figures(site.cfg, tmp_path, site.gen.G, site.paths, site.ids, site.cal, site.cand, site.flt,
                            "plan", site.ds.class_names)
     assert {"path_strips", "dcr_hist", "samples"} <= set(figs)
     assert all((tmp_path / name).is_file() for name in figs.values())
+
+
+def test_utility_of_the_exported_method_is_compares_entry_not_trained_again(site):
+    """autoexport: the utility section reuses the compare stage's scores of the exported method and of real."""
+    known = {"random": UtilityScore(0.123, 0.2, 0.3, 7), "real": UtilityScore(0.456, 0.5, 0.6, 40)}
+    passed = site.flt.passed("random")
+    sec = S.utility_of_site(site.cfg, site.ds, site.data, site.cand["random"], passed, False, DEV, False, known=known)
+    assert (sec.synthetic.accuracy, sec.synthetic.n_train, sec.real.accuracy) == (0.123, 7, 0.456)
+    assert sum(sec.synthetic.per_class_train.values()) == len(passed) and known["random"].per_class_train is None
+    assert sec.classifier.endswith("epoch chosen on the site's real val split")
+    # without compare's entries the section trains its own (epoch on val unless classes.utility_select_on_val is off)
+    plain = _cfg(classes=dict(TINY["classes"], utility_select_on_val=False))
+    own = S.utility_of_site(plain, site.ds, site.data, site.cand["plan"], site.flt.passed("plan"), False, DEV, False,
+                            known={"random": known["random"]})
+    assert own.real.n_train == 40 and own.real.accuracy != 0.456 and "val split" not in own.classifier
+    assert S.utility_val(plain, site.data) is None and S.utility_val(site.cfg, site.data) is not None
+    balanced = _cfg(classes=dict(TINY["classes"], utility_balanced=True))
+    assert "class-balanced sampling" in S.utility_recipe(balanced, site.data)
+    assert "plain sampling (no class balancing)" in sec.classifier  # the default (classes.utility_balanced)
+
+
+def test_filter_with_auto_tests_every_method_in_the_planted_batch(site):
+    """autoexport: with synthesis.method auto the export method is chosen after the filter, so the planted test
+    scores every method's candidates; the reject reasons are those of the method finally exported."""
+    assert site.flt.planted_checked == ["plan"] and site.flt.section.reject_reasons  # forced method: its own
+    flt = S.filter_candidates(site.cfg, None, site.cand, site.ids, site.cal, site.data)
+    assert flt.planted_checked == ["plan", "linear", "random"] and flt.section.reject_reasons == {}
+    assert all(np.array_equal(flt.accept[m], site.flt.accept[m]) for m in site.cand)
+    for m in ("plan", "random"):
+        sec = S.filter_for_export(flt, m, site.cal).section
+        assert sec.reject_reasons == reject_reasons(flt.scores[m], site.cal.thresholds, site.cal.delta_pixel)
+    with pytest.raises(PrivacyInvariantError, match="did not score the random candidates"):
+        S.filter_for_export(site.flt, "random", site.cal)
 
 
 # ------------------------------------------------------------------------------------------ orchestrator
@@ -275,7 +317,13 @@ def test_synthesis_at_a_site_uses_the_sent_weights_in_memory(tmp_path):
     out = site.state_dir / "synthesis"
     rep = json.loads((out / "out" / "report.json").read_text())
     assert res.n_accepted == rep["n_accepted"] and res.n_candidates == rep["n_candidates"]
-    assert [k for k in rep if k != "prevalence"] == [k for k in TOP if k != "compare"] and list(rep["filter"]) == FILTER
+    top = [k for k in TOP if k != "compare"]
+    assert [k for k in rep if k != "prevalence"] == top[:3] + ["method_requested", "method_reason"] + top[3:]
+    assert list(rep["filter"]) == FILTER
+    # autoexport: auto without compare has no verdict: the documented fallback (synthesis.method_fallback), said why
+    assert (rep["method_requested"], rep["method"], res.method) == ("auto", "plan", "plan")
+    assert "compare is off" in rep["method_reason"] and res.method_reason == rep["method_reason"]
+    assert rep["filter"]["reject_reasons"] and rep["timing"]["export"] >= 0
     gen = rep["generator"]
     assert gen == {"checkpoint": None, "sha256": generator_digest(trainer.G_ema), "round": 4}
     assert not (out / "generator.pt").exists()

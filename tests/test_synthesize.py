@@ -51,7 +51,8 @@ def test_synthesize_cli_end_to_end(tmp_path):
     cfg = dict(TINY, data={"source": "medmnist", "path": str(npz), "size": 16, "download": False})
     (tmp_path / "site.yaml").write_text(yaml.safe_dump(cfg))
     out = tmp_path / "out"
-    res = CliRunner().invoke(app, ["synthesize", "--config", str(tmp_path / "site.yaml"), "--out", str(out), "--method", "plan"])
+    # synthesis.method auto (the default): the site exports the method its own verdict supports
+    res = CliRunner().invoke(app, ["synthesize", "--config", str(tmp_path / "site.yaml"), "--out", str(out)])
     assert res.exit_code == 0, res.output + repr(res.exception)
     assert (out / "generator.pt").is_file()  # trained locally: no --generator given
     rep = json.loads((out / "report.json").read_text())
@@ -73,7 +74,8 @@ def test_synthesize_cli_end_to_end(tmp_path):
     for m in ("plan", "linear"):
         assert set(rep["methods"][m]) >= {"n", "mean_dcr", "p05_dcr", "mean_max_id_prob", "accept_rate"}
         assert rep["methods"][m]["n"] == rep["anchors"]["n_paths"] * 3
-    assert rep["n_candidates"] == rep["methods"]["plan"]["n"]
+    m = rep["method"]
+    assert rep["n_candidates"] == rep["methods"][m]["n"]
     # the path plan (plan_shared/pool_plan.py): per-class targets from the priors, capped by max_paths (4)
     anc = rep["anchors"]
     assert anc["plan_target_total"] == sum(anc["plan_target_per_class"]) >= 40 and sum(anc["plan_paths_per_class"]) == 4
@@ -82,11 +84,17 @@ def test_synthesize_cli_end_to_end(tmp_path):
     assert v["supported"] in ("plan", "random") and set(v["measures"]) == {
         "mia_val_auc_gap", "mia_val_tpr_at_1pct_fpr", "mean_indep_id_prob", "attacker_max_id_prob"}
     assert v["measures"]["attacker_max_id_prob"] is not None  # the attacker ran in the tiny pipeline
+    assert rep["method_requested"] == "auto" and m == v["supported"]  # autoexport: the export follows the verdict
+    assert rep["method_reason"] == f"auto: the site's verdict supports {m}: {v['verdict']}"
+    stages = [k for k in rep["timing"] if k not in ("total", "local_gan")]
+    assert stages == ["load", "phi_id", "indep_id", "phi_class", "calibrate", "inversion", "anchors", "navigation",
+                      "render", "filter", "compare", "export", "utility", "figures"]  # compare before the export
     assert set(rep["utility"]) >= {"synthetic", "real"}
     assert set(rep["compare"]) == {"plan", "linear", "random", "real"}
     assert rep["compare"]["real"]["mia_auc"] == 1.0  # sharing the train images themselves: every member found
     assert rep["compare"]["real"]["mia_val_auc"] == 1.0 and "mia_val_auc_lo" in rep["compare"]["plan"]
-    assert rep["compare"]["plan"]["accuracy"] == rep["utility"]["synthetic"]["accuracy"]
+    assert rep["compare"][m]["accuracy"] == rep["utility"]["synthetic"]["accuracy"]  # compare's entry, not retrained
+    assert rep["compare"]["real"]["accuracy"] == rep["utility"]["real"]["accuracy"]
     # the audit's re-identification attacker, trained once on the 40 train images: per method and for real
     assert rep["attacker"]["n_images"] == 40 and 0 <= rep["attacker"]["member_top1"] <= 1
     for m in ("plan", "linear", "random", "real"):
@@ -108,7 +116,7 @@ def test_synthesize_cli_end_to_end(tmp_path):
     pngs = sorted(p.relative_to(out).as_posix() for p in (out / "images").rglob("*.png"))
     assert pngs == sorted(r.file for r in man.images)  # accepted images only, nothing else
     for r in man.images:
-        assert r.passes() and r.method == "plan"
+        assert r.passes() and r.method == m
         assert file_sha256(out / r.file) == r.sha256
         assert r.thresholds.delta == rep["filter"]["delta"]
     for fig in ("dcr_hist.png", "path_strips.png"):
@@ -124,6 +132,7 @@ def test_synthesize_cli_end_to_end(tmp_path):
     assert man.generator_sha256 == generator_digest(load_generator(out / "generator.pt"))
     policy = policy_from_config(config_from_dict(cfg), generator_sha256=man.generator_sha256, channels=1,
                                 num_classes=2)
+    assert set(policy.methods) == {"plan", "linear", "random"}  # auto: the pool takes whichever a site's verdict picks
     for r in man.images:
         check_png((out / r.file).read_bytes(), policy.image_size, policy.channels, policy.max_pixels)
     bm = build_bundle(out, generate_signing_key()).manifest

@@ -1,7 +1,7 @@
-"""plan_shared.variety.plan_verdict: the computed verdict PLAN vs filtered random."""
+"""plan_shared.variety: the computed verdict PLAN vs filtered random, and the export method it chooses (auto)."""
 
 from plan_shared.config import SynthesisConfig
-from plan_shared.variety import plan_verdict
+from plan_shared.variety import export_choice, plan_verdict
 
 SYN = SynthesisConfig(verdict_utility_tol=0.02, verdict_tpr_tol=0.01, verdict_id_prob_tol=0.01)
 
@@ -57,3 +57,39 @@ def test_the_val_based_mia_and_the_attacker_decide_where_the_sites_measured_them
     assert v["measures"] == {"mia_val_auc_gap": "worse", "mia_val_tpr_at_1pct_fpr": "worse",
                              "mean_indep_id_prob": "tie", "attacker_max_id_prob": "worse"}
     assert v["plan_safer"] is False and v["supported"] == "random"
+
+
+# ---------------------------------------------------------------------------------------------- autoexport
+RANDOM_WINS = {"plan": _pt(0.80, 0.48, 0.43, 0.53, 0.01, 0.38), "random": _pt(0.81, 0.49, 0.44, 0.54, 0.01, 0.35)}
+PLAN_WINS = {"plan": _pt(0.80, 0.50, 0.46, 0.54, 0.005, 0.30), "random": _pt(0.81, 0.40, 0.35, 0.44, 0.02, 0.36)}
+
+
+def test_auto_exports_what_the_verdict_supports_and_says_why():
+    for points, want in ((RANDOM_WINS, "random"), (PLAN_WINS, "plan")):
+        v = plan_verdict(points, SYN)
+        c = export_choice("auto", v, SYN)
+        assert (c.method, c.requested, v["supported"]) == (want, "auto", want)
+        assert c.reason == f"auto: the site's verdict supports {want}: {v['verdict']}"
+
+
+def test_an_explicit_method_is_exported_whatever_the_verdict_says():
+    v = plan_verdict(RANDOM_WINS, SYN)
+    for m in ("plan", "linear"):
+        c = export_choice(m, v, SYN)
+        assert (c.method, c.requested) == (m, m) and c.reason.startswith(f"{m} requested explicitly; the verdict: ")
+    assert export_choice("random", None, SYN).reason == "random requested explicitly (no verdict: compare is off)"
+
+
+def test_auto_without_a_verdict_or_an_undecided_one_exports_the_stated_fallback():
+    off = export_choice("auto", None, SYN)
+    assert off.method == SynthesisConfig().method_fallback == "plan" and "compare is off" in off.reason
+    undecided = plan_verdict({"plan": _pt(0.8, 0.5, 0.45, 0.55, 0.0, 0.3)}, SYN)
+    c = export_choice("auto", undecided, SynthesisConfig(method_fallback="random"))
+    assert c.method == "random" and "cannot decide (not measured" in c.reason
+    assert c.reason.endswith("exporting synthesis.method_fallback = random")
+
+
+def test_the_default_is_auto_and_the_pool_then_accepts_every_method():
+    syn = SynthesisConfig()
+    assert syn.method == "auto" and syn.exportable_methods() == ("plan", "linear", "random")
+    assert SynthesisConfig(method="linear").exportable_methods() == ("linear",)

@@ -167,7 +167,8 @@ def test_policy_from_config_and_file_round_trip(tmp_path):
     from plan_shared.policy import PolicyFileError, policy_from_config, read_policy_file, write_policy_file
 
     cfg = config_from_dict({"anchors": {"k": 7}, "filter": {"tau_id": 0.4, "planted": 9},
-                            "data": {"size": 28, "channels": 1}, "policy": {"max_tau_indep": 0.3}})
+                            "data": {"size": 28, "channels": 1}, "policy": {"max_tau_indep": 0.3},
+                            "synthesis": {"method": "plan"}})  # autoexport: a forced method (auto = every method)
     p = policy_from_config(cfg, num_classes=2)
     assert (p.max_tau_id, p.max_tau_indep, p.min_k, p.min_planted, p.methods, p.image_size, p.channels,
             p.num_classes, p.max_pixels, p.generator_sha256) == (0.4, 0.3, 7, 9, ("plan",), 28, 1, 2, 784, None)
