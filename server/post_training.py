@@ -270,6 +270,16 @@ def headline_mia(entry: Mapping[str, Any]) -> tuple[float | None, float | None, 
     return entry.get(f"{prefix}_auc"), entry.get(f"{prefix}_auc_lo"), entry.get(f"{prefix}_auc_hi")
 
 
+def pool_method_label(synthesis: PhaseResult[SynthesisSummary], requested: str) -> str:
+    """What the pool holds, for plot labels: the methods the sites exported (``plan+random``), else ``requested``.
+
+    With ``synthesis.method: auto`` each site exports what its own verdict supports, so the
+    requested value ("auto") says nothing about the pool's images.
+    """
+    exported = sorted({s.method for s in synthesis.ok().values() if s.method})
+    return "+".join(exported) if exported else requested
+
+
 def _comparison_points(synthesis: PhaseResult[SynthesisSummary], report: dict[str, Any],
                        method: str) -> dict[str, dict[str, tuple]]:
     """Privacy-utility points, one panel per training recipe (each with its own "site alone" reference).
@@ -388,9 +398,10 @@ def run_post_training(result: FederationResult) -> dict[str, Any]:
                           timing=timing, config=cfg.to_dict(), method=method, references=references)
     figures: dict[str, str] = {}
     figures.update(_pool_grids(out, Path(down["pool"]["dir"])))
-    pts = _comparison_points(synthesis, report, method)
+    pool_label = pool_method_label(synthesis, method)
+    pts = _comparison_points(synthesis, report, pool_label)
     if pts:
-        lines = (recipe_panels(report["utility"]["recipes"], report.get("privacy", {}), method)[1]
+        lines = (recipe_panels(report["utility"]["recipes"], report.get("privacy", {}), pool_label)[1]
                  if report.get("utility", {}).get("recipes", {}).get("by_recipe") else None)
         figures["privacy vs utility"] = str(privacy_utility_plot(pts, out / "privacy_utility.png",
                                                                  references=lines).relative_to(out))

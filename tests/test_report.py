@@ -319,3 +319,13 @@ def test_report_shows_the_method_each_site_exported(tmp_path):
     old = build_report(federation={"rounds_done": 2}, synthesis=_phase({"site-0": _summary("site-0")}),
                        downstream={}, evaluation=ev, timing={}, config={}, method="plan")
     assert "method" not in old["synthesis"]["site-0"]  # a site that did not state it
+
+
+def test_the_pool_label_names_the_methods_the_sites_exported_not_auto():
+    from server.post_training import pool_method_label
+
+    syn = _phase({"a": _summary("a", method="random"), "b": _summary("b", method="plan"),
+                  "c": _summary("c", method="random"), "d": FAILED})
+    assert pool_method_label(syn, "auto") == "plan+random"
+    assert pool_method_label(_phase({"a": _summary("a")}), "auto") == "auto"  # no site stated its method
+    assert pool_method_label(_phase({"a": _summary("a", method="linear")}), "plan") == "linear"
