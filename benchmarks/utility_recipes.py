@@ -119,7 +119,8 @@ def ratios(by_set: dict[str, dict[str, Any]], metrics: tuple[str, ...] = METRICS
 
 def table(results: dict[str, dict[str, Any]]) -> str:
     """One row per recipe x training set: accuracy, kappa, AUC, ratios to each reference, train seconds."""
-    head = f"{'recipe':<9} {'trained on':<13} {'acc':>6} {'kappa':>6} {'AUC':>6} {'best-thr acc':>12} {'train s':>8}  pool/ref acc kappa AUC"
+    head = (f"{'recipe':<9} {'trained on':<13} {'acc':>6} {'kappa':>6} {'AUC':>6} {'best-thr acc':>12} {'train s':>8}"
+            "  pool/ref acc kappa AUC")
     lines = [head, "-" * len(head)]
     for name, res in results.items():
         rat = ratios(res.get("scores", {}))
