@@ -251,7 +251,11 @@ def run_simulation(cfg: PlanConfig, out: str | Path, cpus_per_site: float = 1.0,
             reader.start()
             while status not in FINISHED:
                 time.sleep(2.0)
-                runs = link.flwr("ls", "--run-id", rid, timeout=60).get("runs") or []
+                try:
+                    runs = link.flwr("ls", "--run-id", rid, timeout=60).get("runs") or []
+                except subprocess.TimeoutExpired:  # plainrecipe: a slow status poll (a loaded machine) is not a failed run
+                    LOG.warning("simulation %s: `flwr ls` gave no answer within 60 s; polling again", rid)
+                    runs = []
                 status = runs[0].get("status", "") if runs else status
                 if link.proc is not None and link.proc.poll() is not None:
                     raise RuntimeError(f"the simulation SuperLink exited with {link.proc.returncode}; see {link.log_path}")
