@@ -8,11 +8,17 @@ For each mode, in one run (a fresh CA, coordinator state and site folders each):
   ``flwr-clientapp`` process that imports torch, the models and the site's images,
   and every tensor of the weights its own Flower object (``federation.pack_weights: false``);
 * ``unpacked``: the defaults but one Flower object per tensor, as before plan_shared/packing.py;
+* ``packed``: the defaults but Flower's SuperNode as it is (``site.supernode_poll_s: null``: 3 s
+  idle sleep after an empty pull) and a fresh interpreter per ClientApp message
+  (``site.clientapp_forkserver: false``): the state before client/supernode_runner.py and
+  client/clientapp_forkserver.py;
 * ``after``: the defaults: SuperExec poll 0.2 s, reply poll 0.2 s, the site worker
   that ``plan-client start`` runs next to the SuperNode (client/site_worker.py), to which the
   per-message ClientApp process forwards the train message, and the weights packed into one
   array (``federation.pack_weights``): a handful of objects per message instead of ~2 per tensor,
-  each of which costs a request on every hop (ServerApp, SuperLink, SuperNode, ClientApp).
+  each of which costs a request on every hop (ServerApp, SuperLink, SuperNode, ClientApp);
+  the SuperNode's loop sleeps capped at 0.25 s (``site.supernode_poll_s``) and each per-message
+  ClientApp process forked from a warm server with Flower imported (``site.clientapp_forkserver``).
 
 ``plan-server coordinate`` (SuperLink with TLS and ``--enable-supernode-auth``, node keys
 registered) and ``plan-client start`` per site, as in deploy/smoke.sh without the proxy and
@@ -24,6 +30,7 @@ install and the worker's first call; the summary is the median over rounds 2..R.
 
     python benchmarks/deploy_round.py                 # 3 sites, 4 rounds, before + after
     python benchmarks/deploy_round.py --modes unpacked,after
+    python benchmarks/deploy_round.py --modes packed,after --rounds 3   # what the SuperNode runner + fork server buy
     python benchmarks/deploy_round.py --modes after --rounds 3 --keep --work /tmp/dr
 """
 
@@ -51,8 +58,10 @@ BIN = Path(sys.executable).parent
 
 #: Mode -> (coordinator federation overrides, site section overrides).
 MODES: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
-    "before": ({"reply_poll_s": 1.0, "pack_weights": False}, {"superexec_poll_s": 1.0, "worker": False}),
+    "before": ({"reply_poll_s": 1.0, "pack_weights": False},
+               {"superexec_poll_s": 1.0, "worker": False, "supernode_poll_s": None, "clientapp_forkserver": False}),
     "unpacked": ({"pack_weights": False}, {}),
+    "packed": ({}, {"supernode_poll_s": None, "clientapp_forkserver": False}),
     "after": ({}, {}),
 }
 
@@ -266,7 +275,8 @@ def summarise(rows: list[dict[str, float]]) -> dict[str, float]:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--modes", default="before,after", help="comma-separated: before, after")
+    ap.add_argument("--modes", default="before,after",
+                    help=f"comma-separated, from {', '.join(MODES)}; each mode's fixed cost is compared with the last's")
     ap.add_argument("--sites", type=int, default=3)
     ap.add_argument("--rounds", type=int, default=4)
     ap.add_argument("--local-steps", type=int, default=2)
@@ -325,14 +335,15 @@ def main(argv: list[str] | None = None) -> int:
             tmp.cleanup()
         elif tmp is not None:
             print(f"work folder kept: {work}")
-    ref = out["modes"].get("after", {}).get("rows")
-    for m in ("before", "unpacked"):
+    last = modes[-1]
+    ref = out["modes"].get(last, {}).get("rows")
+    for m in modes[:-1]:
         if ref and out["modes"].get(m, {}).get("rows"):
             b = out["modes"][m]["median_rounds_2_on"]["fixed_s"]
-            a = out["modes"]["after"]["median_rounds_2_on"]["fixed_s"]
-            key = "fixed_ratio" if m == "before" else f"fixed_ratio_{m}"
+            a = out["modes"][last]["median_rounds_2_on"]["fixed_s"]
+            key = "fixed_ratio" if (m, last) == ("before", "after") else f"fixed_ratio_{m}_{last}"
             out[key] = round(b / a, 2) if a > 0 else None
-            print(f"\nfixed cost per round: {m} {b:.2f} s, after {a:.2f} s, ratio {out[key]}x "
+            print(f"\nfixed cost per round: {m} {b:.2f} s, {last} {a:.2f} s, ratio {out[key]}x "
                   f"(load {out['load_before'][0]:.2f} -> {out['load_after'][0]:.2f})")
     if args.json:
         args.json.write_text(json.dumps(out, indent=1))

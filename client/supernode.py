@@ -25,17 +25,25 @@ From ``site.yaml`` (a PlanConfig; relative paths are relative to the YAML file):
   first, on a free 127.0.0.1 port with a secret made for this start (``STATE/worker.key``);
   the node config announces it (``worker-address``, ``worker-key``) and each ClientApp
   process forwards its train message there instead of importing torch and the data itself.
+* ``site.supernode_poll_s`` (default 0.25 s): the SuperNode runs as Flower's own main through
+  client/supernode_runner.py, which caps the hard-coded sleeps of its loop (3 s after an
+  empty pull, 0.5 s while waiting for a reply) at this value; null = plain ``flower-supernode``.
+* ``site.clientapp_forkserver`` (default on): a warm fork server (client/clientapp_forkserver.py)
+  is started before the SuperNode; a ``flwr-clientapp`` launcher in ``STATE/bin``, first on the
+  SuperNode's PATH, has it fork each per-message ClientApp process with Flower already imported.
 
 The SuperNode runs in the foreground; Ctrl-C or SIGTERM stop it and its ClientApps.
 """
 
 from __future__ import annotations
 
+import os
 import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -79,12 +87,31 @@ class StartPlan:
     state: Path
     worker: list[str] | None = None  # argv of the site worker, None when site.worker is off
     worker_ready: Path | None = None  # the worker writes its pid here once it listens
+    forkserver: list[str] | None = None  # argv of the ClientApp fork server, None when site.clientapp_forkserver is off
+    forkserver_ready: Path | None = None
 
 
 def _free_loopback_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+#: Longest AF_UNIX socket path Linux takes (sun_path is 108 bytes with its NUL).
+_MAX_SOCKET_PATH = 107
+
+
+def _socket_path(state: Path) -> Path:
+    """STATE/clientapp.sock, or one in a fresh 0700 temporary folder where that path is too long for AF_UNIX."""
+    p = state / "clientapp.sock"
+    if len(os.fsencode(p)) <= _MAX_SOCKET_PATH:
+        return p
+    return Path(tempfile.mkdtemp(prefix="plan-capp-")) / "s"
+
+
+def _flower_command(name: str) -> str:
+    exe = Path(sys.executable).parent / name
+    return str(exe) if exe.is_file() else (shutil.which(name) or name)
 
 
 def supernode_command_line(config_path: str | Path) -> tuple[list[str], dict[str, str], Path]:
@@ -150,9 +177,11 @@ def start_plan(config_path: str | Path) -> StartPlan:
                   "--ready-file", str(ready)]
     node_toml = state / "node.toml"
     node_toml.write_text("".join(f"{k} = {_toml_str(v)}\n" for k, v in node.items()))
-    exe = Path(sys.executable).parent / "flower-supernode"
+    # fixedcost: Flower's SuperNode main with its loop's sleeps capped (client/supernode_runner.py)
+    runner = ([sys.executable, "-m", "client.supernode_runner", "--poll-s", str(fed.supernode_poll_s), "--"]
+              if fed.supernode_poll_s is not None else [_flower_command("flower-supernode")])
     argv = [
-        str(exe) if exe.is_file() else (shutil.which("flower-supernode") or "flower-supernode"),
+        *runner,
         "--superlink", fed.superlink_address,
         "--root-certificates", str(ca),
         "--auth-supernode-private-key", str(key),
@@ -165,14 +194,29 @@ def start_plan(config_path: str | Path) -> StartPlan:
         env.setdefault("OMP_NUM_THREADS", str(cfg.threads))
     # Read by the SuperExec the SuperNode starts: how long a new message waits before its ClientApp starts.
     env["FLWR_SUPEREXEC_TASK_POLL_INTERVAL"] = str(fed.superexec_poll_s)
-    return StartPlan(argv, env, state, worker, ready)
+    forkserver: list[str] | None = None
+    fs_ready: Path | None = None
+    if fed.clientapp_forkserver:  # fixedcost: per-message ClientApp processes forked warm
+        from client.clientapp_forkserver import write_launcher
+        from client.site_worker import make_key
+
+        fs_key = state / "clientapp.key"
+        make_key(fs_key)
+        sock = _socket_path(state)
+        fs_ready = state / "clientapp-forkserver.ready"
+        fs_ready.unlink(missing_ok=True)
+        bin_dir = state / "bin"
+        write_launcher(bin_dir / "flwr-clientapp", sock, fs_key, _flower_command("flwr-clientapp"))
+        env["PATH"] = os.pathsep.join(p for p in (str(bin_dir), env.get("PATH", os.environ.get("PATH", ""))) if p)
+        forkserver = [sys.executable, "-m", "client.clientapp_forkserver", "--socket", str(sock), "--key-file",
+                      str(fs_key), "--ready-file", str(fs_ready)]
+    return StartPlan(argv, env, state, worker, ready, forkserver, fs_ready)
 
 
-def _wait_ready(plan: StartPlan, proc: subprocess.Popen[bytes], timeout_s: float) -> bool:
-    assert plan.worker_ready is not None
+def _wait_ready(ready: Path, proc: subprocess.Popen[bytes], timeout_s: float) -> bool:
     t0 = time.monotonic()
     while time.monotonic() - t0 < timeout_s:
-        if plan.worker_ready.is_file():
+        if ready.is_file():
             return True
         if proc.poll() is not None:
             return False
@@ -188,31 +232,40 @@ def start_command(config: str, dry_run: bool = False, worker_ready_timeout_s: fl
         return 2
     if plan.worker:
         print("starting site worker: " + " ".join(plan.worker), flush=True)
+    if plan.forkserver:
+        print("starting ClientApp fork server: " + " ".join(plan.forkserver), flush=True)
     print("starting SuperNode: " + " ".join(plan.supernode), flush=True)
     if dry_run:
         return 0
     # Same process group as this command: Ctrl-C, systemd and `kill -- -PGID` reach the
     # SuperNode, its ClientApp processes and the site worker too.
     worker = subprocess.Popen(plan.worker, env=plan.env, cwd=plan.state) if plan.worker else None
-    if worker is not None and not _wait_ready(plan, worker, worker_ready_timeout_s):
+    forkserver = subprocess.Popen(plan.forkserver, env=plan.env, cwd=plan.state) if plan.forkserver else None
+    if worker is not None and plan.worker_ready and not _wait_ready(plan.worker_ready, worker, worker_ready_timeout_s):
         print(f"warning: the site worker is not ready after {worker_ready_timeout_s:.0f}s (exit {worker.poll()}); "
               "ClientApps run the handlers in their own processes until it is", file=sys.stderr)
+    if (forkserver is not None and plan.forkserver_ready
+            and not _wait_ready(plan.forkserver_ready, forkserver, worker_ready_timeout_s)):
+        print(f"warning: the ClientApp fork server is not ready after {worker_ready_timeout_s:.0f}s (exit "
+              f"{forkserver.poll()}); each message starts Flower's flwr-clientapp until it is", file=sys.stderr)
     proc = subprocess.Popen(plan.supernode, env=plan.env, cwd=plan.state)
+    helpers = [p for p in (worker, forkserver) if p is not None]
 
     def _stop(signum: int, frame: object) -> None:  # forward; the SuperNode stops its SuperExec/ClientApp children
-        for p in (proc, worker):
-            if p is not None and p.poll() is None:
+        for p in (proc, *helpers):
+            if p.poll() is None:
                 p.terminate()
 
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGINT, _stop)
     rc = proc.wait()
-    if worker is not None and worker.poll() is None:
-        worker.terminate()
-        try:
-            worker.wait(10)
-        except subprocess.TimeoutExpired:
-            worker.kill()
+    for p in helpers:
+        if p.poll() is None:
+            p.terminate()
+            try:
+                p.wait(10)
+            except subprocess.TimeoutExpired:
+                p.kill()
     if rc not in (0, -signal.SIGTERM, 143):
         print(f"SuperNode exited with {rc} (TLS, key not registered, or proxy unreachable?); see the log above",
               file=sys.stderr)

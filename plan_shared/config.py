@@ -788,6 +788,21 @@ class SiteConfig(_Section):
         True, description="`plan-client start` also starts a persistent worker (loopback only, authenticated "
         "by a secret made per start) that keeps torch, the code and the site's images loaded; the per-message "
         "Flower ClientApp process forwards train messages to it instead of importing torch itself.")
+    supernode_poll_s: float | None = Field(
+        0.25, ge=0.01, le=3.0, description="Longest sleep of the SuperNode's own loop: between two pulls that found "
+        "no message (Flower 1.42 hard-codes 3 s: a new round waits 1.5 s on average before a site sees it) and between "
+        "two checks for a ClientApp's reply (0.5 s). `plan-client start` runs Flower's SuperNode main through "
+        "client/supernode_runner.py, which caps those sleeps of flwr.supernode.start_client_internal at this value "
+        "(and warns, running Flower's unchanged, where the installed flwr no longer has them). Each idle site then "
+        "sends one pull per supernode_poll_s to the coordinator. null: Flower's own sleeps (plain flower-supernode).")
+    clientapp_forkserver: bool = Field(
+        True, description="Flower starts a fresh `flwr-clientapp` process per message, which spends ~3 s importing "
+        "Flower. `plan-client start` also starts a warm process (client/clientapp_forkserver.py; Flower and the "
+        "third-party modules imported, not torch or the app) that forks each of those processes instead; the "
+        "SuperExec reaches it through a `flwr-clientapp` launcher in STATE/bin placed first on the SuperNode's PATH "
+        "(AF_UNIX socket in STATE, mode 0600, authenticated by a secret made per start). The forked process runs "
+        "Flower's own flwr-clientapp main, so the FAB's app is loaded as before; where the fork server cannot be "
+        "reached the launcher runs Flower's flwr-clientapp.")
     pool_address: str | None = Field(
         None, description="host:port of the coordinator's pool service, where this site exports its synthetic images "
         "(e.g. coordinator.example.org:9444, the coordinator.pool_listen port); null = no export. In simulation "

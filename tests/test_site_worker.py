@@ -192,11 +192,42 @@ def test_start_plan_sets_superexec_poll_and_announces_the_worker(tmp_path):
 def test_start_plan_without_worker(tmp_path):
     from client.supernode import start_plan, supernode_command_line
 
-    plan = start_plan(_site_yaml(tmp_path, worker=False, superexec_poll_s=1.0))
+    plan = start_plan(_site_yaml(tmp_path, worker=False, superexec_poll_s=1.0, supernode_poll_s=None,
+                                 clientapp_forkserver=False))
     assert plan.worker is None and plan.env["FLWR_SUPEREXEC_TASK_POLL_INTERVAL"] == "1.0"
     assert ADDRESS_KEY not in _node_toml(plan.state)
-    argv, _, state = supernode_command_line(tmp_path / "site.yaml")
-    assert argv[0].endswith("flower-supernode") and state == plan.state
+    argv, env, state = supernode_command_line(tmp_path / "site.yaml")
+    assert argv[0].endswith("flower-supernode") and state == plan.state  # Flower's own, nothing in front
+    assert plan.forkserver is None and not (plan.state / "bin").exists()
+    assert not env["PATH"].startswith(str(plan.state))
+
+
+def test_start_plan_runs_the_supernode_runner_and_the_clientapp_fork_server(tmp_path):
+    # fixedcost: site.supernode_poll_s and site.clientapp_forkserver (both on by default)
+    from client.supernode import start_plan
+
+    plan = start_plan(_site_yaml(tmp_path))
+    i = plan.supernode.index("--")
+    assert plan.supernode[1:i] == ["-m", "client.supernode_runner", "--poll-s", "0.25"]
+    assert "--superlink" in plan.supernode[i + 1:] and "--node-config" in plan.supernode[i + 1:]
+    assert plan.forkserver is not None and plan.forkserver[1:3] == ["-m", "client.clientapp_forkserver"]
+    launcher = plan.state / "bin" / "flwr-clientapp"
+    assert os.access(launcher, os.X_OK) and stat.S_IMODE((plan.state / "clientapp.key").stat().st_mode) == 0o600
+    assert plan.env["PATH"].split(os.pathsep)[0] == str(plan.state / "bin")  # what the SuperExec runs by name
+    sock = plan.forkserver[plan.forkserver.index("--socket") + 1]
+    assert repr(sock) in launcher.read_text() and len(os.fsencode(sock)) <= 107
+    long_state = tmp_path / ("x" * 100)
+    (tmp_path / "long").mkdir()
+    plan2 = start_plan(_site_yaml(tmp_path / "long", state_dir=str(long_state)))
+    assert plan2.forkserver is not None
+    sock2 = plan2.forkserver[plan2.forkserver.index("--socket") + 1]
+    assert len(os.fsencode(sock2)) <= 107 and not sock2.startswith(str(long_state))  # AF_UNIX path limit
+
+
+def test_supernode_poll_out_of_range_is_refused(tmp_path):
+    from client.supernode import start_command
+
+    assert start_command(str(_site_yaml(tmp_path, supernode_poll_s=5.0)), dry_run=True) == 2
 
 
 def test_superexec_poll_out_of_flower_range_is_refused(tmp_path):
