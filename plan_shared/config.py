@@ -386,6 +386,20 @@ class AnchorsConfig(_Section):
         "same-class anchors that are not among each other's pairs_m nearest (more distant anchors: variety); the rest "
         "join nearest pairs. Either kind fills in when the other runs out (plan_shared/pool_plan.py)."
     )
+    spread: Literal["none", "members", "generator"] = Field(
+        "none", description="Restore the spread a group mean loses (its deviation from w_avg is ~1/sqrt(k) of a single "
+        "latent's): each anchor's deviation from the generator's w_avg is rescaled along its own direction to a target "
+        "length, by a factor clipped to [1, spread_max_scale] (plan_shared/anchors.py spread_anchors). none: the plain "
+        "mean (k-same). members: target = the mean deviation length of the group's own k latents. generator: target = "
+        "the mean deviation length of the generator's mapping-network samples at synthesis.truncation (the random "
+        "baseline's). Both keep each anchor a "
+        "function of its k-group only (and of G)."
+    )
+    spread_max_scale: float = Field(
+        3.0, ge=1.0, description="Largest factor anchors.spread may stretch a group mean's deviation from w_avg by; it "
+        "bounds one member's influence on its anchor: changing one latent by D moves the anchor by at most "
+        "(spread_max_scale + 1) * |D| / k (plain mean: |D| / k)."
+    )
 
 
 class NavigationConfig(_Section):
