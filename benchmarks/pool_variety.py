@@ -7,15 +7,22 @@ filter, the inversion); then, for every variant (overrides of the anchors / synt
 navigation sections), the pipeline's anchor, navigation, render, filter and prevalence
 stages run and each method's EXPORTED set (filter-passing, prevalence-matched) is measured:
 
-  pool      images exported (and the site's real train images: the full-size target)
+  pool      images exported (and the site's real train images: the full-size target); acc% the filter's accept rate
   prec/rec  precision / recall against the real train split (plan_shared.variety, phi_class features, k=pr_k)
   mia       distance MIA AUC (members = train, non-members = test) with its 95 % interval, TPR at 1 % FPR
+  mia_val   the same with non-members = val (the split the verdict reads)
   idp       mean max probability of the independent identity model (navigation never uses it)
+  att       the audit's re-identification attacker (trained once on the site's train images, never used by
+            navigation or the filter): mean max id-probability, and DCR in its embedding (mean, 5th percentile)
+  pdcr      pixel-space DCR of the exported images to the train images (mean, 5th percentile)
   acc       utility recipe trained on the exported set, accuracy on the real test split
   verdict   plan_shared.variety.plan_verdict on those numbers
 
 and the seconds of the variant's path-dependent stages (anchors..compare: what the variant
-changes in a site's pipeline time). Writes OUT/results.json and prints the table::
+changes in a site's pipeline time). Per variant also the anchors' spread (issue #11.6): the mean
+||w - w_avg|| of the anchors, of the single inverted latents and of the random baseline's w, and the
+precision/recall of the anchors' own renders against as many random samples. Writes OUT/results.json
+and prints the table::
 
     python benchmarks/pool_variety.py --generator /tmp/g.pt --site 0 --out runs/pool_variety \\
         --variants before,full
@@ -33,10 +40,13 @@ import numpy as np
 import torch
 
 from client import site_stages as S
-from plan_shared.audit import distance_mia
+from plan_shared.anchors import w_centre
+from plan_shared.audit import attacker_audit, distance_mia
 from plan_shared.classifiers import predict_logits
 from plan_shared.config import PlanConfig, load_config, parse_sets
 from plan_shared.data import load_dataset
+from plan_shared.metrics import dcr
+from plan_shared.navigation import random_samples
 from plan_shared.partition import partition_dataset
 from plan_shared.privacy import reject_reasons
 from plan_shared.runtime import seed_everything, set_threads
@@ -55,6 +65,19 @@ VARIANTS: dict[str, dict[str, Any]] = {
                  "navigation.steps": 8},
     "full-nbhd": {"synthesis.pool_factor": 1.0, "synthesis.max_paths": None, "anchors.far_share": 0.5,
                   "anchors.groups": "neighbourhood", "navigation.steps": 8},
+    # recall (#11.6): the group means' deviation from w_avg restored (plan_shared/anchors.py spread_anchors)
+    "full-plain": {"synthesis.pool_factor": 1.0, "synthesis.max_paths": None, "anchors.far_share": 0.5,
+                   "anchors.spread": "none", "navigation.steps": 8},
+    "spread-members": {"synthesis.pool_factor": 1.0, "synthesis.max_paths": None, "anchors.far_share": 0.5,
+                       "anchors.spread": "members", "navigation.steps": 8},
+    "spread-gen": {"synthesis.pool_factor": 1.0, "synthesis.max_paths": None, "anchors.far_share": 0.5,
+                   "anchors.spread": "generator", "navigation.steps": 8},
+    "spread-gen-x8": {"synthesis.pool_factor": 1.0, "synthesis.max_paths": None, "anchors.far_share": 0.5,
+                      "anchors.spread": "generator", "anchors.spread_max_scale": 8.0, "navigation.steps": 8},
+    "spread-gen-k3": {"synthesis.pool_factor": 1.0, "synthesis.max_paths": None, "anchors.far_share": 0.5,
+                      "anchors.spread": "generator", "anchors.k": 3, "navigation.steps": 8},
+    "plain-k3": {"synthesis.pool_factor": 1.0, "synthesis.max_paths": None, "anchors.far_share": 0.5,
+                 "anchors.spread": "none", "anchors.k": 3, "navigation.steps": 8},
 }
 
 
@@ -109,9 +132,24 @@ def main() -> None:
     inv = S.invert_train_images(cfg, ds, data, gen.G, ids.phi_id, gen.sha256, dev, False)
     real = S.train_utility(cfg, ds, data.x_tr, data.y_tr.numpy(), data.x_te, data.y_te, cfg.seed + 21, "real", dev,
                            False)
+    centre = inv.centre or w_centre(gen.G, cfg.synthesis.truncation, seed=cfg.seed)
+    w_rand = random_samples(gen.G, 4096, cfg.synthesis.truncation, seed=cfg.seed + 11).cpu()
+
+    def dev_norm(w: torch.Tensor) -> float:
+        return round(float((w.cpu().float() - centre.w_avg).norm(dim=1).mean()), 3) if len(w) else float("nan")
+
+    spread_ref: dict[str, Any] = {"w_radius": round(centre.radius, 3), "random_w": dev_norm(w_rand),
+                  "inverted_w": dev_norm(inv.w), "truncation": cfg.synthesis.truncation}
+    inv_pr = method_precision_recall(cls.phi_class, data.x_tr, {"inverted": S.render(gen.G, inv.w),
+                                                               "random": S.render(gen.G, w_rand[: len(inv.w)])},
+                                     cfg.synthesis.pr_k)
+    spread_ref |= {f"{m}_renders_{k}": v[k] for m, v in inv_pr.items() for k in ("precision", "recall")}
+    print("spread reference:", spread_ref, flush=True)
     tick("site models + inversion (once)", t0)
 
     results: dict[str, Any] = {}
+    exported: dict[str, torch.Tensor] = {}
+    flat_tr = data.x_tr.flatten(1)
     for name in names:
         vc = with_overrides(cfg, VARIANTS[name])
         t0 = time.perf_counter()
@@ -130,36 +168,70 @@ def main() -> None:
             mia = distance_mia(data.x_tr, data.x_te, c.images[keep])
             idp = (float(torch.softmax(predict_logits(ids.indep, c.images[keep]), 1).max(1).values.mean())
                    if len(keep) else None)
+            exported[f"{name}/{m}"] = c.images[keep]
+            if len(data.x_va):
+                mia |= distance_mia(data.x_tr, data.x_va, c.images[keep], prefix="mia_val")
+            pd = dcr(c.images[keep].flatten(1), flat_tr)
             rows[m] = {"candidates": len(c), "accepted": int(len(flt.passed(m))), "pool": int(len(keep)),
+                       "accept_rate": flt.methods[m].accept_rate,
+                       "pixel_dcr_mean": float(pd.mean()) if len(pd) else None,
+                       "pixel_dcr_p05": float(np.quantile(pd, 0.05)) if len(pd) else None,
                        "reject_reasons": reject_reasons(flt.scores[m], cal.thresholds, cal.delta_pixel),
                        "exported_per_class": None if prev is None else prev["exported_per_class"],
                        "accuracy": util.accuracy, "qwk": util.qwk, **mia, "mean_indep_id_prob": idp}
-        for m, pr in method_precision_recall(cls.phi_class, data.x_tr, sets, vc.synthesis.pr_k).items():
-            rows[m] |= {"precision": pr["precision"], "recall": pr["recall"]}
+        for meth, pr in method_precision_recall(cls.phi_class, data.x_tr, sets, vc.synthesis.pr_k).items():
+            rows[meth] |= {"precision": pr["precision"], "recall": pr["recall"]}
         dt = time.perf_counter() - t0
-        results[name] = {"overrides": VARIANTS[name], "anchors": apairs.section.summary | {"n_paths": apairs.section.n_paths},
+        a_pr = method_precision_recall(cls.phi_class, data.x_tr, {
+            "anchors": S.render(gen.G, apairs.anchors.anchors),
+            "random": S.render(gen.G, w_rand[: len(apairs.anchors.anchors)])}, vc.synthesis.pr_k)
+        spread = {"anchors_w": dev_norm(apairs.anchors.anchors), "n_anchors": len(apairs.anchors.anchors),
+                  **{f"{m}_renders_{k}": v[k] for m, v in a_pr.items() for k in ("precision", "recall")}}
+        print(f"{name} spread:", spread, flush=True)
+        results[name] = {"spread": spread, "overrides": VARIANTS[name],
+                         "anchors": apairs.section.summary | {"n_paths": apairs.section.n_paths},
                          "methods": rows, "verdict": plan_verdict(rows, vc.synthesis),
                          "seconds_paths_to_filter": round(t_nav, 1), "seconds_with_measures": round(dt, 1),
                          "nav_steps_run_mean": None if paths.section is None else paths.section.steps_run_mean}
         tick(f"variant {name}", t0)
         (out / "results.json").write_text(json.dumps(
             {"generator": args.generator, "dataset": args.dataset, "site": args.site, "n_train": len(data.x_tr),
-             "real_accuracy": real.accuracy, "results": results, "timing_s": timing}, indent=1, default=str) + "\n")
+             "real_accuracy": real.accuracy, "spread_reference": spread_ref, "results": results,
+             "timing_s": timing}, indent=1, default=str) + "\n")
+
+    # the attacker once, on the site's train images, scoring every variant's exported set
+    t0 = time.perf_counter()
+    att = attacker_audit(cfg.audit.attacker, data.x_tr, data.id_labels, data.x_te, exported | {"real/train": data.x_tr},
+                         dev)
+    for key, vals in att.sets.items():
+        vname, method = key.split("/", 1)
+        if vname in results:
+            results[vname]["methods"][method] |= vals
+    tick("attacker (once, all variants)", t0)
+    (out / "results.json").write_text(json.dumps(
+        {"generator": args.generator, "dataset": args.dataset, "site": args.site, "n_train": len(data.x_tr),
+         "real_accuracy": real.accuracy, "spread_reference": spread_ref, "attacker": att.attacker,
+         "attacker_real_train": att.sets.get("real/train"), "results": results, "timing_s": timing},
+        indent=1, default=str) + "\n")
 
     print(f"\nsite {args.site}: {len(data.x_tr)} real train images, real-data utility accuracy {real.accuracy}")
-    print(f"{'variant':10s} {'method':7s} {'cand':>5s} {'acc':>5s} {'pool':>5s} {'prec':>5s} {'rec':>5s} "
-          f"{'mia':>5s} {'mia95':>11s} {'tpr1':>5s} {'idp':>5s} {'util':>5s}  s")
+    print("spread reference (mean ||w - w_avg||, render precision/recall):", spread_ref)
+    print(f"{'variant':14s} {'method':7s} {'cand':>5s} {'acc':>5s} {'acc%':>5s} {'pool':>5s} {'prec':>5s} {'rec':>5s} "
+          f"{'mia':>5s} {'mia95':>11s} {'tpr1':>5s} {'miaV':>5s} {'idp':>5s} {'attp':>5s} {'attd':>5s} {'attd5':>5s} "
+          f"{'pdcr':>5s} {'pdcr5':>5s} {'util':>5s}  s")
 
     def f(v: Any) -> str:
         return "  -  " if v is None or (isinstance(v, float) and not np.isfinite(v)) else f"{v:5.3f}"
 
     for name, r in results.items():
         for m, x in r["methods"].items():
-            print(f"{name:10s} {m:7s} {x['candidates']:5d} {x['accepted']:5d} {x['pool']:5d} {f(x['precision'])} "
-                  f"{f(x['recall'])} {f(x['mia_auc'])} {f(x['mia_auc_lo'])}-{f(x['mia_auc_hi'])} "
-                  f"{f(x['mia_tpr_at_1pct_fpr'])} {f(x['mean_indep_id_prob'])} {f(x['accuracy'])}  "
-                  f"{r['seconds_with_measures']}")
-        print(f"{'':10s} verdict: {r['verdict']['verdict']}")
+            print(f"{name:14s} {m:7s} {x['candidates']:5d} {x['accepted']:5d} {f(x['accept_rate'])} {x['pool']:5d} "
+                  f"{f(x['precision'])} {f(x['recall'])} {f(x['mia_auc'])} {f(x['mia_auc_lo'])}-{f(x['mia_auc_hi'])} "
+                  f"{f(x['mia_tpr_at_1pct_fpr'])} {f(x.get('mia_val_auc'))} {f(x['mean_indep_id_prob'])} "
+                  f"{f(x.get('attacker_max_id_prob'))} {f(x.get('attacker_dcr'))} {f(x.get('attacker_dcr_p05'))} "
+                  f"{f(x['pixel_dcr_mean'])} {f(x['pixel_dcr_p05'])} {f(x['accuracy'])}  {r['seconds_with_measures']}")
+        print(f"{'':14s} spread: {r['spread']}")
+        print(f"{'':14s} verdict: {r['verdict']['verdict']}")
 
 
 if __name__ == "__main__":

@@ -59,7 +59,7 @@ from client.site_report import (
     UtilitySection,
     finite,
 )
-from plan_shared.anchors import AnchorResult, build_anchors
+from plan_shared.anchors import AnchorResult, WCentre, build_anchors, w_centre
 from plan_shared.classifiers import (
     accuracy_of,
     augmented_accuracy,
@@ -357,6 +357,7 @@ class Inversion:
     labels: np.ndarray
     sigma_w: float  # the generator's W scale (inversion lr and navigation offsets are in its units)
     section: InversionSection
+    centre: WCentre | None = None  # recall: G's w_avg and sample radius, for anchors.spread
 
 
 def invert_train_images(cfg: PlanConfig, ds: ImageDataset, data: SiteData, G: StyleGenerator,
@@ -386,7 +387,7 @@ def invert_train_images(cfg: PlanConfig, ds: ImageDataset, data: SiteData, G: St
         image_steps_per_s=finite(len(idx) * res.steps / max(dt, 1e-9)),
         generator_evals_per_image=finite(res.generator_evals / max(len(idx), 1)),
         encoder=enc_rep,
-    ))
+    ), centre=w_centre(G, cfg.synthesis.truncation, seed=cfg.seed))  # recall: anchors.spread rescales around G's w_avg
 
 
 # ---------------------------------------------------------------------------------------------- B4 anchors
@@ -398,7 +399,7 @@ class AnchorPairs:
 
 
 def anchor_pairs(cfg: PlanConfig, ds: ImageDataset, inv: Inversion, device: torch.device) -> AnchorPairs:
-    anc = build_anchors(inv.w.to(device), inv.labels, cfg.anchors)  # fullpool: partition or neighbourhood groups
+    anc = build_anchors(inv.w.to(device), inv.labels, cfg.anchors, inv.centre)  # fullpool: groups; recall: spread
     # fullpool: paths per class planned from the site's train priors for a full-size pool (plan_shared/pool_plan.py)
     plan = plan_paths(anc, ds.train.labels, ds.num_classes, cfg.navigation.T - 2, cfg.synthesis, cfg.anchors, cfg.seed)
     for c, n in anc.skipped_classes.items():

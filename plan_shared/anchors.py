@@ -14,6 +14,23 @@ classes are never merged::
 ``anchors.groups: neighbourhood`` (:func:`neighbourhood_anchors`) instead averages each
 latent with its k-1 nearest latents of its class: one anchor per latent (duplicate
 groups once), each still the mean of k distinct images, but the groups overlap.
+
+A mean of k latents is shrunk toward the centre of W: its deviation from w_avg is about
+1/sqrt(k) of a single latent's, so plain anchors (and the paths between them) cover only an
+"average" region of the generator's output. ``anchors.spread`` restores the spread
+(:func:`spread_anchors`): each anchor's deviation from w_avg is rescaled, along its own
+direction, to a target length, by a factor clipped to [1, ``anchors.spread_max_scale``]::
+
+    members:    target = mean_i ||w_i - w_avg|| over the group's own k latents
+    generator:  target = mean ||w - w_avg|| of mapping-network samples at synthesis.truncation
+                (the random baseline's samples; G alone: WCentre.radius)
+
+Either way the anchor stays a deterministic, permutation-invariant function of its k-group
+(and of G): a latent outside the group never changes it, and changing one member by D moves it
+by at most (spread_max_scale + 1) * |D| / k::
+
+    centre = w_centre(G, cfg.synthesis.truncation, seed=cfg.seed)
+    res = build_anchors(w, labels, cfg.anchors, centre)
 """
 
 from __future__ import annotations
@@ -27,6 +44,7 @@ import torch
 
 if TYPE_CHECKING:
     from plan_shared.config import AnchorsConfig
+    from plan_shared.models import StyleGenerator
 
 
 @dataclass
@@ -121,11 +139,63 @@ def neighbourhood_anchors(w: torch.Tensor, labels: np.ndarray, k: int) -> Anchor
     return _class_anchors(w, labels, k, _neighbourhood_groups)
 
 
-def build_anchors(w: torch.Tensor, labels: np.ndarray, cfg: AnchorsConfig) -> AnchorResult:
-    """The anchors the ``anchors`` config section asks for (``groups``: partition = k-same, neighbourhood)."""
-    if cfg.groups == "neighbourhood":
-        return neighbourhood_anchors(w, labels, cfg.k)
-    return k_same_anchors(w, labels, cfg.k)
+@dataclass(frozen=True)
+class WCentre:
+    """The generator's W centre and the typical distance of a mapping-network sample from it (G alone: no
+    patient's latent enters either)."""
+
+    w_avg: torch.Tensor  # [w_dim]
+    radius: float  # mean ||w - w_avg|| over mapping-network samples at the random baseline's truncation
+
+
+@torch.no_grad()
+def w_centre(G: StyleGenerator, truncation: float, n: int = 4096, seed: int = 0) -> WCentre:
+    """:class:`WCentre` of ``G`` from ``n`` seeded mapping-network samples at ``truncation`` (the random
+    baseline's, synthesis.truncation: the anchors then lie as far from w_avg as its samples); w_avg is G's
+    tracked mean."""
+    w_avg = G.w_avg.detach().reshape(-1).cpu().float()
+    w = G.sample_w(n, torch.Generator().manual_seed(seed), truncation=truncation).cpu().float()
+    return WCentre(w_avg, float((w - w_avg).norm(dim=1).mean()))
+
+
+def spread_anchor(members: torch.Tensor, centre: WCentre, rule: str, max_scale: float) -> torch.Tensor:
+    """One anchor from its group's latents ``members [k, w_dim]``: the mean, with its deviation from w_avg
+    rescaled along its own direction to ``rule``'s target length (factor clipped to [1, max_scale]);
+    ``rule`` none: the plain mean (k-same)."""
+    mean = members.mean(0)
+    if rule == "none":
+        return mean
+    c = centre.w_avg.to(members.device, members.dtype)
+    dev = mean - c
+    norm = float(dev.norm())
+    if rule == "members":
+        target = float((members - c).norm(dim=1).mean())
+    elif rule == "generator":
+        target = centre.radius
+    else:
+        raise ValueError(f"anchors.spread: unknown rule {rule!r} (none, members, generator)")
+    scale = max_scale if norm <= target / max_scale else min(max(target / norm, 1.0), max_scale)
+    return c + dev * scale
+
+
+def spread_anchors(res: AnchorResult, w: torch.Tensor, centre: WCentre, rule: str, max_scale: float) -> AnchorResult:
+    """``res`` with every anchor recomputed from its own group of ``w`` by :func:`spread_anchor`."""
+    if rule == "none" or not res.groups:
+        return res
+    anchors = torch.stack([spread_anchor(w[torch.as_tensor(g, dtype=torch.long)], centre, rule, max_scale)
+                           for g in res.groups])
+    return AnchorResult(anchors, res.labels, res.groups, res.skipped_classes)
+
+
+def build_anchors(w: torch.Tensor, labels: np.ndarray, cfg: AnchorsConfig, centre: WCentre | None = None) -> AnchorResult:
+    """The anchors the ``anchors`` config section asks for (``groups``: partition = k-same, neighbourhood;
+    ``spread``: the group means' deviation from ``centre.w_avg`` restored, see :func:`spread_anchors`)."""
+    res = neighbourhood_anchors(w, labels, cfg.k) if cfg.groups == "neighbourhood" else k_same_anchors(w, labels, cfg.k)
+    if cfg.spread == "none":
+        return res
+    if centre is None:
+        raise ValueError(f"anchors.spread={cfg.spread!r} needs the generator's W centre (build_anchors(..., centre=))")
+    return spread_anchors(res, w, centre, cfg.spread, cfg.spread_max_scale)
 
 
 def nearest_pairs(anchors: torch.Tensor, labels: np.ndarray, m: int) -> list[tuple[int, int]]:

@@ -402,6 +402,26 @@ class AnchorsConfig(_Section):
         "same-class anchors that are not among each other's pairs_m nearest (more distant anchors: variety); the rest "
         "join nearest pairs. Either kind fills in when the other runs out (plan_shared/pool_plan.py)."
     )
+    spread: Literal["none", "members", "generator"] = Field(
+        "none", description="generator is the measured better choice but not yet the default (it lets every candidate of "
+        "the tiny test pipeline pass, which a writer test relies on; PLAN recall still below random). Measured "
+        "(benchmarks/pool_variety.py, demo-s18b G, 6-site partition, site 0, one run, "
+        "load ~15): generator vs none: anchors' mean ||w - w_avg|| 2.37 -> 4.53 (single inverted latents 3.45, random "
+        "4.46), the 39 anchors' renders' recall 0.55 -> 0.75 (39 random renders 0.74); PLAN pool recall 0.053 -> 0.059 "
+        "(filtered random 0.189: not yet reached), precision 0.378 -> 0.358, accept rate 0.826 -> 0.839, independent "
+        "id-prob 0.275 -> 0.267, pixel DCR p05 4.40 -> 5.53, MIA AUC vs val 0.446 -> 0.464, utility 0.852 -> 0.876. Restore the spread a group mean loses (its deviation from w_avg is ~1/sqrt(k) of a single "
+        "latent's): each anchor's deviation from the generator's w_avg is rescaled along its own direction to a target "
+        "length, by a factor clipped to [1, spread_max_scale] (plan_shared/anchors.py spread_anchors). none: the plain "
+        "mean (k-same). members: target = the mean deviation length of the group's own k latents. generator: target = "
+        "the mean deviation length of the generator's mapping-network samples at synthesis.truncation (the random "
+        "baseline's). Both keep each anchor a "
+        "function of its k-group only (and of G)."
+    )
+    spread_max_scale: float = Field(
+        3.0, ge=1.0, description="Largest factor anchors.spread may stretch a group mean's deviation from w_avg by; it "
+        "bounds one member's influence on its anchor: changing one latent by D moves the anchor by at most "
+        "(spread_max_scale + 1) * |D| / k (plain mean: |D| / k)."
+    )
 
 
 class NavigationConfig(_Section):

@@ -98,5 +98,5 @@ def test_neighbourhood_anchors_average_k_distinct_same_class_latents():
     for g, c, a in zip(r.groups, r.labels, r.anchors):
         assert len(set(g.tolist())) == 3 and (labels[g] == c).all()
         assert torch.allclose(a, w[g].mean(0))
-    assert math.isclose(len(build_anchors(w, labels, AnchorsConfig(k=3, groups="neighbourhood")).groups), len(r.groups))
-    assert len(build_anchors(w, labels, AnchorsConfig(k=3)).groups) == 5  # partition: 12 // 3 + 3 // 3
+    assert math.isclose(len(build_anchors(w, labels, AnchorsConfig(k=3, groups="neighbourhood", spread="none")).groups), len(r.groups))
+    assert len(build_anchors(w, labels, AnchorsConfig(k=3, spread="none")).groups) == 5  # partition: 12 // 3 + 3 // 3

@@ -170,6 +170,17 @@ def test_inversion_subsamples_and_anchors_pair_within_class(site):
     assert site.ap.section.n_paths == len(site.ap.pairs)
 
 
+def test_spread_anchors_keep_the_groups_and_move_away_from_w_avg(site):  # recall: anchors.spread (#11.6)
+    assert site.inv.centre is not None and site.inv.centre.radius > 0
+    cfg = site.cfg.model_copy(update={"anchors": site.cfg.anchors.model_copy(update={"spread": "generator"})})
+    ap = S.anchor_pairs(cfg, site.ds, site.inv, DEV)
+    assert all(np.array_equal(a, b) for a, b in zip(ap.anchors.groups, site.ap.anchors.groups, strict=True))
+    c = site.inv.centre.w_avg
+    plain = (site.ap.anchors.anchors.cpu() - c).norm(dim=1)
+    spread = (ap.anchors.anchors.cpu() - c).norm(dim=1)
+    assert bool((spread >= plain - 1e-5).all()) and float(spread.mean()) > float(plain.mean())
+
+
 # ------------------------------------------------------------------------------------------ candidates
 def test_candidates_per_method(site):
     T, P = site.cfg.navigation.T, len(site.ap.pairs)
