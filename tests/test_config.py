@@ -128,7 +128,8 @@ def test_filter_zone_keys():
 def test_role_keys_live_in_their_sections_and_shared_keys_stay():
     cfg = load_config()
     assert set(SiteConfig.model_fields) == {"state_dir", "keys_dir", "superlink_address", "supernode_port",
-                                            "superexec_poll_s", "worker", "pool_address", "pool_keys_dir"}
+                                            "superexec_poll_s", "worker", "pool_address", "pool_keys_dir",
+                                            "supernode_poll_s", "clientapp_forkserver"}
     assert set(CoordinatorConfig.model_fields) == {"state_dir", "ca_dir", "superlink_port", "pool_listen",
                                                    "pool_address", "reader_dir"}
     for old in MOVED_KEYS:
