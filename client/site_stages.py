@@ -104,6 +104,7 @@ from plan_shared.privacy import (
     score_images,
     zone_rows,
 )
+from plan_shared.runtime import site_seed
 from plan_shared.variety import method_precision_recall, plan_verdict
 
 LOG = logging.getLogger("plan.pipeline")
@@ -491,7 +492,8 @@ def render_candidates(cfg: PlanConfig, G: StyleGenerator, paths: Paths,
             np.repeat(np.arange(n_paths), T - 2), np.tile(np.arange(1, T - 1), n_paths),
         )
     n_rand = cfg.synthesis.random_samples or max(n_paths * (T - 2), 1)
-    img_r = render(G, random_samples(G, n_rand, cfg.synthesis.truncation, seed=cfg.seed + 11))
+    # every site draws its own random samples (the shared G and seed would give each site the same ones)
+    img_r = render(G, random_samples(G, n_rand, cfg.synthesis.truncation, seed=site_seed(cfg.seed, cfg.site_id) + 11))
     cand["random"] = Candidates("random", img_r, predict_logits(phi_class, img_r).argmax(1).numpy(), None, None)
     return cand
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import random
+import zlib
 
 import numpy as np
 import torch
@@ -24,6 +25,16 @@ def seed_everything(seed: int) -> np.random.Generator:
     os.environ.setdefault("PYTHONHASHSEED", str(seed))
     LOG.info("seed %d set for python, numpy, torch", seed)
     return np.random.default_rng(seed)
+
+
+def site_seed(seed: int, site_id: str) -> int:
+    """A seed of its own for ``site_id``, derived from the run's ``seed`` (stable across processes and runs).
+
+    For streams that must differ between sites although every site reads the same config:
+    the random GAN baseline drew the same samples at every site from the one shared G and
+    seed, so a second site exporting it added only copies (the pool stored 0 new files).
+    """
+    return (seed * 0x9E3779B1 + zlib.crc32(site_id.encode())) % 2**62
 
 
 def resolve_device(spec: str = "auto") -> torch.device:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 
 import grpc
 import pytest
@@ -32,6 +33,29 @@ def server(pki, tmp_path_factory):
     work = tmp_path_factory.mktemp("server")
     with PoolServer(work / "store", pki.certs, work, extra=("--max-streams-per-identity", "2")) as srv:
         yield srv
+
+
+
+def hold_all_streams(ch: grpc.Channel, release: threading.Event, n: int = 2, within_s: float = 30.0) -> list:
+    """``n`` Offer streams held open until ``release``, returned once the pool has counted them all.
+
+    Opening a stream returns before the pool's handler counts it, so an export started at once
+    could slip in first (seen in CI: the export went through on its first attempt). A short probe
+    stream tells: the pool refuses it (RESOURCE_EXHAUSTED) only when the ``n`` streams hold the
+    identity's limit; a blocker refused in the race is opened again.
+    """
+    stub = pool_pb2_grpc.PoolStub(ch)
+    blockers = [stub.Offer.future(held([], release), timeout=60) for _ in range(n)]
+    end = time.monotonic() + within_s
+    while time.monotonic() < end:
+        blockers = [b if not b.done() else stub.Offer.future(held([], release), timeout=60) for b in blockers]
+        try:
+            stub.Offer(held([], threading.Event(), hold_s=0.3), timeout=0.3)
+        except grpc.RpcError as e:
+            if e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and not any(b.done() for b in blockers):
+                return blockers
+        time.sleep(0.2)  # let the pool close a probe it accepted before the next one
+    raise AssertionError(f"the pool did not count {n} open streams within {within_s} s")
 
 
 def test_policy_comes_from_the_pool_config_section():
@@ -98,7 +122,7 @@ def test_the_stream_limit_is_waited_out(pki, server, tmp_path):
     make_site_dir(out, "site-b", 3, seed=7)
     release = threading.Event()
     ch = open_channel(server.address, load_client_credentials(pki.site("site-b")))
-    blockers = [pool_pb2_grpc.PoolStub(ch).Offer.future(held([], release), timeout=60) for _ in range(2)]
+    blockers = hold_all_streams(ch, release)
     logs: list[str] = []
 
     def note(msg: str) -> None:
@@ -122,7 +146,7 @@ def test_out_of_retries_the_last_reason_is_the_error(pki, server, tmp_path):
     make_site_dir(out, "site-c", 2, seed=8)
     release = threading.Event()
     ch = open_channel(server.address, load_client_credentials(pki.site("site-c")))
-    blockers = [pool_pb2_grpc.PoolStub(ch).Offer.future(held([], release), timeout=60) for _ in range(2)]
+    blockers = hold_all_streams(ch, release)
     try:
         with pytest.raises(ExportError, match=r"RESOURCE_EXHAUSTED: identity 'site-c' already has 2 open streams"):
             export(out, server.address, pki.site("site-c"), retries=1, backoff=0.05, progress=False)

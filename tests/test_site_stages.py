@@ -195,6 +195,15 @@ def test_candidates_per_method(site):
     assert len(r) == P * (T - 2) and r.path_id is None and r.image_id(7) == "random_00007"
 
 
+def test_each_site_draws_its_own_random_samples(site):
+    """The shared G and seed gave every site the same random samples (a second site exporting random added copies)."""
+    again = S.render_candidates(site.cfg, site.gen.G, site.paths, site.cls.phi_class)["random"]
+    assert torch.equal(again.images, site.cand["random"].images)  # reproducible at one site
+    other_cfg = site.cfg.model_copy(update={"site_id": site.cfg.site_id + "-other"})
+    other = S.render_candidates(other_cfg, site.gen.G, site.paths, site.cls.phi_class)["random"]
+    assert not torch.isclose(other.images, site.cand["random"].images).flatten(1).all(1).any()
+
+
 # ------------------------------------------------------------------------------------------ filter
 def test_filter_rejects_planted_duplicates_and_copies_of_real_images(site):
     s = site.flt.section
