@@ -609,16 +609,19 @@ class SynthesisConfig(_Section):
     """What `plan-client synthesize` produces."""
 
     method: SynthesisMethod = Field(
-        "auto", description="Method whose accepted images are exported (report keys method, method_requested, "
+        "plan", description="Method whose accepted images are exported (report keys method, method_requested, "
         "method_reason). auto: the site's own verdict decides (report key verdict, plan_shared.variety.plan_verdict, "
         "computed in the compare stage, which runs before the export): the site exports verdict.supported, i.e. plan "
         "when PLAN is safer than filtered random samples on the attacker's measures at equal utility (or better in "
         "utility and worse on no measure), random otherwise; when compare is off or the verdict cannot decide (no "
         "utility or no membership inference for plan or random) it exports synthesis.method_fallback. plan / linear / "
-        "random force that method whatever the verdict says. Why auto: on demo-s17's site reports the verdict "
-        "supported random at sites 1 and 2 (MIA and TPR@1% tied, independent id-prob 0.38 vs 0.35 and 0.36 vs 0.35) "
-        "while plan was exported: PLAN is not shown safer than filtered random at equal utility, so the export "
-        "follows each site's measurements."
+        "random force that method whatever the verdict says. The default stays plan because auto, measured, made the "
+        "pool worse: in the stop-19 demo (plan-server demo, idle) auto exported random at sites 1 and 2, whose "
+        "prevalence-matched random sets held 230 and 52 images (phi_class labels random samples mostly as one "
+        "class), so the pool had 1,186 images and pooled phi_down scored 0.571 (kappa 0.141) against 0.863 (0.726) "
+        "for the plan pool of the stop-18 demo; the verdict's utility is the site-level TSTR, which a small, "
+        "prevalence-matched random set can win. Read each run's verdict: on the same demo it still says PLAN is not "
+        "shown safer than filtered random at sites 1 and 2."
     )
     method_fallback: Method = Field(
         "plan", description="With synthesis.method auto: the method exported when compare is off or the verdict "

@@ -330,7 +330,7 @@ def test_synthesis_at_a_site_uses_the_sent_weights_in_memory(tmp_path):
     from tests.test_synthesize import _npz
 
     cfg = _cfg(data={"source": "medmnist", "path": str(_npz(tmp_path / "d.npz")), "size": SIZE, "download": False},
-               site={"state_dir": str(tmp_path / "state")}, synthesis=dict(TINY["synthesis"], compare=False))
+               site={"state_dir": str(tmp_path / "state")}, synthesis=dict(TINY["synthesis"], compare=False, method="auto"))
     trainer = GanTrainer(cfg, 1, SIZE)
     site = Site.from_node_config({"partition-id": 0, "num-partitions": 2}, cfg)
     res = synthesize_at_site(site, cfg, trainer.weights("g"), 1, SIZE, generator_round=4)

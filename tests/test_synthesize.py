@@ -48,10 +48,11 @@ def _npz(path: Path) -> Path:
 
 def test_synthesize_cli_end_to_end(tmp_path):
     npz = _npz(tmp_path / "toy.npz")
-    cfg = dict(TINY, data={"source": "medmnist", "path": str(npz), "size": 16, "download": False})
+    cfg = dict(TINY, data={"source": "medmnist", "path": str(npz), "size": 16, "download": False},
+               synthesis=dict(TINY.get("synthesis", {}), method="auto"))
     (tmp_path / "site.yaml").write_text(yaml.safe_dump(cfg))
     out = tmp_path / "out"
-    # synthesis.method auto (the default): the site exports the method its own verdict supports
+    # synthesis.method auto: the site exports the method its own verdict supports
     res = CliRunner().invoke(app, ["synthesize", "--config", str(tmp_path / "site.yaml"), "--out", str(out)])
     assert res.exit_code == 0, res.output + repr(res.exception)
     assert (out / "generator.pt").is_file()  # trained locally: no --generator given

@@ -89,7 +89,8 @@ def test_auto_without_a_verdict_or_an_undecided_one_exports_the_stated_fallback(
     assert c.reason.endswith("exporting synthesis.method_fallback = random")
 
 
-def test_the_default_is_auto_and_the_pool_then_accepts_every_method():
-    syn = SynthesisConfig()
-    assert syn.method == "auto" and syn.exportable_methods() == ("plan", "linear", "random")
+def test_the_default_is_plan_and_auto_lets_the_pool_accept_every_method():
+    assert SynthesisConfig().method == "plan" and SynthesisConfig().exportable_methods() == ("plan",)
+    syn = SynthesisConfig(method="auto")
+    assert syn.exportable_methods() == ("plan", "linear", "random")
     assert SynthesisConfig(method="linear").exportable_methods() == ("linear",)
