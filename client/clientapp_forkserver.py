@@ -34,6 +34,8 @@ import traceback
 from multiprocessing.connection import Connection, Listener
 from pathlib import Path
 
+from client.site_worker import serve_connections
+
 LOG = logging.getLogger("plan.clientapp_forkserver")
 
 #: Imported once by the server, so that each forked ClientApp process starts with them loaded.
@@ -149,23 +151,9 @@ def serve(address: Path, key: bytes, ready_file: Path | None = None, max_request
     finally:
         os.umask(old)
     address.chmod(0o600)
-    served = 0
     with listener:
         LOG.info("clientapp fork server listening on %s", address)
-        if ready_file is not None:
-            ready_file.write_text(str(os.getpid()))
-        while max_requests is None or served < max_requests:
-            try:
-                conn = listener.accept()  # raises AuthenticationError for a wrong key
-            except Exception as err:  # noqa: BLE001 - a bad client must not stop the server
-                LOG.warning("clientapp fork server: refused a connection: %s", err)
-                continue
-            with conn:
-                try:
-                    _serve_one(conn)
-                except (EOFError, OSError) as err:
-                    LOG.warning("clientapp fork server: connection lost: %s", err)
-            served += 1
+        serve_connections(listener, _serve_one, "clientapp fork server", ready_file, max_requests)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -99,23 +99,33 @@ def serve(address: str, key: bytes, ready_file: Path | None = None, max_requests
 
     import plan_shared.gan  # noqa: F401
 
-    served = 0
     with Listener(parse_address(address), authkey=key) as listener:
         LOG.info("site worker listening on %s (handlers %s)", address, ", ".join(handlers))
-        if ready_file is not None:
-            ready_file.write_text(str(os.getpid()))
-        while max_requests is None or served < max_requests:
+        serve_connections(listener, lambda conn: _serve_one(conn, handlers), "site worker", ready_file, max_requests)
+
+
+def serve_connections(listener: Listener, serve_one: Callable[[Connection], None], what: str,
+                      ready_file: Path | None, max_requests: int | None) -> None:
+    """Accept authenticated connections on ``listener`` and serve each with ``serve_one``, one at a time.
+
+    ``ready_file`` gets the pid once listening; a refused (wrong key) or lost connection is logged
+    as ``what`` and the loop goes on; it ends after ``max_requests`` (None = never).
+    """
+    if ready_file is not None:
+        ready_file.write_text(str(os.getpid()))
+    served = 0
+    while max_requests is None or served < max_requests:
+        try:
+            conn = listener.accept()  # raises AuthenticationError for a wrong key
+        except Exception as err:  # noqa: BLE001 - a bad client must not stop the server
+            LOG.warning("%s: refused a connection: %s", what, err)
+            continue
+        with conn:
             try:
-                conn = listener.accept()  # raises AuthenticationError for a wrong key
-            except Exception as err:  # noqa: BLE001 - a bad client must not stop the worker
-                LOG.warning("site worker: refused a connection: %s", err)
-                continue
-            with conn:
-                try:
-                    _serve_one(conn, handlers)
-                except (EOFError, OSError) as err:
-                    LOG.warning("site worker: connection lost: %s", err)
-            served += 1
+                serve_one(conn)
+            except (EOFError, OSError) as err:
+                LOG.warning("%s: connection lost: %s", what, err)
+        served += 1
 
 
 def forward(name: str, msg: Any, context: Any) -> Any | None:
