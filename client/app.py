@@ -138,15 +138,16 @@ def train(msg: Message, context: Context) -> Message:
 
     trainer.set_weights(unpack_weights(task.weights, trainer.weights(share)))  # deploytrace: packed or not
 
-    fd = None
+    fd = fd_s = None
     with site_progress(site) as rep, rep.stage(f"GAN round {server_round}"):
         if (n_fd := cfg.gan.watch_fd_samples) > 0:  # the received global G_ema, before any local step
             from plan_shared.gan import watch_fd, watch_real_subset
 
             t_fd = time.perf_counter()
             fd = watch_fd(trainer.G_ema, watch_real_subset(images, n_fd, cfg.seed), n_fd, cfg.seed)
+            fd_s = time.perf_counter() - t_fd
             LOG.info("%s round %d: FD of the received G_ema %.3f (%d samples, %.2fs)", site.site_id, server_round,
-                     fd, n_fd, time.perf_counter() - t_fd)
+                     fd, n_fd, fd_s)
         t1 = time.perf_counter()
         seen0 = trainer.images_seen
         m = trainer.train_steps(images.to(device), task.local_steps, desc="local GAN steps")
@@ -169,6 +170,7 @@ def train(msg: Message, context: Context) -> Message:
         train_s=float(train_s),
         handler_s=float(time.perf_counter() - t0),
         fd=fd,
+        fd_s=fd_s,
     )
     LOG.info("%s round %d: %d steps in %.1fs, loss_g=%.3f loss_d=%.3f", site.site_id, server_round,
              metrics.steps, train_s, metrics.loss_g, metrics.loss_d)

@@ -138,8 +138,8 @@ def test_watch_fd_samples_config_and_protocol():
         config_from_dict({"gan": {"watch_fd_samples": -3}})
     from flwr.app import MetricRecord
 
-    m = TrainMetrics(10, 0.5, 1.0, 0.1, 0.2, -0.2, 40, 5, 1.0, 1.2, fd=33.0)
-    assert m.as_dict()["fd"] == 33.0
+    m = TrainMetrics(10, 0.5, 1.0, 0.1, 0.2, -0.2, 40, 5, 1.0, 1.2, fd=33.0, fd_s=0.4)
+    assert m.as_dict()["fd"] == 33.0 and m.as_dict()["fd-s"] == 0.4
     assert TrainMetrics.from_metric_record(MetricRecord(m.as_dict()), "t") == m
     off = TrainMetrics(10, 0.5, 1.0, 0.1, 0.2, -0.2, 40, 5, 1.0, 1.2)
-    assert "fd" not in off.as_dict() and TrainMetrics.from_metric_record(MetricRecord(off.as_dict()), "t").fd is None
+    assert not {"fd", "fd-s"} & off.as_dict().keys() and TrainMetrics.from_metric_record(MetricRecord(off.as_dict()), "t").fd is None
