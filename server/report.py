@@ -393,7 +393,12 @@ def training_curve_plot(metrics_path: Path, path: Path) -> Path | None:
     if any("fd" in w for _, w in rows):
         ax.plot(rounds, series("fd"), "o-", color="tab:purple",
                 label="FD of the global G_ema the round starts from\n(sites' mean; lower = closer to their images)")
-        ax.set_ylabel("FD (fixed random-feature space)")
+        fds = [v for v in series("fd") if math.isfinite(v)]
+        if fds and min(fds) > 0 and max(fds) / min(fds) > 20:  # the untrained round-1 G would flatten the rest
+            ax.set_yscale("log")
+            ax.set_ylabel("FD (fixed random-feature space, log)")
+        else:
+            ax.set_ylabel("FD (fixed random-feature space)")
     else:
         gap = [float(w["d_real"]) - float(w["d_fake"]) if "d_real" in w and "d_fake" in w else math.nan for _, w in rows]
         ax.plot(rounds, series("d_real"), ".-", color="tab:green", label="D logit on real")
