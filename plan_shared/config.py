@@ -178,8 +178,9 @@ class GanConfig(_Section):
         "seed, the same every round) and takes their Frechet distance to as many of its own train images (a fixed "
         "subset; all when it has fewer) in a fixed random-weight conv feature space (plan_shared/gan.py "
         "RandomFeatureNet); the coordinator averages the sites' values weighted by train-set size. Round r thus "
-        "scores the model after round r-1 (round 1: the initial G). 0 = off; otherwise at least 2. Measured at 32 px, "
-        "256 samples, one core: ~0.5 s per site-round (rendering dominates).",
+        "scores the model after round r-1 (round 1: the initial G). 0 = off; otherwise at least 2. Measured at 32 px "
+        "with the default generator on one core (under load): 256 samples 0.5-0.9 s CPU per site-round, rendering "
+        "~90% of it (128 samples: 0.2-0.3 s); a process's first call ~1.8 s (scipy import, first render).",
     )
 
     @model_validator(mode="after")
