@@ -8,7 +8,9 @@ Handlers (Flower 1.42 Message API; the records are plan_shared/protocol.py's):
 * train: ``TrainTask`` -> ``TrainReply``: ``local_steps`` GAN steps from the global weights on
   the site's own train split; its weights (``g.*``, ``g_ema.*`` and ``d.*`` when the
   discriminator is shared) with metrics: mean losses, images seen this round, the local
-  compute time and ``num_examples`` (the site's train-set size, FedAvg's weight).
+  compute time and ``num_examples`` (the site's train-set size, FedAvg's weight); with
+  ``gan.watch_fd_samples`` on, ``fd``: the received global G_ema's FD against a fixed subset of
+  the site's train images, computed before the local steps (plan_shared.gan.watch_fd).
 * synthesize: ``SynthesisTask`` -> ``SynthesisSummary``; evaluate: ``EvaluationTask`` ->
   ``SiteEvaluation`` (client/post_training.py does the work).
 * fedreal: ``FedRealTask`` -> ``FedRealReply`` (a round of the federated-real reference);
@@ -136,9 +138,18 @@ def train(msg: Message, context: Context) -> Message:
 
     trainer.set_weights(unpack_weights(task.weights, trainer.weights(share)))  # deploytrace: packed or not
 
-    t1 = time.perf_counter()
-    seen0 = trainer.images_seen
+    fd = fd_s = None
     with site_progress(site) as rep, rep.stage(f"GAN round {server_round}"):
+        if (n_fd := cfg.gan.watch_fd_samples) > 0:  # the received global G_ema, before any local step
+            from plan_shared.gan import watch_fd, watch_real_subset
+
+            t_fd = time.perf_counter()
+            fd = watch_fd(trainer.G_ema, watch_real_subset(images, n_fd, cfg.seed), n_fd, cfg.seed)
+            fd_s = time.perf_counter() - t_fd
+            LOG.info("%s round %d: FD of the received G_ema %.3f (%d samples, %.2fs)", site.site_id, server_round,
+                     fd, n_fd, fd_s)
+        t1 = time.perf_counter()
+        seen0 = trainer.images_seen
         m = trainer.train_steps(images.to(device), task.local_steps, desc="local GAN steps")
     train_s = time.perf_counter() - t1
 
@@ -158,6 +169,8 @@ def train(msg: Message, context: Context) -> Message:
         steps=int(m.get("steps", 0)),
         train_s=float(train_s),
         handler_s=float(time.perf_counter() - t0),
+        fd=fd,
+        fd_s=fd_s,
     )
     LOG.info("%s round %d: %d steps in %.1fs, loss_g=%.3f loss_d=%.3f", site.site_id, server_round,
              metrics.steps, train_s, metrics.loss_g, metrics.loss_d)

@@ -380,3 +380,87 @@ def write_sample_grid(G: StyleGenerator, path: str | Path, n: int = 64, seed: in
     return save_grid(G.render(w, noise_mode="const"), path)
 
 
+
+
+# ------------------------------------------------------------------ the per-round FD watch-point
+WATCH_FD_SEED = 20240611  # the feature net's weights: fixed for good, so FD values of different runs compare
+WATCH_FD_WIDTHS = (32, 64, 128)
+
+
+class RandomFeatureNet(torch.nn.Module):
+    """A fixed, untrained feature space for the federated GAN's per-round FD watch-point.
+
+    Three 3x3 convolutions (32, 64, 128 channels, stride 2, padding 1, LeakyReLU 0.2) whose
+    weights are drawn once from a normal distribution (He scaling, no bias) by a
+    ``torch.Generator`` seeded with ``seed``: every site, process and round embeds images
+    identically, and nothing is trained or downloaded. Features: the global average of the
+    last two layers' activations (64 + 128 = 192 values per image). Distances in this space
+    follow low-level statistics (intensity, texture, coarse layout), not semantics: compare FD
+    values only between sets embedded by this net with the same seed, i.e. round against round.
+    """
+
+    def __init__(self, channels: int, seed: int = WATCH_FD_SEED, widths: tuple[int, ...] = WATCH_FD_WIDTHS):
+        super().__init__()
+        if channels < 1 or len(widths) < 2:
+            raise ValueError(f"RandomFeatureNet: need channels >= 1 and at least 2 layers, got {channels}, {widths}")
+        gen = torch.Generator().manual_seed(seed)
+        c_in = channels
+        for i, c in enumerate(widths):
+            self.register_buffer(f"w{i}", torch.randn(c, c_in, 3, 3, generator=gen) * (2.0 / (c_in * 9)) ** 0.5)
+            c_in = c
+        self.n_layers = len(widths)
+        self.feature_dim = widths[-2] + widths[-1]
+        self.requires_grad_(False).eval()
+
+    @torch.no_grad()
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``[N, C, H, W]`` images in [-1, 1] -> ``[N, feature_dim]`` float32 features."""
+        pooled = []
+        h = x.float()
+        for i in range(self.n_layers):
+            h = F.leaky_relu(F.conv2d(h, getattr(self, f"w{i}"), stride=2, padding=1), 0.2)
+            if i >= self.n_layers - 2:
+                pooled.append(h.mean(dim=(2, 3)))
+        return torch.cat(pooled, dim=1)
+
+    def embed(self, x: torch.Tensor, batch: int = 256) -> torch.Tensor:
+        """Features of many images (any device), ``batch`` at a time; on the CPU."""
+        dev = next(self.buffers()).device
+        parts = [self(x[i : i + batch].to(dev)).cpu() for i in range(0, len(x), batch)]
+        return torch.cat(parts) if parts else torch.zeros(0, self.feature_dim)
+
+
+def watch_real_subset(images: torch.Tensor, n: int, seed: int) -> torch.Tensor:
+    """The site's fixed FD reference: ``n`` of its train images (all when it has fewer), picked by ``seed``.
+
+    The same images every round as long as the site's train split is the same.
+    """
+    idx = torch.randperm(images.shape[0], generator=torch.Generator().manual_seed(seed))[: max(n, 0)]
+    return images[idx.sort().values]
+
+
+@torch.no_grad()
+def watch_fd(G: StyleGenerator, real: torch.Tensor, n: int, seed: int, net: RandomFeatureNet | None = None,
+             batch: int = 256) -> float:
+    """FD of ``G``'s samples against ``real`` in :class:`RandomFeatureNet`'s fixed feature space.
+
+    ``n`` samples rendered from z drawn with ``seed`` (the same z every round, so the curve compares
+    like with like), constant noise; ``real``: a fixed set of real images (:func:`watch_real_subset`).
+    Neither draws from torch's global RNG nor touches ``G``'s state. The Fréchet distance's bias
+    grows as the sets shrink: compare values at the same ``n`` and ``len(real)`` only.
+    """
+    from plan_shared.metrics import frechet_distance
+
+    if n < 2 or len(real) < 2:
+        raise ValueError(f"watch_fd: need at least 2 samples and 2 real images, got {n} and {len(real)}")
+    net = net or RandomFeatureNet(G.channels).to(G.w_avg.device)
+    gen = torch.Generator().manual_seed(seed)
+    fake = []
+    was_training = G.training
+    G.eval()
+    try:
+        for i in range(0, n, batch):
+            fake.append(net(G.render(G.sample_w(min(batch, n - i), gen), noise_mode="const")).cpu())
+    finally:
+        G.train(was_training)
+    return frechet_distance(torch.cat(fake), net.embed(real, batch))

@@ -283,6 +283,8 @@ class TrainMetrics:
     steps: int
     train_s: float
     handler_s: float
+    fd: float | None = None  # the FD watch-point of the received global G_ema (gan.watch_fd_samples; absent when off)
+    fd_s: float | None = None  # seconds the FD took at the site (with fd)
 
     # field -> metric name (metrics.jsonl and FedAvg's weighted_by_key use these names)
     NAMES: ClassVar[dict[str, str]] = {
@@ -293,7 +295,12 @@ class TrainMetrics:
     WEIGHT_KEY: ClassVar[str] = "num-examples"
 
     def as_dict(self) -> dict[str, MetricValue]:
-        return {name: getattr(self, f) for f, name in self.NAMES.items()}
+        d: dict[str, MetricValue] = {name: getattr(self, f) for f, name in self.NAMES.items()}
+        if self.fd is not None:
+            d["fd"] = self.fd
+        if self.fd_s is not None:
+            d["fd-s"] = self.fd_s
+        return d
 
     @classmethod
     def from_metric_record(cls, rec: MetricRecord, msg: str) -> TrainMetrics:
@@ -306,7 +313,8 @@ class TrainMetrics:
             return _float(rec, msg, n[k])
 
         return cls(i("num_examples"), f("loss_g"), f("loss_d"), f("r1"), f("d_real"), f("d_fake"), i("images_seen"),
-                   i("steps"), f("train_s"), f("handler_s"))
+                   i("steps"), f("train_s"), f("handler_s"), _opt_float(rec, msg, "fd"),
+                   _opt_float(rec, msg, "fd-s"))
 
 
 @dataclass(frozen=True)

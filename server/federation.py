@@ -90,7 +90,7 @@ def wait_for_nodes(grid: Grid, want: int, need: int, deadline_s: float, poll_s: 
         time.sleep(poll_s)
 
 
-WATCH_KEYS = ("d_real", "d_fake", "r1", "loss_d", "loss_g")
+WATCH_KEYS = ("d_real", "d_fake", "r1", "loss_d", "loss_g", "fd")
 
 
 def watch_points(aggregate: dict[str, Any]) -> dict[str, float]:
@@ -98,7 +98,9 @@ def watch_points(aggregate: dict[str, Any]) -> dict[str, float]:
 
     ``d_real``/``d_fake``: D's mean logit on real and on generated images over the sites'
     local steps; ``d_gap`` = their difference (grows when D wins, i.e. G is falling behind or
-    D overfits the few local images); ``r1``: mean R1 penalty of the steps that computed it.
+    D overfits the few local images); ``r1``: mean R1 penalty of the steps that computed it;
+    ``fd`` (when ``gan.watch_fd_samples`` is on): the sites' FD of the global G_ema they received
+    this round against their own real images, in a fixed feature space (plan_shared.gan.watch_fd).
     """
     w = {k: float(aggregate[k]) for k in WATCH_KEYS if k in aggregate}
     if "d_real" in w and "d_fake" in w:

@@ -361,7 +361,8 @@ def privacy_utility_plot(points: dict[str, Any], path: Path, title: str = "",
 def training_curve_plot(metrics_path: Path, path: Path) -> Path | None:
     """Per-round curves of the federated GAN from ``metrics.jsonl`` (None when it has no rounds).
 
-    Top: FD of G_ema where a round records one (``watch.fd``), else D's logit gap
+    Top: FD of G_ema where a round records one (``watch.fd``, gan.watch_fd_samples: the sites'
+    FD of the global model they received, i.e. round r scores the model after round r-1), else D's logit gap
     real - fake (a gap still growing at the last round says D wins: more rounds alone will
     not help, a flat low gap with falling FD says they would). Bottom: D and G losses.
     """
@@ -390,8 +391,14 @@ def training_curve_plot(metrics_path: Path, path: Path) -> Path | None:
 
     fig, (ax, ax2) = plt.subplots(2, 1, figsize=(5.5, 5), dpi=120, sharex=True)
     if any("fd" in w for _, w in rows):
-        ax.plot(rounds, series("fd"), "o-", color="tab:purple", label="FD of G_ema (lower = closer to real)")
-        ax.set_ylabel("FD")
+        ax.plot(rounds, series("fd"), "o-", color="tab:purple",
+                label="FD of the global G_ema the round starts from\n(sites' mean; lower = closer to their images)")
+        fds = [v for v in series("fd") if math.isfinite(v)]
+        if fds and min(fds) > 0 and max(fds) / min(fds) > 20:  # the untrained round-1 G would flatten the rest
+            ax.set_yscale("log")
+            ax.set_ylabel("FD (fixed random-feature space, log)")
+        else:
+            ax.set_ylabel("FD (fixed random-feature space)")
     else:
         gap = [float(w["d_real"]) - float(w["d_fake"]) if "d_real" in w and "d_fake" in w else math.nan for _, w in rows]
         ax.plot(rounds, series("d_real"), ".-", color="tab:green", label="D logit on real")

@@ -145,6 +145,12 @@ def test_train_reply_carries_the_watch_points(tmp_path):
     for k in ("d_real", "d_fake", "r1", "loss_d", "loss_g"):
         assert math.isfinite(getattr(m, k)), k
     assert m.r1 > 0  # computed at least once in 4 steps (lazy R1), averaged over those steps
+    assert m.fd is not None and math.isfinite(m.fd) and m.fd > 0  # gan.watch_fd_samples: on by default
+    assert m.fd_s is not None and 0 < m.fd_s < m.handler_s
+    off = {**cfg, "gan": {**cfg.get("gan", {}), "watch_fd_samples": 0}}
+    rep = _call(_train(off, glob.weights("gd"), local_steps=1), _ctx(tmp_path / "off", n=12))
+    assert not rep.has_error(), rep.error
+    assert TrainReply.from_record(rep.content).metrics.fd is None and "fd" not in rep.content["metrics"]
 
 
 def test_evaluate_returns_scores_confusion_arrays_and_the_audit(tmp_path):

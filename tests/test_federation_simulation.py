@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -70,6 +71,9 @@ def test_simulation_3_sites_2_rounds_weighted_mean(tmp_path, monkeypatch):
     assert {"d_real", "d_fake", "d_gap", "r1", "loss_d", "loss_g"} <= watch.keys()
     assert watch["d_real"] == pytest.approx(sum(s["d_real"] * s["num-examples"] for s in last["sites"]) / total, rel=1e-5)
     assert watch["d_gap"] == pytest.approx(watch["d_real"] - watch["d_fake"])
+    # gan.watch_fd_samples (on by default): each site's FD of the received G_ema, weighted like FedAvg
+    assert all(math.isfinite(r["watch"]["fd"]) and r["watch"]["fd"] > 0 for r in recs)
+    assert watch["fd"] == pytest.approx(sum(s["fd"] * s["num-examples"] for s in last["sites"]) / total, rel=1e-5)
     mean: dict[str, torch.Tensor] = {}
     for site, n in counts.items():
         st = torch.load(out / "sites" / site / "local_trainer.pt", weights_only=True)
