@@ -348,7 +348,8 @@ def time_to_quality(args) -> dict:
         if "utilisation_of_bf16_peak" in r:
             print(f"  {r['case']} on {r['paths']} paths: {r['utilisation_of_bf16_peak']:.0%} of the bf16 matmul's GFLOP/s")
     return {"note": note, "T": args.T, "threads": args.threads, "tol": args.tol, "flop_per_image_step": flop_img,
-            "matmul_gflops": mm, "matmul_gflops_bf16": mm_bf16, "precisions": precisions, "target_objective": target, "rows": rows, "official_curve": curve}
+            "matmul_gflops": mm, "matmul_gflops_bf16": mm_bf16, "precisions": precisions,
+            "target_objective": target, "rows": rows, "official_curve": curve}
 
 
 def main() -> None:
