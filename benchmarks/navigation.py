@@ -104,7 +104,9 @@ probability (lower = less identifying), DCR = distance in pixels ([-1, 1], L2) t
 (mean over points; higher = farther from the members). Time to quality = first time the mean objective is within
 --tol (relative) of the official 500-step objective. GFLOP/s counts G + phi_id + phi_class forward + backward
 (FlopCounterMode, per image) over the images actually rendered; utilisation is against a 1024^2 fp32 matmul
-timed in the same process.
+timed in the same process. --precision fp32,bf16 adds the engine cases with navigation.precision bf16 (the networks'
+passes under bfloat16 autocast); their quality columns are scored in fp32 like every other case, and their utilisation
+is given against both the fp32 and the bf16 1024^2 matmul.
 """
 
 
@@ -166,10 +168,11 @@ def _flops_per_image(G, phi_id, phi_class, nav, sc: float) -> float:
     return fc.get_total_flops() / n
 
 
-def _matmul_gflops() -> float:
+def _matmul_gflops(dtype_name: str = "fp32") -> float:
     import torch
 
-    a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
+    dt = torch.bfloat16 if dtype_name == "bf16" else torch.float32
+    a, b = torch.randn(1024, 1024, dtype=dt), torch.randn(1024, 1024, dtype=dt)
     for _ in range(3):
         a @ b
     best = float("inf")
@@ -207,6 +210,10 @@ def time_to_quality(args) -> dict:
     from plan_shared.navigation import official_loop, optimise_paths, random_samples, w_std
 
     torch.set_num_threads(args.threads)
+    precisions = [p.strip() for p in args.precision.split(",") if p.strip()]
+    bad = [p for p in precisions if p not in ("fp32", "bf16")]
+    if bad or not precisions:
+        sys.exit(f"--precision {args.precision!r}: a comma list of fp32 and bf16")
     if not args.generator:
         sys.exit("--time-to-quality needs --generator CKPT (a trained generator; quality means nothing for random weights)")
     if (args.T - 2) % 4:
@@ -239,10 +246,14 @@ def time_to_quality(args) -> dict:
           f"lambda_id={nav.lambda_id:g} lambda_class={nav.lambda_class:g}, sigma_W={sc:.3f}, threads {args.threads}", flush=True)
     flop_img = _flops_per_image(G, phi_id, phi_class, nav, sc)
     mm = _matmul_gflops()
-    print(f"{flop_img / 1e6:.1f} MFLOP per image-step (G + phi_id + phi_class, fwd+bwd); 1024^2 fp32 matmul {mm:.1f} GFLOP/s", flush=True)
+    mm_bf16 = _matmul_gflops("bf16") if "bf16" in precisions else None
+    print(f"{flop_img / 1e6:.1f} MFLOP per image-step (G + phi_id + phi_class, fwd+bwd); 1024^2 fp32 matmul {mm:.1f} GFLOP/s"
+          + (f", bf16 matmul {mm_bf16:.1f} GFLOP/s" if mm_bf16 else ""), flush=True)
     # warm-up (oneDNN primitives, allocator) for both code paths, untimed
     official_loop(G, phi_id, phi_class, wa[0], wb[0], int(lab[0]), nav.model_copy(update={"steps": 2}), w_scale=sc)
-    optimise_paths(G, phi_id, phi_class, wa, wb, lab, nav.model_copy(update={"steps": 2}), w_scale=sc, progress=False)
+    for prec in precisions:
+        optimise_paths(G, phi_id, phi_class, wa, wb, lab, nav.model_copy(update={"steps": 2, "precision": prec}), w_scale=sc,
+                       progress=False)
 
     rows = []
     # --- official, one path at a time
@@ -296,20 +307,18 @@ def time_to_quality(args) -> dict:
             hit = [dt] if q["objective"] <= target else []
         imgs = int(r.steps_run.sum()) * (args.T - 2)
         print(f"{name} on {m} paths: {dt:.1f} s", flush=True)
-        rows.append({"case": name, "paths": m, "seconds": dt, "steps": int(r.steps_run.max()),
+        rows.append({"case": name, "paths": m, "precision": c.precision, "seconds": dt, "steps": int(r.steps_run.max()),
                      "steps_mean": float(r.steps_run.float().mean()), "image_steps": imgs,
                      "ttq_s": (hit[0] if hit else None), **q})
 
     d = cfg.navigation.steps
-    engine(f"engine ({d} steps)", k, {"steps": d})
-    engine(f"engine ({2 * d} steps)", k, {"steps": 2 * d})
-    engine(f"engine (early stop p={args.patience})", k, {"steps": S, "early_stop_patience": args.patience,
-                                                          "early_stop_rel_tol": args.rel_tol})
-    if n > k:
-        engine(f"engine ({d} steps)", n, {"steps": d})
-        engine(f"engine ({2 * d} steps)", n, {"steps": 2 * d})
-        engine(f"engine (early stop p={args.patience})", n, {"steps": S, "early_stop_patience": args.patience,
-                                                              "early_stop_rel_tol": args.rel_tol})
+    for prec in precisions:
+        tag = "" if prec == "fp32" else f" {prec}"
+        for m in (k, n) if n > k else (k,):
+            engine(f"engine{tag} ({d} steps)", m, {"steps": d, "precision": prec})
+            engine(f"engine{tag} ({2 * d} steps)", m, {"steps": 2 * d, "precision": prec})
+            engine(f"engine{tag} (early stop p={args.patience})", m, {"steps": S, "early_stop_patience": args.patience,
+                                                                    "early_stop_rel_tol": args.rel_tol, "precision": prec})
     per_path_off = rows[0]["seconds"] / k
     print(f"\nofficial objective after {S} steps: {q_off['objective']:.4f}; target = within {args.tol:.0%}: <= {target:.4f}")
     print(f"{'case':28s} {'paths':>5s} {'steps':>9s} {'s/path':>8s} {'objective':>9s} {'L_dist':>7s} {'L_id':>6s} "
@@ -317,7 +326,9 @@ def time_to_quality(args) -> dict:
     for r in rows:
         r["seconds_per_path"] = r["seconds"] / r["paths"]
         r["gflops"] = flop_img * r["image_steps"] / r["seconds"] / 1e9
-        r["utilisation"] = r["gflops"] / mm
+        r["utilisation"] = r["gflops"] / mm  # against the fp32 matmul: the same FLOPs, whatever the arithmetic
+        if r.get("precision") == "bf16" and mm_bf16:
+            r["utilisation_of_bf16_peak"] = r["gflops"] / mm_bf16
         r["ttq_per_path_s"] = r["ttq_s"] / r["paths"] if r["ttq_s"] is not None else None
         r["speedup_at_equal_quality"] = per_path_off / r["ttq_per_path_s"] if r["ttq_per_path_s"] else None
         st = f"{r['steps']}" if "steps_mean" not in r else f"{r['steps_mean']:.0f}/{r['steps']}"
@@ -333,8 +344,12 @@ def time_to_quality(args) -> dict:
     for c in curve:
         print(f"  step {c['step']:4d}  {c['seconds'] / k:7.2f} s/path  objective {c['objective']:.4f}  "
               f"id_prob {c['id_prob']:.3f}  DCR {c['dcr']:.2f}")
+    for r in rows:
+        if "utilisation_of_bf16_peak" in r:
+            print(f"  {r['case']} on {r['paths']} paths: {r['utilisation_of_bf16_peak']:.0%} of the bf16 matmul's GFLOP/s")
     return {"note": note, "T": args.T, "threads": args.threads, "tol": args.tol, "flop_per_image_step": flop_img,
-            "matmul_gflops": mm, "target_objective": target, "rows": rows, "official_curve": curve}
+            "matmul_gflops": mm, "matmul_gflops_bf16": mm_bf16, "precisions": precisions,
+            "target_objective": target, "rows": rows, "official_curve": curve}
 
 
 def main() -> None:
@@ -361,6 +376,7 @@ def main() -> None:
     tq.add_argument("--id-epochs", type=int, default=20)
     tq.add_argument("--class-images", type=int, default=1500)
     tq.add_argument("--class-epochs", type=int, default=4)
+    tq.add_argument("--precision", default="fp32", help="engine cases per precision, e.g. fp32,bf16 (navigation.precision)")
     tq.add_argument("--cache", default=None, help="keep the trained phi_id/phi_class here between runs")
     args = ap.parse_args()
     if args.time_to_quality:

@@ -470,6 +470,12 @@ class NavigationConfig(_Section):
     early_stop_rel_tol: float = Field(
         1e-3, ge=0.0, lt=1.0, description="Relative improvement of a path's loss that counts as progress for early_stop_patience."
     )
+    precision: Literal["fp32", "bf16"] = Field(
+        "fp32", description="Arithmetic of the generator and classifier passes during navigation. bf16: autocast to "
+        "bfloat16 (CPUs with AVX512-BF16 or AMX, CUDA GPUs with bf16); the path variables, Adam, L_dist and the "
+        "losses' sums stay fp32. Measured with benchmarks/navigation.py --time-to-quality --precision fp32,bf16 "
+        "(path quality scored in fp32). fp32 where the device has no bf16 units: autocast would emulate it, slower."
+    )
     devices: list[str] | None = Field(
         None, min_length=1, description="Devices the paths are sharded over, one worker (thread with its own model copies) "
         "per entry, e.g. [cuda:0, cuda:1]; entries may repeat ([cpu, cpu] = two CPU workers). Each path's optimisation is "

@@ -176,7 +176,7 @@ POINT_TERMS = ("id", "class", "smooth", "real")  # the per-point terms of nav_ob
 def _chunk_loss(
     G: StyleGenerator, phi_id: nn.Module, phi_class: nn.Module, w: torch.Tensor, y: torch.Tensor, obj: Objective,
     n_inner: int, gen: torch.Generator, w_lin: torch.Tensor, free: torch.Tensor | None = None,
-    disc: nn.Module | None = None,
+    disc: nn.Module | None = None, precision: str = "fp32",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The per-point part of the objective for one chunk of interior points ``w [n, w_dim]`` (real W scale)
     whose straight-line starts are ``w_lin``; ``free`` the navigated layers (None = all; else the others render
@@ -186,14 +186,17 @@ def _chunk_loss(
     the low-pass bound and the realism hinge against the straight-line points ``w_lin``). Returns the scalar to back-propagate
     (weighted per-image terms / n_inner, so the sum over a path's chunks is the path's mean) and the per-image
     terms ``[n, 4]`` in :data:`POINT_TERMS` order (detached; zeros for a term whose weight is 0, which is then
-    not evaluated).
+    not evaluated). ``precision`` bf16: the networks' passes run under bfloat16 autocast, the terms are
+    returned in fp32.
     """
-    img = G.render(compose_styles(w, w_lin, free))
-    img_lin = None
-    if obj.needs_linear_image:
-        with torch.no_grad():
-            img_lin = G.render(w_lin)
-    terms = point_terms(img, img_lin, phi_id, phi_class, y, obj, gen, disc)
+    with torch.autocast(w.device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+        img = G.render(compose_styles(w, w_lin, free))
+        img_lin = None
+        if obj.needs_linear_image:
+            with torch.no_grad():
+                img_lin = G.render(w_lin)
+        terms = point_terms(img, img_lin, phi_id, phi_class, y, obj, gen, disc)
+    terms = {k: v.float() for k, v in terms.items()}
     zero = torch.zeros(w.shape[0], device=w.device)
     loss = torch.zeros((), device=w.device)
     for k, v in terms.items():
@@ -342,7 +345,7 @@ def _optimise_shard(
             for s in range(0, len(points), chunk):
                 ix: slice | torch.Tensor = slice(s, s + chunk) if everyone else points[s : s + chunk]
                 loss, pt[ix] = _chunk_loss(G, phi_id, phi_class, (flat_start[ix] + flat[ix]) * sc, flat_labels[ix], objective,
-                                           n_inner, gen, flat_lin[ix], free, disc)
+                                           n_inner, gen, flat_lin[ix], free, disc, nav.precision)
                 torch.autograd.backward(loss)  # accumulates into D.grad through the gather
         ld_path = seg_const + dist_loss(torch.cat([zero_end, D, zero_end], dim=1))
         torch.autograd.backward(nav.lambda_dist * ld_path.sum())

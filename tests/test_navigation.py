@@ -215,6 +215,35 @@ def test_sharded_over_two_cpu_workers_equals_one_worker():
     assert not any(q.requires_grad for q in G.parameters())
 
 
+def test_bf16_precision_runs_in_bfloat16_and_stays_near_fp32():
+    G, phi_id, phi_c = tiny()
+    torch.manual_seed(8)
+    wa, wb = torch.randn(4, 8), torch.randn(4, 8)
+    y = torch.tensor([0, 1, 1, 0])
+    kw = {"T": 6, "steps": 6, "lr": 0.05, "chunk": 8}
+    seen: list[torch.dtype] = []
+    hook = phi_id.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+    try:
+        half = optimise_paths(G, phi_id, phi_c, wa, wb, y, nav(precision="bf16", **kw), w_scale=0.9, progress=False)
+    finally:
+        hook.remove()
+    full = optimise_paths(G, phi_id, phi_c, wa, wb, y, nav(**kw), w_scale=0.9, progress=False)
+    assert seen and all(d == torch.bfloat16 for d in seen)  # the passes really ran in bf16 ...
+    assert half.paths.dtype == torch.float32 and half.final_loss.dtype == torch.float64
+    assert torch.isfinite(half.final_loss).all()
+    assert not torch.equal(half.paths, full.paths)
+    # ... and the paths moved like the fp32 ones: the same direction off the straight line, within a few per cent
+    lin = linear_paths(wa, wb, 6)
+    d_half, d_full = (half.paths - lin).flatten(), (full.paths - lin).flatten()
+    assert torch.nn.functional.cosine_similarity(d_half, d_full, dim=0) > 0.9
+    assert (d_half.norm() / d_full.norm() - 1).abs() < 0.2
+
+
+def test_precision_is_checked():
+    with pytest.raises(ValueError, match="precision"):
+        NavigationConfig(precision="fp16")
+
+
 def test_devices_are_checked():
     with pytest.raises(ValueError, match="gpu0"):
         NavigationConfig(devices=["cpu", "gpu0"])
