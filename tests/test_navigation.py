@@ -194,7 +194,9 @@ def test_early_stopping_stops_each_path_on_its_own_plateau():
     assert torch.allclose(obj.detach().double(), es.final_loss, rtol=1e-4)
     L0 = path_losses(G, phi_id, phi_c, linear_paths(wa, wb, 6), y)
     obj0 = full.lambda_dist * L0["dist"] + full.lambda_id * L0["id"] + full.lambda_class * L0["class"]
-    assert bool((es.final_loss <= obj0.detach().double() + 1e-6).all())  # never worse than the straight start
+    # never worse than the straight start (up to float rounding: a path that never improves holds its start, whose
+    # objective the chunked engine and path_losses sum in different orders; 1e-6 absolute failed on an AVX-512 CPU)
+    assert bool((es.final_loss <= obj0.detach().double() * (1 + 1e-5)).all())
     # and it stopped on a plateau: close to what 200 steps reach
     assert float(es.final_loss.sum()) <= 1.05 * float(ref.final_loss.sum())
 
