@@ -68,3 +68,29 @@ def test_state_round_trip_gives_identical_next_steps(tmp_path):
 def test_bad_values_name_the_key(key, value):
     with pytest.raises(Exception, match=f"federation.{key}"):
         config_from_dict({"federation": {key: value}})
+
+
+def test_coordinator_checkpoint_carries_the_momentum_state(tmp_path):
+    from plan_shared.gan import GanTrainer
+    from server.federation import Federation
+    from tests.test_federation_util import tiny_config
+
+    cfg = config_from_dict(tiny_config(server_opt="momentum", server_momentum=0.9))
+    trainer = GanTrainer(cfg, 1, 8)
+    fed = Federation(None, cfg, tmp_path)  # type: ignore[arg-type]  # no messages are sent here
+    fed.server_opt = fed.make_server_opt(trainer)
+    current = trainer.weights("gd")
+    gen = torch.Generator().manual_seed(1)
+    average = {k: v + 0.01 * torch.randn(v.shape, generator=gen) for k, v in current.items()}
+    trainer.set_weights(fed.server_opt.step(current, average))
+    fed.save(trainer, 1)
+
+    again = Federation(None, cfg, tmp_path)  # type: ignore[arg-type]
+    meta = again.latest()
+    assert meta is not None and meta["server_opt"] == "momentum"
+    resumed = GanTrainer.from_checkpoint(tmp_path / "checkpoints" / meta["checkpoint"])
+    opt = again.make_server_opt(resumed, meta)
+    assert opt.m is not None and fed.server_opt.m is not None and torch.equal(opt.m, fed.server_opt.m)
+    nxt = {k: v - 0.02 for k, v in trainer.weights("gd").items()}
+    a, b = fed.server_opt.step(trainer.weights("gd"), nxt), opt.step(resumed.weights("gd"), nxt)
+    assert all(torch.equal(a[k], b[k]) for k in a)
