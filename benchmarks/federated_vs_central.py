@@ -39,6 +39,16 @@ from plan_shared.gan import GanTrainer, load_generator  # noqa: E402
 from plan_shared.metrics import frechet_distance, kernel_distance  # noqa: E402
 from plan_shared.runtime import seed_everything, setup_logging  # noqa: E402
 
+# --variants: name -> federation overrides (server/server_opt.py); "fedavg" is today's default.
+VARIANTS: dict[str, dict[str, object]] = {
+    "fedavg": {"federation.server_opt": "none"},
+    "fedavgm": {"federation.server_opt": "momentum", "federation.server_momentum": 0.9, "federation.server_lr": 1.0},
+    "fedavgm-b0.5": {"federation.server_opt": "momentum", "federation.server_momentum": 0.5,
+                     "federation.server_lr": 1.0},
+    "fedadam": {"federation.server_opt": "adam", "federation.server_lr": 0.01},
+    "fedavg-g": {"federation.server_opt": "none", "federation.share": "g"},
+}
+
 
 @torch.no_grad()
 def _samples(G, n: int, seed: int) -> torch.Tensor:
@@ -75,6 +85,8 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=1000)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=Path("runs/fvc"))
+    ap.add_argument("--variants", default="fedavg",
+                    help=f"comma-separated federated variants, one table row each: {', '.join(VARIANTS)}")
     ap.add_argument("--reuse", action="store_true", help="score the federated run already in OUT/federated")
     args = ap.parse_args()
     setup_logging()
@@ -82,20 +94,31 @@ def main() -> None:
 
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown or not variants:
+        ap.error(f"--variants: unknown {unknown}; choose from {', '.join(VARIANTS)}")
     ov = {"federation.local_steps": args.local_steps, "federation.share": "gd", "seed": args.seed}
-    cfg = simulation_config(None, sites=args.sites, rounds=args.rounds, dataset=args.dataset, partition="dirichlet",
-                            alpha=args.alpha, out=out / "federated", overrides=ov)
     total = args.sites * args.rounds * args.local_steps
     sequential = args.rounds * args.local_steps
-
-    fed_ckpt = out / "federated" / "checkpoints" / f"round-{args.rounds:04d}.pt"
-    t0 = time.perf_counter()
-    if args.reuse and fed_ckpt.is_file():  # wall time of the earlier run: its rounds
-        lines = (out / "federated" / "metrics.jsonl").read_text().splitlines()
-        t_fed = sum(json.loads(x)["wall_s"] for x in lines)
-    else:
-        run_simulation(cfg, out / "federated")
-        t_fed = time.perf_counter() - t0
+    fed_ckpts: dict[str, Path] = {}
+    t_feds: dict[str, float] = {}
+    cfg = None
+    for v in variants:
+        vdir = out / ("federated" if v == "fedavg" else f"federated-{v}")
+        cfg_v = simulation_config(None, sites=args.sites, rounds=args.rounds, dataset=args.dataset,
+                                  partition="dirichlet", alpha=args.alpha, out=vdir, overrides={**ov, **VARIANTS[v]})
+        cfg = cfg if cfg is not None else cfg_v
+        fed_ckpts[v] = vdir / "checkpoints" / f"round-{args.rounds:04d}.pt"
+        t0 = time.perf_counter()
+        if args.reuse and fed_ckpts[v].is_file():  # wall time of the earlier run: its rounds
+            lines = (vdir / "metrics.jsonl").read_text().splitlines()
+            t_feds[v] = sum(json.loads(x)["wall_s"] for x in lines)
+        else:
+            run_simulation(cfg_v, vdir)
+            t_feds[v] = time.perf_counter() - t0
+    assert cfg is not None
+    t_fed = max(t_feds.values())
 
     seed_everything(args.seed)
     ds = load_dataset(cfg.data, args.seed)
@@ -123,7 +146,8 @@ def main() -> None:
                      desc="feature net")
     ref = {"val": embed(feat, to_tensor(ds.val.images), normalise=False),
            "test": embed(feat, to_tensor(ds.test.images), normalise=False)}
-    gens = {"federated": fed_ckpt, "central": out / "central.pt",
+    gens = {**{("federated" if v == "fedavg" else f"fed:{v}"): c for v, c in fed_ckpts.items()},
+            "central": out / "central.pt",
             f"central@{sequential}": out / "central-sequential.pt"}
     scores: dict[str, dict[str, float]] = {}
     grids = {}
@@ -143,25 +167,31 @@ def main() -> None:
         "dataset": args.dataset, "sites": args.sites, "alpha": args.alpha, "rounds": args.rounds,
         "local_steps": args.local_steps, "total_steps": total, "sequential_steps": sequential,
         "samples": args.samples, "reference_sizes": {r: len(v) for r, v in ref.items()}, "scores": scores,
-        "ratio_fd_federated_over_central": scores["federated"]["fd_val"] / scores["central"]["fd_val"],
-        "ratio_fd_federated_over_central_sequential": scores["federated"]["fd_val"] / scores[f"central@{sequential}"]["fd_val"],
-        "wall_s": {"federated": round(t_fed, 1), "central": round(t_cen, 1)},
+        "variants": {v: VARIANTS[v] for v in variants},
+        "ratio_fd_over_central_sequential": {n: sc["fd_val"] / scores[f"central@{sequential}"]["fd_val"]
+                                             for n, sc in scores.items() if n == "federated" or n.startswith("fed:")},
+        "wall_s": {**{f"federated:{v}": round(t, 1) for v, t in t_feds.items()}, "central": round(t_cen, 1)},
         "png": str(out / "side_by_side.png"),
     }
+    if "federated" in scores:
+        res["ratio_fd_federated_over_central"] = scores["federated"]["fd_val"] / scores["central"]["fd_val"]
+        res["ratio_fd_federated_over_central_sequential"] = res["ratio_fd_over_central_sequential"]["federated"]
     (out / "quality.json").write_text(json.dumps(res, indent=1))
-    steps = {"federated": f"{args.sites}x{sequential}", "central": str(total), f"central@{sequential}": str(sequential),
+    steps = {**{n: f"{args.sites}x{sequential}" for n in res["ratio_fd_over_central_sequential"]},
+             "central": str(total), f"central@{sequential}": str(sequential),
              "real test": "-"}
     print(f"\nFeatures: class classifier trained on the real train split. Reference: real val "
           f"({len(ref['val'])} images, same source as train, unseen); KID ~ 0 = indistinguishable from it.")
-    print(f"{'images':<16}{'steps':>8}{'FD val':>10}{'KID val x1e3':>18}{'FD test':>10}{'KID test x1e3':>18}")
+    print(f"{'images':<16}{'steps':>8}{'FD val':>10}{'KID val x1e3':>18}{'FD test':>10}{'KID test x1e3':>18}"
+          f"{'FD/central@seq':>16}")
     for name, sc in scores.items():
         row = f"{name:<16}{steps[name]:>8}{sc['fd_val']:>10.3f}{1e3 * sc['kid_val']:>11.1f} ± {1e3 * sc['kid_val_sd']:<4.0f}"
         if "fd_test" in sc:
             row += f"{sc['fd_test']:>10.3f}{1e3 * sc['kid_test']:>11.1f} ± {1e3 * sc['kid_test_sd']:<4.0f}"
+        if name in res["ratio_fd_over_central_sequential"]:
+            row += f"{res['ratio_fd_over_central_sequential'][name]:>16.2f}"
         print(row)
-    print(f"FD ratio federated/central: {res['ratio_fd_federated_over_central']:.2f} (same total steps), "
-          f"{res['ratio_fd_federated_over_central_sequential']:.2f} (same sequential steps); "
-          f"wall federated {t_fed:.0f}s, central {t_cen:.0f}s; figure {res['png']}")
+    print(f"wall federated (slowest variant) {t_fed:.0f}s, central {t_cen:.0f}s; figure {res['png']}")
 
 
 if __name__ == "__main__":

@@ -734,6 +734,17 @@ class FederationConfig(_Section):
         True, description="Coordinator: send the weights as one flat array (plan_shared/packing.py) instead of one "
         "Flower object per tensor; each object costs a request on every hop. Sites answer in the form they received.")
     sample_grid: int = Field(64, ge=1, description="Images in the per-round sample grid of G_ema.")
+    server_opt: Literal["none", "momentum", "adam"] = Field(
+        "none", description="Coordinator: optimiser on the averaged update delta = FedAvg(sites) - global, applied to "
+        "G's parameters and, with share gd, D's (buffers and G_ema take the plain average; server/server_opt.py). "
+        "none: global = FedAvg (today); momentum: FedAvgM, m = server_momentum*m + delta, global += server_lr*m; "
+        "adam: FedAdam with server_adam_beta1/beta2/eps. The state is checkpointed every round (exact resume).")
+    server_lr: float = Field(1.0, gt=0.0, le=10.0, description="Server learning rate of server_opt momentum/adam (1.0 with "
+                             "server_momentum 0 is FedAvg).")
+    server_momentum: float = Field(0.9, ge=0.0, lt=1.0, description="FedAvgM momentum beta (server_opt momentum).")
+    server_adam_beta1: float = Field(0.9, ge=0.0, lt=1.0, description="FedAdam first-moment decay (server_opt adam).")
+    server_adam_beta2: float = Field(0.99, ge=0.0, lt=1.0, description="FedAdam second-moment decay (server_opt adam).")
+    server_adam_eps: float = Field(1e-3, gt=0.0, description="FedAdam epsilon (tau in Reddi et al.; server_opt adam).")
     post_training: bool = Field(
         False,
         description="After the rounds: synthesis at every site with export to the pool, downstream training on the "

@@ -45,6 +45,7 @@ from plan_shared.gan import GanTrainer
 from plan_shared.packing import pack_weights, unpack_weights
 from plan_shared.protocol import ConfigRef, DescribeReply, DescribeTask, TrainMetrics, TrainReply, TrainTask
 from server.messaging import Messenger, WaitPolicy
+from server.server_opt import ServerOptimizer, optimised_names
 
 LOG = logging.getLogger("plan.federation")
 
@@ -155,6 +156,7 @@ class Federation:
                                weighted_by_key=TrainMetrics.WEIGHT_KEY)
         self.messenger = Messenger(grid, cfg)
         self.site_names: dict[int, str] = {}
+        self.server_opt: ServerOptimizer | None = None  # built with the trainer (_start)
 
     # ------------------------------------------------------------------ messages
     def describe(self, node_ids: list[int]) -> tuple[int, int]:
@@ -204,7 +206,12 @@ class Federation:
 
     def save(self, trainer: GanTrainer, rnd: int) -> Path:
         path = trainer.save_checkpoint(self.ckpt_dir / f"round-{rnd:04d}.pt")
+        opt_file = None
+        if self.server_opt is not None and self.server_opt.kind != "none":
+            opt_file = self.server_opt.save(self.ckpt_dir / f"server-opt-{rnd:04d}.pt").name
         _write_json_atomic(self.ckpt_dir / "latest.json", {
+            "server_opt": self.cfg.federation.server_opt,
+            "server_opt_state": opt_file,
             "round": rnd,
             "rounds": self.cfg.federation.rounds,
             "checkpoint": path.name,
@@ -241,14 +248,31 @@ class Federation:
             channels, size = self.describe(node_ids)
         device = torch.device("cpu")
         if meta is None:
-            return GanTrainer(self.cfg, channels, size, device), channels, size, 1
+            trainer = GanTrainer(self.cfg, channels, size, device)
+            self.server_opt = self.make_server_opt(trainer)
+            return trainer, channels, size, 1
         trainer = GanTrainer.from_checkpoint(self.ckpt_dir / meta["checkpoint"], device)
+        self.server_opt = self.make_server_opt(trainer, meta)
         if (trainer.channels, trainer.size) != (channels, size):
             raise FederationError(f"checkpoint is {trainer.channels}x{trainer.size}, sites deliver {channels}x{size}")
         start = int(meta["round"]) + 1
         LOG.info("resuming from %s: round %d done, continuing with round %d of %d",
                  meta["checkpoint"], meta["round"], start, fed.rounds)
         return trainer, channels, size, start
+
+    def make_server_opt(self, trainer: GanTrainer, meta: dict[str, Any] | None = None) -> ServerOptimizer:
+        """The server optimiser of ``federation.server_opt``, with its state from ``meta`` (latest.json) on resume."""
+        fed = self.cfg.federation
+        opt = ServerOptimizer(fed, optimised_names((k for k, _ in trainer.G.named_parameters()),
+                                                   (k for k, _ in trainer.D.named_parameters()), fed.share))
+        if meta is not None and opt.kind != "none":
+            state = meta.get("server_opt_state")
+            if state and meta.get("server_opt") == opt.kind:
+                opt.load(self.ckpt_dir / state)
+            else:
+                LOG.warning("resuming with federation.server_opt=%s but round %s kept no %s state: starting it afresh",
+                            opt.kind, meta.get("round"), opt.kind)
+        return opt
 
     def _round(self, trainer: GanTrainer, rnd: int, channels: int, size: int) -> dict[str, Any]:
         """One round: send, collect, average, checkpoint; returns its metrics.jsonl record."""
@@ -278,7 +302,9 @@ class Federation:
         agg_arrays, agg_metrics = self.strategy.aggregate_train(rnd, list(ex.messages.values()))
         if agg_arrays is None:
             raise FederationError(f"round {rnd}: aggregation produced nothing")
-        trainer.set_weights(unpack_weights(agg_arrays, current))  # deploytrace:
+        average = unpack_weights(agg_arrays, current)  # deploytrace:
+        assert self.server_opt is not None
+        trainer.set_weights(self.server_opt.step(current, average))
         trainer.step += fed.local_steps
         sites = []
         for nid, r in ex.replies.items():
