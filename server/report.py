@@ -383,6 +383,7 @@ def training_curve_plot(metrics_path: Path, path: Path) -> Path | None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     rounds = [r for r, _ in rows]
 
@@ -412,6 +413,7 @@ def training_curve_plot(metrics_path: Path, path: Path) -> Path | None:
     ax2.plot(rounds, series("loss_d"), ".-", color="tab:blue", label="D loss")
     ax2.plot(rounds, series("loss_g"), ".-", color="tab:brown", label="G loss")
     ax2.set_xlabel("round")
+    ax2.xaxis.set_major_locator(MaxNLocator(integer=True))  # whole rounds (the 4-round demo had ticks at 1.5, 2.5)
     ax2.set_ylabel("loss")
     ax2.legend(fontsize=7, loc="best")
     ax2.grid(alpha=0.3)
