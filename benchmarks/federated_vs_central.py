@@ -16,6 +16,12 @@ source shift on the same scale. Writes ``OUT/side_by_side.png`` and ``OUT/qualit
 and prints the table and the FD ratios.
 ``--reuse`` keeps the federated run in ``OUT/federated`` and the central checkpoints in ``OUT``.
 
+``--central-steps N[,N...]`` also scores the central run after N steps (it trains to the largest of
+these and ``sites x rounds x local_steps``): the central generator at EQUAL WALL TIME with a federated
+run (issue 10 item 3) is the one after ``federation wall / central seconds per step`` steps. The table
+prints both rates (``wall`` line); take them on an idle machine, e.g. the demo's federation phase
+(``runs/demo/report.json`` timings) over the central seconds per step printed here.
+
     python benchmarks/federated_vs_central.py --dataset pneumoniamnist --sites 3 --alpha 0.5 \
         --rounds 8 --local-steps 50 --out runs/fvc
 """
@@ -88,6 +94,8 @@ def main() -> None:
     ap.add_argument("--variants", default="fedavg",
                     help=f"comma-separated federated variants, one table row each: {', '.join(VARIANTS)}")
     ap.add_argument("--reuse", action="store_true", help="score the federated run already in OUT/federated")
+    ap.add_argument("--central-steps", default="",
+                    help="comma-separated extra central step counts to score (e.g. the equal-wall-time count)")
     args = ap.parse_args()
     setup_logging()
     from server.simulate import run_simulation, simulation_config
@@ -98,9 +106,17 @@ def main() -> None:
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown or not variants:
         ap.error(f"--variants: unknown {unknown}; choose from {', '.join(VARIANTS)}")
+    try:
+        extra = sorted({int(x) for x in args.central_steps.split(",") if x.strip()})
+    except ValueError:
+        ap.error(f"--central-steps: {args.central_steps!r} is not a comma-separated list of step counts")
+    if any(n < 1 for n in extra):
+        ap.error(f"--central-steps: {args.central_steps!r}: step counts must be >= 1")
     ov = {"federation.local_steps": args.local_steps, "federation.share": "gd", "seed": args.seed}
     total = args.sites * args.rounds * args.local_steps
     sequential = args.rounds * args.local_steps
+    central_total = max([total, *extra])
+    keep_at = {sequential: out / "central-sequential.pt", **{n: out / f"central-{n:05d}.pt" for n in extra}}
     fed_ckpts: dict[str, Path] = {}
     t_feds: dict[str, float] = {}
     cfg = None
@@ -124,20 +140,27 @@ def main() -> None:
     ds = load_dataset(cfg.data, args.seed)
     torch.set_num_threads(2)
     t0 = time.perf_counter()
-    if args.reuse and (out / "central.json").is_file():
-        t_cen = json.loads((out / "central.json").read_text())["wall_s"]
-    if not (args.reuse and (out / "central.json").is_file() and (out / "central-sequential.pt").is_file()):
+    meta = json.loads((out / "central.json").read_text()) if (out / "central.json").is_file() else {}
+    reuse_central = (args.reuse and meta.get("steps", 0) >= central_total
+                     and all(p.is_file() for p in (out / "central.pt", *keep_at.values())))
+    if reuse_central:
+        t_cen, cen_steps = meta["wall_s"], meta["steps"]
+    else:
         central = GanTrainer(cfg, ds.channels, ds.size)
+        t_at: dict[int, float] = {}
 
-        def _keep_sequential(tr: GanTrainer, _m: dict) -> None:
-            if tr.step == sequential:
-                tr.save_checkpoint(out / "central-sequential.pt")
+        def _keep(tr: GanTrainer, _m: dict) -> None:
+            if tr.step in keep_at:
+                t_at[tr.step] = time.perf_counter() - t0
+                tr.save_checkpoint(keep_at[tr.step])
+            if tr.step == total:
+                tr.save_checkpoint(out / "central.pt")
 
-        central.train_steps(to_tensor(ds.train.images), total, progress=True, desc="central GAN",
-                            callback=_keep_sequential)
-        central.save_checkpoint(out / "central.pt")
-        t_cen = time.perf_counter() - t0
-        (out / "central.json").write_text(json.dumps({"wall_s": t_cen, "steps": total}))
+        central.train_steps(to_tensor(ds.train.images), central_total, progress=True, desc="central GAN",
+                            callback=_keep)
+        t_cen, cen_steps = time.perf_counter() - t0, central_total
+        (out / "central.json").write_text(json.dumps({"wall_s": t_cen, "steps": central_total,
+                                                      "wall_s_at": {str(k): v for k, v in t_at.items()}}))
 
     # The feature net trains a fixed number of epochs (no selection on val), so val stays
     # unseen by it and by every generator: the reference sample of the training source.
@@ -148,7 +171,8 @@ def main() -> None:
            "test": embed(feat, to_tensor(ds.test.images), normalise=False)}
     gens = {**{("federated" if v == "fedavg" else f"fed:{v}"): c for v, c in fed_ckpts.items()},
             "central": out / "central.pt",
-            f"central@{sequential}": out / "central-sequential.pt"}
+            f"central@{sequential}": out / "central-sequential.pt",
+            **{f"central@{n}": keep_at[n] for n in extra if n not in (sequential, total)}}
     scores: dict[str, dict[str, float]] = {}
     grids = {}
     for name, ckpt in gens.items():
@@ -171,6 +195,8 @@ def main() -> None:
         "ratio_fd_over_central_sequential": {n: sc["fd_val"] / scores[f"central@{sequential}"]["fd_val"]
                                              for n, sc in scores.items() if n == "federated" or n.startswith("fed:")},
         "wall_s": {**{f"federated:{v}": round(t, 1) for v, t in t_feds.items()}, "central": round(t_cen, 1)},
+        "central_s_per_step": t_cen / cen_steps,
+        "central_steps_in_federated_wall": {v: int(t / (t_cen / cen_steps)) for v, t in t_feds.items()},
         "png": str(out / "side_by_side.png"),
     }
     if "federated" in scores:
@@ -178,7 +204,7 @@ def main() -> None:
         res["ratio_fd_federated_over_central_sequential"] = res["ratio_fd_over_central_sequential"]["federated"]
     (out / "quality.json").write_text(json.dumps(res, indent=1))
     steps = {**{n: f"{args.sites}x{sequential}" for n in res["ratio_fd_over_central_sequential"]},
-             "central": str(total), f"central@{sequential}": str(sequential),
+             "central": str(total), f"central@{sequential}": str(sequential), **{f"central@{n}": str(n) for n in extra},
              "real test": "-"}
     print(f"\nFeatures: class classifier trained on the real train split. Reference: real val "
           f"({len(ref['val'])} images, same source as train, unseen); KID ~ 0 = indistinguishable from it.")
@@ -191,7 +217,9 @@ def main() -> None:
         if name in res["ratio_fd_over_central_sequential"]:
             row += f"{res['ratio_fd_over_central_sequential'][name]:>16.2f}"
         print(row)
-    print(f"wall federated (slowest variant) {t_fed:.0f}s, central {t_cen:.0f}s; figure {res['png']}")
+    print(f"wall federated (slowest variant) {t_fed:.0f}s, central {t_cen:.0f}s for {cen_steps} steps "
+          f"({t_cen / cen_steps:.3f} s/step: {res['central_steps_in_federated_wall']} central steps in each federated "
+          f"run's wall time); figure {res['png']}")
 
 
 if __name__ == "__main__":
