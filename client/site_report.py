@@ -213,10 +213,11 @@ class ComparePoint:
     mia: dict[str, float | None]  # plan_shared.audit.distance_mia keys (mia_auc, its interval, gap, tpr)
     variety: dict[str, Any] | None = None  # precision / recall vs the real train split (plan_shared.variety)
     attacker: dict[str, float | None] | None = None  # plan_shared.audit.attacker_audit: attacker_max_id_prob, attacker_dcr
+    coverage: dict[str, Any] | None = None  # plan_shared.variety.export_coverage: exported_per_class, coverage
 
     def to_json(self) -> dict[str, Any]:
         return {"accuracy": self.accuracy, "qwk": self.qwk, "n": self.n, **self.mia, **(self.variety or {}),
-                **(self.attacker or {})}
+                **(self.attacker or {}), **(self.coverage or {})}
 
 
 @dataclass

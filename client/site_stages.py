@@ -105,7 +105,7 @@ from plan_shared.privacy import (
     zone_rows,
 )
 from plan_shared.runtime import site_seed
-from plan_shared.variety import method_precision_recall, plan_verdict
+from plan_shared.variety import export_coverage, method_precision_recall, plan_verdict
 
 LOG = logging.getLogger("plan.pipeline")
 Split = str  # "train" | "val" | "test"
@@ -791,7 +791,9 @@ def compare_methods(cfg: PlanConfig, ds: ImageDataset, data: SiteData, cand: Map
         scores[name] = util = site_utility(cfg, ds, data, c.images[export_idx], c.labels[export_idx],
                                            f"utility ({name})", device, progress)
         mia = both_mias(data, c.images[idx])
-        out[name] = ComparePoint(util.accuracy, util.qwk, len(idx), {k: finite(v) for k, v in mia.items()})
+        out[name] = ComparePoint(util.accuracy, util.qwk, len(idx), {k: finite(v) for k, v in mia.items()},
+                                 coverage=export_coverage(c.labels[export_idx], ds.train.labels, ds.num_classes,
+                                                          cfg.synthesis.pool_factor))
     scores["real"] = real_util = site_utility(cfg, ds, data, data.x_tr, data.y_tr.numpy(), "utility (real)", device,
                                               progress)
     real = both_mias(data, data.x_tr)

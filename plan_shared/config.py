@@ -689,6 +689,14 @@ class SynthesisConfig(_Section):
     verdict_id_prob_tol: float = Field(
         0.01, ge=0.0, le=1.0, description="Verdict: same for the mean max probability of the independent identity model."
     )
+    verdict_min_coverage: float = Field(
+        0.9, ge=0.0, le=1.0, description="Verdict: a method whose export set fills less than this share of some "
+        "class's full-size quota (pool_factor x the site's train images x the class's prior; report key "
+        "compare.<method>.coverage) does not win the verdict over one that fills it, unless that costs privacy "
+        "(random is not preferred over a safer PLAN; PLAN not over random where PLAN is worse on a measure). Stop 19's "
+        "demo exported 52 filtered random images at a site with 790 train images: a researcher's pool lost that site. "
+        "0 = off. Has no effect with pool_factor null."
+    )
     pr_k: int = Field(
         3, ge=1, description="k of the k-NN manifolds of the per-method precision/recall against the real train split "
         "(Kynkaanniemi et al. 2019), on phi_class's penultimate features (report keys compare.<method>.precision/recall).",

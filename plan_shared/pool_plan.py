@@ -94,6 +94,14 @@ def _class_pairs(rows: np.ndarray, near: set[Pair], n: int, far_share: float,
     return near_c[:n_near] + far_c[:n_far], n_far, len(every)
 
 
+def class_targets(train_labels: np.ndarray, num_classes: int, pool_factor: float) -> np.ndarray:
+    """Images to export per class for a full-size pool: ``ceil(pool_factor * n_train * prior_c)`` (int64)."""
+    priors = class_priors(train_labels, num_classes)
+    n_train = len(np.asarray(train_labels))
+    out: np.ndarray = np.ceil(pool_factor * n_train * priors - 1e-9).astype(np.int64)
+    return out
+
+
 def plan_paths(anchors: AnchorResult, train_labels: np.ndarray, num_classes: int, points_per_path: int,
                syn: SynthesisConfig, anc: AnchorsConfig, seed: int) -> PathPlan:
     """The pairs to navigate so that each class reaches its share of a full-size pool (see the module docstring)."""
@@ -110,9 +118,7 @@ def plan_paths(anchors: AnchorResult, train_labels: np.ndarray, num_classes: int
         per = np.bincount(labels[[p[0] for p in even]], minlength=num_classes) if even else np.zeros(num_classes, int)
         return PathPlan(sorted(even), points_per_path, None, per.tolist(), available, per.tolist(),
                         [0] * num_classes)
-    priors = class_priors(train_labels, num_classes)
-    n_train = len(np.asarray(train_labels))
-    target = np.ceil(syn.pool_factor * n_train * priors - 1e-9).astype(np.int64)
+    target = class_targets(train_labels, num_classes, syn.pool_factor)
     want = np.ceil(target / (syn.planned_accept_rate * points_per_path) - 1e-9).astype(np.int64)
     want = _cap(want, syn.max_paths)
     rng = np.random.default_rng(seed)

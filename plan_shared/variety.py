@@ -12,12 +12,14 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
 from plan_shared.classifiers import embed
 from plan_shared.config import METHODS, Method, SynthesisConfig, SynthesisMethod
 from plan_shared.metrics import precision_recall
 from plan_shared.models import Classifier
+from plan_shared.pool_plan import class_targets
 
 FEATURE_SPACE = "phi_class penultimate features (L2-normalised)"
 
@@ -33,6 +35,22 @@ def method_precision_recall(model: Classifier, real: torch.Tensor, sets: dict[st
         if len(x) > k and len(real_f) > k:
             rec["precision"], rec["recall"] = precision_recall(real_f, embed(model, x), k)
         out[name] = rec
+    return out
+
+
+def export_coverage(exported_labels: np.ndarray, train_labels: np.ndarray, num_classes: int,
+                    pool_factor: float | None) -> dict[str, Any]:
+    """How much of the full-size quota an export set fills: ``exported_per_class``, ``target_per_class``
+    (plan_shared.pool_plan.class_targets) and ``coverage``, the smallest exported / target over the classes
+    with a positive target (None without pool_factor: there is no quota)."""
+    got = np.bincount(np.asarray(exported_labels, dtype=np.int64), minlength=num_classes).astype(int)
+    out: dict[str, Any] = {"exported_per_class": got.tolist(), "target_per_class": None, "coverage": None}
+    if pool_factor is None:
+        return out
+    target = class_targets(train_labels, num_classes, pool_factor)
+    live = target > 0
+    out["target_per_class"] = target.astype(int).tolist()
+    out["coverage"] = round(float(min(got[live] / target[live])), 4) if live.any() else None
     return out
 
 
@@ -100,10 +118,21 @@ def plan_verdict(points: Mapping[str, Mapping[str, Any]], syn: SynthesisConfig) 
     how = ", ".join(f"{k} {v}" for k, v in measures.items() if v is not None)
     verdict = (f"plan is {'safer' if safer else 'not shown safer'} than filtered random ({how}); "
                f"accuracy {acc_p:.3f} vs {acc_r:.3f} ({'equal or better' if equal_utility else 'worse'} utility "
-               f"at tolerance {utility_tol:g}); the measures support exporting {supported}")
+               f"at tolerance {utility_tol:g})")
+    cov = {"plan": plan.get("coverage"), "random": rand.get("coverage")}
+    fills = {m: c is None or c >= syn.verdict_min_coverage for m, c in cov.items()}
+    other = "random" if supported == "plan" else "plan"
+    # A pool that lost most of a class is no use to a researcher: the method that fills its quota wins,
+    # unless the switch costs privacy (to plan: plan worse on no measure; to random: plan not safer).
+    if not fills[supported] and fills[other] and ("worse" not in said if other == "plan" else not safer):
+        verdict += (f"; {supported} fills only {cov[supported]:.2f} of a class's full-size quota (< "
+                    f"{syn.verdict_min_coverage:g}), {other} "
+                    + ("has no quota" if cov[other] is None else f"fills {cov[other]:.2f}"))
+        supported = other
+    verdict += f"; the measures support exporting {supported}"
     return {"plan_safer_at_equal_utility": ok, "plan_safer": safer, "equal_utility": equal_utility,
-            "measures": measures, "accuracy": {"plan": acc_p, "random": acc_r}, "supported": supported,
-            "verdict": verdict}
+            "measures": measures, "accuracy": {"plan": acc_p, "random": acc_r}, "coverage": cov,
+            "supported": supported, "verdict": verdict}
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,7 @@ import torch
 
 from plan_shared.anchors import AnchorResult, build_anchors, nearest_pairs, neighbourhood_anchors
 from plan_shared.config import AnchorsConfig, SynthesisConfig
-from plan_shared.pool_plan import plan_paths
+from plan_shared.pool_plan import class_targets, plan_paths
 
 
 def _anchors(per_class: list[int], seed: int = 0) -> AnchorResult:
@@ -100,3 +100,9 @@ def test_neighbourhood_anchors_average_k_distinct_same_class_latents():
         assert torch.allclose(a, w[g].mean(0))
     assert math.isclose(len(build_anchors(w, labels, AnchorsConfig(k=3, groups="neighbourhood", spread="none")).groups), len(r.groups))
     assert len(build_anchors(w, labels, AnchorsConfig(k=3, spread="none")).groups) == 5  # partition: 12 // 3 + 3 // 3
+
+
+def test_class_targets_are_the_full_size_quota_per_class():
+    train = np.array([0] * 3 + [1] * 7)
+    assert class_targets(train, 3, 1.0).tolist() == [3, 7, 0]
+    assert class_targets(train, 2, 1.5).tolist() == [5, 11]  # ceil(4.5), ceil(10.5)

@@ -87,6 +87,11 @@ def test_synthesize_cli_end_to_end(tmp_path):
     assert v["measures"]["attacker_max_id_prob"] is not None  # the attacker ran in the tiny pipeline
     assert rep["method_requested"] == "auto" and m == v["supported"]  # autoexport: the export follows the verdict
     assert rep["method_reason"] == f"auto: the site's verdict supports {m}: {v['verdict']}"
+    for meth in ("plan", "random"):  # how much of the full-size quota each export set fills (verdict_min_coverage)
+        c = rep["compare"][meth]
+        assert c["target_per_class"] == anc["plan_target_per_class"] and sum(c["exported_per_class"]) <= c["n"]
+        assert v["coverage"][meth] == c["coverage"] == round(min(
+            e / t for e, t in zip(c["exported_per_class"], c["target_per_class"]) if t > 0), 4)
     stages = [k for k in rep["timing"] if k not in ("total", "local_gan")]
     assert stages == ["load", "phi_id", "indep_id", "phi_class", "calibrate", "inversion", "anchors", "navigation",
                       "render", "filter", "compare", "export", "utility", "figures"]  # compare before the export

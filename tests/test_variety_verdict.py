@@ -1,7 +1,9 @@
 """plan_shared.variety: the computed verdict PLAN vs filtered random, and the export method it chooses (auto)."""
 
+import numpy as np
+
 from plan_shared.config import SynthesisConfig
-from plan_shared.variety import export_choice, plan_verdict
+from plan_shared.variety import export_choice, export_coverage, plan_verdict
 
 SYN = SynthesisConfig(verdict_utility_tol=0.02, verdict_tpr_tol=0.01, verdict_id_prob_tol=0.01)
 
@@ -94,3 +96,41 @@ def test_the_default_is_plan_and_auto_lets_the_pool_accept_every_method():
     syn = SynthesisConfig(method="auto")
     assert syn.exportable_methods() == ("plan", "linear", "random")
     assert SynthesisConfig(method="linear").exportable_methods() == ("linear",)
+
+
+def _cov(pt: dict[str, float], coverage: float | None) -> dict[str, float | None]:
+    return {**pt, "coverage": coverage}
+
+
+def test_a_method_that_cannot_fill_its_quota_loses_to_one_that_does_unless_privacy_says_otherwise():
+    syn = SYN.model_copy(update={"verdict_min_coverage": 0.9})
+    tie_p, tie_r = _pt(0.80, 0.48, 0.43, 0.53, 0.01, 0.35), _pt(0.81, 0.49, 0.44, 0.54, 0.01, 0.35)
+    full = plan_verdict({"plan": _cov(tie_p, 1.0), "random": _cov(tie_r, 0.95)}, syn)
+    assert full["supported"] == "random" and full["coverage"] == {"plan": 1.0, "random": 0.95}
+    starved = plan_verdict({"plan": _cov(tie_p, 1.0), "random": _cov(tie_r, 0.066)}, syn)
+    assert starved["supported"] == "plan"  # a tie on privacy: the full pool wins
+    assert "random fills only 0.07 of a class's full-size quota" in starved["verdict"]
+    assert starved["verdict"].endswith("the measures support exporting plan")
+    # plan worse on a measure: the switch would cost privacy, random stays although it is small
+    risky = plan_verdict({"plan": _cov(_pt(0.80, 0.50, 0.46, 0.54, 0.05, 0.35), 1.0),
+                          "random": _cov(_pt(0.81, 0.50, 0.46, 0.54, 0.01, 0.35), 0.066)}, syn)
+    assert risky["measures"]["mia_tpr_at_1pct_fpr"] == "worse" and risky["supported"] == "random"
+    # plan safer but starved: it keeps the verdict (random would cost privacy)
+    safe = plan_verdict({"plan": _cov(_pt(0.80, 0.50, 0.46, 0.54, 0.005, 0.30), 0.2),
+                         "random": _cov(_pt(0.81, 0.40, 0.35, 0.44, 0.02, 0.36), 1.0)}, syn)
+    assert safe["plan_safer"] is True and safe["supported"] == "plan"
+    # plan starved and not safer: random, which fills its quota
+    weak = plan_verdict({"plan": _cov(_pt(0.95, 0.48, 0.43, 0.53, 0.01, 0.35), 0.2),
+                         "random": _cov(tie_r, 1.0)}, syn)
+    assert weak["supported"] == "random" and "plan fills only 0.20" in weak["verdict"]
+    off = plan_verdict({"plan": _cov(tie_p, 1.0), "random": _cov(tie_r, 0.066)},
+                       SYN.model_copy(update={"verdict_min_coverage": 0.0}))
+    assert off["supported"] == "random"
+
+
+def test_export_coverage_is_the_scarcest_class_share_of_its_quota():
+    train = np.array([0] * 30 + [1] * 70)
+    cov = export_coverage(np.array([0] * 15 + [1] * 70), train, 2, pool_factor=1.0)
+    assert cov == {"exported_per_class": [15, 70], "target_per_class": [30, 70], "coverage": 0.5}
+    assert export_coverage(np.array([1, 1]), train, 2, pool_factor=None)["coverage"] is None
+    assert export_coverage(np.zeros(0, np.int64), train, 2, pool_factor=2.0)["coverage"] == 0.0
