@@ -46,7 +46,7 @@ from plan_shared.attacker import embed, max_id_prob, predict_ids, train_attacker
 from plan_shared.classifiers import predict_logits
 from plan_shared.config import AttackerConfig
 from plan_shared.data import ImageDataset, to_tensor
-from plan_shared.metrics import bootstrap_auc_interval, dcr, mia_auc, tpr_at_fpr
+from plan_shared.metrics import bootstrap_auc_interval, bootstrap_tpr_interval, dcr, mia_auc, tpr_at_fpr, tpr_chance_band
 
 __all__ = ["MIA_BOOTSTRAP", "AttackerAudit", "attacker_audit", "dcr_audit", "distance_mia", "loss_mia", "mia_summary",
            "privacy_audit"]
@@ -60,11 +60,16 @@ MIA_BOOTSTRAP = 1000  # replicates of the AUC interval (seeded, so a report is r
 
 
 def mia_summary(s_mem: np.ndarray, s_non: np.ndarray, prefix: str = "mia", n_boot: int = MIA_BOOTSTRAP) -> dict[str, float]:
-    """AUC, its 95 % bootstrap interval, |AUC - 0.5| and TPR at 1 % FPR of a membership score."""
+    """AUC, its 95 % bootstrap interval, |AUC - 0.5| and TPR at 1 % FPR of a membership score, with the TPR's
+    95 % bootstrap interval (``_tpr_lo``/``_tpr_hi``) and what chance alone gives at this many non-members
+    (``_tpr_chance``, and ``_tpr_chance_hi`` exceeded one time in twenty: metrics.tpr_chance_band)."""
     auc = mia_auc(s_mem, s_non)
     lo, hi = bootstrap_auc_interval(s_mem, s_non, n_boot=n_boot, seed=0)
+    t_lo, t_hi = bootstrap_tpr_interval(s_mem, s_non, 0.01, n_boot=n_boot, seed=0)
+    chance, chance_hi = tpr_chance_band(len(s_non), 0.01)
     return {f"{prefix}_auc": auc, f"{prefix}_auc_lo": lo, f"{prefix}_auc_hi": hi, f"{prefix}_auc_gap": abs(auc - 0.5),
-            f"{prefix}_tpr_at_1pct_fpr": tpr_at_fpr(s_mem, s_non, 0.01)}
+            f"{prefix}_tpr_at_1pct_fpr": tpr_at_fpr(s_mem, s_non, 0.01), f"{prefix}_tpr_lo": t_lo,
+            f"{prefix}_tpr_hi": t_hi, f"{prefix}_tpr_chance": chance, f"{prefix}_tpr_chance_hi": chance_hi}
 
 
 def distance_mia(members: torch.Tensor, nonmembers: torch.Tensor, synthetic: torch.Tensor,
@@ -72,7 +77,8 @@ def distance_mia(members: torch.Tensor, nonmembers: torch.Tensor, synthetic: tor
     """Membership inference from the distance of each real record to the closest synthetic image
     (keys ``{prefix}_auc``, ``_auc_lo``, ``_auc_hi``, ``_auc_gap``, ``_tpr_at_1pct_fpr``)."""
     if len(synthetic) == 0 or len(nonmembers) == 0:
-        return {f"{prefix}{k}": float("nan") for k in ("_auc", "_auc_lo", "_auc_hi", "_auc_gap", "_tpr_at_1pct_fpr")}
+        return {f"{prefix}{k}": float("nan") for k in ("_auc", "_auc_lo", "_auc_hi", "_auc_gap", "_tpr_at_1pct_fpr",
+                                                        "_tpr_lo", "_tpr_hi", "_tpr_chance", "_tpr_chance_hi")}
     syn = _flat(synthetic)
     s_mem = -dcr(_flat(members), syn)
     s_non = -dcr(_flat(nonmembers), syn)

@@ -78,6 +78,52 @@ def tpr_at_fpr(member_scores: ArrayLike, nonmember_scores: ArrayLike, fpr: float
     return float(t[ok].max()) if ok.any() else 0.0
 
 
+def tpr_chance_band(n_nonmembers: int, fpr: float = 0.01, level: float = 0.95) -> tuple[float, float]:
+    """Mean and one-sided ``level`` quantile of :func:`tpr_at_fpr` when members and non-members are alike.
+
+    At FPR <= ``fpr`` the threshold sits just above the (j = floor(fpr * n) + 1)-th largest of the
+    ``n`` non-member scores; with exchangeable scores the share of (many) members above it is
+    Beta(j, n + 1 - j): mean j / (n + 1). With 90 non-members (j = 1) chance alone gives a TPR of
+    1.1 % on average and above 3.3 % one time in twenty: a TPR target of a few per cent is only
+    testable with a few hundred non-members. (nan, nan) without non-members.
+    """
+    if n_nonmembers < 1:
+        return float("nan"), float("nan")
+    from scipy.stats import beta
+
+    j = int(np.floor(fpr * n_nonmembers + 1e-9)) + 1
+    if j > n_nonmembers:
+        return 1.0, 1.0
+    return j / (n_nonmembers + 1), float(beta.ppf(level, j, n_nonmembers + 1 - j))
+
+
+def bootstrap_tpr_interval(member_scores: ArrayLike, nonmember_scores: ArrayLike, fpr: float = 0.01,
+                           n_boot: int = 1000, level: float = 0.95, seed: int = 0) -> tuple[float, float]:
+    """Percentile bootstrap interval of :func:`tpr_at_fpr` (groups resampled separately, sizes kept; seeded).
+
+    Each replicate's TPR is the share of its members scoring above the (floor(fpr * n) + 1)-th largest
+    of its non-members, which is what :func:`tpr_at_fpr` returns. (nan, nan) when a group is empty.
+    """
+    m, n = _np(member_scores).astype(np.float64), _np(nonmember_scores).astype(np.float64)
+    if len(m) == 0 or len(n) == 0 or n_boot < 1:
+        return float("nan"), float("nan")
+    rng = np.random.default_rng(seed)
+    nm, nn = len(m), len(n)
+    k0 = int(np.floor(fpr * nn + 1e-9))
+    if k0 >= nn:
+        return 1.0, 1.0
+    chunk = max(1, 2_000_000 // (nm + nn))
+    tprs = []
+    for b0 in range(0, n_boot, chunk):
+        b = min(chunk, n_boot - b0)
+        non = n[rng.integers(0, nn, (b, nn))]
+        bar = -np.partition(-non, k0, axis=1)[:, k0]  # the (k0 + 1)-th largest non-member score
+        tprs.append((m[rng.integers(0, nm, (b, nm))] > bar[:, None]).mean(1))
+    a = (1.0 - level) / 2
+    lo, hi = np.quantile(np.concatenate(tprs), [a, 1.0 - a])
+    return float(lo), float(hi)
+
+
 def bootstrap_auc_interval(member_scores: ArrayLike, nonmember_scores: ArrayLike, n_boot: int = 1000, level: float = 0.95,
                            seed: int = 0) -> tuple[float, float]:
     """Percentile bootstrap interval of :func:`mia_auc` (members and non-members resampled

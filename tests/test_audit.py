@@ -55,6 +55,9 @@ def test_a_shifted_nonmember_split_moves_the_auc_without_any_leak_and_val_does_n
     pool = torch.cat([torch.rand(150, 1, 1, 4, generator=g), 0.3 + 0.4 * torch.rand(150, 1, 1, 4, generator=g)])
     same = distance_mia(members, val, pool, n_boot=200, prefix="mia_val")
     assert same["mia_val_auc_lo"] < 0.5 < same["mia_val_auc_hi"] and same["mia_val_tpr_at_1pct_fpr"] <= 0.05
+    # the TPR with its bootstrap interval and chance's band at 300 non-members (j = 4: mean 4 / 301)
+    assert same["mia_val_tpr_lo"] <= same["mia_val_tpr_at_1pct_fpr"] <= same["mia_val_tpr_hi"]
+    assert same["mia_val_tpr_chance"] == 4 / 301 < same["mia_val_tpr_chance_hi"] < 0.03
     shifted = distance_mia(members, shifted_test, pool, n_boot=200)
     assert shifted["mia_auc_hi"] < 0.4
 

@@ -1,10 +1,13 @@
 """Metrics on passed-in labels / scores / features."""
 
+import math
+
 import numpy as np
 import pytest
 import torch
 
 from plan_shared import metrics as M
+from plan_shared.metrics import bootstrap_tpr_interval, tpr_at_fpr, tpr_chance_band
 
 
 def test_classification_metrics():
@@ -127,3 +130,28 @@ def test_roc_auc_binary_multiclass_and_undefined():
     assert np.isnan(M.roc_auc(np.array([0, 0]), np.array([[0.5, 0.5], [0.4, 0.6]])))
     s = M.scores_from_probs(y, np.array([[0.9, 0.1], [0.2, 0.8], [0.3, 0.7], [0.2, 0.8]]))
     assert s["accuracy"] == 0.75 and s["roc_auc"] == pytest.approx(2.5 / 4) and {"balanced_accuracy", "qwk"} <= s.keys()
+
+
+def test_tpr_chance_band_is_the_beta_law_of_the_share_above_the_fpr_threshold():
+    mean, hi = tpr_chance_band(90)  # j = 1: the largest non-member sets the threshold
+    assert mean == pytest.approx(1 / 91) and hi == pytest.approx(1 - 0.05 ** (1 / 90), rel=1e-6)
+    mean, hi = tpr_chance_band(270)  # j = 3
+    assert mean == pytest.approx(3 / 271) and 0.02 < hi < 0.025
+    assert all(math.isnan(v) for v in tpr_chance_band(0))
+    # simulated: members and non-members from one law; the 95 % quantile of tpr_at_fpr matches the band
+    rng = np.random.default_rng(1)
+    sims = [tpr_at_fpr(rng.normal(size=2000), rng.normal(size=90)) for _ in range(400)]
+    assert np.mean(sims) == pytest.approx(1 / 91, rel=0.2)
+    assert np.quantile(sims, 0.95) == pytest.approx(tpr_chance_band(90)[1], rel=0.25)
+
+
+def test_bootstrap_tpr_interval_brackets_the_tpr_and_narrows_with_more_nonmembers():
+    rng = np.random.default_rng(0)
+    m = rng.normal(0.5, 1.0, 800)
+    few, many = rng.normal(size=90), rng.normal(size=3000)
+    lo_f, hi_f = bootstrap_tpr_interval(m, few)
+    lo_m, hi_m = bootstrap_tpr_interval(m, many)
+    assert lo_f <= tpr_at_fpr(m, few) <= hi_f and lo_m <= tpr_at_fpr(m, many) <= hi_m
+    assert hi_m - lo_m < hi_f - lo_f
+    assert bootstrap_tpr_interval(m, few, seed=3) == bootstrap_tpr_interval(m, few, seed=3)
+    assert all(math.isnan(v) for v in bootstrap_tpr_interval(m, np.zeros(0)))

@@ -134,8 +134,10 @@ def test_report_html_is_self_contained(tmp_path):
 
 
 def test_pooled_privacy_interval_and_table(tmp_path):
-    a = _site([[5, 0], [0, 5]], [[5, 0], [0, 5]], 0.52, 100, mia_auc_lo=0.42, mia_auc_hi=0.62, mia_auc_gap=0.02)
-    b = _site([[5, 0], [0, 5]], [[5, 0], [0, 5]], 0.48, 100, mia_auc_lo=0.38, mia_auc_hi=0.58, mia_auc_gap=0.02)
+    a = _site([[5, 0], [0, 5]], [[5, 0], [0, 5]], 0.52, 100, mia_auc_lo=0.42, mia_auc_hi=0.62, mia_auc_gap=0.02,
+              mia_tpr_at_1pct_fpr=0.02, mia_tpr_lo=0.0, mia_tpr_hi=0.08, mia_tpr_chance=0.011)
+    b = _site([[5, 0], [0, 5]], [[5, 0], [0, 5]], 0.48, 100, mia_auc_lo=0.38, mia_auc_hi=0.58, mia_auc_gap=0.02,
+              mia_tpr_at_1pct_fpr=0.04, mia_tpr_lo=0.01, mia_tpr_hi=0.12, mia_tpr_chance=0.011)
     rep = build_report(federation={"rounds_done": 1}, synthesis=_phase({}),
                        downstream={"pool": {"n_images": 1, "n_files": 1, "per_site": {}}},
                        evaluation=_phase({"site-0": a, "site-1": b}), timing={}, config={}, method="plan")
@@ -144,9 +146,13 @@ def test_pooled_privacy_interval_and_table(tmp_path):
     # two equal-weight sites, each with standard error 0.1 / 1.96: pooled standard error 0.1 / 1.96 / sqrt(2)
     assert p["mia_auc_hi"] - p["mia_auc"] == pytest.approx(0.1 / np.sqrt(2), rel=1e-6)
     assert p["sites"]["site-0"]["mia_auc_lo"] == 0.42
+    # the TPR's bootstrap bounds stay per site (a mean of bounds bounds nothing); the TPR and chance pool
+    assert p["sites"]["site-1"]["mia_tpr_hi"] == 0.12 and "mia_tpr_hi" not in p and "mia_tpr_lo" not in p
+    assert p["mia_tpr_at_1pct_fpr"] == pytest.approx(0.03) and p["mia_tpr_chance"] == pytest.approx(0.011)
     _, md = write_report(rep, tmp_path, {})
     text = md.read_text()
     assert "0.520 [0.420, 0.620]" in text and "0.500 [0.429, 0.571]" in text
+    assert "| 0.040 [0.010, 0.120] |" in text  # site-1's TPR vs test with its interval (no chance key given)
     assert "site alone" in text and "real reference" not in text
 
 
