@@ -53,6 +53,9 @@ VARIANTS: dict[str, dict[str, object]] = {
                      "federation.server_lr": 1.0},
     "fedadam": {"federation.server_opt": "adam", "federation.server_lr": 0.01},
     "fedavg-g": {"federation.server_opt": "none", "federation.share": "g"},
+    # local optimisation under non-IID data: twice the Adam lr of G and D; five times the R1 weight
+    "fedavg-lr2": {"federation.server_opt": "none", "gan.lr_g": 0.005, "gan.lr_d": 0.005},
+    "fedavg-r1x5": {"federation.server_opt": "none", "gan.r1_gamma": 1.0},
 }
 
 
