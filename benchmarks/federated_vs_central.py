@@ -97,6 +97,8 @@ def main() -> None:
     ap.add_argument("--variants", default="fedavg",
                     help=f"comma-separated federated variants, one table row each: {', '.join(VARIANTS)}")
     ap.add_argument("--reuse", action="store_true", help="score the federated run already in OUT/federated")
+    ap.add_argument("--threads", type=int, default=2, help="torch threads of the central run and the scoring "
+                    "(more threads than free cores slow torch down many times over: use 1 on a shared machine)")
     ap.add_argument("--central-steps", default="",
                     help="comma-separated extra central step counts to score (e.g. the equal-wall-time count)")
     args = ap.parse_args()
@@ -141,7 +143,7 @@ def main() -> None:
 
     seed_everything(args.seed)
     ds = load_dataset(cfg.data, args.seed)
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
     meta = json.loads((out / "central.json").read_text()) if (out / "central.json").is_file() else {}
     reuse_central = (args.reuse and meta.get("steps", 0) >= central_total
