@@ -78,6 +78,13 @@ VARIANTS: dict[str, dict[str, Any]] = {
                       "anchors.spread": "generator", "anchors.k": 3, "navigation.steps": 8},
     "plain-k3": {"synthesis.pool_factor": 1.0, "synthesis.max_paths": None, "anchors.far_share": 0.5,
                  "anchors.spread": "none", "anchors.k": 3, "navigation.steps": 8},
+    # recall (#11.6): shorter paths, so the same candidates come from more anchor pairs (paths x T x steps kept)
+    "plain-T8": {"synthesis.pool_factor": 1.0, "synthesis.max_paths": None, "anchors.far_share": 0.5,
+                 "anchors.spread": "none", "navigation.T": 8, "navigation.steps": 8},
+    "gen-T8": {"synthesis.pool_factor": 1.0, "synthesis.max_paths": None, "anchors.far_share": 0.5,
+               "anchors.spread": "generator", "navigation.T": 8, "navigation.steps": 8},
+    "gen-T5": {"synthesis.pool_factor": 1.0, "synthesis.max_paths": None, "anchors.far_share": 0.5,
+               "anchors.spread": "generator", "navigation.T": 5, "navigation.steps": 8},
 }
 
 
