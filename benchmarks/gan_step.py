@@ -21,6 +21,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -44,15 +45,7 @@ def _sync(device: torch.device) -> None:
 
 
 def bench_size(size: int, args: argparse.Namespace, device: torch.device) -> dict[str, float]:
-    base = {"data.size": size, "seed": 0}
-    if args.batch:
-        base["gan.batch_size"] = args.batch
-    trainers = {
-        "reference": GanTrainer(load_config(overrides={**base, "gan.fast": False, "gan.compile": "off"}), 1, size, device),
-        "optimised": GanTrainer(load_config(overrides={**base, "gan.fast": True, "gan.compile": args.compile}), 1, size, device),
-    }
-    gen = torch.Generator().manual_seed(0)
-    images = (torch.rand(512, 1, size, size, generator=gen) * 2 - 1).to(device)
+    trainers, images = _trainers(size, args, device)
     times: dict[str, list[float]] = {k: [] for k in trainers}
     cpu: dict[str, list[float]] = {k: [] for k in trainers}
     for name, tr in trainers.items():
@@ -76,6 +69,73 @@ def bench_size(size: int, args: argparse.Namespace, device: torch.device) -> dic
             "cpu_ratio": med_cpu["optimised"] / med_cpu["reference"]}
 
 
+_SECTIONS = ("G forward", "D forward", "augment", "backward", "R1 grad", "Adam", "EMA")
+
+
+def _instrument(tr: GanTrainer) -> list[tuple[Any, str, Any]]:
+    """Wrap the step's parts in ``record_function`` ranges (instance attributes; undone by ``_restore``)."""
+    from torch.profiler import record_function
+
+    def wrap(obj: Any, attr: str, label: str) -> tuple[Any, str, Any]:
+        orig = getattr(obj, attr)
+
+        def inner(*a: Any, **k: Any) -> Any:
+            with record_function(label):
+                return orig(*a, **k)
+
+        setattr(obj, attr, inner)
+        return obj, attr, orig
+
+    return [wrap(tr, "_generate", "G forward"), wrap(tr.D, "forward", "D forward"), wrap(tr, "_augment", "augment"),
+            wrap(torch.Tensor, "backward", "backward"), wrap(torch.autograd, "grad", "R1 grad"),
+            wrap(tr.opt_d, "step", "Adam"), wrap(tr.opt_g, "step", "Adam"), wrap(tr, "_update_ema", "EMA")]
+
+
+def _restore(patches: list[tuple[Any, str, Any]]) -> None:
+    for obj, attr, orig in reversed(patches):
+        setattr(obj, attr, orig)
+
+
+def profile_size(size: int, args: argparse.Namespace, device: torch.device) -> None:
+    """torch.profiler over ``--steps`` steps of each trainer: top ops by self CPU time and the step's parts."""
+    from torch.profiler import ProfilerActivity, profile
+
+    trainers, images = _trainers(size, args, device)
+    for name, tr in trainers.items():
+        tr.train_steps(images, args.warmup)
+        patches = _instrument(tr)
+        try:
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                tr.train_steps(images, args.steps)
+        finally:
+            _restore(patches)
+        events = prof.key_averages()
+        total = sum(e.self_cpu_time_total for e in events)
+        print(f"\n== {size}px {name}: {args.steps} steps, threads {torch.get_num_threads()}, "
+              f"self CPU {total / 1e6:.2f}s ({total / 1e3 / args.steps:.0f} ms/step), load {_load()}")
+        print(f"{'op':<42} {'self CPU ms':>12} {'%':>6} {'calls':>7}")
+        ops = sorted((e for e in events if e.key not in _SECTIONS), key=lambda e: -e.self_cpu_time_total)
+        for e in ops[: args.top]:
+            print(f"{e.key[:42]:<42} {e.self_cpu_time_total / 1e3:>12.1f} {100 * e.self_cpu_time_total / total:>6.1f} {e.count:>7}")
+        parts = {e.key: e.cpu_time_total for e in events if e.key in _SECTIONS}
+        print("parts (CPU total, % of the step): " + ", ".join(
+            f"{k} {100 * parts.get(k, 0.0) / total:.1f}%" for k in _SECTIONS)
+            + f", rest (Python, losses, zero_grad, data) {100 * (1 - sum(parts.values()) / total):.1f}%")
+
+
+def _trainers(size: int, args: argparse.Namespace, device: torch.device) -> tuple[dict[str, GanTrainer], torch.Tensor]:
+    base = {"data.size": size, "seed": 0}
+    if args.batch:
+        base["gan.batch_size"] = args.batch
+    trainers = {
+        "reference": GanTrainer(load_config(overrides={**base, "gan.fast": False, "gan.compile": "off"}), 1, size, device),
+        "optimised": GanTrainer(load_config(overrides={**base, "gan.fast": True, "gan.compile": args.compile}), 1, size, device),
+    }
+    gen = torch.Generator().manual_seed(0)
+    images = (torch.rand(512, 1, size, size, generator=gen) * 2 - 1).to(device)
+    return trainers, images
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size", type=int, nargs="+", default=[32], help="Image sizes (px); e.g. 32 64 128 on a GPU.")
@@ -86,12 +146,20 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=5, help="Interleaved repetitions; the median is reported.")
     ap.add_argument("--warmup", type=int, default=4, help="Untimed steps per trainer first (pays compile, if on).")
     ap.add_argument("--compile", choices=["auto", "on", "off"], default="off", help="gan.compile of the optimised trainer.")
+    ap.add_argument("--profile", action="store_true", help="Instead of timing: torch.profiler over --steps steps of each "
+                    "trainer (after --warmup), top --top ops by self CPU time and the share of each part of the step.")
+    ap.add_argument("--top", type=int, default=15, help="--profile: how many ops to list.")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
     print(f"torch {torch.__version__}, device {device}, threads {torch.get_num_threads()}, "
           f"batch {args.batch or load_config().gan.batch_size}, compile {args.compile}")
     print(f"load before: {_load()}", flush=True)
+    if args.profile:
+        for s in args.size:
+            profile_size(s, args, device)
+        print(f"load after: {_load()}")
+        return
     t0 = time.perf_counter()
     rows = {s: bench_size(s, args, device) for s in args.size}
     print(f"load after: {_load()}  (total {time.perf_counter() - t0:.0f}s)")
