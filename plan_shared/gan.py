@@ -30,7 +30,7 @@ from plan_shared.files import atomic_write, file_sha256  # noqa: F401  (file_sha
 from plan_shared.imaging import save_grid
 from plan_shared.models import build_discriminator, build_generator
 from plan_shared.models.generator import StyleGenerator
-from plan_shared.models.layers import set_fused
+from plan_shared.models.layers import set_channels_last, set_fused
 
 _Nets = tuple[Callable[..., torch.Tensor], Callable[..., torch.Tensor], Callable[..., torch.Tensor]]  # mapping, synthesis, D
 LOG = logging.getLogger("plan.gan")
@@ -88,8 +88,8 @@ class GanTrainer:
             # channels_last: oneDNN convolutions, avg-pooling and bilinear upsampling all run faster on
             # NHWC activations (measured in benchmarks/gan_step.py --profile); the values are the same,
             # and weights(), state_dict() and checkpoints hand out ordinary contiguous tensors.
-            self.G.to(memory_format=torch.channels_last)
-            self.D.to(memory_format=torch.channels_last)
+            set_channels_last(self.G)
+            set_channels_last(self.D)
         g = cfg.gan
         # Lazy R1: D's Adam parameters are corrected for the regularisation interval.
         c = g.r1_every / (g.r1_every + 1)
