@@ -106,21 +106,24 @@ def profile_size(size: int, args: argparse.Namespace, device: torch.device) -> N
         patches = _instrument(tr)
         try:
             with profile(activities=[ProfilerActivity.CPU]) as prof:
+                c = time.process_time()
                 tr.train_steps(images, args.steps)
+                cpu_s = time.process_time() - c
         finally:
             _restore(patches)
         events = prof.key_averages()
         total = sum(e.self_cpu_time_total for e in events)
-        print(f"\n== {size}px {name}: {args.steps} steps, threads {torch.get_num_threads()}, "
-              f"self CPU {total / 1e6:.2f}s ({total / 1e3 / args.steps:.0f} ms/step), load {_load()}")
+        print(f"\n== {size}px {name}: {args.steps} steps, threads {torch.get_num_threads()}, ops' self CPU "
+              f"{total / 1e6:.2f}s ({total / 1e3 / args.steps:.0f} ms/step; profiler clock, counts waits under load), "
+              f"process CPU {cpu_s:.2f}s, load {_load()}")
         print(f"{'op':<42} {'self CPU ms':>12} {'%':>6} {'calls':>7}")
         ops = sorted((e for e in events if e.key not in _SECTIONS), key=lambda e: -e.self_cpu_time_total)
         for e in ops[: args.top]:
             print(f"{e.key[:42]:<42} {e.self_cpu_time_total / 1e3:>12.1f} {100 * e.self_cpu_time_total / total:>6.1f} {e.count:>7}")
         parts = {e.key: e.cpu_time_total for e in events if e.key in _SECTIONS}
-        print("parts (CPU total, % of the step): " + ", ".join(
+        print("parts (their ops' CPU, % of all ops' self CPU): " + ", ".join(
             f"{k} {100 * parts.get(k, 0.0) / total:.1f}%" for k in _SECTIONS)
-            + f", rest (Python, losses, zero_grad, data) {100 * (1 - sum(parts.values()) / total):.1f}%")
+            + f", other ops (losses, zero_grad, batch) {100 * (1 - sum(parts.values()) / total):.1f}%")
 
 
 def _trainers(size: int, args: argparse.Namespace, device: torch.device) -> tuple[dict[str, GanTrainer], torch.Tensor]:
