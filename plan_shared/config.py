@@ -158,7 +158,10 @@ class GanConfig(_Section):
         True,
         description="Optimised step, same computation as the reference step (false) within float rounding: one D "
         "pass over real+fake on steps without R1 (minibatch-std groups kept within each half), losses kept on the "
-        "device and read once per call, foreach Adam and EMA updates. benchmarks/gan_step.py times both.",
+        "device and read once per call, foreach Adam and EMA updates, G and D in channels_last (NHWC) memory "
+        "format, each ToImage as one batched matrix product. Measured with benchmarks/gan_step.py at 32 px, batch "
+        "32, on 2 shared cores under load 5-7: 1.20-1.37x the reference's steps/s at 1 thread, 1.85x at 2 threads "
+        "(noisy); convolutions (the same in both) are ~65% of the optimised 1-thread step.",
     )
     compile: Literal["auto", "on", "off"] = Field(
         "auto",
