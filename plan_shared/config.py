@@ -167,7 +167,9 @@ class GanConfig(_Section):
         "auto",
         description="torch.compile G and D for the steps without R1 (R1 needs double backward and stays eager; "
         "random draws keep eager semantics). on/off force it; auto = on only when one training call runs at least "
-        "compile_min_steps steps on a CUDA device. On CPU auto stays off: compiling G+D took ~230 s on 2 shared cores, "
+        "compile_min_steps steps on a CUDA device. On CPU auto stays off: compiling G+D took ~230 s on 2 shared cores "
+        "(again ~506 s at load 8-9 with channels_last G/D: benchmarks/gan_step.py --compile on --threads 1, warm-up "
+        "510.5 s vs 4.0 s eager for 4 steps; a 40-step Flower message runs ~40 s eager), "
         "more than a federated round's local steps, and convolutions (not fusable) dominate the CPU step.",
     )
     compile_min_steps: int = Field(
