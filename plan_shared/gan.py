@@ -30,12 +30,23 @@ from plan_shared.files import atomic_write, file_sha256  # noqa: F401  (file_sha
 from plan_shared.imaging import save_grid
 from plan_shared.models import build_discriminator, build_generator
 from plan_shared.models.generator import StyleGenerator
-from plan_shared.models.layers import set_fused
+from plan_shared.models.layers import set_channels_last, set_fused
 
 _Nets = tuple[Callable[..., torch.Tensor], Callable[..., torch.Tensor], Callable[..., torch.Tensor]]  # mapping, synthesis, D
 LOG = logging.getLogger("plan.gan")
 CHECKPOINT_FORMAT = 1
 Share = Literal["gd", "g"]
+
+
+def _contiguous(obj: Any) -> Any:
+    """``obj`` (nested dicts/lists of tensors) with every tensor in the ordinary contiguous layout."""
+    if isinstance(obj, torch.Tensor):
+        return obj.contiguous()
+    if isinstance(obj, dict):
+        return {k: _contiguous(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_contiguous(v) for v in obj)
+    return obj
 
 
 def _atomic_torch_save(obj: Any, path: Path) -> None:
@@ -73,6 +84,12 @@ class GanTrainer:
         set_fused(self.D, cfg.gan.fast)
         # G_ema renders with the reference ops, exactly as load_generator's copy will.
         self.G_ema: StyleGenerator = set_fused(copy.deepcopy(self.G), False).eval().requires_grad_(False)  # type: ignore[assignment]  # a copy of G
+        if cfg.gan.fast:
+            # channels_last: oneDNN convolutions, avg-pooling and bilinear upsampling all run faster on
+            # NHWC activations (measured in benchmarks/gan_step.py --profile); the values are the same,
+            # and weights(), state_dict() and checkpoints hand out ordinary contiguous tensors.
+            set_channels_last(self.G)
+            set_channels_last(self.D)
         g = cfg.gan
         # Lazy R1: D's Adam parameters are corrected for the regularisation interval.
         c = g.r1_every / (g.r1_every + 1)
@@ -282,10 +299,10 @@ class GanTrainer:
     # ------------------------------------------------------------------ weights
     def weights(self, share: Share = "gd") -> dict[str, torch.Tensor]:
         """Flat state with prefixed keys (``g.*``, ``g_ema.*`` and, for ``gd``, ``d.*``)."""
-        out = {f"g.{k}": v.detach().cpu() for k, v in self.G.state_dict().items()}
+        out = {f"g.{k}": v.detach().cpu().contiguous() for k, v in self.G.state_dict().items()}
         out.update({f"g_ema.{k}": v.detach().cpu() for k, v in self.G_ema.state_dict().items()})
         if share == "gd":
-            out.update({f"d.{k}": v.detach().cpu() for k, v in self.D.state_dict().items()})
+            out.update({f"d.{k}": v.detach().cpu().contiguous() for k, v in self.D.state_dict().items()})
         return out
 
     def set_weights(self, weights: dict[str, torch.Tensor]) -> None:
@@ -299,11 +316,11 @@ class GanTrainer:
     def state_dict(self) -> dict[str, Any]:
         return {
             "format": CHECKPOINT_FORMAT,
-            "generator": self.G.state_dict(),
+            "generator": _contiguous(self.G.state_dict()),
             "generator_ema": self.G_ema.state_dict(),
-            "discriminator": self.D.state_dict(),
-            "opt_g": self.opt_g.state_dict(),
-            "opt_d": self.opt_d.state_dict(),
+            "discriminator": _contiguous(self.D.state_dict()),
+            "opt_g": _contiguous(self.opt_g.state_dict()),
+            "opt_d": _contiguous(self.opt_d.state_dict()),
             "step": self.step,
             "images_seen": self.images_seen,
             "config": self.cfg.to_dict(),
@@ -325,6 +342,10 @@ class GanTrainer:
         for opt in (self.opt_g, self.opt_d):  # the implementation follows this run's gan.fast, not the file's
             for group in opt.param_groups:
                 group["foreach"] = self._foreach
+            for p, st in opt.state.items():  # Adam's moments in the parameters' memory format
+                for k, v in st.items():
+                    if isinstance(v, torch.Tensor) and v.shape == p.shape and v.stride() != p.stride():
+                        st[k] = torch.empty_like(p).copy_(v)
         self.step, self.images_seen = int(sd["step"]), int(sd["images_seen"])
         self.rng.set_state(sd["rng"])
         self._torch_rng = sd["torch_rng"]

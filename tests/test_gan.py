@@ -151,3 +151,22 @@ def test_compile_switch():
     assert _variant(compile="on").use_compile(1) and not _variant(compile="off").use_compile(10_000)
     with pytest.raises(Exception, match="gan.compile"):
         load_config(overrides={"gan.compile": "sometimes"})
+
+
+def test_fast_trainer_hands_out_contiguous_tensors(images, tmp_path):
+    tr = _variant(fast=True)
+    tr.train_steps(images, 2)
+    assert tr.G.synthesis.convs[1].weight.is_contiguous(memory_format=torch.channels_last)  # NHWC inside
+    assert tr.G_ema.synthesis.convs[1].weight.is_contiguous()  # G_ema renders like load_generator's copy
+    assert all(v.is_contiguous() for v in tr.weights("gd").values())
+    sd = tr.state_dict()
+    for part in ("generator", "discriminator"):
+        assert all(v.is_contiguous() for v in sd[part].values()), part
+    for opt in ("opt_g", "opt_d"):
+        assert all(v.is_contiguous() for st in sd[opt]["state"].values() for v in st.values()), opt
+    # loading a reference checkpoint puts Adam's moments in the fast parameters' layout
+    ref = _variant(fast=False)
+    ref.train_steps(images, 2)
+    tr.load_state_dict(ref.state_dict())
+    for p, st in tr.opt_d.state.items():
+        assert st["exp_avg"].stride() == p.stride()

@@ -107,3 +107,40 @@ def test_fused_layers_compute_the_reference_function():
     set_fused(G, False)
     torch.manual_seed(5)
     assert torch.allclose(r, G(z, noise_mode="random"), rtol=1e-4, atol=1e-5)  # same noise draws
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_fused_channels_last_layers_give_the_reference_values_and_gradients(channels):
+    import copy
+
+    from plan_shared.models.discriminator import Discriminator
+    from plan_shared.models.generator import StyleGenerator
+    from plan_shared.models.layers import set_channels_last, set_fused
+
+    torch.manual_seed(0)
+    G = StyleGenerator(z_dim=16, w_dim=16, size=16, channels=channels, base_channels=32, min_channels=8)
+    D = Discriminator(16, channels, 8, 32)
+    with torch.no_grad():
+        for _, p in list(G.named_parameters()) + list(D.named_parameters()):
+            if p.ndim <= 1:
+                p.add_(torch.randn_like(p) * 0.3)
+    G2, D2 = copy.deepcopy(G), copy.deepcopy(D)
+    set_channels_last(set_fused(G2, True)), set_channels_last(set_fused(D2, True))
+    assert G2.synthesis.convs[1].weight.is_contiguous(memory_format=torch.channels_last)
+    z = torch.randn(8, 16)
+
+    def run(g, d):
+        x = torch.randn(8, channels, 16, 16, generator=torch.Generator().manual_seed(3)).requires_grad_(True)
+        img = g(z, noise_mode="const")
+        feats = g.synthesis.convs[-1](torch.ones(8, 8, 16, 16), g.mapping(z), "const")
+        loss = d(img).square().mean() + d(x).mean() + feats.mean()
+        loss.backward()
+        grads = {n: p.grad for n, p in list(g.named_parameters()) + [("d." + k, v) for k, v in d.named_parameters()]}
+        return img, feats, x.grad, grads
+
+    img_a, f_a, gx_a, ga = run(G, D)
+    img_b, f_b, gx_b, gb = run(G2, D2)
+    assert f_b.is_contiguous(memory_format=torch.channels_last) and not f_b.is_contiguous()  # activations stay NHWC
+    for a, b in [(img_a, img_b), (f_a, f_b), (gx_a, gx_b)] + [(ga[k], gb[k]) for k in ga]:
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-5)
+    assert ga.keys() == gb.keys() and all(v is not None for v in list(ga.values()) + list(gb.values()))

@@ -76,6 +76,9 @@ class Discriminator(nn.Module):
         if self.native != self.size:
             x = F.interpolate(x, size=(self.native, self.native), mode="bilinear", align_corners=False)
         x = self.blocks(self.from_image(x))
-        x = self.conv(self.mbstd(x, chunks))
+        x = self.mbstd(x, chunks)
+        if self.conv.channels_last:  # the concatenation would come out NCHW
+            x = x.contiguous(memory_format=torch.channels_last)
+        x = self.conv(x)
         logits: torch.Tensor = self.out(self.fc(x.flatten(1)))
         return logits.squeeze(1)

@@ -25,6 +25,17 @@ def set_fused(module: nn.Module, fused: bool) -> nn.Module:
     return module
 
 
+def set_channels_last(module: nn.Module) -> nn.Module:
+    """Put ``module``'s 4-d weights and buffers in channels_last (NHWC) memory format, and tell its layers
+    that their activations should stay so (values unchanged; oneDNN convolutions, pooling and bilinear
+    resampling are faster on NHWC, and ops mixing both layouts are several times slower than either)."""
+    module.to(memory_format=torch.channels_last)
+    for m in module.modules():
+        if hasattr(m, "channels_last"):
+            setattr(m, "channels_last", True)  # noqa: B010  (see set_fused)
+    return module
+
+
 class EqualLinear(nn.Module):
     """Linear layer whose weights are scaled at run time (equalised learning rate)."""
 
@@ -55,6 +66,7 @@ class EqualConv2d(nn.Module):
         self.padding = kernel // 2
         self.activate = activate
         self.fused = False
+        self.channels_last = False  # set by set_channels_last
 
     def forward(self, x: torch.Tensor, gain: float = 1.0) -> torch.Tensor:
         """``gain`` scales the output (folded into the weights when fused)."""
@@ -62,6 +74,8 @@ class EqualConv2d(nn.Module):
             a = gain * SQRT2 if self.activate else gain
             bias = self.bias * a if self.bias is not None else None
             out = F.conv2d(x, self.weight * (self.scale * a), bias, padding=self.padding)
+            if self.channels_last:  # a 1-channel input (the image) comes out NCHW: one copy, not mixed-layout ops
+                out = out.contiguous(memory_format=torch.channels_last)
             return F.leaky_relu(out, 0.2) if self.activate else out
         out = F.conv2d(x, self.weight * self.scale, self.bias, padding=self.padding)
         out = F.leaky_relu(out, 0.2) * math.sqrt(2) if self.activate else out
