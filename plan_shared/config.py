@@ -375,8 +375,25 @@ class EncoderConfig(_Section):
         0.0, ge=0.0, description="Weight of the pixel MSE of G(E(x)) vs x added to the W loss during training "
         "(costs one generator forward+backward per sample; 0 = W loss only)."
     )
+    augment_noise: float = Field(
+        0.0, ge=0.0, le=1.0, description="Training renders get Gaussian pixel noise of a per-sample std drawn "
+        "uniformly from [0, augment_noise] (pixels in [-1, 1], clamped), so E sees images a little off the "
+        "generator's manifold, as real images are; 0 = clean renders."
+    )
+    train_noise_mode: Literal["const", "random"] = Field(
+        "const", description="Noise inputs of the training renders: const (what inversion renders with) or random "
+        "(fresh per-pixel noise per sample)."
+    )
     refine_steps: int = Field(
-        10, ge=0, description="Adam steps of the inversion loss (inversion.lr, pixel/feature weights) from E(x); 0 = E(x) as is."
+        10, ge=0, description="Adam steps of the inversion loss (pixel/feature weights of inversion) from E(x); 0 = E(x) as is."
+    )
+    refine_lr: float | None = Field(
+        None, gt=0.0, description="Adam learning rate of the refinement from E(x), in units of sigma_W "
+        "(null = inversion.lr)."
+    )
+    refine_schedule: Literal["constant", "cosine"] = Field(
+        "constant", description="Learning rate over the refine_steps: constant, or cosine decay from refine_lr "
+        "towards 0 (step t of T at refine_lr * (1 + cos(pi t / T)) / 2)."
     )
     path: str | None = Field(
         None, description="Encoder file: loaded when it exists and was trained for the same generator weights "
