@@ -43,8 +43,9 @@ def test_refinement_uses_refine_lr_and_schedule_only_from_w_init():
         return invert(G, x, ic, sigma_w=1.0, w_init=w_init, steps=steps, progress=False)
 
     # refine_lr replaces inversion.lr from w_init; null falls back to it
-    assert torch.equal(run(5, lr=0.3, refine_lr=0.05).w, run(5, lr=0.05).w)
-    assert not torch.equal(run(5, lr=0.3).w, run(5, lr=0.05).w)
+    assert torch.equal(run(5, lr=0.3, refine_lr=0.05).w, run(5, lr=0.05, refine_lr=None).w)
+    assert not torch.equal(run(5, lr=0.3, refine_lr=None).w, run(5, lr=0.05, refine_lr=None).w)
+    assert not torch.equal(run(5, lr=0.05).w, run(5, lr=0.05, refine_lr=None).w)  # default refine_lr 0.15
     # cosine: the first step is at the full rate, later steps slower (a different end point)
     assert torch.equal(run(1, refine_schedule="cosine").w, run(1).w)
     cos, const = run(6, refine_schedule="cosine"), run(6)
