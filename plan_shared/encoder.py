@@ -149,7 +149,10 @@ def train_encoder(
     for step in bar:
         with torch.no_grad():
             w = G.sample_w(cfg.batch, gen).to(dev)
-            x = G.render(w)
+            x = G.render(w, noise_mode=cfg.train_noise_mode)
+            if cfg.augment_noise > 0:
+                s = torch.rand(cfg.batch, 1, 1, 1, generator=gen) * cfg.augment_noise
+                x = (x + s.to(dev) * torch.randn(x.shape, generator=gen).to(dev)).clamp(-1, 1)
         pred = E(x)
         w_loss = ((pred - w) / sigma).pow(2).mean()
         loss = w_loss

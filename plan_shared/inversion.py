@@ -6,7 +6,9 @@ plan_shared.encoder) for ``inversion.encoder.refine_steps`` steps. Loss per imag
 ``pixel_weight * MSE(G(w), x)`` + ``feature_weight * (1 - cos(f(G(w)), f(x)))`` where ``f`` is
 the feature map of a network trained locally on the site's data (phi_id's features in the
 pipeline; nothing downloaded). The images of one batch are independent, so the summed loss
-gives every w its own gradient. The learning rate is ``inversion.lr * sigma_W``::
+gives every w its own gradient. The learning rate is ``inversion.lr * sigma_W`` from w_avg, and
+``inversion.encoder.refine_lr * sigma_W`` (default inversion.lr; constant or cosine-decayed,
+``refine_schedule``) from ``w_init``::
 
     res = invert(G, x, cfg.inversion, sigma_w, feature_net=phi_id)
     res = invert(G, x, cfg.inversion, sigma_w, feature_net=phi_id, w_init=encode(E, x))
@@ -15,6 +17,7 @@ gives every w its own gradient. The learning rate is ``inversion.lr * sigma_W``:
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -78,6 +81,11 @@ def invert(
         steps = cfg.steps if w_init is None else cfg.encoder.refine_steps
     if steps < 0:
         raise ValueError(f"inversion: steps must be >= 0, got {steps}")
+    if w_init is None:
+        lr, cosine = cfg.lr, False
+    else:  # refinement from a learned encoder's start
+        lr = cfg.encoder.refine_lr if cfg.encoder.refine_lr is not None else cfg.lr
+        cosine = cfg.encoder.refine_schedule == "cosine"
     bs = cfg.batch_size
     use_f = feature_net is not None and cfg.feature_weight > 0
     if feature_net is not None:
@@ -96,13 +104,17 @@ def invert(
         with torch.no_grad():
             f_target = F.normalize(feature_net.features(x), dim=1) if use_f and feature_net is not None else None
         if steps:
-            opt = torch.optim.Adam([w], lr=cfg.lr * sigma_w)
+            opt = torch.optim.Adam([w], lr=lr * sigma_w)
+            sched = (torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 0.5 * (1 + math.cos(math.pi * t / steps)))
+                     if cosine else None)
             for _ in range(steps):
                 mse, fl = _losses(G, w, x, feature_net, f_target)
                 per = cfg.pixel_weight * mse + (cfg.feature_weight * fl if fl is not None else 0.0)
                 opt.zero_grad(set_to_none=True)
                 per.sum().backward()
                 opt.step()
+                if sched is not None:
+                    sched.step()
                 bar.update(1)
         with torch.no_grad():
             mse, fl = _losses(G, w, x, feature_net, f_target)

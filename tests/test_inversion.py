@@ -21,3 +21,37 @@ def test_inversion_reduces_error():
     assert w.shape == (6, 8) and err.shape == (6,)
     assert float(err.mean()) < 0.5 * float(base.mean())
     assert res.steps == 60 and res.generator_evals == 6 * 60 and res.feature_loss is not None
+
+
+def _setup():
+    torch.manual_seed(0)
+    G = StyleGenerator(z_dim=8, w_dim=8, size=8, channels=1, mapping_layers=1, base_channels=8, min_channels=4).eval()
+    G.requires_grad_(False)
+    G.mapping.w_avg.copy_(G.sample_w(256).mean(0))
+    x = G.render(G.sample_w(6, torch.Generator().manual_seed(1))).detach()
+    w_init = G.sample_w(6, torch.Generator().manual_seed(2))
+    return G, x, w_init
+
+
+def test_refinement_uses_refine_lr_and_schedule_only_from_w_init():
+    from plan_shared.config import EncoderConfig
+
+    G, x, w_init = _setup()
+
+    def run(steps: int, lr: float = 0.05, **enc):
+        ic = InversionConfig(lr=lr, batch_size=4, feature_weight=0.0, encoder=EncoderConfig(**enc))
+        return invert(G, x, ic, sigma_w=1.0, w_init=w_init, steps=steps, progress=False)
+
+    # refine_lr replaces inversion.lr from w_init; null falls back to it
+    assert torch.equal(run(5, lr=0.3, refine_lr=0.05).w, run(5, lr=0.05, refine_lr=None).w)
+    assert not torch.equal(run(5, lr=0.3, refine_lr=None).w, run(5, lr=0.05, refine_lr=None).w)
+    assert not torch.equal(run(5, lr=0.05).w, run(5, lr=0.05, refine_lr=None).w)  # default refine_lr 0.15
+    # cosine: the first step is at the full rate, later steps slower (a different end point)
+    assert torch.equal(run(1, refine_schedule="cosine").w, run(1).w)
+    cos, const = run(6, refine_schedule="cosine"), run(6)
+    assert not torch.equal(cos.w, const.w)
+    assert float((cos.w - w_init).norm()) < float((const.w - w_init).norm())  # decayed steps move less
+    # from w_avg neither key applies
+    ic = InversionConfig(steps=4, batch_size=4, feature_weight=0.0)
+    ic_r = ic.model_copy(update={"encoder": EncoderConfig(refine_lr=1.0, refine_schedule="cosine")})
+    assert torch.equal(invert(G, x, ic, 1.0, progress=False).w, invert(G, x, ic_r, 1.0, progress=False).w)
