@@ -97,6 +97,9 @@ def main() -> None:
     ap.add_argument("--variants", default="fedavg",
                     help=f"comma-separated federated variants, one table row each: {', '.join(VARIANTS)}")
     ap.add_argument("--reuse", action="store_true", help="score the federated run already in OUT/federated")
+    ap.add_argument("--also", action="append", default=[], metavar="NAME=CHECKPOINT",
+                    help="also score this generator checkpoint (e.g. a demo's federated G: runs/demo/checkpoints/"
+                    "round-0005.pt) on the same feature net and references; repeatable")
     ap.add_argument("--threads", type=int, default=2, help="torch threads of the central run and the scoring "
                     "(more threads than free cores slow torch down many times over: use 1 on a shared machine)")
     ap.add_argument("--central-steps", default="",
@@ -117,6 +120,12 @@ def main() -> None:
         ap.error(f"--central-steps: {args.central_steps!r} is not a comma-separated list of step counts")
     if any(n < 1 for n in extra):
         ap.error(f"--central-steps: {args.central_steps!r}: step counts must be >= 1")
+    also: dict[str, Path] = {}
+    for item in args.also:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not Path(path).is_file():
+            ap.error(f"--also {item!r}: expected NAME=CHECKPOINT with an existing checkpoint file")
+        also[name] = Path(path)
     ov = {"federation.local_steps": args.local_steps, "federation.share": "gd", "seed": args.seed}
     total = args.sites * args.rounds * args.local_steps
     sequential = args.rounds * args.local_steps
@@ -177,7 +186,7 @@ def main() -> None:
     gens = {**{("federated" if v == "fedavg" else f"fed:{v}"): c for v, c in fed_ckpts.items()},
             "central": out / "central.pt",
             f"central@{sequential}": out / "central-sequential.pt",
-            **{f"central@{n}": keep_at[n] for n in extra if n not in (sequential, total)}}
+            **{f"central@{n}": keep_at[n] for n in extra if n not in (sequential, total)}, **also}
     scores: dict[str, dict[str, float]] = {}
     grids = {}
     for name, ckpt in gens.items():
@@ -210,7 +219,7 @@ def main() -> None:
     (out / "quality.json").write_text(json.dumps(res, indent=1))
     steps = {**{n: f"{args.sites}x{sequential}" for n in res["ratio_fd_over_central_sequential"]},
              "central": str(total), f"central@{sequential}": str(sequential), **{f"central@{n}": str(n) for n in extra},
-             "real test": "-"}
+             "real test": "-", **{n: "?" for n in also}}
     print(f"\nFeatures: class classifier trained on the real train split. Reference: real val "
           f"({len(ref['val'])} images, same source as train, unseen); KID ~ 0 = indistinguishable from it.")
     print(f"{'images':<16}{'steps':>8}{'FD val':>10}{'KID val x1e3':>18}{'FD test':>10}{'KID test x1e3':>18}"
