@@ -79,5 +79,19 @@ def dcr_histogram(series: dict[str, np.ndarray], delta: float, path: str | Path)
     return path
 
 
+def spread_rows(total: int, n: int) -> list[int]:
+    """``min(n, total)`` row indices evenly spaced over ``0..total-1`` (first and last included).
+
+    A pool is written path by path, so its first rows are a few neighbouring points of a few
+    paths: a grid of those would show near-copies where the pool may vary, and hide it where it
+    does not. Evenly spaced rows show the whole set."""
+    if total <= n:
+        return list(range(total))
+    if n <= 1:
+        return [0][:n]
+    return [round(i * (total - 1) / (n - 1)) for i in range(n)]
+
+
 def sample_grid(images: torch.Tensor, path: str | Path, n: int = 64) -> Path:
-    return save_grid(images[:n], path)
+    """A grid of ``n`` images evenly spaced over ``images`` (:func:`spread_rows`)."""
+    return save_grid(images[spread_rows(len(images), n)], path)

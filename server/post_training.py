@@ -240,11 +240,13 @@ def _site_figures(out: Path, sites: list[str]) -> dict[str, str]:
 
 
 def _pool_grids(out: Path, pool_dir: Path) -> dict[str, str]:
-    """A sample grid per site from the pulled pool (what a researcher actually receives)."""
+    """A sample grid per site from the pulled pool (what a researcher actually receives): 64 of the site's
+    images evenly spaced over its manifest order (plan_shared.plots.spread_rows), not its first 64."""
     import numpy as np
 
     from plan_shared.data import read_image, to_tensor
     from plan_shared.imaging import save_grid
+    from plan_shared.plots import spread_rows
 
     doc = json.loads((pool_dir / "manifest.json").read_text())
     by_site: dict[str, list[str]] = {}
@@ -252,7 +254,7 @@ def _pool_grids(out: Path, pool_dir: Path) -> dict[str, str]:
         by_site.setdefault(e["site_id"], []).append(e["file"])
     figs = {}
     for site, files in sorted(by_site.items()):
-        arr = [read_image(pool_dir / f).transpose(2, 0, 1) for f in files[:64]]
+        arr = [read_image(pool_dir / files[i]).transpose(2, 0, 1) for i in spread_rows(len(files), 64)]
         if arr:
             path = save_grid(to_tensor(np.stack(arr)), out / "figures" / f"{site}-pool-samples.png")
             figs[f"{site}: pooled samples"] = str(path.relative_to(out))
