@@ -163,6 +163,9 @@ class MethodStats:
     mean_indep_id_prob: float | None
     accept_rate: float | None
     n_accepted: int
+    candidates_per_class: list[int] | None = None  # by the label each candidate carries (random: phi_class's)
+    drawn: int | None = None  # random: GAN samples drawn (synthesis.random_per_class: until the quotas were met)
+    quota_per_class: list[int] | None = None  # random with synthesis.random_per_class: PLAN's class counts
 
 
 @dataclass

@@ -88,7 +88,7 @@ from plan_shared.metrics import classification_report, dcr_summary
 from plan_shared.models import build_generator
 from plan_shared.models.classifier import Classifier
 from plan_shared.models.generator import StyleGenerator
-from plan_shared.navigation import linear_paths, optimise_paths, path_styles, random_samples, w_std
+from plan_shared.navigation import draw_to_class_quotas, linear_paths, optimise_paths, path_styles, random_samples, w_std
 from plan_shared.plots import dcr_histogram, path_strips, sample_grid
 from plan_shared.pool_plan import plan_paths
 from plan_shared.prevalence import prevalence_selection
@@ -461,6 +461,7 @@ class Candidates:
     labels: np.ndarray  # [N] int: the path's class (plan, linear) or phi_class's prediction (random)
     path_id: np.ndarray | None  # [N] path of each image; None for random samples
     position: np.ndarray | None  # [N] interior position 1..T-2 on its path; None for random samples
+    draw: dict[str, Any] | None = None  # random: how the samples were drawn (random_candidates)
 
     def __len__(self) -> int:
         return len(self.images)
@@ -481,7 +482,8 @@ def render(G: StyleGenerator, w: torch.Tensor, batch: int = 512) -> torch.Tensor
 
 def render_candidates(cfg: PlanConfig, G: StyleGenerator, paths: Paths,
                       phi_class: Classifier) -> dict[Method, Candidates]:
-    """Every interior path point of PLAN and linear, and as many random GAN samples (or synthesis.random_samples)."""
+    """Every interior path point of PLAN and linear, and as many random GAN samples (or synthesis.random_samples),
+    drawn to PLAN's class counts by default (:func:`random_candidates`)."""
     n_paths, T = len(paths.plan), cfg.navigation.T
     cand: dict[Method, Candidates] = {}
     for name, full in (("plan", paths.plan), ("linear", paths.linear)):
@@ -491,11 +493,38 @@ def render_candidates(cfg: PlanConfig, G: StyleGenerator, paths: Paths,
             m, render(G, styles[:, 1:-1].flatten(0, 1)), paths.labels.repeat_interleave(T - 2).numpy(),
             np.repeat(np.arange(n_paths), T - 2), np.tile(np.arange(1, T - 1), n_paths),
         )
-    n_rand = cfg.synthesis.random_samples or max(n_paths * (T - 2), 1)
-    # every site draws its own random samples (the shared G and seed would give each site the same ones)
-    img_r = render(G, random_samples(G, n_rand, cfg.synthesis.truncation, seed=site_seed(cfg.seed, cfg.site_id) + 11))
-    cand["random"] = Candidates("random", img_r, predict_logits(phi_class, img_r).argmax(1).numpy(), None, None)
+    cand["random"] = random_candidates(cfg, G, phi_class, cand["plan"].labels)
     return cand
+
+
+def random_candidates(cfg: PlanConfig, G: StyleGenerator, phi_class: Classifier, path_labels: np.ndarray) -> Candidates:
+    """The random baseline, labelled by phi_class: drawn to the path methods' class counts
+    (synthesis.random_per_class) or unconditionally; ``draw`` says what was asked and drawn."""
+    syn = cfg.synthesis
+    n_rand = syn.random_samples or max(len(path_labels), 1)
+    # every site draws its own random samples (the shared G and seed would give each site the same ones)
+    seed = site_seed(cfg.seed, cfg.site_id) + 11
+    if not syn.random_per_class:
+        img_r = render(G, random_samples(G, n_rand, syn.truncation, seed=seed))
+        lab = predict_logits(phi_class, img_r).argmax(1).numpy()
+        return Candidates("random", img_r, lab, None, None, {"per_class": False, "drawn": n_rand})
+    counts = np.bincount(np.asarray(path_labels, dtype=np.int64), minlength=phi_class.num_classes)
+    if counts.sum() == 0:  # no paths: nothing to match, a share per class
+        counts = np.ones(phi_class.num_classes, np.int64)
+    quota = np.floor(counts * n_rand / counts.sum()).astype(np.int64)
+    quota[np.argsort(-(counts * n_rand / counts.sum() - quota), kind="stable")[: n_rand - int(quota.sum())]] += 1
+
+    def render_and_label(w: torch.Tensor) -> tuple[torch.Tensor, np.ndarray]:
+        img = render(G, w)
+        return img, predict_logits(phi_class, img).argmax(1).numpy()
+
+    d = draw_to_class_quotas(G, quota.tolist(), render_and_label, syn.truncation, seed,
+                             max_draws=int(np.ceil(syn.random_max_draws * n_rand)))
+    if d.kept != d.quota:
+        LOG.warning("%s: random baseline short of its class quotas after %d draws: kept %s of %s",
+                    cfg.site_id, d.drawn, d.kept, d.quota)
+    return Candidates("random", d.images, d.labels, None, None,
+                      {"per_class": True, "drawn": d.drawn, "quota_per_class": d.quota})
 
 
 # ---------------------------------------------------------------------------------------------- B6 filter
@@ -519,14 +548,20 @@ class FilterOutcome:
         return idx[:0] if self.blocked else idx
 
 
-def method_stats(scores: Scores, accept: np.ndarray) -> MethodStats:
+def method_stats(scores: Scores, accept: np.ndarray, cand: Candidates | None = None,
+                 num_classes: int = 1) -> MethodStats:
     n = len(scores)
     s = dcr_summary(scores.dcr)
+    draw = cand.draw if cand is not None and cand.draw is not None else {}
     return MethodStats(
         n=n, mean_dcr=finite(s["mean_dcr"]), p05_dcr=finite(s["p05_dcr"]),
         mean_max_id_prob=finite(scores.max_id_prob.mean()) if n else None,
         mean_indep_id_prob=finite(scores.indep_id_prob.mean()) if n else None,
         accept_rate=finite(accept.mean()) if n else None, n_accepted=int(accept.sum()),
+        candidates_per_class=(np.bincount(np.asarray(cand.labels, np.int64), minlength=num_classes).astype(int).tolist()
+                              if cand is not None else None),
+        drawn=int(draw["drawn"]) if "drawn" in draw else None,
+        quota_per_class=list(draw["quota_per_class"]) if "quota_per_class" in draw else None,
     )
 
 
@@ -599,7 +634,9 @@ def filter_candidates(cfg: PlanConfig, method: Method | None, cand: Mapping[Meth
         zone=zone.summary(),
         heldout_dcr=dcr_summary(zone.calib_dcr) | {"split": cal.split, "n": len(zone.calib)},
     )
-    methods = {str(name): method_stats(scores[name], accept[name]) for name in cand}
+    n_cls = max([int(c.labels.max()) + 1 for c in cand.values() if len(c)]
+                + [len(c.draw.get("quota_per_class", ())) for c in cand.values() if c.draw], default=1)
+    methods = {str(name): method_stats(scores[name], accept[name], cand[name], n_cls) for name in cand}
     out = FilterOutcome(scores, accept, sensitivity_ok, blocked, section, methods, checked)
     return out if method is None else filter_for_export(out, method, cal)
 

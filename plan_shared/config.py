@@ -693,6 +693,19 @@ class SynthesisConfig(_Section):
     random_samples: int | None = Field(
         None, ge=1, description="Candidates of the random baseline (null = as many as the path methods); labelled by phi_class."
     )
+    random_per_class: bool = Field(
+        True, description="Draw the random baseline to the path methods' class counts: GAN samples are drawn in batches "
+        "and labelled by phi_class until each class has as many as PLAN's candidates of that class (scaled to "
+        "synthesis.random_samples when that is set) or synthesis.random_max_draws x that many were drawn "
+        "(plan_shared/navigation.py draw_to_class_quotas; report keys methods.random.drawn and candidates_per_class). "
+        "false: unconditional draws, whose class shares are the generator's as phi_class sees them: measured in the "
+        "stop-19/21 demos, 0-13 images of site 1's minority class survived prevalence matching, so random's utility "
+        "and pool size measured the class balance, not the method."
+    )
+    random_max_draws: float = Field(
+        20.0, ge=1.0, description="With synthesis.random_per_class: at most this many times the total quota of GAN "
+        "samples are drawn; a class the generator (as phi_class labels it) rarely gives then keeps fewer."
+    )
     truncation: float = Field(0.7, gt=0.0, le=1.0, description="Truncation of random samples.")
     strip_pairs: int = Field(4, ge=1, description="Pairs shown in the linear-vs-PLAN strip figure.")
     compare: bool = Field(
@@ -1288,7 +1301,9 @@ def parse_sets(items: list[str] | None) -> dict[str, Any]:
             raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. --set gan.steps=500")
         key, value = item.split("=", 1)
         try:
-            out[key.strip()] = yaml.safe_load(value)
+            parsed = yaml.safe_load(value)
         except yaml.YAMLError as err:
             raise ConfigError(f"--set {item!r}: the value is not valid YAML ({err})") from None
+        # an override of None means "not given" (CLI options left unset): null is the explicit NULL
+        out[key.strip()] = NULL if parsed is None else parsed
     return out

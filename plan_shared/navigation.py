@@ -44,6 +44,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -482,3 +483,68 @@ def random_samples(G: StyleGenerator, n: int, truncation: float = 0.7, seed: int
     """Plain GAN samples in W (the random baseline)."""
     gen = torch.Generator().manual_seed(seed)
     return G.sample_w(n, gen, truncation=truncation)
+
+
+@dataclass
+class QuotaDraw:
+    """Random GAN samples kept to per-class quotas (:func:`draw_to_class_quotas`)."""
+
+    w: torch.Tensor  # [N, w_dim] the kept samples, in draw order
+    images: torch.Tensor  # [N, C, H, W] their renders
+    labels: np.ndarray  # [N] int64 the label each was kept under
+    drawn: int  # samples drawn (kept or not)
+    quota: list[int]  # per class, what was asked
+    kept: list[int]  # per class, what was kept (< quota: the draws ran out)
+
+
+@torch.no_grad()
+def draw_to_class_quotas(G: StyleGenerator, quotas: Sequence[int],
+                         render_and_label: Callable[[torch.Tensor], tuple[torch.Tensor, np.ndarray]],
+                         truncation: float = 0.7, seed: int = 0, batch: int = 512,
+                         max_draws: int | None = None) -> QuotaDraw:
+    """The random baseline with given class counts: rejection sampling from G by a classifier's label.
+
+    Draws ``batch`` samples at a time (``G.sample_w`` at ``truncation``, one seeded stream),
+    labels each with ``render_and_label`` (w -> renders, integer labels) and keeps, per class
+    ``c``, the first ``quotas[c]`` samples labelled ``c``. Stops when every quota is met or
+    ``max_draws`` samples were drawn (default 20 x the total quota); a class the generator
+    rarely gives then keeps fewer, which ``kept`` reports. The kept rows are in draw order.
+    """
+    q = [int(x) for x in quotas]
+    if any(x < 0 for x in q):
+        raise ValueError(f"draw_to_class_quotas: quotas must be >= 0, got {q}")
+    if batch < 1:
+        raise ValueError(f"draw_to_class_quotas: batch must be >= 1, got {batch}")
+    total = sum(q)
+    cap = 20 * total if max_draws is None else int(max_draws)
+    gen = torch.Generator().manual_seed(seed)
+    kept = [0] * len(q)
+    ws: list[torch.Tensor] = []
+    imgs: list[torch.Tensor] = []
+    labs: list[np.ndarray] = []
+    drawn = 0
+    while drawn < cap and any(k < x for k, x in zip(kept, q)):
+        n = min(batch, cap - drawn)
+        w = G.sample_w(n, gen, truncation=truncation)
+        img, lab = render_and_label(w)
+        lab = np.asarray(lab, dtype=np.int64)
+        if len(lab) != n or len(img) != n:
+            raise ValueError(f"draw_to_class_quotas: render_and_label gave {len(img)} images / {len(lab)} labels for {n}")
+        drawn += n
+        take = np.zeros(n, dtype=bool)
+        for i, c in enumerate(lab):
+            if 0 <= c < len(q) and kept[c] < q[c]:
+                kept[c] += 1
+                take[i] = True
+        if take.any():
+            idx = torch.from_numpy(np.flatnonzero(take))
+            ws.append(w[idx.to(w.device)].cpu())
+            imgs.append(img[idx])
+            labs.append(lab[take])
+    w_dim = G.w_avg.shape[-1]
+    return QuotaDraw(
+        w=torch.cat(ws) if ws else torch.zeros(0, w_dim),
+        images=torch.cat(imgs) if imgs else torch.zeros(0, G.channels, G.size, G.size),
+        labels=np.concatenate(labs) if labs else np.zeros(0, np.int64),
+        drawn=drawn, quota=q, kept=kept,
+    )

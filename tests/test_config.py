@@ -174,6 +174,16 @@ def test_an_old_key_in_a_set_override_is_refused():
         config_from_dict({}, "x", {"pool.listen": NULL})
 
 
+def test_set_null_sets_none_over_a_file_value(tmp_path):
+    """--set KEY=null used to be dropped like an unset CLI option, so the file's value stayed."""
+    p = tmp_path / "c.yaml"
+    p.write_text("inversion: {max_images: 200}\nsynthesis: {max_paths: 16}\n")
+    cfg = load_config(p, parse_sets(["inversion.max_images=null", "synthesis.max_paths=~"]))
+    assert cfg.inversion.max_images is None and cfg.synthesis.max_paths is None
+    assert load_config(p, parse_sets(["inversion.max_images=300"])).inversion.max_images == 300
+    assert load_config(p).inversion.max_images == 200
+
+
 def _write(tmp_path: Path, name: str, raw: dict) -> Path:
     p = tmp_path / name
     p.write_text(yaml.safe_dump(raw))

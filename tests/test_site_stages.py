@@ -192,7 +192,23 @@ def test_candidates_per_method(site):
         assert c.position.min() == 1 and c.position.max() == T - 2
         assert c.image_id(T - 2) == f"{m}_p0001_t001"
     r = site.cand["random"]
-    assert len(r) == P * (T - 2) and r.path_id is None and r.image_id(7) == "random_00007"
+    assert r.path_id is None and r.image_id(7) == "random_00007"
+    # synthesis.random_per_class (default): drawn to PLAN's class counts, each label phi_class's own
+    quota = np.bincount(site.cand["plan"].labels, minlength=2)
+    assert r.draw["per_class"] and r.draw["quota_per_class"] == quota.tolist()
+    got = np.bincount(r.labels, minlength=2)
+    assert (got <= quota).all() and r.draw["drawn"] >= len(r)
+    assert np.array_equal(r.labels, predict_logits(site.cls.phi_class, r.images).argmax(1).numpy())
+    stats = site.flt.methods["random"]
+    assert stats.drawn == r.draw["drawn"] and stats.quota_per_class == quota.tolist()
+    assert stats.candidates_per_class == got.tolist() and site.flt.methods["plan"].candidates_per_class == quota.tolist()
+
+
+def test_random_baseline_unconditional_when_asked(site):
+    """synthesis.random_per_class false: as many unconditional draws as the path methods' candidates."""
+    cfg = site.cfg.model_copy(update={"synthesis": site.cfg.synthesis.model_copy(update={"random_per_class": False})})
+    r = S.render_candidates(cfg, site.gen.G, site.paths, site.cls.phi_class)["random"]
+    assert len(r) == len(site.cand["plan"]) and r.draw == {"per_class": False, "drawn": len(r)}
 
 
 def test_each_site_draws_its_own_random_samples(site):
@@ -201,7 +217,8 @@ def test_each_site_draws_its_own_random_samples(site):
     assert torch.equal(again.images, site.cand["random"].images)  # reproducible at one site
     other_cfg = site.cfg.model_copy(update={"site_id": site.cfg.site_id + "-other"})
     other = S.render_candidates(other_cfg, site.gen.G, site.paths, site.cls.phi_class)["random"]
-    assert not torch.isclose(other.images, site.cand["random"].images).flatten(1).all(1).any()
+    a, b = other.images.flatten(1), site.cand["random"].images.flatten(1)  # the quotas may keep different counts
+    assert len(a) and len(b) and not torch.isclose(a[:, None], b[None]).all(-1).any()
 
 
 # ------------------------------------------------------------------------------------------ filter
