@@ -172,11 +172,15 @@ def test_inversion_subsamples_and_anchors_pair_within_class(site):
 
 def test_spread_anchors_keep_the_groups_and_move_away_from_w_avg(site):  # recall: anchors.spread (#11.6)
     assert site.inv.centre is not None and site.inv.centre.radius > 0
-    cfg = site.cfg.model_copy(update={"anchors": site.cfg.anchors.model_copy(update={"spread": "generator"})})
-    ap = S.anchor_pairs(cfg, site.ds, site.inv, DEV)
-    assert all(np.array_equal(a, b) for a, b in zip(ap.anchors.groups, site.ap.anchors.groups, strict=True))
+    def with_spread(spread: str) -> S.AnchorPairs:
+        cfg = site.cfg.model_copy(update={"anchors": site.cfg.anchors.model_copy(update={"spread": spread})})
+        return S.anchor_pairs(cfg, site.ds, site.inv, DEV)
+
+    ap, none = with_spread("generator"), with_spread("none")
+    assert site.cfg.anchors.spread == "generator"  # the default since stop 22
+    assert all(np.array_equal(a, b) for a, b in zip(ap.anchors.groups, none.anchors.groups, strict=True))
     c = site.inv.centre.w_avg
-    plain = (site.ap.anchors.anchors.cpu() - c).norm(dim=1)
+    plain = (none.anchors.anchors.cpu() - c).norm(dim=1)
     spread = (ap.anchors.anchors.cpu() - c).norm(dim=1)
     assert bool((spread >= plain - 1e-5).all()) and float(spread.mean()) > float(plain.mean())
 
