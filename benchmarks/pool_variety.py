@@ -83,6 +83,13 @@ VARIANTS: dict[str, dict[str, Any]] = {
                  "anchors.spread": "none", "navigation.T": 8, "navigation.steps": 8},
     "gen-T8": {"synthesis.pool_factor": 1.0, "synthesis.max_paths": None, "anchors.far_share": 0.5,
                "anchors.spread": "generator", "navigation.T": 8, "navigation.steps": 8},
+    # realism vs recall (stop 22): the generator target stretches anchors to the random samples' radius, whose renders
+    # at a weak G are blobs; the group's own latents' radius, or a smaller stretch, keeps them nearer the data
+    "members-T8": {"synthesis.pool_factor": 1.0, "synthesis.max_paths": None, "anchors.far_share": 0.5,
+                   "anchors.spread": "members", "navigation.T": 8, "navigation.steps": 8},
+    "gen-T8-x1.5": {"synthesis.pool_factor": 1.0, "synthesis.max_paths": None, "anchors.far_share": 0.5,
+                    "anchors.spread": "generator", "anchors.spread_max_scale": 1.5, "navigation.T": 8,
+                    "navigation.steps": 8},
     "gen-T5": {"synthesis.pool_factor": 1.0, "synthesis.max_paths": None, "anchors.far_share": 0.5,
                "anchors.spread": "generator", "navigation.T": 5, "navigation.steps": 8},
 }

@@ -13,6 +13,7 @@ from plan_shared.nav_objectives import Objective
 from plan_shared.navigation import (
     compose_styles,
     dist_loss,
+    draw_to_class_quotas,
     free_layers,
     kl_uniform,
     linear_paths,
@@ -339,3 +340,37 @@ def test_coarse_middle_with_early_stopping_sharded_equals_one_worker():
     L = path_losses(G, phi_id, phi_c, one.paths, y, Objective.from_config(cfg), free=free_layers(G, cfg))
     obj = cfg.lambda_dist * L["dist"] + cfg.lambda_id * L["id"] + cfg.lambda_class * L["class"]
     assert torch.allclose(obj.detach().double(), one.final_loss, rtol=1e-4)
+
+
+def _by_sign(G):
+    """A labeller that a test can predict: class 1 when the render's mean is above the median of a probe."""
+    probe = G.render(G.sample_w(256, torch.Generator().manual_seed(99))).flatten(1).mean(1)
+    cut = float(probe.median())
+
+    def render_and_label(w):
+        img = G.render(w)
+        return img, (img.flatten(1).mean(1) > cut).long().numpy()
+
+    return render_and_label
+
+
+def test_draw_to_class_quotas_keeps_each_class_to_its_quota_in_draw_order():
+    G, _, _ = tiny()
+    label = _by_sign(G)
+    d = draw_to_class_quotas(G, [7, 3], label, truncation=0.7, seed=5, batch=4)
+    assert d.kept == d.quota == [7, 3] and len(d.w) == len(d.images) == len(d.labels) == 10
+    assert sorted(d.labels.tolist()) == [0] * 7 + [1] * 3
+    img, lab = label(d.w)
+    assert torch.allclose(img, d.images, atol=1e-5) and (lab == d.labels).all()  # each kept under its own label
+    again = draw_to_class_quotas(G, [7, 3], label, truncation=0.7, seed=5, batch=4)
+    assert torch.equal(again.w, d.w) and again.drawn == d.drawn >= 10  # seeded
+
+
+def test_draw_to_class_quotas_stops_at_the_cap_and_reports_the_shortfall():
+    G, _, _ = tiny()
+    never = lambda w: (G.render(w), torch.zeros(len(w), dtype=torch.long).numpy())  # noqa: E731 - class 1 never comes
+    d = draw_to_class_quotas(G, [2, 5], never, seed=0, batch=8, max_draws=20)
+    assert d.drawn == 20 and d.kept == [2, 0] and len(d.w) == 2
+    assert draw_to_class_quotas(G, [0, 0], never).drawn == 0
+    with pytest.raises(ValueError, match="quotas must be >= 0"):
+        draw_to_class_quotas(G, [-1, 2], never)
