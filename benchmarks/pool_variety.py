@@ -9,6 +9,8 @@ stages run and each method's EXPORTED set (filter-passing, prevalence-matched) i
 
   pool      images exported (and the site's real train images: the full-size target); acc% the filter's accept rate
   prec/rec  precision / recall against the real train split (plan_shared.variety, phi_class features, k=pr_k)
+  precF/recF the same in a fixed random-feature net (plan_shared.gan.RandomFeatureNet, the watch-point's): a space
+            that neither navigation (L_class optimises phi_class) nor the filter sees
   mia       distance MIA AUC (members = train, non-members = test) with its 95 % interval, TPR at 1 % FPR
   mia_val   the same with non-members = val (the split the verdict reads)
   idp       mean max probability of the independent identity model (navigation never uses it)
@@ -45,6 +47,7 @@ from plan_shared.audit import attacker_audit, distance_mia
 from plan_shared.classifiers import predict_logits
 from plan_shared.config import PlanConfig, load_config, parse_sets
 from plan_shared.data import load_dataset
+from plan_shared.gan import RandomFeatureNet
 from plan_shared.metrics import dcr
 from plan_shared.navigation import random_samples
 from plan_shared.partition import partition_dataset
@@ -53,6 +56,7 @@ from plan_shared.runtime import seed_everything, set_threads
 from plan_shared.variety import method_precision_recall, plan_verdict
 from server.demo import demo_preset_path
 
+FIXED_FEATURES = "fixed random-feature net (plan_shared.gan.RandomFeatureNet, watch-point seed)"
 TODAY = {"synthesis.pool_factor": None, "synthesis.max_paths": 16, "anchors.far_share": 0.0,
          "navigation.T": 20, "navigation.steps": 25}
 VARIANTS: dict[str, dict[str, Any]] = {
@@ -139,6 +143,7 @@ def main() -> None:
     ds = partition_dataset(load_dataset(cfg.data, cfg.seed), cfg.partition, cfg.seed)[args.site]
     gen = S.load_generator(cfg, args.generator, ds, dev)
     data = S.load_site_data(ds)
+    fixed_net = RandomFeatureNet(int(data.x_tr.shape[1]))
     ids = S.IdentityModels(S.train_identity_model(cfg, ds, data, dev, False),
                            S.train_identity_model(cfg, ds, data, dev, False, independent=True))
     cls = S.train_class_model(cfg, ds, data, dev, False)
@@ -195,6 +200,11 @@ def main() -> None:
                        "accuracy": util.accuracy, "qwk": util.qwk, **mia, "mean_indep_id_prob": idp}
         for meth, pr in method_precision_recall(cls.phi_class, data.x_tr, sets, vc.synthesis.pr_k).items():
             rows[meth] |= {"precision": pr["precision"], "recall": pr["recall"]}
+        # the same in a fixed random-feature space that neither navigation nor the filter sees (L_class pulls PLAN's
+        # points together in phi_class's own space, so the row above is biased against PLAN)
+        for meth, pr in method_precision_recall(fixed_net.embed, data.x_tr, sets, vc.synthesis.pr_k,
+                                                FIXED_FEATURES).items():
+            rows[meth] |= {"precision_fixed": pr["precision"], "recall_fixed": pr["recall"]}
         dt = time.perf_counter() - t0
         a_pr = method_precision_recall(cls.phi_class, data.x_tr, {
             "anchors": S.render(gen.G, apairs.anchors.anchors),
@@ -231,7 +241,8 @@ def main() -> None:
     print(f"\nsite {args.site}: {len(data.x_tr)} real train images, real-data utility accuracy {real.accuracy}")
     print("spread reference (mean ||w - w_avg||, render precision/recall):", spread_ref)
     print(f"{'variant':14s} {'method':7s} {'cand':>5s} {'acc':>5s} {'acc%':>5s} {'pool':>5s} {'prec':>5s} {'rec':>5s} "
-          f"{'mia':>5s} {'mia95':>11s} {'tpr1':>5s} {'miaV':>5s} {'idp':>5s} {'attp':>5s} {'attd':>5s} {'attd5':>5s} "
+          f"{'precF':>5s} {'recF':>5s} {'mia':>5s} {'mia95':>11s} {'tpr1':>5s} {'miaV':>5s} {'idp':>5s} {'attp':>5s} "
+          f"{'attd':>5s} {'attd5':>5s} "
           f"{'pdcr':>5s} {'pdcr5':>5s} {'util':>5s}  s")
 
     def f(v: Any) -> str:
@@ -240,7 +251,8 @@ def main() -> None:
     for name, r in results.items():
         for m, x in r["methods"].items():
             print(f"{name:14s} {m:7s} {x['candidates']:5d} {x['accepted']:5d} {f(x['accept_rate'])} {x['pool']:5d} "
-                  f"{f(x['precision'])} {f(x['recall'])} {f(x['mia_auc'])} {f(x['mia_auc_lo'])}-{f(x['mia_auc_hi'])} "
+                  f"{f(x['precision'])} {f(x['recall'])} {f(x.get('precision_fixed'))} {f(x.get('recall_fixed'))} "
+                  f"{f(x['mia_auc'])} {f(x['mia_auc_lo'])}-{f(x['mia_auc_hi'])} "
                   f"{f(x['mia_tpr_at_1pct_fpr'])} {f(x.get('mia_val_auc'))} {f(x['mean_indep_id_prob'])} "
                   f"{f(x.get('attacker_max_id_prob'))} {f(x.get('attacker_dcr'))} {f(x.get('attacker_dcr_p05'))} "
                   f"{f(x['pixel_dcr_mean'])} {f(x['pixel_dcr_p05'])} {f(x['accuracy'])}  {r['seconds_with_measures']}")

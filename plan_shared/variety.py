@@ -8,7 +8,7 @@ distances follow the class-relevant content rather than pixels. The metric itsel
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,16 +24,24 @@ from plan_shared.pool_plan import class_targets
 FEATURE_SPACE = "phi_class penultimate features (L2-normalised)"
 
 
-def method_precision_recall(model: Classifier, real: torch.Tensor, sets: dict[str, torch.Tensor],
-                            k: int) -> dict[str, dict[str, float | int | str | None]]:
-    """``{method: {"precision", "recall", "pr_n", "pr_k", "pr_features"}}``; None where a set has <= k images."""
-    real_f = embed(model, real)
+def method_precision_recall(model: Classifier | Callable[[torch.Tensor], torch.Tensor], real: torch.Tensor,
+                            sets: dict[str, torch.Tensor], k: int,
+                            features: str = FEATURE_SPACE) -> dict[str, dict[str, float | int | str | None]]:
+    """``{method: {"precision", "recall", "pr_n", "pr_k", "pr_features"}}``; None where a set has <= k images.
+
+    ``model``: phi_class (its L2-normalised penultimate features, the pipeline's space) or any
+    images -> features function, e.g. a feature net that navigation never optimises against
+    (PLAN's L_class pulls its points together in phi_class's own space); ``features`` names it."""
+    def feats(x: torch.Tensor) -> torch.Tensor:
+        return embed(model, x) if isinstance(model, Classifier) else model(x)
+
+    real_f = feats(real)
     out: dict[str, dict[str, float | int | str | None]] = {}
     for name, x in sets.items():
         rec: dict[str, float | int | str | None] = {"precision": None, "recall": None, "pr_n": len(x),
-                                                     "pr_k": k, "pr_features": FEATURE_SPACE}
+                                                     "pr_k": k, "pr_features": features}
         if len(x) > k and len(real_f) > k:
-            rec["precision"], rec["recall"] = precision_recall(real_f, embed(model, x), k)
+            rec["precision"], rec["recall"] = precision_recall(real_f, feats(x), k)
         out[name] = rec
     return out
 

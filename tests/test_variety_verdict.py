@@ -134,3 +134,27 @@ def test_export_coverage_is_the_scarcest_class_share_of_its_quota():
     assert cov == {"exported_per_class": [15, 70], "target_per_class": [30, 70], "coverage": 0.5}
     assert export_coverage(np.array([1, 1]), train, 2, pool_factor=None)["coverage"] is None
     assert export_coverage(np.zeros(0, np.int64), train, 2, pool_factor=2.0)["coverage"] == 0.0
+
+
+def test_precision_recall_in_a_given_feature_space_and_in_phi_class():
+    import torch
+
+    from plan_shared.classifiers import embed
+    from plan_shared.metrics import precision_recall
+    from plan_shared.models import Classifier
+    from plan_shared.variety import FEATURE_SPACE, method_precision_recall
+
+    torch.manual_seed(0)
+    real, near, far = torch.rand(40, 1, 8, 8), torch.rand(30, 1, 8, 8), torch.rand(30, 1, 8, 8) + 3.0
+
+    def flat(x: torch.Tensor) -> torch.Tensor:
+        return x.flatten(1)
+
+    got = method_precision_recall(flat, real, {"near": near, "far": far, "tiny": near[:3]}, 3, "pixels")
+    assert (got["near"]["precision"], got["near"]["recall"]) == precision_recall(flat(real), flat(near), 3)
+    assert got["far"]["precision"] == 0.0 and got["far"]["recall"] == 0.0  # outside the real manifold
+    assert got["tiny"]["precision"] is None and got["near"]["pr_features"] == "pixels"
+    phi = Classifier(2, 1, 8, width=4, depth=2, feature_dim=8).eval()
+    by_phi = method_precision_recall(phi, real, {"near": near}, 3)["near"]
+    assert by_phi["pr_features"] == FEATURE_SPACE
+    assert (by_phi["precision"], by_phi["recall"]) == precision_recall(embed(phi, real), embed(phi, near), 3)
