@@ -504,20 +504,19 @@ def random_candidates(cfg: PlanConfig, G: StyleGenerator, phi_class: Classifier,
     n_rand = syn.random_samples or max(len(path_labels), 1)
     # every site draws its own random samples (the shared G and seed would give each site the same ones)
     seed = site_seed(cfg.seed, cfg.site_id) + 11
+
+    def render_and_label(w: torch.Tensor) -> tuple[torch.Tensor, np.ndarray]:
+        img = render(G, w)
+        return img, predict_logits(phi_class, img).argmax(1).numpy()
+
     if not syn.random_per_class:
-        img_r = render(G, random_samples(G, n_rand, syn.truncation, seed=seed))
-        lab = predict_logits(phi_class, img_r).argmax(1).numpy()
+        img_r, lab = render_and_label(random_samples(G, n_rand, syn.truncation, seed=seed))
         return Candidates("random", img_r, lab, None, None, {"per_class": False, "drawn": n_rand})
     counts = np.bincount(np.asarray(path_labels, dtype=np.int64), minlength=phi_class.num_classes)
     if counts.sum() == 0:  # no paths: nothing to match, a share per class
         counts = np.ones(phi_class.num_classes, np.int64)
     quota = np.floor(counts * n_rand / counts.sum()).astype(np.int64)
     quota[np.argsort(-(counts * n_rand / counts.sum() - quota), kind="stable")[: n_rand - int(quota.sum())]] += 1
-
-    def render_and_label(w: torch.Tensor) -> tuple[torch.Tensor, np.ndarray]:
-        img = render(G, w)
-        return img, predict_logits(phi_class, img).argmax(1).numpy()
-
     d = draw_to_class_quotas(G, quota.tolist(), render_and_label, syn.truncation, seed,
                              max_draws=int(np.ceil(syn.random_max_draws * n_rand)))
     if d.kept != d.quota:
