@@ -287,6 +287,14 @@ class DownstreamConfig(ClassifierConfig):
                                      description="The plain ResNet-18 recipe (see PlainRecipeConfig).")
     federated_real: FederatedRealConfig = Field(default_factory=lambda: FederatedRealConfig(),
                                                 description="The federated-real reference phase (see FederatedRealConfig).")
+    seeds: int = Field(
+        1, ge=1, le=16, description="Train every recipe on the pool this many times, with training seeds seed, "
+        "seed + 1, ...; each is scored at every site (references pool, pool_s1, ...) and the report gives the "
+        "pooled accuracy and kappa as mean, sd and range over the seeds (utility.recipes.by_recipe.<r>.pool_seeds). "
+        "Measured (stop 22, benchmarks/utility_recipes.py --seeds 0,1,2 on three demo pools): on one pool the "
+        "phi_down seed alone moves the accuracy by 0.06-0.09, so one seed cannot tell two pools apart. Costs one "
+        "more training on the pool per seed and recipe (phi_down at the demo's pool: ~30 s on 2 cores).",
+    )
     central_real: bool = Field(
         False, description="Simulation only (the coordinator holds the data set): train each recipe on all sites' "
         "train splits pooled, the upper bound. plan-server simulate/demo turn it on.",

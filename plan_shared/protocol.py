@@ -568,6 +568,29 @@ class SiteEvaluation:
 
 REFERENCES = ("pool", "site_alone", "federated_real", "central_real")  # what a recipe was trained on
 SENT_REFERENCES = ("pool", "federated_real", "central_real")  # trained away from the site, sent as weights
+POOL_SEED_PREFIX = "pool_s"  # "pool_s<i>": the recipe trained on the pool again with seed + i (downstream.seeds)
+
+
+def pool_seed_reference(i: int) -> str:
+    """The reference name of the pool model trained with training seed ``downstream seed + i`` (i = 0 is "pool")."""
+    if i < 0:
+        raise ValueError(f"pool seed index must be >= 0, got {i}")
+    return "pool" if i == 0 else f"{POOL_SEED_PREFIX}{i}"
+
+
+def pool_seed_index(reference: str) -> int | None:
+    """``i`` of a pool reference ("pool" -> 0, "pool_s2" -> 2); None for any other reference."""
+    if reference == "pool":
+        return 0
+    tail = reference.removeprefix(POOL_SEED_PREFIX)
+    if tail != reference and tail.isdigit() and tail[0] != "0":
+        return int(tail)
+    return None
+
+
+def is_reference(reference: str, sent: bool = False) -> bool:
+    """A known reference (``sent``: one trained away from the site), pool seeds included."""
+    return reference in (SENT_REFERENCES if sent else REFERENCES) or pool_seed_index(reference) is not None
 
 
 def _model_key(recipe: str, reference: str) -> str:
@@ -657,9 +680,9 @@ class ReferenceTask:
 
     def to_record(self) -> RecordDict:
         for recipe, ref in self.models:
-            if recipe not in self.recipes or ref not in SENT_REFERENCES:
+            if recipe not in self.recipes or not is_reference(ref, sent=True):
                 raise ProtocolError(f"{type(self).__name__}: model ({recipe!r}, {ref!r}) is not one of recipes "
-                                    f"{list(self.recipes)} x {list(SENT_REFERENCES)}")
+                                    f"{list(self.recipes)} x {list(SENT_REFERENCES)} (or {POOL_SEED_PREFIX}<i>)")
         rd = RecordDict({"arch": ConfigRecord({"num-classes": self.num_classes, "channels": self.channels,
                                                "size": self.size, "recipes": list(self.recipes)}),
                          ConfigRef.KEY: self.config.record()})
@@ -674,8 +697,11 @@ class ReferenceTask:
         recipes = _value(a, m, "recipes", list)
         if not all(isinstance(r, str) for r in recipes):
             raise ProtocolError(f"{m}: key 'recipes' must be a list of names, got {recipes!r}")
-        models = {(r, ref): _section(rd, m, _model_key(r, ref), ArrayRecord)
-                  for r in recipes for ref in SENT_REFERENCES if _model_key(r, ref) in rd}
+        models: dict[tuple[str, str], ArrayRecord] = {}
+        for key in rd:
+            recipe, _, ref = key.removeprefix("model-").rpartition("-")
+            if key.startswith("model-") and recipe in recipes and is_reference(ref, sent=True):
+                models[(recipe, ref)] = _section(rd, m, key, ArrayRecord)
         return cls(models, tuple(recipes), _int(a, m, "num-classes"), _int(a, m, "channels"), _int(a, m, "size"),
                    ConfigRef.from_task(rd, m))
 
@@ -696,8 +722,9 @@ class ReferenceEvaluation:
             "confusion": ArrayRecord({_model_key(r, ref): Array(sc.confusion) for (r, ref), sc in self.scores.items()}),
         })
         for (r, ref), sc in self.scores.items():
-            if ref not in REFERENCES:
-                raise ProtocolError(f"{type(self).__name__}: unknown reference {ref!r} (known: {list(REFERENCES)})")
+            if not is_reference(ref):
+                raise ProtocolError(f"{type(self).__name__}: unknown reference {ref!r} (known: {list(REFERENCES)}, "
+                                    f"{POOL_SEED_PREFIX}<i>)")
             rec = _numbers({k: getattr(sc, k) for k in sc.SCORES})
             rec["n"] = sc.n
             rd[_model_key(r, ref)] = MetricRecord(rec)
@@ -712,7 +739,7 @@ class ReferenceEvaluation:
         scores: dict[tuple[str, str], ClassifierScore] = {}
         for key in cms:
             recipe, _, ref = key.removeprefix("model-").rpartition("-")
-            if not key.startswith("model-") or ref not in REFERENCES or not recipe:
+            if not key.startswith("model-") or not is_reference(ref) or not recipe:
                 raise ProtocolError(f"{m}: confusion key {key!r} is not model-<recipe>-<reference>")
             cm = cms[key].numpy()
             if cm.shape != (k, k) or not np.issubdtype(cm.dtype, np.integer):

@@ -28,7 +28,7 @@ from flwr.app import ArrayRecord
 
 from plan_shared.config import PlanConfig
 from plan_shared.data import read_image, to_tensor
-from plan_shared.protocol import ConfigRef, FedRealReply, FedRealTask
+from plan_shared.protocol import ConfigRef, FedRealReply, FedRealTask, pool_seed_reference
 from plan_shared.recipes import PhiDownRecipe, make_recipe, state_of
 from plan_shared.runtime import resolve_device
 from server.messaging import Messenger, WaitPolicy
@@ -105,22 +105,30 @@ Models = dict[tuple[str, str], dict[str, torch.Tensor]]  # (recipe, reference) -
 
 def train_pool_recipes(cfg: PlanConfig, pool: PooledImages, num_classes: int,
                        phi_down: torch.nn.Module | None = None) -> tuple[Models, dict[str, Any]]:
-    """Every recipe trained on the pool (``phi_down`` reused when given); state dicts and what each saw."""
+    """Every recipe trained on the pool ``downstream.seeds`` times (seeds seed, seed + 1, ...: references
+    ``pool``, ``pool_s1``, ...; ``phi_down`` reused as phi_down's first when given); state dicts and what each saw."""
     models: Models = {}
     info: dict[str, Any] = {}
     x = to_tensor(pool.images)
     for name in cfg.downstream.recipes:
-        t0 = time.perf_counter()
-        if name == "phi_down" and phi_down is not None:
-            models[(name, "pool")] = state_of(phi_down)
-            info[name] = {"n_train": int(len(pool.labels)), "reused": "phi_down"}
-            continue
-        model, rinfo = make_recipe(name, cfg.downstream).train(x, pool.labels, num_classes, seed=cfg.seed,
-                                                               device=resolve_device(cfg.device))
-        models[(name, "pool")] = state_of(model)
-        info[name] = {**{k: v for k, v in rinfo.items() if k != "train_loss"},
-                      "train_s": round(time.perf_counter() - t0, 2)}
-        LOG.info("recipe %s trained on %d pooled images in %.0f s", name, len(pool.labels), info[name]["train_s"])
+        for i in range(cfg.downstream.seeds):
+            ref = pool_seed_reference(i)
+            t0 = time.perf_counter()
+            if i == 0 and name == "phi_down" and phi_down is not None:
+                models[(name, ref)] = state_of(phi_down)
+                info[name] = {"n_train": int(len(pool.labels)), "reused": "phi_down", "seed": cfg.seed}
+                continue
+            model, rinfo = make_recipe(name, cfg.downstream).train(x, pool.labels, num_classes, seed=cfg.seed + i,
+                                                                   device=resolve_device(cfg.device))
+            models[(name, ref)] = state_of(model)
+            entry = {**{k: v for k, v in rinfo.items() if k != "train_loss"}, "seed": cfg.seed + i,
+                     "train_s": round(time.perf_counter() - t0, 2)}
+            if i == 0:
+                info[name] = entry
+            else:
+                info[name].setdefault("seeds", {})[ref] = entry
+            LOG.info("recipe %s (seed %d) trained on %d pooled images in %.0f s", name, cfg.seed + i,
+                     len(pool.labels), entry["train_s"])
     return models, info
 
 

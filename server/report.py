@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Generic, TypeVar
@@ -34,7 +35,14 @@ import numpy as np
 
 from plan_shared.files import atomic_write
 from plan_shared.metrics import classification_report
-from plan_shared.protocol import REFERENCES, ClassifierScore, ReferenceEvaluation, SiteEvaluation, SynthesisSummary
+from plan_shared.protocol import (
+    REFERENCES,
+    ClassifierScore,
+    ReferenceEvaluation,
+    SiteEvaluation,
+    SynthesisSummary,
+    pool_seed_index,
+)
 
 
 def metrics_from_confusion(cm: np.ndarray) -> dict[str, float]:
@@ -160,15 +168,39 @@ def recipes_section(res: PhaseResult[ReferenceEvaluation],
                 m = metrics_from_confusion(refs[ref])
                 entry[ref] = {"accuracy": m["accuracy"], "balanced_accuracy": m["balanced_accuracy"],
                               "kappa": m["qwk"], "n": int(refs[ref].sum()), "sites": per_site[recipe][ref]}
+        seeds = {ref: metrics_from_confusion(cm) for ref, cm in refs.items() if (pool_seed_index(ref) or 0) > 0}
+        for ref, m in sorted(seeds.items(), key=lambda kv: pool_seed_index(kv[0]) or 0):
+            entry[ref] = {"accuracy": m["accuracy"], "balanced_accuracy": m["balanced_accuracy"], "kappa": m["qwk"],
+                          "n": int(refs[ref].sum()), "sites": per_site[recipe][ref]}
         pool = entry.get("pool", {})
         entry["ratio_pool_over"] = {
             ref: {k: (pool[k] / e[k] if pool.get(k) is not None and e.get(k) not in (None, 0) else None)
                   for k in RATIO_KEYS}
-            for ref, e in entry.items() if ref != "pool" and pool}
+            for ref, e in entry.items() if pool_seed_index(ref) is None and pool}
+        if seeds and pool:
+            entry["pool_seeds"] = seed_summary(entry)
         out[recipe] = entry
     failed = {n: e.reason for n, e in res.sites.items() if isinstance(e, SiteFailure)}
     return {"references": REFERENCE_LABELS, "kappa": "Cohen's kappa, quadratic weights (sklearn cohen_kappa_score)",
             "by_recipe": out, **({"failed": failed} if failed else {})}
+
+
+def seed_summary(entry: Mapping[str, Any]) -> dict[str, Any]:
+    """Pooled accuracy and kappa of the pool models trained with different seeds (``pool``, ``pool_s1``, ...):
+    mean, sample sd, min and max, and the mean over each real reference of the same recipe."""
+    refs = sorted((r for r in entry if pool_seed_index(r) is not None), key=lambda r: pool_seed_index(r) or 0)
+    out: dict[str, Any] = {"n_seeds": len(refs), "references": refs}
+    for key in RATIO_KEYS:
+        vals = [float(entry[r][key]) for r in refs if entry[r].get(key) is not None]
+        if not vals:
+            continue
+        mean = float(np.mean(vals))
+        out[key] = {"values": vals, "mean": mean, "sd": float(np.std(vals, ddof=1)) if len(vals) > 1 else None,
+                    "min": min(vals), "max": max(vals)}
+        out[key]["mean_over"] = {ref: (mean / e[key] if e.get(key) not in (None, 0) else None)
+                                 for ref, e in entry.items()
+                                 if ref in REFERENCES and ref != "pool" and isinstance(e, Mapping) and key in e}
+    return out
 
 
 def _clean(x: Any) -> Any:
@@ -541,6 +573,16 @@ def recipes_markdown(sec: dict[str, Any] | None) -> list[str]:
             lines.append(f"| {recipe} | {label} | {_fmt(e.get('accuracy'))} | {_fmt(e.get('kappa'))} | "
                          f"{_fmt(e.get('balanced_accuracy'))} | {e.get('n')} | {_fmt(ratio.get('accuracy'))} | "
                          f"{_fmt(ratio.get('kappa'))} |")
+    for recipe, entry in sec["by_recipe"].items():
+        ps = entry.get("pool_seeds")
+        if not ps or "accuracy" not in ps:
+            continue
+        a, kp = ps["accuracy"], ps.get("kappa", {})
+        over = "; ".join(f"{ref} x{_fmt(a['mean_over'][ref])} acc., x{_fmt(kp.get('mean_over', {}).get(ref))} kappa"
+                         for ref in a.get("mean_over", {}) if a["mean_over"][ref] is not None)
+        lines.append(f"\n- {recipe} on the pool over {ps['n_seeds']} training seeds: accuracy {_fmt(a['mean'])} "
+                     f"(sd {_fmt(a['sd'])}, {_fmt(a['min'])}-{_fmt(a['max'])}), kappa {_fmt(kp.get('mean'))} "
+                     f"(sd {_fmt(kp.get('sd'))}); mean / reference: {over or 'n/a'}")
     for n, why in (sec.get("failed") or {}).items():
         lines.append(f"\n- site {n} failed the references phase: {str(why).replace('|', '/')}")
     return lines

@@ -274,3 +274,38 @@ def test_models_for_another_image_shape_are_refused_naming_the_site(tmp_path):
     site = Site.from_node_config({"partition-id": 1, "num-partitions": 3}, cfg)
     with pytest.raises(ValueError, match="site-1: the downstream models expect"):
         fedreal_round(cfg, site.dataset(), site.site_id, "plain", {}, {"num_classes": 2, "channels": 3, "size": 8}, 1)
+
+
+def test_downstream_seeds_trains_each_recipe_again_per_seed_and_every_site_scores_them(tmp_path):
+    from plan_shared.gan import GanTrainer
+    from server.downstream import load_pool, train_downstream
+    from server.federation import FederationResult
+    from server.post_training import Phases
+    from server.report import recipes_section
+
+    cfg = make_cfg(tmp_path, seeds=3, central_real=False, federated_real={"enabled": False})
+    grid = AppGrid()
+    pool_dir = _write_pool(tmp_path / "pool", cfg)
+    phi_down, down = train_downstream(cfg, load_pool(pool_dir, 2, 1), 2, 1, 8, progress=False)
+    down["pool"] = {"dir": str(pool_dir)}
+    result = FederationResult(cfg, tmp_path / "out", GanTrainer(cfg, 1, 8), 1, 8, grid.nodes, {}, {"rounds_done": 1},
+                              Messenger(grid, cfg, poll_s=0.01))
+    res, info = Phases(result).references(grid.nodes, phi_down, down)
+
+    task = next(ReferenceTask.from_record(m.content) for m in grid.pushed
+                if m.metadata.message_type == ReferenceTask.MESSAGE_TYPE)
+    assert set(task.models) == {(r, ref) for r in ("phi_down", "plain") for ref in ("pool", "pool_s1", "pool_s2")}
+    assert info["pool"]["phi_down"]["reused"] == "phi_down"
+    assert {k: v["seed"] for k, v in info["pool"]["plain"]["seeds"].items()} == {"pool_s1": cfg.seed + 1,
+                                                                                  "pool_s2": cfg.seed + 2}
+    w = [task.models[("phi_down", ref)].to_torch_state_dict()["head.weight"] for ref in ("pool", "pool_s1", "pool_s2")]
+    assert not torch.equal(w[0], w[1]) and not torch.equal(w[1], w[2])  # another seed, another model
+    for e in res.ok().values():
+        assert {("plain", "pool_s1"), ("phi_down", "pool_s2")} <= set(e.scores)
+    entry = recipes_section(res)["by_recipe"]["plain"]
+    accs = [entry[ref]["accuracy"] for ref in ("pool", "pool_s1", "pool_s2")]
+    ps = entry["pool_seeds"]
+    assert ps["n_seeds"] == 3 and ps["accuracy"]["values"] == accs
+    assert ps["accuracy"]["mean"] == pytest.approx(np.mean(accs))
+    assert ps["accuracy"]["mean_over"]["site_alone"] == pytest.approx(np.mean(accs) / entry["site_alone"]["accuracy"])
+    assert set(entry["ratio_pool_over"]) == {"site_alone"}  # the seeds are not references of the pool

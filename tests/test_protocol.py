@@ -200,6 +200,12 @@ def test_reference_records_round_trip_with_confusion_arrays():
     assert all(_same_arrays(back.models[k], v) for k, v in models.items())
     with pytest.raises(ProtocolError, match=r"model \('plain', 'site_alone'\) is not one of"):
         ReferenceTask({("plain", "site_alone"): _arrays()}, ("plain",), 2, 1, 8, ref).to_record()
+    seeded = {("plain", "pool"): _arrays(), ("plain", "pool_s1"): _arrays(), ("plain", "pool_s12"): _arrays()}
+    assert set(ReferenceTask.from_record(ReferenceTask(seeded, ("plain",), 2, 1, 8, ref).to_record()).models) == \
+        set(seeded)
+    for bad in ("pool_s0", "pool_s", "pool_sx", "pool_s01"):
+        with pytest.raises(ProtocolError, match=f"model \\('plain', '{bad}'\\) is not one of"):
+            ReferenceTask({("plain", bad): _arrays()}, ("plain",), 2, 1, 8, ref).to_record()
 
     scores = {("phi_down", "site_alone"): _score([[5, 1], [2, 4]]), ("plain", "federated_real"): _score([[3, 3], [0, 6]])}
     ev = ReferenceEvaluation("site-1", 2, 4.5, scores)
@@ -207,6 +213,23 @@ def test_reference_records_round_trip_with_confusion_arrays():
     assert rd["confusion"]["model-plain-federated_real"].numpy().tolist() == [[3, 3], [0, 6]]
     back_ev = ReferenceEvaluation.from_record(rd)
     assert back_ev.scores == scores and (back_ev.site_id, back_ev.num_classes, back_ev.evaluate_s) == ("site-1", 2, 4.5)
+    seeded_scores = {("plain", "pool_s2"): _score([[4, 2], [1, 5]])}
+    assert ReferenceEvaluation.from_record(ReferenceEvaluation("site-1", 2, 1.0, seeded_scores).to_record()).scores \
+        == seeded_scores
+    with pytest.raises(ProtocolError, match="unknown reference 'pool_seed'"):
+        ReferenceEvaluation("site-1", 2, 1.0, {("plain", "pool_seed"): _score([[1, 0], [0, 1]])}).to_record()
     bad = ReferenceEvaluation("site-1", 3, 1.0, scores).to_record()
     with pytest.raises(ProtocolError, match=r"confusion\['model-phi_down-site_alone'\] is int64 \(2, 2\), expected"):
         ReferenceEvaluation.from_record(bad)
+
+
+def test_pool_seed_reference_names_round_trip():
+    from plan_shared.protocol import is_reference, pool_seed_index, pool_seed_reference
+
+    assert [pool_seed_reference(i) for i in range(3)] == ["pool", "pool_s1", "pool_s2"]
+    assert [pool_seed_index(pool_seed_reference(i)) for i in range(12)] == list(range(12))
+    assert pool_seed_index("site_alone") is None and pool_seed_index("pool_s0") is None
+    assert is_reference("pool_s3", sent=True) and not is_reference("site_alone", sent=True)
+    assert is_reference("site_alone") and not is_reference("pool_x")
+    with pytest.raises(ValueError, match="pool seed index must be >= 0, got -1"):
+        pool_seed_reference(-1)

@@ -277,6 +277,31 @@ def test_recipes_section_pools_each_reference_and_gives_pool_over_reference_rati
     assert f"| {16 / 19:.3f} |" in text
 
 
+def test_pool_seeds_get_mean_sd_and_range_and_the_markdown_states_them(tmp_path):
+    from server.report import recipes_markdown, recipes_section
+
+    e = _refs("site-0", [[4, 1], [1, 4]], [[5, 0], [1, 4]], [[4, 1], [0, 5]], [[5, 0], [0, 5]])
+    e.scores[("plain", "pool_s1")] = _score([[5, 0], [3, 2]])  # type: ignore[index]
+    e.scores[("plain", "pool_s2")] = _score([[3, 2], [0, 5]])  # type: ignore[index]
+    sec = recipes_section(_phase({"site-0": e}))
+    entry = sec["by_recipe"]["plain"]
+    assert entry["pool_s1"]["accuracy"] == pytest.approx(0.7) and entry["pool_s2"]["n"] == 10
+    ps = entry["pool_seeds"]
+    assert ps["references"] == ["pool", "pool_s1", "pool_s2"] and ps["accuracy"]["values"] == pytest.approx([0.8, 0.7, 0.8])
+    assert ps["accuracy"]["mean"] == pytest.approx(2.3 / 3) and ps["accuracy"]["sd"] == pytest.approx(np.std([0.8, 0.7, 0.8], ddof=1))
+    assert (ps["accuracy"]["min"], ps["accuracy"]["max"]) == pytest.approx((0.7, 0.8))
+    assert ps["accuracy"]["mean_over"]["site_alone"] == pytest.approx((2.3 / 3) / 0.9)
+    assert set(ps["kappa"]["mean_over"]) == {"site_alone", "federated_real", "central_real"}
+    assert "pool_s1" not in entry["ratio_pool_over"]
+    text = "\n".join(recipes_markdown(sec))
+    assert f"plain on the pool over 3 training seeds: accuracy {2.3 / 3:.3f} (sd {np.std([0.8, 0.7, 0.8], ddof=1):.3f}, " \
+           "0.700-0.800)" in text
+    assert f"site_alone x{(2.3 / 3) / 0.9:.3f} acc." in text
+    one = recipes_section(_phase({"site-0": _refs("site-0", [[4, 1], [1, 4]], [[5, 0], [1, 4]], [[4, 1], [0, 5]],
+                                                  [[5, 0], [0, 5]])}))
+    assert "pool_seeds" not in one["by_recipe"]["plain"]  # one seed: nothing to summarise
+
+
 def test_privacy_utility_plot_has_a_panel_per_recipe_with_labelled_references(tmp_path):
     import matplotlib
 
