@@ -47,16 +47,14 @@ from plan_shared.audit import attacker_audit, distance_mia
 from plan_shared.classifiers import predict_logits
 from plan_shared.config import PlanConfig, load_config, parse_sets
 from plan_shared.data import load_dataset
-from plan_shared.gan import RandomFeatureNet
 from plan_shared.metrics import dcr
 from plan_shared.navigation import random_samples
 from plan_shared.partition import partition_dataset
 from plan_shared.privacy import reject_reasons
 from plan_shared.runtime import seed_everything, set_threads
-from plan_shared.variety import method_precision_recall, plan_verdict
+from plan_shared.variety import fixed_precision_recall, method_precision_recall, plan_verdict
 from server.demo import demo_preset_path
 
-FIXED_FEATURES = "fixed random-feature net (plan_shared.gan.RandomFeatureNet, watch-point seed)"
 TODAY = {"synthesis.pool_factor": None, "synthesis.max_paths": 16, "anchors.far_share": 0.0,
          "navigation.T": 20, "navigation.steps": 25}
 VARIANTS: dict[str, dict[str, Any]] = {
@@ -143,7 +141,6 @@ def main() -> None:
     ds = partition_dataset(load_dataset(cfg.data, cfg.seed), cfg.partition, cfg.seed)[args.site]
     gen = S.load_generator(cfg, args.generator, ds, dev)
     data = S.load_site_data(ds)
-    fixed_net = RandomFeatureNet(int(data.x_tr.shape[1]))
     ids = S.IdentityModels(S.train_identity_model(cfg, ds, data, dev, False),
                            S.train_identity_model(cfg, ds, data, dev, False, independent=True))
     cls = S.train_class_model(cfg, ds, data, dev, False)
@@ -202,9 +199,8 @@ def main() -> None:
             rows[meth] |= {"precision": pr["precision"], "recall": pr["recall"]}
         # the same in a fixed random-feature space that neither navigation nor the filter sees (L_class pulls PLAN's
         # points together in phi_class's own space, so the row above is biased against PLAN)
-        for meth, pr in method_precision_recall(fixed_net.embed, data.x_tr, sets, vc.synthesis.pr_k,
-                                                FIXED_FEATURES).items():
-            rows[meth] |= {"precision_fixed": pr["precision"], "recall_fixed": pr["recall"]}
+        for meth, pr in fixed_precision_recall(data.x_tr, sets, vc.synthesis.pr_k).items():
+            rows[meth] |= {"precision_fixed": pr["precision_fixed"], "recall_fixed": pr["recall_fixed"]}
         dt = time.perf_counter() - t0
         a_pr = method_precision_recall(cls.phi_class, data.x_tr, {
             "anchors": S.render(gen.G, apairs.anchors.anchors),

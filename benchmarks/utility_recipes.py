@@ -35,6 +35,7 @@ vs 0.840 / 0.679 / 0.979. breastmnist demo pool (266 images, 2 of 3 sites export
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import platform
@@ -46,6 +47,7 @@ import numpy as np
 import torch
 from sklearn.metrics import cohen_kappa_score
 
+from plan_shared.classifiers import recalibrate_bn
 from plan_shared.config import load_config, parse_sets
 from plan_shared.data import ImageDataset, load_dataset, to_tensor
 from plan_shared.metrics import scores_from_probs
@@ -113,7 +115,7 @@ def ratios(by_set: dict[str, dict[str, Any]], metrics: tuple[str, ...] = METRICS
     pool = by_set["pool"]
     out: dict[str, dict[str, float]] = {}
     for ref, sc in by_set.items():
-        if ref == "pool":
+        if ref.startswith("pool"):  # pool and its variants (pool_bn_site) are not references
             continue
         out[ref] = {}
         for m in metrics:
@@ -146,6 +148,26 @@ def prevalence(labels: np.ndarray, num_classes: int) -> list[float]:
 
 def _train_predict(recipe_name: str, cfg: Any, x: torch.Tensor, y: np.ndarray, x_test: torch.Tensor,
                    k: int, seed: int, progress: bool = False) -> tuple[np.ndarray, dict[str, Any]]:
+    probs, info, _ = _train_predict_model(recipe_name, cfg, x, y, x_test, k, seed, progress)
+    return probs, info
+
+
+def bn_adapted_probs(recipe_name: str, cfg: Any, model: torch.nn.Module, parts: list[ImageDataset]) -> np.ndarray:
+    """The pool model with each site's own BatchNorm statistics (label-free, its real train images;
+    plan_shared.classifiers.recalibrate_bn), scored on that site's test split; the sites' probabilities in
+    the order of the pooled test set."""
+    recipe = make_recipe(recipe_name, cfg.downstream)
+    out = []
+    for p in parts:
+        m = copy.deepcopy(model)
+        recalibrate_bn(m, to_tensor(p.train.images))
+        out.append(recipe.predict(m, to_tensor(p.test.images)).numpy())
+    return np.concatenate(out)
+
+
+def _train_predict_model(recipe_name: str, cfg: Any, x: torch.Tensor, y: np.ndarray, x_test: torch.Tensor,
+                         k: int, seed: int, progress: bool = False
+                         ) -> tuple[np.ndarray, dict[str, Any], torch.nn.Module]:
     recipe = make_recipe(recipe_name, cfg.downstream)
     load0 = os.getloadavg()[0]
     t0 = time.perf_counter()
@@ -155,7 +177,7 @@ def _train_predict(recipe_name: str, cfg: Any, x: torch.Tensor, y: np.ndarray, x
     info = {kk: v for kk, v in info.items() if kk != "train_loss"} | {
         "train_s": round(train_s, 2), "n_train": int(len(y)), "seed": seed,
         "load_avg_1min": [round(load0, 2), round(os.getloadavg()[0], 2)]}
-    return probs, info
+    return probs, info, model
 
 
 def probe(cfg: Any, recipes: list[str], pool_n: int, sets_n: dict[str, int], k: int, x: torch.Tensor,
@@ -188,6 +210,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--probe", type=int, default=0, help="only time one epoch of each recipe on this many pool images")
     ap.add_argument("--progress", action="store_true", help="a tqdm bar per training (epochs) on stderr")
+    ap.add_argument("--bn-adapt", action="store_true",
+                    help="also score each pool model with every site's own BatchNorm statistics (label-free, from "
+                    "its real train images) on that site's test split: score set pool_bn_site")
     ap.add_argument("--out", type=Path, default=None, help="JSON results (rewritten after every training)")
     a = ap.parse_args()
     from server.downstream import load_pool  # the coordinator's pool loader (flwr: not needed by the pure functions)
@@ -246,8 +271,14 @@ def main() -> None:
             doc["results"][key] = res
             for s in sets:
                 if s == "pool":
-                    probs, info = _train_predict(name, cfg, x_pool, pool.labels, x_test, k, seed, a.progress)
+                    probs, info, model = _train_predict_model(name, cfg, x_pool, pool.labels, x_test, k, seed,
+                                                              a.progress)
                     res["scores"]["pool"] = score(y_test, probs, k)
+                    if a.bn_adapt:
+                        res["scores"]["pool_bn_site"] = score(y_test, bn_adapted_probs(name, cfg, model, parts), k)
+                        sc = res["scores"]["pool_bn_site"]
+                        print(f"{key} on pool, site BN statistics: acc {sc['accuracy']:.3f} kappa {sc['kappa']:.3f} "
+                              f"AUC {sc['roc_auc']:.3f} recall {[round(v, 3) for v in sc['recall']]}", flush=True)
                 elif s == "central_real":
                     probs, info = _train_predict(name, cfg, x_real, y_real, x_test, k, seed, a.progress)
                     res["scores"]["central_real"] = score(y_test, probs, k)

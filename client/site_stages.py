@@ -105,7 +105,7 @@ from plan_shared.privacy import (
     zone_rows,
 )
 from plan_shared.runtime import site_seed
-from plan_shared.variety import export_coverage, method_precision_recall, plan_verdict
+from plan_shared.variety import export_coverage, fixed_precision_recall, method_precision_recall, plan_verdict
 
 LOG = logging.getLogger("plan.pipeline")
 Split = str  # "train" | "val" | "test"
@@ -782,11 +782,14 @@ def match_class_shares(cfg: PlanConfig, ds: ImageDataset, cand: Candidates,
 
 def add_precision_recall(cfg: PlanConfig, compare: dict[str, ComparePoint], phi_class: Classifier, data: SiteData,
                          cand: Mapping[Method, Candidates], flt: FilterOutcome) -> None:
-    """Each method's precision / recall against the real train split (its filter-passing images) into ``compare``."""
+    """Each method's precision / recall against the real train split (its filter-passing images) into ``compare``:
+    in phi_class's space (``precision``, ``recall``) and in the fixed random-feature net (``precision_fixed``,
+    ``recall_fixed``; plan_shared.variety.fixed_precision_recall)."""
     sets: dict[str, torch.Tensor] = {name: c.images[flt.passed(name)] for name, c in cand.items()}
+    fixed = fixed_precision_recall(data.x_tr, sets, cfg.synthesis.pr_k)
     for name, pr in method_precision_recall(phi_class, data.x_tr, sets, cfg.synthesis.pr_k).items():
         if name in compare:
-            compare[name].variety = pr
+            compare[name].variety = {**pr, **fixed[name]}
 
 
 @dataclass

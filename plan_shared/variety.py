@@ -22,6 +22,7 @@ from plan_shared.models import Classifier
 from plan_shared.pool_plan import class_targets
 
 FEATURE_SPACE = "phi_class penultimate features (L2-normalised)"
+FIXED_FEATURES = "fixed random-feature net (plan_shared.gan.RandomFeatureNet, watch-point seed)"
 
 
 def method_precision_recall(model: Classifier | Callable[[torch.Tensor], torch.Tensor], real: torch.Tensor,
@@ -172,3 +173,17 @@ def export_choice(requested: SynthesisMethod, verdict: Mapping[str, Any] | None,
     why = ("no verdict: compare is off (synthesis.compare)" if verdict is None
            else f"the verdict cannot decide ({said})")
     return ExportChoice(fb, requested, f"auto: {why}; exporting synthesis.method_fallback = {fb}")
+
+
+def fixed_precision_recall(real: torch.Tensor, sets: dict[str, torch.Tensor],
+                           k: int) -> dict[str, dict[str, float | int | str | None]]:
+    """:func:`method_precision_recall` in the fixed random-feature net (plan_shared.gan.RandomFeatureNet with the
+    watch-point seed), keys ``precision_fixed``, ``recall_fixed``, ``pr_features_fixed``: a space that neither
+    navigation nor the filter optimises against, where phi_class's own space is biased against PLAN (its L_class
+    pulls PLAN's points together there)."""
+    from plan_shared.gan import RandomFeatureNet
+
+    net = RandomFeatureNet(int(real.shape[1]))
+    return {name: {"precision_fixed": pr["precision"], "recall_fixed": pr["recall"],
+                   "pr_features_fixed": pr["pr_features"]}
+            for name, pr in method_precision_recall(net.embed, real, sets, k, FIXED_FEATURES).items()}

@@ -121,6 +121,9 @@ def test_synthesize_cli_end_to_end(tmp_path):
         c = rep["compare"][m]
         assert c["pr_k"] == 3 and "phi_class" in c["pr_features"]
         assert c["precision"] is None if c["pr_n"] <= 3 else 0.0 <= c["precision"] <= 1.0 and 0.0 <= c["recall"] <= 1.0
+        assert "RandomFeatureNet" in c["pr_features_fixed"]  # and in a space navigation never saw
+        assert (c["precision_fixed"] is None) == (c["precision"] is None)
+        assert c["recall_fixed"] is None or 0.0 <= c["recall_fixed"] <= 1.0
     pngs = sorted(p.relative_to(out).as_posix() for p in (out / "images").rglob("*.png"))
     assert pngs == sorted(r.file for r in man.images)  # accepted images only, nothing else
     for r in man.images:

@@ -158,3 +158,23 @@ def test_precision_recall_in_a_given_feature_space_and_in_phi_class():
     by_phi = method_precision_recall(phi, real, {"near": near}, 3)["near"]
     assert by_phi["pr_features"] == FEATURE_SPACE
     assert (by_phi["precision"], by_phi["recall"]) == precision_recall(embed(phi, real), embed(phi, near), 3)
+
+
+def test_fixed_precision_recall_is_the_random_feature_nets_and_not_phi_class():
+    import torch
+
+    from plan_shared.gan import RandomFeatureNet
+    from plan_shared.metrics import precision_recall
+    from plan_shared.variety import FIXED_FEATURES, fixed_precision_recall
+
+    torch.manual_seed(1)
+    real, near = torch.rand(40, 1, 16, 16) * 2 - 1, torch.rand(30, 1, 16, 16) * 2 - 1
+    flat = torch.full((30, 1, 16, 16), -1.0)  # one black image 30 times: no variety at all
+    got = fixed_precision_recall(real, {"near": near, "flat": flat, "tiny": near[:2]}, 3)
+    net = RandomFeatureNet(1)
+    assert (got["near"]["precision_fixed"], got["near"]["recall_fixed"]) == \
+        precision_recall(net.embed(real), net.embed(near), 3)
+    assert got["near"]["pr_features_fixed"] == FIXED_FEATURES
+    assert got["flat"]["recall_fixed"] is not None and got["flat"]["recall_fixed"] < got["near"]["recall_fixed"]
+    assert got["tiny"]["precision_fixed"] is None  # <= k images: undefined, not 0
+    assert set(got["near"]) == {"precision_fixed", "recall_fixed", "pr_features_fixed"}
