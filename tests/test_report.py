@@ -331,6 +331,12 @@ def test_privacy_utility_plot_has_a_panel_per_recipe_with_labelled_references(tm
     assert text.count("central real") == 2 and recipe_panel_title("phi_down") in text
     assert "membership-inference ROC AUC" in text  # the x label is drawn (inside the saved figure)
 
+    res.sites["site-0"].scores[("plain", "pool_s1")] = _score([[5, 0], [3, 2]])  # type: ignore[union-attr]
+    seeded = {"utility": {"recipes": recipes_section(res)}, "privacy": report["privacy"]}
+    pts = recipe_panels(seeded["utility"]["recipes"], seeded["privacy"], "plan")[0]
+    assert pts[recipe_panel_title("plain")] == {"plan pool (mean of 2 seeds)": (0.51, 0.75, 0.47, 0.55)}
+    assert pts[recipe_panel_title("phi_down")] == {"plan pool": (0.51, 0.6, 0.47, 0.55)}  # one seed: as before
+
 
 def test_report_shows_the_method_each_site_exported(tmp_path):
     """autoexport: with synthesis.method auto each site states the method its verdict chose; the report says which."""
