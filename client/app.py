@@ -188,7 +188,7 @@ def synthesize(msg: Message, context: Context) -> Message:
     cfg, site = _site_for(task.config, context)
     with site_progress(site):  # the pipeline's stages report into it
         summary = synthesize_at_site(site, cfg, task.generator.to_torch_state_dict(), task.channels, task.size,
-                                     task.generator_round, task.method)
+                                     task.generator_round, task.method, task.encoder)
     return Message(summary.to_record(), reply_to=msg)
 
 

@@ -130,7 +130,7 @@ def _run_site_pipeline(cfg: PlanConfig, ds: ImageDataset, generator: GeneratorSo
     with tm.stage("calibrate"):
         cal = S.calibrate_filter(cfg, data, ids.indep)
     with tm.stage("inversion"):  # B3
-        inv = S.invert_train_images(cfg, ds, data, gen.G, ids.phi_id, gen.sha256, dev, progress)
+        inv = S.invert_train_images(cfg, ds, data, gen.G, ids.phi_id, gen.sha256, dev, progress, gen.encoder)
     with tm.stage("anchors"):  # B4
         ap = S.anchor_pairs(cfg, ds, inv, dev)
     with tm.stage("navigation"):  # B5

@@ -19,7 +19,7 @@ import logging
 import shutil
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -29,6 +29,9 @@ from plan_shared.config import PlanConfig
 from plan_shared.credentials import find_identity_dir
 from plan_shared.pool_transport import RetryPolicy
 from plan_shared.protocol import ClassifierScore, SiteEvaluation, SynthesisSummary
+
+if TYPE_CHECKING:
+    from plan_shared.encoder import EncoderPayload
 
 LOG = logging.getLogger("plan.phases")
 
@@ -80,8 +83,10 @@ def synthesize_at_site(
     size: int,
     generator_round: int | None,
     method: str | None = None,
+    encoder: EncoderPayload | None = None,
 ) -> SynthesisSummary:
-    """Run the site pipeline with the global generator and push the bundle; numbers only out."""
+    """Run the site pipeline with the global generator (and the coordinator's inversion encoder for it,
+    when one came with the task) and push the bundle; numbers only out."""
     from client.pipeline import GeneratorSnapshot, run_site_pipeline
 
     check_site_minimums(site, cfg)  # before any work
@@ -95,7 +100,8 @@ def synthesize_at_site(
         shutil.rmtree(out)
     work.mkdir(parents=True, exist_ok=True)
     # pipeline: the G_ema weights in memory (no per-site checkpoint: the recorded digest is the model's alone)
-    generator = GeneratorSnapshot({k: v for k, v in weights.items() if k.startswith("g_ema.")}, channels, size)
+    generator = GeneratorSnapshot({k: v for k, v in weights.items() if k.startswith("g_ema.")}, channels, size,
+                                  encoder)
     ds = site.dataset()
     report = run_site_pipeline(site.cfg, ds, generator, out, method=method, generator_round=generator_round,
                                progress=False)

@@ -71,7 +71,7 @@ from plan_shared.classifiers import (
 )
 from plan_shared.config import METHODS, SYNTHESIS_METHODS, Method, PlanConfig, SynthesisMethod
 from plan_shared.data import ImageDataset, stratified_subsample, to_tensor
-from plan_shared.encoder import encoder_init
+from plan_shared.encoder import EncoderPayload, encoder_init
 from plan_shared.files import file_sha256
 from plan_shared.gan import generator_digest
 from plan_shared.gan import load_generator as load_generator_checkpoint
@@ -143,6 +143,7 @@ class GeneratorSnapshot:
     state: Mapping[str, torch.Tensor]
     channels: int
     size: int
+    encoder: EncoderPayload | None = None  # the coordinator's inversion encoder for this G (inversion.encoder.train_at)
 
     def weights(self) -> dict[str, torch.Tensor]:
         p = "g_ema."
@@ -162,6 +163,7 @@ class SiteGenerator:
     G: StyleGenerator
     sha256: str  # weights only (plan_shared.gan.generator_digest)
     checkpoint: str | None  # the file it came from; None for a snapshot
+    encoder: EncoderPayload | None = None  # shipped with a snapshot; checked against sha256 where it is used
 
 
 def load_generator(cfg: PlanConfig, source: GeneratorSource, ds: ImageDataset, device: torch.device) -> SiteGenerator:
@@ -187,7 +189,8 @@ def load_generator(cfg: PlanConfig, source: GeneratorSource, ds: ImageDataset, d
             f"generator makes {G.channels}x{G.size}x{G.size} images but the data are "
             f"{ds.channels}x{ds.size}x{ds.size}; set data.size / data.channels to match"
         )
-    return SiteGenerator(G, generator_digest(G), checkpoint)  # the same at every site and at the coordinator
+    shipped = source.encoder if isinstance(source, GeneratorSnapshot) else None
+    return SiteGenerator(G, generator_digest(G), checkpoint, shipped)  # the digest: the same at every site and at the coordinator
 
 
 @dataclass
@@ -362,9 +365,11 @@ class Inversion:
 
 
 def invert_train_images(cfg: PlanConfig, ds: ImageDataset, data: SiteData, G: StyleGenerator,
-                        phi_id: Classifier, generator_sha256: str, device: torch.device, progress: bool) -> Inversion:
+                        phi_id: Classifier, generator_sha256: str, device: torch.device, progress: bool,
+                        encoder: EncoderPayload | None = None) -> Inversion:
     """B3: the train images (or a stratified subsample) in W; from a learned encoder's E(x) with a few
-    refinement steps when ``inversion.encoder.enabled``, else from w_avg (plan_shared.inversion)."""
+    refinement steps when ``inversion.encoder.enabled``, else from w_avg (plan_shared.inversion).
+    ``encoder``: the one shipped with G (used instead of training one here; its digest must match)."""
     ic = cfg.inversion
     n_train = len(data.x_tr)
     if ic.max_images is not None and ic.max_images < n_train:
@@ -374,7 +379,7 @@ def invert_train_images(cfg: PlanConfig, ds: ImageDataset, data: SiteData, G: St
     t0 = time.perf_counter()
     sigma_w = w_std(G, seed=cfg.seed)
     x = data.x_tr[idx]
-    w_init, enc_rep = encoder_init(G, x, ic, generator_sha256, device, progress, cfg.seed, sigma_w)
+    w_init, enc_rep = encoder_init(G, x, ic, generator_sha256, device, progress, cfg.seed, sigma_w, encoder)
     res = invert(G, x, ic, sigma_w, feature_net=phi_id, w_init=w_init, progress=progress)
     dt = time.perf_counter() - t0
     with torch.no_grad():

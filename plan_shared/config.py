@@ -377,12 +377,17 @@ class EncoderConfig(_Section):
     """
 
     enabled: bool = Field(
-        False, description="Initialise inversion from a learned encoder and refine for refine_steps "
-        "(false = inversion.steps Adam steps from w_avg, the method as published). Off by default: with E shipped "
-        "it meets today's pixel error at 5x fewer generator evaluations (class docstring), but the feature loss "
-        "stays 1.24x higher, it is measured on one G and 128 images only, nothing ships E with G yet, and a site "
-        "training E itself pays 51,200 G evaluations (313 s at 1 thread, loaded): 1.8x fewer evaluations over "
-        "the 2428 train images, not 5x."
+        True, description="Initialise inversion from a learned encoder and refine for refine_steps "
+        "(false = inversion.steps Adam steps from w_avg, the method as published). On since stop 24, when the "
+        "coordinator began to train E and ship it with G (train_at): a site then pays refine_steps generator "
+        "evaluations per image instead of inversion.steps (5x fewer at 12 vs 60) and trains nothing; "
+        "measurements in the class docstring and the stop-24 note."
+    )
+    train_at: Literal["coordinator", "site"] = Field(
+        "coordinator", description="Who trains E. coordinator: plan-server trains it once on the final G_ema's own "
+        "samples (no real image), writes <run>/encoder.pt (reused when the digest of G matches) and sends it with G in "
+        "every synthesis task; a site checks that it was trained for the G it received. site: every site trains its "
+        "own (or loads `path`). A site that receives no encoder (standalone plan-client synthesize) trains its own."
     )
     steps: int = Field(400, ge=1, description="Encoder training steps; each renders `batch` generator samples.")
     batch: int = Field(64, ge=2, description="Generator samples (z -> w -> G(w)) per encoder training step.")
@@ -437,9 +442,10 @@ class InversionConfig(_Section):
     lr: float = Field(0.05, gt=0.0, description="Adam learning rate in W, in units of sigma_W (mean per-coordinate std of W, measured on the generator).")
     batch_size: int = Field(256, ge=1, description="Images optimised together.")
     max_images: int | None = Field(
-        800, ge=1, description="Invert at most this many training images (seeded stratified subsample; null = all). "
-        "Anchors come only from inverted images and the report states the number. Without the encoder, inversion "
-        "is the slowest stage (~425 image-steps/s on 2 cores)."
+        None, ge=1, description="Invert at most this many training images (seeded stratified subsample; null = all, "
+        "the default since stop 24: with the encoder each image costs encoder.refine_steps evaluations). Anchors come "
+        "only from inverted images and the report states the number. Without the encoder, inversion is the slowest "
+        "stage (~425 image-steps/s on 2 cores): 800 was the default then."
     )
     pixel_weight: float = Field(1.0, ge=0.0, description="Weight of the mean squared pixel error.")
     feature_weight: float = Field(

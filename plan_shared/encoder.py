@@ -20,9 +20,10 @@ import math
 import os
 import tempfile
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, ClassVar, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -32,7 +33,7 @@ from plan_shared import progress as P
 from plan_shared.config import EncoderConfig, InversionConfig
 from plan_shared.navigation import w_std
 
-FORMAT = "plan-encoder/1"
+FORMAT = "plan-encoder/2"  # /1 (before stop 24) kept the metadata at the top level: such a file is retrained
 LOG = logging.getLogger("plan.encoder")
 
 
@@ -191,18 +192,79 @@ def w_error(w: torch.Tensor, w_true: torch.Tensor, sigma_w: float) -> torch.Tens
     return ((w - w_true) / sigma_w).pow(2).mean(1)
 
 
+@dataclass(frozen=True)
+class EncoderPayload:
+    """E as data: its weights and what is needed to rebuild and trust it (file and message alike).
+
+    The coordinator ships it with G in the synthesis task (plan_shared.protocol.SynthesisTask);
+    :func:`save_encoder` writes the same content to a file. It holds no patient data.
+    """
+
+    state: dict[str, torch.Tensor]
+    generator_sha256: str  # the G it was trained for (plan_shared.gan.generator_digest)
+    arch: dict[str, int]  # channels, size, w_dim, width
+    stats: EncoderStats | None = None
+
+    ARCH_KEYS: ClassVar[tuple[str, ...]] = ("channels", "size", "w_dim", "width")
+
+    def meta(self) -> dict[str, int | float | str]:
+        """Flat scalars (a Flower ConfigRecord): format, generator digest, architecture, training figures."""
+        out: dict[str, int | float | str] = {"format": FORMAT, "generator-sha256": self.generator_sha256}
+        out.update({f"arch-{k}": int(self.arch[k]) for k in self.ARCH_KEYS})
+        if self.stats is not None:
+            st = self.stats
+            out.update({"stats-steps": st.steps, "stats-batch": st.batch, "stats-generator-evals": st.generator_evals,
+                        "stats-seconds": float(st.seconds), "stats-final-w-loss": float(st.final_w_loss)})
+        return out
+
+    @classmethod
+    def from_meta(cls, state: dict[str, torch.Tensor], meta: Mapping[str, Any], where: str = "encoder") -> EncoderPayload:
+        """The inverse of :meth:`meta`; ValueError naming ``where`` and the key at fault."""
+        if meta.get("format") != FORMAT:
+            raise ValueError(f"{where}: not an encoder (format {meta.get('format')!r}, expected {FORMAT!r})")
+        try:
+            arch = {k: int(meta[f"arch-{k}"]) for k in cls.ARCH_KEYS}
+            sha = str(meta["generator-sha256"])
+        except (KeyError, TypeError, ValueError) as err:
+            raise ValueError(f"{where}: missing or invalid key {err}") from None
+        stats = None
+        if "stats-steps" in meta:
+            stats = EncoderStats(int(meta["stats-steps"]), int(meta["stats-batch"]),
+                                 int(meta["stats-generator-evals"]), float(meta["stats-seconds"]),
+                                 float(meta["stats-final-w-loss"]))
+        return cls(dict(state), sha, arch, stats)
+
+
+def encoder_payload(E: Encoder, generator_sha256: str) -> EncoderPayload:
+    """E's weights (on CPU) and architecture, tied to the digest of the generator it was trained for."""
+    return EncoderPayload({k: v.detach().cpu() for k, v in E.state_dict().items()}, generator_sha256,
+                          {"channels": E.channels, "size": E.size, "w_dim": E.w_dim, "width": E.width}, E.stats)
+
+
+def encoder_from_payload(p: EncoderPayload, generator_sha256: str, device: torch.device | str = "cpu",
+                         where: str = "encoder") -> Encoder:
+    """Rebuild E; refuses one trained for other generator weights or whose weights do not fit its architecture."""
+    if p.generator_sha256 != generator_sha256:
+        raise ValueError(f"{where}: encoder was trained for generator {p.generator_sha256[:12]}, "
+                         f"not for this one ({generator_sha256[:12]})")
+    st, a = p.state, p.arch
+    if "w_avg" not in st or "sigma_w" not in st:
+        raise ValueError(f"{where}: encoder weights lack w_avg / sigma_w")
+    try:
+        E = Encoder(a["channels"], a["size"], a["w_dim"], a["width"], st["w_avg"], float(st["sigma_w"]))
+        E.load_state_dict(st)
+    except (RuntimeError, ValueError) as err:
+        raise ValueError(f"{where}: encoder weights do not fit its architecture {a}: {err}") from None
+    E.stats = p.stats
+    return E.to(device).eval().requires_grad_(False)
+
+
 def save_encoder(E: Encoder, path: str | Path, generator_sha256: str) -> Path:
     """Write E (weights, architecture, the digest of the generator it was trained for) atomically."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    stats = E.stats
-    obj = {
-        "format": FORMAT,
-        "generator_sha256": generator_sha256,
-        "arch": {"channels": E.channels, "size": E.size, "w_dim": E.w_dim, "width": E.width},
-        "state": {k: v.detach().cpu() for k, v in E.state_dict().items()},
-        "stats": stats.as_dict() if isinstance(stats, EncoderStats) else None,
-    }
+    p = encoder_payload(E, generator_sha256)
+    obj = {"format": FORMAT, "meta": p.meta(), "state": p.state}
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
@@ -223,21 +285,11 @@ def load_encoder(path: str | Path, generator_sha256: str, device: torch.device |
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - torch raises many types for a bad file
         raise ValueError(f"{path}: not a readable encoder file ({err})") from None
-    if not isinstance(obj, dict) or obj.get("format") != FORMAT:
+    if not isinstance(obj, dict) or obj.get("format") != FORMAT or not isinstance(obj.get("meta"), dict):
         raise ValueError(f"{path}: not an encoder file (format {obj.get('format') if isinstance(obj, dict) else None!r}, "
                          f"expected {FORMAT!r})")
-    if obj.get("generator_sha256") != generator_sha256:
-        raise ValueError(f"{path}: encoder was trained for generator {str(obj.get('generator_sha256'))[:12]}, "
-                         f"not for this one ({generator_sha256[:12]})")
-    a = obj["arch"]
-    st = obj["state"]
-    E = Encoder(int(a["channels"]), int(a["size"]), int(a["w_dim"]), int(a["width"]), st["w_avg"], float(st["sigma_w"]))
-    E.load_state_dict(st)
-    s = obj.get("stats")
-    if isinstance(s, dict):
-        E.stats = EncoderStats(int(s["steps"]), int(s["batch"]), int(s["generator_evals"]),
-                               float(s["train_seconds"]), float(s["final_w_loss"]))
-    return E.to(device).eval().requires_grad_(False)
+    return encoder_from_payload(EncoderPayload.from_meta(obj["state"], obj["meta"], str(path)), generator_sha256,
+                                device, str(path))
 
 
 def encoder_for(
@@ -271,18 +323,27 @@ def encoder_init(
     progress: bool = True,
     seed: int = 0,
     sigma_w: float | None = None,
+    shipped: EncoderPayload | None = None,
 ) -> tuple[torch.Tensor | None, dict[str, Any]]:
     """The inversion start of the site pipeline: ``(E(images), report)`` when ``cfg.encoder.enabled``,
     else ``(None, {"enabled": False})`` (inversion then starts from w_avg).
 
-    The report: whether E was loaded from ``cfg.encoder.path``, its training seconds and generator
-    evaluations (total and amortised over these images), its final W loss, and the pixel MSE at E(x).
+    E is ``shipped`` (the coordinator's, sent with G; its generator digest must be
+    ``generator_sha256``, else ValueError), else loaded from ``cfg.encoder.path``, else trained here.
+    The report: ``source`` (coordinator / file / site), the generator evaluations and seconds this
+    site spent training E (0 unless ``source`` is site), E's own training cost wherever it ran
+    (``e_train_*``), its final W loss, and the pixel MSE at E(x).
     """
     ec = cfg.encoder
     if not ec.enabled:
-        return None, {"enabled": False}
+        return None, {"enabled": False, "shipped": shipped is not None}
     t0 = time.perf_counter()
-    E, loaded = encoder_for(G, ec, generator_sha256, device, progress=progress, seed=seed, sigma_w=sigma_w)
+    if shipped is not None:
+        E, source = encoder_from_payload(shipped, generator_sha256, device, "the encoder shipped with the generator"), \
+            "coordinator"
+    else:
+        E, loaded = encoder_for(G, ec, generator_sha256, device, progress=progress, seed=seed, sigma_w=sigma_w)
+        source = "file" if loaded else "site"
     t_train = time.perf_counter() - t0
     w0 = encode(E, images)
     with torch.no_grad():
@@ -290,13 +351,16 @@ def encoder_init(
         mse0 = torch.cat([(G.render(w0[i : i + 512].to(dev)) - images[i : i + 512].to(dev)).pow(2).flatten(1).mean(1).cpu()
                           for i in range(0, len(w0), 512)]) if len(w0) else torch.zeros(0)
     st = E.stats
-    evals = st.generator_evals if st is not None and not loaded else 0
+    here = source == "site"
+    evals = st.generator_evals if st is not None and here else 0
     return w0, {
-        "enabled": True, "loaded": loaded, "path": ec.path, "parameters": n_parameters(E),
-        "train_steps": ec.steps, "train_batch": ec.batch,
-        "train_seconds": round(t_train, 2) if not loaded else 0.0,
+        "enabled": True, "source": source, "loaded": source == "file", "path": ec.path, "parameters": n_parameters(E),
+        "train_steps": st.steps if st is not None else ec.steps, "train_batch": st.batch if st is not None else ec.batch,
+        "train_seconds": round(t_train, 2) if here else 0.0,
         "train_generator_evals": evals,
         "train_generator_evals_per_image": evals / max(len(images), 1),
+        "e_train_generator_evals": st.generator_evals if st is not None else None,
+        "e_train_seconds": st.seconds if st is not None else None,
         "final_w_loss": st.final_w_loss if st is not None else None,
         "mean_mse_at_init": float(mse0.mean()) if len(mse0) else None,
         "refine_steps": ec.refine_steps,

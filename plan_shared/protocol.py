@@ -30,12 +30,15 @@ import json
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, MessageType, MetricRecord, RecordDict
 
 from plan_shared.config import PlanConfig, config_from_dict
+
+if TYPE_CHECKING:
+    from plan_shared.encoder import EncoderPayload
 
 ConfigValue = int | float | str | bytes | bool | list[int] | list[float] | list[str] | list[bytes] | list[bool]
 MetricValue = int | float | list[int] | list[float]
@@ -341,7 +344,13 @@ class TrainReply:
 
 @dataclass(frozen=True)
 class SynthesisTask:
-    """Coordinator -> site: the final G_ema; run the PLAN pipeline with ``method`` and export to the pool."""
+    """Coordinator -> site: the final G_ema; run the PLAN pipeline with ``method`` and export to the pool.
+
+    ``encoder``: the inversion encoder the coordinator trained on this G's own samples
+    (``inversion.encoder.train_at: coordinator``), tied to G's digest; None = the site trains or
+    loads its own. Sections ``encoder`` (weights) and ``encoder-meta`` travel only when it is set,
+    so a task without them still parses.
+    """
 
     generator: ArrayRecord
     channels: int
@@ -349,24 +358,40 @@ class SynthesisTask:
     generator_round: int
     method: str
     config: ConfigRef
+    encoder: EncoderPayload | None = None
 
     ACTION: ClassVar[str] = "synthesize"
     MESSAGE_TYPE: ClassVar[str] = _query("synthesize")
 
     def to_record(self) -> RecordDict:
-        return RecordDict({
+        rd = RecordDict({
             "generator": self.generator,
             "synthesis": ConfigRecord({"channels": self.channels, "size": self.size,
                                        "generator-round": self.generator_round, "method": self.method}),
             ConfigRef.KEY: self.config.record(),
         })
+        if self.encoder is not None:
+            rd["encoder"] = ArrayRecord(self.encoder.state)
+            meta: dict[str, ConfigValue] = dict(self.encoder.meta())
+            rd["encoder-meta"] = ConfigRecord(meta)
+        return rd
 
     @classmethod
     def from_record(cls, rd: RecordDict) -> SynthesisTask:
         m = cls.__name__
         s = _section(rd, m, "synthesis", ConfigRecord)
+        encoder = None
+        if "encoder" in rd or "encoder-meta" in rd:
+            from plan_shared.encoder import EncoderPayload  # torch: only for a task that carries E
+
+            weights = _section(rd, m, "encoder", ArrayRecord).to_torch_state_dict()
+            meta = dict(_section(rd, m, "encoder-meta", ConfigRecord))
+            try:
+                encoder = EncoderPayload.from_meta(weights, meta, f"{m}: section 'encoder-meta'")
+            except ValueError as err:
+                raise ProtocolError(str(err)) from None
         return cls(_section(rd, m, "generator", ArrayRecord), _int(s, m, "channels"), _int(s, m, "size"),
-                   _int(s, m, "generator-round"), _str(s, m, "method"), ConfigRef.from_task(rd, m))
+                   _int(s, m, "generator-round"), _str(s, m, "method"), ConfigRef.from_task(rd, m), encoder)
 
 
 @dataclass(frozen=True)

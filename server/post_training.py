@@ -29,7 +29,7 @@ import re
 import time
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from flwr.app import ArrayRecord
 
@@ -50,6 +50,9 @@ from plan_shared.protocol import (
 from server.federation import FederationResult
 from server.messaging import Exchange, WaitPolicy
 from server.report import PhaseResult, SiteFailure, evaluation_json, references_json, synthesis_json
+
+if TYPE_CHECKING:
+    from plan_shared.encoder import EncoderPayload
 
 LOG = logging.getLogger("plan.phases")
 R = TypeVar("R")  # a phase's decoded site reply
@@ -93,6 +96,7 @@ class Phases:
         self.messenger = result.messenger
         self.site_names = result.site_names
         self.timeout_s = self.cfg.federation.round_timeout_s
+        self.encoder_info: dict[str, Any] = {}  # a. what the coordinator did about the inversion encoder
 
     def _name(self, nid: int, site_id: str | None = None) -> str:
         if site_id is not None:
@@ -127,14 +131,50 @@ class Phases:
         return max((r.num_classes for r in ex.replies.values()), default=None)
 
     # ------------------------------------------------------------------ a. synthesis
+    def shipped_encoder(self) -> tuple[EncoderPayload | None, dict[str, Any]]:
+        """The inversion encoder every synthesis task carries (``inversion.encoder.train_at: coordinator``).
+
+        Trained once here on the final G_ema's own samples (no real image), written to
+        ``inversion.encoder.path`` or ``OUT/encoder.pt`` and reused from there when the digest of
+        G matches (a resumed run does not train it twice). ``(None, info)`` when the sites train
+        their own or inversion starts from w_avg.
+        """
+        from plan_shared.encoder import encoder_for, encoder_payload
+        from plan_shared.gan import generator_digest
+
+        ec = self.cfg.inversion.encoder
+        if not ec.enabled:
+            return None, {"trained_by": "nobody (inversion.encoder.enabled false)"}
+        if ec.train_at != "coordinator":
+            return None, {"trained_by": "site"}
+        t0 = time.perf_counter()
+        G = self.result.trainer.G_ema
+        sha = generator_digest(self.result.g_ema())  # the digest the sites compute from the weights they receive
+        path = ec.path or str(self.out / "encoder.pt")
+        LOG.info("inversion encoder: %s for generator %s (%d steps x %d samples)",
+                 "loading or training" if Path(path).is_file() else "training", sha[:12], ec.steps, ec.batch)
+        E, loaded = encoder_for(G, ec.model_copy(update={"path": path}), sha, G.w_avg.device, progress=False,
+                                seed=self.cfg.seed)
+        payload = encoder_payload(E, sha)
+        st = payload.stats
+        info: dict[str, Any] = {"trained_by": "coordinator", "path": path, "loaded": loaded,
+                                "generator_sha256": sha, "wall_s": round(time.perf_counter() - t0, 2)}
+        if st is not None:
+            info.update(st.as_dict())
+        LOG.info("inversion encoder: %s in %.1fs (%s generator evaluations, final W loss %.3f), shipped with G",
+                 "loaded" if loaded else "trained", info["wall_s"], info.get("generator_evals"),
+                 info.get("final_w_loss", float("nan")))
+        return payload, info
+
     def synthesize(self, node_ids: list[int], method: str) -> PhaseResult[SynthesisSummary]:
         t0 = time.perf_counter()
         r = self.result
         generator = ArrayRecord(r.g_ema())
+        encoder, self.encoder_info = self.shipped_encoder()
         LOG.info("synthesis phase: %d sites, method %s, generator round %d", len(node_ids), method, r.rounds_done)
 
         def task(nid: int, ref: ConfigRef) -> SynthesisTask:
-            return SynthesisTask(generator, r.channels, r.size, r.rounds_done, method, ref)
+            return SynthesisTask(generator, r.channels, r.size, r.rounds_done, method, ref, encoder)
 
         ex = self.messenger.exchange(node_ids, task, SynthesisSummary.from_record, WaitPolicy(self.timeout_s))
         res = self._collect(ex, "synthesis", t0)
@@ -383,7 +423,7 @@ def run_post_training(result: FederationResult) -> dict[str, Any]:
                                 cfg.policy.num_classes or ph.num_classes(node_ids))
     synthesis = ph.synthesize(node_ids, method)
     timing["synthesis_s"] = round(time.perf_counter() - t0, 2)
-    (out / "synthesis.json").write_text(json.dumps(synthesis_json(synthesis), indent=1))
+    (out / "synthesis.json").write_text(json.dumps(synthesis_json(synthesis, ph.encoder_info), indent=1))
     num_classes = max(s.num_classes for s in synthesis.ok().values())
 
     t0 = time.perf_counter()
@@ -401,6 +441,8 @@ def run_post_training(result: FederationResult) -> dict[str, Any]:
     timing["references_s"] = round(time.perf_counter() - t0, 2)
     (out / "references.json").write_text(json.dumps({"info": ref_info, **references_json(references)}, indent=1))
     down["references"] = ref_info
+    if "wall_s" in ph.encoder_info:  # part of synthesis_s: the coordinator trained (or loaded) the inversion encoder
+        timing["synthesis_encoder_s"] = float(ph.encoder_info["wall_s"])
 
     report = build_report(federation=result.summary, synthesis=synthesis, downstream=down, evaluation=evaluation,
                           timing=timing, config=cfg.to_dict(), method=method, references=references)

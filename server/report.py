@@ -104,11 +104,15 @@ def synthesis_entry(summary: SynthesisSummary, node_id: int | None) -> dict[str,
     return e
 
 
-def synthesis_json(res: PhaseResult[SynthesisSummary]) -> dict[str, Any]:
-    """``synthesis.json``: every site's entry (failures with their reason) and the phase's wall time."""
+def synthesis_json(res: PhaseResult[SynthesisSummary], encoder: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """``synthesis.json``: every site's entry (failures with their reason), the phase's wall time and,
+    when given, what the coordinator did about the inversion encoder (trained, loaded, its cost)."""
     sites = {n: e.as_dict() if isinstance(e, SiteFailure) else synthesis_entry(e, res.node_ids.get(n))
              for n, e in res.sites.items()}
-    return {"sites": sites, "wall_s": res.wall_s}
+    out: dict[str, Any] = {"sites": sites, "wall_s": res.wall_s}
+    if encoder:
+        out["encoder"] = dict(encoder)
+    return out
 
 
 def evaluation_json(res: PhaseResult[SiteEvaluation]) -> dict[str, Any]:

@@ -128,6 +128,20 @@ def test_pool_equals_union_of_exports(demo):
     assert on_disk == exported
 
 
+def test_the_coordinator_trained_the_inversion_encoder_and_every_site_used_it(demo):
+    # issue 14 item 2: E trained once by the coordinator on G's samples, shipped with G, no site trains one
+    out, report = demo
+    enc = json.loads((out / "synthesis.json").read_text())["encoder"]
+    assert enc["trained_by"] == "coordinator" and not enc["loaded"] and Path(enc["path"]) == out / "encoder.pt"
+    assert (out / "encoder.pt").is_file() and enc["generator_evals"] == enc["steps"] * enc["batch"] * 2
+    assert report["timing"]["synthesis_encoder_s"] == enc["wall_s"] <= report["timing"]["synthesis_s"]
+    for s in ("site-0", "site-2"):  # site-1's export fails after its pipeline ran
+        inv = json.loads((out / "sites" / s / "synthesis" / "out" / "report.json").read_text())["inversion"]
+        assert inv["encoder"]["source"] == "coordinator" and inv["encoder"]["train_generator_evals"] == 0, s
+        assert inv["encoder"]["e_train_generator_evals"] == enc["generator_evals"]
+        assert inv["generator_evals_per_image"] == inv["encoder"]["refine_steps"]
+
+
 def test_short_reason_strips_tracebacks():
     raw = "Traceback...\n  File x\n\x1b[36mray\x1b[39m\nException ClientAppException occurred. Message: boom: bad key'>"
     assert short_reason(raw) == "boom: bad key"

@@ -4,12 +4,16 @@ held-out samples' w better than w_avg; inversion refines from its output; files 
 import pytest
 import torch
 
+from plan_shared import encoder as encoder_mod
 from plan_shared.config import ConfigError, EncoderConfig, InversionConfig, load_config
 from plan_shared.encoder import (
     Encoder,
+    EncoderPayload,
     encode,
     encoder_for,
+    encoder_from_payload,
     encoder_init,
+    encoder_payload,
     load_encoder,
     n_parameters,
     save_encoder,
@@ -100,7 +104,10 @@ def test_config_errors_name_the_key():
     with pytest.raises(ConfigError, match=r"inversion\.encoder\.train_noise_mode"):
         load_config(overrides={"inversion.encoder.train_noise_mode": "none"})
     assert load_config(overrides={"inversion.encoder.enabled": True}).inversion.encoder.enabled is True
-    assert load_config().inversion.encoder.enabled is False  # off by default: the 5x target is not met (config docs)
+    ec = load_config().inversion.encoder  # on by default since stop 24, trained by the coordinator and shipped with G
+    assert ec.enabled is True and ec.train_at == "coordinator"
+    with pytest.raises(ConfigError, match="train_at"):
+        load_config(overrides={"inversion.encoder.train_at": "pool"})
 
 
 def test_encoder_file_is_tied_to_its_generator(G, trained, tmp_path):
@@ -127,11 +134,12 @@ def test_encoder_file_is_tied_to_its_generator(G, trained, tmp_path):
 def test_encoder_init_follows_enabled(G):
     x = G.render(G.sample_w(6))
     off = InversionConfig(encoder=EncoderConfig(enabled=False))
-    assert encoder_init(G, x, off, "sha", "cpu", progress=False) == (None, {"enabled": False})
+    assert encoder_init(G, x, off, "sha", "cpu", progress=False) == (None, {"enabled": False, "shipped": False})
     on = InversionConfig(encoder=EncoderConfig(enabled=True, steps=4, batch=8, width=4))
     w0, rep = encoder_init(G, x, on, "sha", "cpu", progress=False)
     assert w0 is not None and w0.shape == (6, 8)
     assert rep["enabled"] and not rep["loaded"] and rep["train_generator_evals"] == 2 * 32  # pixel loss: 2 per sample
+    assert rep["source"] == "site" and rep["e_train_generator_evals"] == 2 * 32
     assert rep["mean_mse_at_init"] is not None and rep["refine_steps"] == on.encoder.refine_steps
 
 
@@ -161,3 +169,48 @@ def test_pixel_loss_in_training_changes_e_and_costs_two_generator_passes_per_sam
     assert E_px.stats is not None and E_px.stats.generator_evals == 2 * cfg.steps * cfg.batch
     x = G.render(G.sample_w(8, torch.Generator().manual_seed(99)))
     assert not torch.equal(encode(E_px, x), encode(E_w, x))
+
+
+def test_payload_round_trip_rebuilds_the_same_encoder_and_names_what_is_wrong(G, trained):
+    E, _ = trained
+    sha = generator_digest(G)
+    p = encoder_payload(E, sha)
+    meta = p.meta()
+    assert meta["format"] == "plan-encoder/2" and meta["generator-sha256"] == sha and meta["arch-w_dim"] == 8
+    assert all(isinstance(v, (int, float, str)) for v in meta.values())  # a Flower ConfigRecord holds it as is
+    back = EncoderPayload.from_meta(p.state, meta)
+    assert back.arch == p.arch and back.stats == E.stats
+    E2 = encoder_from_payload(back, sha)
+    x = G.render(G.sample_w(4))
+    assert torch.equal(encode(E2, x), encode(E, x))
+    with pytest.raises(ValueError, match="shipped: encoder was trained for generator"):
+        encoder_from_payload(back, "0" * 64, where="shipped")
+    with pytest.raises(ValueError, match="task: missing or invalid key 'arch-width'"):
+        EncoderPayload.from_meta(p.state, {k: v for k, v in meta.items() if k != "arch-width"}, "task")
+    with pytest.raises(ValueError, match="not an encoder"):
+        EncoderPayload.from_meta(p.state, dict(meta, format="plan-encoder/1"))
+    wrong = EncoderPayload(p.state, sha, dict(p.arch, width=4), None)
+    with pytest.raises(ValueError, match="do not fit its architecture"):
+        encoder_from_payload(wrong, sha)
+
+
+def test_a_shipped_encoder_is_used_and_the_site_trains_none(G, trained, monkeypatch):
+    E, _ = trained
+    sha = generator_digest(G)
+    x = G.render(G.sample_w(6, torch.Generator().manual_seed(5)))
+
+    def no_training(*a, **k):
+        raise AssertionError("the site trained an encoder although one was shipped")
+
+    monkeypatch.setattr(encoder_mod, "train_encoder", no_training)
+    on = InversionConfig(encoder=EncoderConfig(enabled=True, steps=4, batch=8, width=4))
+    w0, rep = encoder_init(G, x, on, sha, "cpu", progress=False, shipped=encoder_payload(E, sha))
+    assert w0 is not None and torch.equal(w0, encode(E, x))
+    assert rep["source"] == "coordinator" and rep["train_generator_evals"] == 0 and rep["train_seconds"] == 0.0
+    assert E.stats is not None and rep["e_train_generator_evals"] == E.stats.generator_evals  # what it cost there
+    assert rep["train_steps"] == E.stats.steps  # E's own training, not this site's config
+    with pytest.raises(ValueError, match="the encoder shipped with the generator: encoder was trained for generator"):
+        encoder_init(G, x, on, "f" * 64, "cpu", progress=False, shipped=encoder_payload(E, sha))
+    off = InversionConfig(encoder=EncoderConfig(enabled=False))
+    assert encoder_init(G, x, off, sha, "cpu", progress=False, shipped=encoder_payload(E, sha)) == \
+        (None, {"enabled": False, "shipped": True})  # a site may still start from w_avg

@@ -14,6 +14,7 @@ pytest.importorskip("flwr")
 from flwr.app import ArrayRecord, ConfigRecord, MessageType, MetricRecord, RecordDict
 
 from plan_shared.config import config_from_dict
+from plan_shared.encoder import Encoder, EncoderStats, encoder_payload
 from plan_shared.protocol import (
     UNKNOWN_CONFIG_MARK,
     ClassifierScore,
@@ -83,6 +84,7 @@ def test_tasks_round_trip():
     s = SynthesisTask(_arrays(), 1, 8, 7, "linear", ref)
     back_s = SynthesisTask.from_record(s.to_record())
     assert (back_s.channels, back_s.size, back_s.generator_round, back_s.method, back_s.config) == (1, 8, 7, "linear", ref)
+    assert back_s.encoder is None and "encoder" not in s.to_record()  # a task without E: as before stop 24
     e = EvaluationTask(_arrays(), 4, 1, 8, ref)
     back_e = EvaluationTask.from_record(e.to_record())
     assert back_e.arch == {"num_classes": 4, "channels": 1, "size": 8} and _same_arrays(back_e.model, e.model)
@@ -233,3 +235,21 @@ def test_pool_seed_reference_names_round_trip():
     assert is_reference("site_alone") and not is_reference("pool_x")
     with pytest.raises(ValueError, match="pool seed index must be >= 0, got -1"):
         pool_seed_reference(-1)
+
+
+def test_synthesis_task_carries_the_coordinators_encoder():
+    torch.manual_seed(0)
+    E = Encoder(channels=1, size=8, w_dim=4, width=4, w_avg=torch.randn(4), sigma_w=0.7)
+    E.stats = EncoderStats(3, 8, 48, 1.5, 0.25)
+    p = encoder_payload(E, "a" * 64)
+    ref = ConfigRef.full(_cfg())
+    rd = SynthesisTask(_arrays(), 1, 8, 7, "plan", ref, p).to_record()
+    back = SynthesisTask.from_record(rd).encoder
+    assert back is not None and back.generator_sha256 == "a" * 64 and back.arch == p.arch and back.stats == E.stats
+    assert set(back.state) == set(p.state) and all(torch.equal(back.state[k], p.state[k]) for k in p.state)
+    del rd["encoder-meta"]
+    with pytest.raises(ProtocolError, match="SynthesisTask: the record has no 'encoder-meta' section"):
+        SynthesisTask.from_record(rd)
+    rd["encoder-meta"] = ConfigRecord({k: v for k, v in p.meta().items() if k != "arch-size"})
+    with pytest.raises(ProtocolError, match="SynthesisTask: section 'encoder-meta': missing or invalid key 'arch-size'"):
+        SynthesisTask.from_record(rd)
