@@ -31,8 +31,8 @@ import torch
 from plan_shared.classifiers import build_classifier, spec_from, train_classifier
 from plan_shared.config import load_config
 from plan_shared.data import load_dataset, stratified_subsample, to_tensor
-from plan_shared.encoder import encode, n_parameters, train_encoder
-from plan_shared.gan import GanTrainer, load_generator
+from plan_shared.encoder import encode, encoder_for, n_parameters
+from plan_shared.gan import GanTrainer, generator_digest, load_generator
 from plan_shared.inversion import invert
 from plan_shared.navigation import w_std
 from plan_shared.runtime import resolve_device, set_threads
@@ -133,11 +133,13 @@ def main() -> None:
 
     ec = ic.encoder
     t = time.perf_counter()
-    E = train_encoder(G, ec, device, progress=False, seed=cfg.seed, sigma_w=sigma_w)
-    t_enc = time.perf_counter() - t
+    # inversion.encoder.path: reuse an E trained for this G by an earlier run (a sweep of refinement settings)
+    E, loaded = encoder_for(G, ec, generator_digest(G), device, progress=False, seed=cfg.seed, sigma_w=sigma_w)
+    t_enc = E.stats.seconds if loaded and E.stats is not None else time.perf_counter() - t
     assert E.stats is not None
     enc_evals = E.stats.generator_evals
-    print(f"encoder: {n_parameters(E)} parameters, {ec.steps} steps x {ec.batch}, {enc_evals} G evals, "
+    print(f"encoder{' (loaded from ' + str(ec.path) + ')' if loaded else ''}: {n_parameters(E)} parameters, "
+          f"{E.stats.steps} steps x {E.stats.batch}, {enc_evals} G evals, "
           f"{t_enc:.0f}s, final W loss {E.stats.final_w_loss:.3f} sigma_W^2", flush=True)
     t = time.perf_counter()
     w_e = encode(E, x)
