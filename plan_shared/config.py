@@ -374,6 +374,12 @@ class EncoderConfig(_Section):
     10 steps from w_avg. Before (pixel_weight 0, refine at inversion.lr, same G): 0.0379 / 0.149 after
     E + 10 steps. E's training is 51,200 G evaluations (21.1 per image of the 2428-image train split,
     so 1.8x fewer evaluations in all, not 5x, when the site trains E itself) and took 313 s at 1 thread.
+    Stop 24, the demo's federated G (5 x 64 local steps), 256 real images, 1 thread, load ~2: 60 steps
+    from w_avg 0.0281 / 0.046; these defaults (E 141 s) + 12 steps 0.0333 / 0.072 (pixel x1.19), E(x)
+    alone 0.0287 / 0.390; refine_lr 0.05: + 12 steps 0.0304 / 0.095, + 20 0.0291 / 0.067; pixel_weight
+    100 (+ refine_lr 0.05): E(x) 0.0255 / 0.357, + 12 steps 0.0295 / 0.098. The refinement trades
+    pixel error for feature loss: at 5x fewer evaluations neither setting reaches both figures of 60
+    steps from w_avg on this G (on the central 400-step G above it did for the pixel error).
     """
 
     enabled: bool = Field(

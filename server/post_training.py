@@ -147,13 +147,23 @@ class Phases:
             return None, {"trained_by": "nobody (inversion.encoder.enabled false)"}
         if ec.train_at != "coordinator":
             return None, {"trained_by": "site"}
+        import copy
+
+        from plan_shared.models.layers import set_fused
+
         t0 = time.perf_counter()
-        G = self.result.trainer.G_ema
+        # the fused ops: the same function up to float rounding (4e-7 on the demo G), fewer passes (~1.3-1.5x per step)
+        G_ema = self.result.trainer.G_ema
+        G = copy.deepcopy(G_ema)
+        set_fused(G, True)
         sha = generator_digest(self.result.g_ema())  # the digest the sites compute from the weights they receive
         path = ec.path or str(self.out / "encoder.pt")
-        LOG.info("inversion encoder: %s for generator %s (%d steps x %d samples)",
-                 "loading or training" if Path(path).is_file() else "training", sha[:12], ec.steps, ec.batch)
-        E, loaded = encoder_for(G, ec.model_copy(update={"path": path}), sha, G.w_avg.device, progress=False,
+        import torch
+
+        LOG.info("inversion encoder: %s for generator %s (%d steps x %d samples, %d torch threads)",
+                 "loading or training" if Path(path).is_file() else "training", sha[:12], ec.steps, ec.batch,
+                 torch.get_num_threads())
+        E, loaded = encoder_for(G, ec.model_copy(update={"path": path}), sha, G_ema.w_avg.device, progress=False,
                                 seed=self.cfg.seed)
         payload = encoder_payload(E, sha)
         st = payload.stats
@@ -446,6 +456,7 @@ def run_post_training(result: FederationResult) -> dict[str, Any]:
 
     report = build_report(federation=result.summary, synthesis=synthesis, downstream=down, evaluation=evaluation,
                           timing=timing, config=cfg.to_dict(), method=method, references=references)
+    report["inversion_encoder"] = dict(ph.encoder_info)  # who trained the sites' inversion encoder, at what cost
     figures: dict[str, str] = {}
     figures.update(_pool_grids(out, Path(down["pool"]["dir"])))
     pool_label = pool_method_label(synthesis, method)

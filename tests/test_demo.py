@@ -135,6 +135,7 @@ def test_the_coordinator_trained_the_inversion_encoder_and_every_site_used_it(de
     assert enc["trained_by"] == "coordinator" and not enc["loaded"] and Path(enc["path"]) == out / "encoder.pt"
     assert (out / "encoder.pt").is_file() and enc["generator_evals"] == enc["steps"] * enc["batch"] * 2
     assert report["timing"]["synthesis_encoder_s"] == enc["wall_s"] <= report["timing"]["synthesis_s"]
+    assert report["inversion_encoder"] == enc
     for s in ("site-0", "site-2"):  # site-1's export fails after its pipeline ran
         inv = json.loads((out / "sites" / s / "synthesis" / "out" / "report.json").read_text())["inversion"]
         assert inv["encoder"]["source"] == "coordinator" and inv["encoder"]["train_generator_evals"] == 0, s
