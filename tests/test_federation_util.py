@@ -20,6 +20,8 @@ TINY = {
     "gan": {"batch_size": 4, "augment": [], "r1_every": 2},
     "federation": {"rounds": 2, "local_steps": 2, "min_nodes": 2, "wait_for_nodes_s": 60, "round_timeout_s": 120,
                    "sample_grid": 4},
+    # the coordinator trains the inversion encoder before every synthesis phase: a few steps here
+    "inversion": {"encoder": {"steps": 5, "batch": 8, "width": 4}},
 }
 
 
