@@ -135,8 +135,8 @@ def main() -> None:
     t = time.perf_counter()
     # inversion.encoder.path: reuse an E trained for this G by an earlier run (a sweep of refinement settings)
     E, loaded = encoder_for(G, ec, generator_digest(G), device, progress=False, seed=cfg.seed, sigma_w=sigma_w)
-    t_enc = E.stats.seconds if loaded and E.stats is not None else time.perf_counter() - t
     assert E.stats is not None
+    t_enc = E.stats.seconds if loaded else time.perf_counter() - t
     enc_evals = E.stats.generator_evals
     print(f"encoder{' (loaded from ' + str(ec.path) + ')' if loaded else ''}: {n_parameters(E)} parameters, "
           f"{E.stats.steps} steps x {E.stats.batch}, {enc_evals} G evals, "

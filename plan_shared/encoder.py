@@ -66,6 +66,12 @@ class EncoderStats:
         return {"steps": self.steps, "batch": self.batch, "generator_evals": self.generator_evals,
                 "train_seconds": round(self.seconds, 2), "final_w_loss": self.final_w_loss}
 
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> EncoderStats:
+        """The inverse of :meth:`as_dict` (KeyError / ValueError on a missing or bad value)."""
+        return cls(int(d["steps"]), int(d["batch"]), int(d["generator_evals"]), float(d["train_seconds"]),
+                   float(d["final_w_loss"]))
+
 
 def _native(size: int) -> int:
     if size < 8:
@@ -212,9 +218,7 @@ class EncoderPayload:
         out: dict[str, int | float | str] = {"format": FORMAT, "generator-sha256": self.generator_sha256}
         out.update({f"arch-{k}": int(self.arch[k]) for k in self.ARCH_KEYS})
         if self.stats is not None:
-            st = self.stats
-            out.update({"stats-steps": st.steps, "stats-batch": st.batch, "stats-generator-evals": st.generator_evals,
-                        "stats-seconds": float(st.seconds), "stats-final-w-loss": float(st.final_w_loss)})
+            out.update({f"stats-{k}": v for k, v in self.stats.as_dict().items()})
         return out
 
     @classmethod
@@ -225,13 +229,10 @@ class EncoderPayload:
         try:
             arch = {k: int(meta[f"arch-{k}"]) for k in cls.ARCH_KEYS}
             sha = str(meta["generator-sha256"])
+            st = {k[len("stats-"):]: v for k, v in meta.items() if k.startswith("stats-")}
+            stats = EncoderStats.from_dict(st) if st else None
         except (KeyError, TypeError, ValueError) as err:
             raise ValueError(f"{where}: missing or invalid key {err}") from None
-        stats = None
-        if "stats-steps" in meta:
-            stats = EncoderStats(int(meta["stats-steps"]), int(meta["stats-batch"]),
-                                 int(meta["stats-generator-evals"]), float(meta["stats-seconds"]),
-                                 float(meta["stats-final-w-loss"]))
         return cls(dict(state), sha, arch, stats)
 
 
@@ -339,8 +340,8 @@ def encoder_init(
         return None, {"enabled": False, "shipped": shipped is not None}
     t0 = time.perf_counter()
     if shipped is not None:
-        E, source = encoder_from_payload(shipped, generator_sha256, device, "the encoder shipped with the generator"), \
-            "coordinator"
+        E = encoder_from_payload(shipped, generator_sha256, device, "the encoder shipped with the generator")
+        source = "coordinator"
     else:
         E, loaded = encoder_for(G, ec, generator_sha256, device, progress=progress, seed=seed, sigma_w=sigma_w)
         source = "file" if loaded else "site"

@@ -23,6 +23,7 @@ dead site's error is filed under that site, not under the SuperLink that sent it
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import re
@@ -139,18 +140,17 @@ class Phases:
         G matches (a resumed run does not train it twice). ``(None, info)`` when the sites train
         their own or inversion starts from w_avg.
         """
+        import torch
+
         from plan_shared.encoder import encoder_for, encoder_payload
         from plan_shared.gan import generator_digest
+        from plan_shared.models.layers import set_fused
 
         ec = self.cfg.inversion.encoder
         if not ec.enabled:
             return None, {"trained_by": "nobody (inversion.encoder.enabled false)"}
         if ec.train_at != "coordinator":
             return None, {"trained_by": "site"}
-        import copy
-
-        from plan_shared.models.layers import set_fused
-
         t0 = time.perf_counter()
         # the fused ops: the same function up to float rounding (4e-7 on the demo G), fewer passes (~1.3-1.5x per step)
         G_ema = self.result.trainer.G_ema
@@ -158,8 +158,6 @@ class Phases:
         set_fused(G, True)
         sha = generator_digest(self.result.g_ema())  # the digest the sites compute from the weights they receive
         path = ec.path or str(self.out / "encoder.pt")
-        import torch
-
         LOG.info("inversion encoder: %s for generator %s (%d steps x %d samples, %d torch threads)",
                  "loading or training" if Path(path).is_file() else "training", sha[:12], ec.steps, ec.batch,
                  torch.get_num_threads())
