@@ -93,7 +93,8 @@ class InversionSection:
     mean_mse_at_w_avg: float | None
     seconds_per_image: float | None
     image_steps_per_s: float | None
-    generator_evals_per_image: float | None = None  # inversion steps x images / images (encoder training apart)
+    generator_evals_per_image: float | None = None  # (inversion steps + encoder adaptation epochs) x images / images
+    # (the encoder's training on generator samples apart)
     encoder: dict[str, Any] | None = None  # inversion.encoder: training cost, error at E(x), refine steps
 
 

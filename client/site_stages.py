@@ -379,7 +379,8 @@ def invert_train_images(cfg: PlanConfig, ds: ImageDataset, data: SiteData, G: St
     t0 = time.perf_counter()
     sigma_w = w_std(G, seed=cfg.seed)
     x = data.x_tr[idx]
-    w_init, enc_rep = encoder_init(G, x, ic, generator_sha256, device, progress, cfg.seed, sigma_w, encoder)
+    w_init, enc_rep = encoder_init(G, x, ic, generator_sha256, device, progress, cfg.seed, sigma_w, encoder,
+                                   feature_net=phi_id)
     res = invert(G, x, ic, sigma_w, feature_net=phi_id, w_init=w_init, progress=progress)
     dt = time.perf_counter() - t0
     with torch.no_grad():
@@ -391,7 +392,8 @@ def invert_train_images(cfg: PlanConfig, ds: ImageDataset, data: SiteData, G: St
         mean_mse_at_w_avg=finite(base.mean()),
         seconds_per_image=finite(dt / max(len(idx), 1)),
         image_steps_per_s=finite(len(idx) * res.steps / max(dt, 1e-9)),
-        generator_evals_per_image=finite(res.generator_evals / max(len(idx), 1)),
+        generator_evals_per_image=finite((res.generator_evals + int(enc_rep.get("adapt_generator_evals") or 0))
+                                         / max(len(idx), 1)),  # refinement + the site's adaptation of E
         encoder=enc_rep,
     ), centre=w_centre(G, cfg.synthesis.truncation, seed=cfg.seed))  # recall: anchors.spread rescales around G's w_avg
 

@@ -380,6 +380,12 @@ class EncoderConfig(_Section):
     100 (+ refine_lr 0.05): E(x) 0.0255 / 0.357, + 12 steps 0.0295 / 0.098. The refinement trades
     pixel error for feature loss: at 5x fewer evaluations neither setting reaches both figures of 60
     steps from w_avg on this G (on the central 400-step G above it did for the pixel error).
+    Stop 25, site-side adaptation (adapt_epochs; the 5 x 64 demo G of main d2530b6, 768 real train images =
+    one site's count, E 400 x 64 samples, 1 thread, load 2-5): 60 steps from w_avg 0.0299 / 0.0526 (60
+    evaluations); E + 12 steps (the former defaults) 0.0352 / 0.0842; E + 6 0.0392 / 0.127; these defaults
+    (E adapted 4 epochs at 3e-3, batch 8, + 8 steps at refine_lr 0.1, 12 evaluations) **0.0284 / 0.0551**
+    (pixel x0.95, feature x1.05, their sum x1.01); E adapted 3 + 3 steps (6 evaluations) 0.0308 / 0.0886.
+    The adaptation alone (4 epochs) gives 0.0299 / 0.139 at E(x) (unadapted, 256 images, stop 24: 0.0287 / 0.390).
     """
 
     enabled: bool = Field(
@@ -422,18 +428,34 @@ class EncoderConfig(_Section):
         "inversion.encoder.train_noise_mode=random): E + 12 steps pixel MSE 0.0291 vs 0.0284 with const."
     )
     refine_steps: int = Field(
-        12, ge=0, description="Adam steps of the inversion loss (pixel/feature weights of inversion) from E(x); 0 = E(x) "
-        "as is. 12 = 5x fewer generator evaluations than inversion.steps=60."
+        8, ge=0, description="Adam steps of the inversion loss (pixel/feature weights of inversion) from E(x); 0 = E(x) "
+        "as is. 8 after adapt_epochs 4 (12 before stop 25, without adaptation): 12 evaluations per image in all, 5x "
+        "fewer than inversion.steps=60."
     )
     refine_lr: float | None = Field(
-        0.15, gt=0.0, description="Adam learning rate of the refinement from E(x), in units of sigma_W "
-        "(null = inversion.lr). Measured (E with pixel_weight 10, 12 steps, 128 real images): pixel MSE 0.0308 at "
-        "0.1, 0.0302 at 0.15 (constant); cosine decay was worse (0.0326 at 0.2)."
+        0.1, gt=0.0, description="Adam learning rate of the refinement from E(x), in units of sigma_W "
+        "(null = inversion.lr). 0.1 since stop 25 (was 0.15): after adapt_epochs 4, 8 steps reach pixel MSE / feature "
+        "loss 0.0283 / 0.0552 at 0.08, 0.0284 / 0.0551 at 0.1, 0.0287 / 0.0565 at 0.12. Before (E with pixel_weight "
+        "10, no adaptation, 12 steps, 128 real images): pixel MSE 0.0308 at 0.1, 0.0302 at 0.15 (constant); cosine "
+        "decay was worse (0.0326 at 0.2)."
     )
     refine_schedule: Literal["constant", "cosine"] = Field(
         "constant", description="Learning rate over the refine_steps: constant, or cosine decay from refine_lr "
         "towards 0 (step t of T at refine_lr * (1 + cos(pi t / T)) / 2)."
     )
+    adapt_epochs: int = Field(
+        4, ge=0, description="Epochs of fine-tuning a copy of E on the site's own real train images with the "
+        "inversion loss (pixel_weight x pixel MSE + feature_weight x phi_id feature loss of G(E(x)) vs x) before "
+        "encoding them: amortised inversion (plan_shared.encoder.adapt_encoder). Each epoch costs one generator "
+        "forward+backward per image, as one refinement step does. The adapted copy has seen patient images: it "
+        "stays in the site's memory and is never written to `path` or sent. 0 = E as shipped. 4 (with refine_steps 8: "
+        "12 evaluations per image, 5x fewer than inversion.steps) since stop 25; measurements in the class docstring."
+    )
+    adapt_lr: float = Field(3e-3, gt=0.0, description="Adam learning rate of the adaptation (cosine decay to 0). "
+                            "Measured (4 epochs, batch 8, + 8 steps): pixel MSE / feature loss 0.0284 / 0.0551 at 3e-3, "
+                            "0.0293 / 0.0648 at 5e-3; 6 epochs at batch 16: 0.0290 / 0.0735 at 1e-3.")
+    adapt_batch: int = Field(8, ge=1, description="Real images per adaptation step (4 epochs + 8 steps: 0.0284 / "
+                             "0.0551 at 8, 0.0285 / 0.0557 at 4; 6 + 6: 0.0280 / 0.0573 at 8, 0.0286 / 0.0633 at 16).")
     path: str | None = Field(
         None, description="Encoder file: loaded when it exists and was trained for the same generator weights "
         "(digest checked), else trained and written there. null = train in memory for every run. "

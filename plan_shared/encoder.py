@@ -31,6 +31,7 @@ from torch import nn
 
 from plan_shared import progress as P
 from plan_shared.config import EncoderConfig, InversionConfig
+from plan_shared.inversion import FeatureNet, reconstruction_losses
 from plan_shared.navigation import w_std
 
 FORMAT = "plan-encoder/2"  # /1 (before stop 24) kept the metadata at the top level: such a file is retrained
@@ -193,6 +194,90 @@ def encode(E: Encoder, x: torch.Tensor, batch: int = 512) -> torch.Tensor:
     return torch.cat(out) if out else torch.zeros(0, E.w_dim)
 
 
+@dataclass
+class AdaptStats:
+    """What the site-side adaptation of E cost and reached (site report keys)."""
+
+    epochs: int
+    steps: int
+    generator_evals: int  # one G forward+backward per image per epoch
+    seconds: float
+    first_epoch_loss: float | None  # mean inversion loss per image over the first / last epoch
+    last_epoch_loss: float | None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"adapt_epochs": self.epochs, "adapt_steps": self.steps, "adapt_generator_evals": self.generator_evals,
+                "adapt_seconds": round(self.seconds, 2), "adapt_first_epoch_loss": self.first_epoch_loss,
+                "adapt_last_epoch_loss": self.last_epoch_loss}
+
+
+def adapt_encoder(
+    E: Encoder,
+    G: Renderer,
+    images: torch.Tensor,
+    cfg: InversionConfig,
+    feature_net: FeatureNet | None,
+    seed: int = 0,
+    progress: bool = True,
+) -> tuple[Encoder, AdaptStats]:
+    """Fine-tune a COPY of E on real images with the inversion loss (amortised inversion).
+
+    ``cfg.encoder.adapt_epochs`` epochs over ``images`` in seeded random batches of
+    ``cfg.encoder.adapt_batch``, Adam at ``adapt_lr`` with cosine decay; the loss per image is
+    inversion's own (``pixel_weight`` x pixel MSE + ``feature_weight`` x (1 - cos) of the feature
+    net's features). E, trained on generator samples, has only seen images on G's manifold; real
+    images lie off it, and this closes part of that gap before refinement. E, G and the feature
+    net are not changed; the copy has seen the images, so keep it where they are. With no step
+    to take (0 epochs or no image) E itself is returned.
+    """
+    ec = cfg.encoder
+    n = images.shape[0]
+    bs = ec.adapt_batch
+    total = ec.adapt_epochs * ((n + bs - 1) // bs)
+    if total == 0:  # nothing to adapt: E itself
+        return E, AdaptStats(ec.adapt_epochs, 0, 0, 0.0, None, None)
+    t0 = time.perf_counter()
+    dev = next(E.parameters()).device
+    state = E.state_dict()
+    A = Encoder(E.channels, E.size, E.w_dim, E.width, state["w_avg"].cpu(), float(state["sigma_w"])).to(dev)
+    A.load_state_dict(state)
+    A.stats = E.stats
+    use_f = feature_net is not None and cfg.feature_weight > 0
+    if feature_net is not None:
+        feature_net.eval()
+    f_all = None
+    if use_f and feature_net is not None:
+        with torch.no_grad():
+            f_all = torch.cat([F.normalize(feature_net.features(images[i : i + 512].to(dev)), dim=1)
+                               for i in range(0, n, 512)])
+    opt = torch.optim.Adam(A.parameters(), lr=ec.adapt_lr, betas=(0.9, 0.99))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s / total, 1.0))))
+    gen = torch.Generator().manual_seed(seed + 3)
+    epoch_loss: list[float] = []
+    A.train().requires_grad_(True)
+    bar = P.bar(total=total, desc="encoder adapt", unit="steps", show=progress)
+    for _ in range(ec.adapt_epochs):
+        perm = torch.randperm(n, generator=gen)
+        acc = torch.zeros((), device=dev)
+        for i in range(0, n, bs):
+            j = perm[i : i + bs]
+            x = images[j].to(dev)
+            mse, fl = reconstruction_losses(G, A(x), x, feature_net if use_f else None,
+                                            f_all[j.to(dev)] if f_all is not None else None)
+            per = cfg.pixel_weight * mse + (cfg.feature_weight * fl if fl is not None else 0.0)
+            opt.zero_grad(set_to_none=True)
+            per.mean().backward()
+            opt.step()
+            sched.step()
+            acc += per.detach().sum()
+            bar.update(1)
+        epoch_loss.append(float(acc) / n)
+    bar.close()
+    A.eval().requires_grad_(False)
+    return A, AdaptStats(ec.adapt_epochs, total, ec.adapt_epochs * n, time.perf_counter() - t0,
+                         epoch_loss[0], epoch_loss[-1])
+
+
 def w_error(w: torch.Tensor, w_true: torch.Tensor, sigma_w: float) -> torch.Tensor:
     """Per-sample mean squared W error in units of sigma_W^2."""
     return ((w - w_true) / sigma_w).pow(2).mean(1)
@@ -325,6 +410,7 @@ def encoder_init(
     seed: int = 0,
     sigma_w: float | None = None,
     shipped: EncoderPayload | None = None,
+    feature_net: FeatureNet | None = None,
 ) -> tuple[torch.Tensor | None, dict[str, Any]]:
     """The inversion start of the site pipeline: ``(E(images), report)`` when ``cfg.encoder.enabled``,
     else ``(None, {"enabled": False})`` (inversion then starts from w_avg).
@@ -333,7 +419,10 @@ def encoder_init(
     ``generator_sha256``, else ValueError), else loaded from ``cfg.encoder.path``, else trained here.
     The report: ``source`` (coordinator / file / site), the generator evaluations and seconds this
     site spent training E (0 unless ``source`` is site), E's own training cost wherever it ran
-    (``e_train_*``), its final W loss, and the pixel MSE at E(x).
+    (``e_train_*``), its final W loss, and the pixel MSE at E(x). With ``cfg.encoder.adapt_epochs``, a
+    copy of E is first fine-tuned on ``images`` (:func:`adapt_encoder`, the inversion loss with
+    ``feature_net``) and encodes them; its cost is in the ``adapt_*`` keys (one generator evaluation
+    per image per epoch, spent at this site on top of the refinement's).
     """
     ec = cfg.encoder
     if not ec.enabled:
@@ -346,6 +435,7 @@ def encoder_init(
         E, loaded = encoder_for(G, ec, generator_sha256, device, progress=progress, seed=seed, sigma_w=sigma_w)
         source = "file" if loaded else "site"
     t_train = time.perf_counter() - t0
+    E, ad = adapt_encoder(E, G, images, cfg, feature_net, seed=seed, progress=progress)
     w0 = encode(E, images)
     with torch.no_grad():
         dev = G.w_avg.device
@@ -354,7 +444,7 @@ def encoder_init(
     st = E.stats
     here = source == "site"
     evals = st.generator_evals if st is not None and here else 0
-    return w0, {
+    return w0, ad.as_dict() | {
         "enabled": True, "source": source, "loaded": source == "file", "path": ec.path, "parameters": n_parameters(E),
         "train_steps": st.steps if st is not None else ec.steps, "train_batch": st.batch if st is not None else ec.batch,
         "train_seconds": round(t_train, 2) if here else 0.0,
@@ -365,5 +455,5 @@ def encoder_init(
         "final_w_loss": st.final_w_loss if st is not None else None,
         "mean_mse_at_init": float(mse0.mean()) if len(mse0) else None,
         "refine_steps": ec.refine_steps,
-        "seconds_encode": round(time.perf_counter() - t0 - t_train, 2),
+        "seconds_encode": round(time.perf_counter() - t0 - t_train - ad.seconds, 2),
     }

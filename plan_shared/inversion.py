@@ -48,8 +48,10 @@ class InversionResult:
     # error's one forward per image is a measurement, not counted)
 
 
-def _losses(G: Any, w: torch.Tensor, x: torch.Tensor, feature_net: FeatureNet | None,
-            f_target: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+def reconstruction_losses(G: Any, w: torch.Tensor, x: torch.Tensor, feature_net: FeatureNet | None,
+                          f_target: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Per-image pixel MSE of ``G.render(w)`` vs ``x`` and, with ``f_target`` (unit feature vectors of
+    ``x``), 1 - cos of the feature net's features (the two terms of the inversion loss)."""
     img = G.render(w)
     mse = (img - x).pow(2).flatten(1).mean(1)
     if f_target is None or feature_net is None:
@@ -108,7 +110,7 @@ def invert(
             sched = (torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 0.5 * (1 + math.cos(math.pi * t / steps)))
                      if cosine else None)
             for _ in range(steps):
-                mse, fl = _losses(G, w, x, feature_net, f_target)
+                mse, fl = reconstruction_losses(G, w, x, feature_net, f_target)
                 per = cfg.pixel_weight * mse + (cfg.feature_weight * fl if fl is not None else 0.0)
                 opt.zero_grad(set_to_none=True)
                 per.sum().backward()
@@ -117,7 +119,7 @@ def invert(
                     sched.step()
                 bar.update(1)
         with torch.no_grad():
-            mse, fl = _losses(G, w, x, feature_net, f_target)
+            mse, fl = reconstruction_losses(G, w, x, feature_net, f_target)
         errs.append(mse.cpu())
         if fl is not None:
             ferrs.append(fl.cpu())

@@ -140,7 +140,9 @@ def test_the_coordinator_trained_the_inversion_encoder_and_every_site_used_it(de
         inv = json.loads((out / "sites" / s / "synthesis" / "out" / "report.json").read_text())["inversion"]
         assert inv["encoder"]["source"] == "coordinator" and inv["encoder"]["train_generator_evals"] == 0, s
         assert inv["encoder"]["e_train_generator_evals"] == enc["generator_evals"]
-        assert inv["generator_evals_per_image"] == inv["encoder"]["refine_steps"]
+        ad = inv["encoder"]["adapt_epochs"]  # the site adapted a copy of E to its own images (1 epoch in TINY)
+        assert ad == 1 and inv["encoder"]["adapt_generator_evals"] == ad * inv["n_inverted"]
+        assert inv["generator_evals_per_image"] == inv["encoder"]["refine_steps"] + inv["encoder"]["adapt_epochs"]
 
 
 def test_short_reason_strips_tracebacks():

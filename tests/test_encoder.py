@@ -9,6 +9,7 @@ from plan_shared.config import ConfigError, EncoderConfig, InversionConfig, load
 from plan_shared.encoder import (
     Encoder,
     EncoderPayload,
+    adapt_encoder,
     encode,
     encoder_for,
     encoder_from_payload,
@@ -135,7 +136,7 @@ def test_encoder_init_follows_enabled(G):
     x = G.render(G.sample_w(6))
     off = InversionConfig(encoder=EncoderConfig(enabled=False))
     assert encoder_init(G, x, off, "sha", "cpu", progress=False) == (None, {"enabled": False, "shipped": False})
-    on = InversionConfig(encoder=EncoderConfig(enabled=True, steps=4, batch=8, width=4))
+    on = InversionConfig(encoder=EncoderConfig(enabled=True, steps=4, batch=8, width=4, adapt_epochs=0))  # E as shipped
     w0, rep = encoder_init(G, x, on, "sha", "cpu", progress=False)
     assert w0 is not None and w0.shape == (6, 8)
     assert rep["enabled"] and not rep["loaded"] and rep["train_generator_evals"] == 2 * 32  # pixel loss: 2 per sample
@@ -203,7 +204,7 @@ def test_a_shipped_encoder_is_used_and_the_site_trains_none(G, trained, monkeypa
         raise AssertionError("the site trained an encoder although one was shipped")
 
     monkeypatch.setattr(encoder_mod, "train_encoder", no_training)
-    on = InversionConfig(encoder=EncoderConfig(enabled=True, steps=4, batch=8, width=4))
+    on = InversionConfig(encoder=EncoderConfig(enabled=True, steps=4, batch=8, width=4, adapt_epochs=0))  # E as shipped
     w0, rep = encoder_init(G, x, on, sha, "cpu", progress=False, shipped=encoder_payload(E, sha))
     assert w0 is not None and torch.equal(w0, encode(E, x))
     assert rep["source"] == "coordinator" and rep["train_generator_evals"] == 0 and rep["train_seconds"] == 0.0
@@ -214,3 +215,46 @@ def test_a_shipped_encoder_is_used_and_the_site_trains_none(G, trained, monkeypa
     off = InversionConfig(encoder=EncoderConfig(enabled=False))
     assert encoder_init(G, x, off, sha, "cpu", progress=False, shipped=encoder_payload(E, sha)) == \
         (None, {"enabled": False, "shipped": True})  # a site may still start from w_avg
+
+
+def test_adaptation_to_real_images_lowers_their_inversion_loss_and_leaves_e_unchanged(G, trained):
+    E, _ = trained
+    torch.manual_seed(4)
+    x = G.render(G.sample_w(24, torch.Generator().manual_seed(8)))
+    x = (0.7 * x + 0.3 * torch.rand_like(x) * 2 - 0.3).clamp(-1, 1)  # off the generator's manifold, as real images are
+    f = Classifier(3, 1, 8, width=4, depth=2, feature_dim=8).eval().requires_grad_(False)
+    ic = InversionConfig(encoder=EncoderConfig(adapt_epochs=6, adapt_lr=3e-3, adapt_batch=8))
+    sigma = w_std(G, seed=0)
+    before = {k: v.clone() for k, v in E.state_dict().items()}
+    A, st = adapt_encoder(E, G, x, ic, f, seed=0, progress=False)
+    assert A is not E and all(torch.equal(before[k], v) for k, v in E.state_dict().items())  # E as shipped
+    assert st.epochs == 6 and st.steps == 6 * 3 and st.generator_evals == 6 * 24
+    assert st.first_epoch_loss is not None and st.last_epoch_loss is not None
+    assert st.last_epoch_loss < st.first_epoch_loss
+
+    def loss(enc: Encoder) -> float:
+        r = invert(G, x, ic, sigma, feature_net=f, w_init=encode(enc, x), steps=0, progress=False)
+        assert r.feature_loss is not None
+        return float((r.mse + r.feature_loss).mean())
+
+    assert loss(A) < loss(E)
+    A2, _ = adapt_encoder(E, G, x, ic, f, seed=0, progress=False)  # seeded: the same copy again
+    assert torch.equal(encode(A2, x), encode(A, x))
+    none = InversionConfig(encoder=EncoderConfig(adapt_epochs=0))
+    same, st0 = adapt_encoder(E, G, x, none, f, progress=False)
+    assert same is E and st0.generator_evals == 0
+
+
+def test_encoder_init_adapts_the_shipped_encoder_and_reports_its_cost(G, trained):
+    E, _ = trained
+    sha = generator_digest(G)
+    x = G.render(G.sample_w(10, torch.Generator().manual_seed(6)))
+    f = Classifier(3, 1, 8, width=4, depth=2, feature_dim=8).eval().requires_grad_(False)
+    ic = InversionConfig(encoder=EncoderConfig(enabled=True, adapt_epochs=2, adapt_batch=4, refine_steps=3))
+    w0, rep = encoder_init(G, x, ic, sha, "cpu", progress=False, shipped=encoder_payload(E, sha), feature_net=f)
+    assert w0 is not None and not torch.equal(w0, encode(E, x))  # encoded by the adapted copy
+    assert rep["source"] == "coordinator" and rep["adapt_epochs"] == 2 and rep["adapt_steps"] == 2 * 3
+    assert rep["adapt_generator_evals"] == 2 * 10 and rep["adapt_first_epoch_loss"] is not None
+    assert rep["train_generator_evals"] == 0  # no E trained here: the adaptation is counted apart
+    with pytest.raises(ConfigError, match=r"inversion\.encoder\.adapt_batch' = 0"):
+        load_config(overrides={"inversion.encoder.adapt_batch": 0})

@@ -21,7 +21,7 @@ TINY = {
     "federation": {"rounds": 2, "local_steps": 2, "min_nodes": 2, "wait_for_nodes_s": 60, "round_timeout_s": 120,
                    "sample_grid": 4},
     # the coordinator trains the inversion encoder before every synthesis phase: a few steps here
-    "inversion": {"encoder": {"steps": 5, "batch": 8, "width": 4}},
+    "inversion": {"encoder": {"steps": 5, "batch": 8, "width": 4, "adapt_epochs": 1}},  # + 1 epoch of site adaptation
 }
 
 

@@ -22,7 +22,8 @@ TINY = {
     "identity": {"width": 4, "depth": 2, "feature_dim": 16, "epochs": 1, "batch_size": 16, "indep_width": 4},
     "classes": {"width": 4, "depth": 2, "feature_dim": 16, "epochs": 1, "utility_epochs": 1, "batch_size": 16},
     "inversion": {"steps": 2, "max_images": 20, "batch_size": 16,
-                  "encoder": {"enabled": True, "steps": 5, "batch": 16, "width": 8, "refine_steps": 2}},
+                  "encoder": {"enabled": True, "steps": 5, "batch": 16, "width": 8, "refine_steps": 2,
+                              "adapt_epochs": 1}},
     "anchors": {"k": 2, "pairs_m": 1},
     "navigation": {"T": 5, "steps": 2, "chunk": 8, "layers": "coarse_middle", "fine_from": 16},  # W+ at 16 px
     "filter": {"planted": 5, "tau_id": 0.99, "tau_indep": 0.99, "block_on_planted": False},
