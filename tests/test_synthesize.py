@@ -106,9 +106,9 @@ def test_synthesize_cli_end_to_end(tmp_path):
     assert rep["compare"]["real"]["accuracy"] == rep["utility"]["real"]["accuracy"]
     # the audit's re-identification attacker, trained once on the 40 train images: per method and for real
     assert rep["attacker"]["n_images"] == 40 and 0 <= rep["attacker"]["member_top1"] <= 1
-    for m in ("plan", "linear", "random", "real"):
-        c = rep["compare"][m]
-        assert c["attacker_n"] == c["n"] and (c["n"] == 0 or 0 < c["attacker_max_id_prob"] <= 1), (m, c)
+    for meth in ("plan", "linear", "random", "real"):
+        c = rep["compare"][meth]
+        assert c["attacker_n"] == c["n"] and (c["n"] == 0 or 0 < c["attacker_max_id_prob"] <= 1), (meth, c)
     assert rep["compare"]["real"]["attacker_dcr"] == pytest.approx(0.0, abs=1e-5)  # the train images themselves
     assert rep["navigation"]["objective"]["layers"] == "coarse_middle"
     man = read_site_manifest(out / "manifest.json")
@@ -118,8 +118,8 @@ def test_synthesize_cli_end_to_end(tmp_path):
     assert sum(prev["exported_per_class"]) == rep["n_accepted"] and abs(sum(prev["real_train_priors"]) - 1) < 1e-3
     assert all(e <= a for e, a in zip(prev["exported_per_class"], prev["accepted_per_class"]))
     assert prev["dropped"] == sum(prev["accepted_per_class"]) - rep["n_accepted"]
-    for m in ("plan", "linear", "random"):
-        c = rep["compare"][m]
+    for meth in ("plan", "linear", "random"):
+        c = rep["compare"][meth]
         assert c["pr_k"] == 3 and "phi_class" in c["pr_features"]
         assert c["precision"] is None if c["pr_n"] <= 3 else 0.0 <= c["precision"] <= 1.0 and 0.0 <= c["recall"] <= 1.0
         assert "RandomFeatureNet" in c["pr_features_fixed"]  # and in a space navigation never saw
