@@ -167,7 +167,7 @@ def federated_real(messenger: Messenger, cfg: PlanConfig, node_ids: list[int], a
                          "failed": {str(n): ex.reason(n, f"no reply within {timeout_s:.0f}s")[:300]
                                     for n in ex.missing()},
                          "collect_s": round(ex.elapsed_s, 2)})
-            agg = strategy.aggregate_train(rnd, list(ex.messages.values()))[0] if ex.messages else None
+            agg = strategy.aggregate_train(rnd, ex.ordered_messages(lambda r: r.site_id))[0] if ex.messages else None
             if agg is None:
                 complete = False
                 LOG.error("federated real %s: no site completed round %d: %s", name, rnd, hist[-1]["failed"])

@@ -299,7 +299,8 @@ class Federation:
                 f"round {rnd}: only {len(ex.replies)} of {len(node_ids)} sites returned weights, federation.min_nodes="
                 f"{fed.min_nodes}; the last good global model is round {rnd - 1}"
             )
-        agg_arrays, agg_metrics = self.strategy.aggregate_train(rnd, list(ex.messages.values()))
+        agg_arrays, agg_metrics = self.strategy.aggregate_train(
+            rnd, ex.ordered_messages(lambda r: r.site_id))  # by site, not by arrival: same seed, same G
         if agg_arrays is None:
             raise FederationError(f"round {rnd}: aggregation produced nothing")
         average = unpack_weights(agg_arrays, current)  # deploytrace:

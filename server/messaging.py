@@ -91,6 +91,14 @@ class Exchange(Generic[R]):
         """Nodes without a successful reply (errors and silence), in the order they were sent to."""
         return [n for n in self.sent if n not in self.replies]
 
+    def ordered_messages(self, key: Callable[[R], str]) -> list[Message]:
+        """The raw successful replies ordered by ``key`` of their decoded reply (the site id), then node id.
+
+        Not in arrival order: a weighted mean in floating point depends on the order of its terms, so the
+        same site updates arriving in another order would give a (slightly) different global model.
+        """
+        return [self.messages[n] for n in sorted(self.messages, key=lambda n: (key(self.replies[n]), n))]
+
     def reason(self, node_id: int, silent: str) -> str:
         """Why ``node_id`` has no reply: its error, else ``silent``."""
         return self.errors.get(node_id, silent)

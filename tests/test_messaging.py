@@ -111,6 +111,23 @@ def test_every_node_answered():
     assert all(ex.messages[n].metadata.src_node_id == n for n in ex.replies)
 
 
+def test_replies_are_aggregated_in_site_order_whatever_order_they_arrive_in():
+    # a float weighted mean depends on the order of its terms: the same updates must give the same global model
+    names = {11: "site-2", 12: "site-0", 13: "site-1"}
+
+    def run(delays):
+        def answer(nid, msg):
+            return delays[nid], DescribeReply(names[nid], 1, 8, 10, 2).to_record()
+        return _ask(Grid(answer), WaitPolicy(30))
+
+    first, second = run({11: 0.10, 12: 0.20, 13: 0.0}), run({11: 0.0, 12: 0.10, 13: 0.20})
+    assert list(first.messages) == [13, 11, 12] and list(second.messages) == [11, 12, 13]  # arrival order differs
+    for ex in (first, second):
+        ordered = ex.ordered_messages(lambda r: r.site_id)
+        assert [m.metadata.src_node_id for m in ordered] == [12, 13, 11]  # site-0, site-1, site-2
+        assert all(ordered[i] is ex.messages[n] for i, n in enumerate((12, 13, 11)))
+
+
 def test_replies_are_polled_at_the_configured_interval_not_flowers_3s():
     grid = Grid(_describe({11: 0.3, 12: 0.3, 13: 0.3}))
     assert CFG.federation.reply_poll_s == 0.2
