@@ -38,7 +38,8 @@ class FeatureNet(Protocol):
 
 @dataclass
 class InversionResult:
-    """``w [N, w_dim]`` and per-image errors (CPU) at the end; images in [-1, 1]."""
+    """Per image, the visited ``w [N, w_dim]`` with the lowest inversion loss (the start point, each
+    step's iterate and the last one) and its errors (CPU); images in [-1, 1]."""
 
     w: torch.Tensor
     mse: torch.Tensor  # per-image mean squared pixel error
@@ -58,6 +59,29 @@ def reconstruction_losses(G: Any, w: torch.Tensor, x: torch.Tensor, feature_net:
         return mse, None
     f = F.normalize(feature_net.features(img), dim=1)
     return mse, 1 - (f * f_target).sum(1)
+
+
+class _Best:
+    """Per image, the visited w with the lowest inversion loss and its errors: Adam's last iterate is not
+    always its best (a step can overshoot, and a refinement can start at a better point than it ends)."""
+
+    def __init__(self) -> None:
+        self.w: torch.Tensor | None = None
+        self.loss = self.mse = torch.zeros(0)
+        self.fl: torch.Tensor | None = None
+
+    def offer(self, w: torch.Tensor, loss: torch.Tensor, mse: torch.Tensor, fl: torch.Tensor | None) -> None:
+        w, loss, mse = w.detach(), loss.detach(), mse.detach()
+        fl = fl.detach() if fl is not None else None
+        if self.w is None:
+            self.w, self.loss, self.mse, self.fl = w.clone(), loss, mse, fl
+            return
+        better = loss < self.loss
+        self.w = torch.where(better[:, None], w, self.w)
+        self.loss = torch.where(better, loss, self.loss)
+        self.mse = torch.where(better, mse, self.mse)
+        if fl is not None and self.fl is not None:
+            self.fl = torch.where(better, fl, self.fl)
 
 
 def invert(
@@ -105,6 +129,7 @@ def invert(
         w = w0.clone().requires_grad_(True)
         with torch.no_grad():
             f_target = F.normalize(feature_net.features(x), dim=1) if use_f and feature_net is not None else None
+        best = _Best()
         if steps:
             opt = torch.optim.Adam([w], lr=lr * sigma_w)
             sched = (torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 0.5 * (1 + math.cos(math.pi * t / steps)))
@@ -112,6 +137,7 @@ def invert(
             for _ in range(steps):
                 mse, fl = reconstruction_losses(G, w, x, feature_net, f_target)
                 per = cfg.pixel_weight * mse + (cfg.feature_weight * fl if fl is not None else 0.0)
+                best.offer(w, per, mse, fl)  # the loss of the w before this step: free, it is computed anyway
                 opt.zero_grad(set_to_none=True)
                 per.sum().backward()
                 opt.step()
@@ -120,10 +146,12 @@ def invert(
                 bar.update(1)
         with torch.no_grad():
             mse, fl = reconstruction_losses(G, w, x, feature_net, f_target)
-        errs.append(mse.cpu())
-        if fl is not None:
-            ferrs.append(fl.cpu())
-        ws.append(w.detach().cpu())
+            best.offer(w, cfg.pixel_weight * mse + (cfg.feature_weight * fl if fl is not None else 0.0), mse, fl)
+        errs.append(best.mse.cpu())
+        if best.fl is not None:
+            ferrs.append(best.fl.cpu())
+        assert best.w is not None  # offered at least once, after the loop
+        ws.append(best.w.cpu())
     bar.close()
     if not ws:
         return InversionResult(torch.zeros(0, G.w_dim), torch.zeros(0), torch.zeros(0) if use_f else None, steps, 0)

@@ -55,3 +55,30 @@ def test_refinement_uses_refine_lr_and_schedule_only_from_w_init():
     ic = InversionConfig(steps=4, batch_size=4, feature_weight=0.0)
     ic_r = ic.model_copy(update={"encoder": EncoderConfig(refine_lr=1.0, refine_schedule="cosine")})
     assert torch.equal(invert(G, x, ic, 1.0, progress=False).w, invert(G, x, ic_r, 1.0, progress=False).w)
+
+
+def test_returns_the_best_visited_w_not_the_last_iterate():
+    from plan_shared.config import EncoderConfig
+    from plan_shared.inversion import reconstruction_losses
+
+    G, x, _ = _setup()
+    w_good = G.mapping.w_avg[None].repeat(6, 1).clone()
+    # a start point already close to the targets, and a rate that overshoots from it
+    ic = InversionConfig(batch_size=4, feature_weight=0.0, encoder=EncoderConfig(refine_lr=50.0))
+    w_start = invert(G, x, InversionConfig(steps=40, lr=0.05, batch_size=4, feature_weight=0.0), 1.0,
+                     w_init=w_good, steps=40, progress=False).w
+    res = invert(G, x, ic, sigma_w=1.0, w_init=w_start, steps=3, progress=False)
+    start_mse, _ = reconstruction_losses(G, w_start, x, None, None)
+    # what plain Adam ends at: the last iterate, re-run by hand with the same rate
+    w = w_start.clone().requires_grad_(True)
+    opt = torch.optim.Adam([w], lr=50.0)
+    for _ in range(3):
+        loss = (G.render(w) - x).pow(2).flatten(1).mean(1).sum()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    last_mse, _ = reconstruction_losses(G, w.detach(), x, None, None)
+    assert bool((last_mse > start_mse).any())  # the overshoot this test is about happened
+    assert bool((res.mse <= start_mse + 1e-7).all())  # never worse than where it started
+    assert torch.allclose(res.mse, reconstruction_losses(G, res.w, x, None, None)[0].detach(), atol=1e-6)
+    assert res.generator_evals == 6 * 3  # choosing costs no generator evaluation
