@@ -31,7 +31,7 @@ from torch import nn
 
 from plan_shared import progress as P
 from plan_shared.config import EncoderConfig, InversionConfig
-from plan_shared.inversion import FeatureNet, reconstruction_losses
+from plan_shared.inversion import FeatureNet, inversion_loss, reconstruction_losses
 from plan_shared.navigation import w_std
 
 FORMAT = "plan-encoder/2"  # /1 (before stop 24) kept the metadata at the top level: such a file is retrained
@@ -264,7 +264,7 @@ def adapt_encoder(
             x = images[j].to(dev)
             mse, fl = reconstruction_losses(G, A(x), x, feature_net if use_f else None,
                                             f_all[j.to(dev)] if f_all is not None else None)
-            per = cfg.pixel_weight * mse + (cfg.feature_weight * fl if fl is not None else 0.0)
+            per = inversion_loss(cfg, mse, fl)
             opt.zero_grad(set_to_none=True)
             per.mean().backward()
             opt.step()

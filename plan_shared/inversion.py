@@ -61,6 +61,11 @@ def reconstruction_losses(G: Any, w: torch.Tensor, x: torch.Tensor, feature_net:
     return mse, 1 - (f * f_target).sum(1)
 
 
+def inversion_loss(cfg: InversionConfig, mse: torch.Tensor, fl: torch.Tensor | None) -> torch.Tensor:
+    """Per-image inversion loss from :func:`reconstruction_losses`' two terms, weighted as ``cfg`` says."""
+    return cfg.pixel_weight * mse + (cfg.feature_weight * fl if fl is not None else 0.0)
+
+
 class _Best:
     """Per image, the visited w with the lowest inversion loss and its errors: Adam's last iterate is not
     always its best (a step can overshoot, and a refinement can start at a better point than it ends)."""
@@ -136,7 +141,7 @@ def invert(
                      if cosine else None)
             for _ in range(steps):
                 mse, fl = reconstruction_losses(G, w, x, feature_net, f_target)
-                per = cfg.pixel_weight * mse + (cfg.feature_weight * fl if fl is not None else 0.0)
+                per = inversion_loss(cfg, mse, fl)
                 best.offer(w, per, mse, fl)  # the loss of the w before this step: free, it is computed anyway
                 opt.zero_grad(set_to_none=True)
                 per.sum().backward()
@@ -146,7 +151,7 @@ def invert(
                 bar.update(1)
         with torch.no_grad():
             mse, fl = reconstruction_losses(G, w, x, feature_net, f_target)
-            best.offer(w, cfg.pixel_weight * mse + (cfg.feature_weight * fl if fl is not None else 0.0), mse, fl)
+            best.offer(w, inversion_loss(cfg, mse, fl), mse, fl)
         errs.append(best.mse.cpu())
         if best.fl is not None:
             ferrs.append(best.fl.cpu())
