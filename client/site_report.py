@@ -167,6 +167,7 @@ class MethodStats:
     candidates_per_class: list[int] | None = None  # by the label each candidate carries (random: phi_class's)
     drawn: int | None = None  # random: GAN samples drawn (synthesis.random_per_class: until the quotas were met)
     quota_per_class: list[int] | None = None  # random with synthesis.random_per_class: PLAN's class counts
+    stopped: str | None = None  # random with synthesis.random_per_class: why drawing stopped (draw_to_class_quotas)
 
 
 @dataclass

@@ -525,12 +525,12 @@ def random_candidates(cfg: PlanConfig, G: StyleGenerator, phi_class: Classifier,
     quota = np.floor(counts * n_rand / counts.sum()).astype(np.int64)
     quota[np.argsort(-(counts * n_rand / counts.sum() - quota), kind="stable")[: n_rand - int(quota.sum())]] += 1
     d = draw_to_class_quotas(G, quota.tolist(), render_and_label, syn.truncation, seed,
-                             max_draws=int(np.ceil(syn.random_max_draws * n_rand)))
+                             max_draws=int(np.ceil(syn.random_max_draws * n_rand)), give_up=syn.random_give_up)
     if d.kept != d.quota:
-        LOG.warning("%s: random baseline short of its class quotas after %d draws: kept %s of %s",
-                    cfg.site_id, d.drawn, d.kept, d.quota)
+        LOG.warning("%s: random baseline short of its class quotas after %d draws (%s): kept %s of %s",
+                    cfg.site_id, d.drawn, d.stopped, d.kept, d.quota)
     return Candidates("random", d.images, d.labels, None, None,
-                      {"per_class": True, "drawn": d.drawn, "quota_per_class": d.quota})
+                      {"per_class": True, "drawn": d.drawn, "quota_per_class": d.quota, "stopped": d.stopped})
 
 
 # ---------------------------------------------------------------------------------------------- B6 filter
@@ -568,6 +568,7 @@ def method_stats(scores: Scores, accept: np.ndarray, cand: Candidates | None = N
                               if cand is not None else None),
         drawn=int(draw["drawn"]) if "drawn" in draw else None,
         quota_per_class=list(draw["quota_per_class"]) if "quota_per_class" in draw else None,
+        stopped=str(draw["stopped"]) if "stopped" in draw else None,
     )
 
 

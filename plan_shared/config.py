@@ -760,6 +760,13 @@ class SynthesisConfig(_Section):
         "at 20: sites 0 / 2 met their quotas after 4.2x / 11.3x draws; site 1's phi_class labelled 2 of 24,960 "
         "random samples 'normal' (quota 192), and those draws cost 142 s of its render stage."
     )
+    random_give_up: float = Field(
+        0.05, ge=0.0, lt=1.0, description="With synthesis.random_per_class: also stop drawing when every class still "
+        "short of its quota could gain less than this share of its quota from the draws left up to "
+        "synthesis.random_max_draws, at the one-sided 95 % upper bound of its rate so far (0 = draw to the cap; report "
+        "key methods.random.stopped). Only a class phi_class almost never gives stops it: the stop-26 demo's site 1 "
+        "drew all 9,984 allowed samples for none of 192 'normal' ones; with 0.05 it stops after 2,560."
+    )
     truncation: float = Field(0.7, gt=0.0, le=1.0, description="Truncation of random samples.")
     strip_pairs: int = Field(4, ge=1, description="Pairs shown in the linear-vs-PLAN strip figure.")
     compare: bool = Field(

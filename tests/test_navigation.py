@@ -11,6 +11,7 @@ from plan_shared.config import NavigationConfig
 from plan_shared.models import Classifier, StyleGenerator
 from plan_shared.nav_objectives import Objective
 from plan_shared.navigation import (
+    class_rate_upper_bound,
     compose_styles,
     dist_loss,
     draw_to_class_quotas,
@@ -371,6 +372,31 @@ def test_draw_to_class_quotas_stops_at_the_cap_and_reports_the_shortfall():
     never = lambda w: (G.render(w), torch.zeros(len(w), dtype=torch.long).numpy())  # noqa: E731 - class 1 never comes
     d = draw_to_class_quotas(G, [2, 5], never, seed=0, batch=8, max_draws=20)
     assert d.drawn == 20 and d.kept == [2, 0] and len(d.w) == 2
+    assert d.stopped == "max_draws"
     assert draw_to_class_quotas(G, [0, 0], never).drawn == 0
     with pytest.raises(ValueError, match="quotas must be >= 0"):
         draw_to_class_quotas(G, [-1, 2], never)
+
+
+def test_draw_to_class_quotas_gives_up_early_only_on_a_class_that_cannot_gain():
+    G, _, _ = tiny()
+    never = lambda w: (G.render(w), torch.zeros(len(w), dtype=torch.long).numpy())  # noqa: E731 - class 1 never comes
+    # class 1 never comes: after b draws with no hit its 95 % bound is ~3 / b, so the 1000 - b draws left could add
+    # ~3000 / b - 3 < 0.05 x 30 = 1.5 samples once b > 667: the draw stops at the first batch boundary past that
+    d = draw_to_class_quotas(G, [2, 30], never, seed=0, batch=100, max_draws=1000, give_up=0.05)
+    assert d.stopped == "no class can gain" and d.kept == [2, 0] and d.drawn == 700
+    full = draw_to_class_quotas(G, [2, 30], never, seed=0, batch=100, max_draws=1000)
+    assert full.stopped == "max_draws" and full.drawn == 1000 and torch.equal(full.w, d.w)  # the same kept set
+    # a class that does come, however slowly, keeps drawing: one hit in 50 (rate 0.02) x 1000 is far above 2
+    rare = lambda w: (G.render(w), (torch.arange(len(w)) % 50 == 0).long().numpy())  # noqa: E731
+    r = draw_to_class_quotas(G, [2, 40], rare, seed=0, batch=100, max_draws=1000, give_up=0.05)
+    assert r.stopped == "max_draws" and r.drawn == 1000 and r.kept == [2, 20]
+    met = draw_to_class_quotas(G, [2, 1], rare, seed=0, batch=100, max_draws=1000, give_up=0.05)
+    assert met.stopped == "quotas met" and met.drawn == 100
+
+
+def test_class_rate_upper_bound_is_the_rule_of_three_without_hits():
+    assert class_rate_upper_bound(0, 0) == 1.0 and class_rate_upper_bound(5, 5) == 1.0
+    assert class_rate_upper_bound(0, 2560) == pytest.approx(3 / 2560, rel=0.01)
+    assert 10 / 100 < class_rate_upper_bound(10, 100) < 0.17  # above the observed rate, by the interval's width
+    assert class_rate_upper_bound(10, 1000) < class_rate_upper_bound(10, 100)

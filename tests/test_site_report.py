@@ -75,7 +75,7 @@ def test_to_json_has_todays_keys_in_todays_order():
     assert list(j["compare"]["plan"]) == ["accuracy", "qwk", "n", *MIA]
     assert list(j["methods"]["plan"]) == ["n", "mean_dcr", "p05_dcr", "mean_max_id_prob", "mean_indep_id_prob",
                                           "accept_rate", "n_accepted", "candidates_per_class", "drawn",
-                                          "quota_per_class"]
+                                          "quota_per_class", "stopped"]
     assert j["generator"] == {"checkpoint": None, "sha256": "ab" * 32, "round": 3}
 
 
