@@ -40,6 +40,9 @@ def main(grid: Grid, context: Context) -> None:
     LOG.info("federation finished: %d/%d rounds", result.rounds_done, result.summary["rounds"])
     if cfg.federation.post_training:
         _post_training(result)
+    from server.coordinate import SERVERAPP_DONE
+
+    (out / SERVERAPP_DONE).write_text("")  # the follower of the run checks its status now (server/coordinate.py)
 
 
 def _post_training(result: FederationResult) -> None:

@@ -58,7 +58,10 @@ if TYPE_CHECKING:
 LOG = logging.getLogger("plan.coordinate")
 CONNECTION = "plan"
 FINISHED = ("finished:completed", "finished:failed", "finished:stopped")
-STATUS_EVERY_S = 10.0  # seconds between `flwr ls` status checks while following a run
+# Written into the run's output folder by the ServerApp as its last step (server/app.py), as error.json is on a
+# failure: the follower of a run (here and server/simulate.py) then checks the status at once, not every 30 s.
+SERVERAPP_DONE = "serverapp.done"
+STATUS_EVERY_S = 30.0  # seconds between `flwr ls` status checks while the ServerApp's log stream is open
 
 
 class CoordinateError(RuntimeError):
@@ -440,11 +443,15 @@ class Coordinator:
             seen = len((self.out / "metrics.jsonl").read_text().splitlines())
         t0 = time.monotonic()
         last_wait = 0.0
-        # deploy: each status check starts a `flwr` CLI process (~1-2 s of CPU): check every STATUS_EVERY_S,
-        # not every poll, so that the coordinator does not take a core from the SuperLink and ServerApp.
+        # deploy: each status check starts a `flwr` CLI process (~1.5 s of CPU): check every STATUS_EVERY_S,
+        # not every poll, so that the coordinator does not take a core from the SuperLink and ServerApp; the
+        # ServerApp's log stream ends with the run, so once it has ended (or error.json / SERVERAPP_DONE appeared)
+        # every 2 s.
         last_status, status = -STATUS_EVERY_S, ""
         while True:
-            if time.monotonic() - last_status >= STATUS_EVERY_S or (self.out / "error.json").is_file():
+            ending = ((self.log_proc is not None and self.log_proc.poll() is not None)
+                      or (self.out / "error.json").is_file() or (self.out / SERVERAPP_DONE).is_file())
+            if time.monotonic() - last_status >= (2.0 if ending else STATUS_EVERY_S):
                 status, last_status = self.run_status(run_id).get("status", ""), time.monotonic()
             lines = (self.out / "metrics.jsonl").read_text().splitlines() if (self.out / "metrics.jsonl").is_file() else []
             for line in lines[seen:]:
@@ -474,6 +481,7 @@ class Coordinator:
         fed = self.cfg.federation
         self.out.mkdir(parents=True, exist_ok=True)
         (self.out / "error.json").unlink(missing_ok=True)
+        (self.out / SERVERAPP_DONE).unlink(missing_ok=True)
         started = time.time()
         prev = signal.getsignal(signal.SIGTERM)
         signal.signal(signal.SIGTERM, _raise_interrupt)

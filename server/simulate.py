@@ -230,7 +230,7 @@ def run_simulation(cfg: PlanConfig, out: str | Path, cpus_per_site: float = 1.0,
     and a heartbeat line when nothing was shown for 15 s.
     """
     from plan_shared.progress import ProgressTail, TailPrinter, watchdog
-    from server.coordinate import FINISHED, default_app_dir
+    from server.coordinate import FINISHED, SERVERAPP_DONE, default_app_dir
 
     out = Path(out).expanduser().resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -239,7 +239,8 @@ def run_simulation(cfg: PlanConfig, out: str | Path, cpus_per_site: float = 1.0,
     cfg_path = out / "config.yaml"
     cfg_path.write_text(cfg.to_yaml())
     (out / "federation.json").unlink(missing_ok=True)
-    (out / "error.json").unlink(missing_ok=True)  # a reused OUT: an older run's error is not this run's
+    for stale in ("error.json", SERVERAPP_DONE):  # a reused OUT: an older run's end is not this run's
+        (out / stale).unlink(missing_ok=True)
     n = cfg.partition.sites
     cpus, ray_cpus = actor_resources(n, cpus_per_site, num_cpus or os.cpu_count() or 1)
     fed_cfg = (f"num-supernodes={n} client-resources-num-cpus={cpus} client-resources-num-gpus=0 "
@@ -268,8 +269,8 @@ def run_simulation(cfg: PlanConfig, out: str | Path, cpus_per_site: float = 1.0,
                 time.sleep(0.5)
                 # each status check starts a `flwr` CLI process (~1.5 s of CPU): polled every 2 s it took ~40 % of a
                 # core from the sites for the whole demo. The log stream ends with the run, so check the status
-                # when it has ended, when the ServerApp wrote error.json, and otherwise every SIM_STATUS_EVERY_S.
-                ending = stream.poll() is not None or (out / "error.json").is_file()
+                # when it has ended, when the ServerApp wrote error.json or SERVERAPP_DONE, else every SIM_STATUS_EVERY_S.
+                ending = stream.poll() is not None or (out / "error.json").is_file() or (out / SERVERAPP_DONE).is_file()
                 if time.monotonic() - last_status >= (2.0 if ending else SIM_STATUS_EVERY_S):
                     status, last_status = _run_status(link, rid, status), time.monotonic()
                 if link.proc is not None and link.proc.poll() is not None:

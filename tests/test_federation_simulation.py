@@ -45,6 +45,7 @@ def test_every_virtual_site_gets_an_actor_at_once():
 
 @pytest.mark.slow
 def test_simulation_3_sites_2_rounds_weighted_mean(tmp_path, monkeypatch):
+    from server.coordinate import SERVERAPP_DONE
     from server.simulate import run_simulation
 
     monkeypatch.setenv("FLWR_HOME", str(tmp_path / "flwr"))
@@ -57,6 +58,7 @@ def test_simulation_3_sites_2_rounds_weighted_mean(tmp_path, monkeypatch):
     cfg = config_from_dict(raw)
     summary = run_simulation(cfg, out, num_cpus=2)
     assert summary["rounds_done"] == 2
+    assert (out / SERVERAPP_DONE).is_file()  # the ServerApp's last step: its follower checks the status at once
 
     recs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in recs] == [1, 2]
