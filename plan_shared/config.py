@@ -1027,13 +1027,6 @@ class CoordinatorConfig(_Section):
         None, description="The reader's credentials folder the coordinator pulls the pool with; null = `coordinate` "
         "uses STATE/reader (enrolling reader 'coordinator' there when missing), elsewhere the first ca_dir/readers/NAME.",
     )
-    offload: bool = Field(
-        True, description="Train the coordinator's models (the inversion encoder, phi_down and the pool's other "
-        "seeds and recipes, central real) each in a fresh worker process (server/offload.py), the downstream "
-        "seeds side by side, one per core. The simulation runs the ServerApp in a thread whose process's other "
-        "threads hold the GIL: measured in plan-server demo (stop 27, 2 idle cores), phi_down took 36-47 s per "
-        "seed there against 22-25 s in a process of its own. false: train in the ServerApp's own thread.",
-    )
 
 
 

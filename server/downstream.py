@@ -11,10 +11,6 @@ The downstream references (issue 11 items 4, 5; the site's half is client/fedrea
 :func:`federated_real` trains each with FedAvg over the sites' real train splits (one
 ``FedRealTask`` per site per round through the one messaging engine, averaged by Flower's
 FedAvg), :func:`central_real` (simulation only) on all sites' train splits pooled.
-
-Every model trained here (phi_down, the pool's other seeds and recipes, central real) is
-trained by :func:`train_recipe` in a fresh worker process (server/offload.py; the seeds side
-by side), unless ``coordinator.offload`` is false.
 """
 
 from __future__ import annotations
@@ -30,13 +26,12 @@ import numpy as np
 import torch
 from flwr.app import ArrayRecord
 
-from plan_shared.config import DownstreamConfig, PlanConfig
+from plan_shared.config import PlanConfig
 from plan_shared.data import read_image, to_tensor
 from plan_shared.protocol import ConfigRef, FedRealReply, FedRealTask, pool_seed_reference
 from plan_shared.recipes import PhiDownRecipe, make_recipe, state_of
 from plan_shared.runtime import resolve_device
 from server.messaging import Messenger, WaitPolicy
-from server.offload import Job, run_jobs
 
 LOG = logging.getLogger("plan.downstream")
 
@@ -84,15 +79,8 @@ def train_downstream(
 ) -> tuple[torch.nn.Module, dict[str, Any]]:
     """phi_down, class-balanced, epoch selected on a synthetic validation split (the ``phi_down`` recipe)."""
     recipe = PhiDownRecipe(cfg.downstream)
-    if cfg.coordinator.offload:
-        state, rinfo, _ = run_jobs([_recipe_job(cfg, "phi_down", pool.images, pool.labels, num_classes, cfg.seed)],
-                                   max_workers=_max_workers(cfg))[0]
-        model = recipe.build(num_classes, channels, size)
-        model.load_state_dict(state)
-        model.eval()
-    else:
-        model, rinfo = recipe.train(to_tensor(pool.images), pool.labels, num_classes, seed=cfg.seed,
-                                    device=resolve_device(cfg.device), progress=progress)
+    model, rinfo = recipe.train(to_tensor(pool.images), pool.labels, num_classes, seed=cfg.seed,
+                                device=resolve_device(cfg.device), progress=progress)
     counts = np.bincount(pool.labels, minlength=num_classes).tolist()
     info = {
         "n_train": rinfo["n_train"],
@@ -115,55 +103,32 @@ def downstream_arch(cfg: PlanConfig, num_classes: int, channels: int, size: int)
 Models = dict[tuple[str, str], dict[str, torch.Tensor]]  # (recipe, reference) -> state dict
 
 
-def train_recipe(name: str, sec: DownstreamConfig, images: np.ndarray, labels: np.ndarray, num_classes: int,
-                 seed: int, device: str) -> tuple[dict[str, torch.Tensor], dict[str, Any], float]:
-    """One recipe trained on uint8 ``images`` [N, C, H, W]: (state dict, the recipe's info, seconds).
-    A job of :func:`server.offload.run_jobs` (module level, picklable in and out)."""
-    t0 = time.perf_counter()
-    model, rinfo = make_recipe(name, sec).train(to_tensor(images), labels, num_classes, seed=seed,
-                                                device=resolve_device(device))
-    return state_of(model), rinfo, round(time.perf_counter() - t0, 2)
-
-
-def _recipe_job(cfg: PlanConfig, name: str, images: np.ndarray, labels: np.ndarray, num_classes: int,
-                seed: int) -> Job:
-    return Job(train_recipe, (name, cfg.downstream, images, labels, num_classes, seed, cfg.device))
-
-
-def _max_workers(cfg: PlanConfig) -> int | None:
-    """One worker on a GPU (the jobs would share it); on the CPU one per core (server/offload.py)."""
-    return 1 if resolve_device(cfg.device).type == "cuda" else None
-
-
 def train_pool_recipes(cfg: PlanConfig, pool: PooledImages, num_classes: int,
                        phi_down: torch.nn.Module | None = None) -> tuple[Models, dict[str, Any]]:
     """Every recipe trained on the pool ``downstream.seeds`` times (seeds seed, seed + 1, ...: references
     ``pool``, ``pool_s1``, ...; ``phi_down`` reused as phi_down's first when given); state dicts and what each saw."""
     models: Models = {}
     info: dict[str, Any] = {}
-    todo: list[tuple[str, int]] = []  # (recipe, seed index) still to train
+    x = to_tensor(pool.images)
     for name in cfg.downstream.recipes:
         for i in range(cfg.downstream.seeds):
+            ref = pool_seed_reference(i)
+            t0 = time.perf_counter()
             if i == 0 and name == "phi_down" and phi_down is not None:
-                models[(name, pool_seed_reference(0))] = state_of(phi_down)
+                models[(name, ref)] = state_of(phi_down)
                 info[name] = {"n_train": int(len(pool.labels)), "reused": "phi_down", "seed": cfg.seed}
+                continue
+            model, rinfo = make_recipe(name, cfg.downstream).train(x, pool.labels, num_classes, seed=cfg.seed + i,
+                                                                   device=resolve_device(cfg.device))
+            models[(name, ref)] = state_of(model)
+            entry = {**{k: v for k, v in rinfo.items() if k != "train_loss"}, "seed": cfg.seed + i,
+                     "train_s": round(time.perf_counter() - t0, 2)}
+            if i == 0:
+                info[name] = entry
             else:
-                todo.append((name, i))
-    t0 = time.perf_counter()
-    jobs = [_recipe_job(cfg, name, pool.images, pool.labels, num_classes, cfg.seed + i) for name, i in todo]
-    results = run_jobs(jobs, in_process=not cfg.coordinator.offload, max_workers=_max_workers(cfg))
-    for (recipe, i), (state, rinfo, train_s) in zip(todo, results):
-        ref = pool_seed_reference(i)
-        models[(recipe, ref)] = state
-        entry = {**{k: v for k, v in rinfo.items() if k != "train_loss"}, "seed": cfg.seed + i, "train_s": train_s}
-        if i == 0:
-            info[recipe] = entry
-        else:
-            info[recipe].setdefault("seeds", {})[ref] = entry
-        LOG.info("recipe %s (seed %d) trained on %d pooled images in %.0f s", recipe, cfg.seed + i,
-                 len(pool.labels), train_s)
-    if todo:
-        LOG.info("%d pool model(s) trained in %.0f s", len(todo), time.perf_counter() - t0)
+                info[name].setdefault("seeds", {})[ref] = entry
+            LOG.info("recipe %s (seed %d) trained on %d pooled images in %.0f s", name, cfg.seed + i,
+                     len(pool.labels), entry["train_s"])
     return models, info
 
 
@@ -222,14 +187,14 @@ def central_real(cfg: PlanConfig, num_classes: int) -> tuple[Models, dict[str, A
     from plan_shared.partition import partition_dataset
 
     parts = partition_dataset(load_dataset(cfg.data, cfg.seed), cfg.partition, cfg.seed)
-    x = np.concatenate([p.train.images for p in parts])
+    x = to_tensor(np.concatenate([p.train.images for p in parts]))
     y = np.concatenate([p.train.labels for p in parts])
     models: Models = {}
     info: dict[str, Any] = {}
-    names = list(cfg.downstream.recipes)
-    results = run_jobs([_recipe_job(cfg, name, x, y, num_classes, cfg.seed) for name in names],
-                       in_process=not cfg.coordinator.offload, max_workers=_max_workers(cfg))
-    for name, (state, _, train_s) in zip(names, results):
-        models[(name, "central_real")] = state
-        info[name] = {"n_train": int(len(y)), "sites": len(parts), "train_s": train_s}
+    for name in cfg.downstream.recipes:
+        t0 = time.perf_counter()
+        model, _ = make_recipe(name, cfg.downstream).train(x, y, num_classes, seed=cfg.seed,
+                                                           device=resolve_device(cfg.device))
+        models[(name, "central_real")] = state_of(model)
+        info[name] = {"n_train": int(len(y)), "sites": len(parts), "train_s": round(time.perf_counter() - t0, 2)}
     return models, info

@@ -145,7 +145,6 @@ class Phases:
         from plan_shared.encoder import encoder_for, encoder_payload
         from plan_shared.gan import generator_digest
         from plan_shared.models.layers import set_fused
-        from server.offload import run_job, usable_cpus
 
         ec = self.cfg.inversion.encoder
         if not ec.enabled:
@@ -159,13 +158,11 @@ class Phases:
         set_fused(G, True)
         sha = generator_digest(self.result.g_ema())  # the digest the sites compute from the weights they receive
         path = ec.path or str(self.out / "encoder.pt")
-        offload = self.cfg.coordinator.offload
-        LOG.info("inversion encoder: %s for generator %s (%d steps x %d samples, %d torch threads%s)",
+        LOG.info("inversion encoder: %s for generator %s (%d steps x %d samples, %d torch threads)",
                  "loading or training" if Path(path).is_file() else "training", sha[:12], ec.steps, ec.batch,
-                 usable_cpus() if offload else torch.get_num_threads(), ", own process" if offload else "")
-        # in a fresh process (coordinator.offload): the simulation's ServerApp thread shares its GIL (server/offload.py)
-        E, loaded = run_job(encoder_for, G, ec.model_copy(update={"path": path}), sha, G_ema.w_avg.device,
-                            in_process=not offload, progress=False, seed=self.cfg.seed)
+                 torch.get_num_threads())
+        E, loaded = encoder_for(G, ec.model_copy(update={"path": path}), sha, G_ema.w_avg.device, progress=False,
+                                seed=self.cfg.seed)
         payload = encoder_payload(E, sha)
         st = payload.stats
         info: dict[str, Any] = {"trained_by": "coordinator", "path": path, "loaded": loaded,

@@ -131,7 +131,7 @@ def test_role_keys_live_in_their_sections_and_shared_keys_stay():
                                             "superexec_poll_s", "worker", "pool_address", "pool_keys_dir",
                                             "supernode_poll_s", "clientapp_forkserver"}
     assert set(CoordinatorConfig.model_fields) == {"state_dir", "ca_dir", "superlink_port", "pool_listen",
-                                                   "pool_address", "reader_dir", "offload"}
+                                                   "pool_address", "reader_dir"}
     for old in MOVED_KEYS:
         section, name = old.split(".")
         assert name not in type(getattr(cfg, section)).model_fields, old
