@@ -552,9 +552,9 @@ def draw_to_class_quotas(G: StyleGenerator, quotas: Sequence[int],
         for i, c in enumerate(lab):
             if 0 <= c < len(q):
                 hits[c] += 1
-            if 0 <= c < len(q) and kept[c] < q[c]:
-                kept[c] += 1
-                take[i] = True
+                if kept[c] < q[c]:
+                    kept[c] += 1
+                    take[i] = True
         if take.any():
             idx = torch.from_numpy(np.flatnonzero(take))
             ws.append(w[idx.to(w.device)].cpu())

@@ -208,9 +208,6 @@ def actor_resources(sites: int, cpus_per_site: float, ncpu: int) -> tuple[float 
     return cpus, max(int(ncpu), math.ceil(sites * cpus_per_site))
 
 
-SIM_STATUS_EVERY_S = 30.0  # seconds between `flwr ls` status checks while the run's log stream is open
-
-
 def _run_status(link: SimulationLink, rid: str, last: str) -> str:
     """The run's status from `flwr ls` (``last`` when it gives none)."""
     try:
@@ -230,7 +227,7 @@ def run_simulation(cfg: PlanConfig, out: str | Path, cpus_per_site: float = 1.0,
     and a heartbeat line when nothing was shown for 15 s.
     """
     from plan_shared.progress import ProgressTail, TailPrinter, watchdog
-    from server.coordinate import FINISHED, SERVERAPP_DONE, default_app_dir
+    from server.coordinate import FINISHED, clear_run_markers, default_app_dir, status_check_due
 
     out = Path(out).expanduser().resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -239,8 +236,7 @@ def run_simulation(cfg: PlanConfig, out: str | Path, cpus_per_site: float = 1.0,
     cfg_path = out / "config.yaml"
     cfg_path.write_text(cfg.to_yaml())
     (out / "federation.json").unlink(missing_ok=True)
-    for stale in ("error.json", SERVERAPP_DONE):  # a reused OUT: an older run's end is not this run's
-        (out / stale).unlink(missing_ok=True)
+    clear_run_markers(out)
     n = cfg.partition.sites
     cpus, ray_cpus = actor_resources(n, cpus_per_site, num_cpus or os.cpu_count() or 1)
     fed_cfg = (f"num-supernodes={n} client-resources-num-cpus={cpus} client-resources-num-gpus=0 "
@@ -267,11 +263,7 @@ def run_simulation(cfg: PlanConfig, out: str | Path, cpus_per_site: float = 1.0,
             last_status = time.monotonic()
             while status not in FINISHED:
                 time.sleep(0.5)
-                # each status check starts a `flwr` CLI process (~1.5 s of CPU): polled every 2 s it took ~40 % of a
-                # core from the sites for the whole demo. The log stream ends with the run, so check the status
-                # when it has ended, when the ServerApp wrote error.json or SERVERAPP_DONE, else every SIM_STATUS_EVERY_S.
-                ending = stream.poll() is not None or (out / "error.json").is_file() or (out / SERVERAPP_DONE).is_file()
-                if time.monotonic() - last_status >= (2.0 if ending else SIM_STATUS_EVERY_S):
+                if status_check_due(time.monotonic() - last_status, out, stream):  # a `flwr ls` costs ~1.5 s of CPU
                     status, last_status = _run_status(link, rid, status), time.monotonic()
                 if link.proc is not None and link.proc.poll() is not None:
                     raise RuntimeError(f"the simulation SuperLink exited with {link.proc.returncode}; see {link.log_path}")

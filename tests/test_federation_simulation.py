@@ -186,3 +186,30 @@ def test_run_log_filter_shows_our_lines_and_first_lines_of_errors(tmp_path, caps
     quiet, loud = err[:3], err[3:]
     assert quiet == [lines[3], lines[9], lines[10]]
     assert loud == lines and len(shown) == 3 + len(lines)
+
+
+def test_a_run_follower_checks_the_status_rarely_until_the_run_is_ending(tmp_path):
+    import subprocess
+    import sys
+
+    from server.coordinate import (
+        SERVERAPP_DONE,
+        STATUS_ENDING_S,
+        STATUS_EVERY_S,
+        clear_run_markers,
+        status_check_due,
+    )
+
+    alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        assert not status_check_due(STATUS_EVERY_S - 1, tmp_path, alive)  # the run goes on: every 30 s
+        assert status_check_due(STATUS_EVERY_S, tmp_path, alive)
+        for marker in ("error.json", SERVERAPP_DONE):
+            (tmp_path / marker).write_text("")
+            assert status_check_due(STATUS_ENDING_S, tmp_path, alive) and not status_check_due(1.0, tmp_path, alive)
+            clear_run_markers(tmp_path)  # a reused OUT: the older run's end is gone
+            assert not (tmp_path / marker).exists() and not status_check_due(STATUS_ENDING_S, tmp_path, alive)
+    finally:
+        alive.kill()
+        alive.wait()
+    assert status_check_due(STATUS_ENDING_S, tmp_path, alive)  # the log stream ended with the run
